@@ -1,0 +1,42 @@
+"""Shared fixtures. Tier 1: no Ray. Tier 2: 2-rank gloo (torch.multiprocessing). Tier 3: one local Ray
+cluster for the whole session (`ray_cluster`), started with more logical CPUs than cores so Tune's trial
+drivers and Ray Train's workers can run beside each other on a 2-core box."""
+
+from __future__ import annotations
+
+import os
+import socket
+
+import pytest
+
+from raysys.config import preset
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def ray_cluster():
+    import ray
+
+    # never join a cluster someone else started: these tests own theirs and stop it by shutting down
+    os.environ.pop("RAY_ADDRESS", None)
+    ctx = ray.init(num_cpus=4, include_dashboard=False, log_to_driver=False,
+                   runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    yield ctx
+    try:
+        from ray import serve
+
+        serve.shutdown()
+    except Exception:
+        pass
+    ray.shutdown()
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path):
+    """The tiny preset rooted in a fresh temp dir (data, runs and registry all under it)."""
+    return preset("tiny").with_root(tmp_path)
