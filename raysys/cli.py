@@ -1,0 +1,304 @@
+"""`raysys` command line.
+
+Every command takes `--preset`, `--config` (YAML) and `--root` (where data, runs and the registry live)
+and runs on the Ray cluster named by `--address` / `RAY_ADDRESS`, or on an embedded local Ray when there
+is none. A wrong setting exits with status 2 and a message naming the field.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import signal
+import sys
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+from rich.table import Table
+
+from raysys.config import PipelineConfig, load_config
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
+data_app = typer.Typer(no_args_is_help=True, help="Generate or import datasets.")
+registry_app = typer.Typer(no_args_is_help=True, help="Inspect the model registry and move aliases.")
+app.add_typer(data_app, name="data")
+app.add_typer(registry_app, name="registry")
+console = Console()
+
+Preset = Annotated[str, typer.Option("--preset", help="Preset to start from: tiny, demo or large.")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file overriding the preset.")]
+Root = Annotated[Path | None, typer.Option("--root", help="Directory for data, runs and registry.")]
+Address = Annotated[str | None, typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS or local).")]
+
+
+def _setup_logging(verbose: bool = False) -> None:
+    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, markup=False)], force=True)
+
+
+def _fail(msg: str, code: int = 2) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    return typer.Exit(code)
+
+
+def _config(preset: str, config: Path | None, root: Path | None, overrides: dict | None = None) -> PipelineConfig:
+    try:
+        cfg = load_config(config, preset_name=preset, overrides=overrides)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+    if root is not None:
+        cfg = cfg.with_root(root)
+    return cfg
+
+
+def _guard(fn, *args, **kwargs):
+    """Run a stage; a user error (ValueError) exits 2 with its message instead of a traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        raise _fail(str(e)) from None
+
+
+@data_app.command("generate")
+def data_generate(preset: Preset = "demo", config: ConfigFile = None, root: Root = None,
+                  force: Annotated[bool, typer.Option(help="Regenerate even if the data exists.")] = False):
+    """Generate the synthetic dataset (Parquet shards + schema.json)."""
+    import shutil
+
+    from raysys.data import ensure_dataset, fingerprint
+
+    cfg = _config(preset, config, root)
+    if force and Path(cfg.data.root).exists():
+        shutil.rmtree(cfg.data.root)
+    schema = _guard(ensure_dataset, cfg.data)
+    console.print(f"dataset at {cfg.data.root}: {len(schema.features)} features, classes {schema.classes}, "
+                  f"fingerprint {fingerprint(cfg.data.root)[:12]}")
+
+
+@data_app.command("import")
+def data_import(
+    source: Annotated[Path, typer.Argument(help="A Parquet file or directory of Parquet files.")],
+    label: Annotated[str, typer.Option(help="Name of the label column.")],
+    out: Annotated[Path, typer.Option(help="Dataset directory to write.")],
+    val_fraction: Annotated[float, typer.Option(help="Share of rows for validation.")] = 0.15,
+    test_fraction: Annotated[float, typer.Option(help="Share of rows for test.")] = 0.15,
+    seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+):
+    """Bring your own data: infer a schema, split into train/validation/test and write the raysys layout."""
+    from raysys.data.byod import import_parquet
+
+    schema = _guard(import_parquet, source, out, label=label, val_fraction=val_fraction,
+                    test_fraction=test_fraction, seed=seed)
+    console.print(f"imported {source} -> {out}: {len(schema.numeric)} numeric, {len(schema.categorical)} "
+                  f"categorical features, classes {schema.classes}")
+    console.print(f"train on it with: raysys run --config <file with data: {{root: {out}, source: parquet}}>")
+
+
+def _start(address: str | None):
+    from raysys.pipeline import dashboard_url, init_ray
+
+    ctx = init_ray(address)
+    url = dashboard_url(ctx)
+    console.print(f"Ray dashboard: [bold]{url or 'not available'}[/]")
+    return ctx
+
+
+@app.command("train")
+def train(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, address: Address = None,
+          workers: Annotated[int | None, typer.Option("--workers", help="Ray Train workers.")] = None):
+    """Train and register the teacher with Ray Train."""
+    from raysys.pipeline import absolute, stage_data, stage_teacher
+
+    overrides = {"train": {"num_workers": workers}} if workers else None
+    cfg = absolute(_config(preset, config, root, overrides))
+    _setup_logging()
+    _start(address)
+    prep = _guard(stage_data, cfg)
+    _, version, metrics = _guard(stage_teacher, cfg, prep)
+    console.print_json(json.dumps({"teacher_version": version, "test": metrics}))
+
+
+@app.command("distill")
+def distill(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, address: Address = None,
+            teacher: Annotated[str, typer.Option(help="Teacher version or alias in the registry.")] = "latest"):
+    """Distill the registered teacher into a student with a Ray Tune sweep; register it as production."""
+    from raysys.pipeline import absolute, load_teacher, stage_data, stage_distill
+
+    cfg = absolute(_config(preset, config, root))
+    _setup_logging()
+    _start(address)
+    prep = _guard(stage_data, cfg)
+    model, t_version, t_metrics = _guard(load_teacher, cfg, teacher)
+    version, metrics, best = _guard(stage_distill, cfg, prep, model, t_version, t_metrics)
+    console.print_json(json.dumps({"student_version": version, "best": best, "test": metrics}))
+
+
+@app.command("run")
+def run(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, address: Address = None):
+    """Data -> teacher -> distillation -> registry, without serving."""
+    from raysys.pipeline import run_pipeline
+
+    cfg = _config(preset, config, root)
+    _setup_logging()
+    _start(address)
+    result = _guard(run_pipeline, cfg)
+    console.print_json(json.dumps(result.summary()))
+
+
+def _serve(cfg: PipelineConfig, port: int | None) -> str:
+    from serve.app import deploy
+
+    if port is not None:
+        cfg.serve.port = port
+    url = deploy(cfg)
+    console.print(f"HTTP endpoint: [bold]{url}[/]  (POST {url}/v1/predict, GET {url}/v1/monitor)")
+    return url
+
+
+def _wait_forever() -> None:
+    console.print("endpoint is up; press Ctrl-C to stop")
+    stop = {"flag": False}
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    try:
+        while not stop["flag"]:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass
+
+
+@app.command("serve")
+def serve_cmd(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, address: Address = None,
+              port: Annotated[int | None, typer.Option(help="HTTP port (default from config: 8000).")] = None,
+              detach: Annotated[bool, typer.Option(help="Return once deployed (cluster keeps serving).")] = False):
+    """Deploy the production student behind the HTTP endpoint."""
+    from raysys.pipeline import absolute
+
+    cfg = absolute(_config(preset, config, root))
+    _setup_logging()
+    _start(address)
+    _guard(_serve, cfg, port)
+    if not detach:
+        _wait_forever()
+
+
+@app.command("monitor")
+def monitor(url: Annotated[str, typer.Option(help="Endpoint base URL.")] = "http://127.0.0.1:8000",
+            as_json: Annotated[bool, typer.Option("--json", help="Print the raw JSON report.")] = False):
+    """Print the live drift and latency report of a running endpoint."""
+    import requests
+
+    from raysys.pipeline import format_report
+
+    try:
+        r = requests.get(f"{url.rstrip('/')}/v1/monitor", timeout=10)
+    except requests.RequestException as e:
+        raise _fail(f"--url: cannot reach {url}: {e}") from None
+    if r.status_code != 200:
+        raise _fail(f"{url}/v1/monitor answered {r.status_code}: {r.text[:300]}", code=1)
+    console.print_json(r.text) if as_json else console.print(format_report(r.json()), highlight=False)
+
+
+@app.command("demo")
+def demo(preset: Preset = "demo", config: ConfigFile = None,
+         root: Annotated[Path, typer.Option("--root", help="Directory for data, runs and registry.")] = Path("runs"),
+         address: Address = None,
+         port: Annotated[int | None, typer.Option(help="HTTP port (default 8000).")] = None,
+         exit_: Annotated[bool, typer.Option("--exit", help="Stop once the report is printed.")] = False,
+         fresh: Annotated[bool, typer.Option(help="Delete earlier runs under --root first (data is kept).")] = True):
+    """The whole loop on an embedded local Ray: train, distill, register, serve, send normal then drifted
+    traffic, print the monitor's report; keep the endpoint up until Ctrl-C (or --exit)."""
+    import shutil
+
+    from raysys.pipeline import absolute, exercise_endpoint, format_report, run_pipeline
+
+    cfg = absolute(_config(preset, config, root))
+    if fresh:
+        for d in (cfg.run_dir, cfg.registry_uri):
+            if "://" not in d and Path(d).exists():
+                shutil.rmtree(d)
+    _setup_logging()
+    t0 = time.perf_counter()
+    ctx = _start(address)
+    result = _guard(run_pipeline, cfg)
+    console.rule("pipeline")
+    console.print_json(json.dumps(result.summary()))
+    url = _guard(_serve, cfg, port)
+    out = exercise_endpoint(cfg, url)
+    console.rule("monitor after normal traffic")
+    console.print(format_report(out["normal_report"]), highlight=False)
+    console.rule(f"monitor after traffic shifted {out['shift_sigma']} sigma on {out['drift_feature']}")
+    console.print(format_report(out["drift_report"]), highlight=False)
+    console.rule("summary")
+    console.print(f"bad request -> HTTP {out['bad_request']['status']}: {json.dumps(out['bad_request']['body'])}",
+                  highlight=False)
+    console.print(f"loop completed in {time.perf_counter() - t0:.0f}s")
+    from raysys.pipeline import dashboard_url
+
+    console.print(f"Ray dashboard: [bold]{dashboard_url(ctx)}[/]   HTTP endpoint: [bold]{url}[/]")
+    example = json.dumps({"instances": _one_row(cfg)})
+    console.print(f"try: curl -X POST {url}/v1/predict -H 'content-type: application/json' -d '{example}'",
+                  highlight=False, soft_wrap=True)
+    if not exit_ and sys.stdin is not None and sys.stdin.isatty() and not os.environ.get("CI"):
+        _wait_forever()
+
+
+def _one_row(cfg: PipelineConfig) -> list[dict]:
+    from raysys.pipeline import traffic_rows
+
+    rows = traffic_rows(cfg, 1, seed=3)
+    return [{k: (round(v, 3) if isinstance(v, float) else v) for k, v in r.items()} for r in rows]
+
+
+@registry_app.command("list")
+def registry_list(preset: Preset = "demo", config: ConfigFile = None, root: Root = None):
+    """Models, their versions and aliases."""
+    from raysys.pipeline import absolute
+    from raysys.registry import Registry
+
+    cfg = absolute(_config(preset, config, root))
+    reg = Registry(cfg.registry_uri)
+    table = Table("model", "versions", "aliases")
+    for name in reg.list_models():
+        table.add_row(name, ", ".join(map(str, reg.list_versions(name))),
+                      ", ".join(f"{a}->v{v}" for a, v in reg.aliases(name).items()))
+    console.print(table)
+
+
+@registry_app.command("show")
+def registry_show(ref: Annotated[str, typer.Argument(help="Version number or alias.")] = "production",
+                  name: Annotated[str | None, typer.Option(help="Model name (default from config).")] = None,
+                  preset: Preset = "demo", config: ConfigFile = None, root: Root = None):
+    """One version's metrics, lineage and files."""
+    from raysys.pipeline import absolute
+    from raysys.registry import Registry
+
+    cfg = absolute(_config(preset, config, root))
+    desc = _guard(Registry(cfg.registry_uri).describe, name or cfg.model_name, ref)
+    console.print_json(json.dumps(desc, default=str))
+
+
+@registry_app.command("promote")
+def registry_promote(version: Annotated[int, typer.Argument(help="Version to point the alias at.")],
+                     alias: Annotated[str, typer.Option(help="Alias to move.")] = "production",
+                     name: Annotated[str | None, typer.Option(help="Model name (default from config).")] = None,
+                     preset: Preset = "demo", config: ConfigFile = None, root: Root = None):
+    """Point an alias (default production) at a version."""
+    from raysys.pipeline import absolute
+    from raysys.registry import Registry
+
+    cfg = absolute(_config(preset, config, root))
+    _guard(Registry(cfg.registry_uri).set_alias, name or cfg.model_name, alias, version)
+    console.print(f"{name or cfg.model_name}: {alias} -> v{version}")
+
+
+def main() -> None:
+    app()
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,73 @@
+"""Bring your own data: any Parquet file or directory plus a label column -> the raysys dataset layout.
+
+String columns become categorical features (their distinct values in the data are the categories),
+numeric columns numeric features; the label is rewritten as an index into `schema.classes`. Rows are
+split into train/validation/test by a seeded permutation, so the same seed gives the same split.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.compute as pc
+import pyarrow.dataset as pads
+import pyarrow.parquet as pq
+
+from raysys.data.schema import DatasetSchema, SchemaError, infer_schema
+from raysys.data.synthetic import SPLITS
+
+
+def import_parquet(source: str | Path, out: str | Path, *, label: str, val_fraction: float = 0.15,
+                   test_fraction: float = 0.15, seed: int = 0, rows_per_shard: int = 250_000) -> DatasetSchema:
+    source, out = Path(source), Path(out)
+    if not source.exists():
+        raise ValueError(f"source: {str(source)!r} does not exist")
+    if not (0 < val_fraction < 1 and 0 < test_fraction < 1 and val_fraction + test_fraction < 1):
+        raise ValueError("val_fraction/test_fraction: each must be in (0, 1) and together below 1")
+    table = pads.dataset(str(source), format="parquet").to_table()
+    if label not in table.column_names:
+        raise SchemaError(label, f"label column not found; columns are {table.column_names}")
+    for name in table.column_names:
+        if table.column(name).null_count:
+            raise SchemaError(name, f"{table.column(name).null_count} null values; fill or drop them before import")
+    categories = {}
+    for field in table.schema:
+        if field.name != label and (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
+                                    or pa.types.is_dictionary(field.type)):
+            col = table.column(field.name).cast(pa.string())
+            table = table.set_column(table.schema.get_field_index(field.name), field.name, col)
+            categories[field.name] = sorted(pc.unique(col).to_pylist())
+    label_values = table.column(label).to_numpy(zero_copy_only=False)
+    classes_raw = sorted(set(label_values.tolist()))
+    if len(classes_raw) < 2:
+        raise SchemaError(label, "needs at least two distinct classes")
+    classes = [str(c) for c in classes_raw]
+    lookup = {c: i for i, c in enumerate(classes_raw)}
+    y = np.fromiter((lookup[v] for v in label_values.tolist()), dtype=np.int64, count=len(label_values))
+    table = table.set_column(table.schema.get_field_index(label), label, pa.array(y))
+    schema = infer_schema(table.schema, label, categories, classes)
+
+    n = table.num_rows
+    perm = np.random.default_rng(seed).permutation(n)
+    n_val, n_test = int(n * val_fraction), int(n * test_fraction)
+    parts = {"validation": perm[:n_val], "test": perm[n_val:n_val + n_test], "train": perm[n_val + n_test:]}
+    tmp = out.with_name(out.name + ".tmp")
+    if tmp.exists():
+        shutil.rmtree(tmp)
+    for split in SPLITS:
+        idx = np.sort(parts[split])
+        if len(idx) == 0:
+            raise ValueError(f"{split}: no rows; the dataset has {n} rows, too few for this split")
+        d = tmp / split
+        d.mkdir(parents=True)
+        sub = table.take(pa.array(idx))
+        for s, start in enumerate(range(0, sub.num_rows, rows_per_shard)):
+            pq.write_table(sub.slice(start, rows_per_shard), d / f"part-{s:05d}.parquet")
+    schema.save(tmp)
+    if out.exists():
+        raise ValueError(f"out: {str(out)!r} already exists; choose a new directory (imports never overwrite)")
+    tmp.rename(out)
+    return schema

@@ -1,0 +1,214 @@
+"""The dataset schema: feature names and kinds, categories, label column and classes.
+
+It is stored beside the data (`<root>/schema.json`) and with every registered model, and it is the one
+place that decides what a valid input row is, for training and for the HTTP endpoint alike.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any, Literal
+
+import numpy as np
+import pyarrow as pa
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+SCHEMA_FILE = "schema.json"
+
+
+class SchemaError(ValueError):
+    """A row does not match the schema. `field` names where (e.g. `instances[3].x0`)."""
+
+    def __init__(self, field: str, message: str):
+        super().__init__(f"{field}: {message}")
+        self.field = field
+        self.message = message
+
+
+class FeatureSpec(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    name: str = Field(description="Column name in the Parquet files and key in request rows.")
+    kind: Literal["numeric", "categorical"] = Field(description="numeric (float) or categorical (string).")
+    categories: list[str] | None = Field(None, description="Allowed values of a categorical feature.")
+
+    @model_validator(mode="after")
+    def _check(self) -> FeatureSpec:
+        if self.kind == "categorical":
+            if not self.categories:
+                raise ValueError(f"feature {self.name!r}: a categorical feature needs a non-empty `categories` list")
+            if len(set(self.categories)) != len(self.categories):
+                raise ValueError(f"feature {self.name!r}: `categories` has duplicates")
+        elif self.categories is not None:
+            raise ValueError(f"feature {self.name!r}: `categories` is only for categorical features")
+        return self
+
+
+class DatasetSchema(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    features: list[FeatureSpec] = Field(description="Input features, in model order.")
+    label: str = Field(description="Label column name.")
+    classes: list[str] = Field(description="Class names; the label column holds an index into this list or a name.")
+
+    @model_validator(mode="after")
+    def _check(self) -> DatasetSchema:
+        names = [f.name for f in self.features]
+        if not names:
+            raise ValueError("schema: `features` must name at least one feature")
+        dup = {n for n in names if names.count(n) > 1}
+        if dup:
+            raise ValueError(f"schema: duplicate feature names {sorted(dup)}")
+        if self.label in names:
+            raise ValueError(f"schema: label {self.label!r} is also listed as a feature")
+        if len(self.classes) < 2:
+            raise ValueError("schema: `classes` needs at least two classes")
+        return self
+
+    # ----- views -----
+    @property
+    def numeric(self) -> list[FeatureSpec]:
+        return [f for f in self.features if f.kind == "numeric"]
+
+    @property
+    def categorical(self) -> list[FeatureSpec]:
+        return [f for f in self.features if f.kind == "categorical"]
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.classes)
+
+    @property
+    def cardinalities(self) -> list[int]:
+        return [len(f.categories or []) for f in self.categorical]
+
+    def feature(self, name: str) -> FeatureSpec:
+        for f in self.features:
+            if f.name == name:
+                return f
+        raise KeyError(name)
+
+    # ----- storage -----
+    def save(self, root: str | Path) -> Path:
+        path = Path(root) / SCHEMA_FILE
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = path.with_suffix(".json.tmp")
+        tmp.write_text(self.model_dump_json(indent=2))
+        tmp.replace(path)
+        return path
+
+    @classmethod
+    def load(cls, root: str | Path) -> DatasetSchema:
+        path = Path(root)
+        if path.is_dir():
+            path = path / SCHEMA_FILE
+        if not path.exists():
+            raise ValueError(
+                f"schema: {str(path)!r} not found; a dataset directory needs a schema.json naming the label and "
+                "feature columns (`raysys data import` writes one)"
+            )
+        return cls.model_validate_json(path.read_text())
+
+    @classmethod
+    def from_json(cls, text: str | bytes) -> DatasetSchema:
+        return cls.model_validate_json(text)
+
+    def to_json(self) -> str:
+        return self.model_dump_json(indent=2)
+
+    # ----- tables -----
+    def check_table(self, table_schema: pa.Schema, where: str = "data") -> None:
+        """Raise SchemaError when a Parquet/Arrow schema lacks a column or has the wrong kind of type."""
+        cols = set(table_schema.names)
+        for f in [*self.features]:
+            if f.name not in cols:
+                raise SchemaError(f.name, f"column missing from {where}; columns are {sorted(cols)}")
+            t = table_schema.field(f.name).type
+            if f.kind == "numeric" and not (pa.types.is_integer(t) or pa.types.is_floating(t)):
+                raise SchemaError(f.name, f"numeric feature has Arrow type {t} in {where}; expected int or float")
+            if f.kind == "categorical" and not (pa.types.is_string(t) or pa.types.is_large_string(t)
+                                                or pa.types.is_dictionary(t) or pa.types.is_integer(t)):
+                raise SchemaError(f.name, f"categorical feature has Arrow type {t} in {where}; expected string")
+        if self.label not in cols:
+            raise SchemaError(self.label, f"label column missing from {where}")
+
+    def label_indices(self, values: np.ndarray) -> np.ndarray:
+        """Map a label column (class index or class name) to int64 indices; raise on unknown labels."""
+        values = np.asarray(values)
+        if values.dtype.kind in "iu":
+            bad = (values < 0) | (values >= self.num_classes)
+            if bad.any():
+                raise SchemaError(self.label, f"label index {values[bad][0]} outside [0, {self.num_classes})")
+            return values.astype(np.int64)
+        lookup = {c: i for i, c in enumerate(self.classes)}
+        out = np.empty(len(values), dtype=np.int64)
+        for i, v in enumerate(values):
+            try:
+                out[i] = lookup[str(v)]
+            except KeyError:
+                raise SchemaError(self.label, f"unknown class {v!r}; classes are {self.classes}") from None
+        return out
+
+    # ----- request rows -----
+    def rows_to_arrays(self, rows: list[dict[str, Any]], prefix: str = "instances") -> tuple[np.ndarray, np.ndarray]:
+        """Validate JSON rows and return raw numeric values (float32 [n, n_num]) and category indices
+        (int64 [n, n_cat]). Raises SchemaError naming the first offending field, e.g. `instances[2].x3`."""
+        if not isinstance(rows, list):
+            raise SchemaError(prefix, "must be a list of objects, one per row")
+        if not rows:
+            raise SchemaError(prefix, "must hold at least one row")
+        num = self.numeric
+        cat = self.categorical
+        known = {f.name for f in self.features}
+        cat_index = [{c: i for i, c in enumerate(f.categories or [])} for f in cat]
+        x_num = np.empty((len(rows), len(num)), dtype=np.float32)
+        x_cat = np.empty((len(rows), len(cat)), dtype=np.int64)
+        for r, row in enumerate(rows):
+            where = f"{prefix}[{r}]"
+            if not isinstance(row, dict):
+                raise SchemaError(where, "must be an object mapping feature name to value")
+            if len(row) != len(known) or not known.issuperset(row):
+                unknown = sorted(set(row) - known)
+                if unknown:
+                    raise SchemaError(f"{where}.{unknown[0]}", f"unknown feature; expected features are {sorted(known)}")
+                missing = sorted(known - set(row))
+                raise SchemaError(f"{where}.{missing[0]}", "missing feature")
+            for j, f in enumerate(num):
+                v = row[f.name]
+                # bool is an int subclass in Python: reject it explicitly
+                if isinstance(v, bool) or not isinstance(v, (int, float)):
+                    raise SchemaError(f"{where}.{f.name}", f"expected a number, got {type(v).__name__}")
+                if not math.isfinite(v):
+                    raise SchemaError(f"{where}.{f.name}", "must be a finite number (NaN and infinity are refused)")
+                x_num[r, j] = v
+            for j, f in enumerate(cat):
+                v = row[f.name]
+                if not isinstance(v, str):
+                    raise SchemaError(f"{where}.{f.name}", f"expected a string category, got {type(v).__name__}")
+                idx = cat_index[j].get(v)
+                if idx is None:
+                    raise SchemaError(f"{where}.{f.name}", f"unknown category {v!r}; allowed: {f.categories}")
+                x_cat[r, j] = idx
+        return x_num, x_cat
+
+
+def infer_schema(table_schema: pa.Schema, label: str, categories: dict[str, list[str]],
+                 classes: list[str]) -> DatasetSchema:
+    """Build a schema for bring-your-own data: string columns become categorical, numbers numeric."""
+    feats = []
+    for field in table_schema:
+        if field.name == label:
+            continue
+        if pa.types.is_integer(field.type) or pa.types.is_floating(field.type):
+            feats.append(FeatureSpec(name=field.name, kind="numeric"))
+        elif pa.types.is_string(field.type) or pa.types.is_large_string(field.type) or pa.types.is_dictionary(field.type):
+            feats.append(FeatureSpec(name=field.name, kind="categorical", categories=categories[field.name]))
+        else:
+            raise SchemaError(field.name, f"unsupported Arrow type {field.type}; use numbers or strings")
+    return DatasetSchema(features=feats, label=label, classes=classes)
+
+
+def schema_to_dict(schema: DatasetSchema) -> dict:
+    return json.loads(schema.model_dump_json())

@@ -1,0 +1,340 @@
+"""The whole loop, stage by stage: data -> teacher -> distillation -> evaluation -> registry -> serve -> traffic.
+
+`jobs/pipeline.py` (for `ray job submit`) and `raysys demo` both call these functions, so a job on a
+cluster and the local demo run the same code. Each stage logs one line when it starts and one when it
+ends, with its time and headline figures.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+from raysys.config import PipelineConfig
+
+log = logging.getLogger("raysys")
+
+TEACHER_SUFFIX = "-teacher"
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True):
+    """Connect to `address` (or RAY_ADDRESS) when given; otherwise start an embedded local Ray.
+
+    The local cluster gets more logical CPUs than cores: Tune's trial drivers and Ray Train's workers
+    reserve CPUs while mostly waiting on each other (DESIGN.md). Token auth stays on (Ray 2.60's default).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return ray.init(address=address)
+    cpus = num_cpus or max(4, os.cpu_count() or 1)
+    return ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1")
+
+
+def dashboard_url(ctx: Any) -> str | None:
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        return url if url.startswith("http") else f"http://{url}"
+    try:
+        import ray
+
+        url = ray.worker.get_dashboard_url()  # type: ignore[attr-defined]
+        return f"http://{url}" if url and not url.startswith("http") else url
+    except Exception:
+        return None
+
+
+@dataclass
+class StageTimer:
+    times: dict[str, float] = field(default_factory=dict)
+
+    def run(self, name: str, fn, *args, **kwargs):
+        log.info("[%s] started", name)
+        t0 = time.perf_counter()
+        out = fn(*args, **kwargs)
+        self.times[name] = round(time.perf_counter() - t0, 2)
+        log.info("[%s] done in %.1fs", name, self.times[name])
+        return out
+
+
+@dataclass
+class PipelineResult:
+    model_name: str
+    student_version: int
+    teacher_version: int
+    teacher_metrics: dict
+    student_metrics: dict
+    majority_accuracy: float
+    best_distill_config: dict
+    stage_seconds: dict
+    data_fingerprint: str
+
+    def summary(self) -> dict:
+        return {
+            "model": f"{self.model_name}:v{self.student_version}",
+            "teacher": f"{self.model_name}{TEACHER_SUFFIX}:v{self.teacher_version}",
+            "teacher_test_accuracy": round(self.teacher_metrics["accuracy"], 4),
+            "student_test_accuracy": round(self.student_metrics["accuracy"], 4),
+            "majority_class_accuracy": round(self.majority_accuracy, 4),
+            "teacher_params": self.teacher_metrics.get("num_parameters"),
+            "student_params": self.student_metrics.get("num_parameters"),
+            "best_distill_config": self.best_distill_config,
+            "stage_seconds": self.stage_seconds,
+        }
+
+
+def absolute(cfg: PipelineConfig) -> PipelineConfig:
+    """Ray Train/Tune need absolute storage paths; resolve relative ones against the cwd once."""
+    cfg = cfg.model_copy(deep=True)
+    cfg.run_dir = str(Path(cfg.run_dir).expanduser().resolve())
+    if "://" not in cfg.registry_uri:
+        cfg.registry_uri = str(Path(cfg.registry_uri).expanduser().resolve())
+    cfg.data.root = str(Path(cfg.data.root).expanduser().resolve())
+    return cfg
+
+
+@dataclass
+class Prepared:
+    schema: Any
+    preprocessor: Any
+    fingerprint: str
+
+
+def stage_data(cfg: PipelineConfig) -> Prepared:
+    """Generate (synthetic) or check (your own) the dataset; fit the preprocessor on the train split."""
+    from raysys.data import Preprocessor, ensure_dataset, fingerprint
+
+    schema = ensure_dataset(cfg.data)
+    pre = Preprocessor.fit_split(schema, cfg.data.root)
+    data_fp = fingerprint(cfg.data.root)
+    log.info("[data] %s: %d features (%d numeric, %d categorical), %d classes, fingerprint %s",
+             cfg.data.root, len(schema.features), len(schema.numeric), len(schema.categorical),
+             schema.num_classes, data_fp[:12])
+    return Prepared(schema, pre, data_fp)
+
+
+def _test_arrays(cfg: PipelineConfig, prep: Prepared):
+    from raysys.data import read_split
+
+    return prep.preprocessor.transform_table(read_split(cfg.data.root, "test"))
+
+
+def stage_teacher(cfg: PipelineConfig, prep: Prepared) -> tuple[Any, int, dict]:
+    """Train the teacher with Ray Train, evaluate it on the test split, register it.
+    Returns (model, registry version, test metrics)."""
+    from raysys.evaluate import evaluate_model
+    from raysys.models import build_model, num_parameters
+    from raysys.registry import Registry
+    from raysys.train import train_teacher
+
+    teacher = train_teacher(cfg, prep.schema, prep.preprocessor)
+    model = build_model(teacher.model_spec)
+    model.load_state_dict(teacher.state_dict())
+    model.eval()
+    x_num, x_cat, y = _test_arrays(cfg, prep)
+    metrics = evaluate_model(model, x_num, x_cat, y, prep.schema.num_classes)
+    metrics["num_parameters"] = num_parameters(model)
+    metrics["majority_class_accuracy"] = float(np.bincount(y, minlength=prep.schema.num_classes).max() / len(y))
+    version = Registry(cfg.registry_uri).register(
+        cfg.model_name + TEACHER_SUFFIX, state_dict=model.state_dict(), model_spec=teacher.model_spec,
+        schema=prep.schema, preprocessor=prep.preprocessor, metrics={"test": metrics, "epochs": teacher.metrics},
+        config=json.loads(cfg.model_dump_json()),
+        lineage={"data_fingerprint": prep.fingerprint, "checkpoint": teacher.checkpoint_dir},
+    )
+    log.info("[teacher] test accuracy %.4f (majority class %.4f), %d parameters, registered as %s%s:v%d",
+             metrics["accuracy"], metrics["majority_class_accuracy"], metrics["num_parameters"],
+             cfg.model_name, TEACHER_SUFFIX, version)
+    return model, version, metrics
+
+
+def load_teacher(cfg: PipelineConfig, ref: str = "latest") -> tuple[Any, int, dict]:
+    """The registered teacher (for `raysys distill` without retraining)."""
+    from raysys.registry import Registry
+
+    loaded = Registry(cfg.registry_uri).load(cfg.model_name + TEACHER_SUFFIX, ref)
+    return loaded.model, loaded.version, loaded.metrics.get("test", {})
+
+
+def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_version: int,
+                  teacher_metrics: dict, *, alias: str = "production") -> tuple[int, dict, dict]:
+    """Sweep distillation with Ray Tune, evaluate the best student, register it and point `alias` at it.
+    Returns (student version, student test metrics, best distillation config)."""
+    from raysys.data import read_split
+    from raysys.distill import run_sweep
+    from raysys.evaluate import agreement, evaluate_model
+    from raysys.models import build_model, num_parameters, predict_logits
+    from raysys.monitor.profile import ReferenceProfile
+    from raysys.registry import Registry
+
+    schema, pre = prep.schema, prep.preprocessor
+    sweep = run_sweep(cfg, schema, pre, teacher_model)
+    student = build_model(sweep.student_spec)
+    student.load_state_dict(sweep.best_state_dict)
+    student.eval()
+    x_num, x_cat, y = _test_arrays(cfg, prep)
+    metrics = evaluate_model(student, x_num, x_cat, y, schema.num_classes)
+    metrics["num_parameters"] = num_parameters(student)
+    metrics["teacher_agreement"] = agreement(
+        predict_logits(student, x_num, x_cat).argmax(1).numpy(),
+        predict_logits(teacher_model, x_num, x_cat).argmax(1).numpy(),
+    )
+    # the monitor's reference: raw training features and the student's own predictions on them
+    train = read_split(cfg.data.root, "train")
+    tx_num, tx_cat, _ = pre.transform_table(train)
+    train_pred = predict_logits(student, tx_num, tx_cat).argmax(1).numpy()
+    profile = ReferenceProfile.from_arrays(
+        pre.raw_numeric(train), tx_cat, schema, num_bins=cfg.monitor.num_bins, predictions=train_pred
+    ).to_dict()
+    reg = Registry(cfg.registry_uri)
+    version = reg.register(
+        cfg.model_name, state_dict=student.state_dict(), model_spec=sweep.student_spec, schema=schema,
+        preprocessor=pre,
+        metrics={"test": metrics, "teacher_test": teacher_metrics, "sweep": sweep.trials},
+        config=json.loads(cfg.model_dump_json()),
+        lineage={"parent_teacher": f"{cfg.model_name}{TEACHER_SUFFIX}:v{teacher_version}",
+                 "data_fingerprint": prep.fingerprint, "distill": dict(sweep.best_config),
+                 "sweep_dir": str(sweep.results_dir)},
+        reference_profile=profile,
+    )
+    reg.set_alias(cfg.model_name, alias, version)
+    log.info("[distill] best %s: student test accuracy %.4f, %d parameters (teacher %d); %s:v%d is %s",
+             dict(sweep.best_config), metrics["accuracy"], metrics["num_parameters"],
+             teacher_metrics.get("num_parameters", -1), cfg.model_name, version, alias)
+    return version, metrics, dict(sweep.best_config)
+
+
+def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
+    """Train the teacher, distill, evaluate and register the student as `production`. Needs Ray up."""
+    cfg = absolute(cfg)
+    timer = StageTimer()
+    prep = timer.run("data", stage_data, cfg)
+    teacher, t_version, t_metrics = timer.run("teacher", stage_teacher, cfg, prep)
+    s_version, s_metrics, best = timer.run("distill", stage_distill, cfg, prep, teacher, t_version, t_metrics)
+    return PipelineResult(
+        model_name=cfg.model_name, student_version=s_version, teacher_version=t_version,
+        teacher_metrics=t_metrics, student_metrics=s_metrics,
+        majority_accuracy=t_metrics["majority_class_accuracy"], best_distill_config=best,
+        stage_seconds=timer.times, data_fingerprint=prep.fingerprint,
+    )
+
+
+# ----- traffic ------------------------------------------------------------------------------------------
+
+
+def traffic_rows(cfg: PipelineConfig, n: int, *, seed: int, drift: dict[str, float] | None = None) -> list[dict]:
+    """`n` request rows. Synthetic data: fresh rows from the generator, covariate-shifted by `drift`
+    ({feature: shift in standard deviations}) through `DriftSpec`. Your own data: rows of the test split,
+    with the same shift applied to the named numeric columns."""
+    from raysys.data import DatasetSchema, DriftSpec, Preprocessor, SyntheticTask, read_split
+
+    if cfg.data.source == "synthetic":
+        table = SyntheticTask(cfg.data).sample(n, [cfg.data.seed, 100 + seed],
+                                               DriftSpec(covariate=drift or {}))
+        rows = table.drop_columns(["label"]).to_pylist()
+        return rows
+    schema = DatasetSchema.load(cfg.data.root)
+    test = read_split(cfg.data.root, "test")
+    rng = np.random.default_rng(seed)
+    idx = rng.integers(0, test.num_rows, n)
+    rows = test.take(idx).drop_columns([schema.label]).to_pylist()
+    if drift:
+        pre = Preprocessor.fit_split(schema, cfg.data.root)
+        names = [f.name for f in schema.numeric]
+        for feat, shift in drift.items():
+            if feat not in names:
+                raise ValueError(f"drift: {feat!r} is not a numeric feature; choose from {names}")
+            std = float(pre.std[names.index(feat)])
+            for r in rows:
+                r[feat] = float(r[feat]) + shift * std
+    return rows
+
+
+def send_traffic(url: str, rows: list[dict], *, batch_size: int = 20, timeout_s: float = 30.0) -> dict:
+    """POST `rows` to `<url>/v1/predict` in batches; return counts of responses by status and latencies."""
+    import requests
+
+    statuses: dict[int, int] = {}
+    latencies = []
+    with requests.Session() as s:
+        for i in range(0, len(rows), batch_size):
+            t0 = time.perf_counter()
+            r = s.post(f"{url}/v1/predict", json={"instances": rows[i:i + batch_size]}, timeout=timeout_s)
+            latencies.append((time.perf_counter() - t0) * 1000)
+            statuses[r.status_code] = statuses.get(r.status_code, 0) + 1
+    lat = np.asarray(latencies)
+    return {"requests": len(latencies), "rows": len(rows), "statuses": statuses,
+            "client_p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
+            "client_p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None}
+
+
+def wait_for_monitor(url: str, min_rows: int, timeout_s: float = 30.0) -> dict:
+    """Poll `/v1/monitor` until it has seen `min_rows` rows (reporting is fire-and-forget, so it lags)."""
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    report: dict = {}
+    while time.monotonic() < deadline:
+        r = requests.get(f"{url}/v1/monitor", timeout=10)
+        if r.status_code == 200:
+            report = r.json()
+            if report.get("rows_seen", 0) >= min_rows:
+                return report
+        time.sleep(0.25)
+    raise TimeoutError(f"monitor saw {report.get('rows_seen', 0)} of {min_rows} rows after {timeout_s}s")
+
+
+def drift_feature(cfg: PipelineConfig) -> str:
+    """The feature the demo shifts: the first numeric feature of the schema."""
+    from raysys.data import DatasetSchema
+
+    return DatasetSchema.load(cfg.data.root).numeric[0].name
+
+
+def format_report(report: dict) -> str:
+    """A short human-readable drift/latency summary of a monitor report."""
+    lines = [f"rows seen {report.get('rows_seen')}  window {report.get('window_rows')}  "
+             f"model v{report.get('model_version')}"]
+    lat = report.get("latency_ms") or {}
+    if lat:
+        lines.append("latency ms  " + "  ".join(f"{k} {v}" for k, v in lat.items() if k.startswith("p")))
+    feats = report.get("features") or {}
+    for name, st in feats.items():
+        flag = "DRIFT" if st.get("drifted") else "ok"
+        lines.append(f"  {name:<12} PSI {st.get('psi', float('nan')):7.3f}  {flag}")
+    alerts = report.get("alerts") or []
+    lines.append(f"alerts: {', '.join(a if isinstance(a, str) else a.get('feature', str(a)) for a in alerts) or 'none'}")
+    return "\n".join(lines)
+
+
+def exercise_endpoint(cfg: PipelineConfig, url: str, *, shift_sigma: float = 1.5) -> dict:
+    """Send a window of normal traffic, then a window shifted on one feature, reading the monitor after
+    each; also one bad request to show the 422. Returns both reports and the traffic counts."""
+    import requests
+
+    n = cfg.monitor.window_size
+    feat = drift_feature(cfg)
+    out: dict[str, Any] = {"drift_feature": feat, "shift_sigma": shift_sigma}
+    bad = traffic_rows(cfg, 1, seed=7)
+    bad[0]["no_such_feature"] = 1.0
+    r = requests.post(f"{url}/v1/predict", json={"instances": bad}, timeout=30)
+    out["bad_request"] = {"status": r.status_code, "body": r.json() if r.content else None}
+
+    before = requests.get(f"{url}/v1/monitor", timeout=10).json().get("rows_seen", 0)
+    out["normal_traffic"] = send_traffic(url, traffic_rows(cfg, n, seed=1))
+    out["normal_report"] = wait_for_monitor(url, before + n)
+    log.info("[traffic] normal window sent\n%s", format_report(out["normal_report"]))
+    out["drift_traffic"] = send_traffic(url, traffic_rows(cfg, n, seed=2, drift={feat: shift_sigma}))
+    out["drift_report"] = wait_for_monitor(url, before + 2 * n)
+    log.info("[traffic] window shifted by %.1f sigma on %s sent\n%s", shift_sigma, feat,
+             format_report(out["drift_report"]))
+    return out
