@@ -40,3 +40,14 @@ def ray_cluster():
 def tiny_cfg(tmp_path):
     """The tiny preset rooted in a fresh temp dir (data, runs and registry all under it)."""
     return preset("tiny").with_root(tmp_path)
+
+
+@pytest.fixture(scope="session")
+def serve_port(ray_cluster):
+    """Serve's HTTP proxy, started once per session on a free port (Serve keeps the first http_options
+    it was started with, so every Serve test in the session must use this port)."""
+    from ray import serve
+
+    port = free_port()
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
