@@ -1,0 +1,150 @@
+"""The student training loop: plain single-process torch, no Ray.
+
+`fit_student` is what each Ray Tune trial runs (raysys.distill.sweep wraps it in a plain function
+trainable); keeping it free of Ray makes it a unit-testable function and lets the CLI run one student
+without a cluster. The teacher's logits come precomputed (`StudentData.teacher_logits`), so a trial
+never runs the teacher.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from raysys.distill.kd import check_kd_args, kd_loss
+from raysys.models import build_model, predict_logits
+
+# One epoch's metrics and a CPU copy of the student's weights after it.
+ReportFn = Callable[[dict[str, Any], dict[str, torch.Tensor] | None], None]
+
+
+@dataclass
+class StudentData:
+    """The arrays a student trains on: preprocessed features, labels and the teacher's logits.
+
+    x_num float32 (n, num_numeric) standardised; x_cat int64 (n, num_categorical) category indices;
+    y int64 (n,); teacher_logits float32 (n, num_classes), on the training rows only.
+    """
+
+    x_num: np.ndarray
+    x_cat: np.ndarray
+    y: np.ndarray
+    teacher_logits: np.ndarray
+    val_x_num: np.ndarray
+    val_x_cat: np.ndarray
+    val_y: np.ndarray
+
+    def __post_init__(self) -> None:
+        self.x_num = np.ascontiguousarray(self.x_num, dtype=np.float32)
+        self.x_cat = np.ascontiguousarray(self.x_cat, dtype=np.int64)
+        self.y = np.ascontiguousarray(self.y, dtype=np.int64)
+        self.teacher_logits = np.ascontiguousarray(self.teacher_logits, dtype=np.float32)
+        self.val_x_num = np.ascontiguousarray(self.val_x_num, dtype=np.float32)
+        self.val_x_cat = np.ascontiguousarray(self.val_x_cat, dtype=np.int64)
+        self.val_y = np.ascontiguousarray(self.val_y, dtype=np.int64)
+        n, nv = len(self.y), len(self.val_y)
+        for name, arr, want in [("x_num", self.x_num, n), ("x_cat", self.x_cat, n),
+                                ("teacher_logits", self.teacher_logits, n),
+                                ("val_x_num", self.val_x_num, nv), ("val_x_cat", self.val_x_cat, nv)]:
+            if arr.ndim != 2 or len(arr) != want:
+                raise ValueError(f"StudentData.{name}: expected a 2-D array with {want} rows, got shape {arr.shape}")
+        if self.y.ndim != 1 or self.val_y.ndim != 1:
+            raise ValueError("StudentData.y / val_y: labels must be 1-D int arrays")
+        if n == 0 or nv == 0:
+            raise ValueError("StudentData: the training and validation splits must be non-empty")
+
+    @property
+    def num_classes(self) -> int:
+        return int(self.teacher_logits.shape[1])
+
+
+@dataclass
+class StudentFit:
+    """What `fit_student` returns: the final weights, the final epoch's metrics and every epoch's."""
+
+    state_dict: dict[str, torch.Tensor]
+    metrics: dict[str, Any]
+    history: list[dict[str, Any]] = field(default_factory=list)
+
+
+def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
+    return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
+
+
+@torch.no_grad()
+def _validate(model: torch.nn.Module, data: StudentData) -> tuple[float, float]:
+    logits = predict_logits(model, data.val_x_num, data.val_x_cat)
+    y = torch.from_numpy(data.val_y)
+    loss = F.cross_entropy(logits, y).item()
+    acc = (logits.argmax(1) == y).double().mean().item()
+    return acc, loss
+
+
+def fit_student(config: dict[str, Any], data: StudentData, report: ReportFn | None = None) -> StudentFit:
+    """Train a student with the KD loss and validate it after every epoch.
+
+    `config` keys: `student_spec` (a `raysys.models.model_spec` dict, required), `temperature`,
+    `alpha`, `num_epochs`, `batch_size`, `lr`, and optionally `weight_decay` (1e-4) and `seed` (0).
+    After each epoch `report(metrics, state_dict)` is called with `epoch` (1-based), `train_loss`,
+    `train_soft`, `train_hard`, `val_loss` (cross-entropy on the true labels) and `val_accuracy`.
+    Threads are left as the caller set them (Tune trials set one thread).
+    """
+    if "student_spec" not in config:
+        raise ValueError("config.student_spec: missing; pass raysys.models.model_spec(schema, cfg.distill.student)")
+    temperature = float(config["temperature"])
+    alpha = float(config["alpha"])
+    check_kd_args(temperature, alpha)
+    num_epochs = int(config["num_epochs"])
+    batch_size = int(config["batch_size"])
+    lr = float(config["lr"])
+    if num_epochs < 1:
+        raise ValueError(f"num_epochs: must be >= 1 (got {num_epochs})")
+    if batch_size < 1:
+        raise ValueError(f"batch_size: must be >= 1 (got {batch_size})")
+    if not lr > 0:
+        raise ValueError(f"lr: must be > 0 (got {lr})")
+    seed = int(config.get("seed", 0))
+    spec = config["student_spec"]
+    if int(spec["num_classes"]) != data.num_classes:
+        raise ValueError(f"student_spec.num_classes ({spec['num_classes']}) != the teacher's "
+                         f"logit width ({data.num_classes})")
+
+    torch.manual_seed(seed)
+    model = build_model(spec)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(config.get("weight_decay", 1e-4)))
+    rng = np.random.default_rng(seed)
+    x_num, x_cat = torch.from_numpy(data.x_num), torch.from_numpy(data.x_cat)
+    y, t_logits = torch.from_numpy(data.y), torch.from_numpy(data.teacher_logits)
+    n = len(y)
+
+    history: list[dict[str, Any]] = []
+    for epoch in range(1, num_epochs + 1):
+        model.train()
+        perm = torch.from_numpy(rng.permutation(n))
+        tot = soft_tot = hard_tot = 0.0
+        for i in range(0, n, batch_size):
+            idx = perm[i:i + batch_size]
+            logits = model(x_num[idx], x_cat[idx])
+            loss, soft, hard = kd_loss(logits, t_logits[idx], y[idx], temperature, alpha, return_components=True)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            opt.step()
+            m = len(idx)
+            tot += loss.item() * m
+            soft_tot += soft.item() * m
+            hard_tot += hard.item() * m
+        val_acc, val_loss = _validate(model, data)
+        metrics = {"epoch": epoch, "train_loss": tot / n, "train_soft": soft_tot / n, "train_hard": hard_tot / n,
+                   "val_loss": val_loss, "val_accuracy": val_acc}
+        if not math.isfinite(metrics["train_loss"]):
+            raise FloatingPointError(f"student loss diverged at epoch {epoch} ({metrics['train_loss']}); lower lr")
+        history.append(metrics)
+        if report is not None:
+            report(dict(metrics), _cpu_copy(model))
+    return StudentFit(state_dict=_cpu_copy(model), metrics=history[-1], history=history)

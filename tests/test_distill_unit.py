@@ -1,0 +1,195 @@
+"""Tier 1: the KD loss and the student loop, no Ray."""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from raysys.distill import StudentData, fit_student, kd_loss
+from raysys.models import build_model
+
+# a 2 x 3 batch, worked out by hand below
+S = [[1.0, 0.0, -1.0], [0.5, 0.5, 0.0]]
+T_ = [[2.0, 0.0, 0.0], [0.0, 1.0, 0.0]]
+LABELS = [0, 2]
+
+
+def _softmax(row, temp):
+    e = [math.exp(v / temp) for v in row]
+    z = sum(e)
+    return [x / z for x in e]
+
+
+def _hand_kd(temp, alpha):
+    # KL(p_t || p_s) = sum_j p_t[j] * (log p_t[j] - log p_s[j]), averaged over the 2 rows
+    kl = 0.0
+    for rs, rt in zip(S, T_):
+        ps, pt = _softmax(rs, temp), _softmax(rt, temp)
+        kl += sum(q * (math.log(q) - math.log(p)) for p, q in zip(ps, pt))
+    kl /= len(S)
+    ce = sum(-math.log(_softmax(r, 1.0)[y]) for r, y in zip(S, LABELS)) / len(S)
+    return alpha * temp * temp * kl + (1 - alpha) * ce, temp * temp * kl, ce
+
+
+def _t(x, dtype=torch.float32):
+    return torch.tensor(x, dtype=dtype)
+
+
+def test_kd_loss_matches_hand_computation():
+    expected, soft_exp, hard_exp = _hand_kd(2.0, 0.5)
+    # the same numbers, written out: KL = 0.0224727, T^2 KL = 0.0898908, CE = 0.9328130
+    assert expected == pytest.approx(0.5113519, abs=1e-6)
+    loss, soft, hard = kd_loss(_t(S), _t(T_), _t(LABELS, torch.int64), 2.0, 0.5, return_components=True)
+    assert loss.item() == pytest.approx(expected, abs=1e-6)
+    assert soft.item() == pytest.approx(soft_exp, abs=1e-6)
+    assert hard.item() == pytest.approx(hard_exp, abs=1e-6)
+    # other (T, alpha) pairs agree with the hand formula too
+    for temp, alpha in [(1.0, 0.3), (4.0, 0.9), (0.5, 1.0)]:
+        got = kd_loss(_t(S), _t(T_), _t(LABELS, torch.int64), temp, alpha).item()
+        assert got == pytest.approx(_hand_kd(temp, alpha)[0], rel=1e-5)
+
+
+def test_alpha_zero_is_cross_entropy_and_teacher_is_ignored():
+    g = torch.Generator().manual_seed(0)
+    s, t = torch.randn(16, 5, generator=g), torch.randn(16, 5, generator=g)
+    y = torch.randint(0, 5, (16,), generator=g)
+    ce = F.cross_entropy(s, y)
+    assert torch.allclose(kd_loss(s, t, y, 3.0, 0.0), ce)
+    assert torch.allclose(kd_loss(s, t * 7 + 1, y, 3.0, 0.0), ce)
+
+
+def test_soft_term_zero_when_student_equals_teacher():
+    s = torch.randn(8, 4)
+    _, soft, _ = kd_loss(s, s.clone(), torch.zeros(8, dtype=torch.int64), 3.0, 1.0, return_components=True)
+    assert soft.item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_gradient_has_t_squared_scale():
+    g = torch.Generator().manual_seed(1)
+    s0, t = torch.randn(4, 3, generator=g), torch.randn(4, 3, generator=g)
+    y = torch.zeros(4, dtype=torch.int64)
+    grads = {}
+    for temp in (1.0, 2.0, 10.0, 20.0):
+        s = s0.clone().requires_grad_(True)
+        kd_loss(s, t, y, temp, 1.0).backward()
+        # d/ds [T^2 KL(p_t || p_s) / B] = T * (softmax(s/T) - softmax(t/T)) / B
+        want = temp * (torch.softmax(s0 / temp, 1) - torch.softmax(t / temp, 1)) / len(s0)
+        assert torch.allclose(s.grad, want, atol=1e-6)
+        assert t.grad is None
+        grads[temp] = s.grad.norm().item()
+    # thanks to T^2 the soft gradient stays the same size as T grows (without it: 4x smaller per doubling)
+    assert grads[20.0] / grads[10.0] == pytest.approx(1.0, rel=0.05)
+
+
+@pytest.mark.parametrize("temp, alpha, name", [(0.0, 0.5, "temperature"), (-1.0, 0.5, "temperature"),
+                                               (float("nan"), 0.5, "temperature"), (2.0, -0.1, "alpha"),
+                                               (2.0, 1.5, "alpha"), (2.0, float("nan"), "alpha")])
+def test_bad_arguments_raise_value_error(temp, alpha, name):
+    with pytest.raises(ValueError, match=name):
+        kd_loss(_t(S), _t(T_), _t(LABELS, torch.int64), temp, alpha)
+
+
+def test_shape_mismatch_raises():
+    with pytest.raises(ValueError, match="teacher_logits"):
+        kd_loss(torch.zeros(2, 3), torch.zeros(2, 4), torch.zeros(2, dtype=torch.int64), 2.0, 0.5)
+    with pytest.raises(ValueError, match="labels"):
+        kd_loss(torch.zeros(2, 3), torch.zeros(2, 3), torch.zeros(3, dtype=torch.int64), 2.0, 0.5)
+
+
+# ----- the student loop -----
+
+SPEC = {"family": "mlp", "num_numeric": 4, "cardinalities": [3, 2], "num_classes": 3, "hidden_dims": [16],
+        "embed_dim": 2, "dropout": 0.0}
+
+
+def _synthetic(n, seed):
+    rng = np.random.default_rng(seed)
+    x_num = rng.standard_normal((n, 4)).astype(np.float32)
+    x_cat = np.stack([rng.integers(0, 3, n), rng.integers(0, 2, n)], 1).astype(np.int64)
+    w = np.array([[2.0, -1.0, 0.0], [0.0, 2.0, -1.0], [-1.0, 0.0, 2.0], [1.0, 1.0, -2.0]])
+    logits = x_num @ w + np.array([[0.5, 0, 0], [0, 0.5, 0], [0, 0, 0.5]])[x_cat[:, 0]]
+    return x_num, x_cat, logits.argmax(1), (3.0 * logits).astype(np.float32)
+
+
+def _data():
+    x, c, y, t = _synthetic(800, 0)
+    vx, vc, vy, _ = _synthetic(300, 1)
+    return StudentData(x_num=x, x_cat=c, y=y, teacher_logits=t, val_x_num=vx, val_x_cat=vc, val_y=vy)
+
+
+@pytest.fixture
+def one_thread():
+    # tiny models: one intra-op thread is faster and does not fight other test processes for the cores
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+def _config(**kw):
+    return {"student_spec": SPEC, "temperature": 2.0, "alpha": 0.7, "num_epochs": 6, "batch_size": 64,
+            "lr": 1e-2, "seed": 0, **kw}
+
+
+def test_fit_student_improves_accuracy_and_reports_each_epoch(one_thread):
+    data = _data()
+    torch.manual_seed(0)  # fit_student seeds the same way, so this is its starting point
+    init = build_model(SPEC)
+    with torch.no_grad():
+        init_acc = (init(torch.from_numpy(data.val_x_num), torch.from_numpy(data.val_x_cat)).argmax(1).numpy()
+                    == data.val_y).mean()
+    reports = []
+    fit = fit_student(_config(), data, lambda m, sd: reports.append((m, sd)))
+    assert [m["epoch"] for m, _ in reports] == list(range(1, 7))
+    for m, sd in reports:
+        assert set(m) >= {"val_accuracy", "val_loss", "train_loss", "train_soft", "train_hard"}
+        assert all(isinstance(v, (int, float)) and math.isfinite(v) for v in m.values())
+        assert sd is not None and set(sd) == set(init.state_dict())
+    assert fit.metrics == fit.history[-1] == reports[-1][0]
+    assert fit.metrics["val_accuracy"] > 0.85
+    assert fit.metrics["val_accuracy"] > init_acc + 0.3
+    assert fit.history[-1]["train_loss"] < fit.history[0]["train_loss"]
+    # the returned weights are the last epoch's and rebuild the same model
+    model = build_model(SPEC)
+    model.load_state_dict(fit.state_dict)
+    for k, v in reports[-1][1].items():
+        assert torch.equal(v, fit.state_dict[k])
+
+
+def test_fit_student_is_deterministic_and_validates_config(one_thread):
+    data = _data()
+    a = fit_student(_config(num_epochs=2), data)
+    b = fit_student(_config(num_epochs=2), data)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    with pytest.raises(ValueError, match="temperature"):
+        fit_student(_config(temperature=0.0), data)
+    with pytest.raises(ValueError, match="student_spec"):
+        fit_student({k: v for k, v in _config().items() if k != "student_spec"}, data)
+    with pytest.raises(ValueError, match="num_classes"):
+        fit_student(_config(student_spec={**SPEC, "num_classes": 4}), data)
+
+
+def test_student_data_checks_shapes():
+    x, c, y, t = _synthetic(10, 0)
+    with pytest.raises(ValueError, match="teacher_logits"):
+        StudentData(x_num=x, x_cat=c, y=y, teacher_logits=t[:5], val_x_num=x, val_x_cat=c, val_y=y)
+
+
+def test_precompute_teacher_logits_is_eval_mode_batched_and_restores_mode():
+    from raysys.distill import precompute_teacher_logits
+
+    torch.manual_seed(0)
+    teacher = build_model({**SPEC, "dropout": 0.5})
+    teacher.train()
+    x, c, _, _ = _synthetic(50, 3)
+    got = precompute_teacher_logits(teacher, x, c, batch_size=7)
+    assert teacher.training  # mode restored
+    teacher.eval()
+    with torch.no_grad():
+        want = teacher(torch.from_numpy(x), torch.from_numpy(c)).numpy()
+    assert got.dtype == np.float32 and got.shape == (50, 3)
+    np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # dropout off: eval mode was used

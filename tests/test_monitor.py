@@ -1,0 +1,278 @@
+"""Tier 1: reference profiles, PSI, the sliding window and the plain Monitor class (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import math
+
+import numpy as np
+import pytest
+
+from raysys.config import DataConfig, MonitorConfig
+from raysys.data import DriftSpec, FeatureSpec, Preprocessor, SyntheticTask
+from raysys.data.schema import DatasetSchema
+from raysys.monitor import (
+    Monitor,
+    ReferenceProfile,
+    RingBuffer,
+    SlidingWindow,
+    bin_numeric,
+    latency_percentiles,
+    psi,
+)
+
+# ----- PSI -----
+
+
+def test_psi_identical_is_zero():
+    ref = np.array([0.1, 0.2, 0.3, 0.4])
+    assert psi(ref, ref * 1000) == pytest.approx(0.0, abs=1e-12)
+    assert psi(ref, np.zeros(4)) == 0.0  # empty window: nothing to compare yet
+
+
+def test_psi_hand_computed():
+    # reference 50/50, current 30/70: (0.3-0.5)ln(0.3/0.5) + (0.7-0.5)ln(0.7/0.5)
+    expected = -0.2 * math.log(0.6) + 0.2 * math.log(1.4)
+    assert expected == pytest.approx(0.1694596, abs=1e-7)
+    assert psi([0.5, 0.5], [30, 70], eps=0.0) == pytest.approx(expected, rel=1e-12)
+    assert psi([0.5, 0.5], [30, 70]) == pytest.approx(expected, abs=1e-4)  # eps barely moves it
+    # an empty reference bin stays finite thanks to the smoothing, and is large
+    value = psi([1.0, 0.0], [50, 50])
+    assert math.isfinite(value) and value > 1.0
+    with pytest.raises(ValueError, match="same 1-D shape"):
+        psi([0.5, 0.5], [1, 2, 3])
+
+
+def _profile_1d(x: np.ndarray, num_bins: int = 10) -> ReferenceProfile:
+    schema = DatasetSchema(features=[FeatureSpec(name="x", kind="numeric"),
+                                     FeatureSpec(name="c", kind="categorical", categories=["a", "b"])],
+                           label="y", classes=["n", "p"])
+    return ReferenceProfile.from_arrays(schema, x.reshape(-1, 1), np.zeros((len(x), 1), dtype=np.int64),
+                                        num_bins=num_bins)
+
+
+def _psi_of(profile: ReferenceProfile, x: np.ndarray) -> float:
+    bins = bin_numeric(profile, x.reshape(-1, 1))[:, 0]
+    return psi(profile.numeric[0].ref_props, np.bincount(bins, minlength=profile.numeric[0].num_bins))
+
+
+def test_psi_separates_a_one_sigma_shift_from_resampling():
+    rng = np.random.default_rng(0)
+    prof = _profile_1d(rng.normal(0.0, 1.0, 5000))
+    np.testing.assert_allclose(prof.numeric[0].ref_props, 0.1, atol=1e-3)  # decile bins
+    same = _psi_of(prof, rng.normal(0.0, 1.0, 3000))
+    shifted = _psi_of(prof, rng.normal(1.0, 1.0, 3000))
+    assert same < 0.1
+    assert shifted > 0.2
+    assert shifted > 10 * same
+
+
+def test_bin_numeric_edges_and_discrete_features():
+    prof = _profile_1d(np.repeat([0.0, 1.0, 2.0], [50, 30, 20]), num_bins=10)
+    edges = prof.numeric[0].edges
+    assert edges.tolist() == [0.0, 1.0, 2.0]  # observed levels, deduplicated: no zero-width bins
+    # each level lands in its own bin; values beyond the reference range land in the outer bins
+    bins = bin_numeric(prof, np.array([[0.0], [1.0], [2.0], [-5.0], [9.0]]))[:, 0]
+    assert len({int(b) for b in bins[:3]}) == 3
+    assert bins[3] == 0 and bins[4] == prof.numeric[0].num_bins - 1
+    props = prof.numeric[0].ref_props
+    assert props.sum() == pytest.approx(1.0)
+    np.testing.assert_allclose(sorted(props[props > 0]), [0.2, 0.3, 0.5])
+    with pytest.raises(ValueError, match=r"shape \[n, 1\]"):
+        bin_numeric(prof, np.zeros((3, 2)))
+
+
+# ----- windows -----
+
+
+def test_ring_buffer_and_sliding_window_evict_old_rows():
+    ring = RingBuffer(5, 1, dtype=np.int64)
+    ring.add(np.arange(3).reshape(-1, 1))
+    assert ring.values()[:, 0].tolist() == [0, 1, 2]
+    ring.add(np.arange(3, 7).reshape(-1, 1))  # wraps around
+    assert ring.values()[:, 0].tolist() == [2, 3, 4, 5, 6]
+    ring.add(np.arange(10, 22).reshape(-1, 1))  # bigger than the buffer: only the last 5 stay
+    assert ring.values()[:, 0].tolist() == [17, 18, 19, 20, 21]
+
+    win = SlidingWindow([3, 2], window_size=4)
+    win.add(np.array([[0, 0], [0, 0], [0, 0], [0, 0]]))
+    assert win.counts(0).tolist() == [4, 0, 0]
+    win.add(np.array([[2, 1], [2, 1], [1, 1]]))  # evicts three of the old rows
+    assert len(win) == 4
+    assert win.counts(0).tolist() == [1, 1, 2] and win.counts(1).tolist() == [1, 3]
+    win.add(np.array([[3, 2]]))  # index == bins: a missing value, left out of the counts
+    assert win.counts(0).tolist() == [0, 1, 2] and win.counts(1).tolist() == [0, 3]
+    win.clear()
+    assert len(win) == 0 and win.counts(0).tolist() == [0, 0, 0]
+
+
+def test_latency_percentiles():
+    assert latency_percentiles([]) == {"p50": None, "p95": None, "p99": None}
+    p = latency_percentiles(np.arange(1, 101, dtype=float))
+    assert p["p50"] == pytest.approx(50.5) and p["p95"] == pytest.approx(95.05) and p["p99"] == pytest.approx(99.01)
+
+
+# ----- profile -----
+
+
+@pytest.fixture(scope="module")
+def task():
+    return SyntheticTask(DataConfig(num_numeric=4, num_categorical=2, num_categories=4, num_classes=3, seed=3))
+
+
+def _arrays(task, n, seed, drift=None):
+    schema = task.schema()
+    table = task.sample(n, seed, drift)
+    ident = Preprocessor(schema, [0.0] * len(schema.numeric), [1.0] * len(schema.numeric))
+    x_num, x_cat, y = ident.transform_table(table)
+    return x_num, x_cat, y, table
+
+
+def test_profile_json_round_trip_and_size(task):
+    schema = task.schema()
+    x_num, x_cat, y, table = _arrays(task, 3000, 1)
+    prof = ReferenceProfile.from_arrays(schema, x_num, x_cat, num_bins=8, pred=y)
+    d = json.loads(json.dumps(prof.to_dict()))
+    back = ReferenceProfile.from_dict(d)
+    assert back.to_dict() == prof.to_dict()
+    assert back.feature_names == [f.name for f in schema.numeric] + [f.name for f in schema.categorical]
+    assert back.class_priors is not None and back.class_priors.sum() == pytest.approx(1.0)
+    for ref in back.numeric:
+        assert ref.num_bins == 8 and ref.ref_props.sum() == pytest.approx(1.0)
+    back.check_schema(schema)
+    # built from a table it is the same profile (from_table maps categories itself)
+    assert ReferenceProfile.from_table(schema, table, num_bins=8, pred=y).to_dict() == prof.to_dict()
+    # the size does not grow with the reference
+    big = ReferenceProfile.from_arrays(schema, *_arrays(task, 30000, 2)[:2], num_bins=8)
+    small = ReferenceProfile.from_arrays(schema, *_arrays(task, 300, 2)[:2], num_bins=8)
+    def shape(p):
+        return [(len(f["edges"]), len(f["ref_props"])) for f in p["numeric"]] + [
+            len(f["ref_props"]) for f in p["categorical"]]
+
+    assert shape(big.to_dict()) == shape(small.to_dict())
+    assert len(json.dumps(big.to_dict())) < 4000
+
+
+def test_profile_rejects_bad_input(task):
+    schema = task.schema()
+    x_num, x_cat, _, _ = _arrays(task, 100, 1)
+    bad = x_num.copy()
+    bad[3, 1] = np.nan
+    with pytest.raises(ValueError, match="x1 has NaN"):
+        ReferenceProfile.from_arrays(schema, bad, x_cat)
+    with pytest.raises(ValueError, match="expected x_num"):
+        ReferenceProfile.from_arrays(schema, x_num[:, :2], x_cat)
+    d = ReferenceProfile.from_arrays(schema, x_num, x_cat).to_dict()
+    d["format"] = 99
+    with pytest.raises(ValueError, match="unsupported format"):
+        ReferenceProfile.from_dict(d)
+    other = DatasetSchema(features=[FeatureSpec(name="z", kind="numeric")], label="y", classes=["a", "b"])
+    with pytest.raises(ValueError, match="do not match"):
+        Monitor(ReferenceProfile.from_arrays(schema, x_num, x_cat).to_dict(), schema=other.model_dump())
+
+
+# ----- the Monitor class -----
+
+
+class FakeClock:
+    def __init__(self, t: float = 1000.0):
+        self.t = t
+
+    def __call__(self) -> float:
+        return self.t
+
+
+def _batch(x_num, x_cat, y, version="1", latency=None):
+    return {"x_num": x_num.astype(np.float32), "x_cat": x_cat, "pred": y,
+            "latency_ms": [5.0] * len(y) if latency is None else latency, "model_version": version}
+
+
+def test_monitor_flags_only_the_shifted_feature(task):
+    schema = task.schema()
+    x_num, x_cat, y, _ = _arrays(task, 6000, 1)
+    prof = ReferenceProfile.from_arrays(schema, x_num, x_cat, num_bins=10, pred=y)
+    cfg = MonitorConfig(window_size=2000, min_rows=500, psi_threshold=0.2)
+    mon = Monitor(prof.to_dict(), schema.model_dump(), cfg.model_dump(), model_version=1, clock=FakeClock())
+
+    rep = mon.report()
+    assert rep["window_rows"] == 0 and rep["alerts"] == [] and rep["latency_ms"]["p50"] is None
+    assert rep["metrics_enabled"] is False  # plain class, no Ray
+
+    # the same distribution, fed in uneven batches: no alerts
+    xn, xc, yy, _ = _arrays(task, 3000, 11)
+    for lo, hi in [(0, 1), (1, 64), (64, 1000), (1000, 3000)]:
+        mon.record(_batch(xn[lo:hi], xc[lo:hi], yy[lo:hi]))
+    rep = mon.report()
+    assert rep["rows_seen"] == 3000 and rep["window_rows"] == 2000
+    assert rep["alerts"] == [], rep["features"]
+    assert all(f["psi"] < 0.1 for f in rep["features"].values())
+    assert rep["prediction"]["psi"] < 0.1 and not rep["prediction"]["drifted"]
+    json.dumps(rep)
+
+    # x2 shifted by one standard deviation and c1 concentrated on one category
+    drift = DriftSpec(covariate={"x2": 1.0}, categorical={"c1": {"b3": 1.0}})
+    xn, xc, yy, _ = _arrays(task, 2000, 12, drift)
+    mon.record(_batch(xn, xc, yy))
+    rep = mon.report()
+    assert sorted(rep["alerts"]) == ["c1", "x2"]
+    assert rep["features"]["x2"]["kind"] == "numeric" and rep["features"]["c1"]["kind"] == "categorical"
+    assert rep["features"]["x2"]["psi"] > 0.2 and rep["drift_detected"]
+    assert all(f["psi"] < 0.1 for n, f in rep["features"].items() if n not in ("x2", "c1"))
+
+    mon.reset()
+    rep = mon.report()
+    assert rep["rows_seen"] == 0 and rep["window_rows"] == 0 and rep["alerts"] == []
+
+
+def test_monitor_waits_for_min_rows(task):
+    schema = task.schema()
+    x_num, x_cat, y, _ = _arrays(task, 3000, 1)
+    prof = ReferenceProfile.from_arrays(schema, x_num, x_cat, pred=y)
+    mon = Monitor(prof.to_dict(), None, {"window_size": 1000, "min_rows": 400}, model_version=1, clock=FakeClock())
+    xn, xc, yy, _ = _arrays(task, 300, 5, DriftSpec(covariate={"x0": 3.0}))
+    mon.record(_batch(xn, xc, yy))
+    rep = mon.report()
+    assert rep["features"]["x0"]["psi"] > 0.2 and not rep["features"]["x0"]["drifted"] and rep["alerts"] == []
+    assert not rep["armed"]
+    xn, xc, yy, _ = _arrays(task, 200, 6, DriftSpec(covariate={"x0": 3.0}))
+    mon.record(_batch(xn, xc, yy))
+    assert mon.report()["alerts"] == ["x0"]
+
+
+def test_monitor_latency_throughput_versions_and_set_profile(task):
+    schema = task.schema()
+    x_num, x_cat, y, _ = _arrays(task, 2000, 1)
+    prof = ReferenceProfile.from_arrays(schema, x_num, x_cat, pred=y)
+    clock = FakeClock(1000.0)
+    mon = Monitor(prof, schema, MonitorConfig(window_size=100, latency_window=50), model_version="3", clock=clock)
+    # 30 s of traffic: 10 requests (of 2 rows each) per second, latencies 1..300 ms
+    lat = iter(np.arange(1, 301, dtype=float))
+    for _ in range(30):
+        mon.record(_batch(x_num[:20], x_cat[:20], y[:20], version="3", latency=[next(lat) for _ in range(10)]))
+        clock.t += 1.0
+    rep = mon.report()
+    assert rep["requests_seen"] == 300 and rep["rows_seen"] == 600
+    assert rep["requests_per_s"] == pytest.approx(10.0) and rep["rows_per_s"] == pytest.approx(20.0)
+    assert rep["latency_ms"]["count"] == 50  # the last latency_window requests
+    assert rep["latency_ms"]["p50"] == pytest.approx(np.percentile(np.arange(251, 301), 50))
+    assert rep["predictions_by_version"] == {"3": 600}
+    # a minute later with no traffic the rate decays to zero; then a canary version records too
+    clock.t += 61.0
+    assert mon.report()["requests_per_s"] == 0.0
+    mon.record(_batch(x_num[:5], x_cat[:5], y[:5], version=4, latency=[1.0]))
+    mon.record({"x_num": x_num[:2], "x_cat": x_cat[:2], "latency_ms": [2.0]})  # no pred, no version
+    rep = mon.report()
+    assert rep["predictions_by_version"] == {"3": 602, "4": 5}
+    assert rep["prediction"]["rows"] == 100 - 2  # the rows without a prediction are left out
+
+    with pytest.raises(ValueError, match="expected x_num"):
+        mon.record({"x_num": x_num[:3, :2], "x_cat": x_cat[:3], "pred": y[:3], "latency_ms": [1.0]})
+    bad = x_cat[:3].copy()
+    bad[0, 0] = 99
+    with pytest.raises(ValueError, match="category index"):
+        mon.record({"x_num": x_num[:3], "x_cat": bad, "pred": y[:3], "latency_ms": [1.0]})
+
+    new = ReferenceProfile.from_arrays(schema, x_num + 1.0, x_cat, pred=y)
+    mon.set_profile(new.to_dict(), schema.model_dump(), model_version=5)
+    rep = mon.report()
+    assert rep["model_version"] == "5" and rep["rows_seen"] == 0 and rep["window_rows"] == 0

@@ -1,0 +1,269 @@
+"""Tier 1: the model registry on a temp dir (no Ray)."""
+
+from __future__ import annotations
+
+import json
+import pickle
+import threading
+
+import numpy as np
+import pytest
+import torch
+
+from raysys.config import DataConfig, ModelConfig
+from raysys.data import Preprocessor, SyntheticTask
+from raysys.models import build_model, model_spec
+from raysys.registry import LoadedModel, Registry
+
+NAME = "student"
+
+
+@pytest.fixture(scope="module")
+def task_bits():
+    cfg = DataConfig(num_train_rows=400, num_val_rows=100, num_test_rows=100, num_numeric=4, num_categorical=2,
+                     num_categories=3, num_classes=3, seed=7)
+    task = SyntheticTask(cfg)
+    schema = task.schema()
+    table = task.sample(400, [7, 1])
+    pre = Preprocessor.fit(schema, table)
+    x_num, x_cat, _ = pre.transform_table(table)
+    return schema, pre, x_num, x_cat
+
+
+def _model(schema, seed: int):
+    torch.manual_seed(seed)
+    spec = model_spec(schema, ModelConfig(hidden_dims=[16], embed_dim=3))
+    return spec, build_model(spec).eval()
+
+
+def _register(reg: Registry, schema, pre, seed: int = 0, **extra) -> tuple[int, torch.nn.Module]:
+    spec, model = _model(schema, seed)
+    version = reg.register(
+        NAME, state_dict=model.state_dict(), model_spec=spec, schema=schema, preprocessor=pre,
+        metrics={"accuracy": np.float64(0.75), "confusion": np.eye(2)}, config={"lr": 0.01},
+        lineage={"teacher": "runs/teacher/ckpt", "data_fingerprint": "abc123"}, **extra,
+    )
+    return version, model
+
+
+def test_round_trip_aliases_and_resolve(tmp_path, task_bits):
+    schema, pre, x_num, x_cat = task_bits
+    reg = Registry(str(tmp_path / "reg"))
+    assert reg.list_models() == [] and reg.list_versions(NAME) == []
+    v1, m1 = _register(reg, schema, pre, seed=1, reference_profile={"kind": "test", "n": 3})
+    v2, m2 = _register(reg, schema, pre, seed=2)
+    assert (v1, v2) == (1, 2)
+    assert reg.list_models() == [NAME] and reg.list_versions(NAME) == [1, 2]
+
+    reg.set_alias(NAME, "production", 1)
+    assert reg.get_alias(NAME, "production") == 1
+    reg.set_alias(NAME, "production", 2)  # the alias moves
+    reg.set_alias(NAME, "stable", 1)
+    assert reg.aliases(NAME) == {"production": 2, "stable": 1}
+    assert reg.get_alias(NAME, "canary") is None
+    with pytest.raises(ValueError, match="no version 9"):
+        reg.set_alias(NAME, "production", 9)
+    with pytest.raises(ValueError, match="reserved"):
+        reg.set_alias(NAME, "latest", 1)
+    assert not [p for p in (tmp_path / "reg" / NAME / "aliases").iterdir() if ".tmp-" in p.name]
+
+    assert reg.resolve(NAME, "production") == 2
+    assert reg.resolve(NAME, "stable") == 1
+    assert reg.resolve(NAME, "1") == 1 and reg.resolve(NAME, 2) == 2 and reg.resolve(NAME, "v1") == 1
+    assert reg.resolve(NAME, "latest") == 2
+    with pytest.raises(ValueError, match=r"'canary'.*versions are \[1, 2\].*production"):
+        reg.resolve(NAME, "canary")
+    with pytest.raises(ValueError, match="no version or alias 5"):
+        reg.resolve(NAME, 5)
+    with pytest.raises(ValueError, match="no model named 'other'"):
+        reg.resolve("other", "latest")
+
+    loaded = reg.load(NAME)  # "production" -> v2
+    assert isinstance(loaded, LoadedModel) and loaded.version == 2 and not loaded.model.training
+    xn, xc = torch.from_numpy(x_num), torch.from_numpy(x_cat)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(xn, xc), m2(xn, xc))
+        assert torch.equal(reg.load(NAME, 1).model(xn, xc), m1(xn, xc))
+    assert loaded.schema == schema
+    np.testing.assert_array_equal(loaded.preprocessor.mean, pre.mean)
+    np.testing.assert_array_equal(loaded.preprocessor.std, pre.std)
+    assert loaded.metrics["accuracy"] == 0.75 and loaded.metrics["confusion"] == [[1.0, 0.0], [0.0, 1.0]]
+    assert loaded.config == {"lr": 0.01}
+    assert loaded.lineage["teacher"] == "runs/teacher/ckpt" and loaded.lineage["data_fingerprint"] == "abc123"
+    assert "created_at" in loaded.lineage and loaded.lineage["code_version"]
+    assert loaded.reference_profile is None
+    assert reg.load(NAME, 1).reference_profile == {"kind": "test", "n": 3}
+    files = loaded.manifest["files"]
+    assert set(files) == {"model.safetensors", "model.json", "schema.json", "preprocessor.json", "metrics.json",
+                          "config.json", "lineage.json"}
+    assert all(len(e["sha256"]) == 64 and e["size"] > 0 for e in files.values())
+
+    d = reg.describe(NAME, "production")
+    assert d["version"] == 2 and d["aliases"] == ["production"] and d["all_versions"] == [1, 2]
+    assert d["num_parameters"] == sum(p.numel() for p in m2.parameters())
+    assert d["features"] == [f.name for f in schema.features]
+    json.dumps(d)  # printable as JSON
+
+
+def test_relative_path_made_absolute(tmp_path, task_bits, monkeypatch):
+    schema, pre, *_ = task_bits
+    monkeypatch.chdir(tmp_path)
+    reg = Registry("rel/reg")
+    assert reg.root == str(tmp_path / "rel" / "reg")
+    _register(reg, schema, pre)
+    assert Registry(f"file://{tmp_path}/rel/reg").list_versions(NAME) == [1]
+
+
+@pytest.mark.parametrize("victim", ["model.safetensors", "schema.json", "metrics.json"])
+def test_tampered_file_is_refused(tmp_path, task_bits, victim):
+    schema, pre, *_ = task_bits
+    reg = Registry(tmp_path / "reg")
+    _register(reg, schema, pre)
+    path = tmp_path / "reg" / NAME / "versions" / "1" / victim
+    data = bytearray(path.read_bytes())
+    data[len(data) // 2] ^= 0x01
+    path.write_bytes(bytes(data))
+    with pytest.raises(ValueError, match=rf"file {victim} does not match its sha256"):
+        reg.load(NAME, 1)
+
+
+def test_missing_file_is_refused(tmp_path, task_bits):
+    schema, pre, *_ = task_bits
+    reg = Registry(tmp_path / "reg")
+    _register(reg, schema, pre)
+    (tmp_path / "reg" / NAME / "versions" / "1" / "preprocessor.json").unlink()
+    with pytest.raises(ValueError, match="preprocessor.json is missing"):
+        reg.load(NAME, "latest")
+
+
+class _Boom:
+    """Unpickling this runs code: proof that a pickled file must never be loaded."""
+
+    def __reduce__(self):
+        return (exec, ("import pathlib; pathlib.Path(__import__('os').environ['BOOM_FILE']).write_text('pwned')",))
+
+
+def test_pickled_weights_are_refused(tmp_path, task_bits, monkeypatch):
+    schema, pre, *_ = task_bits
+    reg = Registry(tmp_path / "reg")
+    _register(reg, schema, pre)
+    boom = tmp_path / "boom"
+    monkeypatch.setenv("BOOM_FILE", str(boom))
+    vdir = tmp_path / "reg" / NAME / "versions" / "1"
+    payload = pickle.dumps({"state_dict": _Boom()})
+    # (a) the weights replaced by a pickle, manifest rewritten to list it with a correct sha256
+    (vdir / "model.safetensors").unlink()
+    (vdir / "model.pt").write_bytes(payload)
+    manifest = json.loads((vdir / "manifest.json").read_text())
+    entry = manifest["files"].pop("model.safetensors")
+    manifest["files"]["model.pt"] = entry | {"size": len(payload),
+                                             "sha256": __import__("hashlib").sha256(payload).hexdigest()}
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="pickle"):
+        reg.load(NAME, 1)
+    # (b) the manifest left alone: the weights are simply missing, a .pt sits beside them
+    del manifest["files"]["model.pt"]
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match=r"model.pt.*pickle"):
+        reg.load(NAME, 1)
+    # (c) a pickle under the safetensors name, with a matching sha256, is still not unpickled
+    (vdir / "model.pt").unlink()
+    (vdir / "model.safetensors").write_bytes(payload)
+    manifest["files"]["model.safetensors"] = {"size": len(payload),
+                                              "sha256": __import__("hashlib").sha256(payload).hexdigest()}
+    (vdir / "manifest.json").write_text(json.dumps(manifest))
+    with pytest.raises(ValueError, match="not a valid safetensors file"):
+        reg.load(NAME, 1)
+    assert not boom.exists()
+
+
+def test_versions_are_immutable_and_numbering_survives_a_race(tmp_path, task_bits, monkeypatch):
+    schema, pre, x_num, x_cat = task_bits
+    reg = Registry(tmp_path / "reg")
+    _register(reg, schema, pre, seed=1)
+    before = {p.name: p.read_bytes() for p in (tmp_path / "reg" / NAME / "versions" / "1").iterdir()}
+
+    # a second writer that saw the same stale listing (both think the next number is 1) must not
+    # overwrite version 1: its rename fails and it moves on to 2
+    real = Registry._numeric_version_dirs
+    monkeypatch.setattr(Registry, "_numeric_version_dirs", lambda self, name: [])
+    v2, m2 = _register(reg, schema, pre, seed=2)
+    assert v2 == 2
+    # the narrowest race: the target looked free at the check and was taken before the rename; the
+    # rename refuses the non-empty directory and the writer retries with the next number
+    real_exists = Registry._exists
+    lied: list[str] = []
+
+    def exists_once_stale(self, path):
+        if path.endswith("/versions/1") and not lied:
+            lied.append(path)
+            return False
+        return real_exists(self, path)
+
+    monkeypatch.setattr(Registry, "_exists", exists_once_stale)
+    v3, _ = _register(reg, schema, pre, seed=3)
+    monkeypatch.setattr(Registry, "_exists", real_exists)
+    monkeypatch.setattr(Registry, "_numeric_version_dirs", real)
+    assert lied and v3 == 3
+    after = {p.name: p.read_bytes() for p in (tmp_path / "reg" / NAME / "versions" / "1").iterdir()}
+    assert after == before
+    with torch.no_grad():
+        assert torch.equal(reg.load(NAME, 2).model(torch.from_numpy(x_num), torch.from_numpy(x_cat)),
+                           m2(torch.from_numpy(x_num), torch.from_numpy(x_cat)))
+    # no temp dirs left behind
+    assert not [p for p in (tmp_path / "reg" / NAME / "versions").iterdir() if p.name.startswith(".tmp-")]
+
+
+def test_concurrent_registers_get_distinct_versions(tmp_path, task_bits):
+    schema, pre, *_ = task_bits
+    reg = Registry(tmp_path / "reg")
+    out: list[int] = []
+    errors: list[BaseException] = []
+    barrier = threading.Barrier(6)
+
+    def work(seed: int) -> None:
+        try:
+            barrier.wait()
+            out.append(_register(Registry(tmp_path / "reg"), schema, pre, seed=seed)[0])
+        except BaseException as e:  # surfaced below
+            errors.append(e)
+
+    threads = [threading.Thread(target=work, args=(s,)) for s in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors
+    assert sorted(out) == [1, 2, 3, 4, 5, 6]
+    assert reg.list_versions(NAME) == [1, 2, 3, 4, 5, 6]
+    for v in out:
+        reg.load(NAME, v)
+
+
+def test_object_store_path_writes_manifest_last(tmp_path, task_bits):
+    """The path used where directories cannot be renamed (s3://, gs://), exercised on a local dir."""
+    schema, pre, *_ = task_bits
+    reg = Registry(tmp_path / "reg")
+    reg._atomic_dir_rename = False
+    assert _register(reg, schema, pre, seed=1)[0] == 1
+    # a crashed writer left version 2 without a manifest: it is not listed, and its number is not reused
+    (tmp_path / "reg" / NAME / "versions" / "2").mkdir()
+    assert reg.list_versions(NAME) == [1]
+    assert _register(reg, schema, pre, seed=2)[0] == 3
+    assert reg.list_versions(NAME) == [1, 3]
+    assert reg.load(NAME, "latest").version == 3
+
+
+def test_register_validates_inputs(tmp_path, task_bits):
+    schema, pre, *_ = task_bits
+    reg = Registry(tmp_path / "reg")
+    spec, model = _model(schema, 0)
+    common = dict(schema=schema, preprocessor=pre, metrics={}, config={}, lineage={})
+    bad_spec = dict(spec, hidden_dims=[8])
+    with pytest.raises(ValueError, match="does not fit model_spec"):
+        reg.register(NAME, state_dict=model.state_dict(), model_spec=bad_spec, **common)
+    with pytest.raises(ValueError, match="model name"):
+        reg.register("../evil", state_dict=model.state_dict(), model_spec=spec, **common)
+    assert reg.list_versions(NAME) == []
+    # an nn.Module is accepted in place of its state dict
+    assert reg.register(NAME, state_dict=model, model_spec=spec, **common) == 1
