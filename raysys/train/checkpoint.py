@@ -1,0 +1,214 @@
+"""Training-state checkpoints without pickle: safetensors for tensors, JSON for everything else.
+
+A checkpoint directory holds
+
+- `model.safetensors`: the single-device state dict (any DDP `module.` prefix stripped), so the
+  registry, distillation and serving can load it into a plain model;
+- `optimizer.safetensors` (optional): every tensor of `optimizer.state_dict()` keyed by its path
+  (`state.3.exp_avg`), with the non-tensor rest (param_groups hyperparameters, int step counts) as a
+  JSON tree in the file's header metadata, so tensors and the structure that refers to them are
+  replaced together;
+- `meta.json`: epoch, global step, model spec, per-epoch metrics history and caller extras.
+
+Loading never runs code from the files (no `torch.load`, no pickle). Each file is written to a temporary
+name and `os.replace`d into place, and `meta.json` is written last: a directory with a `meta.json` is
+complete, which is what `is_checkpoint_dir` checks.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from raysys.parallel import unwrap
+
+MODEL_FILE = "model.safetensors"
+OPTIMIZER_FILE = "optimizer.safetensors"
+META_FILE = "meta.json"
+FORMAT = "raysys.train.checkpoint/1"
+_TREE_KEY = "raysys.optimizer_tree"
+_DDP_PREFIX = "module."
+
+
+# ----------------------------------------------------------------------------------------------------
+# model
+# ----------------------------------------------------------------------------------------------------
+def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
+    """The single-device state dict of `model` (DDP unwrapped, `module.` prefixes stripped), on CPU.
+
+    Tensors are detached, contiguous clones: safetensors refuses non-contiguous tensors and tensors that
+    share storage, and the caller may keep training while the file is written.
+    """
+    sd = unwrap(model).state_dict()
+    out: dict[str, torch.Tensor] = {}
+    for k, v in sd.items():
+        # a state dict taken from a DDP module directly (or one saved by other tools) carries the prefix
+        while k.startswith(_DDP_PREFIX):
+            k = k[len(_DDP_PREFIX):]
+        out[k] = v.detach().to("cpu").contiguous().clone()
+    return out
+
+
+def load_model_state(directory: str | Path) -> dict[str, torch.Tensor]:
+    """The model state dict stored in a checkpoint directory (CPU tensors)."""
+    path = Path(directory) / MODEL_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint: {str(path)!r} not found; is {str(directory)!r} a checkpoint dir?")
+    return load_file(str(path), device="cpu")
+
+
+# ----------------------------------------------------------------------------------------------------
+# optimizer: tensors <-> safetensors, the rest <-> a JSON tree
+# ----------------------------------------------------------------------------------------------------
+def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
+    """Split an `optimizer.state_dict()` into {path: tensor} and a JSON-able tree that refers to them.
+
+    Dicts with int keys (the per-parameter `state`), tuples (`betas`) and tensors are tagged so that
+    `unflatten_optimizer_state` rebuilds the exact structure `load_state_dict` expects.
+    """
+    tensors: dict[str, torch.Tensor] = {}
+
+    def enc(obj: Any, path: str) -> Any:
+        if isinstance(obj, torch.Tensor):
+            tensors[path] = obj.detach().to("cpu").contiguous().clone()
+            return {"__tensor__": path}
+        if isinstance(obj, dict):
+            if all(isinstance(k, str) for k in obj):
+                return {k: enc(v, f"{path}.{k}" if path else k) for k, v in obj.items()}
+            if all(isinstance(k, int) and not isinstance(k, bool) for k in obj):
+                return {"__int_keys__": {str(k): enc(v, f"{path}.{k}") for k, v in obj.items()}}
+            raise TypeError(f"checkpoint: optimizer state at {path or '(root)'!r} has keys that are neither all "
+                            f"str nor all int: {list(obj)[:5]}")
+        if isinstance(obj, tuple):
+            return {"__tuple__": [enc(v, f"{path}.{i}") for i, v in enumerate(obj)]}
+        if isinstance(obj, list):
+            return [enc(v, f"{path}.{i}") for i, v in enumerate(obj)]
+        if obj is None or isinstance(obj, (bool, int, float, str)):
+            return obj
+        raise TypeError(f"checkpoint: cannot store {type(obj).__name__} at optimizer state {path!r} without pickle")
+
+    tree = enc(state, "")
+    return tensors, tree
+
+
+def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], tree: Any) -> Any:
+    """Inverse of `flatten_optimizer_state`."""
+
+    def dec(obj: Any) -> Any:
+        if isinstance(obj, dict):
+            if set(obj) == {"__tensor__"}:
+                key = obj["__tensor__"]
+                if key not in tensors:
+                    raise ValueError(f"checkpoint: optimizer tensor {key!r} is missing from {OPTIMIZER_FILE}")
+                return tensors[key]
+            if set(obj) == {"__int_keys__"}:
+                return {int(k): dec(v) for k, v in obj["__int_keys__"].items()}
+            if set(obj) == {"__tuple__"}:
+                return tuple(dec(v) for v in obj["__tuple__"])
+            return {k: dec(v) for k, v in obj.items()}
+        if isinstance(obj, list):
+            return [dec(v) for v in obj]
+        return obj
+
+    return dec(tree)
+
+
+def save_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
+    tensors, tree = flatten_optimizer_state(optimizer.state_dict())
+    _atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", _TREE_KEY: json.dumps(tree)}))
+
+
+def load_optimizer_state(path: str | Path) -> dict[str, Any]:
+    path = Path(path)
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        meta = f.metadata() or {}
+        tensors = {k: f.get_tensor(k) for k in f.keys()}
+    if _TREE_KEY not in meta:
+        raise ValueError(f"checkpoint: {str(path)!r} has no optimizer structure in its header; not written by raysys")
+    return unflatten_optimizer_state(tensors, json.loads(meta[_TREE_KEY]))
+
+
+# ----------------------------------------------------------------------------------------------------
+# whole training state
+# ----------------------------------------------------------------------------------------------------
+def save_training_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                        *, epoch: int, global_step: int, model_spec: dict[str, Any],
+                        metrics: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None) -> Path:
+    """Write model (+ optimizer) state and `meta.json` into `directory` (created if needed).
+
+    `epoch` is the last completed epoch (0-based); a run resumed from this checkpoint starts at
+    `epoch + 1`. `extra` holds JSON-able caller data (e.g. schema and preprocessor state).
+    """
+    directory = Path(directory)
+    directory.mkdir(parents=True, exist_ok=True)
+    sd = model_state_dict(model)
+    _atomic(directory / MODEL_FILE, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
+    if optimizer is not None:
+        save_optimizer_state(directory / OPTIMIZER_FILE, optimizer)
+    meta = {
+        "format": FORMAT,
+        "epoch": int(epoch),
+        "global_step": int(global_step),
+        "model_spec": model_spec,
+        "metrics": list(metrics or []),
+        "has_optimizer": optimizer is not None,
+        "saved_unix": time.time(),
+        "extra": extra or {},
+    }
+    text = json.dumps(meta, indent=2)
+    # meta.json last: its presence marks a complete checkpoint
+    _atomic(directory / META_FILE, lambda tmp: tmp.write_text(text))
+    return directory
+
+
+def read_meta(directory: str | Path) -> dict[str, Any]:
+    path = Path(directory) / META_FILE
+    if not path.exists():
+        raise FileNotFoundError(f"checkpoint: {str(path)!r} not found; is {str(directory)!r} a checkpoint dir?")
+    meta = json.loads(path.read_text())
+    if meta.get("format") != FORMAT:
+        raise ValueError(f"checkpoint: {str(path)!r} has format {meta.get('format')!r}; expected {FORMAT!r}")
+    return meta
+
+
+def is_checkpoint_dir(directory: str | Path) -> bool:
+    d = Path(directory)
+    return (d / META_FILE).exists() and (d / MODEL_FILE).exists()
+
+
+def load_training_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+                        *, strict: bool = True) -> dict[str, Any]:
+    """Restore model (and optimizer, when given) from `directory` in place; return the meta dict.
+
+    `model` may be DDP-wrapped (weights go into the inner module). The optimizer must have been built
+    over the model's parameters in the same order as the one that was saved.
+    """
+    directory = Path(directory)
+    meta = read_meta(directory)
+    unwrap(model).load_state_dict(load_model_state(directory), strict=strict)
+    if optimizer is not None:
+        opt_path = directory / OPTIMIZER_FILE
+        if not opt_path.exists():
+            raise FileNotFoundError(f"checkpoint: {str(opt_path)!r} not found; this checkpoint holds weights only")
+        optimizer.load_state_dict(load_optimizer_state(opt_path))
+    return meta
+
+
+def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
+    """Write via `write(tmp)` to a temp name beside `path`, then rename over it (atomic on POSIX)."""
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        write(tmp)
+        os.replace(tmp, path)
+    finally:
+        if tmp.exists():
+            tmp.unlink()
