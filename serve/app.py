@@ -1,0 +1,905 @@
+"""The Ray Serve application: one deployment holding the FastAPI ingress AND the batched scoring.
+
+Why one deployment: every hop between deployments costs (DESIGN.md measured a FastAPI ingress calling a
+batched model deployment at ~90 req/s against ~180 req/s for the two roles in one replica). So
+`StudentEndpoint` parses and validates the HTTP request, standardises it, and hands the arrays to its
+own `@serve.batch` method, which concatenates the requests of a batch and runs ONE forward pass.
+
+HTTP API (under the application's route prefix):
+
+    POST /v1/predict   {"instances": [{"<feature>": value, ...}, ...]}
+                       -> {"predictions": [class], "probabilities": [[p]], "classes": [...],
+                           "model_version": N, "model_name": "..."}
+                       422 {"detail": {"field": "instances[0].x3", "message": "..."}} for a bad input,
+                       413 for too many rows (serve.max_instances_per_request) or an oversized body,
+                       401 when an API token is configured and missing/wrong.
+    GET  /healthz      liveness and the version being served (never needs the token)
+    GET  /v1/model     name, version, schema, metrics, lineage, model spec
+    GET  /v1/monitor   the monitor actor's report (503 when monitoring is off or the actor is unreachable)
+
+Everything a unit test needs is a plain function or class here (`validate_request`, `Scorer`,
+`score_batch`, `format_prediction`, `parse_user_config`, `parse_app_args`, `MonitorBuffer`): the
+deployment's methods are thin, because `@serve.batch` does not run in `_local_testing_mode`.
+
+Rollout: `user_config` {"model_ref": <alias | version>} (or {"model_version": N}) applied with
+`serve deploy` calls `reconfigure()` on the running replicas, which load the new weights beside the old
+ones and swap them in one assignment: no restart, no dropped request. A ref that fails to load during
+such an update leaves the replica serving its current version (the error is logged and shown at
+/healthz and /v1/model as `last_reconfigure_error`) instead of failing the replica, so a typo in a
+rollout never takes the endpoint down; at replica start the same error fails the replica loudly.
+
+Monitoring is fire-and-forget: each request appends its raw inputs, predictions and latency to an
+in-replica buffer; a background task ships the buffer to the named monitor actor (`record.remote`,
+never awaited) every `MONITOR_FLUSH_INTERVAL_S`. A slow or dead monitor costs dropped monitoring rows,
+never a slow or failed request.
+
+Security: Ray's token auth does not cover the Serve HTTP port. The proxy binds 127.0.0.1 by default; when
+it must listen more widely, set `RAYSYS_API_TOKEN` in the replicas' environment (or pass `api_token`)
+and clients must send `Authorization: Bearer <token>` to /v1/*.
+"""
+
+import asyncio
+import hmac
+import json
+import logging
+import math
+import os
+import threading
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+from fastapi import FastAPI, Request
+from fastapi.responses import Response
+from ray import serve
+
+from raysys.config import MonitorConfig, PipelineConfig, ServeConfig
+from raysys.data.dataset import Preprocessor
+from raysys.data.schema import DatasetSchema, SchemaError, schema_to_dict
+
+log = logging.getLogger("ray.serve")
+
+DEPLOYMENT_NAME = "StudentEndpoint"
+DEFAULT_MODEL_NAME = "raysys-student"
+DEFAULT_MONITOR_NAME = "raysys_monitor"
+DEFAULT_MONITOR_NAMESPACE = "raysys"
+API_TOKEN_ENV = "RAYSYS_API_TOKEN"
+
+FLOAT32_MAX = float(np.finfo(np.float32).max)
+# a standardised value beyond this many training standard deviations is refused (422): no real input is
+# that far out, and such values overflow the MLP's activations into inf/NaN probabilities
+MAX_ABS_Z = 1e6
+# generous upper bound on the JSON size of one value (`"a_long_feature_name": -1.2345678901234567e-05, `
+# is ~45 bytes); bodies larger than rows x features x this are refused before they are parsed
+BODY_BYTES_PER_VALUE = 256
+BODY_BYTES_SLACK = 64 * 1024
+MONITOR_FLUSH_INTERVAL_S = 0.2
+MONITOR_FLUSH_ROWS = 2048  # wake the flusher early when this many rows are buffered
+MONITOR_MAX_BUFFER_ROWS = 50_000  # beyond this (monitor far behind), new rows are dropped, not queued
+MONITOR_MAX_PENDING = 16  # record calls in flight before new batches are dropped
+MONITOR_RETRY_S = 5.0  # wait before re-acquiring a monitor that failed
+MONITOR_REPORT_TIMEOUT_S = 10.0  # a brand-new monitor actor may still be starting its process
+
+
+# ----------------------------------------------------------------------------------------------------
+# request -> arrays (pure; unit-tested without Ray)
+# ----------------------------------------------------------------------------------------------------
+
+
+class RequestError(Exception):
+    """A client error with its HTTP status and the field it is about (None: the request as a whole)."""
+
+    def __init__(self, status: int, field: str | None, message: str):
+        super().__init__(f"{field}: {message}" if field else message)
+        self.status = status
+        self.field = field
+        self.message = message
+
+    def body(self) -> dict[str, Any]:
+        return {"detail": {"field": self.field, "message": self.message}}
+
+
+@dataclass
+class ValidatedRequest:
+    """One request's rows: raw numeric values (what the monitor wants), standardised values (what the
+    model wants) and category indices."""
+
+    x_num_raw: np.ndarray  # float32 [n, n_num]
+    x_num: np.ndarray  # float32 [n, n_num], standardised
+    x_cat: np.ndarray  # int64 [n, n_cat]
+
+    def __len__(self) -> int:
+        return len(self.x_cat)
+
+
+def max_body_bytes(schema: DatasetSchema, max_instances: int) -> int:
+    return max_instances * (len(schema.features) + 1) * BODY_BYTES_PER_VALUE + BODY_BYTES_SLACK
+
+
+def parse_json_body(body: bytes | str) -> Any:
+    """JSON text -> Python. NaN/Infinity literals parse (Python's json accepts them) and are refused
+    later with the field they sit in; deep nesting and bad encodings are 422s, not 500s."""
+    if not body or not body.strip():
+        raise RequestError(422, "body", 'empty body; send a JSON object like {"instances": [{...}]}')
+    try:
+        return json.loads(body)
+    except RecursionError:
+        raise RequestError(422, "body", "JSON nested too deeply") from None
+    except ValueError as e:  # JSONDecodeError, UnicodeDecodeError, int-too-long
+        raise RequestError(422, "body", f"not valid JSON: {e}") from None
+
+
+def _first_out_of_range(rows: list, schema: DatasetSchema) -> str | None:
+    """The first numeric field (in validation order) whose value does not fit a float32."""
+    for r, row in enumerate(rows):
+        if not isinstance(row, dict):
+            continue
+        for f in schema.numeric:
+            v = row.get(f.name)
+            if isinstance(v, bool) or not isinstance(v, (int, float)):
+                continue
+            try:
+                too_big = abs(float(v)) > FLOAT32_MAX
+            except OverflowError:
+                too_big = True
+            if too_big:
+                return f"instances[{r}].{f.name}"
+    return None
+
+
+def rows_to_request(rows: Any, schema: DatasetSchema, preprocessor: Preprocessor, *,
+                    max_instances: int) -> ValidatedRequest:
+    """Validate the `instances` list and turn it into arrays; raise RequestError naming the field."""
+    if isinstance(rows, list) and len(rows) > max_instances:
+        raise RequestError(413, "instances", f"{len(rows)} instances in one request; the limit is {max_instances} "
+                                             "(serve.max_instances_per_request): split the request")
+    try:
+        # a float64 above float32's range becomes inf in the cast: caught just below, by field
+        with np.errstate(over="ignore", invalid="ignore"):
+            x_num_raw, x_cat = schema.rows_to_arrays(rows, prefix="instances")
+    except SchemaError as e:
+        raise RequestError(422, e.field, e.message) from None
+    except OverflowError:  # a JSON integer too large for a float (math.isfinite(10**400) raises)
+        where = _first_out_of_range(rows, schema) or "instances"
+        raise RequestError(422, where, f"number out of range (|value| must be at most {FLOAT32_MAX:.3g})") from None
+    if not np.isfinite(x_num_raw).all():
+        where = _first_out_of_range(rows, schema) or "instances"
+        raise RequestError(422, where, f"number out of range (|value| must be at most {FLOAT32_MAX:.3g})")
+    with np.errstate(over="ignore", invalid="ignore"):
+        x_num = preprocessor.standardize(x_num_raw)
+    bad = ~np.isfinite(x_num) | (np.abs(x_num) > MAX_ABS_Z)
+    if bad.any():
+        r, j = (int(i) for i in np.argwhere(bad)[0])
+        f = schema.numeric[j]
+        raise RequestError(422, f"instances[{r}].{f.name}",
+                           f"value {float(x_num_raw[r, j]):.6g} is more than {MAX_ABS_Z:.0e} training standard "
+                           f"deviations from the training mean (mean {float(preprocessor.mean[j]):.6g}, "
+                           f"std {float(preprocessor.std[j]):.6g})")
+    return ValidatedRequest(x_num_raw, x_num, x_cat)
+
+
+def validate_request(body: bytes | str | Any, schema: DatasetSchema, preprocessor: Preprocessor, *,
+                     max_instances: int) -> ValidatedRequest:
+    """A `/v1/predict` body (bytes, or already-parsed JSON) -> validated arrays.
+
+    422 (field named) for: a body that is not a JSON object, a missing `instances`, an unknown top-level
+    key, a missing or unknown feature, a wrong type, NaN/infinity, a number out of float32 range, an
+    unknown category. 413 for more than `max_instances` rows.
+    """
+    payload = parse_json_body(body) if isinstance(body, (bytes, bytearray, str)) else body
+    if not isinstance(payload, dict):
+        raise RequestError(422, "body", f'must be a JSON object like {{"instances": [{{...}}]}}, got '
+                                        f"{_json_type(payload)}")
+    unknown = sorted(k for k in payload if k != "instances")
+    if unknown:
+        raise RequestError(422, str(unknown[0]), 'unknown key; the body has one key, "instances"')
+    if "instances" not in payload:
+        raise RequestError(422, "instances", "missing; send a list of rows, one object per row")
+    return rows_to_request(payload["instances"], schema, preprocessor, max_instances=max_instances)
+
+
+def _json_type(v: Any) -> str:
+    return {dict: "an object", list: "an array", str: "a string", bool: "a boolean", type(None): "null",
+            int: "a number", float: "a number"}.get(type(v), type(v).__name__)
+
+
+# ----------------------------------------------------------------------------------------------------
+# arrays -> probabilities (pure)
+# ----------------------------------------------------------------------------------------------------
+
+
+@dataclass(eq=False)
+class Scorer:
+    """One loaded model version and what scoring needs from it. Immutable once built: a version swap
+    replaces the whole object, so a request validated against one version is scored by that version."""
+
+    name: str
+    version: int
+    model: torch.nn.Module
+    schema: DatasetSchema
+    preprocessor: Preprocessor
+    model_spec: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)
+    reference_profile: dict[str, Any] | None = None
+
+    @classmethod
+    def from_loaded(cls, loaded: Any) -> "Scorer":
+        """From a `raysys.registry.LoadedModel`."""
+        loaded.model.eval()
+        return cls(name=loaded.name, version=int(loaded.version), model=loaded.model, schema=loaded.schema,
+                   preprocessor=loaded.preprocessor, model_spec=dict(loaded.model_spec), metrics=loaded.metrics,
+                   lineage=loaded.lineage, reference_profile=loaded.reference_profile)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.schema.classes)
+
+    def predict_proba(self, x_num: np.ndarray, x_cat: np.ndarray) -> np.ndarray:
+        """Standardised numeric [n, n_num] + category indices [n, n_cat] -> float64 probabilities [n, C]."""
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(np.ascontiguousarray(x_num, dtype=np.float32)),
+                                torch.from_numpy(np.ascontiguousarray(x_cat, dtype=np.int64)))
+            # float64 softmax: rows sum to 1 to ~1e-15 in the JSON the client reads
+            probs = torch.softmax(logits.double(), dim=1).numpy()
+        if not np.isfinite(probs).all():
+            raise RuntimeError(f"model {self.name} v{self.version} produced non-finite probabilities")
+        return probs
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "classes": self.classes,
+                "features": [f.name for f in self.schema.features], "schema": schema_to_dict(self.schema),
+                "metrics": self.metrics, "lineage": self.lineage, "model_spec": self.model_spec,
+                "has_reference_profile": self.reference_profile is not None}
+
+
+def score_batch(items: list[tuple["Scorer", np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+    """Score many requests with one forward pass per model version: the rows of all requests that share
+    a scorer are concatenated, scored, and split back. Returns one probability array per item."""
+    out: list[np.ndarray | None] = [None] * len(items)
+    groups: dict[int, tuple[Scorer, list[int]]] = {}
+    for i, (scorer, _, _) in enumerate(items):
+        groups.setdefault(id(scorer), (scorer, []))[1].append(i)
+    for scorer, idx in groups.values():
+        if len(idx) == 1:
+            _, xn, xc = items[idx[0]]
+            out[idx[0]] = scorer.predict_proba(xn, xc)
+            continue
+        xn = np.concatenate([items[i][1] for i in idx])
+        xc = np.concatenate([items[i][2] for i in idx])
+        probs = scorer.predict_proba(xn, xc)
+        bounds = np.cumsum([len(items[i][2]) for i in idx])[:-1]
+        for i, p in zip(idx, np.split(probs, bounds)):
+            out[i] = p
+    return out  # type: ignore[return-value]
+
+
+def format_prediction(scorer: Scorer, probs: np.ndarray) -> dict[str, Any]:
+    classes = scorer.classes
+    return {"predictions": [classes[i] for i in probs.argmax(1).tolist()], "probabilities": probs.tolist(),
+            "classes": classes, "model_version": scorer.version, "model_name": scorer.name}
+
+
+# ----------------------------------------------------------------------------------------------------
+# configuration (pure)
+# ----------------------------------------------------------------------------------------------------
+
+USER_CONFIG_KEYS = ("model_ref", "model_version", "max_batch_size", "batch_wait_timeout_s")
+
+
+def _check_ref(where: str, ref: Any) -> str | int:
+    if isinstance(ref, bool) or not isinstance(ref, (str, int)) or (isinstance(ref, str) and not ref.strip()):
+        raise ValueError(f"{where}: must be an alias name ('production', 'latest') or a version number, got {ref!r}")
+    if isinstance(ref, int) and ref < 1:
+        raise ValueError(f"{where}: versions start at 1, got {ref}")
+    return ref
+
+
+def parse_user_config(user_config: Any) -> dict[str, Any]:
+    """Validate a deployment `user_config`: {"model_ref": alias|version} or {"model_version": N}, plus
+    optional "max_batch_size" and "batch_wait_timeout_s". Returns {"model_ref": ..., ...} (only the keys
+    given). Raises ValueError naming the key."""
+    if user_config is None:
+        return {}
+    if not isinstance(user_config, dict):
+        raise ValueError(f"user_config: must be a mapping such as {{'model_ref': 'production'}}, "
+                         f"got {type(user_config).__name__}")
+    unknown = sorted(set(user_config) - set(USER_CONFIG_KEYS))
+    if unknown:
+        raise ValueError(f"user_config.{unknown[0]}: unknown key; allowed keys are {list(USER_CONFIG_KEYS)}")
+    out: dict[str, Any] = {}
+    if "model_ref" in user_config and "model_version" in user_config:
+        raise ValueError("user_config: give model_ref or model_version, not both")
+    if "model_ref" in user_config:
+        out["model_ref"] = _check_ref("user_config.model_ref", user_config["model_ref"])
+    if "model_version" in user_config:
+        v = user_config["model_version"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"user_config.model_version: must be a version number >= 1, got {v!r}")
+        out["model_ref"] = v
+    if "max_batch_size" in user_config:
+        v = user_config["max_batch_size"]
+        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
+            raise ValueError(f"user_config.max_batch_size: must be an integer >= 1, got {v!r}")
+        out["max_batch_size"] = v
+    if "batch_wait_timeout_s" in user_config:
+        v = user_config["batch_wait_timeout_s"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+            raise ValueError(f"user_config.batch_wait_timeout_s: must be a number >= 0, got {v!r}")
+        out["batch_wait_timeout_s"] = float(v)
+    return out
+
+
+APP_ARG_KEYS = ("registry_uri", "model_name", "model_ref", "serve_cfg", "monitor_cfg", "monitor", "monitor_name",
+                "monitor_namespace", "torch_threads")
+
+
+def resolve_registry_uri(uri: str | Path) -> str:
+    """A URI (`s3://...`) unchanged; a local path made absolute against THIS process's cwd.
+
+    Resolved once, in the process that builds the application (the `serve run` shell, the `raysys` CLI,
+    or for `serve deploy` the cluster's build task, whose cwd is where `ray start` ran or the runtime_env
+    working_dir), so every replica reads the same directory wherever its own cwd is.
+    """
+    uri = str(uri)
+    if "://" in uri:
+        return uri
+    return str(Path(uri).expanduser().resolve())
+
+
+def parse_app_args(args: dict[str, Any] | None) -> dict[str, Any]:
+    """`build_app` args -> `StudentEndpoint` constructor kwargs, validated (errors name the key).
+
+    Keys: registry_uri (required), model_name, model_ref, serve_cfg (ServeConfig fields), monitor_cfg
+    (MonitorConfig fields), monitor (bool), monitor_name, monitor_namespace, torch_threads.
+    """
+    args = dict(args or {})
+    unknown = sorted(set(args) - set(APP_ARG_KEYS))
+    if unknown:
+        raise ValueError(f"args.{unknown[0]}: unknown key; allowed keys are {list(APP_ARG_KEYS)}")
+    if not args.get("registry_uri"):
+        raise ValueError("args.registry_uri: required (a registry directory such as runs/registry, or a "
+                         "pyarrow.fs URI such as s3://bucket/registry)")
+    try:
+        serve_cfg = ServeConfig.model_validate(args.get("serve_cfg") or {})
+    except Exception as e:
+        raise ValueError(f"args.serve_cfg: {e}") from None
+    try:
+        monitor_cfg = MonitorConfig.model_validate(args.get("monitor_cfg") or {})
+    except Exception as e:
+        raise ValueError(f"args.monitor_cfg: {e}") from None
+    monitor = args.get("monitor", True)
+    if not isinstance(monitor, bool):
+        raise ValueError(f"args.monitor: must be true or false, got {monitor!r}")
+    threads = args.get("torch_threads")
+    if threads is not None and (isinstance(threads, bool) or not isinstance(threads, int) or threads < 1):
+        raise ValueError(f"args.torch_threads: must be an integer >= 1, got {threads!r}")
+    return {
+        "registry_uri": resolve_registry_uri(args["registry_uri"]),
+        "model_name": str(args.get("model_name") or DEFAULT_MODEL_NAME),
+        "model_ref": _check_ref("args.model_ref", args.get("model_ref", "production")),
+        "serve_cfg": serve_cfg.model_dump(),
+        "monitor_cfg": monitor_cfg.model_dump(),
+        "monitor": monitor,
+        "monitor_name": str(args.get("monitor_name") or DEFAULT_MONITOR_NAME),
+        "monitor_namespace": str(args.get("monitor_namespace") or DEFAULT_MONITOR_NAMESPACE),
+        "torch_threads": threads,
+    }
+
+
+def check_auth(authorization: str | None, token: str | None) -> None:
+    """Raise RequestError(401) unless `token` is unset or the header is `Bearer <token>`."""
+    if not token:
+        return
+    scheme, _, given = (authorization or "").partition(" ")
+    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
+        raise RequestError(401, "authorization", "missing or wrong API token; send 'Authorization: Bearer <token>'")
+
+
+def to_jsonable(obj: Any) -> Any:
+    """numpy -> Python, NaN/inf -> None (Starlette refuses NaN in JSON), tuples -> lists."""
+    if isinstance(obj, dict):
+        return {str(k): to_jsonable(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [to_jsonable(v) for v in obj]
+    if isinstance(obj, np.ndarray):
+        return to_jsonable(obj.tolist())
+    if isinstance(obj, np.generic):
+        obj = obj.item()
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def json_response(status: int, obj: Any, headers: dict[str, str] | None = None) -> Response:
+    return Response(json.dumps(obj, separators=(",", ":"), allow_nan=False), status_code=status,
+                    media_type="application/json", headers=headers)
+
+
+def error_response(err: RequestError) -> Response:
+    headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    return json_response(err.status, err.body(), headers)
+
+
+async def read_body_capped(request: Request, limit: int) -> bytes:
+    """The request body, refusing (413) more than `limit` bytes without reading them all."""
+    declared = request.headers.get("content-length")
+    if declared is not None and declared.isdigit() and int(declared) > limit:
+        raise RequestError(413, "body", f"body of {int(declared)} bytes is over the {limit}-byte limit; split the request")
+    chunks, size = [], 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise RequestError(413, "body", f"body is over the {limit}-byte limit; split the request")
+        chunks.append(chunk)
+    return b"".join(chunks)
+
+
+# ----------------------------------------------------------------------------------------------------
+# monitor link: buffer (pure) + fire-and-forget shipping
+# ----------------------------------------------------------------------------------------------------
+
+
+class MonitorBuffer:
+    """Rows waiting to be sent to the monitor, grouped by model version. Thread-safe (requests add from
+    the replica's event loop; `reconfigure` flushes from Serve's thread pool)."""
+
+    def __init__(self, max_rows: int = MONITOR_MAX_BUFFER_ROWS):
+        self.max_rows = max_rows
+        self._lock = threading.Lock()
+        self._parts: dict[Any, list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]] = {}
+        self.rows = 0
+        self.rows_dropped = 0
+
+    def add(self, x_num_raw: np.ndarray, x_cat: np.ndarray, pred: np.ndarray, latency_ms: float,
+            model_version: Any) -> bool:
+        n = len(pred)
+        with self._lock:
+            if self.rows + n > self.max_rows:
+                self.rows_dropped += n
+                return False
+            self._parts.setdefault(model_version, []).append((x_num_raw, x_cat, pred, float(latency_ms)))
+            self.rows += n
+            return True
+
+    def take(self) -> list[dict[str, Any]]:
+        """Everything buffered, as `record` batches (one per model version); empties the buffer."""
+        with self._lock:
+            parts, self._parts, self.rows = self._parts, {}, 0
+        return [{"x_num": np.concatenate([p[0] for p in ps]).astype(np.float32, copy=False),
+                 "x_cat": np.concatenate([p[1] for p in ps]).astype(np.int64, copy=False),
+                 "pred": np.concatenate([p[2] for p in ps]).astype(np.int64, copy=False),
+                 "latency_ms": [p[3] for p in ps],
+                 "model_version": version}
+                for version, ps in parts.items()]
+
+
+class MonitorLink:
+    """The replica's side of monitoring: acquires the named monitor actor, ships buffered rows with
+    `record.remote` (never awaited on the request path), keeps at most `max_pending` calls in flight,
+    and backs off for `retry_s` when the actor fails. `make_handle()` returns the actor handle (raising
+    when it cannot)."""
+
+    def __init__(self, make_handle, *, interval_s: float = MONITOR_FLUSH_INTERVAL_S,
+                 flush_rows: int = MONITOR_FLUSH_ROWS, max_pending: int = MONITOR_MAX_PENDING,
+                 retry_s: float = MONITOR_RETRY_S, buffer: MonitorBuffer | None = None):
+        self._make_handle = make_handle
+        self.interval_s = interval_s
+        self.flush_rows = flush_rows
+        self.max_pending = max_pending
+        self.retry_s = retry_s
+        self.buffer = buffer or MonitorBuffer()
+        self.handle = None
+        self.last_error: str | None = None
+        self._next_try = 0.0
+        self._pending: deque = deque()
+        self.rows_sent = 0
+        self._task: asyncio.Task | None = None
+        self._wake: asyncio.Event | None = None
+        self._lock = threading.Lock()
+
+    # -- handle --
+    def acquire(self):
+        with self._lock:
+            if self.handle is not None:
+                return self.handle
+            if time.monotonic() < self._next_try:
+                return None
+            try:
+                self.handle = self._make_handle()
+                self.last_error = None
+            except Exception as e:  # the monitor must never break serving
+                self._fail(f"cannot reach the monitor actor: {type(e).__name__}: {e}")
+            return self.handle
+
+    def _fail(self, message: str) -> None:
+        if self.last_error != message:
+            log.warning("raysys monitor: %s (retrying in %.0fs; requests are unaffected)", message, self.retry_s)
+        self.last_error = message
+        self.handle = None
+        self._next_try = time.monotonic() + self.retry_s
+
+    def mark_failed(self, message: str) -> None:
+        with self._lock:
+            self._fail(message)
+
+    # -- request path --
+    def add(self, x_num_raw, x_cat, pred, latency_ms, model_version) -> None:
+        self.buffer.add(x_num_raw, x_cat, pred, latency_ms, model_version)
+        if self.buffer.rows >= self.flush_rows and self._wake is not None:
+            self._wake.set()
+
+    def ensure_started(self) -> None:
+        """Start the flusher on the running event loop (first request); a no-op afterwards."""
+        if self._task is None or self._task.done():
+            self._wake = asyncio.Event()
+            self._task = asyncio.get_running_loop().create_task(self._run())
+
+    async def _run(self) -> None:
+        while True:
+            try:
+                await asyncio.wait_for(self._wake.wait(), self.interval_s)
+            except TimeoutError:
+                pass
+            self._wake.clear()
+            try:
+                await self.prune()
+                self.flush()
+            except Exception as e:  # keep flushing whatever happens
+                log.warning("raysys monitor: flush failed: %s", e)
+
+    # -- shipping --
+    def flush(self) -> int:
+        """Send everything buffered (fire-and-forget). Returns the rows sent; drops them when the monitor
+        is unavailable or too far behind."""
+        batches = self.buffer.take()
+        if not batches:
+            return 0
+        handle = self.acquire()
+        sent = 0
+        for batch in batches:
+            n = len(batch["pred"])
+            if handle is None or len(self._pending) >= self.max_pending:
+                self.buffer.rows_dropped += n
+                continue
+            try:
+                ref = handle.record.remote(batch)
+            except Exception as e:
+                self.mark_failed(f"record failed: {type(e).__name__}: {e}")
+                self.buffer.rows_dropped += n
+                handle = None
+                continue
+            if ref is not None:
+                self._pending.append(ref)
+            sent += n
+        self.rows_sent += sent
+        return sent
+
+    async def prune(self) -> None:
+        """Forget finished record calls; a failed one (dead actor) triggers a re-acquire after back-off.
+        Awaiting the refs also marks their errors as handled, so Ray does not log each one."""
+        if not self._pending:
+            return
+        import ray
+
+        refs = [r for r in self._pending if isinstance(r, ray.ObjectRef)]
+        self._pending = deque(r for r in self._pending if isinstance(r, ray.ObjectRef))
+        if not refs:
+            return
+        ready, not_ready = ray.wait(refs, num_returns=len(refs), timeout=0)
+        self._pending = deque(not_ready)
+        results = await asyncio.gather(*ready, return_exceptions=True)
+        errors = [r for r in results if isinstance(r, BaseException)]
+        if errors:
+            self.mark_failed(f"record failed: {type(errors[-1]).__name__}: {str(errors[-1])[:200]}")
+
+    def stats(self) -> dict[str, Any]:
+        return {"connected": self.handle is not None, "rows_sent": self.rows_sent,
+                "rows_buffered": self.buffer.rows, "rows_dropped": self.buffer.rows_dropped,
+                "calls_in_flight": len(self._pending), "last_error": self.last_error}
+
+
+# ----------------------------------------------------------------------------------------------------
+# the deployment
+# ----------------------------------------------------------------------------------------------------
+
+async def _await_ref(ref):
+    return await asyncio.wrap_future(ref.future())
+
+
+async def _guarded(coro) -> Response:
+    """Client errors -> their JSON 4xx; anything else -> a JSON 500 with no stack trace (logged here)."""
+    try:
+        return await coro
+    except RequestError as e:
+        return error_response(e)
+    except Exception:
+        log.exception("raysys: unexpected error while handling a request")
+        return json_response(500, {"detail": {"field": None, "message": "internal error; see the replica log"}})
+
+
+# NOTE: every module-level name the route methods use must be defined ABOVE the class: `@serve.ingress`
+# cloudpickles the FastAPI app (and so the methods' globals) when the class is decorated.
+
+
+app = FastAPI(title="raysys", description="Student model endpoint (Ray Serve)", docs_url="/docs",
+              redoc_url=None)
+
+
+def _set_torch_threads(threads: int | None) -> int:
+    # Ray sets OMP_NUM_THREADS to the replica's num_cpus; tiny-MLP batches gain nothing from more threads
+    n = threads or int(os.environ.get("OMP_NUM_THREADS") or 1)
+    torch.set_num_threads(max(1, n))
+    try:
+        torch.set_num_interop_threads(1)
+    except RuntimeError:  # only settable before the first parallel op in the process
+        pass
+    return torch.get_num_threads()
+
+
+@serve.deployment(name=DEPLOYMENT_NAME)
+@serve.ingress(app)
+class StudentEndpoint:
+    """FastAPI ingress + `@serve.batch` scoring of the registered student, in one replica."""
+
+    def __init__(self, registry_uri: str, model_name: str = DEFAULT_MODEL_NAME, model_ref: str | int = "production",
+                 serve_cfg: dict | None = None, monitor_cfg: dict | None = None, monitor: bool = True, *,
+                 monitor_name: str = DEFAULT_MONITOR_NAME, monitor_namespace: str = DEFAULT_MONITOR_NAMESPACE,
+                 torch_threads: int | None = None, api_token: str | None = None):
+        from raysys.registry import Registry
+
+        self.serve_cfg = ServeConfig.model_validate(serve_cfg or {})
+        self.monitor_cfg = MonitorConfig.model_validate(monitor_cfg or {})
+        self.model_name = model_name
+        self.model_ref: str | int = model_ref
+        self.registry = Registry(registry_uri)
+        self.torch_threads = _set_torch_threads(torch_threads)
+        self._api_token = api_token or os.environ.get(API_TOKEN_ENV) or None
+        self._initialised = False  # the first reconfigure() (at replica start) fails loudly; later ones don't
+        self.last_reconfigure_error: str | None = None
+        self.scorer = Scorer.from_loaded(self.registry.load(model_name, model_ref))
+        self._set_batching(self.serve_cfg.max_batch_size, self.serve_cfg.batch_wait_timeout_s)
+        self._monitor_name, self._monitor_namespace = monitor_name, monitor_namespace
+        self._monitor_synced = False
+        self._monitor_sync_task: asyncio.Task | None = None
+        self.monitor: MonitorLink | None = None
+        if monitor:
+            if self.scorer.reference_profile is None:
+                log.warning("raysys: %s v%d has no reference profile; monitoring is off (register the model with "
+                            "reference_profile= to enable it)", model_name, self.scorer.version)
+            else:
+                # acquired now so that a new actor starts while the replica warms up; get_or_create ignores
+                # the init kwargs when the actor exists, and a version mismatch is fixed once, later
+                self.monitor = MonitorLink(self._make_monitor_handle)
+                self.monitor.acquire()
+        try:
+            self.replica_id = serve.get_replica_context().replica_tag
+        except Exception:
+            self.replica_id = None
+        log.info("raysys: serving %s v%d from %s (batch <= %d requests / %.1f ms, %d torch threads, monitor %s, "
+                 "auth %s)", model_name, self.scorer.version, registry_uri, self.max_batch_size,
+                 self.batch_wait_timeout_s * 1000, self.torch_threads,
+                 f"{monitor_namespace}/{monitor_name}" if self.monitor else "off",
+                 "on" if self._api_token else "off")
+
+    # ----- settings -----
+    def _set_batching(self, max_batch_size: int, batch_wait_timeout_s: float) -> None:
+        self.max_batch_size = int(max_batch_size)
+        self.batch_wait_timeout_s = float(batch_wait_timeout_s)
+        self._score_batched.set_max_batch_size(self.max_batch_size)
+        self._score_batched.set_batch_wait_timeout_s(self.batch_wait_timeout_s)
+
+    def _make_monitor_handle(self):
+        from raysys.monitor.actor import get_or_create_monitor
+
+        s = self.scorer
+        return get_or_create_monitor(self._monitor_name, self._monitor_namespace, profile=s.reference_profile,
+                                     schema=schema_to_dict(s.schema), monitor_cfg=self.monitor_cfg.model_dump(),
+                                     model_version=s.version)
+
+    async def _sync_monitor_version(self) -> None:
+        """Once per replica: point an existing monitor (made for another version) at ours."""
+        if self.monitor is None or self._monitor_synced:
+            return
+        handle = self.monitor.acquire()
+        if handle is None:
+            return
+        try:
+            report = await asyncio.wait_for(_await_ref(handle.report.remote()), MONITOR_REPORT_TIMEOUT_S)
+        except Exception as e:
+            self.monitor.mark_failed(f"report failed: {type(e).__name__}: {e}")
+            return
+        self._monitor_synced = True
+        if str(report.get("model_version")) != str(self.scorer.version):
+            self._point_monitor_at(self.scorer)
+
+    def _point_monitor_at(self, scorer: Scorer) -> None:
+        if self.monitor is None or scorer.reference_profile is None:
+            return
+        self.monitor.flush()  # rows of the old version go out before the switch
+        handle = self.monitor.acquire()
+        if handle is None:
+            return
+        try:
+            handle.set_profile.remote(scorer.reference_profile, schema_to_dict(scorer.schema), scorer.version)
+        except Exception as e:
+            self.monitor.mark_failed(f"set_profile failed: {type(e).__name__}: {e}")
+
+    # ----- rollout -----
+    async def reconfigure(self, user_config: dict | None) -> None:
+        """Apply `user_config` in place: {"model_ref": alias|version} or {"model_version": N}, and/or
+        "max_batch_size", "batch_wait_timeout_s"."""
+        first = not self._initialised
+        self._initialised = True
+        try:
+            cfg = parse_user_config(user_config)
+            if "model_ref" in cfg:
+                # at replica start (a restart, a scale-up) the shared monitor is left alone: the one-off
+                # version check (_sync_monitor_version) re-points it only if it tracks another version
+                await self._swap_to(cfg["model_ref"], repoint_monitor=not first)
+            if "max_batch_size" in cfg or "batch_wait_timeout_s" in cfg:
+                self._set_batching(cfg.get("max_batch_size", self.max_batch_size),
+                                   cfg.get("batch_wait_timeout_s", self.batch_wait_timeout_s))
+            self.last_reconfigure_error = None
+        except Exception as e:
+            if first:
+                raise  # at replica start: fail loudly (serve status shows it)
+            # a running replica keeps serving what it has: a bad rollout must not take the endpoint down
+            self.last_reconfigure_error = f"{type(e).__name__}: {e}"
+            log.error("raysys: reconfigure(%r) failed; still serving %s v%d: %s", user_config, self.model_name,
+                      self.scorer.version, e)
+
+    async def _swap_to(self, ref: str | int, *, repoint_monitor: bool = True) -> None:
+        version = await asyncio.to_thread(self.registry.resolve, self.model_name, ref)
+        if version != self.scorer.version:
+            loaded = await asyncio.to_thread(self.registry.load, self.model_name, version)
+            old, new = self.scorer, Scorer.from_loaded(loaded)
+            self.scorer = new  # one assignment: requests already validated keep their (old) scorer
+            log.info("raysys: %s v%d -> v%d (ref %r)", self.model_name, old.version, new.version, ref)
+            if new.reference_profile is None and self.monitor is not None:
+                log.warning("raysys: %s v%d has no reference profile; the monitor keeps v%d's", self.model_name,
+                            new.version, old.version)
+            if repoint_monitor:
+                self._point_monitor_at(new)
+        self.model_ref = ref
+
+    # ----- scoring -----
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
+    async def _score_batched(self, items: list[tuple[Scorer, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
+        # thin on purpose: @serve.batch does not run in _local_testing_mode; score_batch is unit-tested
+        return score_batch(items)
+
+    async def _predict(self, request: Request) -> Response:
+        t0 = time.perf_counter()
+        check_auth(request.headers.get("authorization"), self._api_token)
+        scorer = self.scorer  # this request is validated and scored by one version, even across a swap
+        limit = max_body_bytes(scorer.schema, self.serve_cfg.max_instances_per_request)
+        body = await read_body_capped(request, limit)
+        req = validate_request(body, scorer.schema, scorer.preprocessor,
+                               max_instances=self.serve_cfg.max_instances_per_request)
+        if len(req) >= self.max_batch_size:
+            probs = scorer.predict_proba(req.x_num, req.x_cat)  # already a full batch: no queueing
+        else:
+            probs = await self._score_batched((scorer, req.x_num, req.x_cat))
+        payload = json.dumps(format_prediction(scorer, probs), separators=(",", ":"))
+        if self.monitor is not None:
+            self.monitor.ensure_started()
+            if self._monitor_sync_task is None:
+                self._monitor_sync_task = asyncio.get_running_loop().create_task(self._sync_monitor_version())
+            self.monitor.add(req.x_num_raw, req.x_cat, probs.argmax(1), (time.perf_counter() - t0) * 1000,
+                             scorer.version)
+        return Response(payload, media_type="application/json")
+
+    # ----- routes -----
+    @app.post("/v1/predict")
+    async def predict(self, request: Request) -> Response:
+        return await _guarded(self._predict(request))
+
+    @app.get("/healthz")
+    async def healthz(self) -> Response:
+        return json_response(200, to_jsonable({
+            "status": "ok", "model_name": self.model_name, "model_version": self.scorer.version,
+            "model_ref": self.model_ref, "replica": self.replica_id,
+            "last_reconfigure_error": self.last_reconfigure_error,
+            "monitor": self.monitor.stats() if self.monitor else None}))
+
+    @app.get("/v1/model")
+    async def model_info(self, request: Request) -> Response:
+        async def run() -> Response:
+            check_auth(request.headers.get("authorization"), self._api_token)
+            info = self.scorer.describe()
+            info.update(model_ref=self.model_ref, registry_uri=self.registry.uri,
+                        last_reconfigure_error=self.last_reconfigure_error,
+                        batching={"max_batch_size": self.max_batch_size,
+                                  "batch_wait_timeout_s": self.batch_wait_timeout_s},
+                        max_instances_per_request=self.serve_cfg.max_instances_per_request,
+                        torch_threads=self.torch_threads)
+            return json_response(200, to_jsonable(info))
+
+        return await _guarded(run())
+
+    @app.get("/v1/monitor")
+    async def monitor_report(self, request: Request) -> Response:
+        async def run() -> Response:
+            check_auth(request.headers.get("authorization"), self._api_token)
+            if self.monitor is None:
+                raise RequestError(503, None, "monitoring is off for this endpoint (disabled, or the model has "
+                                              "no reference profile)")
+            self.monitor.ensure_started()
+            await self._sync_monitor_version()
+            self.monitor.flush()  # this replica's buffered rows reach the actor before the report call
+            handle = self.monitor.acquire()
+            if handle is None:
+                raise RequestError(503, None, f"monitor unavailable: {self.monitor.last_error}")
+            try:
+                report = await asyncio.wait_for(_await_ref(handle.report.remote()), MONITOR_REPORT_TIMEOUT_S)
+            except TimeoutError:
+                raise RequestError(503, None, f"monitor did not answer within {MONITOR_REPORT_TIMEOUT_S:.0f}s") from None
+            except Exception as e:
+                self.monitor.mark_failed(f"report failed: {type(e).__name__}: {e}")
+                raise RequestError(503, None, f"monitor unavailable: {type(e).__name__}") from None
+            return json_response(200, to_jsonable(report))
+
+        return await _guarded(run())
+
+    def check_health(self) -> None:
+        # called by Serve every few seconds; a replica without a model is unhealthy
+        if self.scorer is None:
+            raise RuntimeError("no model loaded")
+
+
+# ----------------------------------------------------------------------------------------------------
+# building and deploying
+# ----------------------------------------------------------------------------------------------------
+
+
+def build_app(args: dict) -> serve.Application:
+    """Application builder for `serve run serve.app:build_app registry_uri=...` and for config files
+    (`import_path: serve.app:build_app` with `args:`). See `parse_app_args` for the keys."""
+    kwargs = parse_app_args(args)
+    scfg = ServeConfig.model_validate(kwargs["serve_cfg"])
+    # a replica must admit enough concurrent requests to fill a batch while the previous one runs
+    options = {"num_replicas": scfg.num_replicas, "max_ongoing_requests": max(8, 2 * scfg.max_batch_size)}
+    return StudentEndpoint.options(**options).bind(**kwargs)
+
+
+def _serve_http_address() -> tuple[str, int]:
+    from ray.serve.context import _get_global_client
+
+    http = _get_global_client().http_config
+    return http.host, int(http.port)
+
+
+def deploy(cfg: PipelineConfig, *, blocking: bool = False, model_ref: str | int = "production",
+           monitor: bool = True) -> str:
+    """Start Serve (HTTP on cfg.serve.host:port) and run the endpoint for cfg.model_name from
+    cfg.registry_uri as application cfg.serve.app_name at cfg.serve.route_prefix. Returns the base URL
+    (`http://host:port/prefix`). `blocking=True` waits until Ctrl-C after deploying.
+
+    Serve's HTTP options are fixed when Serve first starts on a cluster: if it is already running on
+    another address, that address is kept (with a warning) and returned.
+    """
+    serve.start(http_options={"host": cfg.serve.host, "port": cfg.serve.port})
+    host, port = _serve_http_address()
+    if (host, port) != (cfg.serve.host, cfg.serve.port):
+        log.warning("raysys: Serve already runs on %s:%d; serve.host/serve.port (%s:%d) are ignored", host, port,
+                    cfg.serve.host, cfg.serve.port)
+    application = build_app({
+        "registry_uri": cfg.registry_uri, "model_name": cfg.model_name, "model_ref": model_ref,
+        "serve_cfg": cfg.serve.model_dump(), "monitor_cfg": cfg.monitor.model_dump(), "monitor": monitor,
+    })
+    serve.run(application, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
+    url_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
+    url = f"http://{url_host}:{port}{cfg.serve.route_prefix.rstrip('/')}"
+    log.info("raysys: %s serving %s at %s", cfg.serve.app_name, cfg.model_name, url)
+    if blocking:
+        try:
+            while True:
+                time.sleep(1)
+        except KeyboardInterrupt:
+            pass
+    return url

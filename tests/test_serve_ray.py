@@ -1,0 +1,368 @@
+"""Tier 3: the Serve application on the session's local Ray cluster, over real HTTP.
+
+A small untrained-but-real TabularMLP is registered twice (v1 = production, v2) in a temp registry, with a
+reference profile so the monitor runs. The app is deployed on the session's Serve HTTP port (Serve's HTTP
+options are cluster-wide: the first test to start Serve picks the port; `serve_port` from conftest when
+there is one, else a free port, never 8000). Apps are removed with `serve.delete` (the session fixture
+shuts Serve down at the end) and the test's monitor actors with `ray.kill`.
+"""
+
+from __future__ import annotations
+
+import json
+import socket
+import time
+import uuid
+from pathlib import Path
+
+import pytest
+import requests
+import torch
+import yaml
+
+from raysys.config import DataConfig, ModelConfig, preset
+from raysys.data import Preprocessor, SyntheticTask
+from raysys.models import build_model, model_spec
+from raysys.monitor.profile import ReferenceProfile
+from raysys.registry import Registry
+
+pytestmark = pytest.mark.integration
+
+MODEL = "student"
+MONITOR_NAMESPACE = "raysys"
+CONFIG_YAML = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
+TIMEOUT_S = 120  # generous: a 2-core box running other suites beside this one
+
+
+def _poll(fn, timeout_s=TIMEOUT_S, interval_s=0.25, what="condition"):
+    deadline = time.monotonic() + timeout_s
+    last = None
+    while time.monotonic() < deadline:
+        last = fn()
+        if last:
+            return last
+        time.sleep(interval_s)
+    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last value {last!r}")
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    cfg = DataConfig(num_numeric=4, num_categorical=2, num_categories=3, num_classes=3, seed=11)
+    task = SyntheticTask(cfg)
+    schema = task.schema()
+    table = task.sample(1000, [11, 1])
+    pre = Preprocessor.fit(schema, table)
+    profile = ReferenceProfile.from_table(schema, table, num_bins=10).to_dict()
+    reg = Registry(tmp_path_factory.mktemp("serve") / "registry")
+    spec = model_spec(schema, ModelConfig(hidden_dims=[16], embed_dim=3))
+    for seed in (1, 2):
+        torch.manual_seed(seed)
+        reg.register(MODEL, state_dict=build_model(spec).state_dict(), model_spec=spec, schema=schema,
+                     preprocessor=pre, metrics={"accuracy": 0.1 * seed}, config={"seed": seed},
+                     lineage={"note": f"untrained, seed {seed}"}, reference_profile=profile)
+    reg.set_alias(MODEL, "production", 1)
+    rows = table.drop_columns([schema.label]).to_pylist()
+    return reg, schema, rows
+
+
+@pytest.fixture(scope="module")
+def http_port(request, ray_cluster):
+    from ray import serve
+    from ray.serve.context import _get_global_client
+
+    client = _get_global_client(raise_if_no_controller_running=False)
+    if client is not None:  # Serve already runs in this session: its port is the one there is
+        return int(client.http_config.port)
+    try:
+        port = request.getfixturevalue("serve_port")
+    except pytest.FixtureLookupError:
+        with socket.socket() as sock:
+            sock.bind(("127.0.0.1", 0))
+            port = sock.getsockname()[1]
+    serve.start(http_options={"host": "127.0.0.1", "port": port})
+    return port
+
+
+def _kill_monitor(name):
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(name, namespace=MONITOR_NAMESPACE))
+    except ValueError:
+        pass
+
+
+@pytest.fixture(scope="module")
+def endpoint(registry, http_port):
+    """The app deployed imperatively (`serve.run(build_app(...))`), as the brief's tests do."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    reg, _, _ = registry
+    name = f"serve-test-{uuid.uuid4().hex[:6]}"
+    monitor = f"raysys_monitor_{name}"
+    t0 = time.perf_counter()
+    serve.run(build_app({"registry_uri": reg.uri, "model_name": MODEL, "monitor_name": monitor,
+                         "serve_cfg": {"max_instances_per_request": 50},
+                         "monitor_cfg": {"window_size": 100, "min_rows": 10}}),
+              name=name, route_prefix=f"/{name}")
+    print(f"\n[serve] deployed {name} in {time.perf_counter() - t0:.1f}s")
+    try:
+        yield f"http://127.0.0.1:{http_port}/{name}"
+    finally:
+        serve.delete(name)
+        _kill_monitor(monitor)
+
+
+def test_predict_returns_probabilities_and_version(endpoint, registry):
+    _, schema, rows = registry
+    with requests.Session() as s:
+        r = s.post(f"{endpoint}/v1/predict", json={"instances": rows[:4]}, timeout=30)
+        assert r.status_code == 200, r.text
+        body = r.json()
+        assert body["model_version"] == 1 and body["model_name"] == MODEL
+        assert body["classes"] == schema.classes
+        assert len(body["predictions"]) == 4 and len(body["probabilities"]) == 4
+        for pred, probs in zip(body["predictions"], body["probabilities"]):
+            assert abs(sum(probs) - 1.0) < 1e-6 and all(0.0 <= p <= 1.0 for p in probs)
+            assert pred == schema.classes[max(range(len(probs)), key=probs.__getitem__)]
+        # end-to-end latency of a one-row request (informational: tests never assert on time)
+        lat = []
+        for row in rows[:20]:
+            t0 = time.perf_counter()
+            assert s.post(f"{endpoint}/v1/predict", json={"instances": [row]}, timeout=30).status_code == 200
+            lat.append((time.perf_counter() - t0) * 1000)
+        lat.sort()
+        print(f"\n[serve] one-row request, sequential client: p50 {lat[len(lat) // 2]:.1f} ms, max {lat[-1]:.1f} ms")
+
+
+def _with(rows, i, **kv):
+    return json.dumps({"instances": [dict(rows[i], **kv)]})
+
+
+def test_bad_inputs_are_4xx_naming_the_field(endpoint, registry):
+    _, _, rows = registry
+    r0 = rows[0]
+    nan_body = _with(rows, 0, x1=0.5).replace('"x1": 0.5', '"x1": NaN')
+    assert "NaN" in nan_body
+    cases = [
+        ("{", "body"),
+        ("[1, 2]", "body"),
+        ("", "body"),
+        ("{}", "instances"),
+        (json.dumps({"instances": [r0], "extra": 1}), "extra"),
+        (json.dumps({"instances": []}), "instances"),
+        (json.dumps({"instances": [{k: v for k, v in r0.items() if k != "x2"}]}), "instances[0].x2"),
+        (_with(rows, 0, bogus=1.0), "instances[0].bogus"),
+        (_with(rows, 0, x3="high"), "instances[0].x3"),
+        (_with(rows, 0, x0=None), "instances[0].x0"),
+        (_with(rows, 0, c1="zz"), "instances[0].c1"),
+        (nan_body, "instances[0].x1"),
+        (_with(rows, 0, x2=10**400), "instances[0].x2"),
+        (_with(rows, 0, x2=1e39), "instances[0].x2"),
+    ]
+    with requests.Session() as s:
+        for body, field in cases:
+            r = s.post(f"{endpoint}/v1/predict", data=body, headers={"content-type": "application/json"},
+                       timeout=30)
+            assert r.status_code == 422, (body[:80], r.status_code, r.text)
+            assert r.json() == {"detail": {"field": field, "message": r.json()["detail"]["message"]}}, r.text
+        # max_instances_per_request is 50 for this app
+        r = s.post(f"{endpoint}/v1/predict", json={"instances": rows[:51]}, timeout=30)
+        assert r.status_code == 413 and r.json()["detail"]["field"] == "instances", r.text
+        # a body far over the byte cap is refused before it is parsed
+        r = s.post(f"{endpoint}/v1/predict", data=b" " * 2_000_000, timeout=30)
+        assert r.status_code == 413 and r.json()["detail"]["field"] == "body", r.text
+        assert s.get(f"{endpoint}/v1/predict", timeout=30).status_code == 405
+        # the endpoint is still healthy after all that
+        assert s.post(f"{endpoint}/v1/predict", json={"instances": [r0]}, timeout=30).status_code == 200
+
+
+def test_healthz_and_model_info(endpoint, registry):
+    reg, schema, _ = registry
+    h = requests.get(f"{endpoint}/healthz", timeout=30)
+    assert h.status_code == 200 and h.json()["status"] == "ok" and h.json()["model_version"] == 1
+    m = requests.get(f"{endpoint}/v1/model", timeout=30)
+    assert m.status_code == 200, m.text
+    info = m.json()
+    assert (info["name"], info["version"], info["model_ref"]) == (MODEL, 1, "production")
+    assert info["metrics"] == {"accuracy": 0.1} and info["lineage"]["note"] == "untrained, seed 1"
+    assert info["schema"]["classes"] == schema.classes and info["features"] == [f.name for f in schema.features]
+    assert info["registry_uri"] == reg.uri and info["max_instances_per_request"] == 50
+
+
+def test_monitor_report_grows_with_traffic(endpoint, registry):
+    _, _, rows = registry
+    r = requests.get(f"{endpoint}/v1/monitor", timeout=30)
+    assert r.status_code == 200, r.text
+    before = r.json()["rows_seen"]
+    with requests.Session() as s:
+        for i in range(0, 40, 8):
+            assert s.post(f"{endpoint}/v1/predict", json={"instances": rows[i:i + 8]}, timeout=30).status_code == 200
+
+    def grown():
+        rep = requests.get(f"{endpoint}/v1/monitor", timeout=30).json()
+        return rep if rep["rows_seen"] >= before + 40 else None
+
+    rep = _poll(grown, what="the monitor to see 40 more rows")  # fire-and-forget: it lags a little
+    assert rep["model_version"] == "1" and rep["requests_seen"] >= 5
+    assert set(rep["features"]) == {"x0", "x1", "x2", "x3", "c0", "c1"}
+    assert rep["latency_ms"]["count"] >= 5 and rep["latency_ms"]["p50"] > 0
+    health = requests.get(f"{endpoint}/healthz", timeout=30).json()
+    assert health["monitor"]["connected"] and health["monitor"]["rows_dropped"] == 0
+
+
+def test_monitor_down_never_fails_a_request(registry, http_port):
+    """With the monitor actor killed, predictions still succeed and /v1/monitor answers 503 (never a 500 or
+    a hang); after a back-off the replica re-creates the actor and the report comes back."""
+    import ray
+    from ray import serve
+
+    from serve.app import MONITOR_RETRY_S, build_app
+
+    reg, _, rows = registry
+    name = f"serve-nomon-{uuid.uuid4().hex[:6]}"
+    monitor = f"raysys_monitor_{name}"
+    serve.run(build_app({"registry_uri": reg.uri, "model_name": MODEL, "monitor_name": monitor}), name=name,
+              route_prefix=f"/{name}")
+    url = f"http://127.0.0.1:{http_port}/{name}"
+    try:
+        assert requests.post(f"{url}/v1/predict", json={"instances": rows[:2]}, timeout=30).status_code == 200
+        # the replica creates the actor asynchronously: wait until it answers before killing it
+        _poll(lambda: requests.get(f"{url}/v1/monitor", timeout=30).status_code == 200, what="the monitor")
+        ray.kill(ray.get_actor(monitor, namespace=MONITOR_NAMESPACE), no_restart=True)
+        t0 = time.monotonic()
+        with requests.Session() as s:
+            while time.monotonic() - t0 < MONITOR_RETRY_S / 2:
+                assert s.post(f"{url}/v1/predict", json={"instances": rows[:2]}, timeout=30).status_code == 200
+                time.sleep(0.05)
+            assert s.get(f"{url}/v1/monitor", timeout=30).status_code in (200, 503)
+
+            def healed():
+                assert s.post(f"{url}/v1/predict", json={"instances": rows[:2]}, timeout=30).status_code == 200
+                return s.get(f"{url}/v1/monitor", timeout=30).status_code == 200
+
+            # after its back-off the replica makes a fresh monitor actor under the same name
+            _poll(healed, interval_s=0.5, what="the replica to re-create the monitor")
+    finally:
+        serve.delete(name)
+        _kill_monitor(monitor)
+
+
+def test_api_token_and_monitoring_off(registry, http_port):
+    """RAYSYS_API_TOKEN in the replica's environment: /v1/* need the bearer token, /healthz does not.
+    With monitoring off, /v1/monitor is a JSON 503."""
+    from ray import serve
+
+    from serve.app import API_TOKEN_ENV, StudentEndpoint, parse_app_args
+
+    reg, _, rows = registry
+    name = f"serve-auth-{uuid.uuid4().hex[:6]}"
+    kwargs = parse_app_args({"registry_uri": reg.uri, "model_name": MODEL, "monitor": False})
+    app = StudentEndpoint.options(
+        ray_actor_options={"runtime_env": {"env_vars": {API_TOKEN_ENV: "s3cret", "OMP_NUM_THREADS": "1"}}}
+    ).bind(**kwargs)
+    serve.run(app, name=name, route_prefix=f"/{name}")
+    url = f"http://127.0.0.1:{http_port}/{name}"
+    ok = {"Authorization": "Bearer s3cret"}
+    try:
+        with requests.Session() as s:
+            r = s.post(f"{url}/v1/predict", json={"instances": rows[:1]}, timeout=30)
+            assert r.status_code == 401 and r.json()["detail"]["field"] == "authorization", r.text
+            assert r.headers.get("www-authenticate") == "Bearer"
+            bad = s.post(f"{url}/v1/predict", json={"instances": rows[:1]}, timeout=30,
+                         headers={"Authorization": "Bearer wrong"})
+            assert bad.status_code == 401
+            assert s.post(f"{url}/v1/predict", json={"instances": rows[:1]}, timeout=30, headers=ok).status_code == 200
+            assert s.get(f"{url}/v1/model", timeout=30).status_code == 401
+            assert s.get(f"{url}/v1/model", timeout=30, headers=ok).status_code == 200
+            assert s.get(f"{url}/healthz", timeout=30).status_code == 200
+            r = s.get(f"{url}/v1/monitor", timeout=30, headers=ok)
+            assert r.status_code == 503 and "monitoring is off" in r.json()["detail"]["message"], r.text
+    finally:
+        serve.delete(name)
+
+
+def _predicted_version(url, row) -> int:
+    r = requests.post(f"{url}/v1/predict", json={"instances": [row]}, timeout=30)
+    assert r.status_code == 200, r.text
+    return r.json()["model_version"]
+
+
+def test_serve_deploy_config_rolls_versions_in_place(registry, http_port):
+    """The `serve deploy serve/config.yaml` path: the config file's application, applied declaratively;
+    changing only user_config swaps the weights in the SAME replica (no restart); a bad ref keeps serving."""
+    from ray import serve
+    from ray.serve.context import _get_global_client
+    from ray.serve.schema import ServeDeploySchema
+
+    reg, _, rows = registry
+    name = f"serve-cfg-{uuid.uuid4().hex[:6]}"
+    monitor = f"raysys_monitor_{name}"
+    raw = yaml.safe_load(CONFIG_YAML.read_text())
+    raw["http_options"]["port"] = http_port  # cluster-wide and already set: must not clash
+    app_cfg = raw["applications"][0]
+    app_cfg.update(name=name, route_prefix=f"/{name}")
+    app_cfg["args"].update(registry_uri=reg.uri, model_name=MODEL, monitor_name=monitor)
+    app_cfg["deployments"][0]["user_config"] = {"model_ref": 1}
+    client = _get_global_client()
+    url = f"http://127.0.0.1:{http_port}/{name}"
+
+    def apply(user_config):
+        app_cfg["deployments"][0]["user_config"] = user_config
+        client.deploy_apps(ServeDeploySchema.model_validate(raw), _blocking=False)
+
+    def running():
+        st = serve.status().applications.get(name)
+        return st is not None and st.status == "RUNNING"
+
+    try:
+        apply({"model_ref": 1})
+        _poll(running, what=f"app {name} RUNNING")
+        assert _predicted_version(url, rows[0]) == 1
+        replica = requests.get(f"{url}/healthz", timeout=30).json()["replica"]
+
+        t0 = time.perf_counter()
+        apply({"model_ref": 2})
+        _poll(lambda: _predicted_version(url, rows[0]) == 2, what="model_version 2 in responses")
+        print(f"\n[serve] in-place rollout v1 -> v2 visible after {time.perf_counter() - t0:.1f}s")
+        health = requests.get(f"{url}/healthz", timeout=30).json()
+        assert health["replica"] == replica, "reconfigure must not restart the replica"
+        assert health["model_ref"] == 2 and health["last_reconfigure_error"] is None
+        assert requests.get(f"{url}/v1/model", timeout=30).json()["metrics"] == {"accuracy": 0.2}
+
+        apply({"model_ref": 99})  # no such version: keep serving v2, report the error
+        _poll(lambda: requests.get(f"{url}/healthz", timeout=30).json()["last_reconfigure_error"],
+              what="the failed reconfigure to be reported")
+        assert _predicted_version(url, rows[0]) == 2
+        assert requests.get(f"{url}/healthz", timeout=30).json()["replica"] == replica
+
+        apply({"model_version": 1})  # rollback
+        _poll(lambda: _predicted_version(url, rows[0]) == 1, what="rollback to v1")
+        assert requests.get(f"{url}/healthz", timeout=30).json()["last_reconfigure_error"] is None
+    finally:
+        serve.delete(name)
+        _kill_monitor(monitor)
+
+
+def test_deploy_helper_returns_the_url(registry, http_port, tmp_path):
+    """`deploy(cfg)`, as the pipeline and `raysys serve` call it."""
+    from ray import serve
+
+    from serve.app import deploy
+
+    reg, _, rows = registry
+    cfg = preset("tiny").with_root(tmp_path)
+    cfg.registry_uri = reg.uri
+    cfg.model_name = MODEL
+    cfg.serve.port = http_port
+    cfg.serve.app_name = f"serve-deploy-{uuid.uuid4().hex[:6]}"
+    cfg.serve.route_prefix = f"/{cfg.serve.app_name}"
+    url = deploy(cfg, monitor=False)
+    try:
+        assert url == f"http://127.0.0.1:{http_port}/{cfg.serve.app_name}"
+        r = requests.post(f"{url}/v1/predict", json={"instances": rows[:2]}, timeout=30)
+        assert r.status_code == 200 and r.json()["model_version"] == 1, r.text
+    finally:
+        serve.delete(cfg.serve.app_name)

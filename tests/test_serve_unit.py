@@ -1,0 +1,379 @@
+"""Tier 1: the Serve app's pure request path (validation -> arrays -> probabilities), its config parsing,
+the monitor buffer/link, and serve/config.yaml. No Ray cluster (importing ray.serve starts nothing)."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+import yaml
+
+from raysys.config import DataConfig, ModelConfig
+from raysys.data import Preprocessor, SyntheticTask
+from raysys.models import build_model, model_spec
+from serve.app import (
+    DEPLOYMENT_NAME,
+    FLOAT32_MAX,
+    MonitorBuffer,
+    MonitorLink,
+    RequestError,
+    Scorer,
+    check_auth,
+    format_prediction,
+    max_body_bytes,
+    parse_app_args,
+    parse_user_config,
+    resolve_registry_uri,
+    score_batch,
+    to_jsonable,
+    validate_request,
+)
+
+CONFIG_YAML = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
+
+
+@pytest.fixture(scope="module")
+def bits():
+    cfg = DataConfig(num_numeric=4, num_categorical=2, num_categories=3, num_classes=3, seed=3)
+    task = SyntheticTask(cfg)
+    schema = task.schema()
+    table = task.sample(300, [3, 1])
+    pre = Preprocessor.fit(schema, table)
+    rows = table.drop_columns([schema.label]).to_pylist()
+    return schema, pre, rows
+
+
+def _scorer(schema, pre, seed=0, version=1) -> Scorer:
+    torch.manual_seed(seed)
+    model = build_model(model_spec(schema, ModelConfig(hidden_dims=[16], embed_dim=3))).eval()
+    return Scorer(name="student", version=version, model=model, schema=schema, preprocessor=pre)
+
+
+def _body(rows, **extra) -> bytes:
+    return json.dumps({"instances": rows, **extra}).encode()
+
+
+def _err(body, schema, pre, max_instances=100) -> RequestError:
+    with pytest.raises(RequestError) as info:
+        validate_request(body, schema, pre, max_instances=max_instances)
+    return info.value
+
+
+# ----- validation -----
+
+
+def test_valid_request_gives_raw_and_standardised_arrays(bits):
+    schema, pre, rows = bits
+    req = validate_request(_body(rows[:5]), schema, pre, max_instances=100)
+    assert req.x_num_raw.shape == (5, 4) and req.x_num_raw.dtype == np.float32
+    assert req.x_cat.shape == (5, 2) and req.x_cat.dtype == np.int64 and len(req) == 5
+    np.testing.assert_allclose(req.x_num_raw[0], [rows[0][f"x{i}"] for i in range(4)], rtol=1e-6)
+    np.testing.assert_allclose(req.x_num, pre.standardize(req.x_num_raw))
+    assert req.x_cat[0, 0] == schema.feature("c0").categories.index(rows[0]["c0"])
+    # integers are numbers too; str bodies and parsed dicts are accepted
+    row = dict(rows[0], x0=3)
+    assert validate_request(json.dumps({"instances": [row]}), schema, pre, max_instances=1).x_num_raw[0, 0] == 3
+    assert len(validate_request({"instances": [row]}, schema, pre, max_instances=1)) == 1
+
+
+def _cases(rows):
+    r0 = rows[0]
+    return [
+        ("empty body", b"", "body"),
+        ("whitespace body", b"  \n", "body"),
+        ("not JSON", b"{", "body"),
+        ("invalid utf-8", b'\xff\xfe{"instances": []}', "body"),
+        ("deeply nested", b"[" * 100_000 + b"]" * 100_000, "body"),
+        ("int with 5000 digits", b'{"instances": [{"x0": ' + b"1" * 5000 + b"}]}", "body"),
+        ("array body", b"[1, 2]", "body"),
+        ("string body", b'"hello"', "body"),
+        ("null body", b"null", "body"),
+        ("missing instances", b"{}", "instances"),
+        ("unknown top-level key", _body([r0], extra=1), "extra"),
+        ("instances not a list", json.dumps({"instances": r0}).encode(), "instances"),
+        ("no rows", _body([]), "instances"),
+        ("row not an object", _body([r0, 5]), "instances[1]"),
+        ("missing feature", _body([{k: v for k, v in r0.items() if k != "x2"}]), "instances[0].x2"),
+        ("unknown feature", _body([dict(r0, bogus=1.0)]), "instances[0].bogus"),
+        ("string for a number", _body([dict(r0, x1="1.5")]), "instances[0].x1"),
+        ("bool for a number", _body([dict(r0, x1=True)]), "instances[0].x1"),
+        ("null for a number", _body([dict(r0, x3=None)]), "instances[0].x3"),
+        ("list for a number", _body([dict(r0, x0=[1.0])]), "instances[0].x0"),
+        ("number for a category", _body([dict(r0, c0=1)]), "instances[0].c0"),
+        ("unknown category", _body([dict(r0, c1="zz")]), "instances[0].c1"),
+        ("bad second row", _body([r0, dict(r0, x0="a")]), "instances[1].x0"),
+        # Python's json accepts these literals; they must still be refused, naming the field
+        ("NaN literal", _body([r0]).replace(b'"x1": ' + json.dumps(r0["x1"]).encode(), b'"x1": NaN'),
+         "instances[0].x1"),
+        ("Infinity literal", _body([r0]).replace(b'"x2": ' + json.dumps(r0["x2"]).encode(), b'"x2": Infinity'),
+         "instances[0].x2"),
+        ("-Infinity literal", _body([r0]).replace(b'"x0": ' + json.dumps(r0["x0"]).encode(), b'"x0": -Infinity'),
+         "instances[0].x0"),
+        ("1e400 parses to inf", _body([r0]).replace(b'"x3": ' + json.dumps(r0["x3"]).encode(), b'"x3": 1e400'),
+         "instances[0].x3"),
+        ("huge integer", _body([dict(r0, x2=10**400)]), "instances[0].x2"),
+        ("above float32", _body([dict(r0, x1=1e39)]), "instances[0].x1"),
+        ("int above float32", _body([dict(r0, x1=-(10**39))]), "instances[0].x1"),
+        ("absurd z-score", _body([dict(r0, x0=1e30)]), "instances[0].x0"),
+    ]
+
+
+def test_every_bad_input_is_a_422_naming_the_field(bits):
+    schema, pre, rows = bits
+    for name, body, field in _cases(rows):
+        err = _err(body, schema, pre)
+        assert err.status == 422, name
+        assert err.field == field, (name, err.field, err.message)
+        assert err.body() == {"detail": {"field": field, "message": err.message}}
+        assert err.message and "Traceback" not in err.message, name
+
+
+def test_nan_is_refused_even_when_the_json_library_accepts_it(bits):
+    schema, pre, rows = bits
+    assert math.isnan(json.loads('{"a": NaN}')["a"])  # the reason for this test
+    body = b'{"instances": [{"x0": NaN, "x1": 1, "x2": 1, "x3": 1, "c0": "%s", "c1": "%s"}]}' % (
+        rows[0]["c0"].encode(), rows[0]["c1"].encode())
+    err = _err(body, schema, pre)
+    assert (err.status, err.field) == (422, "instances[0].x0") and "finite" in err.message
+
+
+def test_too_many_instances_is_413(bits):
+    schema, pre, rows = bits
+    err = _err(_body(rows[:4]), schema, pre, max_instances=3)
+    assert (err.status, err.field) == (413, "instances") and "3" in err.message
+    assert len(validate_request(_body(rows[:3]), schema, pre, max_instances=3)) == 3
+    # the byte cap admits the largest allowed request
+    assert len(_body(rows[:100])) < max_body_bytes(schema, 100)
+
+
+def test_fuzzed_bodies_only_ever_raise_request_errors(bits):
+    """No input reaches a 500: every mutation is either a RequestError or scores to finite probabilities."""
+    schema, pre, rows = bits
+    scorer = _scorer(schema, pre)
+    rng = np.random.default_rng(0)
+    junk = [None, True, False, 0, -1, 1e308, -1e308, 10**50, float("nan"), float("inf"), "", "a2", "x" * 1000,
+            [], {}, [1, 2], {"a": 1}, 3.5, -0.0, 2**63, "NaN"]
+    keys = list(rows[0])
+    n_ok = 0
+    for i in range(600):
+        row = dict(rows[i % len(rows)])
+        for _ in range(rng.integers(1, 3)):
+            op = rng.integers(0, 3)
+            k = keys[rng.integers(len(keys))]
+            if op == 0:
+                row[k] = junk[rng.integers(len(junk))]
+            elif op == 1:
+                row.pop(k, None)
+            else:
+                row[f"extra{rng.integers(3)}"] = 1.0
+        try:
+            req = validate_request(json.dumps({"instances": [row]}).encode(), schema, pre, max_instances=10)
+        except RequestError as e:
+            assert e.status in (413, 422) and e.field
+            continue
+        probs = scorer.predict_proba(req.x_num, req.x_cat)
+        assert np.isfinite(probs).all()
+        n_ok += 1
+    assert 0 < n_ok < 600
+
+
+# ----- scoring -----
+
+
+def test_scoring_sums_to_one_and_batching_matches_single_requests(bits):
+    schema, pre, rows = bits
+    s1, s2 = _scorer(schema, pre, seed=1, version=1), _scorer(schema, pre, seed=2, version=2)
+    reqs = [validate_request(_body(rows[i:i + n]), schema, pre, max_instances=100)
+            for i, n in [(0, 1), (1, 3), (4, 2), (6, 5)]]
+    single = [s.predict_proba(r.x_num, r.x_cat) for s, r in zip([s1, s2, s1, s2], reqs)]
+    batched = score_batch([(s, r.x_num, r.x_cat) for s, r in zip([s1, s2, s1, s2], reqs)])
+    assert [len(b) for b in batched] == [1, 3, 2, 5]
+    for a, b in zip(single, batched):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(b.sum(1), 1.0, atol=1e-9)
+    # the two versions really are different models
+    assert not np.allclose(single[0], s2.predict_proba(reqs[0].x_num, reqs[0].x_cat))
+
+
+def test_format_prediction(bits):
+    schema, pre, rows = bits
+    scorer = _scorer(schema, pre, version=7)
+    req = validate_request(_body(rows[:3]), schema, pre, max_instances=10)
+    out = format_prediction(scorer, scorer.predict_proba(req.x_num, req.x_cat))
+    assert set(out) == {"predictions", "probabilities", "classes", "model_version", "model_name"}
+    assert out["model_version"] == 7 and out["model_name"] == "student" and out["classes"] == schema.classes
+    assert len(out["predictions"]) == 3 and all(p in schema.classes for p in out["predictions"])
+    assert out["predictions"][0] == schema.classes[int(np.argmax(out["probabilities"][0]))]
+    json.dumps(out, allow_nan=False)
+
+
+def test_scorer_from_a_registry_version(bits, tmp_path):
+    from raysys.registry import Registry
+
+    schema, pre, rows = bits
+    model = _scorer(schema, pre).model
+    reg = Registry(tmp_path / "reg")
+    spec = model_spec(schema, ModelConfig(hidden_dims=[16], embed_dim=3))
+    v = reg.register("student", state_dict=model.state_dict(), model_spec=spec, schema=schema, preprocessor=pre,
+                     metrics={"accuracy": 0.5}, config={}, lineage={"why": "test"})
+    scorer = Scorer.from_loaded(reg.load("student", v))
+    assert (scorer.name, scorer.version, scorer.reference_profile) == ("student", v, None)
+    req = validate_request(_body(rows[:2]), schema, pre, max_instances=10)
+    np.testing.assert_allclose(scorer.predict_proba(req.x_num, req.x_cat), _scorer(schema, pre).predict_proba(
+        req.x_num, req.x_cat), rtol=1e-6)
+    info = scorer.describe()
+    assert info["version"] == v and info["metrics"] == {"accuracy": 0.5} and info["lineage"]["why"] == "test"
+    assert [f["name"] for f in info["schema"]["features"]] == ["x0", "x1", "x2", "x3", "c0", "c1"]
+
+
+# ----- config -----
+
+
+def test_parse_user_config():
+    assert parse_user_config(None) == {}
+    assert parse_user_config({"model_ref": "production"}) == {"model_ref": "production"}
+    assert parse_user_config({"model_version": 3}) == {"model_ref": 3}
+    assert parse_user_config({"model_ref": 2, "max_batch_size": 8, "batch_wait_timeout_s": 0}) == {
+        "model_ref": 2, "max_batch_size": 8, "batch_wait_timeout_s": 0.0}
+    for bad, key in [({"model_rev": 1}, "user_config.model_rev"), ({"model_version": "x"}, "model_version"),
+                     ({"model_version": 0}, "model_version"), ({"model_ref": True}, "model_ref"),
+                     ({"model_ref": ""}, "model_ref"), ({"model_ref": 1, "model_version": 1}, "not both"),
+                     ({"max_batch_size": 0}, "max_batch_size"), ({"batch_wait_timeout_s": -1}, "batch_wait"),
+                     ([1], "mapping")]:
+        with pytest.raises(ValueError, match=key):
+            parse_user_config(bad)
+
+
+def test_parse_app_args_resolves_paths_against_the_cwd(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    kw = parse_app_args({"registry_uri": "runs/registry"})
+    assert kw["registry_uri"] == str(tmp_path / "runs" / "registry")
+    assert kw["model_name"] == "raysys-student" and kw["model_ref"] == "production" and kw["monitor"] is True
+    assert kw["serve_cfg"]["max_batch_size"] == 64 and kw["monitor_cfg"]["window_size"] == 1000
+    assert resolve_registry_uri("s3://bucket/reg") == "s3://bucket/reg"
+    kw = parse_app_args({"registry_uri": "/abs/reg", "model_ref": 3, "serve_cfg": {"max_batch_size": 8},
+                         "monitor": False, "monitor_name": "m1", "torch_threads": 2})
+    assert (kw["registry_uri"], kw["model_ref"], kw["serve_cfg"]["max_batch_size"]) == ("/abs/reg", 3, 8)
+    assert (kw["monitor"], kw["monitor_name"], kw["torch_threads"]) == (False, "m1", 2)
+    for bad, key in [({}, "args.registry_uri"), ({"registry_uri": "r", "modelname": "x"}, "args.modelname"),
+                     ({"registry_uri": "r", "serve_cfg": {"max_batch_sise": 8}}, "max_batch_sise"),
+                     ({"registry_uri": "r", "monitor_cfg": {"window_size": 1}}, "window_size"),
+                     ({"registry_uri": "r", "monitor": "yes"}, "args.monitor"),
+                     ({"registry_uri": "r", "torch_threads": 0}, "torch_threads"),
+                     ({"registry_uri": "r", "model_ref": None}, "model_ref")]:
+        with pytest.raises(ValueError, match=key):
+            parse_app_args(bad)
+
+
+def test_check_auth():
+    check_auth(None, None)
+    check_auth("Bearer whatever", "")
+    check_auth("Bearer s3cret", "s3cret")
+    check_auth("bearer s3cret", "s3cret")
+    for header in [None, "", "Bearer", "Bearer wrong", "Basic s3cret", "s3cret"]:
+        with pytest.raises(RequestError) as info:
+            check_auth(header, "s3cret")
+        assert info.value.status == 401 and info.value.field == "authorization"
+
+
+def test_to_jsonable():
+    out = to_jsonable({"a": np.float32(1.5), "b": [float("nan"), np.inf, 2], "c": np.arange(2), 3: (1, None)})
+    assert out == {"a": 1.5, "b": [None, None, 2], "c": [0, 1], "3": [1, None]}
+    json.dumps(out, allow_nan=False)
+
+
+# ----- monitor buffer and link -----
+
+
+def _add(buf_or_link, n, version, latency=1.0):
+    buf_or_link.add(np.ones((n, 4), np.float32), np.zeros((n, 2), np.int64), np.arange(n) % 3, latency, version)
+
+
+def test_monitor_buffer_groups_by_version_and_caps():
+    buf = MonitorBuffer(max_rows=10)
+    _add(buf, 3, 1, 2.0)
+    _add(buf, 2, 1, 3.0)
+    _add(buf, 4, 2)
+    assert buf.rows == 9
+    _add(buf, 2, 2)  # over the cap: dropped, not queued
+    assert (buf.rows, buf.rows_dropped) == (9, 2)
+    batches = {b["model_version"]: b for b in buf.take()}
+    assert buf.rows == 0 and buf.take() == []
+    b1 = batches[1]
+    assert b1["x_num"].shape == (5, 4) and b1["x_num"].dtype == np.float32
+    assert b1["x_cat"].shape == (5, 2) and b1["x_cat"].dtype == np.int64
+    assert b1["pred"].tolist() == [0, 1, 2, 0, 1] and b1["latency_ms"] == [2.0, 3.0]
+    assert len(batches[2]["pred"]) == 4 and batches[2]["latency_ms"] == [1.0]
+
+
+class _FakeMethod:
+    def __init__(self, sink, fail=False):
+        self.sink, self.fail = sink, fail
+
+    def remote(self, *args):
+        if self.fail:
+            raise RuntimeError("actor is dead")
+        self.sink.append(args)
+        return None
+
+
+class _FakeMonitor:
+    def __init__(self, fail=False):
+        self.calls: list = []
+        self.record = _FakeMethod(self.calls, fail)
+
+
+def test_monitor_link_ships_batches_and_survives_a_missing_monitor():
+    fake = _FakeMonitor()
+    link = MonitorLink(lambda: fake)
+    _add(link, 3, 1)
+    _add(link, 2, 2)
+    assert link.flush() == 5 and link.flush() == 0
+    assert sorted(c[0]["model_version"] for c in fake.calls) == [1, 2]
+    assert link.stats()["rows_sent"] == 5 and link.stats()["connected"]
+
+    def unreachable():
+        raise ConnectionError("no such actor")
+
+    down = MonitorLink(unreachable, retry_s=60)
+    assert down.acquire() is None and "no such actor" in down.last_error
+    _add(down, 4, 1)
+    assert down.flush() == 0  # dropped, no exception
+    assert down.stats()["rows_dropped"] == 4 and not down.stats()["connected"]
+
+    broken = MonitorLink(lambda: _FakeMonitor(fail=True), retry_s=60)
+    _add(broken, 2, 1)
+    assert broken.flush() == 0 and broken.handle is None and "actor is dead" in broken.last_error
+
+
+# ----- serve/config.yaml -----
+
+
+def test_config_yaml_validates_and_builds(monkeypatch):
+    from ray._common.utils import import_attr
+    from ray.serve import Application
+    from ray.serve._private.api import call_user_app_builder_with_args_if_necessary
+    from ray.serve.schema import ServeDeploySchema
+
+    raw = yaml.safe_load(CONFIG_YAML.read_text())
+    cfg = ServeDeploySchema.model_validate(raw)
+    assert (cfg.http_options.host, cfg.http_options.port) == ("127.0.0.1", 8000)
+    (app_cfg,) = cfg.applications
+    assert app_cfg.import_path == "serve.app:build_app"
+    assert app_cfg.args["registry_uri"] == "runs/registry" and app_cfg.args["model_name"] == "raysys-student"
+    (dep,) = app_cfg.deployments
+    assert dep.name == DEPLOYMENT_NAME
+    assert parse_user_config(dep.user_config) == {"model_ref": "production"}
+    # what `serve run` / the controller's build task does with it (no Ray needed to build)
+    monkeypatch.chdir(CONFIG_YAML.parents[1])
+    app = call_user_app_builder_with_args_if_necessary(import_attr(app_cfg.import_path), app_cfg.args)
+    assert isinstance(app, Application)
+    kwargs = app._bound_deployment.init_kwargs
+    assert kwargs["registry_uri"] == str(CONFIG_YAML.parents[1] / "runs" / "registry")
+    assert kwargs["serve_cfg"]["max_batch_size"] == 64 and kwargs["monitor"] is True
+    assert app._bound_deployment.name == DEPLOYMENT_NAME
+    assert FLOAT32_MAX > 3e38
