@@ -11,7 +11,6 @@ import json
 import logging
 import os
 import signal
-import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -243,7 +242,7 @@ def demo(preset: Preset = "demo", config: ConfigFile = None,
     example = json.dumps({"instances": _one_row(cfg)})
     console.print(f"try: curl -X POST {url}/v1/predict -H 'content-type: application/json' -d '{example}'",
                   highlight=False, soft_wrap=True)
-    if not exit_ and sys.stdin is not None and sys.stdin.isatty() and not os.environ.get("CI"):
+    if not exit_ and not os.environ.get("CI"):
         _wait_forever()
 
 

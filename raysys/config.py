@@ -73,11 +73,11 @@ class DistillConfig(_Strict):
     """Knowledge distillation of a student from the teacher, swept with Ray Tune."""
 
     student: ModelConfig = Field(
-        default_factory=lambda: ModelConfig(hidden_dims=[32], embed_dim=4), description="Student architecture."
+        default_factory=lambda: ModelConfig(hidden_dims=[64, 32], embed_dim=4), description="Student architecture."
     )
     temperatures: list[float] = Field([2.0, 4.0], description="Softmax temperatures T to sweep.")
     alphas: list[float] = Field([0.5, 0.9], description="Soft-loss weights alpha to sweep.")
-    num_epochs: int = Field(8, ge=1, description="Epochs per trial.")
+    num_epochs: int = Field(15, ge=1, description="Epochs per trial.")
     batch_size: int = Field(256, ge=1, description="Student batch size.")
     lr: float = Field(3e-3, gt=0, description="Student AdamW learning rate.")
     scheduler: Literal["fifo", "asha"] = Field("asha", description="Tune trial scheduler.")

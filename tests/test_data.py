@@ -9,7 +9,15 @@ import pytest
 import torch
 
 from raysys.config import DataConfig, ModelConfig
-from raysys.data import DatasetSchema, DriftSpec, Preprocessor, SchemaError, SyntheticTask, fingerprint, read_split
+from raysys.data import (
+    DatasetSchema,
+    DriftSpec,
+    Preprocessor,
+    SchemaError,
+    SyntheticTask,
+    fingerprint,
+    read_split,
+)
 from raysys.data.byod import import_parquet
 from raysys.data.dataset import ensure_dataset
 from raysys.models import build_model, model_spec

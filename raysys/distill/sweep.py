@@ -185,7 +185,7 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, scheduler=_scheduler(dc.scheduler, dc.num_epochs),
                                     num_samples=1, max_concurrent_trials=dc.max_concurrent_trials),
         run_config=tune.RunConfig(
-            name=run_name, storage_path=_storage_path(cfg.run_dir),
+            name=run_name, storage_path=_storage_path(cfg.run_dir), verbose=1,
             # trials checkpoint only on improvement (see _distill_trial), so all are kept: few and small
             checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
         ),

@@ -202,7 +202,7 @@ def train_teacher(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Prep
     `ray.train.TrainingFailedError` when workers fail more than `train.max_failures` times.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, RunConfig, ScalingConfig
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
     from raysys.train.loop import train_loop_per_worker
@@ -229,6 +229,8 @@ def train_teacher(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Prep
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
+            # Ray Train logs every rank's report at INFO; rank 0 logs one line per epoch itself
+            logging_config=LoggingConfig(log_level="WARNING"),
         ),
         datasets=datasets,
     )
