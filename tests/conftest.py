@@ -24,7 +24,8 @@ def ray_cluster():
 
     # never join a cluster someone else started: these tests own theirs and stop it by shutting down
     os.environ.pop("RAY_ADDRESS", None)
-    ctx = ray.init(num_cpus=4, include_dashboard=False,
+    # address="local": a fresh cluster even when /tmp/ray/ray_current_cluster names another (or a dead) one
+    ctx = ray.init(address="local", num_cpus=4, include_dashboard=False,
                    runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ctx
     try:
