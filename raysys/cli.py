@@ -107,13 +107,37 @@ def _start(address: str | None):
     return ctx
 
 
+def train_overrides(strategy: str | None = None, workers: int | None = None, dp: int | None = None,
+                    tp: int | None = None, pp: int | None = None, max_worker_memory_gb: float | None = None
+                    ) -> dict | None:
+    """`train:` config overrides from the strategy flags shared by `raysys train` and jobs/train_teacher.py."""
+    train: dict = {}
+    if strategy:
+        train["strategy"] = strategy
+    if workers:
+        train["num_workers"] = workers
+    parallel = {k: v for k, v in (("dp", dp), ("tp", tp), ("pp", pp)) if v}
+    if parallel:
+        train["parallel"] = parallel
+    if max_worker_memory_gb:
+        train["max_worker_memory_gb"] = max_worker_memory_gb
+    return {"train": train} if train else None
+
+
 @app.command("train")
 def train(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, address: Address = None,
-          workers: Annotated[int | None, typer.Option("--workers", help="Ray Train workers.")] = None):
-    """Train and register the teacher with Ray Train."""
+          workers: Annotated[int | None, typer.Option("--workers", help="Ray Train workers.")] = None,
+          strategy: Annotated[str | None, typer.Option(
+              "--strategy", help="ddp, zero1, zero2, zero3, pipeline or tensor (train.strategy).")] = None,
+          dp: Annotated[int | None, typer.Option("--dp", help="Data-parallel degree (train.parallel.dp).")] = None,
+          tp: Annotated[int | None, typer.Option("--tp", help="Tensor-parallel degree (train.parallel.tp).")] = None,
+          pp: Annotated[int | None, typer.Option("--pp", help="Pipeline stages (train.parallel.pp).")] = None,
+          max_worker_memory_gb: Annotated[float | None, typer.Option(
+              "--max-worker-memory-gb", help="Per-worker budget for params + grads + optimizer state.")] = None):
+    """Train and register the teacher with Ray Train (e.g. `raysys train --strategy zero3 --workers 4`)."""
     from raysys.pipeline import absolute, stage_data, stage_teacher
 
-    overrides = {"train": {"num_workers": workers}} if workers else None
+    overrides = train_overrides(strategy, workers, dp, tp, pp, max_worker_memory_gb)
     cfg = absolute(_config(preset, config, root, overrides))
     _setup_logging()
     _start(address)
@@ -124,17 +148,28 @@ def train(preset: Preset = "demo", config: ConfigFile = None, root: Root = None,
 
 @app.command("distill")
 def distill(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, address: Address = None,
-            teacher: Annotated[str, typer.Option(help="Teacher version or alias in the registry.")] = "latest"):
-    """Distill the registered teacher into a student with a Ray Tune sweep; register it as production."""
+            teacher: Annotated[str, typer.Option(help="Teacher version or alias in the registry.")] = "latest",
+            search: Annotated[str | None, typer.Option(help="grid, optuna or random (default from config).")] = None,
+            num_samples: Annotated[int | None, typer.Option(help="Trials of an optuna/random search.")] = None):
+    """Distill the registered teacher with a Ray Tune sweep (ASHA + Optuna by default); register the chosen
+    student (production) and its int8 variant (candidate), each with a model card."""
     from raysys.pipeline import absolute, load_teacher, stage_data, stage_distill
 
-    cfg = absolute(_config(preset, config, root))
+    over: dict = {}
+    if search is not None:
+        over["search"] = search
+    if num_samples is not None:
+        over["num_samples"] = num_samples
+    cfg = absolute(_config(preset, config, root, {"distill": over} if over else None))
     _setup_logging()
     _start(address)
     prep = _guard(stage_data, cfg)
     model, t_version, t_metrics = _guard(load_teacher, cfg, teacher)
     version, metrics, best = _guard(stage_distill, cfg, prep, model, t_version, t_metrics)
-    console.print_json(json.dumps({"student_version": version, "best": best, "test": metrics}))
+    keys = ("accuracy", "macro_f1", "num_parameters", "teacher_agreement", "teacher_accuracy", "int8_variant")
+    console.print_json(json.dumps({"student_version": version, "best": best,
+                                   "test": {k: metrics.get(k) for k in keys}}, default=str))
+    console.print(f"model card: raysys registry show production --root {root or '.'}", highlight=False)
 
 
 @app.command("run")
@@ -261,38 +296,82 @@ def registry_list(preset: Preset = "demo", config: ConfigFile = None, root: Root
 
     cfg = absolute(_config(preset, config, root))
     reg = Registry(cfg.registry_uri)
-    table = Table("model", "versions", "aliases")
+    table = Table("model", "version", "kind", "accuracy", "parameters", "aliases", "created")
     for name in reg.list_models():
-        table.add_row(name, ", ".join(map(str, reg.list_versions(name))),
-                      ", ".join(f"{a}->v{v}" for a, v in reg.aliases(name).items()))
+        aliases = reg.aliases(name)
+        for v in reg.list_versions(name):
+            try:
+                _, card, _ = reg.model_card(name, v)
+            except ValueError as e:  # a damaged version is listed, not fatal
+                card = {"kind": f"unreadable: {e}"[:40]}
+            test = ((card or {}).get("metrics") or {}).get("test") or {}
+            acc = test.get("accuracy")
+            table.add_row(name, str(v), (card or {}).get("kind", ""), f"{acc:.4f}" if acc is not None else "",
+                          str(test.get("num_parameters", "")), ", ".join(a for a, av in aliases.items() if av == v),
+                          str(((card or {}).get("lineage") or {}).get("created_at", "")))
     console.print(table)
 
 
 @registry_app.command("show")
 def registry_show(ref: Annotated[str, typer.Argument(help="Version number or alias.")] = "production",
                   name: Annotated[str | None, typer.Option(help="Model name (default from config).")] = None,
+                  as_json: Annotated[bool, typer.Option("--json", help="Print the full JSON description.")] = False,
                   preset: Preset = "demo", config: ConfigFile = None, root: Root = None):
-    """One version's metrics, lineage and files."""
+    """One version's model card (Markdown), or with --json its metrics, lineage, card and files."""
+    from rich.markdown import Markdown
+
     from raysys.pipeline import absolute
     from raysys.registry import Registry
 
     cfg = absolute(_config(preset, config, root))
-    desc = _guard(Registry(cfg.registry_uri).describe, name or cfg.model_name, ref)
-    console.print_json(json.dumps(desc, default=str))
+    reg = Registry(cfg.registry_uri)
+    model = name or cfg.model_name
+    if as_json:
+        desc = _guard(reg.describe, model, ref)
+        console.print_json(json.dumps(desc, default=str))
+        return
+    version, _, md = _guard(reg.model_card, model, ref)
+    aliases = [a for a, v in reg.aliases(model).items() if v == version]
+    console.print(f"{model} v{version}" + (f"  aliases: {', '.join(aliases)}" if aliases else ""), highlight=False)
+    if md is None:
+        console.print("(this version has no model card; --json shows its metrics and lineage)")
+        return
+    console.print(Markdown(md) if console.is_terminal else md, highlight=False, soft_wrap=True)
 
 
 @registry_app.command("promote")
-def registry_promote(version: Annotated[int, typer.Argument(help="Version to point the alias at.")],
+def registry_promote(version: Annotated[str, typer.Argument(help="Version (or alias, e.g. candidate) to point "
+                                                                 "the alias at.")],
                      alias: Annotated[str, typer.Option(help="Alias to move.")] = "production",
                      name: Annotated[str | None, typer.Option(help="Model name (default from config).")] = None,
                      preset: Preset = "demo", config: ConfigFile = None, root: Root = None):
-    """Point an alias (default production) at a version."""
+    """Point an alias (default production) at a version; the move is atomic and kept in the alias history."""
     from raysys.pipeline import absolute
     from raysys.registry import Registry
 
     cfg = absolute(_config(preset, config, root))
-    _guard(Registry(cfg.registry_uri).set_alias, name or cfg.model_name, alias, version)
-    console.print(f"{name or cfg.model_name}: {alias} -> v{version}")
+    reg = Registry(cfg.registry_uri)
+    model = name or cfg.model_name
+    target = _guard(reg.resolve, model, version)
+    _guard(reg.set_alias, model, alias, target)
+    console.print(f"{model}: {alias} -> v{target}  (history {reg.alias_history(model, alias)})", highlight=False)
+
+
+@registry_app.command("rollback")
+def registry_rollback(alias: Annotated[str, typer.Option(help="Alias to move back.")] = "production",
+                      name: Annotated[str | None, typer.Option(help="Model name (default from config).")] = None,
+                      preset: Preset = "demo", config: ConfigFile = None, root: Root = None):
+    """Move an alias (default production) back to the version it pointed at before the current one."""
+    from raysys.pipeline import absolute
+    from raysys.registry import Registry
+
+    cfg = absolute(_config(preset, config, root))
+    reg = Registry(cfg.registry_uri)
+    model = name or cfg.model_name
+    before = reg.get_alias(model, alias)
+    target = _guard(reg.rollback, model, alias)
+    console.print(f"{model}: {alias} v{before} -> v{target}  (history {reg.alias_history(model, alias)})",
+                  highlight=False)
 
 
 def main() -> None:

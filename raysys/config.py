@@ -53,10 +53,41 @@ class ModelConfig(_Strict):
         return v
 
 
+class ParallelConfig(_Strict):
+    """Degrees of data (dp), tensor (tp) and pipeline (pp) parallelism; dp * tp * pp = train.num_workers.
+
+    A degree left out is inferred: dp = num_workers / (tp * pp)."""
+
+    dp: int | None = Field(None, ge=1, description="Data-parallel degree (default: num_workers / (tp * pp)).")
+    tp: int | None = Field(None, ge=1, description="Tensor-parallel degree (default 1).")
+    pp: int | None = Field(None, ge=1, description="Pipeline stages (default 1).")
+
+
 class TrainConfig(_Strict):
     """Teacher training with Ray Train (TorchTrainer)."""
 
-    strategy: Literal["ddp"] = Field("ddp", description="Parallel strategy (see raysys.parallel).")
+    strategy: Literal["ddp", "zero1", "zero2", "zero3", "pipeline", "tensor"] = Field(
+        "ddp", description="Parallel strategy (raysys.parallel): ddp; zero1 (AdamW state partitioned over DDP "
+        "ranks, see zero1_partition); zero2/zero3 (FSDP2, sharded DCP checkpoints); tensor (tensor parallel, "
+        "FSDP2 zero3 over any dp dimension); pipeline (stages by parameter count, DDP over any dp dimension). With "
+        "train.parallel, the flavour of the dp dimension.")
+    parallel: ParallelConfig | None = Field(
+        None, description="Parallel degrees {dp, tp, pp}; default: dp = num_workers (or tp/pp = num_workers for "
+        "strategy tensor/pipeline).")
+    zero1_partition: Literal["even", "whole_params"] = Field(
+        "even", description="How zero1 splits AdamW state: 'even' slices of the flattened parameters (1/N per "
+        "rank), or torch's ZeroRedundancyOptimizer assigning whole parameters (uneven when one matrix dominates).")
+    num_microbatches: int | None = Field(
+        None, ge=1, description="Pipeline microbatches per batch (default: train.parallel.pp, the fewest 1F1B takes); "
+        "the per-replica batch must split into them evenly.")
+    pipeline_schedule: Literal["1f1b", "gpipe"] = Field("1f1b", description="Pipeline schedule.")
+    cache_shard_mb: float = Field(
+        512, ge=0, description="Keep each worker's data shard in memory after the first epoch when it takes at "
+        "most this many MiB (later epochs shuffle it in memory instead of re-reading it through Ray Data); 0 "
+        "streams every epoch.")
+    max_worker_memory_gb: float | None = Field(
+        None, gt=0, description="Per-worker budget for params + grads + AdamW state; a configuration whose "
+        "estimate exceeds it is refused before training, naming one that fits.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one torch process each).")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves.")
     threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker.")
@@ -68,21 +99,87 @@ class TrainConfig(_Strict):
     timeout_s: int = Field(120, ge=10, description="Process-group timeout so a dead rank fails fast.")
     seed: int = Field(0, description="Seed of model init and shuffling.")
 
+    @model_validator(mode="after")
+    def _degrees(self) -> TrainConfig:
+        p, n = self.parallel, self.num_workers
+        if p is not None and (p.dp, p.tp, p.pp) != (None, None, None):
+            # the same rule as raysys.parallel.ParallelDims (config imports no torch)
+            tp, pp = p.tp or 1, p.pp or 1
+            dp = p.dp if p.dp is not None else n // (tp * pp)
+            if dp * tp * pp != n:
+                raise ValueError(
+                    f"train.parallel: dp={dp} x tp={tp} x pp={pp} = {dp * tp * pp} but train.num_workers is {n}; "
+                    f"set the degrees so that dp * tp * pp == {n}, or leave train.parallel out")
+        return self
+
+
+class SliceConfig(_Strict):
+    """Which slices of the test split the evaluation reports (worst slice flagged on the model card)."""
+
+    categorical: list[str] | None = Field(
+        None, description="Categorical features whose values each form a slice (None: every categorical feature)."
+    )
+    numeric_bins: dict[str, list[float]] = Field(
+        default_factory=dict,
+        description="Numeric feature -> raw-value bin edges, e.g. {x0: [-1, 0, 1]} gives 4 slices.",
+    )
+    num_quantile_bins: int = Field(
+        0, ge=0, description="Quantile bins for each numeric feature not in numeric_bins (0: none)."
+    )
+    min_rows: int = Field(30, ge=1, description="Slices with fewer rows are reported but never flagged worst.")
+
+
+class EvaluationConfig(_Strict):
+    """Offline evaluation of the distilled student (raysys.evaluate)."""
+
+    slices: SliceConfig = Field(default_factory=SliceConfig, description="Per-slice metrics.")
+    num_calibration_bins: int = Field(15, ge=2, description="Equal-width confidence bins for ECE.")
+    latency_batch_size: int = Field(64, ge=1, description="Batch size of the per-batch latency figures.")
+    latency_repeats: int = Field(200, ge=5, description="Timed calls per latency figure (after warm-up).")
+
 
 class DistillConfig(_Strict):
-    """Knowledge distillation of a student from the teacher, swept with Ray Tune."""
+    """Knowledge distillation of a student from the teacher, swept with Ray Tune.
+
+    `search: grid` sweeps `temperatures` x `alphas` for the fixed `student`; `search: optuna` (or
+    `random`, the baseline) samples `num_samples` trials over temperature (log), alpha, lr (log), student
+    width and depth. The chosen student is the smallest whose validation accuracy is within
+    `accuracy_gap` of the teacher's (the most accurate one when none is).
+    """
 
     student: ModelConfig = Field(
         default_factory=lambda: ModelConfig(hidden_dims=[64, 32], embed_dim=4), description="Student architecture."
     )
-    temperatures: list[float] = Field([2.0, 4.0], description="Softmax temperatures T to sweep.")
-    alphas: list[float] = Field([0.5, 0.9], description="Soft-loss weights alpha to sweep.")
-    num_epochs: int = Field(15, ge=1, description="Epochs per trial.")
+    search: Literal["grid", "optuna", "random"] = Field(
+        "optuna", description="grid: temperatures x alphas; optuna: OptunaSearch (TPE); random: random search."
+    )
+    temperatures: list[float] = Field([2.0, 4.0], description="Softmax temperatures T to sweep (grid).")
+    alphas: list[float] = Field([0.5, 0.9], description="Soft-loss weights alpha to sweep (grid).")
+    num_samples: int = Field(16, ge=1, description="Trials of an optuna/random search.")
+    temperature_range: tuple[float, float] = Field((1.0, 20.0), description="Log-uniform range of T (search).")
+    alpha_range: tuple[float, float] = Field((0.1, 0.9), description="Uniform range of alpha (search).")
+    lr_range: tuple[float, float] = Field((1e-3, 3e-2), description="Log-uniform range of the lr (search).")
+    student_widths: list[int] = Field([16, 32, 64, 128], description="Hidden widths to search.")
+    student_depths: list[int] = Field([1, 2], description="Numbers of hidden layers to search.")
+    num_epochs: int = Field(15, ge=1, description="Epochs per trial (the full budget ASHA may stop early).")
     batch_size: int = Field(256, ge=1, description="Student batch size.")
-    lr: float = Field(3e-3, gt=0, description="Student AdamW learning rate.")
+    lr: float = Field(3e-3, gt=0, description="Student AdamW learning rate (grid).")
     scheduler: Literal["fifo", "asha"] = Field("asha", description="Tune trial scheduler.")
-    max_concurrent_trials: int = Field(2, ge=1, description="Trials running at once.")
-    seed: int = Field(0, description="Seed of student init and shuffling.")
+    grace_period: int = Field(2, ge=1, description="ASHA: epochs every trial runs before it can be stopped.")
+    reduction_factor: int = Field(3, ge=2, description="ASHA: 1/reduction_factor of trials go on at each rung.")
+    max_concurrent_trials: int | None = Field(
+        None, ge=1, description="Trials running at once (None: the cluster's CPUs, one CPU per trial)."
+    )
+    accuracy_gap: float = Field(
+        0.01, ge=0, lt=1, description="Selection rule: smallest student within this val-accuracy gap of the teacher."
+    )
+    hint_weight: float = Field(
+        0.0, ge=0, description="Weight of the FitNets hint loss on the last hidden features (same family; 0: off)."
+    )
+    soft_target_actors: int = Field(2, ge=1, description="Ray Data actors computing the teacher's soft targets.")
+    quantize: bool = Field(True, description="Also register a dynamic-int8 variant of the chosen student.")
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Student evaluation.")
+    seed: int = Field(0, description="Seed of student init, shuffling and the search.")
 
     @field_validator("temperatures")
     @classmethod
@@ -96,6 +193,27 @@ class DistillConfig(_Strict):
     def _alphas(cls, v: list[float]) -> list[float]:
         if not v or any(not 0.0 <= a <= 1.0 for a in v):
             raise ValueError("alphas must be a non-empty list of numbers in [0, 1], e.g. [0.5, 0.9]")
+        return v
+
+    @field_validator("temperature_range", "lr_range")
+    @classmethod
+    def _log_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 < v[0] <= v[1]:
+            raise ValueError("must be (low, high) with 0 < low <= high, e.g. [1.0, 20.0]")
+        return v
+
+    @field_validator("alpha_range")
+    @classmethod
+    def _alpha_range(cls, v: tuple[float, float]) -> tuple[float, float]:
+        if not 0 <= v[0] <= v[1] <= 1:
+            raise ValueError("must be (low, high) with 0 <= low <= high <= 1, e.g. [0.1, 0.9]")
+        return v
+
+    @field_validator("student_widths", "student_depths")
+    @classmethod
+    def _positive_ints(cls, v: list[int]) -> list[int]:
+        if not v or any(x < 1 for x in v):
+            raise ValueError("must be a non-empty list of positive integers, e.g. [16, 32, 64]")
         return v
 
 
@@ -113,13 +231,39 @@ class ServeConfig(_Strict):
 
 
 class MonitorConfig(_Strict):
-    """Live drift and latency monitoring."""
+    """Live monitoring: drift (window tests + a calibrated online detector), latency, accuracy, alerts."""
 
-    window_size: int = Field(1000, ge=10, description="Rows in the sliding window PSI is computed on.")
+    window_size: int = Field(1000, ge=10, description="Rows in the sliding window the window tests use.")
     min_rows: int = Field(200, ge=1, description="Rows needed before a feature can alert.")
-    num_bins: int = Field(10, ge=2, description="Reference-quantile bins per numeric feature.")
-    psi_threshold: float = Field(0.2, gt=0, description="PSI above which a feature is flagged as drifted.")
-    latency_window: int = Field(5000, ge=10, description="Latencies kept for the percentiles.")
+    num_bins: int = Field(10, ge=2, description="Reference-quantile bins per numeric feature (PSI, JS).")
+    psi_threshold: float = Field(0.2, gt=0, description="PSI above which a feature is reported as `psi_high`.")
+    latency_window: int = Field(5000, ge=10, description="Latencies kept for the recent percentiles.")
+    alpha: float = Field(0.01, gt=0, lt=1, description="Window tests: level after the multiple-testing correction.")
+    multiple_testing: Literal["bh", "bonferroni"] = Field(
+        "bh", description="Window tests across features: Benjamini-Hochberg (FDR) or Bonferroni (FWER).")
+    ert: float = Field(10_000, ge=100, description="Online detector: expected rows between false alarms.")
+    calibration_rows: int = Field(1_000_000, ge=10_000,
+                                  description="Bootstrap rows simulated at registration to calibrate the ERT.")
+    prediction_log_size: int = Field(100_000, ge=100, description="Predictions kept for joining /v1/feedback.")
+    feedback_window: int = Field(5_000, ge=10, description="Latest labelled predictions the accuracy uses.")
+    min_labels: int = Field(200, ge=1, description="Labels needed before an accuracy drop can alert.")
+    accuracy_drop: float = Field(0.05, gt=0, lt=1,
+                                 description="Alert when accuracy falls this far below the reference accuracy.")
+    flush_rows: int = Field(2048, ge=1, description="Replica: ship buffered rows to the monitor at this many.")
+    flush_interval_ms: float = Field(200.0, gt=0, description="Replica: ship buffered rows at least this often.")
+    max_buffer_rows: int = Field(50_000, ge=1, description="Replica: rows beyond this are dropped (and counted).")
+    snapshot_uri: str | None = Field(None, description="pyarrow.fs URI/dir for monitor snapshots (None: off).")
+    snapshot_interval_s: float = Field(30.0, gt=0, description="Seconds between monitor snapshots.")
+    traffic_uri: str | None = Field(None, description="pyarrow.fs URI/dir for recent traffic Parquet (None: off).")
+    traffic_rows_per_file: int = Field(50_000, ge=1, description="Rows per recent-traffic Parquet file.")
+    traffic_max_files: int = Field(20, ge=1, description="Recent-traffic files kept (oldest deleted).")
+    traffic_drop_columns: list[str] = Field(default_factory=list, description="Columns never written (PII).")
+    traffic_hash_columns: list[str] = Field(default_factory=list, description="Columns written as a salted hash.")
+    on_drift: Literal["alert", "retrain"] = Field(
+        "alert", description="'retrain' submits jobs/retrain.py through the Ray Jobs API on a confirmed alert.")
+    retrain_cooldown_s: float = Field(3600.0, ge=0, description="Seconds between two retrain submissions.")
+    retrain_address: str | None = Field(None, description="Ray Jobs API address (None: RAY_ADDRESS or local).")
+    retrain_args: list[str] = Field(default_factory=list, description="Extra arguments for jobs/retrain.py.")
 
 
 class PipelineConfig(_Strict):
@@ -170,9 +314,12 @@ def _tiny() -> PipelineConfig:
     cfg.teacher = ModelConfig(hidden_dims=[128, 64], embed_dim=6)
     cfg.train = cfg.train.model_copy(update=dict(num_epochs=6, timeout_s=60))
     cfg.distill = cfg.distill.model_copy(
-        update=dict(temperatures=[2.0, 4.0], alphas=[0.7], num_epochs=4, scheduler="fifo")
+        update=dict(search="grid", temperatures=[2.0, 4.0], alphas=[0.7], num_epochs=4, scheduler="fifo",
+                    max_concurrent_trials=2,
+                    soft_target_actors=1,
+                    evaluation=EvaluationConfig(latency_repeats=20))
     )
-    cfg.monitor = cfg.monitor.model_copy(update=dict(window_size=500, min_rows=100))
+    cfg.monitor = cfg.monitor.model_copy(update=dict(window_size=500, min_rows=100, calibration_rows=200_000))
     return cfg
 
 
@@ -187,7 +334,8 @@ def _large() -> PipelineConfig:
     cfg.train = cfg.train.model_copy(update=dict(num_epochs=20, batch_size=1024))
     cfg.distill = cfg.distill.model_copy(
         update=dict(student=ModelConfig(hidden_dims=[128, 64], embed_dim=8), temperatures=[1.0, 2.0, 4.0, 8.0],
-                    alphas=[0.3, 0.5, 0.7, 0.9], num_epochs=20, batch_size=1024)
+                    alphas=[0.3, 0.5, 0.7, 0.9], num_epochs=20, batch_size=1024, num_samples=32,
+                    student_widths=[32, 64, 128, 256], student_depths=[1, 2, 3])
     )
     return cfg
 

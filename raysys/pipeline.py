@@ -25,7 +25,8 @@ TEACHER_SUFFIX = "-teacher"
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True):
-    """Connect to `address` (or RAY_ADDRESS) when given; otherwise start an embedded local Ray.
+    """Connect to `address` (or RAY_ADDRESS) when given ("auto" joins the cluster `ray start` made on this
+    machine); otherwise start an embedded local Ray, even when another cluster runs here.
 
     The local cluster gets more logical CPUs than cores: Tune's trial drivers and Ray Train's workers
     reserve CPUs while mostly waiting on each other (DESIGN.md). Token auth stays on (Ray 2.60's default).
@@ -38,7 +39,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
     if address:
         return ray.init(address=address)
     cpus = num_cpus or max(4, os.cpu_count() or 1)
-    return ray.init(num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1")
+    return ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1")
 
 
 def dashboard_url(ctx: Any) -> str | None:
@@ -167,12 +168,20 @@ def load_teacher(cfg: PipelineConfig, ref: str = "latest") -> tuple[Any, int, di
 
 def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_version: int,
                   teacher_metrics: dict, *, alias: str = "production") -> tuple[int, dict, dict]:
-    """Sweep distillation with Ray Tune, evaluate the best student, register it and point `alias` at it.
-    Returns (student version, student test metrics, best distillation config)."""
+    """Sweep distillation with Ray Tune, evaluate the chosen student (metrics, calibration, slices,
+    latency, teacher agreement), register it with a model card and point `alias` at it; then register its
+    dynamic-int8 variant (when `distill.quantize`) as the next version with alias `candidate`.
+
+    Returns (student version, student test metrics, chosen distillation config). The metrics carry
+    `int8_variant` ({version, accuracy, latency, ...}) when a quantized variant was registered.
+    """
+    import torch
+
     from raysys.data import read_split
-    from raysys.distill import run_sweep
-    from raysys.evaluate import agreement, evaluate_model
-    from raysys.models import build_model, num_parameters, predict_logits
+    from raysys.distill import DYNAMIC_INT8, quantize_dynamic_int8, run_sweep, split_raw_columns
+    from raysys.evaluate import full_evaluation
+    from raysys.modelcard import build_model_card
+    from raysys.models import build_model, predict_logits
     from raysys.monitor.profile import ReferenceProfile
     from raysys.registry import Registry
 
@@ -182,34 +191,92 @@ def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_ve
     student.load_state_dict(sweep.best_state_dict)
     student.eval()
     x_num, x_cat, y = _test_arrays(cfg, prep)
-    metrics = evaluate_model(student, x_num, x_cat, y, schema.num_classes)
-    metrics["num_parameters"] = num_parameters(student)
-    metrics["teacher_agreement"] = agreement(
-        predict_logits(student, x_num, x_cat).argmax(1).numpy(),
-        predict_logits(teacher_model, x_num, x_cat).argmax(1).numpy(),
-    )
-    # the monitor's reference: raw training features and the student's own predictions on them
-    train = read_split(cfg.data.root, "train")
-    tx_num, tx_cat, _ = pre.transform_table(train)
-    train_pred = predict_logits(student, tx_num, tx_cat).argmax(1).numpy()
-    profile = ReferenceProfile.from_arrays(
-        schema, pre.raw_numeric(train), tx_cat, num_bins=cfg.monitor.num_bins, pred=train_pred
-    ).to_dict()
+    ev = cfg.distill.evaluation
+    teacher_logits = predict_logits(teacher_model, x_num, x_cat).numpy()
+    common = dict(class_names=list(schema.classes), teacher_logits=teacher_logits,
+                  raw_columns=split_raw_columns(cfg, schema, "test"),
+                  categorical=[f.name for f in schema.categorical], slices=ev.slices,
+                  num_calibration_bins=ev.num_calibration_bins, latency_batch_size=ev.latency_batch_size,
+                  latency_repeats=ev.latency_repeats)
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # latency as one serving replica thread sees it, the same for every model
+    try:
+        metrics = full_evaluation(student, x_num, x_cat, y, schema.num_classes, **common)
+        teacher_eval = full_evaluation(teacher_model, x_num, x_cat, y, schema.num_classes,
+                                       latency_batch_size=ev.latency_batch_size, latency_repeats=ev.latency_repeats)
+        q_model = quantize_dynamic_int8(student) if cfg.distill.quantize else None
+        q_metrics = (full_evaluation(q_model, x_num, x_cat, y, schema.num_classes, **common)
+                     if q_model is not None else None)
+    finally:
+        torch.set_num_threads(threads)
+    teacher_cmp = {**teacher_metrics, "accuracy": teacher_eval["accuracy"],
+                   "num_parameters": teacher_eval["num_parameters"], "latency": teacher_eval.get("latency")}
+
+    def profile_of(model) -> dict:
+        # the monitor's reference: raw training features and this model's own predictions on them
+        train = read_split(cfg.data.root, "train")
+        tx_num, tx_cat, _ = pre.transform_table(train)
+        pred = predict_logits(model, tx_num, tx_cat).argmax(1).numpy()
+        prof = ReferenceProfile.from_arrays(schema, pre.raw_numeric(train), tx_cat, num_bins=cfg.monitor.num_bins,
+                                            pred=pred)
+        # held-out rows: the model's predicted-probability distributions, calibration and accuracy, and the
+        # bootstrap source that calibrates the online drift detector to monitor.ert
+        val = read_split(cfg.data.root, "validation")
+        vx_num, vx_cat, vy = pre.transform_table(val)
+        v_proba = predict_logits(model, vx_num, vx_cat).double().softmax(1).numpy()
+        prof.add_predictions(v_proba, vy)
+        prof.calibrate(pre.raw_numeric(val), vx_cat, v_proba, ert=cfg.monitor.ert,
+                       num_rows=cfg.monitor.calibration_rows)
+        log.info("[distill] monitor reference: online detector threshold %.2f for ERT %d rows (%.1fs)",
+                 prof.detector["threshold"], cfg.monitor.ert, prof.detector["calibration"]["seconds"])
+        return prof.to_dict()
+
+    teacher_ref = f"{cfg.model_name}{TEACHER_SUFFIX}:v{teacher_version}"
+    distillation = {**{k: v for k, v in sweep.summary().items() if k not in ("trials",)},
+                    "num_trials": len(sweep.trials)}
+    lineage = {"parent_teacher": teacher_ref, "data_fingerprint": prep.fingerprint, "distill": dict(sweep.best_config),
+               "sweep_id": sweep.sweep_id, "sweep_dir": str(sweep.results_dir)}
+    training_config = {"teacher": json.loads(cfg.teacher.model_dump_json()),
+                       "train": json.loads(cfg.train.model_dump_json()),
+                       "distill": json.loads(cfg.distill.model_dump_json())}
+    card = build_model_card(name=cfg.model_name, kind="student", schema=schema, data_fingerprint=prep.fingerprint,
+                            metrics=metrics, training_config=training_config, distillation=distillation,
+                            teacher_metrics=teacher_cmp, lineage=lineage, data_root=cfg.data.root)
     reg = Registry(cfg.registry_uri)
     version = reg.register(
         cfg.model_name, state_dict=student.state_dict(), model_spec=sweep.student_spec, schema=schema,
         preprocessor=pre,
         metrics={"test": metrics, "teacher_test": teacher_metrics, "sweep": sweep.trials},
-        config=json.loads(cfg.model_dump_json()),
-        lineage={"parent_teacher": f"{cfg.model_name}{TEACHER_SUFFIX}:v{teacher_version}",
-                 "data_fingerprint": prep.fingerprint, "distill": dict(sweep.best_config),
-                 "sweep_dir": str(sweep.results_dir)},
-        reference_profile=profile,
+        config=json.loads(cfg.model_dump_json()), lineage=lineage, reference_profile=profile_of(student),
+        model_card=card,
     )
     reg.set_alias(cfg.model_name, alias, version)
-    log.info("[distill] best %s: student test accuracy %.4f, %d parameters (teacher %d); %s:v%d is %s",
-             dict(sweep.best_config), metrics["accuracy"], metrics["num_parameters"],
-             teacher_metrics.get("num_parameters", -1), cfg.model_name, version, alias)
+    log.info("[distill] chose %s: student test accuracy %.4f, %d parameters (teacher %.4f, %d); %s:v%d is %s",
+             dict(sweep.best_config), metrics["accuracy"], metrics["num_parameters"], teacher_eval["accuracy"],
+             teacher_eval["num_parameters"], cfg.model_name, version, alias)
+    if q_model is not None:
+        q_lineage = {**lineage, "quantized_from": f"{cfg.model_name}:v{version}"}
+        q_card = build_model_card(name=cfg.model_name, kind="student-int8", schema=schema,
+                                  data_fingerprint=prep.fingerprint, metrics=q_metrics,
+                                  training_config=training_config, distillation=distillation,
+                                  teacher_metrics=teacher_cmp, lineage=q_lineage, quantization=DYNAMIC_INT8,
+                                  data_root=cfg.data.root)
+        q_version = reg.register(
+            cfg.model_name, state_dict=student.state_dict(), model_spec={**sweep.student_spec,
+                                                                         "quantization": DYNAMIC_INT8},
+            schema=schema, preprocessor=pre,
+            metrics={"test": q_metrics, "teacher_test": teacher_metrics, "float_test": metrics},
+            config=json.loads(cfg.model_dump_json()), lineage=q_lineage, reference_profile=profile_of(q_model),
+            model_card=q_card,
+        )
+        reg.set_alias(cfg.model_name, "candidate", q_version)
+        metrics["int8_variant"] = {
+            "version": q_version, "accuracy": q_metrics["accuracy"],
+            "latency_per_row_ms_p50": q_metrics["latency"]["per_row_ms"]["p50"] if "latency" in q_metrics else None,
+            "float_latency_per_row_ms_p50": metrics["latency"]["per_row_ms"]["p50"] if "latency" in metrics else None,
+        }
+        log.info("[distill] int8 variant %s:v%d (candidate): test accuracy %.4f (float %.4f)", cfg.model_name,
+                 q_version, q_metrics["accuracy"], metrics["accuracy"])
     return version, metrics, dict(sweep.best_config)
 
 

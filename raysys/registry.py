@@ -8,8 +8,9 @@ Layout under the root::
                               /preprocessor.json    Preprocessor.to_dict()
                               /metrics.json  /config.json  /lineage.json
                               /reference_profile.json   (optional) monitor reference
+                              /model_card.json  /model_card.md   (optional) the model card
                               /manifest.json        every other file with its sha256 and size
-    <root>/<name>/aliases/<alias>.json              {"version": N, ...}
+    <root>/<name>/aliases/<alias>.json              {"version": N, "history": [..., N], ...}
 
 A version is immutable. `register` writes every file under `versions/.tmp-<uuid>/` and renames that
 directory to `versions/<N>` (N = highest existing + 1). POSIX `rename` of a directory onto an existing,
@@ -21,6 +22,15 @@ process per model name on object storage).
 
 `load` checks every file against the manifest before using it and reads weights with safetensors only:
 a pickled checkpoint (`.pt`, `.pkl`, ...) is refused, never unpickled.
+
+Aliases (`production`, `candidate`, ...) move atomically: the alias file is written under a temporary
+name and renamed over the old one. Each alias file carries its own history (the versions it pointed at,
+oldest first), so `rollback` moves an alias back to the version it pointed at before the current one.
+Two writers moving the same alias at once can lose one history entry (read-modify-write); the alias
+itself always names a complete version.
+
+Quantized variants store float weights plus `"quantization": "dynamic_int8"` in `model.json`; `load`
+quantizes them again (raysys.distill.quantize), so no packed or pickled tensors are ever stored.
 """
 
 from __future__ import annotations
@@ -48,7 +58,8 @@ WEIGHTS_FILE = "model.safetensors"
 MANIFEST_FILE = "manifest.json"
 REQUIRED_FILES = (WEIGHTS_FILE, "model.json", "schema.json", "preprocessor.json", "metrics.json", "config.json",
                   "lineage.json")
-OPTIONAL_FILES = ("reference_profile.json",)
+OPTIONAL_FILES = ("reference_profile.json", "model_card.json", "model_card.md")
+MAX_ALIAS_HISTORY = 100
 ALLOWED_FILES = frozenset(REQUIRED_FILES + OPTIONAL_FILES)
 # suffixes of formats whose loading can execute code; never loaded, named in the refusal message
 PICKLE_SUFFIXES = (".pt", ".pth", ".pkl", ".pickle", ".bin", ".ckpt", ".joblib")
@@ -73,6 +84,8 @@ class LoadedModel:
     reference_profile: dict[str, Any] | None
     manifest: dict[str, Any]
     uri: str = field(default="")
+    model_card: dict[str, Any] | None = None
+    quantization: str | None = None
 
 
 def _now() -> str:
@@ -196,13 +209,18 @@ class Registry:
     def register(self, name: str, *, state_dict: dict[str, torch.Tensor] | nn.Module, model_spec: dict[str, Any],
                  schema: DatasetSchema | dict, preprocessor: Preprocessor | dict, metrics: dict[str, Any],
                  config: dict[str, Any] | Any, lineage: dict[str, Any],
-                 reference_profile: dict[str, Any] | Any | None = None) -> int:
+                 reference_profile: dict[str, Any] | Any | None = None,
+                 model_card: dict[str, Any] | None = None) -> int:
         """Store a new immutable version and return its number (highest existing + 1, starting at 1).
 
         `lineage` gets `created_at` (UTC ISO time) and `code_version` (raysys.__version__) when missing.
         The weights must load strictly into `build_model(model_spec)`, so a spec/weights mismatch fails
-        here rather than at serving time.
+        here rather than at serving time. `model_card` (raysys.modelcard.build_model_card) is stored as
+        `model_card.json` and rendered to `model_card.md`. A spec with `"quantization": "dynamic_int8"`
+        takes the *float* weights; `load` quantizes them.
         """
+        from raysys.distill.quantize import split_spec
+
         _check_name("model name", name)
         if isinstance(state_dict, nn.Module):
             state_dict = state_dict.state_dict()
@@ -216,7 +234,7 @@ class Registry:
         # clone: safetensors refuses tensors that share storage (tied weights, views)
         tensors = {k: v.detach().to("cpu").contiguous().clone() for k, v in state_dict.items()}
         try:
-            build_model(spec).load_state_dict(tensors, strict=True)
+            build_model(split_spec(spec)[0]).load_state_dict(tensors, strict=True)
         except (RuntimeError, TypeError) as err:
             raise ValueError(f"register: state_dict does not fit model_spec {spec}: {err}") from None
         from safetensors.torch import save as st_save
@@ -235,6 +253,15 @@ class Registry:
         }
         if reference_profile is not None:
             files["reference_profile.json"] = _json_bytes(_as_dict(reference_profile, "reference_profile"))
+        if model_card is not None:
+            from raysys.modelcard import render_markdown
+
+            card = _as_dict(model_card, "model_card")
+            card.setdefault("name", name)
+            card.setdefault("lineage", {})
+            card["lineage"] = {**lin, **card["lineage"]}
+            files["model_card.json"] = _json_bytes(card)
+            files["model_card.md"] = render_markdown(card).encode()
         manifest = {
             "format": MANIFEST_FORMAT,
             "name": name,
@@ -290,7 +317,8 @@ class Registry:
 
     # ----- aliases -----
     def set_alias(self, name: str, alias: str, version: int | str) -> None:
-        """Point `alias` (e.g. "production") at an existing version; atomic replace of the alias file."""
+        """Point `alias` (e.g. "production") at an existing version; atomic replace of the alias file.
+        The version is appended to the alias's history (unless it already is the current one)."""
         _check_name("alias", alias)
         if alias == "latest" or re.fullmatch(r"[vV]?\d+", alias):
             raise ValueError(f"registry: alias {alias!r} is reserved; pick a name such as 'production'")
@@ -299,12 +327,57 @@ class Registry:
         if version not in versions:
             raise ValueError(f"registry: cannot set alias {alias!r}: {name!r} has no version {version}; "
                              f"versions are {versions}")
+        state = self._alias_state(name, alias)
+        history = list(state.get("history", []))
+        previous = state.get("version")
+        if not history or history[-1] != version:
+            history.append(version)
+        self._write_alias(name, alias, {"version": version, "previous": previous,
+                                        "history": history[-MAX_ALIAS_HISTORY:], "updated_at": _now()})
+
+    def _write_alias(self, name: str, alias: str, state: dict[str, Any]) -> None:
         adir = self._p(name, "aliases")
         self.fs.create_dir(adir, recursive=True)
-        previous = self.get_alias(name, alias)
         tmp = f"{adir}/{alias}.json.tmp-{uuid.uuid4().hex}"
-        self._write(tmp, _json_bytes({"version": version, "previous": previous, "updated_at": _now()}))
-        self.fs.move(tmp, f"{adir}/{alias}.json")
+        self._write(tmp, _json_bytes(state))
+        self.fs.move(tmp, f"{adir}/{alias}.json")  # rename over the old file: readers see old or new
+
+    def _alias_state(self, name: str, alias: str) -> dict[str, Any]:
+        try:
+            data = json.loads(self._read(self._p(name, "aliases", f"{alias}.json")))
+        except FileNotFoundError:
+            return {}
+        if "history" not in data:  # written before histories existed
+            data["history"] = [v for v in (data.get("previous"), data.get("version")) if v is not None]
+        return data
+
+    def alias_history(self, name: str, alias: str) -> list[int]:
+        """Versions `alias` pointed at, oldest first; the last is the current one."""
+        return [int(v) for v in self._alias_state(name, alias).get("history", [])]
+
+    def rollback(self, name: str, alias: str = "production") -> int:
+        """Move `alias` back to the version it pointed at before the current one; returns that version.
+
+        The current version is dropped from the alias's history, so a second rollback goes one further.
+        """
+        _check_name("alias", alias)
+        state = self._alias_state(name, alias)
+        history = [int(v) for v in state.get("history", [])]
+        if not history:
+            raise ValueError(f"registry: {name!r} has no alias {alias!r} to roll back")
+        if len(history) < 2:
+            raise ValueError(f"registry: {name!r} alias {alias!r} has no earlier version to roll back to "
+                             f"(history {history})")
+        versions = set(self.list_versions(name))
+        current = history.pop()
+        while history and history[-1] not in versions:  # a version deleted by hand is skipped
+            history.pop()
+        if not history:
+            raise ValueError(f"registry: {name!r} alias {alias!r}: no earlier version still exists")
+        target = history[-1]
+        self._write_alias(name, alias, {"version": target, "previous": current, "history": history,
+                                        "rolled_back_from": current, "updated_at": _now()})
+        return target
 
     def get_alias(self, name: str, alias: str) -> int | None:
         try:
@@ -409,15 +482,19 @@ class Registry:
         except (SafetensorError, ValueError, OSError) as err:
             raise ValueError(f"registry: {name} v{version}: {WEIGHTS_FILE} is not a valid safetensors file "
                              f"({err})") from None
+        from raysys.distill.quantize import apply_quantization, split_spec
+
         spec = json.loads(blobs["model.json"])
         schema = DatasetSchema.from_json(blobs["schema.json"])
-        model = build_model(spec)
+        float_spec, quantization = split_spec(spec)
+        model = build_model(float_spec)
         try:
             model.load_state_dict(tensors, strict=True)
         except RuntimeError as err:
             raise ValueError(f"registry: {name} v{version}: weights do not fit model.json: {err}") from None
-        model.eval()
+        model = apply_quantization(model.eval(), quantization)
         ref_profile = blobs.get("reference_profile.json")
+        card = blobs.get("model_card.json")
         return LoadedModel(
             name=name,
             version=version,
@@ -431,6 +508,8 @@ class Registry:
             reference_profile=json.loads(ref_profile) if ref_profile is not None else None,
             manifest=manifest,
             uri=self._uri_of(self._version_dir(name, version)),
+            model_card=json.loads(card) if card is not None else None,
+            quantization=quantization,
         )
 
     def _uri_of(self, path: str) -> str:
@@ -465,5 +544,18 @@ class Registry:
             "features": [f["name"] for f in schema["features"]] if schema else None,
             "classes": schema["classes"] if schema else None,
             "has_reference_profile": "reference_profile.json" in manifest["files"],
+            "model_card": js("model_card.json"),
+            "alias_history": {a: self.alias_history(name, a) for a in self.aliases(name)},
             "files": manifest["files"],
         }
+
+    def model_card(self, name: str, ref: str | int = "production") -> tuple[int, dict[str, Any] | None, str | None]:
+        """`(version, card JSON or None, card Markdown or None)`, both verified against the manifest."""
+        version = self.resolve(name, ref)
+        manifest = self._manifest(name, version)
+        if "model_card.json" not in manifest["files"]:
+            return version, None, None
+        card = self._read_json(name, version, manifest, "model_card.json")
+        md = (self._read_verified(name, version, manifest, "model_card.md").decode()
+              if "model_card.md" in manifest["files"] else None)
+        return version, card, md

@@ -15,7 +15,12 @@ HTTP API (under the application's route prefix):
                        401 when an API token is configured and missing/wrong.
     GET  /healthz      liveness and the version being served (never needs the token)
     GET  /v1/model     name, version, schema, metrics, lineage, model spec
-    GET  /v1/monitor   the monitor actor's report (503 when monitoring is off or the actor is unreachable)
+    GET  /v1/monitor   the monitor actor's full report (503 when monitoring is off or the actor is unreachable)
+    POST /v1/feedback  {"request_id": "...", "label": "<class>"} (or {"feedback": [{...}, ...]}): delayed labels,
+                       joined by the monitor to the logged predictions (202; 503 when monitoring is off)
+
+/v1/predict also accepts an optional "request_id" (a string, at most 128 characters; one is generated when
+absent) and returns it, so a label sent later to /v1/feedback finds its prediction.
 
 Everything a unit test needs is a plain function or class here (`validate_request`, `Scorer`,
 `score_batch`, `format_prediction`, `parse_user_config`, `parse_app_args`, `MonitorBuffer`): the
@@ -46,6 +51,7 @@ import math
 import os
 import threading
 import time
+import uuid
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -83,6 +89,8 @@ MONITOR_MAX_BUFFER_ROWS = 50_000  # beyond this (monitor far behind), new rows a
 MONITOR_MAX_PENDING = 16  # record calls in flight before new batches are dropped
 MONITOR_RETRY_S = 5.0  # wait before re-acquiring a monitor that failed
 MONITOR_REPORT_TIMEOUT_S = 10.0  # a brand-new monitor actor may still be starting its process
+MAX_REQUEST_ID_CHARS = 128
+MAX_FEEDBACK_ITEMS = 10_000
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -111,6 +119,7 @@ class ValidatedRequest:
     x_num_raw: np.ndarray  # float32 [n, n_num]
     x_num: np.ndarray  # float32 [n, n_num], standardised
     x_cat: np.ndarray  # int64 [n, n_cat]
+    request_id: str | None = None  # the client's id for the request (None: the endpoint makes one)
 
     def __len__(self) -> int:
         return len(self.x_cat)
@@ -194,12 +203,64 @@ def validate_request(body: bytes | str | Any, schema: DatasetSchema, preprocesso
     if not isinstance(payload, dict):
         raise RequestError(422, "body", f'must be a JSON object like {{"instances": [{{...}}]}}, got '
                                         f"{_json_type(payload)}")
-    unknown = sorted(k for k in payload if k != "instances")
+    unknown = sorted(k for k in payload if k not in ("instances", "request_id"))
     if unknown:
-        raise RequestError(422, str(unknown[0]), 'unknown key; the body has one key, "instances"')
+        raise RequestError(422, str(unknown[0]), 'unknown key; the body has "instances" and an optional "request_id"')
     if "instances" not in payload:
         raise RequestError(422, "instances", "missing; send a list of rows, one object per row")
-    return rows_to_request(payload["instances"], schema, preprocessor, max_instances=max_instances)
+    request_id = check_request_id(payload["request_id"]) if "request_id" in payload else None
+    req = rows_to_request(payload["instances"], schema, preprocessor, max_instances=max_instances)
+    req.request_id = request_id
+    return req
+
+
+def check_request_id(value: Any, where: str = "request_id") -> str:
+    if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
+        raise RequestError(422, where, "must be a non-empty string (or an integer)")
+    value = str(value)
+    if len(value) > MAX_REQUEST_ID_CHARS:
+        raise RequestError(422, where, f"at most {MAX_REQUEST_ID_CHARS} characters")
+    return value
+
+
+def _label_ok(v: Any) -> bool:
+    return bool((isinstance(v, str) and v) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0))
+
+
+def parse_feedback(body: bytes | str | Any) -> list[tuple[str, Any]]:
+    """A `/v1/feedback` body -> [(request_id, label)]: {"request_id": ..., "label": ...} or
+    {"feedback": [{"request_id": ..., "label": ...}, ...]}; a label is a class name or index, or a list of
+    them for a request of several rows. 422 naming the field otherwise."""
+    payload = parse_json_body(body) if isinstance(body, (bytes, bytearray, str)) else body
+    if not isinstance(payload, dict):
+        raise RequestError(422, "body", 'must be a JSON object like {"request_id": "...", "label": "..."}')
+    if "feedback" in payload:
+        if set(payload) != {"feedback"}:
+            raise RequestError(422, "body", 'give either "feedback": [...] or one "request_id" and "label"')
+        items, prefix = payload["feedback"], "feedback"
+        if not isinstance(items, list) or not items:
+            raise RequestError(422, "feedback", "must be a non-empty list of {request_id, label} objects")
+        if len(items) > MAX_FEEDBACK_ITEMS:
+            raise RequestError(413, "feedback", f"at most {MAX_FEEDBACK_ITEMS} items per request")
+    else:
+        items, prefix = [payload], None
+    out = []
+    for i, item in enumerate(items):
+        where = f"{prefix}[{i}]." if prefix else ""
+        if not isinstance(item, dict):
+            raise RequestError(422, f"{prefix}[{i}]", "must be an object with request_id and label")
+        unknown = sorted(set(item) - {"request_id", "label"})
+        if unknown:
+            raise RequestError(422, f"{where}{unknown[0]}", 'unknown key; use "request_id" and "label"')
+        if "request_id" not in item:
+            raise RequestError(422, f"{where}request_id", "missing")
+        if "label" not in item:
+            raise RequestError(422, f"{where}label", "missing; a class name or index")
+        label = item["label"]
+        if not (_label_ok(label) or (isinstance(label, list) and label and all(_label_ok(v) for v in label))):
+            raise RequestError(422, f"{where}label", "must be a class name or index (or a list of them)")
+        out.append((check_request_id(item["request_id"], f"{where}request_id"), label))
+    return out
 
 
 def _json_type(v: Any) -> str:
@@ -451,31 +512,53 @@ class MonitorBuffer:
     def __init__(self, max_rows: int = MONITOR_MAX_BUFFER_ROWS):
         self.max_rows = max_rows
         self._lock = threading.Lock()
-        self._parts: dict[Any, list[tuple[np.ndarray, np.ndarray, np.ndarray, float]]] = {}
+        self._parts: dict[Any, list[tuple]] = {}
+        self._errors: dict[Any, int] = {}
         self.rows = 0
         self.rows_dropped = 0
 
     def add(self, x_num_raw: np.ndarray, x_cat: np.ndarray, pred: np.ndarray, latency_ms: float,
-            model_version: Any) -> bool:
+            model_version: Any, *, proba: np.ndarray | None = None, request_id: str | None = None) -> bool:
+        """One request's rows (a few array references and a tuple append under a lock: the request path's
+        whole cost of monitoring)."""
         n = len(pred)
         with self._lock:
             if self.rows + n > self.max_rows:
                 self.rows_dropped += n
                 return False
-            self._parts.setdefault(model_version, []).append((x_num_raw, x_cat, pred, float(latency_ms)))
+            self._parts.setdefault(model_version, []).append((x_num_raw, x_cat, pred, float(latency_ms), proba,
+                                                              request_id))
             self.rows += n
             return True
+
+    def add_error(self, model_version: Any) -> None:
+        with self._lock:
+            self._errors[model_version] = self._errors.get(model_version, 0) + 1
 
     def take(self) -> list[dict[str, Any]]:
         """Everything buffered, as `record` batches (one per model version); empties the buffer."""
         with self._lock:
             parts, self._parts, self.rows = self._parts, {}, 0
-        return [{"x_num": np.concatenate([p[0] for p in ps]).astype(np.float32, copy=False),
-                 "x_cat": np.concatenate([p[1] for p in ps]).astype(np.int64, copy=False),
-                 "pred": np.concatenate([p[2] for p in ps]).astype(np.int64, copy=False),
-                 "latency_ms": [p[3] for p in ps],
-                 "model_version": version}
-                for version, ps in parts.items()]
+            errors, self._errors = self._errors, {}
+        out = []
+        for version, ps in parts.items():
+            batch = {"x_num": np.concatenate([p[0] for p in ps]).astype(np.float32, copy=False),
+                     "x_cat": np.concatenate([p[1] for p in ps]).astype(np.int64, copy=False),
+                     "pred": np.concatenate([p[2] for p in ps]).astype(np.int64, copy=False),
+                     "latency_ms": [p[3] for p in ps],
+                     "model_version": version}
+            if all(p[4] is not None for p in ps):
+                batch["proba"] = np.concatenate([p[4] for p in ps]).astype(np.float32, copy=False)
+            if all(p[5] is not None for p in ps):
+                batch["request_ids"] = [p[5] for p in ps]
+                batch["rows_per_request"] = [len(p[2]) for p in ps]
+            if errors.get(version):
+                batch["errors"] = errors.pop(version)
+            out.append(batch)
+        for version, count in errors.items():  # versions with failures only
+            out.append({"x_num": np.zeros(0, np.float32), "x_cat": np.zeros(0, np.int64),
+                        "pred": np.zeros(0, np.int64), "latency_ms": [], "model_version": version, "errors": count})
+        return out
 
 
 class MonitorLink:
@@ -528,10 +611,27 @@ class MonitorLink:
             self._fail(message)
 
     # -- request path --
-    def add(self, x_num_raw, x_cat, pred, latency_ms, model_version) -> None:
-        self.buffer.add(x_num_raw, x_cat, pred, latency_ms, model_version)
+    def add(self, x_num_raw, x_cat, pred, latency_ms, model_version, *, proba=None, request_id=None) -> None:
+        self.buffer.add(x_num_raw, x_cat, pred, latency_ms, model_version, proba=proba, request_id=request_id)
         if self.buffer.rows >= self.flush_rows and self._wake is not None:
             self._wake.set()
+
+    def add_error(self, model_version) -> None:
+        self.buffer.add_error(model_version)
+
+    def feedback(self, items: list[tuple[str, Any]]) -> bool:
+        """Send labels to the monitor (fire-and-forget). False when the monitor is unavailable."""
+        handle = self.acquire()
+        if handle is None:
+            return False
+        try:
+            ref = handle.record_feedback_batch.remote(items)
+        except Exception as e:
+            self.mark_failed(f"record_feedback failed: {type(e).__name__}: {e}")
+            return False
+        if ref is not None:
+            self._pending.append(ref)
+        return True
 
     def ensure_started(self) -> None:
         """Start the flusher on the running event loop (first request); a no-op afterwards."""
@@ -674,7 +774,9 @@ class StudentEndpoint:
             else:
                 # acquired now so that a new actor starts while the replica warms up; get_or_create ignores
                 # the init kwargs when the actor exists, and a version mismatch is fixed once, later
-                self.monitor = MonitorLink(self._make_monitor_handle)
+                mc = self.monitor_cfg
+                self.monitor = MonitorLink(self._make_monitor_handle, interval_s=mc.flush_interval_ms / 1000,
+                                           flush_rows=mc.flush_rows, buffer=MonitorBuffer(mc.max_buffer_rows))
                 self.monitor.acquire()
         try:
             self.replica_id = serve.get_replica_context().replica_tag
@@ -785,19 +887,41 @@ class StudentEndpoint:
             probs = scorer.predict_proba(req.x_num, req.x_cat)  # already a full batch: no queueing
         else:
             probs = await self._score_batched((scorer, req.x_num, req.x_cat))
-        payload = json.dumps(format_prediction(scorer, probs), separators=(",", ":"))
+        request_id = req.request_id or uuid.uuid4().hex
+        out = format_prediction(scorer, probs)
+        out["request_id"] = request_id
+        payload = json.dumps(out, separators=(",", ":"))
         if self.monitor is not None:
             self.monitor.ensure_started()
             if self._monitor_sync_task is None:
                 self._monitor_sync_task = asyncio.get_running_loop().create_task(self._sync_monitor_version())
             self.monitor.add(req.x_num_raw, req.x_cat, probs.argmax(1), (time.perf_counter() - t0) * 1000,
-                             scorer.version)
+                             scorer.version, proba=probs, request_id=request_id)
         return Response(payload, media_type="application/json")
 
     # ----- routes -----
     @app.post("/v1/predict")
     async def predict(self, request: Request) -> Response:
-        return await _guarded(self._predict(request))
+        response = await _guarded(self._predict(request))
+        if response.status_code >= 400 and self.monitor is not None:
+            self.monitor.add_error(self.scorer.version)  # counted for the monitor's error rate
+        return response
+
+    @app.post("/v1/feedback")
+    async def feedback(self, request: Request) -> Response:
+        async def run() -> Response:
+            check_auth(request.headers.get("authorization"), self._api_token)
+            body = await read_body_capped(request, MAX_FEEDBACK_ITEMS * 512 + BODY_BYTES_SLACK)
+            items = parse_feedback(body)
+            if self.monitor is None:
+                raise RequestError(503, None, "monitoring is off for this endpoint; feedback has nowhere to go")
+            self.monitor.ensure_started()
+            self.monitor.flush()  # the predictions these labels refer to reach the monitor first
+            if not self.monitor.feedback(items):
+                raise RequestError(503, None, f"monitor unavailable: {self.monitor.last_error}")
+            return json_response(202, {"accepted": len(items)})
+
+        return await _guarded(run())
 
     @app.get("/healthz")
     async def healthz(self) -> Response:

@@ -110,3 +110,64 @@ def test_sweep_asha_completes_without_deadlock(ray_cluster, tiny_cfg):
     student = build_model(res.student_spec)
     student.load_state_dict(res.best_state_dict)
     assert res.scheduler == "asha"
+
+
+def test_soft_targets_with_ray_data_match_the_teacher_and_are_reused(ray_cluster, tiny_cfg):
+    from raysys.distill import compute_soft_targets, read_soft_targets, teacher_key
+
+    cfg = tiny_cfg
+    schema, pre, teacher = _teacher(cfg, num_epochs=1)
+    st = compute_soft_targets(cfg.data.root, schema, pre, teacher, num_actors=2, hints=True)
+    assert not st.reused and st.num_rows == {"train": cfg.data.num_train_rows, "validation": cfg.data.num_val_rows}
+    assert Path(st.path).parent == Path(cfg.data.root) / "soft_targets"  # beside the data
+    x_num, x_cat, y, logits, hints = read_soft_targets(st, "train", pre)
+    assert logits.shape == (cfg.data.num_train_rows, schema.num_classes)
+    assert hints.shape == (cfg.data.num_train_rows, cfg.teacher.hidden_dims[-1])
+    # rows travel with their logits (no join), so the teacher on the stored rows gives the stored logits
+    np.testing.assert_allclose(precompute_teacher_logits(teacher, x_num, x_cat), logits, rtol=1e-4, atol=1e-5)
+    # the whole split is there (same labels as the source split, in some order)
+    _, _, y_src = _split(cfg, pre, "train")
+    assert np.array_equal(np.sort(y), np.sort(y_src))
+    again = compute_soft_targets(cfg.data.root, schema, pre, teacher, num_actors=2, hints=True)
+    assert again.reused and again.path == st.path
+    # a different teacher (or the same one without hints) gets its own set
+    key = teacher_key(teacher)
+    assert st.key == key + "-h"
+    with torch.no_grad():
+        next(teacher.parameters()).add_(0.01)
+    assert teacher_key(teacher) != key
+
+
+def test_sweep_asha_optuna_over_size_picks_by_rule(ray_cluster, tiny_cfg):
+    import csv
+
+    from raysys.distill import select_student
+
+    cfg = tiny_cfg
+    cfg.distill = cfg.distill.model_copy(update=dict(
+        search="optuna", scheduler="asha", num_samples=4, num_epochs=3, grace_period=1, reduction_factor=2,
+        student_widths=[8, 32], student_depths=[1], max_concurrent_trials=2, accuracy_gap=0.05,
+        hint_weight=0.1))  # same family as the teacher: the hint loss runs in every trial
+    schema, pre, teacher = _teacher(cfg, num_epochs=3)
+    res = run_sweep(cfg, schema, pre, teacher, run_name="distill-optuna")
+    assert res.search == "optuna" and res.scheduler == "asha" and res.sweep_id == "distill-optuna"
+    assert len(res.trials) == 4 and all(t["error"] is None for t in res.trials)
+    for t in res.trials:
+        assert 1 <= t["temperature"] <= 20 and 0.1 <= t["alpha"] <= 0.9
+        assert t["hidden_dims"] in ([8], [32]) and t["num_parameters"] > 0 and t["latency_ms_per_row"] > 0
+    # the choice follows the stated rule over the trials' best checkpoints
+    rows = [t for t in res.trials if t["best_val_accuracy"] is not None]
+    i, _ = select_student(rows, res.teacher_val_accuracy, cfg.distill.accuracy_gap)
+    assert rows[i]["chosen"] and sum(t["chosen"] for t in res.trials) == 1
+    assert res.best_config["hidden_dims"] == res.student_spec["hidden_dims"] == rows[i]["hidden_dims"]
+    assert res.pareto and all(t["pareto"] for t in res.trials if str(t["trial_id"]) in res.pareto)
+    student = build_model(res.student_spec)
+    student.load_state_dict(res.best_state_dict)
+    # browsable results beside Tune's own files
+    d = Path(res.results_dir)
+    assert (d / "summary.md").read_text().startswith("# distillation sweep distill-optuna")
+    assert len(list(csv.DictReader((d / "summary.csv").open()))) == 4
+    assert json.loads((d / "sweep_summary.json").read_text())["selection_rule"] == res.selection_rule
+    assert list(d.glob("*/result.json"))  # Tune's per-trial results
+    assert res.soft_targets["teacher_passes_avoided"] >= 3
+    assert res.soft_targets["hint_width"] == cfg.teacher.hidden_dims[-1]

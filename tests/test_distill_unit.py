@@ -193,3 +193,126 @@ def test_precompute_teacher_logits_is_eval_mode_batched_and_restores_mode():
         want = teacher(torch.from_numpy(x), torch.from_numpy(c)).numpy()
     assert got.dtype == np.float32 and got.shape == (50, 3)
     np.testing.assert_allclose(got, want, rtol=1e-5, atol=1e-6)  # dropout off: eval mode was used
+
+
+# ----- hint loss, online teacher, selection rule, summary table, quantization -----
+
+
+def test_hint_loss_by_hand_and_capture():
+    from raysys.distill.kd import HiddenCapture, hint_loss, hint_width, supports_hint
+
+    reg = torch.nn.Linear(2, 3, bias=False)
+    with torch.no_grad():
+        reg.weight.copy_(torch.tensor([[1.0, 0.0], [0.0, 1.0], [1.0, 1.0]]))
+    s = torch.tensor([[1.0, 2.0]])
+    t = torch.tensor([[1.0, 0.0, 0.0]])
+    # regressed = (1, 2, 3); squared errors (0, 4, 9) -> mean 13/3
+    assert hint_loss(s, t, reg).item() == pytest.approx(13 / 3)
+    model = build_model(SPEC)
+    assert supports_hint(model) and hint_width(model) == 16
+    x, c, _, _ = _synthetic(5, 0)
+    with HiddenCapture(model) as cap:
+        model(torch.from_numpy(x), torch.from_numpy(c))
+    assert cap.value.shape == (5, 16)
+    assert not model.body._forward_hooks  # removed on exit
+    with pytest.raises(ValueError, match="hint_weight"):
+        HiddenCapture(torch.nn.Linear(2, 2))
+
+
+def test_fit_student_with_hint_loss(one_thread):
+    data = _data()
+    torch.manual_seed(5)
+    teacher = build_model({**SPEC, "hidden_dims": [24]})
+    from raysys.distill.kd import HiddenCapture
+
+    with torch.no_grad(), HiddenCapture(teacher) as cap:
+        teacher(torch.from_numpy(data.x_num), torch.from_numpy(data.x_cat))
+    data.teacher_hints = cap.value.numpy()
+    fit = fit_student(_config(num_epochs=3, hint_weight=0.5), data)
+    plain = fit_student(_config(num_epochs=3), data)
+    assert fit.metrics["val_accuracy"] > 0.8
+    assert set(fit.state_dict) == set(plain.state_dict)  # the regressor is not part of the student
+    assert any(not torch.equal(fit.state_dict[k], plain.state_dict[k]) for k in fit.state_dict)
+    data.teacher_hints = None
+    with pytest.raises(ValueError, match="hint_weight"):
+        fit_student(_config(hint_weight=0.5), data)
+
+
+def test_online_teacher_equals_precomputed_soft_targets(one_thread):
+    data = _data()
+    torch.manual_seed(9)
+    teacher = build_model({**SPEC, "hidden_dims": [24]}).eval()
+    from raysys.distill import precompute_teacher_logits
+
+    data.teacher_logits = precompute_teacher_logits(teacher, data.x_num, data.x_cat)
+    a = fit_student(_config(num_epochs=2), data)
+    b = fit_student(_config(num_epochs=2), data, teacher=teacher)
+    for k in a.state_dict:
+        torch.testing.assert_close(a.state_dict[k], b.state_dict[k], rtol=1e-5, atol=1e-6)
+
+
+def _row(i, acc, params, lat):
+    return {"trial_id": f"t{i}", "best_val_accuracy": acc, "num_parameters": params, "latency_ms_per_row": lat}
+
+
+def test_pareto_front_and_selection_rule():
+    from raysys.distill import pareto_front, select_student
+
+    rows = [_row(0, 0.90, 5000, 0.010), _row(1, 0.89, 800, 0.004), _row(2, 0.85, 800, 0.005),
+            _row(3, 0.91, 9000, 0.020), _row(4, 0.80, 300, 0.003)]
+    # t2 is dominated by t1 (same size, more accurate, faster); everything else trades something off
+    assert pareto_front(rows) == [0, 1, 3, 4]
+    # teacher 0.91, gap 0.02 -> floor 0.89: t0, t1 and t3 qualify, t1 is the smallest
+    i, rule = select_student(rows, 0.91, 0.02)
+    assert i == 1 and "smallest" in rule and "0.8900" in rule
+    # gap 0 -> only t3 (0.91) qualifies
+    assert select_student(rows, 0.91, 0.0)[0] == 3
+    # nobody within the gap -> the most accurate
+    i, rule = select_student(rows, 0.99, 0.01)
+    assert i == 3 and "none qualified" in rule
+    # equal size: the more accurate wins
+    assert select_student([_row(0, 0.8, 10, 1.0), _row(1, 0.85, 10, 2.0)], 0.9, 0.5)[0] == 1
+
+
+def test_summary_table_csv_and_markdown():
+    import csv
+    import io
+
+    from raysys.distill import summary_table
+
+    trials = [{**_row(0, 0.9, 5000, 0.01), "temperature": 2.0, "alpha": 0.5, "lr": 0.01, "hidden_dims": [32, 32],
+               "pareto": True, "chosen": True, "epochs_run": 4, "best_epoch": 3, "stopped_early": False,
+               "error": None},
+              {**_row(1, 0.8, 300, 0.003), "temperature": 8.0, "alpha": 0.3, "lr": 0.003, "hidden_dims": [16],
+               "pareto": True, "chosen": False, "epochs_run": 1, "best_epoch": 1, "stopped_early": True,
+               "error": None}]
+    csv_text, md = summary_table(trials)
+    rows = list(csv.DictReader(io.StringIO(csv_text)))
+    assert [r["trial_id"] for r in rows] == ["t1", "t0"]  # smallest first
+    assert rows[1]["hidden_dims"] == "32x32" and rows[1]["chosen"] == "True"
+    assert md.count("\n") == 4 and "| t0 |" in md and "yes" in md
+
+
+def test_dynamic_int8_quantization_and_spec_round_trip():
+    from raysys.distill.quantize import DYNAMIC_INT8, apply_quantization, quantize_dynamic_int8, split_spec
+
+    torch.manual_seed(0)
+    model = build_model({**SPEC, "hidden_dims": [64, 32]}).eval()
+    q = quantize_dynamic_int8(model)
+    assert any("quantized.dynamic" in type(m).__module__ for m in q.modules())
+    assert all(type(m) is torch.nn.Linear for m in model.modules() if "Linear" in type(m).__name__)  # untouched
+    x, c, _, _ = _synthetic(200, 2)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x), torch.from_numpy(c))
+        out = q(torch.from_numpy(x), torch.from_numpy(c))
+    assert (ref.argmax(1) == out.argmax(1)).float().mean() > 0.95
+    assert (out - ref).abs().max() < 0.1
+    from raysys.evaluate import count_parameters
+
+    assert count_parameters(q) == count_parameters(model) == sum(p.numel() for p in model.parameters())
+    spec, quant = split_spec({**SPEC, "quantization": DYNAMIC_INT8})
+    assert quant == DYNAMIC_INT8 and "quantization" not in spec
+    with torch.no_grad():  # deterministic: quantizing the same float weights again gives the same model
+        assert torch.equal(apply_quantization(model, quant)(torch.from_numpy(x), torch.from_numpy(c)), out)
+    with pytest.raises(ValueError, match="quantization"):
+        split_spec({**SPEC, "quantization": "fp4"})

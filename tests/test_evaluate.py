@@ -132,3 +132,135 @@ def test_evaluate_model_on_real_model_agrees_with_argmax():
     with torch.no_grad():
         pred = model(torch.from_numpy(x_num), torch.from_numpy(x_cat)).argmax(1).numpy()
     assert evaluate_model(model, x_num, x_cat, y, 3)["accuracy"] == pytest.approx((pred == y).mean())
+
+
+# ----- against scikit-learn on the same inputs -----------------------------------------------------------
+
+sk = pytest.importorskip("sklearn.metrics")
+
+
+def _random_case(seed: int, n: int = 300, k: int = 4, ties: bool = False):
+    rng = np.random.default_rng(seed)
+    y = rng.integers(0, k, n)
+    logits = rng.standard_normal((n, k)) + 1.5 * np.eye(k)[y] * rng.random((n, 1))
+    if ties:
+        logits = np.round(logits, 1)  # many equal scores: exercises the tie-averaged ranks
+    from raysys.evaluate import softmax
+
+    return y, softmax(logits)
+
+
+@pytest.mark.parametrize("seed", [0, 1, 2])
+def test_classification_metrics_match_sklearn(seed):
+    y, p = _random_case(seed)
+    pred = p.argmax(1)
+    m = classification_metrics(y, pred, 4)
+    assert m["accuracy"] == pytest.approx(sk.accuracy_score(y, pred))
+    prec, rec, f1, sup = sk.precision_recall_fscore_support(y, pred, labels=range(4), zero_division=0)
+    np.testing.assert_allclose(m["per_class"]["precision"], prec)
+    np.testing.assert_allclose(m["per_class"]["recall"], rec)
+    np.testing.assert_allclose(m["per_class"]["f1"], f1)
+    assert m["support"] == sup.tolist()
+    for avg, key in [("precision", "macro_precision"), ("recall", "macro_recall"), ("f1", "macro_f1")]:
+        want = getattr(sk, f"{avg}_score" if avg != "f1" else "f1_score")(y, pred, average="macro", zero_division=0)
+        assert m[key] == pytest.approx(want)
+    np.testing.assert_array_equal(m["confusion_matrix"], sk.confusion_matrix(y, pred, labels=range(4)))
+
+
+def test_macro_with_a_class_absent_matches_sklearn_default_labels():
+    y = np.array([0, 0, 1, 1, 1, 0])
+    pred = np.array([0, 1, 1, 1, 0, 0])  # class 2 and 3 absent from both
+    m = classification_metrics(y, pred, 4)
+    assert m["macro_f1"] == pytest.approx(sk.f1_score(y, pred, average="macro", zero_division=0))
+    assert m["macro_precision"] == pytest.approx(sk.precision_score(y, pred, average="macro", zero_division=0))
+
+
+@pytest.mark.parametrize("ties", [False, True])
+def test_roc_auc_ovr_matches_sklearn(ties):
+    from raysys.evaluate import roc_auc_ovr
+
+    y, p = _random_case(3, ties=ties)
+    got = roc_auc_ovr(y, p, 4)
+    assert got["macro"] == pytest.approx(sk.roc_auc_score(y, p, multi_class="ovr", average="macro"))
+    for k in range(4):
+        assert got["per_class"][k] == pytest.approx(sk.roc_auc_score(y == k, p[:, k]))
+    # a class with no rows has no AUC and is left out of the macro average
+    y2 = np.where(y == 3, 0, y)
+    got2 = roc_auc_ovr(y2, p, 4)
+    assert got2["per_class"][3] is None
+    assert got2["macro"] == pytest.approx(np.mean([sk.roc_auc_score(y2 == k, p[:, k]) for k in range(3)]))
+
+
+def test_calibration_matches_sklearn_calibration_curve_and_hand_ece():
+    from sklearn.calibration import calibration_curve
+
+    from raysys.evaluate import calibration
+
+    y, p = _random_case(4, n=500)
+    cal = calibration(y, p, num_bins=10)
+    conf, correct = p.max(1), (p.argmax(1) == y).astype(float)
+    prob_true, prob_pred = calibration_curve(correct, conf, n_bins=10, strategy="uniform")
+    full = [b for b in cal["bins"] if b["count"]]
+    np.testing.assert_allclose([b["accuracy"] for b in full], prob_true)
+    np.testing.assert_allclose([b["confidence"] for b in full], prob_pred)
+    assert sum(b["count"] for b in cal["bins"]) == 500
+    ece = sum(b["count"] / 500 * abs(b["accuracy"] - b["confidence"]) for b in full)
+    assert cal["ece"] == pytest.approx(ece)
+    assert cal["mce"] == pytest.approx(max(abs(b["accuracy"] - b["confidence"]) for b in full))
+    # a perfectly confident, always-right model is perfectly calibrated
+    perfect = calibration([0, 1, 2], np.eye(3), num_bins=5)
+    assert perfect["ece"] == 0.0 and perfect["bins"][-1]["count"] == 3
+
+
+def test_log_loss_matches_sklearn():
+    y, p = _random_case(5)
+    logits = np.log(p).astype(np.float32)
+    m = evaluate_model(_Echo(), logits, np.zeros((len(y), 1), dtype=np.int64), y, 4)
+    assert m["log_loss"] == pytest.approx(sk.log_loss(y, p, labels=range(4)), rel=1e-5)
+
+
+def test_slice_metrics_by_hand_and_worst_flagged():
+    from raysys.evaluate import slice_metrics
+
+    cols = {"color": np.array(["r", "r", "g", "g", "g", "b"]), "x": np.array([0.1, 1.5, 2.5, -1.0, 0.5, 3.0])}
+    y = np.array([0, 1, 0, 1, 0, 1])
+    pred = np.array([0, 1, 1, 0, 0, 1])
+    out = slice_metrics(cols, y, pred, 2, {"numeric_bins": {"x": [0.0, 2.0]}, "min_rows": 2},
+                        categorical=["color"])
+    by = {s["slice"]: s for s in out["slices"]}
+    assert set(by) == {"color = r", "color = g", "color = b", "x < 0", "0 <= x < 2", "x >= 2"}
+    assert by["color = r"]["accuracy"] == 1.0 and by["color = g"]["accuracy"] == pytest.approx(1 / 3)
+    assert by["x < 0"]["num_rows"] == 1 and by["0 <= x < 2"]["num_rows"] == 3
+    assert by["x >= 2"]["accuracy"] == 0.5
+    # worst = lowest accuracy with >= min_rows rows ("x < 0" has accuracy 0 but only one row)
+    assert out["worst"]["slice"] == "color = g" and by["color = g"]["worst"]
+    assert sum(s["worst"] for s in out["slices"]) == 1
+    q = slice_metrics(cols, y, pred, 2, {"categorical": [], "num_quantile_bins": 2})
+    assert sum(s["num_rows"] for s in q["slices"]) == 6 and all(s["feature"] == "x" for s in q["slices"])
+    with pytest.raises(ValueError, match="no column 'nope'"):
+        slice_metrics(cols, y, pred, 2, {"categorical": ["nope"]})
+    json.dumps(out)
+
+
+def test_full_evaluation_has_every_section():
+    from raysys.evaluate import full_evaluation, measure_latency, softmax
+
+    rng = np.random.default_rng(0)
+    x_num = rng.standard_normal((40, 3)).astype(np.float32)
+    x_cat = np.zeros((40, 1), dtype=np.int64)
+    y = x_num.argmax(1)
+    teacher_logits = x_num.copy()
+    teacher_logits[:4] = -teacher_logits[:4]  # the teacher disagrees on (up to) 4 rows
+    m = full_evaluation(_Echo(), x_num, x_cat, y, 3, teacher_logits=teacher_logits,
+                        raw_columns={"c": np.array(["a", "b"] * 20)}, categorical=["c"], latency_repeats=5,
+                        latency_batch_size=8)
+    assert m["accuracy"] == 1.0
+    assert m["roc_auc"]["macro"] == pytest.approx(sk.roc_auc_score(y, softmax(x_num), multi_class="ovr"))
+    assert m["teacher_agreement"] == pytest.approx((teacher_logits.argmax(1) == y).mean())
+    assert {s["slice"] for s in m["slices"]["slices"]} == {"c = a", "c = b"}
+    lat = m["latency"]
+    assert lat["per_batch_ms"]["batch_size"] == 8 and lat["per_row_ms"]["p99"] >= lat["per_row_ms"]["p50"] > 0
+    assert m["num_parameters"] == 0
+    json.loads(json.dumps(m))
+    with pytest.raises(ValueError):
+        measure_latency(_Echo(), x_num[:0], x_cat[:0])

@@ -150,7 +150,8 @@ def test_profile_json_round_trip_and_size(task):
             len(f["ref_props"]) for f in p["categorical"]]
 
     assert shape(big.to_dict()) == shape(small.to_dict())
-    assert len(json.dumps(big.to_dict())) < 4000
+    # fine KS/normal-score grid included: about 2.5 KB of JSON per numeric feature, whatever the rows
+    assert len(json.dumps(big.to_dict())) < 3000 * len(schema.features)
 
 
 def test_profile_rejects_bad_input(task):

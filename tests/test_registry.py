@@ -267,3 +267,172 @@ def test_register_validates_inputs(tmp_path, task_bits):
     assert reg.list_versions(NAME) == []
     # an nn.Module is accepted in place of its state dict
     assert reg.register(NAME, state_dict=model, model_spec=spec, **common) == 1
+
+
+# ----- alias history and rollback, model cards, quantized variants -----
+
+
+def test_alias_history_and_rollback(tmp_path, task_bits):
+    schema, pre, *_ = task_bits
+    reg = Registry(tmp_path / "reg")
+    for s in range(3):
+        _register(reg, schema, pre, seed=s)
+    with pytest.raises(ValueError, match="no alias 'production'"):
+        reg.rollback(NAME)
+    reg.set_alias(NAME, "production", 1)
+    with pytest.raises(ValueError, match="no earlier version"):
+        reg.rollback(NAME)
+    reg.set_alias(NAME, "production", 2)
+    reg.set_alias(NAME, "production", 2)  # no-op move: no duplicate history entry
+    reg.set_alias(NAME, "production", 3)
+    reg.set_alias(NAME, "candidate", 3)
+    assert reg.alias_history(NAME, "production") == [1, 2, 3]
+    assert reg.rollback(NAME) == 2 and reg.get_alias(NAME, "production") == 2
+    assert reg.alias_history(NAME, "production") == [1, 2]
+    assert reg.rollback(NAME, "production") == 1 and reg.load(NAME).version == 1
+    assert reg.get_alias(NAME, "candidate") == 3  # other aliases untouched
+    # every move was a rename over the alias file: no temp files left, and the file is always complete
+    adir = tmp_path / "reg" / NAME / "aliases"
+    assert sorted(p.name for p in adir.iterdir()) == ["candidate.json", "production.json"]
+    state = json.loads((adir / "production.json").read_text())
+    assert state["version"] == 1 and state["rolled_back_from"] == 2
+    d = reg.describe(NAME, "production")
+    assert d["alias_history"]["production"] == [1]
+
+
+def test_alias_moves_are_atomic_for_concurrent_readers(tmp_path, task_bits, monkeypatch):
+    schema, pre, *_ = task_bits
+    reg = Registry(tmp_path / "reg")
+    for s in range(2):
+        _register(reg, schema, pre, seed=s)
+    reg.set_alias(NAME, "production", 1)
+    # a writer that dies after writing its temp file but before the rename leaves the alias as it was
+    class NoRename:
+        def __init__(self, fs):
+            self._fs = fs
+
+        def __getattr__(self, attr):
+            return getattr(self._fs, attr)
+
+        def move(self, *args):
+            raise OSError("killed before the rename")
+
+    monkeypatch.setattr(reg, "fs", NoRename(reg.fs))
+    with pytest.raises(OSError):
+        reg.set_alias(NAME, "production", 2)
+    monkeypatch.undo()
+    assert reg.get_alias(NAME, "production") == 1 and reg.aliases(NAME) == {"production": 1}
+    seen: list[int | None] = []
+    stop = threading.Event()
+
+    def reader():
+        r = Registry(tmp_path / "reg")
+        while not stop.is_set():
+            seen.append(r.get_alias(NAME, "production"))
+
+    t = threading.Thread(target=reader)
+    t.start()
+    for i in range(30):
+        reg.set_alias(NAME, "production", 1 + i % 2)
+    stop.set()
+    t.join()
+    assert seen and set(seen) <= {1, 2}  # never missing, never half-written
+
+
+def test_model_card_stored_verified_and_rendered(tmp_path, task_bits):
+    from raysys.modelcard import build_model_card, render_markdown
+
+    schema, pre, *_ = task_bits
+    reg = Registry(tmp_path / "reg")
+    metrics = {"accuracy": 0.9, "macro_f1": 0.88, "num_parameters": 100, "num_samples": 50,
+               "per_class": {"precision": [0.9, 0.8, 1.0], "recall": [1.0, 0.7, 0.9], "f1": [0.95, 0.75, 0.95],
+                             "support": [20, 20, 10]},
+               "confusion_matrix": [[20, 0, 0], [5, 14, 1], [0, 1, 9]],
+               "calibration": {"ece": 0.08, "mce": 0.2, "bins": [{"lower": 0.5, "upper": 1.0, "count": 50,
+                                                                    "confidence": 0.8, "accuracy": 0.9}]},
+               "slices": {"slices": [{"feature": "c0", "kind": "categorical", "slice": "c0 = a", "num_rows": 40,
+                                      "accuracy": 0.7, "macro_f1": 0.6, "worst": True}],
+                          "worst": {"slice": "c0 = a", "accuracy": 0.7, "num_rows": 40}}}
+    card = build_model_card(name=NAME, kind="student", schema=schema, data_fingerprint="f" * 64, metrics=metrics,
+                            teacher_metrics={"accuracy": 0.92, "num_parameters": 5000},
+                            distillation={"sweep_id": "distill-x", "selection_rule": "smallest within 0.01"},
+                            lineage={"parent_teacher": "t:v1", "sweep_id": "distill-x"})
+    assert card["metrics"]["compared_to_teacher"]["retention"] == pytest.approx(0.9 / 0.92, abs=1e-4)
+    assert card["metrics"]["compared_to_teacher"]["param_ratio"] == pytest.approx(0.02)
+    assert any("c0 = a" in x for x in card["limitations"]) and any("ECE" in x for x in card["limitations"])
+    spec, model = _model(schema, 0)
+    v = reg.register(NAME, state_dict=model.state_dict(), model_spec=spec, schema=schema, preprocessor=pre,
+                     metrics=metrics, config={}, lineage={"parent_teacher": "t:v1"}, model_card=card)
+    version, stored, md = reg.model_card(NAME, v)
+    assert version == v and stored["lineage"]["parent_teacher"] == "t:v1"
+    assert stored["lineage"]["code_version"] and stored["lineage"]["created_at"]
+    assert stored["data"]["fingerprint"] == "f" * 64 and stored["data"]["schema"]["label"] == schema.label
+    for section in ("## Intended use", "## Metrics (test split)", "## Slices", "WORST", "## Limitations",
+                    "## Data", "## Distillation", "## Lineage", "retention"):
+        assert section in md, section
+    assert sorted(md.splitlines()) == sorted(render_markdown(stored).splitlines())
+    assert reg.load(NAME, v).model_card == stored
+    # the card is in the manifest: tampering with it is caught like tampering with the weights
+    path = tmp_path / "reg" / NAME / "versions" / str(v) / "model_card.md"
+    path.write_text(md.replace("student", "STUDENT"))
+    with pytest.raises(ValueError, match="model_card.md does not match its sha256"):
+        reg.model_card(NAME, v)
+
+
+def test_quantized_variant_stores_float_weights_and_requantizes(tmp_path, task_bits):
+    from raysys.distill.quantize import DYNAMIC_INT8, quantize_dynamic_int8
+
+    schema, pre, x_num, x_cat = task_bits
+    reg = Registry(tmp_path / "reg")
+    spec, model = _model(schema, 3)
+    v = reg.register(NAME, state_dict=model.state_dict(), model_spec={**spec, "quantization": DYNAMIC_INT8},
+                     schema=schema, preprocessor=pre, metrics={}, config={}, lineage={})
+    files = json.loads((tmp_path / "reg" / NAME / "versions" / str(v) / "manifest.json").read_text())["files"]
+    assert "model.safetensors" in files and not [f for f in files if f.endswith((".pt", ".pkl", ".bin"))]
+    loaded = reg.load(NAME, v)
+    assert loaded.quantization == DYNAMIC_INT8 and loaded.model_spec["quantization"] == DYNAMIC_INT8
+    xn, xc = torch.from_numpy(x_num), torch.from_numpy(x_cat)
+    with torch.no_grad():
+        assert torch.equal(loaded.model(xn, xc), quantize_dynamic_int8(model)(xn, xc))
+    with pytest.raises(ValueError, match="quantization"):
+        reg.register(NAME, state_dict=model.state_dict(), model_spec={**spec, "quantization": "int3"},
+                     schema=schema, preprocessor=pre, metrics={}, config={}, lineage={})
+
+
+def test_registry_cli_list_show_promote_rollback(tmp_path, task_bits, monkeypatch):
+    from typer.testing import CliRunner
+
+    from raysys import cli
+    from raysys.cli import app
+    from raysys.modelcard import build_model_card
+
+    schema, pre, *_ = task_bits
+    reg = Registry(tmp_path / "registry")
+    name = "raysys-student"  # the config's default model_name
+    for seed in range(2):
+        spec, model = _model(schema, seed)
+        card = build_model_card(name=name, kind="student", schema=schema, data_fingerprint="abc",
+                                metrics={"accuracy": 0.5 + seed / 10, "num_parameters": 7, "num_samples": 10})
+        reg.register(name, state_dict=model.state_dict(), model_spec=spec, schema=schema, preprocessor=pre,
+                     metrics={}, config={}, lineage={"sweep_id": f"s{seed}"}, model_card=card)
+    runner = CliRunner()
+    monkeypatch.setattr(cli.console, "width", 200)  # the table would be cut to the runner's 80 columns
+    root = ["--root", str(tmp_path)]
+    r = runner.invoke(app, ["registry", "promote", "1", *root])
+    assert r.exit_code == 0, r.output
+    r = runner.invoke(app, ["registry", "promote", "2", *root])
+    assert r.exit_code == 0 and "production -> v2" in r.output
+    r = runner.invoke(app, ["registry", "list", *root])
+    assert r.exit_code == 0 and "0.6000" in r.output and "production" in r.output
+    r = runner.invoke(app, ["registry", "show", "production", *root])
+    assert r.exit_code == 0, r.output
+    assert "v2" in r.output and "Model card" in r.output and "Intended use" in r.output
+    r = runner.invoke(app, ["registry", "show", "production", "--json", *root])
+    assert r.exit_code == 0 and json.loads(r.output)["version"] == 2
+    r = runner.invoke(app, ["registry", "rollback", *root])
+    assert r.exit_code == 0 and "v2 -> v1" in r.output
+    assert reg.get_alias(name, "production") == 1
+    r = runner.invoke(app, ["registry", "rollback", *root])
+    assert r.exit_code == 2 and "no earlier version" in r.output
+    r = runner.invoke(app, ["registry", "show", "nope", *root])
+    assert r.exit_code == 2

@@ -1,10 +1,24 @@
-"""Knowledge distillation: the KD loss, the student loop and the Ray Tune sweep over (T, alpha)."""
+"""Knowledge distillation: the KD and hint losses, the student loop, soft targets with Ray Data, the Ray Tune
+sweep (grid, or ASHA + Optuna over the size/accuracy trade-off) and dynamic int8 quantization."""
 
-from raysys.distill.kd import check_kd_args, kd_loss
+from raysys.distill.kd import check_kd_args, hint_loss, kd_loss, supports_hint
+from raysys.distill.quantize import DYNAMIC_INT8, apply_quantization, quantize_dynamic_int8
+from raysys.distill.soft_targets import SoftTargets, compute_soft_targets, read_soft_targets, teacher_key
 from raysys.distill.student import StudentData, StudentFit, fit_student
-from raysys.distill.sweep import SweepResult, load_student_data, precompute_teacher_logits, run_sweep
+from raysys.distill.sweep import (
+    SweepResult,
+    load_student_data,
+    pareto_front,
+    precompute_teacher_logits,
+    run_sweep,
+    select_student,
+    split_raw_columns,
+    summary_table,
+)
 
 __all__ = [
-    "StudentData", "StudentFit", "SweepResult", "check_kd_args", "fit_student", "kd_loss", "load_student_data",
-    "precompute_teacher_logits", "run_sweep",
+    "DYNAMIC_INT8", "SoftTargets", "StudentData", "StudentFit", "SweepResult", "apply_quantization", "check_kd_args",
+    "compute_soft_targets", "fit_student", "hint_loss", "kd_loss", "load_student_data", "pareto_front",
+    "precompute_teacher_logits", "quantize_dynamic_int8", "read_soft_targets", "run_sweep", "select_student",
+    "split_raw_columns", "summary_table", "supports_hint", "teacher_key",
 ]

@@ -58,3 +58,58 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     if return_components:
         return loss, soft, hard
     return loss
+
+
+# ----- hint loss (FitNets, Romero et al. 2015) ------------------------------------------------------------
+
+
+def supports_hint(model: torch.nn.Module) -> bool:
+    """True for models with a `body` (features) and a linear `head` (TabularMLP and its kin): the hint
+    loss matches the student's last hidden features to the teacher's, so both need that shape."""
+    return isinstance(getattr(model, "body", None), torch.nn.Module) and isinstance(
+        getattr(model, "head", None), torch.nn.Linear)
+
+
+def hint_width(model: torch.nn.Module) -> int:
+    """Width of the features the head reads (the hint layer)."""
+    if not supports_hint(model):
+        raise ValueError(f"hint_weight: {type(model).__name__} has no body/head to take hint features from")
+    return int(model.head.in_features)
+
+
+class HiddenCapture:
+    """Context manager that records the output of `model.body` on every forward (a forward hook, so the
+    model code stays untouched); `.value` holds the last batch's features."""
+
+    def __init__(self, model: torch.nn.Module):
+        if not supports_hint(model):
+            raise ValueError(f"hint_weight: {type(model).__name__} has no body/head to take hint features from")
+        self.model = model
+        self.value: torch.Tensor | None = None
+        self._handle = None
+
+    def __enter__(self) -> HiddenCapture:
+        def hook(_module, _inputs, output):
+            self.value = output
+
+        self._handle = self.model.body.register_forward_hook(hook)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        if self._handle is not None:
+            self._handle.remove()
+            self._handle = None
+
+
+def hint_loss(student_hidden: torch.Tensor, teacher_hidden: torch.Tensor, regressor: torch.nn.Module
+              ) -> torch.Tensor:
+    """Mean squared error between the regressed student features and the teacher's (constants).
+
+    `regressor` (a Linear from the student's to the teacher's width) is trained with the student and
+    thrown away afterwards: it lets a narrow student match a wide teacher's feature space.
+    """
+    pred = regressor(student_hidden)
+    if pred.shape != teacher_hidden.shape:
+        raise ValueError(f"teacher_hidden: shape {tuple(teacher_hidden.shape)} differs from the regressed "
+                         f"student features {tuple(pred.shape)}")
+    return F.mse_loss(pred, teacher_hidden.detach().to(pred.dtype))

@@ -16,8 +16,9 @@ from typing import Any
 import numpy as np
 import torch
 import torch.nn.functional as F
+from torch import nn
 
-from raysys.distill.kd import check_kd_args, kd_loss
+from raysys.distill.kd import HiddenCapture, check_kd_args, hint_loss, kd_loss, supports_hint
 from raysys.models import build_model, predict_logits
 
 # One epoch's metrics and a CPU copy of the student's weights after it.
@@ -29,7 +30,9 @@ class StudentData:
     """The arrays a student trains on: preprocessed features, labels and the teacher's logits.
 
     x_num float32 (n, num_numeric) standardised; x_cat int64 (n, num_categorical) category indices;
-    y int64 (n,); teacher_logits float32 (n, num_classes), on the training rows only.
+    y int64 (n,); teacher_logits float32 (n, num_classes), on the training rows only;
+    teacher_hints float32 (n, teacher hidden width) or None: the teacher's last hidden features, only
+    needed for the hint loss.
     """
 
     x_num: np.ndarray
@@ -39,6 +42,7 @@ class StudentData:
     val_x_num: np.ndarray
     val_x_cat: np.ndarray
     val_y: np.ndarray
+    teacher_hints: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.x_num = np.ascontiguousarray(self.x_num, dtype=np.float32)
@@ -48,6 +52,11 @@ class StudentData:
         self.val_x_num = np.ascontiguousarray(self.val_x_num, dtype=np.float32)
         self.val_x_cat = np.ascontiguousarray(self.val_x_cat, dtype=np.int64)
         self.val_y = np.ascontiguousarray(self.val_y, dtype=np.int64)
+        if self.teacher_hints is not None:
+            self.teacher_hints = np.ascontiguousarray(self.teacher_hints, dtype=np.float32)
+            if self.teacher_hints.ndim != 2 or len(self.teacher_hints) != len(self.y):
+                raise ValueError(f"StudentData.teacher_hints: expected a 2-D array with {len(self.y)} rows, "
+                                 f"got shape {self.teacher_hints.shape}")
         n, nv = len(self.y), len(self.val_y)
         for name, arr, want in [("x_num", self.x_num, n), ("x_cat", self.x_cat, n),
                                 ("teacher_logits", self.teacher_logits, n),
@@ -86,11 +95,16 @@ def _validate(model: torch.nn.Module, data: StudentData) -> tuple[float, float]:
     return acc, loss
 
 
-def fit_student(config: dict[str, Any], data: StudentData, report: ReportFn | None = None) -> StudentFit:
+def fit_student(config: dict[str, Any], data: StudentData, report: ReportFn | None = None, *,
+                teacher: nn.Module | None = None) -> StudentFit:
     """Train a student with the KD loss and validate it after every epoch.
 
     `config` keys: `student_spec` (a `raysys.models.model_spec` dict, required), `temperature`,
-    `alpha`, `num_epochs`, `batch_size`, `lr`, and optionally `weight_decay` (1e-4) and `seed` (0).
+    `alpha`, `num_epochs`, `batch_size`, `lr`, and optionally `weight_decay` (1e-4), `seed` (0) and
+    `hint_weight` (0: off; > 0 adds `hint_weight * hint_loss` on the last hidden features, which needs
+    `data.teacher_hints` and a body/head student).
+    `teacher`: run this model on every batch instead of reading `data.teacher_logits` (online KD; only
+    for measuring what precomputed soft targets save).
     After each epoch `report(metrics, state_dict)` is called with `epoch` (1-based), `train_loss`,
     `train_soft`, `train_hard`, `val_loss` (cross-entropy on the true labels) and `val_accuracy`.
     Threads are left as the caller set them (Tune trials set one thread).
@@ -115,9 +129,28 @@ def fit_student(config: dict[str, Any], data: StudentData, report: ReportFn | No
         raise ValueError(f"student_spec.num_classes ({spec['num_classes']}) != the teacher's "
                          f"logit width ({data.num_classes})")
 
+    hint_w = float(config.get("hint_weight", 0.0) or 0.0)
+    if hint_w < 0:
+        raise ValueError(f"hint_weight: must be >= 0 (got {hint_w})")
+
     torch.manual_seed(seed)
     model = build_model(spec)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=float(config.get("weight_decay", 1e-4)))
+    params = list(model.parameters())
+    regressor = None
+    if hint_w > 0:
+        if data.teacher_hints is None:
+            raise ValueError("hint_weight: > 0 needs the teacher's hidden features (StudentData.teacher_hints); "
+                             "compute soft targets with hints=True or set hint_weight to 0")
+        if not supports_hint(model):
+            raise ValueError(f"hint_weight: the hint loss needs a same-family student with body/head, "
+                             f"got {type(model).__name__}")
+        # the regressor maps the student's hidden width onto the teacher's; trained, then discarded
+        regressor = nn.Linear(model.head.in_features, data.teacher_hints.shape[1])
+        params += list(regressor.parameters())
+    opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(config.get("weight_decay", 1e-4)))
+    hints = torch.from_numpy(data.teacher_hints) if regressor is not None else None
+    if teacher is not None:
+        teacher.eval()
     rng = np.random.default_rng(seed)
     x_num, x_cat = torch.from_numpy(data.x_num), torch.from_numpy(data.x_cat)
     y, t_logits = torch.from_numpy(data.y), torch.from_numpy(data.teacher_logits)
@@ -130,8 +163,19 @@ def fit_student(config: dict[str, Any], data: StudentData, report: ReportFn | No
         tot = soft_tot = hard_tot = 0.0
         for i in range(0, n, batch_size):
             idx = perm[i:i + batch_size]
-            logits = model(x_num[idx], x_cat[idx])
-            loss, soft, hard = kd_loss(logits, t_logits[idx], y[idx], temperature, alpha, return_components=True)
+            if teacher is not None:
+                with torch.no_grad():
+                    t_batch = teacher(x_num[idx], x_cat[idx])
+            else:
+                t_batch = t_logits[idx]
+            if regressor is not None:
+                with HiddenCapture(model) as cap:
+                    logits = model(x_num[idx], x_cat[idx])
+                loss, soft, hard = kd_loss(logits, t_batch, y[idx], temperature, alpha, return_components=True)
+                loss = loss + hint_w * hint_loss(cap.value, hints[idx], regressor)
+            else:
+                logits = model(x_num[idx], x_cat[idx])
+                loss, soft, hard = kd_loss(logits, t_batch, y[idx], temperature, alpha, return_components=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

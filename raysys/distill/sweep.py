@@ -1,23 +1,43 @@
-"""The distillation sweep: a Ray Tune grid over temperature x alpha, one plain function trainable per trial.
+"""The distillation sweep: Ray Tune over (temperature, alpha[, lr, student width, depth]), one plain function
+trainable per trial.
 
 Why plain function trainables and not Ray Train inside each trial: Tune over a nested Train run
 deadlocks on a 2-CPU box when a scheduler stops a trial early (ray-project/ray#54305, reproduced on
 Ray 2.60). A student is small enough to train in one process, so each trial is `fit_student` under one
 CPU and one torch thread, and ASHA can stop trials freely.
 
-The teacher runs once, in the driver: its logits on the training split are precomputed and shipped to
-every trial through the object store (`tune.with_parameters`), so trials never load the teacher.
+Search modes (`DistillConfig.search`):
+
+- `grid`: `temperatures` x `alphas` for the fixed `student` architecture and `lr` (the tiny preset, tests).
+- `optuna`: `OptunaSearch` (TPE, seeded) over temperature (log), alpha, lr (log), student width and depth,
+  `num_samples` trials, usually with the `asha` scheduler stopping the weak ones early.
+- `random`: the same space sampled at random (the full-budget baseline of benchmarks/sweep.py).
+
+Soft targets come once, before the sweep: the teacher's logits on the transfer set are computed with Ray
+Data batch inference and stored as Parquet beside the data (raysys.distill.soft_targets); trials get
+those arrays through the object store (`tune.with_parameters`) and never run the teacher.
+
 Every epoch reports `val_accuracy` and `val_loss`; an epoch that improves the trial's `val_accuracy` also
 reports a checkpoint: the student's weights as `model.safetensors` (never pickle) plus a `meta.json`.
+
+After the sweep every finished trial's best checkpoint is measured (parameters, per-row latency at the
+evaluation batch size), the Pareto front of (accuracy up, parameters down, latency down) is marked, and
+one student is chosen by a stated rule: the smallest (fewest parameters) whose validation accuracy is
+within `accuracy_gap` of the teacher's; ties go to the more accurate, then the faster. When no trial is
+that close, the most accurate one is chosen. The results directory holds Tune's own files plus
+`summary.csv`, `summary.md` and `sweep_summary.json`.
 """
 
 from __future__ import annotations
 
+import csv
+import io
 import json
 import logging
 import os
 import tempfile
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -28,8 +48,10 @@ from torch import nn
 
 from raysys.config import PipelineConfig
 from raysys.data import DatasetSchema, Preprocessor, read_split
+from raysys.distill.kd import supports_hint
+from raysys.distill.soft_targets import SoftTargets, compute_soft_targets, read_soft_targets
 from raysys.distill.student import StudentData, fit_student
-from raysys.models import build_model, model_spec, predict_logits
+from raysys.models import build_model, model_spec, num_parameters, predict_logits
 
 log = logging.getLogger(__name__)
 
@@ -37,23 +59,28 @@ WEIGHTS_FILE = "model.safetensors"
 META_FILE = "meta.json"
 METRIC = "val_accuracy"
 MODE = "max"
+SUMMARY_COLUMNS = ("trial_id", "temperature", "alpha", "lr", "hidden_dims", "num_parameters", "best_val_accuracy",
+                   "best_epoch", "epochs_run", "stopped_early", "latency_ms_per_row", "pareto", "chosen", "error")
 
 
 @dataclass
 class SweepResult:
     """The outcome of `run_sweep`.
 
-    best_config: `{"temperature": T, "alpha": a}` of the best trial.
-    best_val_accuracy: validation accuracy of `best_state_dict` (the best epoch of the best trial:
+    best_config: the chosen trial's `{"temperature", "alpha", "lr", "hidden_dims"}`.
+    best_val_accuracy: validation accuracy of `best_state_dict` (the best epoch of the chosen trial:
         each trial keeps its best-scoring checkpoint, so this is early stopping on validation accuracy).
-    best_state_dict: the student's weights, loaded from that checkpoint's safetensors file.
-    student_spec: `raysys.models.model_spec` dict; `build_model(student_spec)` takes `best_state_dict`.
-    trials: one dict per trial: `temperature`, `alpha`, the last reported metrics (`epoch`, `val_accuracy`,
-        `val_loss`, `train_loss`, ...), `best_val_accuracy`, `epochs_run`, `stopped_early`, `error`, `path`.
-    results_dir: the Tune experiment directory (under `cfg.run_dir`).
+    best_state_dict: the chosen student's weights, loaded from that checkpoint's safetensors file.
+    student_spec: `raysys.models.model_spec` dict of the chosen student; `build_model(student_spec)` takes
+        `best_state_dict`.
+    trials: one dict per trial: `trial_id`, `temperature`, `alpha`, `lr`, `hidden_dims`, `num_parameters`,
+        the last reported metrics (`epoch`, `val_accuracy`, `val_loss`, ...), `best_val_accuracy`,
+        `best_epoch`, `epochs_run`, `stopped_early`, `latency_ms_per_row`, `pareto`, `chosen`, `error`, `path`.
+    results_dir: the Tune experiment directory (under `cfg.run_dir`); `summary.csv`/`summary.md` live there.
+    sweep_id: the experiment name (lineage of the registered student).
     """
 
-    best_config: dict[str, float]
+    best_config: dict[str, Any]
     best_val_accuracy: float
     best_state_dict: dict[str, torch.Tensor]
     student_spec: dict[str, Any]
@@ -63,22 +90,34 @@ class SweepResult:
     best_checkpoint_path: str = ""
     teacher_val_accuracy: float = float("nan")
     scheduler: str = "fifo"
+    search: str = "grid"
+    sweep_id: str = ""
+    selection_rule: str = ""
+    pareto: list[str] = field(default_factory=list)
+    teacher_num_parameters: int = 0
+    soft_targets: dict[str, Any] = field(default_factory=dict)
+    wall_seconds: float = 0.0
+    summary_files: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
         """Everything but the weights, as JSON-serialisable values."""
         return {
+            "sweep_id": self.sweep_id, "search": self.search, "scheduler": self.scheduler,
             "best_config": dict(self.best_config), "best_val_accuracy": self.best_val_accuracy,
             "best_epoch": self.best_epoch, "best_checkpoint_path": self.best_checkpoint_path,
-            "teacher_val_accuracy": self.teacher_val_accuracy, "student_spec": dict(self.student_spec),
-            "scheduler": self.scheduler, "trials": [dict(t) for t in self.trials],
-            "results_dir": self.results_dir,
+            "teacher_val_accuracy": self.teacher_val_accuracy, "teacher_num_parameters": self.teacher_num_parameters,
+            "student_spec": dict(self.student_spec), "selection_rule": self.selection_rule,
+            "pareto": list(self.pareto), "trials": [dict(t) for t in self.trials],
+            "results_dir": self.results_dir, "soft_targets": dict(self.soft_targets),
+            "wall_seconds": self.wall_seconds, "summary_files": dict(self.summary_files),
         }
 
 
 def precompute_teacher_logits(teacher_model: nn.Module, x_num, x_cat, *, batch_size: int = 8192) -> np.ndarray:
-    """The teacher's logits, float32 (n, classes), computed in eval mode in batches.
+    """The teacher's logits, float32 (n, classes), computed in eval mode in batches, in this process.
 
     The model's train/eval mode is restored afterwards so a caller that keeps training is unaffected.
+    (The sweep uses Ray Data instead: `raysys.distill.soft_targets.compute_soft_targets`.)
     """
     was_training = teacher_model.training
     try:
@@ -88,19 +127,21 @@ def precompute_teacher_logits(teacher_model: nn.Module, x_num, x_cat, *, batch_s
     return logits.detach().cpu().numpy().astype(np.float32, copy=False)
 
 
-def load_student_data(cfg: PipelineConfig, preprocessor: Preprocessor, teacher_model: nn.Module
-                      ) -> tuple[StudentData, np.ndarray]:
-    """Train/validation arrays with the teacher's logits on the training rows.
+def load_student_data(cfg: PipelineConfig, preprocessor: Preprocessor, teacher_model: nn.Module, *,
+                      hints: bool = False) -> tuple[StudentData, np.ndarray, SoftTargets]:
+    """Train/validation arrays with the teacher's soft targets, computed once with Ray Data and stored as
+    Parquet beside the data (reused when the same teacher's targets are already there).
 
-    Returns `(data, teacher_val_logits)`; the latter only serves to report the teacher's own accuracy.
+    Returns `(data, teacher_val_logits, soft_targets)`; the validation logits only serve to report the
+    teacher's own accuracy (the selection rule compares against it).
     """
-    x_num, x_cat, y = preprocessor.transform_table(read_split(cfg.data.root, "train"))
-    vx_num, vx_cat, vy = preprocessor.transform_table(read_split(cfg.data.root, "validation"))
-    t_logits = precompute_teacher_logits(teacher_model, x_num, x_cat)
-    t_val = precompute_teacher_logits(teacher_model, vx_num, vx_cat)
-    data = StudentData(x_num=x_num, x_cat=x_cat, y=y, teacher_logits=t_logits,
-                       val_x_num=vx_num, val_x_cat=vx_cat, val_y=vy)
-    return data, t_val
+    targets = compute_soft_targets(cfg.data.root, preprocessor.schema, preprocessor, teacher_model,
+                                   num_actors=cfg.distill.soft_target_actors, hints=hints)
+    x_num, x_cat, y, t_logits, t_hints = read_soft_targets(targets, "train", preprocessor)
+    vx_num, vx_cat, vy, t_val, _ = read_soft_targets(targets, "validation", preprocessor)
+    data = StudentData(x_num=x_num, x_cat=x_cat, y=y, teacher_logits=t_logits, val_x_num=vx_num,
+                       val_x_cat=vx_cat, val_y=vy, teacher_hints=t_hints)
+    return data, t_val, targets
 
 
 def _storage_path(run_dir: str) -> str:
@@ -112,6 +153,16 @@ def _storage_path(run_dir: str) -> str:
     return str(path)
 
 
+def trial_spec(base_spec: dict[str, Any], params: dict[str, Any]) -> dict[str, Any]:
+    """The student spec of a trial: `base_spec` with `student_width` x `student_depth` hidden layers when
+    the trial samples the architecture."""
+    if "student_width" in params or "student_depth" in params:
+        width = int(params.get("student_width", base_spec["hidden_dims"][0]))
+        depth = int(params.get("student_depth", len(base_spec["hidden_dims"])))
+        return {**base_spec, "hidden_dims": [width] * depth}
+    return dict(base_spec)
+
+
 def _distill_trial(config: dict[str, Any], data: StudentData, fixed: dict[str, Any]) -> None:
     """One Tune trial: a plain function trainable (see the module docstring for why not Ray Train)."""
     from ray import tune
@@ -119,6 +170,7 @@ def _distill_trial(config: dict[str, Any], data: StudentData, fixed: dict[str, A
     # a trial reserves one CPU; more intra-op threads would only fight the other trials for cores
     torch.set_num_threads(1)
     params = {**fixed, **config}
+    params["student_spec"] = trial_spec(fixed["student_spec"], config)
     best = [float("-inf")]
 
     def report(metrics: dict[str, Any], state_dict: dict[str, torch.Tensor] | None) -> None:
@@ -132,7 +184,7 @@ def _distill_trial(config: dict[str, Any], data: StudentData, fixed: dict[str, A
         with tempfile.TemporaryDirectory(prefix="raysys-student-") as d:
             save_file(state_dict, os.path.join(d, WEIGHTS_FILE))
             meta = {"student_spec": params["student_spec"], "temperature": params["temperature"],
-                    "alpha": params["alpha"], "metrics": metrics}
+                    "alpha": params["alpha"], "lr": params["lr"], "metrics": metrics}
             Path(d, META_FILE).write_text(json.dumps(meta, indent=2))
             # report() copies the directory to the trial's storage before it returns
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -140,7 +192,7 @@ def _distill_trial(config: dict[str, Any], data: StudentData, fixed: dict[str, A
     fit_student(params, data, report)
 
 
-def _scheduler(name: str, num_epochs: int):
+def _scheduler(name: str, num_epochs: int, grace_period: int = 2, reduction_factor: int = 3):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if name == "fifo":
@@ -148,10 +200,43 @@ def _scheduler(name: str, num_epochs: int):
     if name == "asha":
         # metric/mode come from TuneConfig (setting them in both places is an error in Tune);
         # one report per epoch, so training_iteration counts epochs
-        grace = 1 if num_epochs < 4 else 2
-        return ASHAScheduler(time_attr="training_iteration", max_t=num_epochs, grace_period=grace,
-                             reduction_factor=2)
+        return ASHAScheduler(time_attr="training_iteration", max_t=num_epochs,
+                             grace_period=max(1, min(grace_period, num_epochs)), reduction_factor=reduction_factor)
     raise ValueError(f"distill.scheduler: unknown scheduler {name!r}; choose 'fifo' or 'asha'")
+
+
+def _search(cfg: PipelineConfig) -> tuple[dict[str, Any], Any, int]:
+    """(param_space, search_alg or None, num_samples) for `cfg.distill.search`."""
+    from ray import tune
+
+    dc = cfg.distill
+    if dc.search == "grid":
+        space = {"temperature": tune.grid_search(list(dc.temperatures)), "alpha": tune.grid_search(list(dc.alphas)),
+                 "lr": dc.lr}
+        return space, None, 1
+    space = {"temperature": tune.loguniform(*dc.temperature_range), "alpha": tune.uniform(*dc.alpha_range),
+             "lr": tune.loguniform(*dc.lr_range), "student_width": tune.choice(list(dc.student_widths)),
+             "student_depth": tune.choice(list(dc.student_depths))}
+    if dc.search == "optuna":
+        import optuna
+        from ray.tune.search.optuna import OptunaSearch
+
+        # metric/mode come from TuneConfig; a seeded TPE sampler makes the suggestions repeatable
+        return space, OptunaSearch(sampler=optuna.samplers.TPESampler(seed=dc.seed)), dc.num_samples
+    if dc.search == "random":
+        from ray.tune.search import BasicVariantGenerator
+
+        return space, BasicVariantGenerator(random_state=dc.seed), dc.num_samples
+    raise ValueError(f"distill.search: unknown search {dc.search!r}; choose 'grid', 'optuna' or 'random'")
+
+
+def _max_concurrent(cfg: PipelineConfig) -> int:
+    """`distill.max_concurrent_trials`, or the cluster's CPUs (one CPU per trial) when unset."""
+    import ray
+
+    if cfg.distill.max_concurrent_trials is not None:
+        return cfg.distill.max_concurrent_trials
+    return max(1, int(ray.cluster_resources().get("CPU", 1)))
 
 
 def _load_weights(checkpoint) -> dict[str, torch.Tensor]:
@@ -159,31 +244,132 @@ def _load_weights(checkpoint) -> dict[str, torch.Tensor]:
         return load_file(os.path.join(d, WEIGHTS_FILE))
 
 
-def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preprocessor, teacher_model: nn.Module,
-              *, run_name: str = "distill") -> SweepResult:
-    """Distil `teacher_model` into students over `cfg.distill.temperatures` x `cfg.distill.alphas`.
+def pareto_front(rows: list[dict[str, Any]], objectives: tuple[tuple[str, str], ...] = (
+        ("best_val_accuracy", "max"), ("num_parameters", "min"), ("latency_ms_per_row", "min"))) -> list[int]:
+    """Indices of the rows no other row dominates (at least as good on every objective, better on one)."""
+    def vec(r: dict[str, Any]) -> tuple[float, ...]:
+        return tuple(float(r[k]) if m == "max" else -float(r[k]) for k, m in objectives)
 
-    Starts a local Ray (Tune's default) when none is connected. Raises RuntimeError when every trial
-    failed; a partial failure is logged and shown in `trials[*]["error"]`.
+    vs = [vec(r) for r in rows]
+    front = []
+    for i, v in enumerate(vs):
+        dominated = any(all(a >= b for a, b in zip(w, v)) and any(a > b for a, b in zip(w, v))
+                        for j, w in enumerate(vs) if j != i)
+        if not dominated:
+            front.append(i)
+    return front
+
+
+def select_student(rows: list[dict[str, Any]], teacher_val_accuracy: float, accuracy_gap: float
+                   ) -> tuple[int, str]:
+    """Index of the chosen row and the rule, in words (see the module docstring)."""
+    if not rows:
+        raise ValueError("select_student: no candidate trials")
+    floor = teacher_val_accuracy - accuracy_gap
+    rule = (f"smallest student (fewest parameters) with val accuracy >= teacher val accuracy "
+            f"{teacher_val_accuracy:.4f} - gap {accuracy_gap:g} = {floor:.4f}; ties: higher accuracy, then lower "
+            "latency; if none qualifies: the most accurate")
+    eligible = [i for i, r in enumerate(rows) if r["best_val_accuracy"] >= floor - 1e-12]
+    if eligible:
+        i = min(eligible, key=lambda i: (rows[i]["num_parameters"], -rows[i]["best_val_accuracy"],
+                                         rows[i]["latency_ms_per_row"]))
+        return i, rule
+    i = max(range(len(rows)), key=lambda i: (rows[i]["best_val_accuracy"], -rows[i]["num_parameters"],
+                                             -rows[i]["latency_ms_per_row"]))
+    return i, rule + " (none qualified)"
+
+
+def _fmt_cell(v: Any) -> str:
+    if v is None:
+        return ""
+    if isinstance(v, float):
+        return f"{v:.4g}"
+    if isinstance(v, list):
+        return "x".join(str(x) for x in v)
+    return str(v)
+
+
+def summary_table(trials: list[dict[str, Any]]) -> tuple[str, str]:
+    """(CSV text, Markdown text) of the trials, one row each, sorted by parameters then accuracy."""
+    rows = sorted(trials, key=lambda t: (t.get("num_parameters") or 0, -(t.get("best_val_accuracy") or 0.0)))
+    buf = io.StringIO()
+    w = csv.writer(buf)
+    w.writerow(SUMMARY_COLUMNS)
+    for t in rows:
+        w.writerow([_fmt_cell(t.get(c)) for c in SUMMARY_COLUMNS])
+    md = ["| " + " | ".join(SUMMARY_COLUMNS) + " |", "|" + "---|" * len(SUMMARY_COLUMNS)]
+    for t in rows:
+        cells = []
+        for c in SUMMARY_COLUMNS:
+            v = t.get(c)
+            if c in ("pareto", "chosen", "stopped_early"):
+                v = "yes" if v else ""
+            cells.append(_fmt_cell(v).replace("|", "/")[:80])
+        md.append("| " + " | ".join(cells) + " |")
+    return buf.getvalue(), "\n".join(md) + "\n"
+
+
+def _write_text(directory: str, name: str, text: str) -> str:
+    if "://" in directory:
+        import pyarrow.fs as pafs
+
+        fs, path = pafs.FileSystem.from_uri(directory)
+        with fs.open_output_stream(f"{path}/{name}") as f:
+            f.write(text.encode())
+        return f"{directory}/{name}"
+    p = Path(directory) / name
+    p.write_text(text)
+    return str(p)
+
+
+def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preprocessor, teacher_model: nn.Module,
+              *, run_name: str | None = None) -> SweepResult:
+    """Distil `teacher_model` into students with Ray Tune (see the module docstring for modes and the rule).
+
+    Starts a local Ray when none is connected. Raises RuntimeError when every trial failed; a partial
+    failure is logged and shown in `trials[*]["error"]`.
     """
+    import ray
     from ray import tune
 
-    dc = cfg.distill
-    spec = model_spec(schema, dc.student)
-    data, t_val = load_student_data(cfg, preprocessor, teacher_model)
-    teacher_val_acc = float((t_val.argmax(1) == data.val_y).mean())
-    log.info("distill: %d train rows, %d val rows; teacher val accuracy %.4f; grid %d x %d, scheduler %s",
-             len(data.y), len(data.val_y), teacher_val_acc, len(dc.temperatures), len(dc.alphas), dc.scheduler)
+    from raysys.evaluate import measure_latency
 
-    fixed = {"student_spec": spec, "num_epochs": dc.num_epochs, "batch_size": dc.batch_size, "lr": dc.lr,
-             "seed": dc.seed}
+    t_start = time.perf_counter()
+    if not ray.is_initialized():
+        ray.init()
+    dc = cfg.distill
+    base_spec = model_spec(schema, dc.student)
+    hints = dc.hint_weight > 0
+    if hints and not (supports_hint(teacher_model) and type(build_model(base_spec)) is type(teacher_model)):
+        log.warning("distill.hint_weight=%g ignored: the hint loss needs a student of the teacher's family "
+                    "(%s) with body/head features", dc.hint_weight, type(teacher_model).__name__)
+        hints = False
+    data, t_val, targets = load_student_data(cfg, preprocessor, teacher_model, hints=hints)
+    teacher_val_acc = float((t_val.argmax(1) == data.val_y).mean())
+    if dc.search != "grid":
+        log.info("distill: search=%s samples temperature/alpha/lr/width/depth; temperatures, alphas, lr and "
+                 "student.hidden_dims of the config are not used", dc.search)
+    run_name = run_name or f"distill-{time.strftime('%Y%m%d-%H%M%S')}"
+    space, search_alg, num_samples = _search(cfg)
+    concurrency = _max_concurrent(cfg)
+    log.info("distill: %d train rows, %d val rows; teacher val accuracy %.4f; search %s (%s), scheduler %s, "
+             "%d trials at once", len(data.y), len(data.val_y), teacher_val_acc, dc.search,
+             f"{len(dc.temperatures)} x {len(dc.alphas)} grid" if dc.search == "grid" else f"{num_samples} samples",
+             dc.scheduler, concurrency)
+
+    fixed = {"student_spec": base_spec, "num_epochs": dc.num_epochs, "batch_size": dc.batch_size, "seed": dc.seed,
+             "hint_weight": dc.hint_weight if hints else 0.0}
     trainable = tune.with_resources(tune.with_parameters(_distill_trial, data=data, fixed=fixed), {"cpu": 1})
     tuner = tune.Tuner(
         trainable,
-        param_space={"temperature": tune.grid_search(list(dc.temperatures)),
-                     "alpha": tune.grid_search(list(dc.alphas))},
-        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, scheduler=_scheduler(dc.scheduler, dc.num_epochs),
-                                    num_samples=1, max_concurrent_trials=dc.max_concurrent_trials),
+        param_space=space,
+        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg,
+                                    scheduler=_scheduler(dc.scheduler, dc.num_epochs, dc.grace_period,
+                                                         dc.reduction_factor),
+                                    num_samples=num_samples, max_concurrent_trials=concurrency,
+                                    # a new trial takes over a finished (or ASHA-stopped) trial's actor:
+                                    # no process start, torch import or data fetch per trial
+                                    reuse_actors=True),
         run_config=tune.RunConfig(
             name=run_name, storage_path=_storage_path(cfg.run_dir), verbose=1,
             # trials checkpoint only on improvement (see _distill_trial), so all are kept: few and small
@@ -193,36 +379,90 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
     grid = tuner.fit()
 
     trials: list[dict[str, Any]] = []
-    best = None  # (val_accuracy, -val_loss, checkpoint, metrics, config)
-    for result in grid:
-        conf = {"temperature": float(result.config["temperature"]), "alpha": float(result.config["alpha"])}
-        last = {k: v for k, v in (result.metrics or {}).items()
-                if k in ("epoch", "train_loss", "train_soft", "train_hard", "val_loss", "val_accuracy")}
-        row: dict[str, Any] = {**conf, **last, "epochs_run": int(last.get("epoch", 0)),
-                               "error": None if result.error is None else repr(result.error)[:500],
-                               "path": result.path}
-        row["stopped_early"] = result.error is None and row["epochs_run"] < dc.num_epochs
-        ckpts = [(c, m) for c, m in (result.best_checkpoints or []) if METRIC in m]
-        if ckpts:
-            c, m = max(ckpts, key=lambda cm: (cm[1][METRIC], -cm[1].get("val_loss", 0.0)))
-            row["best_val_accuracy"] = float(m[METRIC])
-            key = (float(m[METRIC]), -float(m.get("val_loss", 0.0)))
-            if best is None or key > best[0]:
-                best = (key, c, m, conf)
-        else:
-            row["best_val_accuracy"] = None
-        trials.append(row)
-    trials.sort(key=lambda r: (r["temperature"], r["alpha"]))
+    candidates: list[tuple[dict[str, Any], Any, dict[str, Any], dict[str, Any]]] = []  # row, ckpt, metrics, spec
+    vx_num, vx_cat = data.val_x_num, data.val_x_cat
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # latency as a one-thread trial/replica sees it, comparable across trials
+    try:
+        for result in grid:
+            conf = result.config
+            spec = trial_spec(base_spec, conf)
+            last = {k: v for k, v in (result.metrics or {}).items()
+                    if k in ("epoch", "train_loss", "train_soft", "train_hard", "val_loss", "val_accuracy")}
+            row: dict[str, Any] = {
+                "trial_id": (result.metrics or {}).get("trial_id") or Path(result.path).name,
+                "temperature": float(conf["temperature"]), "alpha": float(conf["alpha"]), "lr": float(conf["lr"]),
+                "hidden_dims": list(spec["hidden_dims"]), "num_parameters": None, **last,
+                "epochs_run": int(last.get("epoch", 0)),
+                "error": None if result.error is None else repr(result.error)[:500], "path": result.path,
+                "best_val_accuracy": None, "best_epoch": None, "latency_ms_per_row": None,
+                "pareto": False, "chosen": False,
+            }
+            row["stopped_early"] = result.error is None and row["epochs_run"] < dc.num_epochs
+            ckpts = [(c, m) for c, m in (result.best_checkpoints or []) if METRIC in m]
+            if ckpts:
+                c, m = max(ckpts, key=lambda cm: (cm[1][METRIC], -cm[1].get("val_loss", 0.0)))
+                row["best_val_accuracy"] = float(m[METRIC])
+                row["best_epoch"] = int(m.get("epoch", 0))
+                model = build_model(spec)
+                model.load_state_dict(_load_weights(c))
+                row["num_parameters"] = num_parameters(model)
+                lat = measure_latency(model, vx_num, vx_cat, batch_size=dc.evaluation.latency_batch_size,
+                                      repeats=max(5, min(dc.evaluation.latency_repeats, 50)), warmup=3)
+                row["latency_ms_per_row"] = lat["per_row_in_batch_ms"]
+                candidates.append((row, c, m, spec))
+            trials.append(row)
+    finally:
+        torch.set_num_threads(threads)
+    trials.sort(key=lambda r: str(r["trial_id"]))
     failed = [t for t in trials if t["error"]]
-    if best is None:
+    if not candidates:
         raise RuntimeError(f"distill: no trial produced a checkpoint; errors: {[t['error'] for t in failed]}")
     if failed:
         log.warning("distill: %d of %d trials failed: %s", len(failed), len(trials), failed[0]["error"])
 
-    _, ckpt, metrics, conf = best
+    rows = [cand[0] for cand in candidates]
+    for i in pareto_front(rows):
+        rows[i]["pareto"] = True
+    chosen, rule = select_student(rows, teacher_val_acc, dc.accuracy_gap)
+    row, ckpt, metrics, spec = candidates[chosen]
+    row["chosen"] = True
     state = _load_weights(ckpt)
     build_model(spec).load_state_dict(state)  # fail here, not in the registry, if the weights do not fit
-    return SweepResult(best_config=conf, best_val_accuracy=float(metrics[METRIC]), best_state_dict=state,
-                       student_spec=spec, trials=trials, results_dir=grid.experiment_path,
-                       best_epoch=int(metrics.get("epoch", 0)), best_checkpoint_path=ckpt.path,
-                       teacher_val_accuracy=teacher_val_acc, scheduler=dc.scheduler)
+    best_config = {"temperature": row["temperature"], "alpha": row["alpha"], "lr": row["lr"],
+                   "hidden_dims": list(spec["hidden_dims"])}
+    res = SweepResult(
+        best_config=best_config, best_val_accuracy=float(metrics[METRIC]), best_state_dict=state, student_spec=spec,
+        trials=trials, results_dir=grid.experiment_path, best_epoch=int(metrics.get("epoch", 0)),
+        best_checkpoint_path=ckpt.path, teacher_val_accuracy=teacher_val_acc, scheduler=dc.scheduler,
+        search=dc.search, sweep_id=run_name, selection_rule=rule,
+        pareto=[str(r["trial_id"]) for r in rows if r["pareto"]],
+        teacher_num_parameters=num_parameters(teacher_model), soft_targets=targets.summary(),
+    )
+    # what precomputing saved: every trial epoch would otherwise have run the teacher over the transfer set
+    epochs = sum(t["epochs_run"] for t in trials)
+    res.soft_targets["teacher_passes_avoided"] = max(0, epochs - 1)
+    csv_text, md_text = summary_table(trials)
+    md_head = (f"# distillation sweep {run_name}\n\nsearch `{dc.search}`, scheduler `{dc.scheduler}`, "
+               f"{len(trials)} trials, teacher val accuracy {teacher_val_acc:.4f} "
+               f"({res.teacher_num_parameters} parameters)\n\nselection rule: {rule}\n\n"
+               f"chosen: trial `{row['trial_id']}` {best_config}, val accuracy {res.best_val_accuracy:.4f}, "
+               f"{row['num_parameters']} parameters\n\n")
+    res.wall_seconds = round(time.perf_counter() - t_start, 2)
+    try:
+        res.summary_files = {"csv": _write_text(res.results_dir, "summary.csv", csv_text),
+                             "markdown": _write_text(res.results_dir, "summary.md", md_head + md_text)}
+        res.summary_files["json"] = _write_text(res.results_dir, "sweep_summary.json",
+                                                json.dumps(res.summary(), indent=2, default=str))
+    except OSError as err:  # the sweep's outcome does not depend on the browsable copy
+        log.warning("distill: could not write the summary table under %s: %s", res.results_dir, err)
+    log.info("distill: chose %s (%d parameters, val accuracy %.4f; teacher %.4f, %d parameters); Pareto front %s",
+             best_config, row["num_parameters"], res.best_val_accuracy, teacher_val_acc, res.teacher_num_parameters,
+             res.pareto)
+    return res
+
+
+def split_raw_columns(cfg: PipelineConfig, schema: DatasetSchema, split: str) -> dict[str, np.ndarray]:
+    """Raw feature columns of a split by name (slice metrics need the values before preprocessing)."""
+    table = read_split(cfg.data.root, split, [f.name for f in schema.features])
+    return {n: table.column(n).to_numpy(zero_copy_only=False) for n in table.column_names}

@@ -9,22 +9,45 @@ from torch import nn
 
 from raysys.config import ModelConfig
 from raysys.data.schema import DatasetSchema
+from raysys.models.ft_transformer import FT_PRESETS, FTTransformer
 from raysys.models.mlp import TabularMLP
 
-FAMILIES = {"mlp": TabularMLP}
+FAMILIES = {"mlp": TabularMLP, "ft_transformer": FTTransformer}
+FT_ARCH_KEYS = ("d_model", "num_blocks", "num_heads", "ffn_mult")
 
 
-def model_spec(schema: DatasetSchema, cfg: ModelConfig, family: str = "mlp") -> dict[str, Any]:
-    """The constructor arguments of a model for this schema, as plain JSON."""
-    return {
-        "family": family,
-        "num_numeric": len(schema.numeric),
-        "cardinalities": schema.cardinalities,
-        "num_classes": schema.num_classes,
-        "hidden_dims": list(cfg.hidden_dims),
-        "embed_dim": cfg.embed_dim,
-        "dropout": cfg.dropout,
-    }
+def model_spec(schema: DatasetSchema, cfg: ModelConfig, family: str | None = None, *, size: str | None = None,
+               **arch: Any) -> dict[str, Any]:
+    """The constructor arguments of a model for this schema, as plain JSON.
+
+    `family` defaults to `cfg.family` when the config has one, else "mlp" (whose spec is unchanged).
+    For "ft_transformer" the architecture is the named `size` in `FT_PRESETS` (default `cfg.size`, else
+    "tiny"), overridden by any of d_model / num_blocks / num_heads / ffn_mult given here or set on `cfg`;
+    `cfg.dropout` applies to both families.
+    """
+    family = family or getattr(cfg, "family", None) or "mlp"
+    base = {"family": family, "num_numeric": len(schema.numeric), "cardinalities": schema.cardinalities,
+            "num_classes": schema.num_classes}
+    if family == "mlp":
+        if size is not None or arch:
+            raise ValueError("model_spec: size/architecture overrides apply to family 'ft_transformer' only")
+        return {**base, "hidden_dims": list(cfg.hidden_dims), "embed_dim": cfg.embed_dim, "dropout": cfg.dropout}
+    if family == "ft_transformer":
+        size = size or getattr(cfg, "size", None) or "tiny"
+        if size not in FT_PRESETS:
+            raise ValueError(f"model.size: unknown {size!r}; choose one of {list(FT_PRESETS)}")
+        unknown = set(arch) - set(FT_ARCH_KEYS)
+        if unknown:
+            raise ValueError(f"model_spec: unknown ft_transformer settings {sorted(unknown)}; use {FT_ARCH_KEYS}")
+        out = {**base, **FT_PRESETS[size]}
+        for key in FT_ARCH_KEYS:
+            value = arch.get(key, getattr(cfg, key, None))
+            if value is not None:
+                out[key] = value
+        out["ffn_mult"] = float(out["ffn_mult"])
+        out["dropout"] = cfg.dropout
+        return out
+    raise ValueError(f"model family: unknown {family!r}; choose one of {sorted(FAMILIES)}")
 
 
 def build_model(spec: dict[str, Any]) -> nn.Module:

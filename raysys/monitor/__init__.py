@@ -1,11 +1,25 @@
-"""Live monitoring: reference profiles, PSI drift over a sliding window, latency and throughput, the
-`MonitorActor` (a named, detached Ray actor) and its `raysys_*` dashboard metrics."""
+"""Live monitoring: reference profiles, window drift tests, a calibrated online drift detector, latency
+histograms, live accuracy, alerts -> retraining, the `MonitorActor` (a named, detached Ray actor) and its
+`raysys_*` dashboard metrics."""
 
 from raysys.monitor.actor import LATENCY_BOUNDARIES_MS, Monitor, MonitorActor, get_or_create_monitor
-from raysys.monitor.drift import RingBuffer, SlidingWindow, bin_numeric, latency_percentiles, psi
-from raysys.monitor.profile import CategoricalRef, NumericRef, ReferenceProfile
+from raysys.monitor.drift import (
+    RingBuffer,
+    SlidingWindow,
+    WindowTester,
+    adjust_pvalues,
+    bin_numeric,
+    jensen_shannon,
+    latency_percentiles,
+    psi,
+)
+from raysys.monitor.latency import LogHistogram
+from raysys.monitor.online import OnlineDetector, calibrate_detector, detector_for, score_rows
+from raysys.monitor.profile import CategoricalRef, NumericRef, PredictionRef, ReferenceProfile
 
 __all__ = [
-    "LATENCY_BOUNDARIES_MS", "CategoricalRef", "Monitor", "MonitorActor", "NumericRef", "ReferenceProfile",
-    "RingBuffer", "SlidingWindow", "bin_numeric", "get_or_create_monitor", "latency_percentiles", "psi",
+    "LATENCY_BOUNDARIES_MS", "CategoricalRef", "LogHistogram", "Monitor", "MonitorActor", "NumericRef",
+    "OnlineDetector", "PredictionRef", "ReferenceProfile", "RingBuffer", "SlidingWindow", "WindowTester",
+    "adjust_pvalues", "bin_numeric", "calibrate_detector", "detector_for", "get_or_create_monitor",
+    "jensen_shannon", "latency_percentiles", "psi", "score_rows",
 ]

@@ -8,6 +8,7 @@ Everything here is plain numpy so that `Monitor.record` stays cheap: a batch is 
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -144,3 +145,202 @@ def latency_percentiles(values: Sequence[float] | np.ndarray) -> dict[str, float
         return {"p50": None, "p95": None, "p99": None}
     p50, p95, p99 = np.percentile(v, [50, 95, 99])
     return {"p50": float(p50), "p95": float(p95), "p99": float(p99)}
+
+
+# ----------------------------------------------------------------------------------------------------
+# window tests: PSI, Jensen-Shannon, KS against the binned reference CDF, chi-squared, BH / Bonferroni
+# ----------------------------------------------------------------------------------------------------
+
+
+def jensen_shannon(ref_props: np.ndarray, cur_counts: np.ndarray, eps: float = DEFAULT_EPS) -> float:
+    """Jensen-Shannon divergence (natural log, in [0, ln 2]) of the current bin counts vs the reference."""
+    ref = np.asarray(ref_props, dtype=np.float64)
+    cur = np.asarray(cur_counts, dtype=np.float64)
+    if cur.sum() <= 0:
+        return 0.0
+    p, q = cur / cur.sum(), ref / ref.sum()
+    m = (p + q) / 2
+    with np.errstate(divide="ignore", invalid="ignore"):
+        kl_p = np.where(p > 0, p * np.log(p / m), 0.0).sum()
+        kl_q = np.where(q > 0, q * np.log(q / m), 0.0).sum()
+    return float((kl_p + kl_q) / 2)
+
+
+def adjust_pvalues(p: np.ndarray, method: str = "bh") -> np.ndarray:
+    """Multiple-testing adjusted p-values: Benjamini-Hochberg (FDR) or Bonferroni (FWER)."""
+    p = np.asarray(p, dtype=np.float64)
+    m = len(p)
+    if m == 0:
+        return p
+    if method == "bonferroni":
+        return np.minimum(p * m, 1.0)
+    if method != "bh":
+        raise ValueError(f"monitor.multiple_testing: unknown method {method!r}; use 'bh' or 'bonferroni'")
+    order = np.argsort(p)
+    ranked = p[order] * m / np.arange(1, m + 1)
+    adj = np.minimum.accumulate(ranked[::-1])[::-1]
+    out = np.empty(m)
+    out[order] = np.minimum(adj, 1.0)
+    return out
+
+
+class _SegmentedRefs:
+    """Per-feature reference arrays of different lengths laid end to end, for one-call numpy reductions."""
+
+    def __init__(self, refs: list):
+        self.refs = refs
+        self.edges = [r.edges for r in refs]
+        self.grid_x = [r.grid_x for r in refs]
+        nb = np.array([len(e) + 1 for e in self.edges])
+        ng = np.array([len(g) for g in self.grid_x])
+        self.c_off = np.concatenate([[0], np.cumsum(nb)[:-1]]).astype(np.int64)
+        self.c_total = int(nb.sum())
+        self.c_props = np.concatenate([r.ref_props for r in refs]) if refs else np.zeros(0)
+        self.nb = nb
+        # fine grid: one extra slot per feature for values above its last grid point
+        self.g_off = np.concatenate([[0], np.cumsum(ng + 1)[:-1]]).astype(np.int64)
+        self.g_total = int((ng + 1).sum())
+        self.ng = ng
+        self.g_cdf = np.concatenate([np.append(r.grid_cdf, 1.0) for r in refs]) if refs else np.zeros(0)
+        self.g_feature = np.repeat(np.arange(len(refs)), ng + 1)
+
+    def stats(self, x: np.ndarray, n_ref: int) -> dict[str, np.ndarray]:
+        """x [n, features] raw values -> per-feature psi, js, ks, ks_p."""
+        n, k = x.shape
+        # sort each column once; then each feature needs only a few lookups of its edges into its sorted
+        # column (the window's counts below each edge), not one lookup per window value
+        xs = np.sort(np.ascontiguousarray(x.T), axis=1)
+        le = np.empty(self.g_total)
+        cc = np.empty(self.c_total)
+        for j in range(k):
+            g0 = self.g_off[j]
+            le[g0:g0 + self.ng[j]] = np.searchsorted(xs[j], self.grid_x[j], side="right")  # values <= grid_x
+            le[g0 + self.ng[j]] = n
+            below = np.searchsorted(xs[j], self.edges[j], side="left")  # coarse bin i: [edges[i-1], edges[i])
+            c0 = self.c_off[j]
+            cc[c0:c0 + self.nb[j]] = np.diff(below, prepend=0, append=n)
+        f_win = le / max(n, 1)
+        ks = np.maximum.reduceat(np.abs(f_win - self.g_cdf), self.g_off) if k else np.zeros(0)
+        n_eff = n * n_ref / (n + n_ref) if n else 0.0
+        from scipy.special import kolmogorov
+
+        ks_p = kolmogorov(np.sqrt(n_eff) * ks) if n else np.ones(k)
+        eps = DEFAULT_EPS
+        p_cur = cc / max(n, 1)
+        nbr = np.repeat(self.nb, self.nb)
+        pc = (p_cur + eps) / (1 + nbr * eps)
+        pr = (self.c_props + eps) / (1 + nbr * eps)
+        psi_v = np.add.reduceat((pc - pr) * np.log(pc / pr), self.c_off) if k else np.zeros(0)
+        m = (p_cur + self.c_props) / 2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(p_cur > 0, p_cur * np.log(p_cur / m), 0.0) + \
+                np.where(self.c_props > 0, self.c_props * np.log(self.c_props / m), 0.0)
+        js = np.add.reduceat(terms, self.c_off) / 2 if k else np.zeros(0)
+        if not n:
+            psi_v, js = np.zeros(k), np.zeros(k)
+        return {"psi": psi_v, "js": js, "ks": ks, "ks_p": np.clip(ks_p, 0.0, 1.0),
+                "counts": [cc[o:o + b] for o, b in zip(self.c_off, self.nb)]}
+
+
+class WindowTester:
+    """Vectorised window tests of one profile: per numeric feature PSI and Jensen-Shannon on the coarse
+    reference-quantile bins and KS against the binned reference CDF (the fine grid); per categorical feature
+    PSI, JS and Pearson's chi-squared; per class KS on the predicted probabilities and chi-squared on the
+    predicted classes (black-box shift detection). p-values are adjusted across features (BH or
+    Bonferroni) and a feature is drifted when its adjusted p-value is below `alpha`; the dataset drifts
+    when any feature does (for BH this is Simes' global test)."""
+
+    def __init__(self, profile):
+        from raysys.monitor.profile import CAT_PROP_FLOOR
+
+        self.profile = profile
+        self.num = _SegmentedRefs(profile.numeric)
+        self.pred = _SegmentedRefs(profile.prediction.per_class) if profile.prediction is not None else None
+        self.cat_k = np.array([c.num_bins for c in profile.categorical], dtype=np.int64)
+        self.cat_off = np.concatenate([[0], np.cumsum(self.cat_k)[:-1]]).astype(np.int64)
+        props = [np.maximum(c.ref_props, CAT_PROP_FLOOR) for c in profile.categorical]
+        self.cat_props = np.concatenate([p / p.sum() for p in props]) if props else np.zeros(0)
+        self.cat_raw = np.concatenate([c.ref_props for c in profile.categorical]) if props else np.zeros(0)
+
+    def _categorical(self, x_cat: np.ndarray) -> dict[str, np.ndarray]:
+        from scipy.special import chdtrc
+
+        n, k = x_cat.shape
+        if not k:
+            z = np.zeros(0)
+            return {"psi": z, "js": z, "chi2": z, "chi2_p": z, "counts": []}
+        counts = np.bincount((x_cat + self.cat_off).ravel(), minlength=int(self.cat_k.sum())).astype(np.float64)
+        exp = self.cat_props * n
+        chi = np.add.reduceat((counts - exp) ** 2 / np.maximum(exp, 1e-12), self.cat_off)
+        p = chdtrc(np.maximum(self.cat_k - 1, 1), chi) if n else np.ones(k)
+        psi_v = np.array([psi(self.profile.categorical[j].ref_props, counts[o:o + b])
+                          for j, (o, b) in enumerate(zip(self.cat_off, self.cat_k))])
+        js = np.array([jensen_shannon(self.profile.categorical[j].ref_props, counts[o:o + b])
+                       for j, (o, b) in enumerate(zip(self.cat_off, self.cat_k))])
+        return {"psi": psi_v, "js": js, "chi2": chi, "chi2_p": p,
+                "counts": [counts[o:o + b] for o, b in zip(self.cat_off, self.cat_k)]}
+
+    def test(self, x_num: np.ndarray, x_cat: np.ndarray, *, proba: np.ndarray | None = None,
+             pred: np.ndarray | None = None, alpha: float = 0.01, method: str = "bh",
+             armed: bool = True) -> dict[str, Any]:
+        prof = self.profile
+        n = len(x_num)
+        num = self.num.stats(np.asarray(x_num, dtype=np.float64).reshape(n, len(prof.numeric)), prof.num_rows)
+        cat = self._categorical(np.asarray(x_cat, dtype=np.int64).reshape(n, len(prof.categorical)))
+        pvals = np.concatenate([num["ks_p"], cat["chi2_p"]])
+        adj = adjust_pvalues(pvals, method)
+        drifted = (adj < alpha) & armed & (n > 0)
+        features: dict[str, dict[str, Any]] = {}
+        n_num = len(prof.numeric)
+        for j, ref in enumerate(prof.numeric):
+            features[ref.name] = {"kind": "numeric", "test": "ks", "statistic": float(num["ks"][j]),
+                                  "p_value": float(num["ks_p"][j]), "p_adjusted": float(adj[j]),
+                                  "threshold": alpha, "psi": float(num["psi"][j]), "js": float(num["js"][j]),
+                                  "drifted": bool(drifted[j])}
+        for j, ref in enumerate(prof.categorical):
+            i = n_num + j
+            features[ref.name] = {"kind": "categorical", "test": "chi2", "statistic": float(cat["chi2"][j]),
+                                  "p_value": float(cat["chi2_p"][j]), "p_adjusted": float(adj[i]),
+                                  "threshold": alpha, "psi": float(cat["psi"][j]), "js": float(cat["js"][j]),
+                                  "drifted": bool(drifted[i])}
+        m = len(pvals)
+        dataset_p = float(np.min(adj)) if m else 1.0
+        return {"rows": n, "features": features, "dataset": {
+            "p_value": dataset_p, "drifted": bool(drifted.any()), "num_drifted": int(drifted.sum()),
+            "num_features": m, "share_drifted": float(drifted.sum() / m) if m else 0.0,
+            "method": method, "alpha": alpha}, "prediction": self._prediction(proba, pred, alpha, method, armed)}
+
+    def _prediction(self, proba, pred, alpha, method, armed) -> dict[str, Any]:
+        from scipy.special import chdtrc
+
+        prof = self.profile
+        out: dict[str, Any] = {"classes": list(prof.classes), "drifted": False, "per_class": {},
+                               "current": None, "reference": None, "rows": 0, "psi": None}
+        if pred is not None and len(pred) and prof.classes:
+            k = len(prof.classes)
+            pc = np.bincount(np.asarray(pred, dtype=np.int64), minlength=k)[:k].astype(np.float64)
+            total = pc.sum()
+            out["rows"] = int(total)
+            out["current"] = (pc / total).tolist() if total else None
+            if prof.class_priors is not None and total:
+                out["reference"] = prof.class_priors.tolist()
+                out["psi"] = psi(prof.class_priors, pc)
+                exp = np.maximum(prof.class_priors, 1e-4) * total
+                chi = float(((pc - exp) ** 2 / exp).sum())
+                out["chi2"] = chi
+                out["chi2_p"] = float(chdtrc(k - 1, chi))
+        pvals = [out["chi2_p"]] if "chi2_p" in out else []
+        if proba is not None and len(proba) and self.pred is not None:
+            st = self.pred.stats(np.asarray(proba, dtype=np.float64), prof.prediction.num_rows or prof.num_rows)
+            for i, c in enumerate(prof.classes):
+                out["per_class"][c] = {"test": "ks", "statistic": float(st["ks"][i]),
+                                       "p_value": float(st["ks_p"][i]), "psi": float(st["psi"][i])}
+            pvals += [float(p) for p in st["ks_p"]]
+            cal = prof.prediction.calibrated(np.asarray(proba, dtype=np.float64))
+            out["mean_confidence"] = float(cal.max(1).mean())
+        if pvals:
+            adj = adjust_pvalues(np.asarray(pvals), method)
+            out["p_adjusted"] = float(adj.min())
+            out["threshold"] = alpha
+            out["drifted"] = bool(armed and adj.min() < alpha)
+        return out

@@ -1,10 +1,22 @@
 """The reference profile live traffic is compared against.
 
-Built once from the training split's *raw* (unstandardised) features: for each numeric feature, interior
-bin edges at the reference quantiles and the reference share of rows per bin; for each categorical
-feature, the reference frequency of each category; optionally the class priors of the model's
-predictions on that split. Its size depends on the number of features and bins, never on the number
-of reference rows, so it travels with every registered model version as `reference_profile.json`.
+Built once, at registration, from the training split's *raw* (unstandardised) features:
+
+- per numeric feature: coarse interior bin edges at the reference quantiles with the reference share per
+  bin (PSI, Jensen-Shannon), and a fine grid of reference quantiles at normal-score levels
+  (`Phi(g)`, g = -3 .. 3) with the reference CDF at each grid point (KS against the binned CDF, and the
+  normal-score transform the online detector works on);
+- per categorical feature: the reference frequency of each category;
+- predictions: the class priors of the model's predicted classes and, from held-out data, per class the
+  distribution (the same fine grid) of the predicted probability, their mean and a whitening matrix
+  (online prediction drift), a calibration temperature and the held-out accuracy (confidence-based
+  accuracy estimate);
+- the online detector's thresholds (`detector`), calibrated by bootstrap from the reference to an
+  expected run time between false alarms (`calibrate`).
+
+Its size depends on the number of features, bins and classes, never on the number of reference rows
+(about 3 KB per numeric feature as JSON), so it travels with every registered model version as
+`reference_profile.json`.
 """
 
 from __future__ import annotations
@@ -14,22 +26,87 @@ from typing import Any
 
 import numpy as np
 import pyarrow as pa
+from scipy.special import ndtr, ndtri
 
 from raysys.data.dataset import Preprocessor
 from raysys.data.schema import DatasetSchema
 
-PROFILE_FORMAT = 1
+PROFILE_FORMAT = 2
+READABLE_FORMATS = (1, 2)
+# the fine grid's normal-score levels: 49 reference quantiles at Phi(-3) .. Phi(3), evenly spaced in z
+GRID_Z = np.linspace(-3.0, 3.0, 49)
+Z_CLIP = 6.0  # normal scores are clipped here (an extrapolated value far outside the reference)
+CAT_PROP_FLOOR = 1e-4  # a category never seen in the reference still gets a finite (large) score
 
 
 @dataclass
 class NumericRef:
+    """One numeric feature (or one class's predicted probability)."""
+
     name: str
-    edges: np.ndarray  # interior edges, ascending, unique; bins = len(edges) + 1
-    ref_props: np.ndarray  # share of reference rows per bin, sums to 1
+    edges: np.ndarray  # coarse interior edges, ascending, unique; bins = len(edges) + 1
+    ref_props: np.ndarray  # share of reference rows per coarse bin, sums to 1
+    grid_x: np.ndarray | None = None  # fine grid: ascending unique reference quantiles
+    grid_z: np.ndarray | None = None  # normal score at each grid point (mean level for tied quantiles)
+    grid_cdf: np.ndarray | None = None  # reference share of rows <= grid_x[i]
+
+    def __post_init__(self):
+        if self.grid_x is None:  # a format-1 profile: the coarse edges are the grid
+            cdf = np.cumsum(self.ref_props)[:-1]
+            self.grid_x = np.asarray(self.edges, dtype=np.float64)
+            self.grid_cdf = cdf
+            self.grid_z = ndtri(np.clip(cdf - self.ref_props[1:] / 2, 1e-6, 1 - 1e-6)) if len(cdf) else cdf
 
     @property
     def num_bins(self) -> int:
         return len(self.edges) + 1
+
+    @classmethod
+    def build(cls, name: str, col: np.ndarray, num_bins: int) -> NumericRef:
+        col = np.sort(np.asarray(col, dtype=np.float64))
+        n = len(col)
+        qs = np.linspace(0.0, 1.0, num_bins + 1)[1:-1]
+        # coarse edges are observed values (inverted CDF, no interpolation between levels) and np.unique
+        # drops repeats, so a discrete feature gets one bin per level instead of empty zero-width bins
+        edges = np.unique(np.quantile(col, qs, method="inverted_cdf"))
+        counts = np.bincount(np.searchsorted(edges, col, side="right"), minlength=len(edges) + 1)
+        raw = np.quantile(col, ndtr(GRID_Z))
+        grid_x, inverse = np.unique(raw, return_inverse=True)
+        # tied quantiles (a discrete feature) get the mean of their normal-score levels
+        grid_z = np.bincount(inverse, weights=GRID_Z) / np.bincount(inverse)
+        grid_cdf = np.searchsorted(col, grid_x, side="right") / n
+        return cls(name, edges, counts / n, grid_x, grid_z, grid_cdf)
+
+    def normal_scores(self, x: np.ndarray) -> np.ndarray:
+        """Raw values -> approximate N(0, 1) scores under the reference (piecewise-linear in x between the
+        grid's quantiles, linearly extrapolated beyond them, clipped at +-Z_CLIP)."""
+        gx, gz = self.grid_x, self.grid_z
+        x = np.asarray(x, dtype=np.float64)
+        if len(gx) < 2:
+            return np.zeros_like(x) if len(gx) == 0 else np.sign(x - gx[0]) * 3.0
+        z = np.interp(x, gx, gz)
+        lo, hi = x < gx[0], x > gx[-1]
+        if lo.any():
+            z[lo] = gz[0] + (x[lo] - gx[0]) * (gz[1] - gz[0]) / (gx[1] - gx[0])
+        if hi.any():
+            z[hi] = gz[-1] + (x[hi] - gx[-1]) * (gz[-1] - gz[-2]) / (gx[-1] - gx[-2])
+        return np.clip(z, -Z_CLIP, Z_CLIP)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"name": self.name, "edges": self.edges.tolist(), "ref_props": self.ref_props.tolist(),
+                "grid_x": self.grid_x.tolist(), "grid_z": self.grid_z.tolist(), "grid_cdf": self.grid_cdf.tolist()}
+
+    @classmethod
+    def from_dict(cls, f: dict[str, Any]) -> NumericRef:
+        edges = np.asarray(f["edges"], dtype=np.float64)
+        props = np.asarray(f["ref_props"], dtype=np.float64)
+        if len(props) != len(edges) + 1 or (np.diff(edges) <= 0).any():
+            raise ValueError(f"reference profile: feature {f['name']!r} needs ascending unique edges and "
+                             "one more proportion than edges")
+        grid = [np.asarray(f[k], dtype=np.float64) if k in f else None for k in ("grid_x", "grid_z", "grid_cdf")]
+        if grid[0] is not None and not (len(grid[0]) == len(grid[1]) == len(grid[2])):
+            raise ValueError(f"reference profile: feature {f['name']!r} needs grid_x, grid_z, grid_cdf of one length")
+        return cls(f["name"], edges, props, *grid)
 
 
 @dataclass
@@ -44,6 +121,55 @@ class CategoricalRef:
 
 
 @dataclass
+class PredictionRef:
+    """The model's predicted probabilities on held-out data."""
+
+    per_class: list[NumericRef]  # distribution of each class's predicted probability
+    mean: np.ndarray  # [K] mean predicted probability
+    whiten: np.ndarray  # [K, r]: (p - mean) @ whiten ~ N(0, I_r) (covariance's non-null space)
+    temperature: float = 1.0  # calibration: p_cal = softmax(log p / T)
+    accuracy: float | None = None  # held-out accuracy (when labels were given)
+    num_rows: int = 0
+
+    def calibrated(self, proba: np.ndarray) -> np.ndarray:
+        if self.temperature == 1.0:
+            return proba
+        logp = np.log(np.clip(proba, 1e-12, 1.0)) / self.temperature
+        logp -= logp.max(1, keepdims=True)
+        p = np.exp(logp)
+        return p / p.sum(1, keepdims=True)
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"per_class": [f.to_dict() for f in self.per_class], "mean": self.mean.tolist(),
+                "whiten": self.whiten.tolist(), "temperature": self.temperature, "accuracy": self.accuracy,
+                "num_rows": self.num_rows}
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PredictionRef:
+        k = len(d["mean"])
+        whiten = np.asarray(d["whiten"], dtype=np.float64).reshape(k, -1)
+        return cls([NumericRef.from_dict(f) for f in d["per_class"]], np.asarray(d["mean"], dtype=np.float64),
+                   whiten, float(d.get("temperature", 1.0)), d.get("accuracy"), int(d.get("num_rows", 0)))
+
+
+def fit_temperature(proba: np.ndarray, labels: np.ndarray) -> float:
+    """Temperature scaling (Guo et al. 2017) of predicted probabilities on held-out labels: the T that
+    minimises the NLL of softmax(log p / T)."""
+    from scipy.optimize import minimize_scalar
+
+    logp = np.log(np.clip(proba, 1e-12, 1.0))
+    idx = np.arange(len(labels))
+
+    def nll(log_t: float) -> float:
+        z = logp / np.exp(log_t)
+        z = z - z.max(1, keepdims=True)
+        return float(-(z[idx, labels] - np.log(np.exp(z).sum(1))).mean())
+
+    res = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded", options={"xatol": 1e-3})
+    return float(np.exp(res.x))
+
+
+@dataclass
 class ReferenceProfile:
     numeric: list[NumericRef]
     categorical: list[CategoricalRef]
@@ -51,13 +177,18 @@ class ReferenceProfile:
     num_bins: int
     classes: list[str] = field(default_factory=list)
     class_priors: np.ndarray | None = None  # share of reference predictions per class
+    prediction: PredictionRef | None = None
+    detector: dict[str, Any] | None = None  # online detector spec + calibrated thresholds
 
     # ----- build -----
     @classmethod
     def from_arrays(cls, schema: DatasetSchema, x_num: np.ndarray, x_cat: np.ndarray, *, num_bins: int = 10,
-                    pred: np.ndarray | None = None) -> ReferenceProfile:
-        """`x_num` raw float [n, n_num], `x_cat` category indices int [n, n_cat], `pred` int [n] (optional),
-        columns in the schema's numeric/categorical order."""
+                    pred: np.ndarray | None = None, proba: np.ndarray | None = None,
+                    labels: np.ndarray | None = None) -> ReferenceProfile:
+        """`x_num` raw float [n, n_num], `x_cat` category indices int [n, n_cat], columns in the schema's
+        numeric/categorical order; `pred` predicted classes int [n] (optional); `proba` predicted
+        probabilities [n, K] of these rows and `labels` their true classes (optional: for held-out rows;
+        `add_predictions` adds them from another, held-out, set)."""
         if num_bins < 2:
             raise ValueError(f"monitor.num_bins: must be at least 2, got {num_bins}")
         x_num = np.asarray(x_num, dtype=np.float64)
@@ -72,15 +203,7 @@ class ReferenceProfile:
         if not np.isfinite(x_num).all():
             j = int(np.flatnonzero(~np.isfinite(x_num).all(0))[0])
             raise ValueError(f"reference profile: {num_specs[j].name} has NaN or infinite values; fill or drop them")
-        qs = np.linspace(0.0, 1.0, num_bins + 1)[1:-1]
-        numeric = []
-        for j, f in enumerate(num_specs):
-            col = x_num[:, j]
-            # edges are observed values (inverted CDF, no interpolation between levels) and np.unique
-            # drops repeats, so a discrete feature gets one bin per level instead of empty zero-width bins
-            edges = np.unique(np.quantile(col, qs, method="inverted_cdf"))
-            counts = np.bincount(np.searchsorted(edges, col, side="right"), minlength=len(edges) + 1)
-            numeric.append(NumericRef(f.name, edges, counts / n))
+        numeric = [NumericRef.build(f.name, x_num[:, j], num_bins) for j, f in enumerate(num_specs)]
         categorical = []
         for j, f in enumerate(cat_specs):
             k = len(f.categories or [])
@@ -89,12 +212,17 @@ class ReferenceProfile:
                 raise ValueError(f"reference profile: {f.name} has category indices outside [0, {k})")
             categorical.append(CategoricalRef(f.name, list(f.categories or []), np.bincount(col, minlength=k) / n))
         priors = None
+        if pred is None and proba is not None:
+            pred = np.asarray(proba).argmax(1)
         if pred is not None:
             pred = np.asarray(pred, dtype=np.int64)
             if pred.shape != (n,) or pred.min() < 0 or pred.max() >= schema.num_classes:
                 raise ValueError(f"reference profile: pred must be {n} class indices in [0, {schema.num_classes})")
             priors = np.bincount(pred, minlength=schema.num_classes) / n
-        return cls(numeric, categorical, n, num_bins, list(schema.classes), priors)
+        prof = cls(numeric, categorical, n, num_bins, list(schema.classes), priors)
+        if proba is not None:
+            prof.add_predictions(proba, labels)
+        return prof
 
     @classmethod
     def from_table(cls, schema: DatasetSchema, table: pa.Table, *, num_bins: int = 10,
@@ -106,6 +234,42 @@ class ReferenceProfile:
         x_num, x_cat = ident.transform_table(table, with_label=False)
         return cls.from_arrays(schema, x_num, x_cat, num_bins=num_bins, pred=pred)
 
+    def add_predictions(self, proba: np.ndarray, labels: np.ndarray | None = None) -> None:
+        """The model's predicted probabilities [n, K] on held-out rows (and their labels, optional): the
+        per-class probability distributions, their mean and whitening (prediction drift), a calibration
+        temperature and the held-out accuracy (the confidence-based accuracy estimate)."""
+        proba = np.asarray(proba, dtype=np.float64)
+        k = len(self.classes)
+        if proba.ndim != 2 or proba.shape[1] != k or len(proba) < 2:
+            raise ValueError(f"reference profile: proba must be [n >= 2, {k}] predicted probabilities")
+        if not np.isfinite(proba).all():
+            raise ValueError("reference profile: proba has NaN or infinite values")
+        per_class = [NumericRef.build(f"proba:{c}", proba[:, i], self.num_bins) for i, c in enumerate(self.classes)]
+        mean = proba.mean(0)
+        cov = np.cov(proba, rowvar=False).reshape(k, k)
+        w, v = np.linalg.eigh(cov)
+        keep = w > max(w.max(), 1e-12) * 1e-6  # probabilities sum to 1: one direction is always null
+        whiten = v[:, keep] / np.sqrt(w[keep])
+        temperature, accuracy = 1.0, None
+        if labels is not None:
+            labels = np.asarray(labels, dtype=np.int64)
+            if labels.shape != (len(proba),) or labels.min() < 0 or labels.max() >= k:
+                raise ValueError(f"reference profile: labels must be {len(proba)} class indices in [0, {k})")
+            temperature = fit_temperature(proba, labels)
+            accuracy = float((proba.argmax(1) == labels).mean())
+        self.prediction = PredictionRef(per_class, mean, whiten, temperature, accuracy, len(proba))
+
+    def calibrate(self, x_num: np.ndarray, x_cat: np.ndarray, proba: np.ndarray | None = None, *,
+                  ert: float = 10_000, num_rows: int = 1_000_000, seed: int = 0, **detector_kw) -> dict[str, Any]:
+        """Calibrate the online detector's alarm threshold to `ert` (expected rows between false alarms)
+        by bootstrap: streams resampled from these (held-out) reference rows run through the detector and
+        the threshold is read off the simulated run lengths. Stores and returns `self.detector`."""
+        from raysys.monitor.online import calibrate_detector
+
+        self.detector = calibrate_detector(self, x_num, x_cat, proba, ert=ert, num_rows=num_rows, seed=seed,
+                                           **detector_kw)
+        return self.detector
+
     # ----- views -----
     @property
     def feature_names(self) -> list[str]:
@@ -115,6 +279,34 @@ class ReferenceProfile:
     def bin_counts(self) -> list[int]:
         """Bins per feature, numeric first then categorical (the window's column layout)."""
         return [f.num_bins for f in self.numeric] + [f.num_bins for f in self.categorical]
+
+    def numeric_scores(self, x_num: np.ndarray) -> np.ndarray:
+        """Raw numeric [n, n_num] -> normal scores [n, n_num] (N(0, 1) per column under the reference)."""
+        xt = np.ascontiguousarray(np.asarray(x_num, dtype=np.float64).T)  # contiguous columns: faster interp
+        out = np.empty(xt.shape, dtype=np.float64)
+        for j, ref in enumerate(self.numeric):
+            out[j] = ref.normal_scores(xt[j])
+        return out.T
+
+    def category_scores(self, x_cat: np.ndarray) -> np.ndarray:
+        """Category indices [n, n_cat] -> standardised one-hots [n, sum K]: (1{c} - p_c) / sqrt(p_c), whose
+        squares summed over a feature's columns form Pearson's chi-squared."""
+        x = np.asarray(x_cat, dtype=np.int64)
+        n = len(x)
+        blocks = []
+        for j, ref in enumerate(self.categorical):
+            p = np.maximum(ref.ref_props, CAT_PROP_FLOOR)
+            p = p / p.sum()
+            block = np.broadcast_to(-np.sqrt(p), (n, len(p))).copy()
+            block[np.arange(n), x[:, j]] += 1.0 / np.sqrt(p[x[:, j]])
+            blocks.append(block)
+        return np.concatenate(blocks, 1) if blocks else np.zeros((n, 0))
+
+    def prediction_scores(self, proba: np.ndarray) -> np.ndarray:
+        """Predicted probabilities [n, K] -> whitened deviations [n, r] from the held-out mean."""
+        if self.prediction is None:
+            return np.zeros((len(proba), 0))
+        return (np.asarray(proba, dtype=np.float64) - self.prediction.mean) @ self.prediction.whiten
 
     def check_schema(self, schema: DatasetSchema) -> None:
         """Raise ValueError when the profile was not built for this schema's features."""
@@ -135,28 +327,23 @@ class ReferenceProfile:
             "format": PROFILE_FORMAT,
             "num_rows": int(self.num_rows),
             "num_bins": int(self.num_bins),
-            "numeric": [{"name": f.name, "edges": f.edges.tolist(), "ref_props": f.ref_props.tolist()}
-                        for f in self.numeric],
+            "numeric": [f.to_dict() for f in self.numeric],
             "categorical": [{"name": f.name, "categories": list(f.categories), "ref_props": f.ref_props.tolist()}
                             for f in self.categorical],
             "classes": list(self.classes),
             "class_priors": None if self.class_priors is None else self.class_priors.tolist(),
+            "prediction": None if self.prediction is None else self.prediction.to_dict(),
+            "detector": self.detector,
         }
 
     @classmethod
     def from_dict(cls, d: dict[str, Any] | ReferenceProfile) -> ReferenceProfile:
         if isinstance(d, ReferenceProfile):
             return d
-        if d.get("format") != PROFILE_FORMAT:
-            raise ValueError(f"reference profile: unsupported format {d.get('format')!r} (expected {PROFILE_FORMAT})")
-        numeric = []
-        for f in d["numeric"]:
-            edges = np.asarray(f["edges"], dtype=np.float64)
-            props = np.asarray(f["ref_props"], dtype=np.float64)
-            if len(props) != len(edges) + 1 or (np.diff(edges) <= 0).any():
-                raise ValueError(f"reference profile: feature {f['name']!r} needs ascending unique edges and "
-                                 "one more proportion than edges")
-            numeric.append(NumericRef(f["name"], edges, props))
+        if d.get("format") not in READABLE_FORMATS:
+            raise ValueError(f"reference profile: unsupported format {d.get('format')!r} (expected one of "
+                             f"{READABLE_FORMATS})")
+        numeric = [NumericRef.from_dict(f) for f in d["numeric"]]
         categorical = []
         for f in d["categorical"]:
             props = np.asarray(f["ref_props"], dtype=np.float64)
@@ -164,5 +351,7 @@ class ReferenceProfile:
                 raise ValueError(f"reference profile: feature {f['name']!r} needs one proportion per category")
             categorical.append(CategoricalRef(f["name"], list(f["categories"]), props))
         priors = d.get("class_priors")
+        pred = d.get("prediction")
         return cls(numeric, categorical, int(d["num_rows"]), int(d["num_bins"]), list(d.get("classes") or []),
-                   None if priors is None else np.asarray(priors, dtype=np.float64))
+                   None if priors is None else np.asarray(priors, dtype=np.float64),
+                   None if pred is None else PredictionRef.from_dict(pred), d.get("detector"))

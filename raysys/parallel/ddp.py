@@ -1,4 +1,4 @@
-"""Data parallelism: torch DistributedDataParallel over whatever process group is initialised.
+"""Data parallelism: torch DistributedDataParallel over the mesh's `dp` process group.
 
 No Ray here: Ray Train (or torchrun, or a test's `torch.multiprocessing` ranks) initialises the
 process group; this module only wraps the model.
@@ -29,23 +29,38 @@ def rank() -> int:
     return 0
 
 
-def apply_ddp(model: nn.Module, *, find_unused_parameters: bool = False) -> nn.Module:
-    """Wrap `model` in DDP when a process group with more than one rank is initialised.
+def dp_group(mesh) -> dist.ProcessGroup | None:
+    """The data-parallel process group of `mesh` (its `dp` dimension); None means the default group."""
+    if mesh is None:
+        return None
+    names = mesh.mesh_dim_names or ()
+    return (mesh["dp"] if "dp" in names and len(names) > 1 else mesh).get_group()
+
+
+def dp_size(mesh) -> int:
+    if mesh is None:
+        return world_size()
+    names = mesh.mesh_dim_names or ()
+    return (mesh["dp"] if "dp" in names and len(names) > 1 else mesh).size()
+
+
+def apply_ddp(model: nn.Module, mesh=None, cfg=None, *, find_unused_parameters: bool = False,
+              label: str = "DDP") -> nn.Module:
+    """Wrap `model` in DDP over the mesh's dp group when it has more than one rank.
 
     On one rank (or with no process group) the model comes back unchanged, so the same training code
     runs single-process. DDP broadcasts rank 0's parameters at construction, so every rank starts from
     the same weights even if they were seeded differently, and averages gradients in backward: each
     rank's loss must be a mean over its own (equal-sized) share of the global batch.
     """
-    n = world_size()
-    if n <= 1:
-        return model
-    if isinstance(model, DistributedDataParallel):
+    n = dp_size(mesh)
+    if n <= 1 or isinstance(model, DistributedDataParallel):
         return model
     # CPU/gloo here; on GPU the caller moves the model first and DDP uses the parameters' device.
-    wrapped = DistributedDataParallel(model, find_unused_parameters=find_unused_parameters)
+    wrapped = DistributedDataParallel(model, process_group=dp_group(mesh),
+                                      find_unused_parameters=find_unused_parameters)
     if rank() == 0:
-        logger.info("parallel: DDP applied over %d ranks (backend %s)", n, dist.get_backend())
+        logger.info("parallel: %s applied over %d ranks (backend %s)", label, n, dist.get_backend())
     return wrapped
 
 

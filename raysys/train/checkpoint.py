@@ -1,6 +1,11 @@
-"""Training-state checkpoints without pickle: safetensors for tensors, JSON for everything else.
+"""Training-state checkpoints: the "full" layout (safetensors + JSON, no pickle) and the meta file of both.
 
-A checkpoint directory holds
+The "full" layout (ddp, zero1; `layout: "full"` in meta.json) is written here by rank 0. The "sharded"
+layout (zero2, zero3) keeps its tensors in a DCP directory `dcp/` written by every rank (see
+raysys.train.dcp, which also restores either layout into any strategy) plus the same `meta.json`, and
+its final checkpoint also carries the consolidated `model.safetensors`.
+
+A full checkpoint directory holds
 
 - `model.safetensors`: the single-device state dict (any DDP `module.` prefix stripped), so the
   registry, distillation and serving can load it into a plain model;
@@ -10,7 +15,8 @@ A checkpoint directory holds
   replaced together;
 - `meta.json`: epoch, global step, model spec, per-epoch metrics history and caller extras.
 
-Loading never runs code from the files (no `torch.load`, no pickle). Each file is written to a temporary
+Loading a full checkpoint never runs code from the files (no `torch.load`, no pickle); DCP's sharded
+files are pickled by torch and are trusted internal state (raysys.train.dcp). Each file is written to a temporary
 name and `os.replace`d into place, and `meta.json` is written last: a directory with a `meta.json` is
 complete, which is what `is_checkpoint_dir` checks.
 """
@@ -35,6 +41,11 @@ MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
 META_FILE = "meta.json"
 FORMAT = "raysys.train.checkpoint/1"
+# `layout` in meta.json: "full" = model.safetensors + optimizer.safetensors written by rank 0 (ddp, zero1);
+# "sharded" = a DCP checkpoint under dcp/ written by every rank (zero2, zero3), see raysys.train.dcp
+LAYOUT_FULL, LAYOUT_SHARDED = "full", "sharded"
+DCP_DIR = "dcp"
+DCP_METADATA = ".metadata"
 _TREE_KEY = "raysys.optimizer_tree"
 _DDP_PREFIX = "module."
 
@@ -59,9 +70,16 @@ def model_state_dict(model: nn.Module) -> dict[str, torch.Tensor]:
 
 
 def load_model_state(directory: str | Path) -> dict[str, torch.Tensor]:
-    """The model state dict stored in a checkpoint directory (CPU tensors)."""
+    """The model state dict stored in a checkpoint directory (CPU tensors).
+
+    A sharded (DCP) checkpoint without an exported `model.safetensors` is consolidated in this process
+    (see `raysys.train.dcp.consolidate_model_state`)."""
     path = Path(directory) / MODEL_FILE
     if not path.exists():
+        if (Path(directory) / DCP_DIR / DCP_METADATA).exists():
+            from raysys.train.dcp import consolidate_model_state
+
+            return consolidate_model_state(directory)
         raise FileNotFoundError(f"checkpoint: {str(path)!r} not found; is {str(directory)!r} a checkpoint dir?")
     return load_file(str(path), device="cpu")
 
@@ -122,8 +140,9 @@ def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], tree: Any) -> An
     return dec(tree)
 
 
-def save_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer) -> None:
-    tensors, tree = flatten_optimizer_state(optimizer.state_dict())
+def save_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer | dict[str, Any]) -> None:
+    state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
+    tensors, tree = flatten_optimizer_state(state)
     _atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", _TREE_KEY: json.dumps(tree)}))
 
 
@@ -140,27 +159,37 @@ def load_optimizer_state(path: str | Path) -> dict[str, Any]:
 # ----------------------------------------------------------------------------------------------------
 # whole training state
 # ----------------------------------------------------------------------------------------------------
-def save_training_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,
+def save_training_state(directory: str | Path, model: nn.Module | None, optimizer: torch.optim.Optimizer | None = None,
                         *, epoch: int, global_step: int, model_spec: dict[str, Any],
-                        metrics: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None) -> Path:
+                        metrics: list[dict[str, Any]] | None = None, extra: dict[str, Any] | None = None,
+                        optimizer_state: dict[str, Any] | None = None, layout: str = LAYOUT_FULL,
+                        model_state: dict[str, torch.Tensor] | None = None) -> Path:
     """Write model (+ optimizer) state and `meta.json` into `directory` (created if needed).
 
     `epoch` is the last completed epoch (0-based); a run resumed from this checkpoint starts at
     `epoch + 1`. `extra` holds JSON-able caller data (e.g. schema and preprocessor state).
+    `optimizer_state` replaces `optimizer.state_dict()` (ZeRO-1's consolidated state) and `model_state`
+    the model's state dict (one already gathered from shards); with `model=None` and no `model_state` only
+    `meta.json` is written (a sharded checkpoint, whose tensors DCP wrote under `dcp/`).
     """
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
-    sd = model_state_dict(model)
-    _atomic(directory / MODEL_FILE, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
-    if optimizer is not None:
-        save_optimizer_state(directory / OPTIMIZER_FILE, optimizer)
+    if model is not None or model_state is not None:
+        sd = model_state_dict(model) if model_state is None else {
+            k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
+        _atomic(directory / MODEL_FILE, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
+    if optimizer_state is None and optimizer is not None and layout == LAYOUT_FULL:
+        optimizer_state = optimizer.state_dict()
+    if optimizer_state is not None:
+        save_optimizer_state(directory / OPTIMIZER_FILE, optimizer_state)
     meta = {
         "format": FORMAT,
+        "layout": layout,
         "epoch": int(epoch),
         "global_step": int(global_step),
         "model_spec": model_spec,
         "metrics": list(metrics or []),
-        "has_optimizer": optimizer is not None,
+        "has_optimizer": optimizer_state is not None or (layout == LAYOUT_SHARDED and optimizer is not None),
         "saved_unix": time.time(),
         "extra": extra or {},
     }
@@ -182,7 +211,7 @@ def read_meta(directory: str | Path) -> dict[str, Any]:
 
 def is_checkpoint_dir(directory: str | Path) -> bool:
     d = Path(directory)
-    return (d / META_FILE).exists() and (d / MODEL_FILE).exists()
+    return (d / META_FILE).exists() and ((d / MODEL_FILE).exists() or (d / DCP_DIR / DCP_METADATA).exists())
 
 
 def load_training_state(directory: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer | None = None,

@@ -1,7 +1,8 @@
 """Teacher training with Ray Train: `train_teacher(cfg, schema, preprocessor) -> TeacherResult`.
 
 Wiring only: Ray Data reads the Parquet splits, `TorchTrainer` runs `train_loop_per_worker` on
-`cfg.train.num_workers` CPU workers (gloo DDP), and the last reported checkpoint becomes the result.
+`cfg.train.num_workers` CPU workers (gloo; the parallel strategy is applied in the loop by
+`raysys.parallel`), and the last reported checkpoint becomes the result.
 
 Re-running a run name (what Ray Train v2 does, and what we chose)
 ------------------------------------------------------------------
@@ -43,7 +44,8 @@ from raysys.config import PipelineConfig
 from raysys.data.dataset import Preprocessor, split_files
 from raysys.data.schema import DatasetSchema
 from raysys.models import build_model, model_spec
-from raysys.parallel import STRATEGIES
+from raysys.parallel import STRATEGIES, ParallelDims, StrategyConfig, check_available, fsdp_units
+from raysys.parallel.memory import MemoryEstimate, check_memory_budget
 from raysys.train.checkpoint import META_FILE, is_checkpoint_dir, load_model_state, read_meta
 
 logger = logging.getLogger(__name__)
@@ -53,6 +55,10 @@ logger = logging.getLogger(__name__)
 # file does not exist (it creates it), so a retry gets through
 FAIL_AT_EPOCH_ENV = "RAYSYS_TRAIN_FAIL_AT_EPOCH"
 FAIL_MARKER_ENV = "RAYSYS_TRAIN_FAIL_MARKER"
+# test-only observation (raysys.train.loop.TestHooks): workers write their PIDs and per-step events under
+# this directory (so a test can SIGKILL one mid-epoch), sleeping STEP_DELAY seconds per step
+TEST_DIR_ENV = "RAYSYS_TRAIN_TEST_DIR"
+STEP_DELAY_ENV = "RAYSYS_TRAIN_STEP_DELAY_S"
 # a split is materialized when PARQUET_EXPANSION x its Parquet bytes fit in this fraction of the free
 # object store memory (both splits together then take at most 2 x this fraction)
 MATERIALIZE_FRACTION = 0.2
@@ -139,6 +145,38 @@ def _check_resumable(storage: str, name: str, spec: dict[str, Any]) -> None:
                          f"config gives {spec} (teacher.*); use resume=False or another run_name")
 
 
+def parallel_dims(cfg: PipelineConfig) -> ParallelDims:
+    p = cfg.train.parallel
+    return ParallelDims.for_strategy(cfg.train.strategy, cfg.train.num_workers, dp=p and p.dp, tp=p and p.tp,
+                                     pp=p and p.pp)
+
+
+def teacher_size(spec: dict[str, Any]) -> tuple[int, int]:
+    """(parameters, parameters of the largest FSDP unit) of a teacher, counted on the meta device (no memory)."""
+    with torch.device("meta"):
+        model = build_model(spec)
+    units = fsdp_units(model)
+    largest = max([sum(p.numel() for p in u.parameters()) for u in units] or [0])
+    return sum(p.numel() for p in model.parameters()), largest
+
+
+def check_train_config(cfg: PipelineConfig, schema: DatasetSchema) -> MemoryEstimate:
+    """Driver-side checks before any worker starts: strategy and degrees, and the per-worker memory budget
+    (`train.max_worker_memory_gb`). Raises ValueError naming the field and a fix."""
+    if cfg.train.strategy not in STRATEGIES:
+        raise ValueError(f"train.strategy: unknown strategy {cfg.train.strategy!r}; choose one of {list(STRATEGIES)}")
+    dims = parallel_dims(cfg)
+    # tensor/pipeline parallelism not available yet: fail here, not in every worker max_failures times
+    check_available(dims, StrategyConfig(cfg.train.strategy))
+    n, largest = teacher_size(model_spec(schema, cfg.teacher))
+    est = check_memory_budget(n, cfg.train.strategy, dims, cfg.train.max_worker_memory_gb,
+                              largest_unit_params=largest)
+    logger.info("teacher: %s parameters; %s on %d workers (dp=%d tp=%d pp=%d): ~%.1f MiB of params + grads + "
+                "AdamW state per worker (estimate)", f"{n:,}", cfg.train.strategy, dims.world_size, dims.dp,
+                dims.tp, dims.pp, est.total_bytes / 2**20)
+    return est
+
+
 def loop_config(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preprocessor, run_name: str
                 ) -> dict[str, Any]:
     """The JSON-only config `train_loop_per_worker` receives."""
@@ -148,6 +186,10 @@ def loop_config(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Prepro
         "schema": schema.model_dump(mode="json"),
         "preprocessor": preprocessor.to_dict(),
         "strategy": cfg.train.strategy,
+        "zero1_partition": cfg.train.zero1_partition,
+        "cache_shard_mb": cfg.train.cache_shard_mb,
+        "num_microbatches": cfg.train.num_microbatches,
+        "pipeline_schedule": cfg.train.pipeline_schedule,
         "num_epochs": cfg.train.num_epochs,
         "batch_size": cfg.train.batch_size,
         "lr": cfg.train.lr,
@@ -155,6 +197,13 @@ def loop_config(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Prepro
         "seed": cfg.train.seed,
         "threads_per_worker": cfg.train.threads_per_worker,
     }
+    p = cfg.train.parallel
+    conf["parallel"] = {"dp": p.dp, "tp": p.tp, "pp": p.pp} if p is not None else None
+    test_dir = os.environ.get(TEST_DIR_ENV)
+    if test_dir:
+        conf["test_dir"] = os.path.abspath(test_dir)
+        conf["step_delay_s"] = float(os.environ.get(STEP_DELAY_ENV) or 0.0)
+        logger.warning("teacher: test hooks on: workers write PIDs and events under %s (%s)", test_dir, TEST_DIR_ENV)
     fail_at = os.environ.get(FAIL_AT_EPOCH_ENV)
     if fail_at:
         conf["fail_at_epoch"] = int(fail_at)
@@ -195,7 +244,9 @@ def _read_split(root: str, split: str):
 
 def train_teacher(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preprocessor, *,
                   run_name: str = "teacher", resume: bool = False) -> TeacherResult:
-    """Train the teacher on `cfg.data.root` with Ray Train (DDP over `cfg.train.num_workers` CPU workers).
+    """Train the teacher on `cfg.data.root` with Ray Train: `cfg.train.strategy` (ddp, zero1, zero2, zero3,
+    tensor) over `cfg.train.num_workers` CPU workers, after `check_train_config` (degrees, availability,
+    the `train.max_worker_memory_gb` budget) has passed on the driver.
 
     Starts a local Ray if none is running (or joins `RAY_ADDRESS`). Results and checkpoints go under
     `cfg.run_dir/<run name>`; `resume` is explained in the module docstring. Raises
@@ -207,8 +258,7 @@ def train_teacher(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Prep
 
     from raysys.train.loop import train_loop_per_worker
 
-    if cfg.train.strategy not in STRATEGIES:
-        raise ValueError(f"train.strategy: unknown strategy {cfg.train.strategy!r}; choose one of {list(STRATEGIES)}")
+    check_train_config(cfg, schema)
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS when set, else a local Ray
     storage = storage_path(cfg.run_dir)
@@ -247,7 +297,8 @@ def train_teacher(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Prep
         # remote storage (s3://, gs://): the contract is a local directory, so download it
         ckpt_dir = ckpt.to_directory(tempfile.mkdtemp(prefix=f"raysys-{name}-"))
     if not is_checkpoint_dir(ckpt_dir):
-        raise RuntimeError(f"teacher: {ckpt_dir!r} is not a raysys checkpoint (no model.safetensors/meta.json)")
+        raise RuntimeError(f"teacher: {ckpt_dir!r} is not a raysys checkpoint (no meta.json with "
+                           f"model.safetensors or dcp/)")
     out = TeacherResult.from_checkpoint_dir(ckpt_dir)
     out.run_name, out.run_path = name, str(result.path)
     if out.metrics:

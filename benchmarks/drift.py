@@ -1,0 +1,328 @@
+"""Drift monitoring benchmark: calibration (ERT), detection delays, window-test speed, actor ingest.
+
+    .venv/bin/python benchmarks/drift.py            # ~5 min on 2 cores
+    .venv/bin/python benchmarks/drift.py --quick    # smaller, for a smoke run
+
+Streams come from the synthetic generator (`SyntheticTask` + `DriftSpec`) with 50 features (45 numeric,
+5 categorical of 5 levels) and 4 classes; a small student MLP (trained here, a few seconds) supplies the
+predicted probabilities. The reference profile is built from 20k training rows; the online detector is
+calibrated by bootstrap from 10k held-out rows to ERT = 10,000 rows.
+
+Measured, in the same run:
+- no-drift run lengths (>= 200 alarms, the detector restarting after each) -> ert_ratio = mean / ERT;
+- median detection delay (rows after the change; 200 undrifted rows precede it) per scenario;
+- eval_ms: one window evaluation (1k window x 50 features against a 10k-row reference profile: PSI, JS,
+  KS on the binned CDF, chi-squared, BH) beside scipy.stats.ks_2samp over the same 45 numeric columns
+  against the 10k reference rows, and whether both give the same drifted/undrifted verdicts (BH, alpha);
+- ingest_rows_per_s: rows per second one MonitorActor takes through `record.remote` (a local Ray);
+- request_overhead_p50_ms: what a request pays for monitoring (MonitorLink.add into the replica buffer);
+- reference_bytes: the profile's JSON size;
+- accuracy: realised vs the confidence-based estimate on undrifted and label-shifted traffic.
+Evidently's DataDriftPreset is not installed in this venv (it would pull pandas/plotly/nltk and more into
+the shared environment), so speedup_vs_evidently is reported as null with the reason.
+Prints one JSON object as its LAST line.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import sys
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+import numpy as np  # noqa: E402
+import torch  # noqa: E402
+
+from raysys.config import DataConfig, ModelConfig  # noqa: E402
+from raysys.data import DriftSpec, Preprocessor, SyntheticTask  # noqa: E402
+from raysys.models import build_model, model_spec  # noqa: E402
+from raysys.monitor.drift import WindowTester, adjust_pvalues  # noqa: E402
+from raysys.monitor.online import detector_for, score_rows  # noqa: E402
+from raysys.monitor.profile import ReferenceProfile  # noqa: E402
+
+ERT = 10_000
+PRE_CHANGE = 200
+N_NUM, N_CAT, N_CATEGORIES, N_CLASSES = 45, 5, 5, 4
+
+
+class World:
+    def __init__(self, seed: int = 0):
+        self.cfg = DataConfig(num_numeric=N_NUM, num_categorical=N_CAT, num_categories=N_CATEGORIES,
+                              num_classes=N_CLASSES, seed=seed)
+        self.task = SyntheticTask(self.cfg)
+        self.schema = self.task.schema()
+        self.ident = Preprocessor(self.schema, [0.0] * N_NUM, [1.0] * N_NUM)
+        train = self.task.sample(20_000, [seed, 1])
+        self.pre = Preprocessor.fit(self.schema, train)
+        self.model = self._train(train)
+
+    def _train(self, table, epochs: int = 4):
+        torch.manual_seed(0)
+        model = build_model(model_spec(self.schema, ModelConfig(hidden_dims=[64, 32], embed_dim=4)))
+        xn, xc, y = (torch.as_tensor(a) for a in self.pre.transform_table(table))
+        opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+        for _ in range(epochs):
+            perm = torch.randperm(len(y))
+            for i in range(0, len(y), 256):
+                b = perm[i:i + 256]
+                loss = torch.nn.functional.cross_entropy(model(xn[b], xc[b]), y[b])
+                opt.zero_grad()
+                loss.backward()
+                opt.step()
+        return model.eval()
+
+    def arrays(self, n: int, seed, drift: DriftSpec | None = None):
+        """raw numeric, category indices, labels, predicted probabilities."""
+        table = self.task.sample(n, seed, drift)
+        x_num, x_cat, y = self.ident.transform_table(table)
+        with torch.inference_mode():
+            logits = self.model(torch.as_tensor(self.pre.standardize(x_num), dtype=torch.float32),
+                                torch.as_tensor(x_cat))
+            proba = torch.softmax(logits.double(), 1).numpy()
+        return x_num, x_cat, y, proba
+
+
+def scenario_specs(world: World) -> dict[str, object]:
+    rev = world.task.cat_probs[1][::-1]
+    cats = world.task.categories[1]
+    others = {c: 0.1 for c in world.task.classes[1:]}
+    return {
+        "sigma1_1of50": DriftSpec(covariate={"x7": 1.0}),
+        "sigma05_1of50": DriftSpec(covariate={"x7": 0.5}),
+        "sigma025_5of50": DriftSpec(covariate={f"x{i}": 0.25 for i in range(5, 10)}),
+        "prior_flip": DriftSpec(label_priors={world.task.classes[0]: 0.7, **others}),
+        "categorical_shift": DriftSpec(categorical={"c1": {c: float(p) for c, p in zip(cats, rev)}}),
+        "ramp": "ramp",  # x7 drifts linearly from 0 to 1 sigma over 1000 rows, then stays
+    }
+
+
+def drifted_rows(world: World, spec, n: int, seed):
+    if spec != "ramp":
+        return world.arrays(n, seed, spec)
+    parts = []
+    block = 50
+    for b in range(n // block):
+        shift = min(1.0, (b + 0.5) * block / 1000.0)
+        parts.append(world.arrays(block, [*seed, b], DriftSpec(covariate={"x7": shift})))
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
+
+
+def run_detector(profile, S: np.ndarray, batch: int = 500) -> list[int]:
+    """Feeds score rows to a fresh detector; returns the alarm rows (stream offsets)."""
+    det = detector_for(profile)
+    rows = []
+    for lo in range(0, len(S), batch):
+        rows += [lo + a["row"] for a in det.update(S[lo:lo + batch])]
+    return rows
+
+
+def measure_ert(world: World, profile, min_alarms: int, max_rows: int) -> dict:
+    det = detector_for(profile)
+    rows = alarms = 0
+    lengths = []
+    chunk = 100_000
+    i = 0
+    t0 = time.perf_counter()
+    while alarms < min_alarms and rows < max_rows:
+        x_num, x_cat, _, proba = world.arrays(chunk, [0, 1000 + i])
+        S = score_rows(profile, x_num, x_cat, proba)
+        for lo in range(0, chunk, 1000):
+            for a in det.update(S[lo:lo + 1000]):
+                lengths.append(a["run_length"])
+        alarms = len(lengths)
+        rows += chunk
+        i += 1
+    # the stream's end censors the last run: mean run length = rows watched / alarms (exponential MLE)
+    mean_rl = rows / max(alarms, 1)
+    return {"rows": rows, "alarms": alarms, "mean_run_length": mean_rl, "ert_ratio": mean_rl / ERT,
+            "median_run_length": float(np.median(lengths)) if lengths else None,
+            "seconds": round(time.perf_counter() - t0, 1)}
+
+
+def measure_delays(world: World, profile, reps: int) -> dict:
+    out = {}
+    for name, spec in scenario_specs(world).items():
+        n_after = 2000 if name in ("sigma025_5of50", "ramp", "sigma05_1of50") else 800
+        delays = []
+        for r in range(reps):
+            a = world.arrays(PRE_CHANGE, [7, r])
+            b = drifted_rows(world, spec, n_after, [8, r, len(name)])
+            x_num, x_cat, _, proba = (np.concatenate([a[i], b[i]]) for i in range(4))
+            alarm_rows = run_detector(profile, score_rows(profile, x_num, x_cat, proba))
+            after = [x - PRE_CHANGE for x in alarm_rows if x >= PRE_CHANGE]
+            delays.append(after[0] + 1 if after else n_after + 1)  # censored at the stream's end
+        out[name] = {"median": float(np.median(delays)), "p90": float(np.percentile(delays, 90)),
+                     "missed": int(sum(d > n_after for d in delays)), "reps": reps}
+    return out
+
+
+def measure_eval(world: World, reps: int, alpha: float = 0.01) -> dict:
+    from scipy.stats import ks_2samp
+
+    x_ref, c_ref, y_ref, p_ref = world.arrays(10_000, [0, 3])
+    prof = ReferenceProfile.from_arrays(world.schema, x_ref, c_ref, pred=p_ref.argmax(1))
+    tester = WindowTester(prof)
+    cases = {"none": None, "sigma1_1of50": DriftSpec(covariate={"x7": 1.0}),
+             "sigma05_1of50": DriftSpec(covariate={"x7": 0.5}),
+             "sigma025_5of50": DriftSpec(covariate={f"x{i}": 0.25 for i in range(5, 10)})}
+    ours_ms, scipy_ms, verdicts = [], [], {}
+    for name, spec in cases.items():
+        agree = same = 0
+        for r in range(reps):
+            xw, cw, _, pw = world.arrays(1000, [9, r, len(name)], spec)
+            t0 = time.perf_counter()
+            res = tester.test(xw, cw, pred=pw.argmax(1), alpha=alpha, method="bh")
+            ours_ms.append((time.perf_counter() - t0) * 1000)
+            t0 = time.perf_counter()
+            p_sc = np.array([ks_2samp(x_ref[:, j], xw[:, j]).pvalue for j in range(N_NUM)])
+            scipy_ms.append((time.perf_counter() - t0) * 1000)
+            v_sc = adjust_pvalues(p_sc, "bh") < alpha
+            v_ours = np.array([res["features"][f"x{j}"]["drifted"] for j in range(N_NUM)])
+            agree += int((v_sc == v_ours).sum())
+            same += int((v_sc == v_ours).all())
+        verdicts[name] = {"feature_agreement": agree / (reps * N_NUM), "identical_windows": same / reps}
+    e, s = float(np.median(ours_ms)), float(np.median(scipy_ms))
+    return {"eval_ms": e, "scipy_ks_ms": s, "speedup_vs_scipy": s / e, "verdicts_vs_scipy": verdicts,
+            "reference_rows": 10_000, "window_rows": 1000, "features": N_NUM + N_CAT}
+
+
+def measure_ingest(world: World, profile, batches: int) -> dict:
+    import ray
+
+    from raysys.monitor.actor import get_or_create_monitor
+
+    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    try:
+        handle = get_or_create_monitor(f"bench_monitor_{os.getpid()}", "raysys_bench", profile=profile.to_dict(),
+                                       schema=world.schema.model_dump(), monitor_cfg={"ert": ERT},
+                                       model_version=1)
+        ray.get(handle.ping.remote())
+        x_num, x_cat, _, proba = world.arrays(1000, [0, 77])
+        batch = {"x_num": x_num.astype(np.float32), "x_cat": x_cat, "pred": proba.argmax(1),
+                 "proba": proba.astype(np.float32), "latency_ms": list(np.full(1000, 3.0)), "model_version": 1,
+                 "request_ids": [f"r{i}" for i in range(1000)]}
+        ray.get(handle.record.remote(batch))  # warm-up
+        t0 = time.perf_counter()
+        refs = [handle.record.remote(batch) for _ in range(batches)]
+        ray.get(refs)
+        dt = time.perf_counter() - t0
+        t1 = time.perf_counter()
+        rep = ray.get(handle.report.remote())
+        report_ms = (time.perf_counter() - t1) * 1000
+        ray.kill(handle, no_restart=True)
+        return {"ingest_rows_per_s": batches * 1000 / dt, "batch_rows": 1000, "batches": batches,
+                "report_ms": report_ms, "rows_seen": rep["rows_seen"]}
+    finally:
+        ray.shutdown()
+
+
+def measure_request_overhead(world: World, n: int = 20_000) -> dict:
+    from serve.app import MonitorBuffer
+
+    buf = MonitorBuffer(max_rows=10 * n)
+    x_num, x_cat, _, proba = world.arrays(1, [0, 99])
+    pred = proba.argmax(1)
+    times = np.empty(n)
+    import uuid
+
+    for i in range(n):
+        t0 = time.perf_counter()
+        rid = uuid.uuid4().hex
+        buf.add(x_num, x_cat, pred, 3.0, 1, proba=proba, request_id=rid)
+        times[i] = time.perf_counter() - t0
+        if buf.rows >= 2048:
+            buf.take()  # what the flusher does off the request path
+    t0 = time.perf_counter()
+    for _ in range(2048):
+        buf.add(x_num, x_cat, pred, 3.0, 1, proba=proba, request_id="x")
+    tt = time.perf_counter()
+    buf.take()
+    take_ms = (time.perf_counter() - tt) * 1000
+    return {"request_overhead_p50_ms": float(np.median(times) * 1000),
+            "request_overhead_p99_ms": float(np.percentile(times, 99) * 1000),
+            "flush_2048_rows_ms_off_path": take_ms, "fill_ms": (tt - t0) * 1000}
+
+
+def measure_accuracy(world: World, profile) -> dict:
+    out = {}
+    pr = profile.prediction
+    for name, spec in {"undrifted": None, "prior_flip": scenario_specs(world)["prior_flip"],
+                       "sigma1_1of50": scenario_specs(world)["sigma1_1of50"]}.items():
+        _, _, y, proba = world.arrays(5000, [0, 555, len(name)], spec)
+        out[name] = {"realised": float((proba.argmax(1) == y).mean()),
+                     "estimated": float(pr.calibrated(proba).max(1).mean())}
+    out["temperature"] = pr.temperature
+    out["reference_accuracy"] = pr.accuracy
+    return out
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="fewer runs (smoke test; figures are noisier)")
+    ap.add_argument("--calibration-rows", type=int, default=None)
+    args = ap.parse_args(argv)
+    torch.set_num_threads(1)
+    quick = args.quick
+    t_all = time.perf_counter()
+    world = World()
+    x_ref, c_ref, y_ref, p_ref = world.arrays(20_000, [0, 1])
+    x_hold, c_hold, y_hold, p_hold = world.arrays(10_000, [0, 2])
+    t0 = time.perf_counter()
+    profile = ReferenceProfile.from_arrays(world.schema, x_ref, c_ref, pred=p_ref.argmax(1))
+    profile.add_predictions(p_hold, y_hold)
+    cal_rows = args.calibration_rows or (600_000 if quick else 3_000_000)
+    profile.calibrate(x_hold, c_hold, p_hold, ert=ERT, num_rows=cal_rows)
+    build_s = time.perf_counter() - t0
+    reference_bytes = len(json.dumps(profile.to_dict()).encode())
+    print(f"profile: {reference_bytes} bytes, threshold {profile.detector['threshold']:.2f} "
+          f"(calibration {profile.detector['calibration']})", flush=True)
+    eval_res = measure_eval(world, reps=5 if quick else 20)
+    print("eval:", json.dumps(eval_res), flush=True)
+    overhead = measure_request_overhead(world)
+    print("request overhead:", json.dumps(overhead), flush=True)
+    acc = measure_accuracy(world, profile)
+    print("accuracy:", json.dumps(acc), flush=True)
+    delays = measure_delays(world, profile, reps=12 if quick else 40)
+    print("delays:", json.dumps(delays), flush=True)
+    ert = measure_ert(world, profile, min_alarms=30 if quick else 200, max_rows=400_000 if quick else 2_600_000)
+    print("ert:", json.dumps(ert), flush=True)
+    ingest = measure_ingest(world, profile, batches=30 if quick else 100)
+    print("ingest:", json.dumps(ingest), flush=True)
+    import ray
+    import scipy
+
+    result = {
+        "benchmark": "drift",
+        "ert_configured": ERT,
+        "ert_ratio": round(ert["ert_ratio"], 3),
+        "delay_median": {k: v["median"] for k, v in delays.items()},
+        "eval_ms": round(eval_res["eval_ms"], 3),
+        "scipy_ks_ms": round(eval_res["scipy_ks_ms"], 2),
+        "speedup_vs_scipy": round(eval_res["speedup_vs_scipy"], 1),
+        "speedup_vs_evidently": None,
+        "evidently": "not measured: evidently is not installed in the venv (its dependencies - pandas, plotly, "
+                     "nltk, ... - would go into the shared environment)",
+        "ingest_rows_per_s": round(ingest["ingest_rows_per_s"]),
+        "reference_bytes": reference_bytes,
+        "request_overhead_p50_ms": round(overhead["request_overhead_p50_ms"], 4),
+        "details": {"ert": ert, "delays": delays, "eval": eval_res, "ingest": ingest, "overhead": overhead,
+                    "accuracy": acc, "detector": {k: profile.detector[k] for k in ("threshold", "extrapolated",
+                                                                                  "calibration", "lambdas")},
+                    "profile_build_and_calibration_s": round(build_s, 1)},
+        "setup": {"features": {"numeric": N_NUM, "categorical": N_CAT}, "classes": N_CLASSES,
+                  "reference_rows": 20_000, "holdout_rows": 10_000, "pre_change_rows": PRE_CHANGE,
+                  "quick": quick, "cpus": os.cpu_count(), "python": platform.python_version(),
+                  "numpy": np.__version__, "scipy": scipy.__version__, "ray": ray.__version__,
+                  "torch": torch.__version__, "seconds": round(time.perf_counter() - t_all, 1)},
+    }
+    print(json.dumps(result))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,128 @@
+"""Benchmark: the ASHA + Optuna distillation sweep against full-budget random search, same number of trials.
+
+    .venv/bin/python benchmarks/sweep.py [--quick]
+
+One teacher and one set of soft targets (computed once before both sweeps, so neither pays for them),
+then on the same Ray cluster, in alternating order over `--repeats` rounds:
+
+- tuned:  `search=optuna` (TPE, seeded) + `scheduler=asha` (grace 2 epochs, reduction factor 3);
+- random: `search=random` + `scheduler=fifo`: every trial runs the full `num_epochs`.
+
+Both sample the same space (temperature log 1..20, alpha 0.1..0.9, lr log, student width and depth) with
+the same `num_samples` and concurrency. Reported: `time_ratio` = median tuned wall time / median random
+wall time, and `best_acc_delta` = (best validation accuracy of any tuned trial - that of any random
+trial) in points, median over rounds; also the chosen students' test accuracies. The last line printed
+is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import platform
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+import torch  # noqa: E402
+from distill import make_cfg, teacher_epochs, test_accuracy, train_teacher  # noqa: E402
+
+from raysys.data import Preprocessor, ensure_dataset, read_split  # noqa: E402
+from raysys.distill import load_student_data, run_sweep  # noqa: E402
+from raysys.models import build_model  # noqa: E402
+
+log = logging.getLogger("bench")
+
+
+def one_sweep(cfg, schema, pre, teacher, test, mode: str, tag: str) -> dict:
+    c = cfg.model_copy(deep=True)
+    if mode == "tuned":
+        c.distill = c.distill.model_copy(update=dict(search="optuna", scheduler="asha"))
+    else:
+        c.distill = c.distill.model_copy(update=dict(search="random", scheduler="fifo"))
+    t0 = time.perf_counter()
+    res = run_sweep(c, schema, pre, teacher, run_name=f"{mode}-{tag}")
+    wall = time.perf_counter() - t0
+    torch.set_num_threads(1)
+    student = build_model(res.student_spec)
+    student.load_state_dict(res.best_state_dict)
+    accs = [t["best_val_accuracy"] for t in res.trials if t["best_val_accuracy"] is not None]
+    out = {"wall_s": round(wall, 2), "best_val_accuracy": max(accs),
+           "epochs_run": sum(t["epochs_run"] for t in res.trials), "trials": len(res.trials),
+           "stopped_early": sum(bool(t["stopped_early"]) for t in res.trials),
+           "chosen_test_accuracy": round(test_accuracy(student.eval(), test), 4),
+           "chosen_params": sum(p.numel() for p in student.parameters())}
+    log.info("[%s %s] %s", mode, tag, out)
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--quick", action="store_true", help="smaller data and sweeps (a smoke run)")
+    p.add_argument("--dataset", default="synthetic", choices=["synthetic", "digits"])
+    p.add_argument("--num-samples", type=int, default=12)
+    p.add_argument("--num-epochs", type=int, default=None, help="full budget per trial (default from the preset)")
+    p.add_argument("--repeats", type=int, default=1, help="rounds of (tuned, random), order alternating")
+    args = p.parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    for noisy in ("ray", "ray.tune", "ray.data"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    import ray
+
+    os.environ.pop("RAY_ADDRESS", None)
+    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
+             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    from ray.data import DataContext
+
+    DataContext.get_current().enable_progress_bars = False
+    t_start = time.perf_counter()
+    with tempfile.TemporaryDirectory(prefix="raysys-bench-sweep-") as tmp:
+        cfg = make_cfg(Path(tmp), args.dataset, args.quick)
+        upd = {"num_samples": args.num_samples}
+        if args.num_epochs:
+            upd["num_epochs"] = args.num_epochs
+        cfg.distill = cfg.distill.model_copy(update=upd)
+        schema = ensure_dataset(cfg.data)
+        pre = Preprocessor.fit_split(schema, cfg.data.root)
+        torch.set_num_threads(1)
+        teacher = train_teacher(cfg, schema, pre, epochs=teacher_epochs(args.dataset, args.quick))
+        test = pre.transform_table(read_split(cfg.data.root, "test"))
+        load_student_data(cfg, pre, teacher)  # soft targets once, before either sweep is timed
+        rounds = []
+        for r in range(args.repeats):
+            order = ["tuned", "random"] if r % 2 == 0 else ["random", "tuned"]
+            rounds.append({m: one_sweep(cfg, schema, pre, teacher, test, m, str(r)) for m in order})
+    ray.shutdown()
+    ratios = [rd["tuned"]["wall_s"] / rd["random"]["wall_s"] for rd in rounds]
+    deltas = [100 * (rd["tuned"]["best_val_accuracy"] - rd["random"]["best_val_accuracy"]) for rd in rounds]
+    out = {
+        "time_ratio": round(statistics.median(ratios), 3),
+        "best_acc_delta": round(statistics.median(deltas), 2),
+        "epoch_ratio": round(statistics.median(rd["tuned"]["epochs_run"] / rd["random"]["epochs_run"]
+                                               for rd in rounds), 3),
+        "rounds": rounds,
+        "targets_met": {"time_ratio<=0.4": statistics.median(ratios) <= 0.4,
+                        "best_acc_delta>=-0.5": statistics.median(deltas) >= -0.5},
+        "setup": {"dataset": args.dataset, "num_samples": args.num_samples, "num_epochs": cfg.distill.num_epochs,
+                  "grace_period": cfg.distill.grace_period, "reduction_factor": cfg.distill.reduction_factor,
+                  "space": {"temperature": cfg.distill.temperature_range, "alpha": cfg.distill.alpha_range,
+                            "lr": cfg.distill.lr_range, "widths": cfg.distill.student_widths,
+                            "depths": cfg.distill.student_depths},
+                  "max_concurrent_trials": "cluster CPUs", "cpus": os.cpu_count(), "repeats": args.repeats,
+                  "quick": args.quick, "best_acc": "validation accuracy of the best trial (points)",
+                  "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
+                  "wall_s": round(time.perf_counter() - t_start, 1)},
+    }
+    print(json.dumps(out))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

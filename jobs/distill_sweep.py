@@ -1,0 +1,85 @@
+"""The distillation sweep as a Ray job.
+
+    ray job submit --working-dir . -- python jobs/distill_sweep.py --preset demo --root /shared/raysys
+
+Computes the registered teacher's soft targets once with Ray Data, runs the Ray Tune sweep (ASHA + Optuna
+over temperature, alpha, lr, student width and depth, unless the config says grid), picks the smallest
+student within `distill.accuracy_gap` of the teacher, evaluates it, and registers it (alias `production`)
+and its dynamic-int8 variant (alias `candidate`), each with a model card. `--train-teacher` trains and
+registers a teacher first when the registry has none. The last line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raysys.config import load_config  # noqa: E402
+from raysys.pipeline import (  # noqa: E402
+    absolute,
+    dashboard_url,
+    init_ray,
+    load_teacher,
+    stage_data,
+    stage_distill,
+    stage_teacher,
+)
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="demo", help="tiny, demo or large")
+    p.add_argument("--config", default=None, help="YAML file overriding the preset")
+    p.add_argument("--root", default=os.environ.get("RAYSYS_ROOT", "~/raysys"),
+                   help="directory for data, runs and registry (default $RAYSYS_ROOT or ~/raysys)")
+    p.add_argument("--teacher", default="latest", help="teacher version or alias in the registry")
+    p.add_argument("--train-teacher", action="store_true", help="train and register a teacher if none exists")
+    p.add_argument("--search", choices=["grid", "optuna", "random"], default=None, help="override distill.search")
+    p.add_argument("--num-samples", type=int, default=None, help="override distill.num_samples")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    over = {k: v for k, v in (("search", args.search), ("num_samples", args.num_samples)) if v is not None}
+    try:
+        cfg = load_config(args.config, preset_name=args.preset, overrides={"distill": over} if over else None)
+        cfg = absolute(cfg.with_root(Path(args.root).expanduser()))
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    ctx = init_ray()
+    print(f"Ray dashboard: {dashboard_url(ctx)}")
+    prep = stage_data(cfg)
+    try:
+        teacher, t_version, t_metrics = load_teacher(cfg, args.teacher)
+    except ValueError as e:
+        if not args.train_teacher:
+            print(f"error: {e}\nno teacher to distill: run `raysys train` first or pass --train-teacher",
+                  file=sys.stderr)
+            return 2
+        teacher, t_version, t_metrics = stage_teacher(cfg, prep)
+    version, metrics, best = stage_distill(cfg, prep, teacher, t_version, t_metrics)
+    from raysys.registry import Registry
+
+    _, _, card_md = Registry(cfg.registry_uri).model_card(cfg.model_name, version)
+    import ray
+
+    ray.shutdown()  # flushes the workers' deduplicated log lines, so the JSON below stays the last line
+    print(card_md or "")
+    print(json.dumps({"model": cfg.model_name, "student_version": version, "teacher_version": t_version,
+                      "best": best, "test_accuracy": metrics["accuracy"], "num_parameters": metrics["num_parameters"],
+                      "teacher_agreement": metrics.get("teacher_agreement"),
+                      "int8_variant": metrics.get("int8_variant")}, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,69 @@
+"""Teacher training as a Ray job, with the same strategy flags as `raysys train`.
+
+    ray job submit --working-dir . -- python jobs/train_teacher.py --preset demo --strategy zero3 --workers 4
+
+Runs data -> teacher (Ray Train, the chosen parallel strategy) -> test metrics -> registry (consolidated
+safetensors weights) on the cluster the job was submitted to, and prints one JSON line with the teacher's
+registry version, test metrics, final epoch metrics (per-rank memory included) and checkpoint.
+`--root` must be storage every node can reach (a shared filesystem on multi-node clusters); it defaults
+to $RAYSYS_ROOT or ~/raysys.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raysys.cli import train_overrides  # noqa: E402
+from raysys.config import load_config  # noqa: E402
+from raysys.parallel import STRATEGIES  # noqa: E402
+
+
+def parse_args(argv=None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="demo", help="tiny, demo or large")
+    p.add_argument("--config", default=None, help="YAML file overriding the preset")
+    p.add_argument("--root", default=os.environ.get("RAYSYS_ROOT", "~/raysys"),
+                   help="directory for data, runs and registry (default $RAYSYS_ROOT or ~/raysys)")
+    p.add_argument("--strategy", choices=STRATEGIES, default=None, help="train.strategy")
+    p.add_argument("--workers", type=int, default=None, help="train.num_workers (Ray Train workers)")
+    p.add_argument("--dp", type=int, default=None, help="train.parallel.dp")
+    p.add_argument("--tp", type=int, default=None, help="train.parallel.tp")
+    p.add_argument("--pp", type=int, default=None, help="train.parallel.pp")
+    p.add_argument("--max-worker-memory-gb", type=float, default=None, help="train.max_worker_memory_gb")
+    return p.parse_args(argv)
+
+
+def main(argv=None) -> int:
+    args = parse_args(argv)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    overrides = train_overrides(args.strategy, args.workers, args.dp, args.tp, args.pp, args.max_worker_memory_gb)
+    try:
+        cfg = load_config(args.config, preset_name=args.preset, overrides=overrides)
+        cfg = cfg.with_root(Path(args.root).expanduser())
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    from raysys.pipeline import absolute, init_ray, stage_data, stage_teacher
+
+    cfg = absolute(cfg)
+    init_ray()
+    prep = stage_data(cfg)
+    try:
+        _, version, metrics = stage_teacher(cfg, prep)
+    except ValueError as e:  # e.g. the memory budget refusal, naming a strategy and worker count that fit
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    print(json.dumps({"teacher_version": version, "strategy": cfg.train.strategy,
+                      "num_workers": cfg.train.num_workers, "test": metrics}))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,209 @@
+"""Tier 1: the monitor's statistics without Ray: window tests vs scipy, the calibrated online detector,
+latency histograms, feedback/accuracy, snapshots, recent-traffic Parquet, alert -> retrain."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+from scipy.stats import ks_2samp
+
+from raysys.config import DataConfig, MonitorConfig
+from raysys.data import DriftSpec, Preprocessor, SyntheticTask
+from raysys.monitor import LogHistogram, Monitor, ReferenceProfile, WindowTester, adjust_pvalues, detector_for
+from raysys.monitor.online import score_rows, threshold_for_ert
+from raysys.monitor.retrain import RetrainTrigger
+
+
+@pytest.fixture(scope="module")
+def world():
+    task = SyntheticTask(DataConfig(num_numeric=6, num_categorical=2, num_categories=4, num_classes=3, seed=4))
+    schema = task.schema()
+    ident = Preprocessor(schema, [0.0] * 6, [1.0] * 6)
+
+    def arrays(n, seed, drift=None):
+        x_num, x_cat, y = ident.transform_table(task.sample(n, seed, drift))
+        # a stand-in "model": noisy one-hot of the label, so predictions are informative but imperfect
+        rng = np.random.default_rng(seed if isinstance(seed, int) else seed[-1])
+        logits = 2.0 * np.eye(3)[y] + rng.normal(0, 1.0, (n, 3))
+        proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        return x_num, x_cat, y, proba
+
+    x, c, y, p = arrays(8000, 1)
+    xh, ch, yh, ph = arrays(4000, 2)
+    prof = ReferenceProfile.from_arrays(schema, x, c, num_bins=10, pred=p.argmax(1))
+    prof.add_predictions(ph, yh)
+    prof.calibrate(xh, ch, ph, ert=500, num_rows=60_000)
+    return task, schema, arrays, prof
+
+
+def test_adjust_pvalues():
+    p = np.array([0.01, 0.04, 0.03, 0.5])
+    np.testing.assert_allclose(adjust_pvalues(p, "bonferroni"), [0.04, 0.16, 0.12, 1.0])
+    bh = adjust_pvalues(p, "bh")  # sorted 0.01, 0.03, 0.04, 0.5 -> 0.04, 0.04*4/3 capped by the next: 0.0533
+    np.testing.assert_allclose(bh, [0.04, 0.04 * 4 / 3, 0.04 * 4 / 3, 0.5])
+    assert (bh >= p).all() and bh[3] == pytest.approx(0.5)
+    with pytest.raises(ValueError, match="multiple_testing"):
+        adjust_pvalues(p, "holm")
+
+
+def test_window_tests_match_scipy_ks_and_flag_the_shift(world):
+    task, schema, arrays, prof = world
+    tester = WindowTester(prof)
+    x_ref = arrays(8000, 1)[0]
+    xw, cw, _, pw = arrays(1000, 21, DriftSpec(covariate={"x2": 0.5}, categorical={"c1": {"b0": 1.0}}))
+    res = tester.test(xw, cw, proba=pw, pred=pw.argmax(1), alpha=0.01)
+    for j in range(6):
+        f = res["features"][f"x{j}"]
+        exact = ks_2samp(x_ref[:, j], xw[:, j])
+        # the KS statistic on the 49-point reference grid is within a grid step of the exact one
+        assert f["statistic"] <= exact.statistic + 1e-9 and f["statistic"] >= exact.statistic - 0.03
+    assert [n for n, f in res["features"].items() if f["drifted"]] == ["x2", "c1"]
+    assert res["dataset"]["drifted"] and res["dataset"]["num_drifted"] == 2
+    assert res["features"]["c1"]["test"] == "chi2" and res["features"]["x2"]["js"] > 0
+    json.dumps(res)
+    clean = tester.test(*arrays(1000, 22)[:2], alpha=0.01)
+    assert not clean["dataset"]["drifted"], clean["features"]
+
+
+def test_online_detector_calibrated_and_detects(world):
+    task, schema, arrays, prof = world
+    spec = prof.detector
+    assert spec["threshold"] > 0 and not spec["extrapolated"] and spec["calibration"]["rows"] >= 60_000
+    assert set(spec["norm"]) >= {"max@0.05", "sum@0.01", "cat@0.03", "pred@0.03"}
+    # a lower ERT needs a lower threshold, read from the same table
+    assert threshold_for_ert(spec, 200)[0] < spec["threshold"]
+    # no drift: false alarms about once per ERT rows (loose bounds: a short, noisy check)
+    det = detector_for(prof)
+    x, c, _, p = arrays(20_000, 31)
+    alarms = det.update(score_rows(prof, x, c, p))
+    assert 5 <= len(alarms) <= 120, len(alarms)
+    # a 1 sigma shift of one feature is found within a few dozen rows and blamed on that feature
+    det = detector_for(prof)
+    x, c, _, p = arrays(400, 32, DriftSpec(covariate={"x4": 1.5}))
+    alarms = det.update(score_rows(prof, x, c, p))
+    assert alarms and alarms[0]["row"] < 100 and "x4" in alarms[0]["features"]
+    st = det.state()
+    again = detector_for(prof)
+    again.load_state(json.loads(json.dumps(st)))
+    assert again.t == det.t and np.allclose(again.ewma[0.05], det.ewma[0.05])
+
+
+def test_profile_predictions_and_size(world):
+    task, schema, arrays, prof = world
+    d = prof.to_dict()
+    back = ReferenceProfile.from_dict(json.loads(json.dumps(d)))
+    assert back.to_dict() == d
+    assert back.prediction.accuracy > 0.5 and 0.2 < back.prediction.temperature < 5
+    assert len(back.prediction.per_class) == 3 and back.prediction.whiten.shape == (3, 2)
+    assert len(json.dumps(d)) < 60_000
+
+
+def test_log_histogram_percentiles_within_one_bucket():
+    rng = np.random.default_rng(0)
+    v = rng.lognormal(1.0, 1.0, 50_000)
+    h = LogHistogram()
+    h.add(v[:20_000])
+    h.add(v[20_000:])
+    s = h.summary()
+    for q, key in ((50, "p50"), (95, "p95"), (99, "p99")):
+        exact = np.percentile(v, q)
+        assert abs(s[key] - exact) / exact < 0.10, (key, s[key], exact)
+    assert s["count"] == 50_000 and LogHistogram().summary()["p50"] is None
+
+
+def _monitor(prof, schema, **cfg):
+    return Monitor(prof.to_dict(), schema.model_dump(), {"window_size": 500, "min_rows": 100, "ert": 500, **cfg},
+                   model_version=1)
+
+
+def test_feedback_accuracy_and_estimate(world):
+    task, schema, arrays, prof = world
+    mon = _monitor(prof, schema)
+    x, c, y, p = arrays(600, 41)
+    ids = [f"r{i}" for i in range(600)]
+    mon.record({"x_num": x, "x_cat": c, "proba": p, "latency_ms": [2.0] * 600, "request_ids": ids})
+    for i in range(600):
+        mon.record_feedback(ids[i], int(y[i]) if i % 2 else schema.classes[int(y[i])])
+    assert mon.record_feedback("nope", 0) == {"request_id": "nope", "matched": False}
+    with pytest.raises(ValueError, match="unknown class"):
+        mon.record({"x_num": x[:1], "x_cat": c[:1], "proba": p[:1], "latency_ms": [1.0], "request_ids": ["z"]})
+        mon.record_feedback("z", "no_such_class")
+    acc = mon.report()["accuracy"]
+    realised = float((p.argmax(1) == y).mean())
+    assert acc["realised"] == pytest.approx(realised) and acc["labelled_in_window"] == 600
+    assert abs(acc["estimated"] - realised) < 0.06 and acc["unmatched_labels"] == 1
+
+
+def test_alert_submits_one_retrain_with_cooldown(world):
+    task, schema, arrays, prof = world
+    submitted, status = [], {"s": "RUNNING"}
+    clock = {"t": 1000.0}
+    trig = RetrainTrigger(enabled=True, cooldown_s=60, args=["--preset", "tiny"],
+                          submit=lambda e, m: submitted.append(e) or f"job{len(submitted)}",
+                          status=lambda j: status["s"], clock=lambda: clock["t"])
+    assert trig.maybe_submit("drift", [], background=False)["submitted"]
+    assert "jobs/retrain.py" in submitted[0] and "--preset tiny" in submitted[0]
+    assert "still running" in trig.maybe_submit("drift", [], background=False)["why"]
+    status["s"] = "SUCCEEDED"
+    assert "cooldown" in trig.maybe_submit("drift", [], background=False)["why"]
+    clock["t"] += 61
+    assert trig.maybe_submit("drift", [], background=False)["submitted"] and len(submitted) == 2
+    # through the monitor: drifted traffic -> online alarm -> alert event -> a retrain submission
+    calls = []
+    mon = Monitor(prof.to_dict(), schema.model_dump(), {"window_size": 500, "min_rows": 100, "ert": 500,
+                                                         "on_drift": "retrain"}, model_version=1,
+                  retrain_submit=lambda e, m: calls.append(e) or "job-x", retrain_status=lambda j: "RUNNING")
+    x, c, _, p = arrays(300, 51, DriftSpec(covariate={"x1": 2.0}))
+    mon.record({"x_num": x, "x_cat": c, "proba": p, "latency_ms": [1.0] * 300})
+    rep = mon.report()
+    kinds = [e["kind"] for e in rep["alert_events"]]
+    assert "online" in kinds and rep["detector"]["alarms"] >= 1
+    mon.retrain._thread.join(10)
+    assert len(calls) == 1 and mon.alert_events[0]["retrain"]["submitted"]  # later ones: in flight
+    assert mon.report()["retrain"]["job_in_flight"] == "job-x"
+
+
+def test_snapshot_restore_and_traffic_parquet(world, tmp_path):
+    task, schema, arrays, prof = world
+    cfg = {"snapshot_uri": str(tmp_path / "snap"), "traffic_uri": str(tmp_path / "traffic"),
+           "traffic_rows_per_file": 100, "traffic_max_files": 3, "traffic_drop_columns": ["x0"],
+           "traffic_hash_columns": ["request_id"]}
+    mon = _monitor(prof, schema, **cfg)
+    x, c, _, p = arrays(700, 61)
+    mon.record({"x_num": x, "x_cat": c, "proba": p, "latency_ms": [3.0] * 700,
+                "request_ids": [f"q{i}" for i in range(700)]})
+    before = mon.report()
+    assert mon.snapshot()
+    again = _monitor(prof, schema, **cfg)  # what a restarted actor does in __init__
+    after = again.report()
+    assert again.restored and after["rows_seen"] == 700 and after["window_rows"] == before["window_rows"]
+    assert after["detector"]["rows_since_restart"] == before["detector"]["rows_since_restart"]
+    assert {k: f["statistic"] for k, f in after["features"].items()} == \
+        {k: f["statistic"] for k, f in before["features"].items()}
+    assert again.record_feedback("q5", 0)["matched"]  # the prediction log came back too
+    files = mon.traffic.files()
+    assert len(files) == 3  # 700 rows at 100 per file, only the newest 3 kept
+    t = pq.read_table(files[-1])
+    assert "x0" not in t.column_names and "x1" in t.column_names and "prediction" in t.column_names
+    assert all(len(r) == 16 and not r.startswith("q") for r in t.column("request_id").to_pylist())
+    # a snapshot of another model version is not applied
+    other = Monitor(prof.to_dict(), schema.model_dump(), {"window_size": 500, **cfg}, model_version=2)
+    assert not other.restored and other.report()["rows_seen"] == 0
+
+
+def test_monitor_errors_and_latency_by_version(world):
+    task, schema, arrays, prof = world
+    mon = _monitor(prof, schema)
+    x, c, _, p = arrays(10, 71)
+    mon.record({"x_num": x, "x_cat": c, "proba": p, "latency_ms": [1.0, 2.0, 4.0, 8.0], "model_version": 3,
+                "errors": 1})
+    mon.record({"x_num": np.zeros(0), "x_cat": np.zeros(0), "latency_ms": [], "model_version": 3, "errors": 2})
+    rep = mon.report()
+    assert rep["errors_seen"] == 3 and rep["errors_by_version"] == {"3": 3}
+    assert rep["error_rate"] == pytest.approx(3 / 7)
+    assert rep["latency_by_version"]["3"]["count"] == 4
+    assert 1.8 < rep["latency_by_version"]["3"]["p50"] < 4.4
+    assert MonitorConfig(on_drift="retrain").on_drift == "retrain"

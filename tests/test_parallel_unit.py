@@ -1,0 +1,207 @@
+"""Tier 1: parallel degrees, strategy config, memory accounting and the budget refusal. No process group."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from raysys.config import load_config
+from raysys.models import build_model
+from raysys.parallel import (
+    ParallelDims,
+    StrategyConfig,
+    build_optimizer,
+    check_available,
+    fsdp_units,
+    parallelize,
+)
+from raysys.parallel.memory import (
+    GB,
+    check_memory_budget,
+    estimate_rank_bytes,
+    memory_metrics,
+    rank_memory,
+    suggest_fit,
+)
+from raysys.train.loop import train_step
+
+SPEC = {"family": "mlp", "num_numeric": 5, "cardinalities": [3, 4], "num_classes": 3, "hidden_dims": [16, 8],
+        "embed_dim": 3, "dropout": 0.0}
+
+
+def test_parallel_dims_validate_and_name_the_mesh():
+    assert ParallelDims.for_strategy("zero3", 4) == ParallelDims(dp=4, tp=1, pp=1, world_size=4)
+    assert ParallelDims.for_strategy("tensor", 4) == ParallelDims(dp=1, tp=4, pp=1, world_size=4)
+    assert ParallelDims.for_strategy("pipeline", 2).pp == 2
+    d = ParallelDims.for_strategy("zero3", 4, tp=2)  # tensor x zero3: dp inferred
+    assert (d.dp, d.tp, d.pp) == (2, 2, 1)
+    assert d.mesh_shape() == ((2, 2), ("dp", "tp"))
+    assert ParallelDims.for_strategy("ddp", 4, pp=2).mesh_shape() == ((2, 2), ("pp", "dp"))
+    assert ParallelDims(dp=1, world_size=1).mesh_shape() == ((1,), ("dp",))
+    with pytest.raises(ValueError, match=r"train\.parallel: dp=3 x tp=1 x pp=1 = 3 but there are 4 workers"):
+        ParallelDims(dp=3, world_size=4)
+    with pytest.raises(ValueError, match=r"train\.parallel: tp=3 x pp=1 does not divide the 4 workers"):
+        ParallelDims.for_strategy("ddp", 4, tp=3)
+    with pytest.raises(ValueError, match=r"train\.strategy: unknown strategy 'fsdp'"):
+        ParallelDims.for_strategy("fsdp", 2)
+    assert ParallelDims(dp=1, world_size=1).build_mesh() is None  # no process group: single process
+
+
+def test_strategy_config_and_model_parallel_hooks():
+    assert StrategyConfig("zero3").data_parallel == "zero3"
+    assert StrategyConfig("pipeline").data_parallel == "ddp"
+    with pytest.raises(ValueError, match="train.strategy"):
+        StrategyConfig("fsdp1")
+    check_available(ParallelDims(dp=2, world_size=2))
+    check_available(ParallelDims(dp=2, pp=2, world_size=4), StrategyConfig("pipeline"))  # pipeline x ddp
+    check_available(ParallelDims(dp=2, tp=2, world_size=4), StrategyConfig("zero3"))  # tensor x zero3
+    with pytest.raises(ValueError, match="pipeline stages replicate over dp with DDP only"):
+        check_available(ParallelDims(dp=2, pp=2, world_size=4), StrategyConfig("zero3"))
+    with pytest.raises(ValueError, match="cannot replicate tensor-parallel shards"):
+        check_available(ParallelDims(dp=2, tp=2, world_size=4), StrategyConfig("ddp"))
+
+
+def test_single_process_strategies_are_no_ops_and_optimizer_is_adamw():
+    for s in ("ddp", "zero1", "zero2", "zero3"):
+        model = build_model(SPEC)
+        cfg = StrategyConfig(s, lr=1e-2, weight_decay=1e-3)
+        assert parallelize(model, ParallelDims.for_strategy(s, 1), cfg) is model
+        opt = build_optimizer(model, cfg)
+        assert type(opt) is torch.optim.AdamW and opt.param_groups[0]["lr"] == 1e-2
+    assert [type(m).__name__ for m in fsdp_units(build_model(SPEC))] == ["Linear", "Linear"]
+
+
+def test_config_strategy_parallel_and_budget_fields():
+    cfg = load_config(preset_name="tiny", overrides={"train": {"strategy": "zero3", "num_workers": 4,
+                                                               "parallel": {"dp": 4}, "max_worker_memory_gb": 2}})
+    assert cfg.train.strategy == "zero3" and cfg.train.parallel.dp == 4 and cfg.train.max_worker_memory_gb == 2
+    cfg = load_config(preset_name="tiny", overrides={"train": {"strategy": "pipeline", "num_workers": 4,
+                                                               "parallel": {"pp": 2}, "num_microbatches": 4}})
+    assert (cfg.train.parallel.pp, cfg.train.num_microbatches, cfg.train.pipeline_schedule) == (2, 4, "1f1b")
+    with pytest.raises(ValueError, match=r"train\.parallel: dp=3 .* train\.num_workers is 4"):
+        load_config(preset_name="tiny", overrides={"train": {"num_workers": 4, "parallel": {"dp": 3}}})
+    with pytest.raises(ValueError, match=r"train\.strategy"):
+        load_config(preset_name="tiny", overrides={"train": {"strategy": "fsdp"}})
+    with pytest.raises(ValueError, match=r"train\.max_worker_memory_gb"):
+        load_config(preset_name="tiny", overrides={"train": {"max_worker_memory_gb": 0}})
+
+
+def test_memory_estimates_follow_each_strategys_sharding():
+    p = 1_000_000
+    d4 = ParallelDims(dp=4, world_size=4)
+    ddp = estimate_rank_bytes(p, "ddp", d4)
+    assert (ddp.params_bytes, ddp.grads_bytes, ddp.optimizer_bytes) == (4 * p, 4 * p, 8 * p)
+    z1 = estimate_rank_bytes(p, "zero1", d4)
+    assert (z1.params_bytes, z1.grads_bytes, z1.optimizer_bytes) == (4 * p, 4 * p, 2 * p)
+    z2 = estimate_rank_bytes(p, "zero2", d4)
+    assert (z2.params_bytes, z2.grads_bytes, z2.optimizer_bytes) == (4 * p, p, 2 * p)
+    z3 = estimate_rank_bytes(p, "zero3", d4, largest_unit_params=1000)
+    assert (z3.params_bytes, z3.grads_bytes, z3.optimizer_bytes) == (p + 4000, p, 2 * p)
+    assert estimate_rank_bytes(p, "zero3", ParallelDims(dp=1, world_size=1)).total_bytes == 16 * p
+    # model parallelism divides the model first
+    assert estimate_rank_bytes(p, "tensor", ParallelDims(dp=1, tp=4, world_size=4)).total_bytes == 4 * p
+
+
+def test_budget_refusal_names_a_strategy_and_worker_count_that_fit():
+    p = 100_000_000  # 1.49 GiB of params + grads + AdamW with ddp
+    d2 = ParallelDims(dp=2, world_size=2)
+    assert check_memory_budget(p, "ddp", d2, None).total_bytes == 16 * p
+    assert check_memory_budget(p, "ddp", d2, 2.0).strategy == "ddp"
+    with pytest.raises(ValueError) as e:
+        check_memory_budget(p, "ddp", d2, 1.0)
+    msg = str(e.value)
+    assert "train.max_worker_memory_gb" in msg and "'ddp' on 2 workers" in msg
+    # 2 workers: zero1 = 4P + 4P + 4P = 1.12 GiB, zero2 = 4P + 6P = 0.93 GiB fits
+    assert "strategy 'zero2' with 2 workers fits" in msg and "--strategy zero2 --workers 2" in msg
+    fit = suggest_fit(p, 0.5, d2)
+    assert (fit.strategy, fit.num_workers) == ("zero3", 4) and fit.total_gb <= 0.5
+    with pytest.raises(ValueError, match="nothing fits up to 1024 workers"):
+        check_memory_budget(p, "zero3", d2, 1e-6)
+
+
+def test_budget_is_checked_on_the_driver_before_training(tiny_cfg):
+    from raysys.data import Preprocessor, ensure_dataset
+    from raysys.train import train_teacher
+    from raysys.train.trainer import check_train_config
+
+    cfg = tiny_cfg
+    schema = ensure_dataset(cfg.data)
+    est = check_train_config(cfg, schema)
+    assert est.total_bytes > 0
+    cfg.train.max_worker_memory_gb = est.total_gb * 0.9
+    # refused before Ray starts or any worker trains: the suggestion shards more
+    with pytest.raises(ValueError, match=r"'ddp' on 2 workers .* strategy 'zero1' with 2 workers fits"):
+        train_teacher(cfg, schema, Preprocessor.fit_split(schema, cfg.data.root))
+
+
+def test_rank_memory_counts_params_grads_and_adamw_state():
+    torch.manual_seed(0)
+    model = build_model(SPEC)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    n = sum(p.numel() for p in model.parameters())
+    before = rank_memory(model, opt)
+    assert before == {"params_bytes": 4 * n, "grads_bytes": 0, "optimizer_bytes": 0, "total_bytes": 4 * n}
+    x_num, x_cat, y = torch.randn(8, 5), torch.zeros(8, 2, dtype=torch.int64), torch.zeros(8, dtype=torch.int64)
+    train_step(model, opt, x_num, x_cat, y)
+    after = rank_memory(model, opt)
+    n_tensors = len(list(model.parameters()))
+    assert after["grads_bytes"] == 4 * n
+    assert after["optimizer_bytes"] == 8 * n + 4 * n_tensors  # two moments + a float32 step per tensor
+    m = memory_metrics([after, {**after, "optimizer_bytes": 1}])
+    assert m["mem_max_optimizer_bytes"] == after["optimizer_bytes"]
+    assert m["mem_per_rank_optimizer_bytes"] == [after["optimizer_bytes"], 1]
+    assert GB == 2**30
+
+
+def test_cli_and_job_flags_become_config_overrides():
+    import importlib.util
+    from pathlib import Path
+
+    from raysys.cli import train_overrides
+
+    assert train_overrides() is None
+    assert train_overrides("zero3", 4) == {"train": {"strategy": "zero3", "num_workers": 4}}
+    assert train_overrides("zero3", 4, tp=2, max_worker_memory_gb=8.0) == {
+        "train": {"strategy": "zero3", "num_workers": 4, "parallel": {"tp": 2}, "max_worker_memory_gb": 8.0}}
+    path = Path(__file__).resolve().parents[1] / "jobs" / "train_teacher.py"
+    spec = importlib.util.spec_from_file_location("train_teacher_job", path)
+    job = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(job)
+    args = job.parse_args(["--strategy", "zero3", "--workers", "4"])
+    assert (args.strategy, args.workers) == ("zero3", 4)
+    with pytest.raises(SystemExit):
+        job.parse_args(["--strategy", "fsdp"])
+
+
+class _FakeShard:
+    """Stands in for a Ray Data shard: counts passes, yields numpy dict batches."""
+
+    def __init__(self, n: int):
+        self.cols = {"a": np.arange(n, dtype=np.float32), "c": np.array([f"k{i % 3}" for i in range(n)], dtype=object)}
+        self.passes = 0
+
+    def iter_batches(self, batch_size, batch_format="numpy", **kwargs):
+        self.passes += 1
+        n = len(self.cols["a"])
+        for i in range(0, n, batch_size):
+            yield {k: v[i:i + batch_size] for k, v in self.cols.items()}
+
+
+def test_shard_cache_streams_once_then_shuffles_in_memory():
+    from raysys.train.loop import ShardCache
+
+    shard = _FakeShard(100)
+    cache = ShardCache(shard, max_bytes=1 << 20)
+    first = list(cache.batches(32, shuffle_seed=1))
+    assert shard.passes == 1 and cache.cached and [len(b["a"]) for b in first] == [32, 32, 32, 4]
+    e1 = np.concatenate([b["a"] for b in cache.batches(32, shuffle_seed=1)])
+    e2 = np.concatenate([b["a"] for b in cache.batches(32, shuffle_seed=2)])
+    assert shard.passes == 1  # later epochs never touch Ray Data again
+    assert sorted(e1) == list(range(100)) and not np.array_equal(e1, e2)  # every row once, a new order per seed
+    assert np.array_equal(e1, np.concatenate([b["a"] for b in cache.batches(32, shuffle_seed=1)]))  # seeded
+    # too big for the budget (or 0): stream every pass
+    small = ShardCache(_FakeShard(100), max_bytes=100)
+    list(small.batches(32)), list(small.batches(32))
+    assert not small.cached and small.shard.passes == 2
+    assert not ShardCache(_FakeShard(10), max_bytes=0).cached
