@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
+from dist_helpers import toy_batches
 from safetensors.torch import load_file, save_file
 
 from raysys.models import build_model
@@ -41,12 +42,7 @@ LR, WD = 1e-2, 1e-3
 
 
 def _data(steps: int = STEPS + EXTRA):
-    g = torch.Generator().manual_seed(7)
-    x_num = torch.randn(steps, BATCH, 6, generator=g)
-    x_cat = torch.stack([torch.randint(0, 4, (steps, BATCH), generator=g),
-                         torch.randint(0, 3, (steps, BATCH), generator=g)], -1)
-    y = torch.randint(0, 4, (steps, BATCH), generator=g)
-    return x_num, x_cat, y
+    return toy_batches(steps, BATCH)
 
 
 def _full_state(model) -> dict[str, torch.Tensor]:

@@ -24,6 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import free_port
+from dist_helpers import toy_batches
 from safetensors.torch import load_file, save_file
 
 from raysys.models import build_model
@@ -56,12 +57,7 @@ CASES_4 = {
 
 
 def _data():
-    g = torch.Generator().manual_seed(7)
-    x_num = torch.randn(STEPS, BATCH, 6, generator=g)
-    x_cat = torch.stack([torch.randint(0, 4, (STEPS, BATCH), generator=g),
-                         torch.randint(0, 3, (STEPS, BATCH), generator=g)], -1)
-    y = torch.randint(0, 4, (STEPS, BATCH), generator=g)
-    return x_num, x_cat, y
+    return toy_batches(STEPS, BATCH)
 
 
 def _eval_data():
