@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import math
+from functools import cached_property
 from pathlib import Path
 from typing import Any, Literal
 
@@ -152,6 +153,15 @@ class DatasetSchema(BaseModel):
         return out
 
     # ----- request rows -----
+    # lookups built once per schema, not once per request (the endpoint validates every request with them)
+    @cached_property
+    def _feature_names(self) -> frozenset[str]:
+        return frozenset(f.name for f in self.features)
+
+    @cached_property
+    def _category_index(self) -> list[dict[str, int]]:
+        return [{c: i for i, c in enumerate(f.categories or [])} for f in self.categorical]
+
     def rows_to_arrays(self, rows: list[dict[str, Any]], prefix: str = "instances") -> tuple[np.ndarray, np.ndarray]:
         """Validate JSON rows and return raw numeric values (float32 [n, n_num]) and category indices
         (int64 [n, n_cat]). Raises SchemaError naming the first offending field, e.g. `instances[2].x3`."""
@@ -161,8 +171,8 @@ class DatasetSchema(BaseModel):
             raise SchemaError(prefix, "must hold at least one row")
         num = self.numeric
         cat = self.categorical
-        known = {f.name for f in self.features}
-        cat_index = [{c: i for i, c in enumerate(f.categories or [])} for f in cat]
+        known = self._feature_names
+        cat_index = self._category_index
         x_num = np.empty((len(rows), len(num)), dtype=np.float32)
         x_cat = np.empty((len(rows), len(cat)), dtype=np.int64)
         for r, row in enumerate(rows):
