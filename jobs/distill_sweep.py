@@ -13,14 +13,10 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import job_config, job_parser  # noqa: E402  (puts the repo on sys.path)
 
-from raysys.config import load_config  # noqa: E402
 from raysys.pipeline import (  # noqa: E402
     absolute,
     dashboard_url,
@@ -33,11 +29,7 @@ from raysys.pipeline import (  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="demo", help="tiny, demo or large")
-    p.add_argument("--config", default=None, help="YAML file overriding the preset")
-    p.add_argument("--root", default=os.environ.get("RAYSYS_ROOT", "~/raysys"),
-                   help="directory for data, runs and registry (default $RAYSYS_ROOT or ~/raysys)")
+    p = job_parser(__doc__)
     p.add_argument("--teacher", default="latest", help="teacher version or alias in the registry")
     p.add_argument("--train-teacher", action="store_true", help="train and register a teacher if none exists")
     p.add_argument("--search", choices=["grid", "optuna", "random"], default=None, help="override distill.search")
@@ -47,11 +39,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     over = {k: v for k, v in (("search", args.search), ("num_samples", args.num_samples)) if v is not None}
     try:
-        cfg = load_config(args.config, preset_name=args.preset, overrides={"distill": over} if over else None)
-        cfg = absolute(cfg.with_root(Path(args.root).expanduser()))
+        cfg = absolute(job_config(args, {"distill": over} if over else None))
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

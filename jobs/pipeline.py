@@ -12,23 +12,15 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import job_config, job_parser  # noqa: E402  (puts the repo on sys.path)
 
-from raysys.config import load_config  # noqa: E402
 from raysys.pipeline import dashboard_url, exercise_endpoint, format_report, init_ray, run_pipeline  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="demo", help="tiny, demo or large")
-    p.add_argument("--config", default=None, help="YAML file overriding the preset")
-    p.add_argument("--root", default=os.environ.get("RAYSYS_ROOT", "~/raysys"),
-                   help="directory for data, runs and registry (default $RAYSYS_ROOT or ~/raysys)")
+    p = job_parser(__doc__)
     p.add_argument("--port", type=int, default=None, help="Serve HTTP port (default from config: 8000)")
     p.add_argument("--no-serve", action="store_true", help="stop after registering the student")
     return p.parse_args(argv)
@@ -36,9 +28,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     try:
-        cfg = load_config(args.config, preset_name=args.preset).with_root(Path(args.root).expanduser())
+        cfg = job_config(args)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2

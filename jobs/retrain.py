@@ -17,18 +17,12 @@ import json
 import logging
 import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
-
-from raysys.config import load_config  # noqa: E402
+from _common import job_config, job_parser  # noqa: E402  (puts the repo on sys.path)
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="demo", help="tiny, demo or large")
-    p.add_argument("--config", default=None, help="YAML file overriding the preset")
-    p.add_argument("--root", default=os.environ.get("RAYSYS_ROOT"), help="data/runs/registry root")
+    p = job_parser(__doc__, root_default=os.environ.get("RAYSYS_ROOT"), root_help="data/runs/registry root")
     p.add_argument("--registry-uri", default=None, help="registry (default: from the config / root)")
     p.add_argument("--model-name", default=None, help="registry name of the student")
     p.add_argument("--alias", default="candidate", help="alias the new student gets (default candidate)")
@@ -40,12 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     from raysys.pipeline import absolute, init_ray, load_teacher, stage_data, stage_distill, stage_teacher
 
-    cfg = load_config(args.config, preset_name=args.preset)
-    if args.root:
-        cfg = cfg.with_root(Path(args.root).expanduser())
+    cfg = job_config(args)
     if args.registry_uri:
         cfg.registry_uri = args.registry_uri
     if args.model_name:

@@ -13,24 +13,16 @@ from __future__ import annotations
 
 import argparse
 import json
-import logging
-import os
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from _common import job_config, job_parser  # noqa: E402  (puts the repo on sys.path)
 
 from raysys.cli import train_overrides  # noqa: E402
-from raysys.config import load_config  # noqa: E402
 from raysys.parallel import STRATEGIES  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--preset", default="demo", help="tiny, demo or large")
-    p.add_argument("--config", default=None, help="YAML file overriding the preset")
-    p.add_argument("--root", default=os.environ.get("RAYSYS_ROOT", "~/raysys"),
-                   help="directory for data, runs and registry (default $RAYSYS_ROOT or ~/raysys)")
+    p = job_parser(__doc__)
     p.add_argument("--strategy", choices=STRATEGIES, default=None, help="train.strategy")
     p.add_argument("--workers", type=int, default=None, help="train.num_workers (Ray Train workers)")
     p.add_argument("--dp", type=int, default=None, help="train.parallel.dp")
@@ -42,11 +34,9 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
     overrides = train_overrides(args.strategy, args.workers, args.dp, args.tp, args.pp, args.max_worker_memory_gb)
     try:
-        cfg = load_config(args.config, preset_name=args.preset, overrides=overrides)
-        cfg = cfg.with_root(Path(args.root).expanduser())
+        cfg = job_config(args, overrides)
     except ValueError as e:
         print(f"error: {e}", file=sys.stderr)
         return 2
