@@ -39,6 +39,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 import numpy as np  # noqa: E402
 import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
+from _common import start_quiet_ray
 
 from raysys.config import DataConfig, ModelConfig, PipelineConfig, preset  # noqa: E402
 from raysys.data import Preprocessor, ensure_dataset, read_split  # noqa: E402
@@ -253,17 +254,9 @@ def main(argv=None) -> int:
     p.add_argument("--seeds", type=int, default=5, help="seeds of the KD vs no-KD comparison")
     p.add_argument("--root", default=None, help="work directory (default: a temp dir)")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("ray", "ray.tune", "ray.data", "ray.train"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     import ray
 
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
+    start_quiet_ray(("ray", "ray.tune", "ray.data", "ray.train"))
     t0 = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="raysys-bench-distill-") as tmp:
         root = Path(args.root) if args.root else Path(tmp)

@@ -32,6 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
+from _common import start_quiet_ray
 from distill import make_cfg, teacher_epochs, test_accuracy, train_teacher  # noqa: E402
 
 from raysys.data import Preprocessor, ensure_dataset, read_split  # noqa: E402
@@ -71,17 +72,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-epochs", type=int, default=None, help="full budget per trial (default from the preset)")
     p.add_argument("--repeats", type=int, default=1, help="rounds of (tuned, random), order alternating")
     args = p.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
-    for noisy in ("ray", "ray.tune", "ray.data"):
-        logging.getLogger(noisy).setLevel(logging.WARNING)
     import ray
 
-    os.environ.pop("RAY_ADDRESS", None)
-    ray.init(num_cpus=max(4, os.cpu_count() or 1), include_dashboard=False, log_to_driver=False,
-             runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    from ray.data import DataContext
-
-    DataContext.get_current().enable_progress_bars = False
+    start_quiet_ray(("ray", "ray.tune", "ray.data"))
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="raysys-bench-sweep-") as tmp:
         cfg = make_cfg(Path(tmp), args.dataset, args.quick)
