@@ -14,13 +14,16 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from _common import job_config, job_parser  # noqa: E402  (puts the repo on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raysys.pipeline import (  # noqa: E402
+from raysys.pipeline import (  # noqa: E402  # noqa: E402
     absolute,
     dashboard_url,
     init_ray,
+    job_config,
+    job_parser,
     load_teacher,
     stage_data,
     stage_distill,

@@ -17,8 +17,11 @@ import json
 import logging
 import os
 import sys
+from pathlib import Path
 
-from _common import job_config, job_parser  # noqa: E402  (puts the repo on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+
+from raysys.pipeline import job_config, job_parser  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

@@ -14,11 +14,13 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+from pathlib import Path
 
-from _common import job_config, job_parser  # noqa: E402  (puts the repo on sys.path)
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from raysys.cli import train_overrides  # noqa: E402
 from raysys.parallel import STRATEGIES  # noqa: E402
+from raysys.pipeline import job_config, job_parser  # noqa: E402
 
 
 def parse_args(argv=None) -> argparse.Namespace:

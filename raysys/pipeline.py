@@ -406,3 +406,27 @@ def exercise_endpoint(cfg: PipelineConfig, url: str, *, shift_sigma: float = 1.5
     log.info("[traffic] %d rows shifted by %.1f sigma on %s sent, alerts: %s", n, shift_sigma, feat,
              out["drift_report"].get("alerts"))
     return out
+
+
+# ----- job entrypoints (jobs/*.py) -----------------------------------------------------------------------
+
+
+def job_parser(doc: str | None, *, root_default: str | None = os.environ.get("RAYSYS_ROOT", "~/raysys"),
+               root_help: str = "directory for data, runs and registry (default $RAYSYS_ROOT or ~/raysys)"):
+    """The `--preset/--config/--root` flags every job takes."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--preset", default="demo", help="tiny, demo or large")
+    p.add_argument("--config", default=None, help="YAML file overriding the preset")
+    p.add_argument("--root", default=root_default, help=root_help)
+    return p
+
+
+def job_config(args, overrides: dict | None = None) -> PipelineConfig:
+    """Preset + YAML + overrides, rooted at `--root` when given; sets up logging. ValueError names the field."""
+    from raysys.config import load_config
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(message)s")
+    cfg = load_config(args.config, preset_name=args.preset, overrides=overrides)
+    return cfg.with_root(Path(args.root).expanduser()) if args.root else cfg
