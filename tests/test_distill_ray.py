@@ -147,7 +147,8 @@ def test_sweep_asha_optuna_over_size_picks_by_rule(ray_cluster, tiny_cfg):
     cfg.distill = cfg.distill.model_copy(update=dict(
         search="optuna", scheduler="asha", num_samples=4, num_epochs=3, grace_period=1, reduction_factor=2,
         student_widths=[8, 32], student_depths=[1], max_concurrent_trials=2, accuracy_gap=0.05,
-        hint_weight=0.1))  # same family as the teacher: the hint loss runs in every trial
+        hint_weight=0.1,  # same family as the teacher: the hint loss runs in every trial
+        transfer_multiplier=0.5))  # and unlabeled transfer rows join every KD batch
     schema, pre, teacher = _teacher(cfg, num_epochs=3)
     res = run_sweep(cfg, schema, pre, teacher, run_name="distill-optuna")
     assert res.search == "optuna" and res.scheduler == "asha" and res.sweep_id == "distill-optuna"
@@ -171,3 +172,26 @@ def test_sweep_asha_optuna_over_size_picks_by_rule(ray_cluster, tiny_cfg):
     assert list(d.glob("*/result.json"))  # Tune's per-trial results
     assert res.soft_targets["teacher_passes_avoided"] >= 3
     assert res.soft_targets["hint_width"] == cfg.teacher.hidden_dims[-1]
+    assert res.soft_targets["transfer"]["num_rows"] == cfg.data.num_train_rows // 2
+
+
+def test_transfer_rows_scored_with_ray_data_match_the_teacher_and_are_reused(ray_cluster, tiny_cfg):
+    from raysys.distill import load_student_data
+
+    cfg = tiny_cfg
+    cfg.distill = cfg.distill.model_copy(update=dict(transfer_multiplier=0.25))
+    schema, pre, teacher = _teacher(cfg, num_epochs=1)
+    data, _, st = load_student_data(cfg, pre, teacher)
+    info = st.meta["transfer"]
+    want = round(0.25 * cfg.data.num_train_rows)
+    assert data.num_transfer == info["num_rows"] == want and not info["reused"]
+    assert Path(info["path"]).parent == Path(st.path).parent  # beside the soft targets, not inside them
+    # the stored logits are the teacher's on the stored rows
+    np.testing.assert_allclose(precompute_teacher_logits(teacher, data.transfer_x_num, data.transfer_x_cat),
+                               data.transfer_logits, rtol=1e-4, atol=1e-5)
+    # new rows, not copies of the training split (MUNGE perturbs about half of each row's attributes)
+    train = {tuple(r) for r in np.round(data.x_num, 5).tolist()}
+    assert sum(tuple(r) in train for r in np.round(data.transfer_x_num, 5).tolist()) < want // 4
+    again, _, st2 = load_student_data(cfg, pre, teacher)
+    assert st2.meta["transfer"]["reused"] and st2.meta["transfer"]["path"] == info["path"]
+    np.testing.assert_array_equal(np.sort(again.transfer_logits, axis=0), np.sort(data.transfer_logits, axis=0))

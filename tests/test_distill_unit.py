@@ -316,3 +316,143 @@ def test_dynamic_int8_quantization_and_spec_round_trip():
         assert torch.equal(apply_quantization(model, quant)(torch.from_numpy(x), torch.from_numpy(c)), out)
     with pytest.raises(ValueError, match="quantization"):
         split_spec({**SPEC, "quantization": "fp4"})
+
+
+# ----- unlabeled transfer rows (MUNGE) -----
+
+
+def test_kd_loss_unlabeled_rows_get_the_soft_term_only():
+    from raysys.distill.kd import IGNORE_INDEX
+
+    # a third, unlabeled row joins the hand-computed batch: the hard term stays the 2 labeled rows' CE,
+    # the soft term averages the KL over all 3 rows
+    extra_s, extra_t = [0.0, 1.0, 2.0], [1.0, 1.0, -1.0]
+    s3, t3 = _t(S + [extra_s]), _t(T_ + [extra_t])
+    labels = _t(LABELS + [IGNORE_INDEX], torch.int64)
+    temp, alpha = 2.0, 0.5
+    _, soft2, hard2 = _hand_kd(temp, alpha)
+    ps, pt = _softmax(extra_s, temp), _softmax(extra_t, temp)
+    kl3 = sum(q * (math.log(q) - math.log(p)) for p, q in zip(ps, pt))
+    soft3 = (soft2 * 2 + temp * temp * kl3) / 3
+    loss, soft, hard = kd_loss(s3, t3, labels, temp, alpha, return_components=True)
+    assert hard.item() == pytest.approx(hard2, abs=1e-6)
+    assert soft.item() == pytest.approx(soft3, abs=1e-6)
+    assert loss.item() == pytest.approx(alpha * soft3 + (1 - alpha) * hard2, abs=1e-6)
+    # no labeled row at all: the hard term is 0 (not NaN) and the gradient still flows through the soft term
+    s_req = s3.clone().requires_grad_(True)
+    loss, soft, hard = kd_loss(s_req, t3, torch.full((3,), IGNORE_INDEX), temp, alpha, return_components=True)
+    assert hard.item() == 0.0 and math.isfinite(loss.item())
+    loss.backward()
+    assert s_req.grad.abs().sum() > 0
+
+
+def _with_transfer(data, m, seed=7):
+    x, c, _, t = _synthetic(m, seed)
+    return StudentData(x_num=data.x_num, x_cat=data.x_cat, y=data.y, teacher_logits=data.teacher_logits,
+                       val_x_num=data.val_x_num, val_x_cat=data.val_x_cat, val_y=data.val_y,
+                       transfer_x_num=x, transfer_x_cat=c, transfer_logits=t)
+
+
+def test_student_data_checks_transfer_rows():
+    data = _data()
+    assert data.num_transfer == 0
+    assert _with_transfer(data, 50).num_transfer == 50
+    x, c, _, t = _synthetic(20, 3)
+    common = dict(x_num=data.x_num, x_cat=data.x_cat, y=data.y, teacher_logits=data.teacher_logits,
+                  val_x_num=data.val_x_num, val_x_cat=data.val_x_cat, val_y=data.val_y)
+    with pytest.raises(ValueError, match="together"):
+        StudentData(**common, transfer_x_num=x, transfer_x_cat=c)
+    with pytest.raises(ValueError, match="transfer_logits"):
+        StudentData(**common, transfer_x_num=x, transfer_x_cat=c, transfer_logits=t[:, :2])
+    with pytest.raises(ValueError, match="transfer_x_cat"):
+        StudentData(**common, transfer_x_num=x, transfer_x_cat=c[:10], transfer_logits=t)
+
+
+def test_transfer_rows_are_ignored_without_kd_and_used_with_it(one_thread):
+    data = _data()
+    with_t = _with_transfer(data, 400)
+    # alpha = 0 (the no-KD baseline) never sees the unlabeled rows: bit-identical to training without them
+    a = fit_student(_config(num_epochs=2, alpha=0.0), data)
+    b = fit_student(_config(num_epochs=2, alpha=0.0), with_t)
+    assert all(torch.equal(a.state_dict[k], b.state_dict[k]) for k in a.state_dict)
+    # with KD they change the result, deterministically
+    c = fit_student(_config(num_epochs=2), data)
+    d = fit_student(_config(num_epochs=2), with_t)
+    e = fit_student(_config(num_epochs=2), with_t)
+    assert any(not torch.equal(c.state_dict[k], d.state_dict[k]) for k in c.state_dict)
+    assert all(torch.equal(d.state_dict[k], e.state_dict[k]) for k in d.state_dict)
+
+
+def test_transfer_rows_carry_the_teacher_to_a_data_limited_student(one_thread):
+    # 20 labeled rows, a quarter of them mislabeled, are too few; 2000 unlabeled rows with the teacher's
+    # logits teach the rule
+    x, c, y, t = _synthetic(20, 0)
+    y = y.copy()
+    y[:5] = (y[:5] + 1) % 3
+    vx, vc, vy, _ = _synthetic(400, 1)
+    small = StudentData(x_num=x, x_cat=c, y=y, teacher_logits=t, val_x_num=vx, val_x_cat=vc, val_y=vy)
+    cfg = _config(num_epochs=30, batch_size=4, temperature=2.0, alpha=0.9)
+    labeled_only = fit_student(cfg, small).metrics["val_accuracy"]
+    with_transfer = fit_student(cfg, _with_transfer(small, 2000)).metrics["val_accuracy"]
+    assert with_transfer > 0.95
+    assert with_transfer > labeled_only + 0.1
+
+
+def _raw_table(n, seed):
+    import pyarrow as pa
+
+    rng = np.random.default_rng(seed)
+    return pa.table({"a": rng.normal(10.0, 2.0, n), "b": rng.normal(-5.0, 0.5, n),
+                     "color": pa.array(rng.choice(["red", "green", "blue"], n)),
+                     "label": rng.integers(0, 2, n)})
+
+
+def _raw_schema():
+    from raysys.data import DatasetSchema
+    from raysys.data.schema import FeatureSpec
+
+    return DatasetSchema(features=[FeatureSpec(name="a", kind="numeric"), FeatureSpec(name="b", kind="numeric"),
+                                   FeatureSpec(name="color", kind="categorical",
+                                               categories=["red", "green", "blue"])],
+                         label="label", classes=["no", "yes"])
+
+
+def test_nearest_neighbours_match_brute_force():
+    from raysys.distill.transfer import nearest_neighbours
+
+    rng = np.random.default_rng(0)
+    pts = rng.normal(size=(300, 5)).astype(np.float32)
+    d = ((pts[:, None, :] - pts[None, :, :]) ** 2).sum(-1)
+    np.fill_diagonal(d, np.inf)
+    assert np.array_equal(nearest_neighbours(pts, pts, exclude_self=True, chunk=64), d.argmin(1))
+    q = rng.normal(size=(40, 5)).astype(np.float32)
+    dq = ((q[:, None, :] - pts[None, :, :]) ** 2).sum(-1)
+    assert np.array_equal(nearest_neighbours(q, pts, exclude_self=False), dq.argmin(1))
+
+
+def test_munge_rows_stay_on_the_data_and_are_deterministic():
+    from raysys.data import Preprocessor
+    from raysys.distill.transfer import munge, munge_arrays
+
+    schema, table = _raw_schema(), _raw_table(200, 0)
+    pre = Preprocessor.fit(schema, table)
+    rows = munge(table, schema, pre, 500, seed=3)
+    assert rows.column_names == ["a", "b", "color"] and rows.num_rows == 500  # features only, no label
+    assert rows.equals(munge(table, schema, pre, 500, seed=3))
+    assert not rows.equals(munge(table, schema, pre, 500, seed=4))
+    assert set(rows.column("color").to_pylist()) <= {"red", "green", "blue"}
+    # no swaps: every new row is a copy of a training row
+    copies = munge(table, schema, pre, 100, swap_prob=0.0, seed=1)
+    src = {(a, b, c) for a, b, c in zip(*(table.column(k).to_pylist() for k in ("a", "b", "color")))}
+    assert all(r in src for r in zip(*(copies.column(k).to_pylist() for k in ("a", "b", "color"))))
+    # swaps move values towards a neighbour: new rows differ from the sources but stay in the data's range
+    a = rows.column("a").to_numpy()
+    assert len(set(a.tolist()) - {r[0] for r in src}) > 100
+    lo, hi = table.column("a").to_numpy().min(), table.column("a").to_numpy().max()
+    assert np.quantile(a, 0.01) > lo - 2.0 and np.quantile(a, 0.99) < hi + 2.0
+    x_num, x_cat = munge_arrays(table, schema, pre, 50, seed=3)
+    assert x_num.shape == (50, 2) and x_cat.shape == (50, 1) and x_num.dtype == np.float32
+    with pytest.raises(ValueError, match="swap_prob"):
+        munge(table, schema, pre, 10, swap_prob=1.5)
+    with pytest.raises(ValueError, match="num_transfer_rows"):
+        munge(table, schema, pre, -1)

@@ -14,6 +14,9 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+# label of an unlabeled transfer row: it takes part in the soft term only (F.cross_entropy's default)
+IGNORE_INDEX = -100
+
 
 def check_kd_args(temperature: float, alpha: float) -> None:
     """ValueError naming the argument when T or alpha is out of range."""
@@ -30,7 +33,9 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     Args:
         student_logits: (batch, classes), carries the gradient.
         teacher_logits: (batch, classes); treated as constants (detached).
-        labels: (batch,) int64 class indices for the hard cross-entropy term.
+        labels: (batch,) int64 class indices for the hard cross-entropy term; `IGNORE_INDEX` (-100)
+            marks an unlabeled row, which gets the soft term only (the hard term averages over the
+            labeled rows, and is 0 when there are none).
         temperature: softmax temperature T > 0 of the soft term.
         alpha: weight of the soft term in [0, 1]; alpha=0 is plain cross-entropy, alpha=1 pure KD.
         return_components: also return the two terms for logging.
@@ -53,7 +58,10 @@ def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, labels: 
     log_p_teacher = F.log_softmax(teacher_logits.detach().to(student_logits.dtype) / t, dim=-1)
     # kl_div(input, target) = KL(target || input): the teacher's distribution is the reference
     soft = F.kl_div(log_p_student, log_p_teacher, reduction="batchmean", log_target=True) * (t * t)
-    hard = F.cross_entropy(student_logits, labels)
+    if bool((labels == IGNORE_INDEX).all()):
+        hard = student_logits.sum() * 0.0  # no labeled row: cross_entropy would return NaN
+    else:
+        hard = F.cross_entropy(student_logits, labels, ignore_index=IGNORE_INDEX)
     loss = alpha * soft + (1.0 - alpha) * hard
     if return_components:
         return loss, soft, hard

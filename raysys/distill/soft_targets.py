@@ -111,7 +111,8 @@ class SoftTargets:
     def summary(self) -> dict[str, Any]:
         return {"path": self.path, "teacher_key": self.key, "splits": list(self.splits),
                 "num_rows": dict(self.num_rows), "num_classes": self.num_classes, "hint_width": self.hint_width,
-                "compute_seconds": self.seconds, "reused": self.reused, "num_actors": self.num_actors}
+                "compute_seconds": self.seconds, "reused": self.reused, "num_actors": self.num_actors,
+                "transfer": self.meta.get("transfer")}
 
 
 def _ray_cpus() -> int:
@@ -229,3 +230,81 @@ def read_soft_targets(targets: SoftTargets | str | Path, split: str, preprocesso
     if logits is None:
         raise ValueError(f"soft targets: {str(path)!r} has no {LOGIT_PREFIX}* columns")
     return x_num, x_cat, y, logits, stack(HINT_PREFIX)
+
+
+TRANSFER_PREFIX = "transfer-munge"
+
+
+def compute_transfer_targets(data_root: str | Path, schema: DatasetSchema, preprocessor: Preprocessor,
+                             teacher: nn.Module, num_rows: int, *, seed: int = 0, num_actors: int = 2,
+                             batch_size: int = 4096, force: bool = False) -> tuple[str, float, bool]:
+    """Unlabeled MUNGE transfer rows (raysys.distill.transfer) scored by the teacher with Ray Data, like
+    `compute_soft_targets`, and stored beside them as
+    `<data_root>/soft_targets/<teacher key>-transfer-munge-<num_rows>-s<seed>/*.parquet`.
+
+    Returns `(path, seconds, reused)`. The rows are made from the training split only, so no validation
+    or test row leaks into the student's inputs.
+    """
+    import ray
+    from ray.data import ActorPoolStrategy
+
+    from raysys.data import read_split
+    from raysys.distill.transfer import munge
+
+    if num_rows < 1:
+        raise ValueError(f"distill.transfer_multiplier: gives {num_rows} transfer rows; need >= 1")
+    root = Path(data_root)
+    # a sibling of the teacher's soft-target dir, never inside it: that dir's presence means "complete"
+    final = root / SOFT_TARGETS_DIR / f"{teacher_key(teacher)}-{TRANSFER_PREFIX}-{num_rows}-s{seed}"
+    if final.exists() and not force:
+        meta = json.loads((final / META_FILE).read_text())
+        log.info("transfer rows: reusing %s", final)
+        return str(final), float(meta["seconds"]), True
+    if not ray.is_initialized():
+        ray.init()
+    num_actors = min(num_actors, _ray_cpus())
+    tmp = final.with_name(f".tmp-{final.name}-{uuid.uuid4().hex[:8]}")
+    t0 = time.perf_counter()
+    rows = munge(read_split(root, "train", [f.name for f in schema.features]), schema, preprocessor, num_rows,
+                 seed=seed)
+    was_training = teacher.training
+    teacher_ref = ray.put(teacher.eval())
+    teacher.train(was_training)
+    try:
+        ds = ray.data.from_arrow(rows).repartition(num_actors)
+        ds.map_batches(
+            TeacherPredictor, batch_size=batch_size, batch_format="numpy",
+            compute=ActorPoolStrategy(size=num_actors), num_cpus=1,
+            fn_constructor_kwargs={"teacher_ref": teacher_ref, "schema_json": schema.to_json(),
+                                   "preprocessor": preprocessor.to_dict(), "hints": False},
+        ).write_parquet(str(tmp.resolve()))
+        seconds = time.perf_counter() - t0
+        (tmp / META_FILE).write_text(json.dumps({"num_rows": num_rows, "seed": seed, "method": "munge",
+                                                 "seconds": round(seconds, 3), "num_actors": num_actors}))
+        if final.exists():
+            shutil.rmtree(final)
+        try:
+            tmp.rename(final)
+        except OSError:
+            if not final.exists():
+                raise
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+    log.info("transfer rows: %d MUNGE rows scored by %d Ray Data actors in %.1fs -> %s", num_rows, num_actors,
+             seconds, final)
+    return str(final), seconds, False
+
+
+def read_transfer_targets(path: str | Path, preprocessor: Preprocessor) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """`(x_num, x_cat, teacher_logits)` of stored transfer rows (no labels)."""
+    files = sorted(str(p) for p in Path(path).glob("*.parquet"))
+    if not files:
+        raise ValueError(f"transfer rows: no Parquet files under {str(path)!r}; compute them first")
+    table = pads.dataset(files, format="parquet").to_table()
+    x_num, x_cat = preprocessor.transform_table(table, with_label=False)
+    cols = sorted((c for c in table.column_names if c.startswith(LOGIT_PREFIX)), key=lambda c: int(c[len(LOGIT_PREFIX):]))
+    if not cols:
+        raise ValueError(f"transfer rows: {str(path)!r} has no {LOGIT_PREFIX}* columns")
+    logits = np.stack([table.column(c).to_numpy(zero_copy_only=False) for c in cols], 1).astype(np.float32)
+    return x_num, x_cat, logits

@@ -18,7 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from raysys.distill.kd import HiddenCapture, check_kd_args, hint_loss, kd_loss, supports_hint
+from raysys.distill.kd import IGNORE_INDEX, HiddenCapture, check_kd_args, hint_loss, kd_loss, supports_hint
 from raysys.models import build_model, predict_logits
 
 # One epoch's metrics and a CPU copy of the student's weights after it.
@@ -33,6 +33,9 @@ class StudentData:
     y int64 (n,); teacher_logits float32 (n, num_classes), on the training rows only;
     teacher_hints float32 (n, teacher hidden width) or None: the teacher's last hidden features, only
     needed for the hint loss.
+    transfer_x_num / transfer_x_cat / transfer_logits: optional UNLABELED transfer rows (m, ...) with the
+    teacher's logits and no labels (Bucila et al. 2006, "Model compression": the teacher labels extra
+    inputs for free). They only feed the soft term of a KD run (alpha > 0); all three or none.
     """
 
     x_num: np.ndarray
@@ -43,6 +46,9 @@ class StudentData:
     val_x_cat: np.ndarray
     val_y: np.ndarray
     teacher_hints: np.ndarray | None = None
+    transfer_x_num: np.ndarray | None = None
+    transfer_x_cat: np.ndarray | None = None
+    transfer_logits: np.ndarray | None = None
 
     def __post_init__(self) -> None:
         self.x_num = np.ascontiguousarray(self.x_num, dtype=np.float32)
@@ -67,6 +73,25 @@ class StudentData:
             raise ValueError("StudentData.y / val_y: labels must be 1-D int arrays")
         if n == 0 or nv == 0:
             raise ValueError("StudentData: the training and validation splits must be non-empty")
+        transfer = (self.transfer_x_num, self.transfer_x_cat, self.transfer_logits)
+        if any(a is not None for a in transfer):
+            if any(a is None for a in transfer):
+                raise ValueError("StudentData.transfer_*: give transfer_x_num, transfer_x_cat and transfer_logits "
+                                 "together (or none)")
+            self.transfer_x_num = np.ascontiguousarray(self.transfer_x_num, dtype=np.float32)
+            self.transfer_x_cat = np.ascontiguousarray(self.transfer_x_cat, dtype=np.int64)
+            self.transfer_logits = np.ascontiguousarray(self.transfer_logits, dtype=np.float32)
+            m = len(self.transfer_logits)
+            for name, arr, like in [("transfer_x_num", self.transfer_x_num, self.x_num),
+                                    ("transfer_x_cat", self.transfer_x_cat, self.x_cat),
+                                    ("transfer_logits", self.transfer_logits, self.teacher_logits)]:
+                if arr.ndim != 2 or len(arr) != m or arr.shape[1] != like.shape[1]:
+                    raise ValueError(f"StudentData.{name}: expected shape ({m}, {like.shape[1]}), got {arr.shape}")
+
+    @property
+    def num_transfer(self) -> int:
+        """Unlabeled transfer rows (0 when there are none)."""
+        return 0 if self.transfer_logits is None else len(self.transfer_logits)
 
     @property
     def num_classes(self) -> int:
@@ -103,6 +128,11 @@ def fit_student(config: dict[str, Any], data: StudentData, report: ReportFn | No
     `alpha`, `num_epochs`, `batch_size`, `lr`, and optionally `weight_decay` (1e-4), `seed` (0) and
     `hint_weight` (0: off; > 0 adds `hint_weight * hint_loss` on the last hidden features, which needs
     `data.teacher_hints` and a body/head student).
+    Unlabeled transfer rows (`data.transfer_*`) join a KD run (alpha > 0): every step appends the next
+    slice of them to the labeled batch, so one epoch is one pass over both; they get the soft term only
+    (label `IGNORE_INDEX`). The labeled batches, their order and the number of steps are exactly those of
+    the same config without transfer rows (a separate random stream shuffles the transfer rows), so a
+    no-KD baseline (alpha = 0, which ignores them) takes the same steps on the same labeled data.
     `teacher`: run this model on every batch instead of reading `data.teacher_logits` (online KD; only
     for measuring what precomputed soft targets save).
     After each epoch `report(metrics, state_dict)` is called with `epoch` (1-based), `train_loss`,
@@ -155,31 +185,46 @@ def fit_student(config: dict[str, Any], data: StudentData, report: ReportFn | No
     x_num, x_cat = torch.from_numpy(data.x_num), torch.from_numpy(data.x_cat)
     y, t_logits = torch.from_numpy(data.y), torch.from_numpy(data.teacher_logits)
     n = len(y)
+    steps = math.ceil(n / batch_size)
+    nt = data.num_transfer if alpha > 0 else 0
+    if nt:
+        t_rng = np.random.default_rng([seed, 1])  # its own stream: the labeled batches stay those of no transfer
+        tx_num, tx_cat = torch.from_numpy(data.transfer_x_num), torch.from_numpy(data.transfer_x_cat)
+        tt_logits = torch.from_numpy(data.transfer_logits)
+        per_step = math.ceil(nt / steps)
 
     history: list[dict[str, Any]] = []
     for epoch in range(1, num_epochs + 1):
         model.train()
         perm = torch.from_numpy(rng.permutation(n))
+        t_perm = torch.from_numpy(t_rng.permutation(nt)) if nt else None
         tot = soft_tot = hard_tot = 0.0
-        for i in range(0, n, batch_size):
+        for step, i in enumerate(range(0, n, batch_size)):
             idx = perm[i:i + batch_size]
+            m = len(idx)
+            xb_num, xb_cat, yb = x_num[idx], x_cat[idx], y[idx]
+            if teacher is None:
+                t_batch = t_logits[idx]
+            if nt:
+                tidx = t_perm[step * per_step:(step + 1) * per_step]
+                xb_num, xb_cat = torch.cat([xb_num, tx_num[tidx]]), torch.cat([xb_cat, tx_cat[tidx]])
+                yb = torch.cat([yb, torch.full((len(tidx),), IGNORE_INDEX, dtype=yb.dtype)])
+                if teacher is None:
+                    t_batch = torch.cat([t_batch, tt_logits[tidx]])
             if teacher is not None:
                 with torch.no_grad():
-                    t_batch = teacher(x_num[idx], x_cat[idx])
-            else:
-                t_batch = t_logits[idx]
+                    t_batch = teacher(xb_num, xb_cat)
             if regressor is not None:
                 with HiddenCapture(model) as cap:
-                    logits = model(x_num[idx], x_cat[idx])
-                loss, soft, hard = kd_loss(logits, t_batch, y[idx], temperature, alpha, return_components=True)
-                loss = loss + hint_w * hint_loss(cap.value, hints[idx], regressor)
+                    logits = model(xb_num, xb_cat)
+                loss, soft, hard = kd_loss(logits, t_batch, yb, temperature, alpha, return_components=True)
+                loss = loss + hint_w * hint_loss(cap.value[:m], hints[idx], regressor)  # hints: labeled rows
             else:
-                logits = model(x_num[idx], x_cat[idx])
-                loss, soft, hard = kd_loss(logits, t_batch, y[idx], temperature, alpha, return_components=True)
+                logits = model(xb_num, xb_cat)
+                loss, soft, hard = kd_loss(logits, t_batch, yb, temperature, alpha, return_components=True)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
-            m = len(idx)
             tot += loss.item() * m
             soft_tot += soft.item() * m
             hard_tot += hard.item() * m

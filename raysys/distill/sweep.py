@@ -49,7 +49,13 @@ from torch import nn
 from raysys.config import PipelineConfig
 from raysys.data import DatasetSchema, Preprocessor, read_split
 from raysys.distill.kd import supports_hint
-from raysys.distill.soft_targets import SoftTargets, compute_soft_targets, read_soft_targets
+from raysys.distill.soft_targets import (
+    SoftTargets,
+    compute_soft_targets,
+    compute_transfer_targets,
+    read_soft_targets,
+    read_transfer_targets,
+)
 from raysys.distill.student import StudentData, fit_student
 from raysys.models import build_model, model_spec, num_parameters, predict_logits
 
@@ -133,14 +139,27 @@ def load_student_data(cfg: PipelineConfig, preprocessor: Preprocessor, teacher_m
     Parquet beside the data (reused when the same teacher's targets are already there).
 
     Returns `(data, teacher_val_logits, soft_targets)`; the validation logits only serve to report the
-    teacher's own accuracy (the selection rule compares against it).
+    teacher's own accuracy (the selection rule compares against it). With `distill.transfer_multiplier`
+    > 0 the data also carries that many unlabeled MUNGE rows per training row with the teacher's logits
+    (scored with Ray Data, stored beside the soft targets; `soft_targets.meta["transfer"]` says where).
     """
     targets = compute_soft_targets(cfg.data.root, preprocessor.schema, preprocessor, teacher_model,
                                    num_actors=cfg.distill.soft_target_actors, hints=hints)
     x_num, x_cat, y, t_logits, t_hints = read_soft_targets(targets, "train", preprocessor)
     vx_num, vx_cat, vy, t_val, _ = read_soft_targets(targets, "validation", preprocessor)
+    transfer: dict[str, Any] = {}
+    dc = cfg.distill
+    if dc.transfer_multiplier > 0:
+        num_rows = max(1, round(dc.transfer_multiplier * len(y)))
+        path, seconds, reused = compute_transfer_targets(cfg.data.root, preprocessor.schema, preprocessor,
+                                                         teacher_model, num_rows, seed=dc.seed,
+                                                         num_actors=dc.soft_target_actors)
+        tx_num, tx_cat, tx_logits = read_transfer_targets(path, preprocessor)
+        transfer = dict(transfer_x_num=tx_num, transfer_x_cat=tx_cat, transfer_logits=tx_logits)
+        targets.meta = {**targets.meta, "transfer": {"method": "munge", "num_rows": num_rows, "path": path,
+                                                     "compute_seconds": round(seconds, 3), "reused": reused}}
     data = StudentData(x_num=x_num, x_cat=x_cat, y=y, teacher_logits=t_logits, val_x_num=vx_num,
-                       val_x_cat=vx_cat, val_y=vy, teacher_hints=t_hints)
+                       val_x_cat=vx_cat, val_y=vy, teacher_hints=t_hints, **transfer)
     return data, t_val, targets
 
 
