@@ -10,7 +10,9 @@ calibrated by bootstrap from 10k held-out rows to ERT = 10,000 rows.
 
 Measured, in the same run:
 - no-drift run lengths (>= 200 alarms, the detector restarting after each) -> ert_ratio = mean / ERT;
-- median detection delay (rows after the change; 200 undrifted rows precede it) per scenario;
+- median detection delay (rows after the change; 200 undrifted rows precede it) per scenario, and for the
+  class-prior flip the floor set by this student's probabilities: the median delay of a CUSUM that knows
+  the new priors, alone at the same ERT (`details.prior_flip_oracle`);
 - eval_ms: one window evaluation (1k window x 50 features against a 10k-row reference profile: PSI, JS,
   KS on the binned CDF, chi-squared, BH) beside scipy.stats.ks_2samp over the same 45 numeric columns
   against the 10k reference rows, and whether both give the same drifted/undrifted verdicts (BH, alpha);
@@ -161,6 +163,38 @@ def measure_delays(world: World, profile, reps: int) -> dict:
     return out
 
 
+def measure_prior_flip_oracle(world: World, profile, reps: int = 400) -> dict:
+    """The best any detector watching this model's probabilities can do on the prior flip: a CUSUM that
+    KNOWS the new priors (log-likelihood ratio log sum_k pi'_k / pi_k p_k(x)), its threshold set by
+    simulation to the same ERT with nothing else to watch. Its median delay is the floor for
+    `delay_median.prior_flip` with this student (a better model moves it, the monitor cannot)."""
+    spec = scenario_specs(world)["prior_flip"]
+    pri = np.array([spec.label_priors.get(c, 0.0) for c in world.task.classes])
+    w = pri / pri.sum() / profile.prediction.mean
+    _, _, _, p0 = world.arrays(50_000, [0, 4])
+    _, _, _, p1 = world.arrays(20_000, [0, 5], spec)
+    l0, l1 = np.log(p0 @ w), np.log(p1 @ w)
+    rng = np.random.default_rng(0)
+
+    def run_lengths(pool, h, n, runs):
+        c = np.cumsum(pool[rng.integers(0, len(pool), (runs, n))], 1)
+        s = c - np.minimum(np.minimum.accumulate(c, 1), 0)
+        over = s > h
+        return np.where(over.any(1), over.argmax(1) + 1, n)
+
+    hs = np.arange(4.0, 14.0, 0.25)
+    n0 = 4 * ERT
+    arl = []
+    for h in hs:  # mean run length = rows watched / alarms (censored exponential), 64 runs of 4 ERT
+        rl = run_lengths(l0, h, n0, 64)
+        arl.append(rl.sum() / max((rl < n0).sum(), 1))
+        if arl[-1] > 2 * ERT:
+            break
+    h = float(np.interp(np.log(ERT), np.log(np.maximum.accumulate(arl)), hs[:len(arl)]))
+    d = run_lengths(l1, h, 1000, reps)
+    return {"kl_per_row": float(l1.mean()), "threshold": h, "median_delay": float(np.median(d))}
+
+
 def measure_eval(world: World, reps: int, alpha: float = 0.01) -> dict:
     from scipy.stats import ks_2samp
 
@@ -196,7 +230,8 @@ def measure_ingest(world: World, profile, batches: int) -> dict:
 
     from raysys.monitor.actor import get_or_create_monitor
 
-    ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+    os.environ.pop("RAY_ADDRESS", None)  # always a fresh local Ray, never a cluster this shell points at
+    ray.init(address="local", num_cpus=2, include_dashboard=False, log_to_driver=False)
     try:
         handle = get_or_create_monitor(f"bench_monitor_{os.getpid()}", "raysys_bench", profile=profile.to_dict(),
                                        schema=world.schema.model_dump(), monitor_cfg={"ert": ERT},
@@ -289,6 +324,8 @@ def main(argv=None) -> int:
     print("accuracy:", json.dumps(acc), flush=True)
     delays = measure_delays(world, profile, reps=12 if quick else 40)
     print("delays:", json.dumps(delays), flush=True)
+    oracle = measure_prior_flip_oracle(world, profile)
+    print("prior-flip oracle:", json.dumps(oracle), flush=True)
     ert = measure_ert(world, profile, min_alarms=30 if quick else 200, max_rows=400_000 if quick else 2_600_000)
     print("ert:", json.dumps(ert), flush=True)
     ingest = measure_ingest(world, profile, batches=30 if quick else 100)
@@ -311,8 +348,8 @@ def main(argv=None) -> int:
         "reference_bytes": reference_bytes,
         "request_overhead_p50_ms": round(overhead["request_overhead_p50_ms"], 4),
         "details": {"ert": ert, "delays": delays, "eval": eval_res, "ingest": ingest, "overhead": overhead,
-                    "accuracy": acc, "detector": {k: profile.detector[k] for k in ("threshold", "extrapolated",
-                                                                                  "calibration", "lambdas")},
+                    "accuracy": acc, "prior_flip_oracle": oracle, "detector": {k: profile.detector[k] for k in ("threshold", "extrapolated",
+                                                                                  "calibration", "charts")},
                     "profile_build_and_calibration_s": round(build_s, 1)},
         "setup": {"features": {"numeric": N_NUM, "categorical": N_CAT}, "classes": N_CLASSES,
                   "reference_rows": 20_000, "holdout_rows": 10_000, "pre_change_rows": PRE_CHANGE,

@@ -13,7 +13,8 @@ from scipy.stats import ks_2samp
 from raysys.config import DataConfig, MonitorConfig
 from raysys.data import DriftSpec, Preprocessor, SyntheticTask
 from raysys.monitor import LogHistogram, Monitor, ReferenceProfile, WindowTester, adjust_pvalues, detector_for
-from raysys.monitor.online import score_rows, threshold_for_ert
+from raysys.monitor.drift import jensen_shannon, psi
+from raysys.monitor.online import _cusum, score_rows, threshold_for_ert
 from raysys.monitor.retrain import RetrainTrigger
 
 
@@ -72,7 +73,7 @@ def test_online_detector_calibrated_and_detects(world):
     task, schema, arrays, prof = world
     spec = prof.detector
     assert spec["threshold"] > 0 and not spec["extrapolated"] and spec["calibration"]["rows"] >= 60_000
-    assert set(spec["norm"]) >= {"max@0.05", "sum@0.01", "cat@0.03", "pred@0.03"}
+    assert set(spec["norm"]) == {"cusum", "spread", "sum@0.01", "cat", "prior"} and spec["version"] == 2
     # a lower ERT needs a lower threshold, read from the same table
     assert threshold_for_ert(spec, 200)[0] < spec["threshold"]
     # no drift: false alarms about once per ERT rows (loose bounds: a short, noisy check)
@@ -85,10 +86,85 @@ def test_online_detector_calibrated_and_detects(world):
     x, c, _, p = arrays(400, 32, DriftSpec(covariate={"x4": 1.5}))
     alarms = det.update(score_rows(prof, x, c, p))
     assert alarms and alarms[0]["row"] < 100 and "x4" in alarms[0]["features"]
+    assert alarms[0]["chart"] in ("cusum", "spread", "sum@0.01")
     st = det.state()
     again = detector_for(prof)
     again.load_state(json.loads(json.dumps(st)))
-    assert again.t == det.t and np.allclose(again.ewma[0.05], det.ewma[0.05])
+    assert again.t == det.t and np.array_equal(again.cusum["cusum"], det.cusum["cusum"])
+    assert np.array_equal(again.ewma["cat@0.01"], det.ewma["cat@0.01"])
+    # a state from the previous (EWMA-only) detector keeps the counters and restarts the charts
+    old = detector_for(prof)
+    old.load_state({"t": 7, "alarms": 2, "rows": 900, "ewma": {"0.05": [0.0] * 20}})
+    assert (old.alarms, old.rows, old.t) == (2, 900, 0) and not old.cusum["cusum"].any()
+
+
+def test_cusum_unrolled_matches_the_recursion():
+    rng = np.random.default_rng(3)
+    inc = rng.normal(-0.2, 1.0, (300, 4))
+    s0 = np.array([0.0, 1.5, 7.0, 0.2])
+    want, s = np.empty_like(inc), s0.copy()
+    for t in range(len(inc)):
+        s = np.maximum(0.0, s + inc[t])
+        want[t] = s
+    np.testing.assert_allclose(_cusum(inc, s0), want, atol=1e-9)
+    assert (_cusum(inc, s0) >= 0).all() and _cusum(inc[:1], s0)[0, 2] == pytest.approx(max(0, 7.0 + inc[0, 2]))
+
+
+def test_online_detector_is_batch_invariant(world):
+    """The same stream fed in one batch or in ragged pieces gives the same alarms and the same state
+    (CUSUMs, EWMAs and the adaptive alternatives carry across batches exactly)."""
+    task, schema, arrays, prof = world
+    x, c, _, p = arrays(1500, 33, DriftSpec(covariate={"x1": 0.8}, categorical={"c0": {"a0": 1.0}}))
+    S = score_rows(prof, x, c, p)
+    one, many = detector_for(prof), detector_for(prof)
+    a1 = [(a["row"], a["chart"]) for a in one.update(S)]
+    a2, lo = [], 0
+    for size in [1, 2, 3, 50, 7, 400, 1, 900, 200]:
+        a2 += [(lo + a["row"], a["chart"]) for a in many.update(S[lo:lo + size])]
+        lo += size
+    assert lo >= len(S) and a1 == a2 and len(a1) >= 2
+    assert one.t == many.t and np.allclose(one.cusum["prior"], many.cusum["prior"])
+    assert np.allclose(one.ewma["pred@0.03"], many.ewma["pred@0.03"])
+
+
+def test_adaptive_and_prior_increments_are_likelihood_ratios(world):
+    """Under the reference, exp(increment) of the categorical and prior-shift CUSUMs has mean 1 (they are
+    likelihood ratios), and their charts catch a categorical frequency shift and a class-prior flip,
+    blaming the right feature."""
+    task, schema, arrays, prof = world
+    det = detector_for(prof)
+    S = score_rows(prof, *[a for i, a in enumerate(arrays(4000, 34)) if i != 2])
+    # increments: run each chart's CUSUM from a huge start so that max(0, .) never binds
+    det.cusum = {k: np.full_like(v, 1e6) for k, v in det.cusum.items()}
+    carry, _, _ = det._run(S)
+    for key in ("cat", "prior"):
+        inc = np.diff(np.vstack([np.full(carry[key].shape[1], 1e6), carry[key]]), axis=0)
+        ratio = np.exp(inc).mean(0)
+        assert np.all(np.abs(ratio - 1) < 0.12), (key, ratio)
+        assert np.all(inc.mean(0) <= 0.01), (key, inc.mean(0))  # a drift toward 0 under the null
+    flip = {c: (0.8 if i == 2 else 0.1) for i, c in enumerate(schema.classes)}
+    det = detector_for(prof)
+    x, c, _, p = arrays(600, 35, DriftSpec(label_priors=flip))
+    alarms = det.update(score_rows(prof, x, c, p))
+    assert alarms and alarms[0]["chart"] == "prior" and alarms[0]["features"] == ["_prediction"]
+    det = detector_for(prof)
+    cats = schema.categorical[1].categories
+    x, c, _, p = arrays(3000, 36, DriftSpec(categorical={"c1": {cats[0]: 1.0, cats[1]: 1.0}}))
+    alarms = det.update(score_rows(prof, x, c, p))
+    assert alarms and alarms[0]["features"] == ["c1"] and alarms[0]["chart"] == "cat"
+
+
+def test_profile_from_an_older_detector_needs_recalibration(world):
+    task, schema, arrays, prof = world
+    old = ReferenceProfile.from_dict(json.loads(json.dumps(prof.to_dict())))
+    old.detector = {k: v for k, v in old.detector.items() if k != "version"}
+    with pytest.raises(ValueError, match="recalibrate"):
+        detector_for(old)
+    mon = Monitor(old.to_dict(), schema.model_dump(), {"window_size": 500, "ert": 500}, model_version=1)
+    x, c, _, p = arrays(300, 37, DriftSpec(covariate={"x1": 3.0}))
+    mon.record({"x_num": x, "x_cat": c, "proba": p, "latency_ms": [1.0] * 300})
+    rep = mon.report()
+    assert mon.detector is None and not rep["detector"]["calibrated"] and "older" in rep["detector"]["why"]
 
 
 def test_profile_predictions_and_size(world):
@@ -207,3 +283,45 @@ def test_monitor_errors_and_latency_by_version(world):
     assert rep["latency_by_version"]["3"]["count"] == 4
     assert 1.8 < rep["latency_by_version"]["3"]["p50"] < 4.4
     assert MonitorConfig(on_drift="retrain").on_drift == "retrain"
+
+
+def test_window_stats_one_search_equals_per_feature_search():
+    """The single-searchsorted window statistics count exactly what a per-feature search counts: ties at
+    edges (a discrete feature), NaN/inf, values far outside the reference, features on scales 1e-3..1e9."""
+    from raysys.monitor.drift import _SegmentedRefs
+    from raysys.monitor.profile import NumericRef
+
+    rng = np.random.default_rng(0)
+    refs = [NumericRef.build("a", rng.normal(5, 100, 5000), 10),
+            NumericRef.build("b", rng.integers(0, 4, 5000).astype(float), 10),
+            NumericRef.build("c", rng.exponential(1e-3, 5000), 10), NumericRef.build("d", np.full(100, 2.0), 10),
+            NumericRef.build("e", rng.normal(1e9, 1, 5000), 10)]
+    seg = _SegmentedRefs(refs)
+    for n in (0, 1, 7, 1000):
+        x = np.column_stack([rng.normal(5, 150, n), rng.integers(-1, 6, n).astype(float), rng.exponential(1e-3, n),
+                             rng.choice([1.0, 2.0, 3.0], n), rng.normal(1e9, 2, n)])
+        if n > 5:
+            x[0, 0], x[1, 2], x[2, 4], x[3, 1], x[4, 0] = np.nan, np.inf, -np.inf, refs[1].edges[0], 1e300
+        got = seg.stats(x, 5000)
+        for j, ref in enumerate(refs):
+            col = np.sort(x[:, j])
+            below = np.searchsorted(col, ref.edges, side="left")
+            np.testing.assert_array_equal(got["counts"][j], np.diff(below, prepend=0, append=n))
+            f_win = np.append(np.searchsorted(col, ref.grid_x, side="right"), n) / max(n, 1)
+            ks = np.abs(f_win - np.append(ref.grid_cdf, 1.0)).max()
+            assert got["ks"][j] == pytest.approx(ks, abs=1e-12), (n, j)
+            if n:
+                assert got["psi"][j] == pytest.approx(psi(ref.ref_props, got["counts"][j]))
+
+
+def test_categorical_window_stats_match_the_per_feature_functions(world):
+    task, schema, arrays, prof = world
+    tester = WindowTester(prof)
+    for n, seed in ((0, 81), (1, 82), (60, 83), (1000, 84)):
+        _, cw, _, _ = arrays(max(n, 1), seed, DriftSpec(categorical={"c1": {"b0": 1.0}}))
+        cw = cw[:n]
+        res = tester._categorical(cw)
+        for j, ref in enumerate(prof.categorical):
+            cnt = np.bincount(cw[:, j], minlength=ref.num_bins)
+            assert res["psi"][j] == pytest.approx(psi(ref.ref_props, cnt), abs=1e-12)
+            assert res["js"][j] == pytest.approx(jensen_shannon(ref.ref_props, cnt), abs=1e-12)

@@ -38,7 +38,7 @@ from raysys.data.schema import DatasetSchema
 from raysys.monitor.accuracy import AccuracyTracker, PredictionLog
 from raysys.monitor.drift import RingBuffer, WindowTester, latency_percentiles
 from raysys.monitor.latency import LogHistogram
-from raysys.monitor.online import detector_for, score_rows, threshold_for_ert
+from raysys.monitor.online import detector_for, is_current, score_rows, threshold_for_ert
 from raysys.monitor.profile import ReferenceProfile
 
 log = logging.getLogger("raysys")
@@ -126,7 +126,11 @@ class Monitor:
         self.latencies = RingBuffer(self.cfg.latency_window, 1, dtype=np.float64)
         self.detector = None
         self.detector_info: dict[str, Any] = {"calibrated": False}
-        if prof.detector:
+        if prof.detector and not is_current(prof.detector):
+            log.warning("monitor: the reference profile's online detector was calibrated by an older raysys; "
+                        "online detection is off until the profile is recalibrated (re-register the model)")
+            self.detector_info = {"calibrated": False, "why": "calibrated for an older detector; recalibrate"}
+        elif prof.detector:
             threshold, extrapolated = threshold_for_ert(prof.detector, self.cfg.ert)
             self.detector = detector_for(prof, threshold)
             self.detector_info = {"calibrated": True, "ert": self.cfg.ert, "threshold": threshold,

@@ -11,6 +11,7 @@ from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
+from scipy.special import kolmogorov
 
 from raysys.monitor.profile import ReferenceProfile
 
@@ -185,14 +186,26 @@ def adjust_pvalues(p: np.ndarray, method: str = "bh") -> np.ndarray:
 
 
 class _SegmentedRefs:
-    """Per-feature reference arrays of different lengths laid end to end, for one-call numpy reductions."""
+    """Per-feature reference arrays of different lengths laid end to end, for one-call numpy reductions.
+
+    The window's counts below every grid point and coarse edge of every feature come from ONE
+    `np.searchsorted`: each feature's values are mapped by the same increasing affine map as its reference
+    points (its grid onto [0, 1]), clipped to [-_PAD, 1 + _PAD] (beyond every reference point, so no count
+    changes) and moved by 2 * _PAD + 2 per feature; the per-feature sorted columns laid end to end are then
+    one sorted array. Equal values map to equal values (same float operations), so ties count exactly as
+    in a per-feature search.
+    """
+
+    _PAD = 4.0
 
     def __init__(self, refs: list):
         self.refs = refs
+        k = len(refs)
+        self.k = k
         self.edges = [r.edges for r in refs]
         self.grid_x = [r.grid_x for r in refs]
-        nb = np.array([len(e) + 1 for e in self.edges])
-        ng = np.array([len(g) for g in self.grid_x])
+        nb = np.array([len(e) + 1 for e in self.edges], dtype=np.int64)
+        ng = np.array([len(g) for g in self.grid_x], dtype=np.int64)
         self.c_off = np.concatenate([[0], np.cumsum(nb)[:-1]]).astype(np.int64)
         self.c_total = int(nb.sum())
         self.c_props = np.concatenate([r.ref_props for r in refs]) if refs else np.zeros(0)
@@ -202,28 +215,59 @@ class _SegmentedRefs:
         self.g_total = int((ng + 1).sum())
         self.ng = ng
         self.g_cdf = np.concatenate([np.append(r.grid_cdf, 1.0) for r in refs]) if refs else np.zeros(0)
-        self.g_feature = np.repeat(np.arange(len(refs)), ng + 1)
+        self.g_feature = np.repeat(np.arange(k), ng + 1)
+        # the affine map per feature and every reference point mapped by it
+        lo = np.array([min(g[0], e[0]) if len(e) else g[0] for g, e in zip(self.grid_x, self.edges)]) if k else np.zeros(0)
+        hi = np.array([max(g[-1], e[-1]) if len(e) else g[-1] for g, e in zip(self.grid_x, self.edges)]) if k else np.zeros(0)
+        self.a = lo
+        self.s = np.where(hi > lo, hi - lo, 1.0)
+        self.shift = np.arange(k) * (2 * self._PAD + 2.0)
+        self.g_keys = np.concatenate([self._map1(j, np.append(g, np.inf)) for j, g in enumerate(self.grid_x)]) \
+            if k else np.zeros(0)
+        self.e_keys = np.concatenate([self._map1(j, e) for j, e in enumerate(self.edges)]) if k else np.zeros(0)
+        self.e_feature = np.repeat(np.arange(k), nb - 1)
+        # coarse bin counts = differences of [0, below(edges)..., n] per feature: where each piece goes
+        ext_len = int((nb + 1).sum())
+        starts = np.concatenate([[0], np.cumsum(nb + 1)[:-1]]).astype(np.int64)
+        self._ext_len = ext_len
+        self._ext_zero = starts
+        self._ext_n = starts + nb
+        self._ext_edges = np.concatenate([np.arange(s0 + 1, s0 + b) for s0, b in zip(starts, nb)]) if k else \
+            np.zeros(0, dtype=np.int64)
+        keep = np.ones(max(ext_len - 1, 0), dtype=bool)
+        keep[self._ext_n[:-1]] = False  # the step from one feature's n to the next one's 0
+        self._ext_keep = keep
+
+    def _map(self, x: np.ndarray) -> np.ndarray:
+        """Values [features, n] -> keys: increasing within a feature, features in disjoint ranges."""
+        u = (x - self.a[:, None]) / self.s[:, None]
+        u[np.isnan(u)] = np.inf  # NaN sorts after everything, as np.searchsorted treats it
+        np.clip(u, -self._PAD, 1.0 + self._PAD, out=u)
+        return u + self.shift[:, None]
+
+    def _map1(self, j: int, x: np.ndarray) -> np.ndarray:
+        """`_map` of one feature's reference points (the same float operations, so ties stay ties)."""
+        u = (np.asarray(x, dtype=np.float64) - self.a[j]) / self.s[j]
+        return np.clip(u, -self._PAD, 1.0 + self._PAD) + self.shift[j]
 
     def stats(self, x: np.ndarray, n_ref: int) -> dict[str, np.ndarray]:
         """x [n, features] raw values -> per-feature psi, js, ks, ks_p."""
         n, k = x.shape
-        # sort each column once; then each feature needs only a few lookups of its edges into its sorted
-        # column (the window's counts below each edge), not one lookup per window value
-        xs = np.sort(np.ascontiguousarray(x.T), axis=1)
-        le = np.empty(self.g_total)
-        cc = np.empty(self.c_total)
-        for j in range(k):
-            g0 = self.g_off[j]
-            le[g0:g0 + self.ng[j]] = np.searchsorted(xs[j], self.grid_x[j], side="right")  # values <= grid_x
-            le[g0 + self.ng[j]] = n
-            below = np.searchsorted(xs[j], self.edges[j], side="left")  # coarse bin i: [edges[i-1], edges[i])
-            c0 = self.c_off[j]
-            cc[c0:c0 + self.nb[j]] = np.diff(below, prepend=0, append=n)
+        if k:
+            keys = np.sort(self._map(np.ascontiguousarray(x.T)), axis=1).ravel()  # globally sorted
+            # counts of window values <= each grid point (the extra slot: +inf, i.e. all n) and < each edge
+            le = np.searchsorted(keys, self.g_keys, side="right") - self.g_feature * n
+            below = np.searchsorted(keys, self.e_keys, side="left") - self.e_feature * n
+            ext = np.empty(self._ext_len)
+            ext[self._ext_zero] = 0.0
+            ext[self._ext_n] = n
+            ext[self._ext_edges] = below
+            cc = np.diff(ext)[self._ext_keep]
+        else:
+            le, cc = np.zeros(0), np.zeros(0)
         f_win = le / max(n, 1)
         ks = np.maximum.reduceat(np.abs(f_win - self.g_cdf), self.g_off) if k else np.zeros(0)
         n_eff = n * n_ref / (n + n_ref) if n else 0.0
-        from scipy.special import kolmogorov
-
         ks_p = kolmogorov(np.sqrt(n_eff) * ks) if n else np.ones(k)
         eps = DEFAULT_EPS
         p_cur = cc / max(n, 1)
@@ -273,10 +317,17 @@ class WindowTester:
         exp = self.cat_props * n
         chi = np.add.reduceat((counts - exp) ** 2 / np.maximum(exp, 1e-12), self.cat_off)
         p = chdtrc(np.maximum(self.cat_k - 1, 1), chi) if n else np.ones(k)
-        psi_v = np.array([psi(self.profile.categorical[j].ref_props, counts[o:o + b])
-                          for j, (o, b) in enumerate(zip(self.cat_off, self.cat_k))])
-        js = np.array([jensen_shannon(self.profile.categorical[j].ref_props, counts[o:o + b])
-                       for j, (o, b) in enumerate(zip(self.cat_off, self.cat_k))])
+        # PSI and Jensen-Shannon of every feature at once (the same formulas as `psi`, `jensen_shannon`)
+        kr = np.repeat(self.cat_k, self.cat_k)
+        ref = self.cat_raw / np.repeat(np.add.reduceat(self.cat_raw, self.cat_off), self.cat_k)
+        cur = counts / max(n, 1)
+        eps = DEFAULT_EPS
+        pc, pr = (cur + eps) / (1 + kr * eps), (ref + eps) / (1 + kr * eps)
+        psi_v = np.add.reduceat((pc - pr) * np.log(pc / pr), self.cat_off) if n else np.zeros(k)
+        m = (cur + ref) / 2
+        with np.errstate(divide="ignore", invalid="ignore"):
+            terms = np.where(cur > 0, cur * np.log(cur / m), 0.0) + np.where(ref > 0, ref * np.log(ref / m), 0.0)
+        js = np.add.reduceat(terms, self.cat_off) / 2 if n else np.zeros(k)
         return {"psi": psi_v, "js": js, "chi2": chi, "chi2_p": p,
                 "counts": [counts[o:o + b] for o, b in zip(self.cat_off, self.cat_k)]}
 

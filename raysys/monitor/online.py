@@ -1,25 +1,40 @@
 """The online (per-row) drift detector, calibrated to an expected run time between false alarms (ERT).
 
 Each row becomes one score vector: the normal scores of its numeric features under the reference
-(`ReferenceProfile.numeric_scores`, N(0, 1) per column when nothing drifted), standardised one-hots of its
-categories and whitened predicted probabilities. Exponentially weighted moving averages (EWMA) of that
-vector at a few smoothing constants feed four kinds of chart:
+(`ReferenceProfile.numeric_scores`, N(0, 1) per column when nothing drifted), the one-hots of its
+categories and the model's predicted probabilities. Five kinds of chart watch that stream:
 
-- `max`:  the largest |EWMA| over numeric features (one feature shifting; Bonferroni over features);
-- `sum`:  the sum of squared EWMAs over numeric features (small shifts spread over several features);
-- `cat`:  Pearson's chi-squared of each categorical feature's EWMA frequencies (Bonferroni over features);
-- `pred`: the squared Mahalanobis norm of the EWMA predicted probabilities (black-box shift detection).
+- `cusum`: per numeric feature and direction, Page's CUSUM of the log-likelihood ratio of a mean shift of
+  `d` reference sigmas (d in `charts["cusum"]`, by default 0.5 and 1): S <- max(0, S + d*z - d^2/2).
+  A CUSUM tuned to the shift is the optimal detector of it (Lorden, Moustakides); all of them are on one
+  scale (log-likelihood ratios), so the chart is their maximum, a Bonferroni over features that costs
+  only ln(#statistics) in the threshold (a sum over 45 features would bury one shifted feature's signal
+  under 44 features' noise).
+- `spread`: sum_j log(1 - p0 + p0 exp(S_j)) over per-feature CUSUMs S_j tuned to 0.25 sigma: the
+  likelihood ratio of "each feature shifted with probability p0", so that a few features shifting a
+  little add up (the sparse-mixture statistic of Xie & Siegmund, 2013, on Mei's local CUSUMs, 2010).
+- `sum@lambda`: the sum of squared EWMAs of the normal scores (small shifts spread over several features,
+  where no single feature's CUSUM gets there first), as -log p under its chi-squared null.
+- `cat`: per categorical feature, an *adaptive* multinomial CUSUM: the alternative's category
+  frequencies are an EWMA of the frequencies seen before the current row (mixed with the reference's), so
+  the increment log(q_{t-1}(x_t) / p(x_t)) is a valid log-likelihood ratio under the null (q_{t-1} does
+  not look at x_t; Lorden & Pollak 2005) and approaches the full multinomial KL whatever the new
+  frequencies are.
+- `prior`: black-box shift detection on the predicted probabilities: the CUSUM of the log-likelihood
+  ratio of a label-prior shift, which for a calibrated model is log sum_k (pi'_k / pi_k) p_k(x). The
+  alternatives pi' are one class's odds multiplied by m (m in `charts["prior"]`) and an adaptive one
+  (the EWMA of the predicted probabilities seen so far, `charts["pred"]`).
 
-Each chart's value is turned into -log(p) under its asymptotic null (normal / chi-squared, with the EWMA's
-exact variance lambda/(2-lambda)*(1-(1-lambda)^(2t)) so the first rows are as trustworthy as later ones),
-and the detector alarms when the largest of them passes ONE threshold. That threshold is not taken from
-the asymptotics: it is calibrated by simulation, running streams bootstrapped from held-out reference rows
-through this same code and reading the threshold whose mean run length to a false alarm is the target
-ERT (in the spirit of Cobb et al., AISTATS 2022, and alibi-detect's online detectors, here with
-EWMA/CUSUM-style charts that cost O(features) per row). After an alarm the detector restarts, so the ERT
-is also the expected number of rows between false alarms.
+Each chart's value is put on one scale by an exponential tail fitted to its per-row null distribution
+above the 99th percentile, and the detector alarms when the largest passes ONE threshold. That threshold
+is calibrated by simulation: streams bootstrapped from held-out reference rows run through this same code
+and the threshold whose mean run length to a false alarm is the target ERT is read off (in the spirit of
+Cobb et al., AISTATS 2022, and alibi-detect's online detectors). After an alarm the detector restarts, so
+the ERT is also the expected number of rows between false alarms.
 
-Everything is vectorised over the rows of a batch (`scipy.signal.lfilter` runs the EWMA recursion in C).
+Everything is vectorised over the rows of a batch: the EWMAs run in C (`scipy.signal.lfilter`), and a
+CUSUM is S_t = C_t - min(-S_0, min_{s<=t} C_s) with C the cumulative sum of its increments (Lindley's
+recursion unrolled), i.e. one `cumsum` and one `minimum.accumulate` per batch.
 """
 
 from __future__ import annotations
@@ -30,112 +45,171 @@ from typing import Any
 
 import numpy as np
 from scipy.signal import lfilter
-from scipy.special import chdtrc, log_ndtr
+from scipy.special import chdtrc
 
-DEFAULT_LAMBDAS: dict[str, tuple[float, ...]] = {
-    "max": (0.05, 0.12, 0.25),  # one feature: ~1 sigma .. ~0.5 sigma shifts
-    "sum": (0.01, 0.03),  # many features, small shifts: long memory
-    "cat": (0.03, 0.12),
-    "pred": (0.03, 0.12, 0.3),  # a class-prior flip moves the predictions a lot: short memory too
+SPEC_VERSION = 2  # detector specs calibrated for these charts; older ones must be recalibrated
+DEFAULT_CHARTS: dict[str, tuple[float, ...]] = {
+    "cusum": (0.5, 1.0),  # numeric: mean shifts (reference sigmas) the per-feature CUSUMs are tuned to
+    "spread": (0.25,),  # numeric: per-feature CUSUMs summed with a sparsity prior (Mei 2010; Xie & Siegmund 2013)
+    "sum": (0.01,),  # numeric: EWMA constants of the sum-of-squares charts (small shifts of many features)
+    "cat": (0.01,),  # categorical: EWMA constant of the adaptive alternative's frequencies
+    "prior": (0.25, 3.0, 9.0),  # predictions: odds multipliers of one class (rarer / more / much more frequent)
+    "pred": (0.03,),  # predictions: EWMA constant of the adaptive alternative prior
 }
+ADAPT_WEIGHT = 0.9  # adaptive alternatives: share of the estimate (the rest is the reference: bounded loss)
 MIN_P = 1e-300
 TAIL_Q = 0.99  # each chart's null tail is fitted above this per-row quantile ...
 TAIL_LOGP = -math.log(1 - TAIL_Q)  # ... and mapped so that -log P(row exceeds) is on one scale
 CALIBRATION_MIN_EVENTS = 20  # a threshold is read from the simulation only where it saw this many alarms
+SPREAD_P0 = 0.03  # `spread`: prior share of shifted features
+PROP_FLOOR = 1e-4  # reference frequencies are floored here (a category never seen still has a finite LLR)
 
 
 def _neglog_chi2_sf(df: float, q: np.ndarray) -> np.ndarray:
     return -np.log(np.maximum(chdtrc(df, q), MIN_P))
 
 
+def _cusum(inc: np.ndarray, s0: np.ndarray) -> np.ndarray:
+    """Page's CUSUM S_t = max(0, S_{t-1} + inc_t) of every column at once, from S_0 = s0."""
+    c = np.cumsum(inc, axis=0)
+    return c - np.minimum(np.minimum.accumulate(c, axis=0), -s0)
+
+
+def _ewma(x: np.ndarray, lam: float, z0: np.ndarray) -> np.ndarray:
+    """EWMA y_t = (1 - lam) y_{t-1} + lam x_t of every column, from y_0 = z0 ([n, m] -> [n, m])."""
+    xt = np.ascontiguousarray(x.T)  # lfilter is several times faster along the contiguous axis
+    return lfilter([lam], [1.0, lam - 1.0], xt, axis=1, zi=((1 - lam) * z0)[:, None])[0].T
+
+
+def _lagged(y: np.ndarray, y0: np.ndarray) -> np.ndarray:
+    """Row t of the result is row t-1 of y (row 0 is y0): the estimate made before seeing row t."""
+    return np.concatenate([y0[None, :], y[:-1]], 0)
+
+
 class OnlineDetector:
-    """EWMA charts over per-row score vectors [n_num | sum(cat_sizes) | n_pred]; `update` returns the
-    combined per-row score and alarms when it passes `threshold` (then restarts)."""
+    """CUSUM/EWMA charts over per-row score vectors [n_num | sum(cat_sizes) | n_pred] (see the module
+    docstring); `update` returns the alarms and restarts after each."""
 
     def __init__(self, n_num: int, cat_sizes: list[int], n_pred: int, *, threshold: float = math.inf,
-                 lambdas: dict[str, Any] | None = None, feature_names: list[str] | None = None,
-                 norm: dict[str, Any] | None = None):
+                 charts: dict[str, Any] | None = None, feature_names: list[str] | None = None,
+                 norm: dict[str, Any] | None = None, cat_props: list[np.ndarray] | None = None,
+                 pred_mean: np.ndarray | None = None):
         self.norm = {k: (float(q), float(b)) for k, (q, b) in (norm or {}).items()}
         self.n_num = int(n_num)
         self.cat_sizes = [int(k) for k in cat_sizes]
         self.n_pred = int(n_pred)
         self.threshold = float(threshold)
-        lam = {k: tuple(float(x) for x in v) for k, v in (lambdas or DEFAULT_LAMBDAS).items()}
+        ch = {k: tuple(float(x) for x in v) for k, v in (charts or DEFAULT_CHARTS).items()}
+        for k in DEFAULT_CHARTS:
+            ch.setdefault(k, ())
         if not self.n_num:
-            lam["max"], lam["sum"] = (), ()
+            ch["cusum"], ch["sum"], ch["spread"] = (), (), ()
         if not self.cat_sizes:
-            lam["cat"] = ()
+            ch["cat"] = ()
         if not self.n_pred:
-            lam["pred"] = ()
-        self.lambdas = lam
-        self.all_lambdas = sorted({x for v in lam.values() for x in v})
+            ch["prior"], ch["pred"] = (), ()
+        self.charts = ch
         self.width = self.n_num + sum(self.cat_sizes) + self.n_pred
         self.feature_names = feature_names
-        self._cat_bounds = np.cumsum([0] + self.cat_sizes) + self.n_num
+        n_cat_cols = sum(self.cat_sizes)
+        self._cat0 = self.n_num
+        self._cat_off = np.cumsum([0] + self.cat_sizes[:-1]).astype(np.int64)
+        self._cat_feature = np.repeat(np.arange(len(self.cat_sizes)), self.cat_sizes)
+        if cat_props is None:
+            cat_props = [np.full(k, 1.0 / k) for k in self.cat_sizes]
+        props = [np.maximum(np.asarray(p, dtype=np.float64), PROP_FLOOR) for p in cat_props]
+        self.cat_p = np.concatenate([p / p.sum() for p in props]) if props else np.zeros(0)
+        assert len(self.cat_p) == n_cat_cols
+        pm = np.full(self.n_pred, 1.0 / max(self.n_pred, 1)) if pred_mean is None else np.asarray(pred_mean, float)
+        self.pred_mean = np.maximum(pm, PROP_FLOOR)
+        # the CUSUMs' columns: numeric [d1+, d1-, d2+, ...] x features; categorical features; prior alternatives
+        self._n_cus = 2 * len(ch["cusum"]) * self.n_num
+        self._n_spread = 2 * len(ch["spread"]) * self.n_num
+        self._n_prior = len(ch["prior"]) * self.n_pred + len(ch["pred"])
+        self._n_catc = len(ch["cat"]) * len(self.cat_sizes)
         self.reset()
         self.alarms = 0
         self.rows = 0
 
     def reset(self) -> None:
         self.t = 0
-        self.ewma = {lam: np.zeros(self.width) for lam in self.all_lambdas}
+        self.ewma = {f"sum@{lam:g}": np.zeros(self.n_num) for lam in self.charts["sum"]}
+        self.ewma.update({f"cat@{lam:g}": self.cat_p.copy() for lam in self.charts["cat"]})
+        self.ewma.update({f"pred@{lam:g}": self.pred_mean.copy() for lam in self.charts["pred"]})
+        self.cusum = {"cusum": np.zeros(self._n_cus), "spread": np.zeros(self._n_spread), "cat": np.zeros(self._n_catc), "prior": np.zeros(self._n_prior)}
         self.last_scores: dict[str, float] = {}
 
     # ----- state (JSON-able, for snapshots) -----
     def state(self) -> dict[str, Any]:
-        return {"t": self.t, "alarms": self.alarms, "rows": self.rows,
-                "ewma": {repr(k): v.tolist() for k, v in self.ewma.items()}}
+        return {"version": SPEC_VERSION, "t": self.t, "alarms": self.alarms, "rows": self.rows,
+                "ewma": {k: v.tolist() for k, v in self.ewma.items()},
+                "cusum": {k: v.tolist() for k, v in self.cusum.items()}}
 
     def load_state(self, st: dict[str, Any]) -> None:
-        self.t, self.alarms, self.rows = int(st["t"]), int(st["alarms"]), int(st["rows"])
-        for k, v in st["ewma"].items():
-            lam = float(k)
-            if lam in self.ewma and len(v) == self.width:
-                self.ewma[lam] = np.asarray(v, dtype=np.float64)
+        self.alarms, self.rows = int(st["alarms"]), int(st["rows"])
+        if st.get("version") != SPEC_VERSION:  # an older detector's statistics: start the charts afresh
+            self.reset()
+            return
+        self.t = int(st["t"])
+        for store, key in ((self.ewma, "ewma"), (self.cusum, "cusum")):
+            for k, v in st.get(key, {}).items():
+                if k in store and len(v) == len(store[k]):
+                    store[k] = np.asarray(v, dtype=np.float64)
 
     # ----- scoring -----
-    def _chart_scores(self, E: dict[float, np.ndarray], t: np.ndarray) -> dict[str, np.ndarray]:
-        """Per chart (name like 'max@0.05'), -log p per row."""
-        out: dict[str, np.ndarray] = {}
-        nn = self.n_num
-        for lam in self.lambdas["max"]:
-            v = lam / (2 - lam) * (1 - (1 - lam) ** (2 * t))
-            m = np.abs(E[lam][:, :nn]).max(1) / np.sqrt(v)
-            out[f"max@{lam:g}"] = -(math.log(2 * nn) + log_ndtr(-m))
-        for lam in self.lambdas["sum"]:
-            v = lam / (2 - lam) * (1 - (1 - lam) ** (2 * t))
-            e = E[lam][:, :nn]
-            out[f"sum@{lam:g}"] = _neglog_chi2_sf(nn, np.einsum("ij,ij->i", e, e) / v)
-        if self.lambdas["cat"]:
-            n_cat = len(self.cat_sizes)
-            for lam in self.lambdas["cat"]:
-                v = lam / (2 - lam) * (1 - (1 - lam) ** (2 * t))
-                best = None
-                for f in range(n_cat):
-                    e = E[lam][:, self._cat_bounds[f]:self._cat_bounds[f + 1]]
-                    s = _neglog_chi2_sf(max(self.cat_sizes[f] - 1, 1), np.einsum("ij,ij->i", e, e) / v)
-                    best = s if best is None else np.maximum(best, s)
-                out[f"cat@{lam:g}"] = best - math.log(n_cat)
-        for lam in self.lambdas["pred"]:
-            v = lam / (2 - lam) * (1 - (1 - lam) ** (2 * t))
-            e = E[lam][:, self.width - self.n_pred:]
-            out[f"pred@{lam:g}"] = _neglog_chi2_sf(self.n_pred, np.einsum("ij,ij->i", e, e) / v)
-        return out
-
-    def _run(self, S: np.ndarray) -> tuple[np.ndarray, dict[float, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+    def _run(self, S: np.ndarray) -> tuple[dict[str, np.ndarray], dict[str, np.ndarray], np.ndarray]:
+        """Segment [n, width] -> (per-row statistics to carry: EWMAs and CUSUMs [n, m]; per chart -log p
+        per row; combined score per row)."""
         n = len(S)
+        nn, ch = self.n_num, self.charts
         t = np.arange(self.t + 1, self.t + n + 1, dtype=np.float64)
-        St = np.ascontiguousarray(S.T)  # lfilter is several times faster along the contiguous axis
-        E = {}
-        for lam in self.all_lambdas:
-            y = lfilter([lam], [1.0, lam - 1.0], St, axis=1, zi=((1 - lam) * self.ewma[lam])[:, None])[0]
-            E[lam] = y.T
-        charts = self._chart_scores(E, t)
+        carry: dict[str, np.ndarray] = {}
+        charts: dict[str, np.ndarray] = {}
+        Z = S[:, :nn]
+        if ch["cusum"]:
+            d = np.repeat(np.asarray([[x, -x] for x in ch["cusum"]]).ravel(), nn)  # [2 * len * nn]
+            inc = np.tile(Z, 2 * len(ch["cusum"])) * d - d * d / 2
+            carry["cusum"] = cs = _cusum(inc, self.cusum["cusum"])
+            charts["cusum"] = cs.max(1)
+        if ch["spread"]:
+            d = np.repeat(np.asarray([[x, -x] for x in ch["spread"]]).ravel(), nn)
+            inc = np.tile(Z, 2 * len(ch["spread"])) * d - d * d / 2
+            carry["spread"] = cs = _cusum(inc, self.cusum["spread"])
+            # per feature the larger of its CUSUMs; then sum_j log(1 - p0 + p0 * exp(S_j)): the likelihood
+            # ratio of "each feature shifted with probability p0" (a few features adding up beat one)
+            m = cs.reshape(n, -1, nn).max(1)
+            charts["spread"] = np.logaddexp(math.log1p(-SPREAD_P0), math.log(SPREAD_P0) + m).sum(1)
+        for lam in ch["sum"]:
+            key = f"sum@{lam:g}"
+            carry[key] = e = _ewma(Z, lam, self.ewma[key])
+            v = lam / (2 - lam) * (1 - (1 - lam) ** (2 * t))
+            charts[key] = _neglog_chi2_sf(nn, np.einsum("ij,ij->i", e, e) / v)
+        if ch["cat"]:
+            H = S[:, nn:nn + len(self.cat_p)]  # one-hots
+            incs = []
+            for lam in ch["cat"]:
+                key = f"cat@{lam:g}"
+                carry[key] = est = _ewma(H, lam, self.ewma[key])
+                q = ADAPT_WEIGHT * _lagged(est, self.ewma[key]) + (1 - ADAPT_WEIGHT) * self.cat_p
+                incs.append(np.add.reduceat(H * np.log(q / self.cat_p), self._cat_off, axis=1))
+            carry["cat"] = cs = _cusum(np.concatenate(incs, 1), self.cusum["cat"])
+            charts["cat"] = cs.max(1)
+        if ch["prior"] or ch["pred"]:
+            P = S[:, self.width - self.n_pred:]
+            pi = self.pred_mean
+            incs = [np.log1p((m - 1) * P) - np.log1p((m - 1) * pi) for m in ch["prior"]]
+            for lam in ch["pred"]:
+                key = f"pred@{lam:g}"
+                carry[key] = est = _ewma(P, lam, self.ewma[key])
+                w = ADAPT_WEIGHT * _lagged(est, self.ewma[key]) / pi + (1 - ADAPT_WEIGHT)
+                incs.append(np.log(np.maximum(np.einsum("ij,ij->i", w, P), MIN_P))[:, None])
+            carry["prior"] = cs = _cusum(np.concatenate(incs, 1), self.cusum["prior"])
+            charts["prior"] = cs.max(1)
         for k, (q, beta) in self.norm.items():
             if k in charts:
                 charts[k] = TAIL_LOGP + (charts[k] - q) / beta
         combined = np.max(np.stack(list(charts.values())), 0) if charts else np.zeros(n)
-        return combined, E, charts, t
+        return carry, charts, combined
 
     def scores(self, S: np.ndarray) -> np.ndarray:
         """Combined per-row scores of a stream segment WITHOUT alarms/restarts (calibration uses this);
@@ -143,14 +217,13 @@ class OnlineDetector:
         S = np.asarray(S, dtype=np.float64).reshape(-1, self.width)
         if not len(S):
             return np.zeros(0)
-        combined, E, charts, _ = self._run(S)
-        self._advance(E, charts, len(S))
+        carry, charts, combined = self._run(S)
+        self._advance(carry, charts, len(S) - 1)
         return combined
 
-    def _advance(self, E, charts, n: int, last: int | None = None) -> None:
-        i = n - 1 if last is None else last
-        for lam in self.all_lambdas:
-            self.ewma[lam] = E[lam][i].copy()
+    def _advance(self, carry, charts, i: int) -> None:
+        for k, v in carry.items():
+            (self.cusum if k in self.cusum else self.ewma)[k] = v[i].copy()
         self.t += i + 1
         self.rows += i + 1
         self.last_scores = {k: float(v[i]) for k, v in charts.items()}
@@ -163,38 +236,40 @@ class OnlineDetector:
         offset = 0
         while offset < len(S):
             seg = S[offset:]
-            combined, E, charts, t = self._run(seg)
+            carry, charts, combined = self._run(seg)
             over = np.flatnonzero(combined > self.threshold)
             if not len(over):
-                self._advance(E, charts, len(seg))
+                self._advance(carry, charts, len(seg) - 1)
                 break
             i = int(over[0])
-            self._advance(E, charts, len(seg), last=i)
+            self._advance(carry, charts, i)
             chart = max(self.last_scores, key=self.last_scores.get)
             alarms.append({"row": offset + i, "run_length": self.t, "chart": chart,
                            "score": self.last_scores[chart], "threshold": self.threshold,
-                           "features": self._blame(chart, E, i, t[i])})
+                           "features": self.blame(chart, top=5)})
             self.alarms += 1
             self.reset()
             offset += i + 1
         return alarms
 
-    def _blame(self, chart: str, E, i: int, t: float, top: int = 5) -> list[str]:
-        kind, lam = chart.split("@")
-        lam = float(lam)
-        e = E[lam][i]
-        v = lam / (2 - lam) * (1 - (1 - lam) ** (2 * t))
+    def _name(self, j: int) -> str:
         names = self.feature_names or []
-        if kind in ("max", "sum"):
-            z = np.abs(e[:self.n_num]) / math.sqrt(v)
-            order = np.argsort(-z)[:top]
-            return [names[j] if j < len(names) else f"num{j}" for j in order if z[j] > 3.0] or \
-                [names[int(order[0])] if int(order[0]) < len(names) else "num0"]
+        return names[j] if j < len(names) else (f"num{j}" if j < self.n_num else f"cat{j - self.n_num}")
+
+    def blame(self, chart: str, top: int = 5) -> list[str]:
+        """The features behind `chart`'s current value (call before the restart)."""
+        kind = chart.split("@")[0]
+        if kind == "cusum":
+            s = self.cusum["cusum"].reshape(-1, self.n_num).max(0)  # per feature, over sizes and directions
+            order = [int(j) for j in np.argsort(-s)[:top]]
+            return [self._name(j) for j in order if s[j] >= 0.5 * s[order[0]]]
+        if kind == "sum":
+            z = np.abs(self.ewma[chart])
+            order = [int(j) for j in np.argsort(-z)[:top]]
+            return [self._name(j) for j in order if z[j] >= 0.5 * z[order[0]]]
         if kind == "cat":
-            q = [float(np.sum(e[self._cat_bounds[f]:self._cat_bounds[f + 1]] ** 2) / v) for f in range(len(self.cat_sizes))]
-            f = int(np.argmax(q))
-            j = self.n_num + f
-            return [names[j] if j < len(names) else f"cat{f}"]
+            s = self.cusum["cat"].reshape(-1, len(self.cat_sizes)).max(0)
+            return [self._name(self.n_num + int(np.argmax(s)))]
         return ["_prediction"]
 
     def describe(self) -> dict[str, Any]:
@@ -204,25 +279,41 @@ class OnlineDetector:
 
 
 def score_rows(profile, x_num: np.ndarray, x_cat: np.ndarray, proba: np.ndarray | None) -> np.ndarray:
-    """Rows -> the detector's score vectors [n, width] (numeric normal scores | category one-hots |
-    whitened probabilities; the last block is zeros when the profile has probabilities but the rows don't)."""
-    parts = [profile.numeric_scores(x_num), profile.category_scores(x_cat)]
-    if profile.prediction is not None:
-        if proba is None:
-            parts.append(np.zeros((len(x_num), profile.prediction.whiten.shape[1])))
-        else:
-            parts.append(profile.prediction_scores(proba))
-    return np.concatenate(parts, 1)
+    """Rows -> the detector's score vectors [n, width]: numeric normal scores | category one-hots |
+    predicted probabilities (the reference's mean probabilities when the profile has predictions but the
+    rows don't: a neutral value for every prediction chart)."""
+    x_cat = np.asarray(x_cat, dtype=np.int64)
+    n = len(x_num)
+    sizes = [c.num_bins for c in profile.categorical]
+    k_pred = 0 if profile.prediction is None else len(profile.prediction.mean)
+    out = np.zeros((n, len(profile.numeric) + sum(sizes) + k_pred))
+    out[:, :len(profile.numeric)] = profile.numeric_scores(x_num)
+    if sizes:
+        off = len(profile.numeric) + np.cumsum([0] + sizes[:-1])
+        rows = np.arange(n)[:, None]
+        out[rows, off + np.clip(x_cat.reshape(n, len(sizes)), 0, np.asarray(sizes) - 1)] = 1.0
+    if k_pred:
+        out[:, out.shape[1] - k_pred:] = profile.prediction.mean if proba is None else np.asarray(proba, float)
+    return out
+
+
+def is_current(detector_spec: dict[str, Any] | None) -> bool:
+    """Whether a stored detector spec was calibrated for this version's charts."""
+    return bool(detector_spec) and detector_spec.get("version") == SPEC_VERSION
 
 
 def detector_for(profile, threshold: float | None = None) -> OnlineDetector:
     spec = profile.detector or {}
+    if spec and not is_current(spec):
+        raise ValueError("online detector: the profile's detector was calibrated by an older raysys; "
+                         "recalibrate it (ReferenceProfile.calibrate) or re-register the model")
     if threshold is None:
         threshold = spec.get("threshold", math.inf)
-    n_pred = 0 if profile.prediction is None else profile.prediction.whiten.shape[1]
+    n_pred = 0 if profile.prediction is None else len(profile.prediction.mean)
     return OnlineDetector(len(profile.numeric), [c.num_bins for c in profile.categorical], n_pred,
-                          threshold=threshold, lambdas=spec.get("lambdas"), feature_names=profile.feature_names,
-                          norm=spec.get("norm"))
+                          threshold=threshold, charts=spec.get("charts"), feature_names=profile.feature_names,
+                          norm=spec.get("norm"), cat_props=[c.ref_props for c in profile.categorical],
+                          pred_mean=None if profile.prediction is None else profile.prediction.mean)
 
 
 def threshold_for_ert(detector_spec: dict[str, Any], ert: float) -> tuple[float, bool]:
@@ -245,7 +336,7 @@ def threshold_for_ert(detector_spec: dict[str, Any], ert: float) -> tuple[float,
 
 def calibrate_detector(profile, x_num: np.ndarray, x_cat: np.ndarray, proba: np.ndarray | None = None, *,
                        ert: float = 10_000, num_rows: int = 1_000_000, seed: int = 0,
-                       lambdas: dict[str, Any] | None = None, run_rows: int | None = None) -> dict[str, Any]:
+                       charts: dict[str, Any] | None = None, run_rows: int | None = None) -> dict[str, Any]:
     """Bootstrap calibration of the alarm threshold (see the module docstring).
 
     Streams of `run_rows` rows (default: `ert`, so ~63% of them alarm) are resampled with replacement from
@@ -259,19 +350,27 @@ def calibrate_detector(profile, x_num: np.ndarray, x_cat: np.ndarray, proba: np.
     n_ref = len(S_ref)
     if n_ref < 50:
         raise ValueError(f"online detector calibration: needs at least 50 held-out rows, got {n_ref}")
+    # the pool's numeric means differ from the reference's by sampling noise (~1/sqrt(rows) sigma); CUSUMs
+    # tuned to 0.25-0.5 sigma pick that up as small spurious shifts, alarm early in the simulation and
+    # set the threshold too high (measured: 1.2x the configured ERT on live traffic); recentring the
+    # pool removes that noise
+    n_num = len(profile.numeric)
+    S_ref[:, :n_num] -= S_ref[:, :n_num].mean(0)
     rng = np.random.default_rng(seed)
     L = int(run_rows or min(max(ert, 1000), 50_000))
     runs = max(20, math.ceil(num_rows / L))
     det = OnlineDetector(len(profile.numeric), [c.num_bins for c in profile.categorical],
-                         S_ref.shape[1] - len(profile.numeric) - sum(c.num_bins for c in profile.categorical),
-                         lambdas=lambdas)
-    # pass 1: each chart's per-row null tail (a chi-squared approximation is poor for rare categories or
-    # non-Gaussian features; an exponential tail fitted above the 99th percentile puts charts on one scale)
+                         0 if profile.prediction is None else len(profile.prediction.mean), charts=charts,
+                         cat_props=[c.ref_props for c in profile.categorical],
+                         pred_mean=None if profile.prediction is None else profile.prediction.mean)
+    # pass 1: each chart's per-row null tail (the charts' nulls differ in shape - a max of CUSUMs, a
+    # chi-squared of EWMAs - and a rare category or a non-Gaussian feature bends them further; an
+    # exponential tail fitted above the 99th percentile puts them on one scale)
     raw: dict[str, list[np.ndarray]] = {}
     for _ in range(max(4, runs // 5)):
         det.reset()
-        _, _, charts, _ = det._run(S_ref[rng.integers(0, n_ref, L)])
-        for k, v in charts.items():
+        _, charts_v, _ = det._run(S_ref[rng.integers(0, n_ref, L)])
+        for k, v in charts_v.items():
             raw.setdefault(k, []).append(v)
     norm = {}
     for k, vs in raw.items():
@@ -293,7 +392,8 @@ def calibrate_detector(profile, x_num: np.ndarray, x_cat: np.ndarray, proba: np.
         events = int((rl < L).sum())
         exposure = float(np.minimum(rl + 1, L).sum())
         table.append([float(h), exposure / max(events, 1), events])
-    spec = {"lambdas": {k: list(v) for k, v in det.lambdas.items()}, "norm": norm, "ert": float(ert), "table": table,
+    spec = {"version": SPEC_VERSION, "charts": {k: list(v) for k, v in det.charts.items()}, "norm": norm,
+            "ert": float(ert), "table": table,
             "calibration": {"rows": runs * L, "runs": runs, "run_rows": L, "source_rows": n_ref, "seed": seed}}
     spec["threshold"], spec["extrapolated"] = threshold_for_ert(spec, ert)
     spec["calibration"]["seconds"] = round(time.perf_counter() - t0, 2)

@@ -8,8 +8,9 @@ Built once, at registration, from the training split's *raw* (unstandardised) fe
   normal-score transform the online detector works on);
 - per categorical feature: the reference frequency of each category;
 - predictions: the class priors of the model's predicted classes and, from held-out data, per class the
-  distribution (the same fine grid) of the predicted probability, their mean and a whitening matrix
-  (online prediction drift), a calibration temperature and the held-out accuracy (confidence-based
+  distribution (the same fine grid) of the predicted probability, their mean (the prior the online
+  detector's label-shift CUSUMs compare against) and a whitening matrix (`prediction_scores`), a
+  calibration temperature and the held-out accuracy (confidence-based
   accuracy estimate);
 - the online detector's thresholds (`detector`), calibrated by bootstrap from the reference to an
   expected run time between false alarms (`calibrate`).
