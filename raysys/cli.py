@@ -26,7 +26,9 @@ app = typer.Typer(add_completion=False, no_args_is_help=True, help=__doc__)
 data_app = typer.Typer(no_args_is_help=True, help="Generate or import datasets.")
 registry_app = typer.Typer(no_args_is_help=True, help="Inspect the model registry and move aliases.")
 app.add_typer(data_app, name="data")
+serve_app = typer.Typer(no_args_is_help=True, help="Deploy the endpoint; roll versions out and back without downtime.")
 app.add_typer(registry_app, name="registry")
+app.add_typer(serve_app, name="serve")
 console = Console()
 
 Preset = Annotated[str, typer.Option("--preset", help="Preset to start from: tiny, demo or large.")]
@@ -205,11 +207,12 @@ def _wait_forever() -> None:
         pass
 
 
-@app.command("serve")
-def serve_cmd(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, address: Address = None,
-              port: Annotated[int | None, typer.Option(help="HTTP port (default from config: 8000).")] = None,
-              detach: Annotated[bool, typer.Option(help="Return once deployed (cluster keeps serving).")] = False):
-    """Deploy the production student behind the HTTP endpoint."""
+@serve_app.command("deploy")
+def serve_deploy(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, address: Address = None,
+                 port: Annotated[int | None, typer.Option(help="HTTP port (default from config: 8000).")] = None,
+                 detach: Annotated[bool, typer.Option(help="Return once deployed (cluster keeps serving).")] = False):
+    """Deploy the production student behind the HTTP endpoint (declaratively, through Serve's REST API, so
+    that `canary`, `promote` and `rollback` can update it in place)."""
     from raysys.pipeline import absolute
 
     cfg = absolute(_config(preset, config, root))
@@ -218,6 +221,74 @@ def serve_cmd(preset: Preset = "demo", config: ConfigFile = None, root: Root = N
     _guard(_serve, cfg, port)
     if not detach:
         _wait_forever()
+
+
+Dashboard = Annotated[str | None, typer.Option(
+    "--address", help="Ray dashboard URL of the cluster (default: RAY_DASHBOARD_ADDRESS or http://127.0.0.1:8265); "
+                      "export RAY_AUTH_MODE=token for a token-auth cluster.")]
+AppName = Annotated[str, typer.Option("--app", help="Serve application name.")]
+
+
+def _rollout(fn, *args, **kwargs) -> dict:
+    from raysys.serving import ServeAdmin
+
+    def run():
+        return fn(ServeAdmin(kwargs.pop("address")), *args, **kwargs)
+
+    t0 = time.perf_counter()
+    try:
+        user = _guard(run)
+    except typer.Exit:
+        raise
+    except RuntimeError as e:  # the Serve REST API refused the change (its message says why)
+        raise _fail(f"Serve refused the change: {str(e)[:2000]}", code=1) from None
+    console.print(f"applied in {time.perf_counter() - t0:.1f}s: stable {user.get('model_ref')}, canary "
+                  f"{user.get('candidate_ref') or 'none'} at {user.get('canary_percent', 0):g}%", highlight=False)
+    return user
+
+
+@serve_app.command("canary")
+def serve_canary(version: Annotated[str, typer.Option(help="Candidate version or alias (e.g. 4, candidate).")],
+                 percent: Annotated[float, typer.Option(help="Share of requests the candidate scores, 0-100.")],
+                 app_name: AppName = "raysys", address: Dashboard = None):
+    """Send PERCENT% of requests to a candidate version, the rest to the stable one (in place, no restart)."""
+    from raysys.serving import canary
+
+    ref: str | int = int(version) if version.isdigit() else version
+    _rollout(canary, app_name, ref, percent, address=address)
+
+
+@serve_app.command("promote")
+def serve_promote(app_name: AppName = "raysys", address: Dashboard = None,
+                  alias: Annotated[str, typer.Option(help="Registry alias to move to it.")] = "production"):
+    """Make the canary's version the stable one for all traffic and move the registry alias to it."""
+    from raysys.serving import promote
+
+    _rollout(promote, app_name, alias=alias, address=address)
+
+
+@serve_app.command("rollback")
+def serve_rollback(app_name: AppName = "raysys", address: Dashboard = None,
+                   alias: Annotated[str, typer.Option(help="Registry alias to move back.")] = "production"):
+    """Stop a running canary; without one, go back to the previous production version."""
+    from raysys.serving import rollback
+
+    _rollout(rollback, app_name, alias=alias, address=address)
+
+
+@serve_app.command("status")
+def serve_status(app_name: AppName = "raysys", address: Dashboard = None):
+    """The application's state and the versions it serves."""
+    from raysys.serving import ServeAdmin, current_rollout
+
+    def run():
+        admin = ServeAdmin(address)
+        _, app_conf, user = current_rollout(admin, app_name)
+        return (admin.details().get("applications") or {}).get(app_name, {}), user
+
+    details, user = _guard(run)
+    console.print(f"{app_name}: {details.get('status')}  stable {user.get('model_ref')}  canary "
+                  f"{user.get('candidate_ref') or 'none'} at {user.get('canary_percent', 0):g}%", highlight=False)
 
 
 @app.command("monitor")

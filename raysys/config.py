@@ -232,6 +232,15 @@ class ServeConfig(_Strict):
     max_batch_size: int = Field(64, ge=1, description="@serve.batch max_batch_size.")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch batch_wait_timeout_s.")
     max_instances_per_request: int = Field(1024, ge=1, description="Rows per request before a 413.")
+    max_ongoing_requests: int | None = Field(
+        None, ge=1, description="Requests a replica works on at once (None: 2 x max_batch_size, so a batch can "
+                                "fill while the previous one runs).")
+    max_queued_requests: int = Field(
+        512, ge=-1, description="Requests waiting for a replica beyond max_ongoing_requests; more get 503 with "
+                                "Retry-After (-1: unbounded, never refuse).")
+    retry_after_s: float = Field(1.0, ge=0, description="Retry-After (seconds) sent with an overload 503.")
+    request_timeout_s: float = Field(
+        10.0, gt=0, description="A /v1/predict request not answered within this gets 504 instead of hanging.")
     access_log: bool = Field(
         False, description="Serve's per-request access log line in the replica logs (costs ~3% of throughput; "
                            "the HAProxy ingress and the monitor already count requests, latency and errors).")

@@ -39,6 +39,9 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
     if address:
         return ray.init(address=address)
     cpus = num_cpus or max(4, os.cpu_count() or 1)
+    from raysys.serving import apply_ingress_env
+
+    apply_ingress_env()  # Serve's fast HAProxy ingress: read by the processes the local Ray starts
     return ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1")
 
 

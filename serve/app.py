@@ -45,6 +45,7 @@ and clients must send `Authorization: Bearer <token>` to /v1/*.
 
 import asyncio
 import hmac
+import itertools
 import json
 import logging
 import math
@@ -52,6 +53,7 @@ import os
 import threading
 import time
 import uuid
+import zlib
 from collections import deque
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -74,6 +76,7 @@ DEFAULT_MODEL_NAME = "raysys-student"
 DEFAULT_MONITOR_NAME = "raysys_monitor"
 DEFAULT_MONITOR_NAMESPACE = "raysys"
 API_TOKEN_ENV = "RAYSYS_API_TOKEN"
+API_TOKEN_FILE_ENV = "RAYSYS_API_TOKEN_FILE"
 
 FLOAT32_MAX = float(np.finfo(np.float32).max)
 # a standardised value beyond this many training standard deviations is refused (422): no real input is
@@ -142,7 +145,7 @@ def parse_json_body(body: bytes | str) -> Any:
         raise RequestError(422, "body", f"not valid JSON: {e}") from None
 
 
-def _first_out_of_range(rows: list, schema: DatasetSchema) -> str | None:
+def _first_out_of_range(rows: list, schema: DatasetSchema, prefix: str = "instances") -> str | None:
     """The first numeric field (in validation order) whose value does not fit a float32."""
     for r, row in enumerate(rows):
         if not isinstance(row, dict):
@@ -156,27 +159,27 @@ def _first_out_of_range(rows: list, schema: DatasetSchema) -> str | None:
             except OverflowError:
                 too_big = True
             if too_big:
-                return f"instances[{r}].{f.name}"
+                return f"{prefix}[{r}].{f.name}"
     return None
 
 
 def rows_to_request(rows: Any, schema: DatasetSchema, preprocessor: Preprocessor, *,
-                    max_instances: int) -> ValidatedRequest:
-    """Validate the `instances` list and turn it into arrays; raise RequestError naming the field."""
+                    max_instances: int, prefix: str = "instances") -> ValidatedRequest:
+    """Validate a list of row objects and turn it into arrays; raise RequestError naming the field."""
     if isinstance(rows, list) and len(rows) > max_instances:
-        raise RequestError(413, "instances", f"{len(rows)} instances in one request; the limit is {max_instances} "
-                                             "(serve.max_instances_per_request): split the request")
+        raise RequestError(413, prefix, f"{len(rows)} rows in one request; the limit is {max_instances} "
+                                        "(serve.max_instances_per_request): split the request")
     try:
         # a float64 above float32's range becomes inf in the cast: caught just below, by field
         with np.errstate(over="ignore", invalid="ignore"):
-            x_num_raw, x_cat = schema.rows_to_arrays(rows, prefix="instances")
+            x_num_raw, x_cat = schema.rows_to_arrays(rows, prefix=prefix)
     except SchemaError as e:
         raise RequestError(422, e.field, e.message) from None
     except OverflowError:  # a JSON integer too large for a float (math.isfinite(10**400) raises)
-        where = _first_out_of_range(rows, schema) or "instances"
+        where = _first_out_of_range(rows, schema, prefix) or prefix
         raise RequestError(422, where, f"number out of range (|value| must be at most {FLOAT32_MAX:.3g})") from None
     if not np.isfinite(x_num_raw).all():
-        where = _first_out_of_range(rows, schema) or "instances"
+        where = _first_out_of_range(rows, schema, prefix) or prefix
         raise RequestError(422, where, f"number out of range (|value| must be at most {FLOAT32_MAX:.3g})")
     with np.errstate(over="ignore", invalid="ignore"):
         x_num = preprocessor.standardize(x_num_raw)
@@ -184,7 +187,7 @@ def rows_to_request(rows: Any, schema: DatasetSchema, preprocessor: Preprocessor
     if bad.any():
         r, j = (int(i) for i in np.argwhere(bad)[0])
         f = schema.numeric[j]
-        raise RequestError(422, f"instances[{r}].{f.name}",
+        raise RequestError(422, f"{prefix}[{r}].{f.name}",
                            f"value {float(x_num_raw[r, j]):.6g} is more than {MAX_ABS_Z:.0e} training standard "
                            f"deviations from the training mean (mean {float(preprocessor.mean[j]):.6g}, "
                            f"std {float(preprocessor.std[j]):.6g})")
@@ -200,18 +203,72 @@ def validate_request(body: bytes | str | Any, schema: DatasetSchema, preprocesso
     unknown category. 413 for more than `max_instances` rows.
     """
     payload = parse_json_body(body) if isinstance(body, (bytes, bytearray, str)) else body
+    check_predict_payload(payload)
+    request_id = check_request_id(payload["request_id"]) if "request_id" in payload else None
+    if "instances" in payload:
+        rows, prefix = payload["instances"], "instances"
+    else:
+        rows, prefix = columns_to_rows(payload["columns"], payload["data"], max_instances=max_instances), "data"
+    req = rows_to_request(rows, schema, preprocessor, max_instances=max_instances, prefix=prefix)
+    req.request_id = request_id
+    return req
+
+
+PREDICT_KEYS = ("instances", "columns", "data", "request_id")
+
+
+def check_predict_payload(payload: Any) -> None:
+    """The top level of a /v1/predict body: row form {"instances": [...]} or column form {"columns": [...],
+    "data": [[...], ...]}, plus an optional "request_id". 422 naming the key otherwise."""
     if not isinstance(payload, dict):
         raise RequestError(422, "body", f'must be a JSON object like {{"instances": [{{...}}]}}, got '
                                         f"{_json_type(payload)}")
-    unknown = sorted(k for k in payload if k not in ("instances", "request_id"))
+    unknown = sorted(str(k) for k in payload if k not in PREDICT_KEYS)
     if unknown:
-        raise RequestError(422, str(unknown[0]), 'unknown key; the body has "instances" and an optional "request_id"')
-    if "instances" not in payload:
-        raise RequestError(422, "instances", "missing; send a list of rows, one object per row")
-    request_id = check_request_id(payload["request_id"]) if "request_id" in payload else None
-    req = rows_to_request(payload["instances"], schema, preprocessor, max_instances=max_instances)
-    req.request_id = request_id
-    return req
+        raise RequestError(422, unknown[0], 'unknown key; send "instances" (rows) or "columns" + "data", and an '
+                                            'optional "request_id"')
+    if "instances" in payload:
+        if "columns" in payload or "data" in payload:
+            raise RequestError(422, "instances", 'give either "instances" or "columns" + "data", not both')
+        return
+    if "columns" not in payload and "data" not in payload:
+        raise RequestError(422, "instances", 'missing; send "instances": a list of rows, one object per row (or '
+                                             '"columns": [names] + "data": [[values], ...])')
+    for key in ("columns", "data"):
+        if key not in payload:
+            raise RequestError(422, key, 'missing; the column form needs both "columns" and "data"')
+
+
+def columns_to_rows(columns: Any, data: Any, *, max_instances: int) -> list[dict[str, Any]]:
+    """Column form -> row dicts, so both forms share one validation (errors name `data[r].<feature>`)."""
+    if not isinstance(columns, list) or not columns or not all(isinstance(c, str) for c in columns):
+        raise RequestError(422, "columns", "must be a non-empty list of feature names")
+    if len(set(columns)) != len(columns):
+        dup = next(c for i, c in enumerate(columns) if c in columns[:i])
+        raise RequestError(422, "columns", f"feature {dup!r} appears twice")
+    if not isinstance(data, list):
+        raise RequestError(422, "data", "must be a list of rows, each a list of values in the order of columns")
+    if len(data) > max_instances:
+        raise RequestError(413, "data", f"{len(data)} rows in one request; the limit is {max_instances} "
+                                        "(serve.max_instances_per_request): split the request")
+    rows = []
+    for r, values in enumerate(data):
+        if not isinstance(values, list) or len(values) != len(columns):
+            raise RequestError(422, f"data[{r}]", f"must be a list of {len(columns)} values (one per column)")
+        rows.append(dict(zip(columns, values)))
+    return rows
+
+
+class RequestIds:
+    """Request ids for requests that came without one: a random 64-bit prefix per replica + a counter, 32 hex
+    characters like a uuid4's hex, unique across replicas, without a urandom syscall per request."""
+
+    def __init__(self) -> None:
+        self._prefix = uuid.uuid4().hex[:16]
+        self._count = itertools.count()
+
+    def next(self) -> str:
+        return f"{self._prefix}{next(self._count) & 0xFFFFFFFFFFFFFFFF:016x}"
 
 
 def check_request_id(value: Any, where: str = "request_id") -> str:
@@ -349,7 +406,8 @@ def format_prediction(scorer: Scorer, probs: np.ndarray) -> dict[str, Any]:
 # configuration (pure)
 # ----------------------------------------------------------------------------------------------------
 
-USER_CONFIG_KEYS = ("model_ref", "model_version", "max_batch_size", "batch_wait_timeout_s")
+USER_CONFIG_KEYS = ("model_ref", "model_version", "candidate_ref", "canary_percent", "max_batch_size",
+                    "batch_wait_timeout_s")
 
 
 def _check_ref(where: str, ref: Any) -> str | int:
@@ -361,9 +419,10 @@ def _check_ref(where: str, ref: Any) -> str | int:
 
 
 def parse_user_config(user_config: Any) -> dict[str, Any]:
-    """Validate a deployment `user_config`: {"model_ref": alias|version} or {"model_version": N}, plus
-    optional "max_batch_size" and "batch_wait_timeout_s". Returns {"model_ref": ..., ...} (only the keys
-    given). Raises ValueError naming the key."""
+    """Validate a deployment `user_config`: {"model_ref": alias|version} or {"model_version": N} (the stable
+    version), optional "candidate_ref" (alias|version|None) + "canary_percent" (0..100: the share of requests
+    the candidate scores), "max_batch_size" and "batch_wait_timeout_s". Returns {"model_ref": ..., ...} (only
+    the keys given). Raises ValueError naming the key."""
     if user_config is None:
         return {}
     if not isinstance(user_config, dict):
@@ -382,6 +441,16 @@ def parse_user_config(user_config: Any) -> dict[str, Any]:
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
             raise ValueError(f"user_config.model_version: must be a version number >= 1, got {v!r}")
         out["model_ref"] = v
+    if "candidate_ref" in user_config:
+        ref = user_config["candidate_ref"]
+        out["candidate_ref"] = None if ref is None else _check_ref("user_config.candidate_ref", ref)
+    if "canary_percent" in user_config:
+        v = user_config["canary_percent"]
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v) or not 0 <= v <= 100:
+            raise ValueError(f"user_config.canary_percent: must be a number from 0 to 100, got {v!r}")
+        out["canary_percent"] = float(v)
+    if out.get("canary_percent") and out.get("candidate_ref", "unset") is None:
+        raise ValueError("user_config.canary_percent: a canary needs user_config.candidate_ref (alias or version)")
     if "max_batch_size" in user_config:
         v = user_config["max_batch_size"]
         if isinstance(v, bool) or not isinstance(v, int) or v < 1:
@@ -452,13 +521,50 @@ def parse_app_args(args: dict[str, Any] | None) -> dict[str, Any]:
     }
 
 
-def check_auth(authorization: str | None, token: str | None) -> None:
-    """Raise RequestError(401) unless `token` is unset or the header is `Bearer <token>`."""
+def check_auth(authorization: str | None, token: str | None, api_key: str | None = None) -> None:
+    """Raise RequestError(401) unless `token` is unset, or the request carries it as `Authorization: Bearer
+    <token>` or `X-API-Key: <token>`. Compared in constant time; never logged."""
     if not token:
         return
     scheme, _, given = (authorization or "").partition(" ")
-    if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(), token.encode()):
-        raise RequestError(401, "authorization", "missing or wrong API token; send 'Authorization: Bearer <token>'")
+    if scheme.lower() == "bearer" and hmac.compare_digest(given.strip().encode(), token.encode()):
+        return
+    if api_key is not None and hmac.compare_digest(api_key.strip().encode(), token.encode()):
+        return
+    raise RequestError(401, "authorization", "missing or wrong API key; send 'Authorization: Bearer <key>' or "
+                                             "'X-API-Key: <key>'")
+
+
+def load_api_token(explicit: str | None = None, environ: dict[str, str] | None = None) -> str | None:
+    """The endpoint's API key: `explicit`, else $RAYSYS_API_TOKEN, else the first line of the file named by
+    $RAYSYS_API_TOKEN_FILE (a mounted secret). None: no auth. A named file that is missing or empty is an
+    error (ValueError), never a silently open endpoint."""
+    env = os.environ if environ is None else environ
+    if explicit:
+        return explicit
+    if env.get(API_TOKEN_ENV):
+        return env[API_TOKEN_ENV]
+    path = env.get(API_TOKEN_FILE_ENV)
+    if not path:
+        return None
+    try:
+        lines = Path(path).read_text().strip().splitlines()
+        token = lines[0].strip() if lines else ""
+    except OSError as e:
+        raise ValueError(f"{API_TOKEN_FILE_ENV}={path}: cannot read the API key file ({e.strerror})") from None
+    if not token:
+        raise ValueError(f"{API_TOKEN_FILE_ENV}={path}: the API key file is empty")
+    return token
+
+
+def route_version(request_id: str, stable: "Scorer", candidate: "Scorer | None", percent: float) -> "Scorer":
+    """The version that scores a request: the candidate for `percent`% of request ids (a hash, so a retried
+    request with the same id gets the same version), else the stable one."""
+    if candidate is None or percent <= 0:
+        return stable
+    if percent >= 100:
+        return candidate
+    return candidate if zlib.crc32(request_id.encode()) % 10_000 < percent * 100 else stable
 
 
 def to_jsonable(obj: Any) -> Any:
@@ -758,10 +864,15 @@ class StudentEndpoint:
         self.model_ref: str | int = model_ref
         self.registry = Registry(registry_uri)
         self.torch_threads = _set_torch_threads(torch_threads)
-        self._api_token = api_token or os.environ.get(API_TOKEN_ENV) or None
+        self._api_token = load_api_token(api_token)
         self._initialised = False  # the first reconfigure() (at replica start) fails loudly; later ones don't
         self.last_reconfigure_error: str | None = None
+        self._request_ids = RequestIds()
         self.scorer = Scorer.from_loaded(self.registry.load(model_name, model_ref))
+        # canary: a second version scoring `canary_percent`% of requests (set through user_config)
+        self.candidate: Scorer | None = None
+        self.candidate_ref: str | int | None = None
+        self.canary_percent = 0.0
         self._set_batching(self.serve_cfg.max_batch_size, self.serve_cfg.batch_wait_timeout_s)
         self._monitor_name, self._monitor_namespace = monitor_name, monitor_namespace
         self._monitor_synced = False
@@ -839,10 +950,28 @@ class StudentEndpoint:
         self._initialised = True
         try:
             cfg = parse_user_config(user_config)
+            # load everything first, then switch stable, candidate and split in one step (no await between),
+            # so no request ever sees half a rollout
+            stable = await self._load_ref(cfg["model_ref"]) if "model_ref" in cfg else self.scorer
+            candidate = self.candidate
+            if "candidate_ref" in cfg:
+                candidate = None if cfg["candidate_ref"] is None else await self._load_ref(cfg["candidate_ref"])
+            percent = cfg.get("canary_percent", self.canary_percent if candidate is not None else 0.0)
+            old = self.scorer
+            self.scorer, self.candidate, self.canary_percent = stable, candidate, percent
             if "model_ref" in cfg:
+                self.model_ref = cfg["model_ref"]
+            if "candidate_ref" in cfg:
+                self.candidate_ref = cfg["candidate_ref"]
+            if stable is not old:
+                log.info("raysys: %s stable v%d -> v%d", self.model_name, old.version, stable.version)
                 # at replica start (a restart, a scale-up) the shared monitor is left alone: the one-off
                 # version check (_sync_monitor_version) re-points it only if it tracks another version
-                await self._swap_to(cfg["model_ref"], repoint_monitor=not first)
+                if not first:
+                    self._point_monitor_at(stable)
+            if candidate is not None:
+                log.info("raysys: %s canary v%d takes %.1f%% of requests", self.model_name, candidate.version,
+                         percent)
             if "max_batch_size" in cfg or "batch_wait_timeout_s" in cfg:
                 self._set_batching(cfg.get("max_batch_size", self.max_batch_size),
                                    cfg.get("batch_wait_timeout_s", self.batch_wait_timeout_s))
@@ -855,19 +984,18 @@ class StudentEndpoint:
             log.error("raysys: reconfigure(%r) failed; still serving %s v%d: %s", user_config, self.model_name,
                       self.scorer.version, e)
 
-    async def _swap_to(self, ref: str | int, *, repoint_monitor: bool = True) -> None:
+    async def _load_ref(self, ref: str | int) -> Scorer:
+        """The Scorer for an alias or version: one already held when it is the same version, else loaded from
+        the registry (sha256 checked, safetensors only) off the event loop."""
         version = await asyncio.to_thread(self.registry.resolve, self.model_name, ref)
-        if version != self.scorer.version:
-            loaded = await asyncio.to_thread(self.registry.load, self.model_name, version)
-            old, new = self.scorer, Scorer.from_loaded(loaded)
-            self.scorer = new  # one assignment: requests already validated keep their (old) scorer
-            log.info("raysys: %s v%d -> v%d (ref %r)", self.model_name, old.version, new.version, ref)
-            if new.reference_profile is None and self.monitor is not None:
-                log.warning("raysys: %s v%d has no reference profile; the monitor keeps v%d's", self.model_name,
-                            new.version, old.version)
-            if repoint_monitor:
-                self._point_monitor_at(new)
-        self.model_ref = ref
+        for held in (self.scorer, self.candidate):
+            if held is not None and held.version == version:
+                return held
+        loaded = Scorer.from_loaded(await asyncio.to_thread(self.registry.load, self.model_name, version))
+        if loaded.reference_profile is None and self.monitor is not None:
+            log.warning("raysys: %s v%d has no reference profile; the monitor keeps the current one", self.model_name,
+                        loaded.version)
+        return loaded
 
     # ----- scoring -----
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
@@ -875,19 +1003,27 @@ class StudentEndpoint:
         # thin on purpose: @serve.batch does not run in _local_testing_mode; score_batch is unit-tested
         return score_batch(items)
 
+    def _check_auth(self, request: Request) -> None:
+        check_auth(request.headers.get("authorization"), self._api_token, request.headers.get("x-api-key"))
+
     async def _predict(self, request: Request) -> Response:
         t0 = time.perf_counter()
-        check_auth(request.headers.get("authorization"), self._api_token)
-        scorer = self.scorer  # this request is validated and scored by one version, even across a swap
-        limit = max_body_bytes(scorer.schema, self.serve_cfg.max_instances_per_request)
-        body = await read_body_capped(request, limit)
-        req = validate_request(body, scorer.schema, scorer.preprocessor,
+        self._check_auth(request)
+        # one routing state for the whole request, even across a rollout
+        stable, candidate, percent = self.scorer, self.candidate, self.canary_percent
+        limit = max_body_bytes(stable.schema, self.serve_cfg.max_instances_per_request)
+        payload = parse_json_body(await read_body_capped(request, limit))
+        if isinstance(payload, dict) and "request_id" in payload:
+            request_id = check_request_id(payload["request_id"])
+        else:
+            request_id = self._request_ids.next()
+        scorer = route_version(request_id, stable, candidate, percent)
+        req = validate_request(payload, scorer.schema, scorer.preprocessor,
                                max_instances=self.serve_cfg.max_instances_per_request)
         if len(req) >= self.max_batch_size:
             probs = scorer.predict_proba(req.x_num, req.x_cat)  # already a full batch: no queueing
         else:
             probs = await self._score_batched((scorer, req.x_num, req.x_cat))
-        request_id = req.request_id or uuid.uuid4().hex
         out = format_prediction(scorer, probs)
         out["request_id"] = request_id
         payload = json.dumps(out, separators=(",", ":"))
@@ -899,10 +1035,17 @@ class StudentEndpoint:
                              scorer.version, proba=probs, request_id=request_id)
         return Response(payload, media_type="application/json")
 
+    async def _predict_within_timeout(self, request: Request) -> Response:
+        try:
+            return await asyncio.wait_for(self._predict(request), self.serve_cfg.request_timeout_s)
+        except TimeoutError:
+            raise RequestError(504, None, f"not answered within serve.request_timeout_s="
+                                          f"{self.serve_cfg.request_timeout_s:g}s; retry later") from None
+
     # ----- routes -----
     @app.post("/v1/predict")
     async def predict(self, request: Request) -> Response:
-        response = await _guarded(self._predict(request))
+        response = await _guarded(self._predict_within_timeout(request))
         if response.status_code >= 400 and self.monitor is not None:
             self.monitor.add_error(self.scorer.version)  # counted for the monitor's error rate
         return response
@@ -910,7 +1053,7 @@ class StudentEndpoint:
     @app.post("/v1/feedback")
     async def feedback(self, request: Request) -> Response:
         async def run() -> Response:
-            check_auth(request.headers.get("authorization"), self._api_token)
+            self._check_auth(request)
             body = await read_body_capped(request, MAX_FEEDBACK_ITEMS * 512 + BODY_BYTES_SLACK)
             items = parse_feedback(body)
             if self.monitor is None:
@@ -928,15 +1071,28 @@ class StudentEndpoint:
         return json_response(200, to_jsonable({
             "status": "ok", "model_name": self.model_name, "model_version": self.scorer.version,
             "model_ref": self.model_ref, "replica": self.replica_id,
+            "candidate_version": self.candidate.version if self.candidate else None,
+            "canary_percent": self.canary_percent,
             "last_reconfigure_error": self.last_reconfigure_error,
             "monitor": self.monitor.stats() if self.monitor else None}))
+
+    @app.get("/readyz")
+    async def readyz(self) -> Response:
+        """Ready to score: a model is loaded (never needs the key; load balancers probe it)."""
+        if self.scorer is None:
+            return json_response(503, {"status": "not ready", "detail": "no model loaded"})
+        return json_response(200, {"status": "ready", "model_version": self.scorer.version,
+                                   "candidate_version": self.candidate.version if self.candidate else None})
 
     @app.get("/v1/model")
     async def model_info(self, request: Request) -> Response:
         async def run() -> Response:
-            check_auth(request.headers.get("authorization"), self._api_token)
+            self._check_auth(request)
             info = self.scorer.describe()
             info.update(model_ref=self.model_ref, registry_uri=self.registry.uri,
+                        candidate=(dict(self.candidate.describe(), ref=self.candidate_ref)
+                                   if self.candidate else None),
+                        canary_percent=self.canary_percent,
                         last_reconfigure_error=self.last_reconfigure_error,
                         batching={"max_batch_size": self.max_batch_size,
                                   "batch_wait_timeout_s": self.batch_wait_timeout_s},
@@ -949,7 +1105,7 @@ class StudentEndpoint:
     @app.get("/v1/monitor")
     async def monitor_report(self, request: Request) -> Response:
         async def run() -> Response:
-            check_auth(request.headers.get("authorization"), self._api_token)
+            self._check_auth(request)
             if self.monitor is None:
                 raise RequestError(503, None, "monitoring is off for this endpoint (disabled, or the model has "
                                               "no reference profile)")
@@ -981,13 +1137,24 @@ class StudentEndpoint:
 # ----------------------------------------------------------------------------------------------------
 
 
+def deployment_options(scfg: ServeConfig) -> dict[str, Any]:
+    """The StudentEndpoint deployment options that come from ServeConfig (beside num_replicas)."""
+    return {
+        # a replica must admit enough concurrent requests to fill a batch while the previous one runs
+        "max_ongoing_requests": scfg.max_ongoing_requests or max(8, 2 * scfg.max_batch_size),
+        # beyond this queue a request gets 503 + Retry-After at once rather than waiting without bound
+        "max_queued_requests": scfg.max_queued_requests,
+        "backpressure_config": {"status_code": 503, "retry_after_s": scfg.retry_after_s},
+        "logging_config": {"enable_access_log": scfg.access_log},
+    }
+
+
 def build_app(args: dict) -> serve.Application:
     """Application builder for `serve run serve.app:build_app registry_uri=...` and for config files
     (`import_path: serve.app:build_app` with `args:`). See `parse_app_args` for the keys."""
     kwargs = parse_app_args(args)
     scfg = ServeConfig.model_validate(kwargs["serve_cfg"])
-    # a replica must admit enough concurrent requests to fill a batch while the previous one runs
-    options = {"num_replicas": scfg.num_replicas, "max_ongoing_requests": max(8, 2 * scfg.max_batch_size)}
+    options = {"num_replicas": scfg.num_replicas, **deployment_options(scfg)}
     return StudentEndpoint.options(**options).bind(**kwargs)
 
 
@@ -1012,11 +1179,20 @@ def deploy(cfg: PipelineConfig, *, blocking: bool = False, model_ref: str | int 
     if (host, port) != (cfg.serve.host, cfg.serve.port):
         log.warning("raysys: Serve already runs on %s:%d; serve.host/serve.port (%s:%d) are ignored", host, port,
                     cfg.serve.host, cfg.serve.port)
-    application = build_app({
-        "registry_uri": cfg.registry_uri, "model_name": cfg.model_name, "model_ref": model_ref,
-        "serve_cfg": cfg.serve.model_dump(), "monitor_cfg": cfg.monitor.model_dump(), "monitor": monitor,
-    })
-    serve.run(application, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
+    from raysys.serving import ServeAdmin, app_config, cluster_dashboard_url, deploy_app
+
+    dashboard = cluster_dashboard_url()
+    if dashboard:
+        # declarative, as `serve deploy` does: later `raysys serve canary/promote/rollback` update it in place
+        deploy_app(ServeAdmin(dashboard), app_config(cfg, model_ref=model_ref, monitor=monitor))
+    else:
+        log.warning("raysys: this Ray cluster has no dashboard, so the endpoint is deployed from Python "
+                    "(serve.run) and `raysys serve canary/promote/rollback` cannot update it in place")
+        application = build_app({
+            "registry_uri": cfg.registry_uri, "model_name": cfg.model_name, "model_ref": model_ref,
+            "serve_cfg": cfg.serve.model_dump(), "monitor_cfg": cfg.monitor.model_dump(), "monitor": monitor,
+        })
+        serve.run(application, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
     url_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{url_host}:{port}{cfg.serve.route_prefix.rstrip('/')}"
     log.info("raysys: %s serving %s at %s", cfg.serve.app_name, cfg.model_name, url)

@@ -25,8 +25,13 @@ def ray_cluster():
     # never join a cluster someone else started: these tests own theirs and stop it by shutting down
     os.environ.pop("RAY_ADDRESS", None)
     # address="local": a fresh cluster even when /tmp/ray/ray_current_cluster names another (or a dead) one
-    ctx = ray.init(address="local", num_cpus=4, include_dashboard=False,
-                   runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    # the shipped Serve ingress (HAProxy + direct ingress), on private HAProxy ports
+    from raysys.serving import apply_ingress_env
+
+    apply_ingress_env()
+    # the dashboard carries Serve's REST API, through which raysys deploys and rolls out
+    ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                   dashboard_port=free_port(), runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     yield ctx
     try:
         from ray import serve

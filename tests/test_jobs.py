@@ -20,6 +20,8 @@ import pytest
 import requests
 from conftest import free_port
 
+from raysys.serving import ingress_env
+
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
@@ -42,6 +44,8 @@ def token_cluster(tmp_path):
     # a short temp dir: Ray's unix socket paths must stay under ~107 characters
     ray_tmp = tempfile.mkdtemp(prefix="rsj-", dir="/tmp")
     env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
+    # the shipped Serve ingress, with HAProxy ports of its own (the session's cluster holds others)
+    env.update(ingress_env(private_ports=True))
     env.pop("RAY_ADDRESS", None)
     subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
                    timeout=60)

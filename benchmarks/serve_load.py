@@ -1,0 +1,305 @@
+"""Benchmark: the raysys Serve endpoint against the plain uvicorn + FastAPI app a user would write instead.
+
+    .venv/bin/python benchmarks/serve_load.py [--quick] [--duration 8] [--concurrency 1,8,32,128]
+
+One run, one machine, one student, one load generator:
+
+- (a) raysys: `serve.app` deployed exactly as `raysys serve` / `make demo` deploy it (the shipped default
+  config: ingress mode from `raysys.serving`, batching, replicas), on an embedded local Ray;
+- (b) plain: `benchmarks/_plain_fastapi.py` under one uvicorn process, scoring each request on its own with
+  the same model and the same validation code, started by this script.
+
+The load generator is an asyncio + aiohttp client in this process: `c` workers, each sending one-row
+`POST /v1/predict` requests back to back for `--duration` seconds after a warm-up. Per target and
+concurrency: requests/s, p50 and p99 latency (ms) and non-2xx count. Then, at concurrency 32, the raysys
+endpoint with the monitor on and off, alternated `--repeats` times (medians), for the monitor's cost.
+
+The student is the demo preset's default student architecture, untrained (throughput does not depend on
+the weights), registered with a reference profile so that the monitor runs.
+
+The last line printed is one JSON object with `c32_throughput_ratio` (raysys / plain), `c32_p99_ratio`
+(raysys / plain) and `monitor_throughput_cost` (1 - on / off).
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import platform
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from collections import Counter
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+import numpy as np  # noqa: E402
+
+MODEL = "raysys-student"
+
+
+def make_registry(root: Path, seed: int = 0):
+    import torch
+
+    from raysys.config import preset
+    from raysys.data import Preprocessor, SyntheticTask
+    from raysys.models import build_model, model_spec
+    from raysys.monitor.profile import ReferenceProfile
+    from raysys.registry import Registry
+
+    cfg = preset("demo")
+    task = SyntheticTask(cfg.data)
+    schema = task.schema()
+    table = task.sample(5000, [seed, 1])
+    pre = Preprocessor.fit(schema, table)
+    profile = ReferenceProfile.from_table(schema, table, num_bins=cfg.monitor.num_bins).to_dict()
+    spec = model_spec(schema, cfg.distill.student)
+    torch.manual_seed(seed)
+    reg = Registry(root / "registry")
+    version = reg.register(MODEL, state_dict=build_model(spec).state_dict(), model_spec=spec, schema=schema,
+                           preprocessor=pre, metrics={}, config={}, lineage={"note": "serve_load benchmark"},
+                           reference_profile=profile)
+    reg.set_alias(MODEL, "production", version)
+    rows = table.drop_columns([schema.label]).to_pylist()
+    bodies = [json.dumps({"instances": [r]}).encode() for r in rows[:2000]]
+    return reg, spec, bodies
+
+
+# ----------------------------------------------------------------------------------------------------
+# load generator
+# ----------------------------------------------------------------------------------------------------
+
+
+async def _load(url: str, bodies: list[bytes], concurrency: int, duration_s: float, warmup_s: float) -> dict:
+    import aiohttp
+
+    latencies: list[float] = []
+    total = [0]
+    codes: Counter = Counter()
+    errors: Counter = Counter()
+    connector = aiohttp.TCPConnector(limit=0, force_close=False)
+    timeout = aiohttp.ClientTimeout(total=60)
+    async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+        t_start = time.perf_counter()
+        t_measure = t_start + warmup_s
+        t_stop = t_measure + duration_s
+
+        async def worker(i: int) -> None:
+            k = i
+            while True:
+                t = time.perf_counter()
+                if t >= t_stop:
+                    return
+                body = bodies[k % len(bodies)]
+                k += concurrency
+                try:
+                    async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
+                        await r.read()
+                        status = r.status
+                except Exception as e:  # a refused/reset connection is a failed request, counted
+                    status = None
+                    errors[type(e).__name__] += 1
+                done = time.perf_counter()
+                total[0] += 1
+                if t >= t_measure and done <= t_stop:
+                    latencies.append(done - t)
+                    codes[status] += 1
+
+        await asyncio.gather(*(worker(i) for i in range(concurrency)))
+    lat = np.array(latencies) * 1000
+    ok = sum(v for k, v in codes.items() if k is not None and 200 <= k < 300)
+    return {"concurrency": concurrency, "requests": int(len(lat)), "rps": round(ok / duration_s, 1),
+            "p50_ms": round(float(np.percentile(lat, 50)), 2) if len(lat) else None,
+            "p99_ms": round(float(np.percentile(lat, 99)), 2) if len(lat) else None,
+            "non_2xx": int(len(lat) - ok), "errors": dict(errors), "total": total[0]}
+
+
+def _cpu_s(procs) -> float:
+    total = 0.0
+    for proc in procs:
+        try:
+            t = proc.cpu_times()
+            total += t.user + t.system
+        except Exception:  # psutil.NoSuchProcess: a process that went away counts what it had
+            pass
+    return total
+
+
+def load(url: str, bodies: list[bytes], concurrency: int, duration_s: float, warmup_s: float,
+         procs=()) -> dict:
+    """One load point. With `procs` (psutil.Process of the server side), also the server CPU time per
+    request over the whole point: a figure machine load barely moves, unlike requests/s."""
+    cpu0, t0 = _cpu_s(procs), time.perf_counter()
+    out = asyncio.run(_load(url, bodies, concurrency, duration_s, warmup_s))
+    if procs:
+        wall = time.perf_counter() - t0
+        out["server_cpu_ms_per_request"] = round((_cpu_s(procs) - cpu0) * 1000 / max(1, out.pop("total")), 3)
+        out["server_cpu_cores"] = round((_cpu_s(procs) - cpu0) / wall, 2)
+    else:
+        out.pop("total")
+    return out
+
+
+def server_processes(name: str | None = None, pid: int | None = None) -> list:
+    """The processes serving a target: the uvicorn process (pid), or for raysys app `name` its replicas,
+    HAProxy and the monitor actors."""
+    import psutil
+
+    if pid is not None:
+        return [psutil.Process(pid)]
+    out = []
+    for proc in psutil.process_iter(["cmdline", "name"]):
+        cmd = " ".join(proc.info["cmdline"] or [])
+        if f"ServeReplica:{name}:" in cmd or "haproxy" in (proc.info["name"] or "") or "ray::Monitor" in cmd:
+            out.append(proc)
+    return out
+
+
+def wait_http(url: str, timeout_s: float = 120) -> None:
+    import requests
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        try:
+            if requests.get(url, timeout=2).status_code == 200:
+                return
+        except requests.RequestException:
+            pass
+        time.sleep(0.25)
+    raise RuntimeError(f"{url} did not answer within {timeout_s:.0f}s")
+
+
+# ----------------------------------------------------------------------------------------------------
+# targets
+# ----------------------------------------------------------------------------------------------------
+
+
+def start_plain(reg, port: int) -> subprocess.Popen:
+    env = dict(os.environ, RAYSYS_BENCH_REGISTRY=reg.uri, RAYSYS_BENCH_MODEL=MODEL, OMP_NUM_THREADS="1",
+               PYTHONPATH=str(ROOT))
+    proc = subprocess.Popen([sys.executable, "-m", "uvicorn", "benchmarks._plain_fastapi:app", "--host", "127.0.0.1",
+                             "--port", str(port), "--log-level", "warning", "--no-access-log"],
+                            cwd=ROOT, env=env, start_new_session=True)
+    wait_http(f"http://127.0.0.1:{port}/healthz")
+    return proc
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--duration", type=float, default=8.0, help="measured seconds per point")
+    p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each point")
+    p.add_argument("--concurrency", default="1,8,32,128", help="comma-separated client concurrencies")
+    p.add_argument("--repeats", type=int, default=3, help="rounds at c32 (raysys, plain, raysys without monitor)")
+    p.add_argument("--serve-cfg", default="{}", help="JSON ServeConfig overrides for the raysys app (exploration)")
+    p.add_argument("--quick", action="store_true", help="--duration 3 --warmup 1 --concurrency 8,32 --repeats 2")
+    p.add_argument("--port", type=int, default=0, help="Serve HTTP port (0: a free one)")
+    args = p.parse_args()
+    if args.quick:
+        args.duration, args.warmup, args.concurrency, args.repeats = 3.0, 1.0, "8,32", 2
+    levels = [int(c) for c in args.concurrency.split(",")]
+    if 32 not in levels:
+        levels.append(32)
+
+    logging.basicConfig(level=logging.WARNING)
+    import ray
+    from ray import serve
+
+    from raysys.serving import apply_ingress_env, serve_start
+    from serve.app import build_app
+
+    tmp = Path(tempfile.mkdtemp(prefix="raysys-serve-load-"))
+    reg, spec, bodies = make_registry(tmp)
+    serve_port = args.port or free_port()
+    plain_port = free_port()
+    env = apply_ingress_env()  # the shipped default, as raysys.pipeline.init_ray applies it
+    ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
+    serve_start("127.0.0.1", serve_port)
+    results: dict = {}
+    plain = None
+    try:
+        base = f"http://127.0.0.1:{serve_port}"
+
+        def deploy(monitor: bool, name: str) -> str:
+            serve.run(build_app({"registry_uri": reg.uri, "model_name": MODEL, "monitor": monitor,
+                                 "monitor_name": f"bench_monitor_{name}",
+                                 "serve_cfg": json.loads(args.serve_cfg)}), name=name, route_prefix=f"/{name}")
+            url = f"{base}/{name}"
+            wait_http(f"{url}/healthz")
+            load(f"{url}/v1/predict", bodies, 8, 2.0, 0.5)  # warm the replica and the monitor link
+            return url
+
+        on_url = deploy(True, "mon_on")
+        off_url = deploy(False, "mon_off")
+        plain = start_plain(reg, plain_port)
+        plain_url = f"http://127.0.0.1:{plain_port}"
+        load(f"{plain_url}/v1/predict", bodies, 8, 2.0, 0.5)
+        targets = {"raysys": on_url, "plain": plain_url, "raysys_monitor_off": off_url}
+        procs = {"raysys": server_processes("mon_on"), "plain": server_processes(pid=plain.pid),
+                 "raysys_monitor_off": server_processes("mon_off")}
+        for c in levels:
+            # targets alternate at each level, and c32 is measured `repeats` times (medians, paired ratios),
+            # so that drifts in machine load hit all targets alike
+            rounds = []
+            for _ in range(args.repeats if c == 32 else 1):
+                rnd = {name: load(f"{url}/v1/predict", bodies, c, args.duration, args.warmup, procs[name])
+                       for name, url in targets.items() if c == 32 or name != "raysys_monitor_off"}
+                rounds.append(rnd)
+                print(json.dumps({"c": c, **{k: {m: v[m] for m in ("rps", "p50_ms", "p99_ms", "non_2xx",
+                                                                      "server_cpu_ms_per_request")}
+                                             for k, v in rnd.items()}}), flush=True)
+            results[c] = rounds
+    finally:
+        if plain is not None:
+            plain.kill()
+            plain.wait()
+        try:
+            serve.shutdown()
+        finally:
+            ray.shutdown()
+
+    def med(rounds, name, key):
+        return round(statistics.median(r[name][key] for r in rounds), 2)
+
+    per_c = {}
+    for c, rounds in results.items():
+        per_c[str(c)] = {name: {key: med(rounds, name, key) for key in ("rps", "p50_ms", "p99_ms",
+                                                                                  "server_cpu_ms_per_request")}
+                         for name in rounds[0]}
+        per_c[str(c)]["throughput_ratio"] = round(statistics.median(
+            r["raysys"]["rps"] / r["plain"]["rps"] for r in rounds), 3)
+    r32 = results[32]
+    summary = {
+        "benchmark": "serve_load",
+        # paired per round (same minute of machine load), then the median over rounds
+        "c32_throughput_ratio": per_c["32"]["throughput_ratio"],
+        "c32_p99_ratio": round(statistics.median(r["raysys"]["p99_ms"] / r["plain"]["p99_ms"] for r in r32), 3),
+        "monitor_throughput_cost": round(statistics.median(
+            1 - r["raysys"]["rps"] / r["raysys_monitor_off"]["rps"] for r in r32), 4),
+        "per_concurrency": per_c,
+        "non_2xx_total": sum(v["non_2xx"] for rounds in results.values() for r in rounds for v in r.values()),
+        "setup": {"duration_s": args.duration, "warmup_s": args.warmup, "repeats": args.repeats,
+                  "ingress_env": env, "model_spec": {k: v for k, v in spec.items() if k != "schema"},
+                  "rows_per_request": 1, "cpus": os.cpu_count(), "python": platform.python_version(),
+                  "ray": ray.__version__},
+    }
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

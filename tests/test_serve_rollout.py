@@ -1,0 +1,287 @@
+"""Tier 3: production serving over real HTTP on the session's Ray (HAProxy + direct ingress, the shipped
+default): every status code of the API; a canary -> promote -> rollback cycle through the `raysys serve`
+CLI under concurrent load with zero failed requests; one of two replicas SIGKILLed under load, with the
+ingress retrying so that no request fails.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import uuid
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+import requests
+from serve_helpers import MODEL, Load, make_registry, poll, serve_http_port
+
+pytestmark = pytest.mark.integration
+
+BIN = Path(sys.executable).parent
+
+
+@pytest.fixture(scope="module")
+def registry(tmp_path_factory):
+    return make_registry(tmp_path_factory.mktemp("rollout"))
+
+
+@pytest.fixture(scope="module")
+def http_port(request, ray_cluster):
+    return serve_http_port(request)
+
+
+def _deploy(reg, name: str, serve_cfg: dict | None = None, env: dict | None = None) -> None:
+    """The endpoint as build_app makes it (deployment options from ServeConfig), monitor off, optionally
+    with extra environment variables in the replicas."""
+    from ray import serve
+
+    from raysys.config import ServeConfig
+    from serve.app import StudentEndpoint, deployment_options, parse_app_args
+
+    kwargs = parse_app_args({"registry_uri": reg.uri, "model_name": MODEL, "monitor": False,
+                             "serve_cfg": serve_cfg or {}})
+    scfg = ServeConfig.model_validate(kwargs["serve_cfg"])
+    options = {"num_replicas": scfg.num_replicas, **deployment_options(scfg)}
+    if env:
+        options["ray_actor_options"] = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", **env}}}
+    serve.run(StudentEndpoint.options(**options).bind(**kwargs), name=name, route_prefix=f"/{name}")
+
+
+def _app(http_port: int, prefix: str):
+    name = f"{prefix}-{uuid.uuid4().hex[:6]}"
+    return name, f"http://127.0.0.1:{http_port}/{name}"
+
+
+def test_every_status_code_over_http(registry, http_port, tmp_path):
+    """200 (row and column form, Bearer and X-API-Key), 401, 413 (rows, bytes), 422 naming the field,
+    404/405, /readyz, /healthz and /docs without the key; no input gives a 500 or a stack trace."""
+    from ray import serve
+
+    from serve.app import API_TOKEN_FILE_ENV
+
+    reg, schema, rows = registry
+    key_file = tmp_path / "api-key"
+    key_file.write_text("k3y-from-a-file\n")
+    name, url = _app(http_port, "status")
+    _deploy(reg, name, {"max_instances_per_request": 8}, env={API_TOKEN_FILE_ENV: str(key_file)})
+    bearer = {"Authorization": "Bearer k3y-from-a-file"}
+    try:
+        with requests.Session() as s:
+            r = s.post(f"{url}/v1/predict", json={"instances": rows[:3]}, headers=bearer, timeout=30)
+            assert r.status_code == 200, r.text
+            body = r.json()
+            assert body["model_version"] == 1 and len(body["request_id"]) == 32 and len(body["predictions"]) == 3
+            # X-API-Key works too; a client request_id comes back unchanged
+            r2 = s.post(f"{url}/v1/predict", json={"instances": rows[:3], "request_id": "req-42"},
+                        headers={"X-API-Key": "k3y-from-a-file"}, timeout=30)
+            assert r2.status_code == 200 and r2.json()["request_id"] == "req-42", r2.text
+            # the column form scores the same rows to the same probabilities
+            names = [f.name for f in schema.features]
+            cols = {"columns": names, "data": [[row[n] for n in names] for row in rows[:3]]}
+            r3 = s.post(f"{url}/v1/predict", json=cols, headers=bearer, timeout=30)
+            assert r3.status_code == 200, r3.text
+            assert r3.json()["probabilities"] == body["probabilities"]
+
+            for headers in ({}, {"Authorization": "Bearer wrong"}, {"X-API-Key": "wrong"}):
+                r = s.post(f"{url}/v1/predict", json={"instances": rows[:1]}, headers=headers, timeout=30)
+                assert r.status_code == 401 and r.json()["detail"]["field"] == "authorization", r.text
+                assert "k3y" not in r.text
+            # too many rows (limit 8), in either form; a body far over the byte cap
+            r = s.post(f"{url}/v1/predict", json={"instances": rows[:9]}, headers=bearer, timeout=30)
+            assert r.status_code == 413 and r.json()["detail"]["field"] == "instances", r.text
+            big = {"columns": names, "data": [[row[n] for n in names] for row in rows[:9]]}
+            r = s.post(f"{url}/v1/predict", json=big, headers=bearer, timeout=30)
+            assert r.status_code == 413 and r.json()["detail"]["field"] == "data", r.text
+            r = s.post(f"{url}/v1/predict", data=b" " * 1_000_000, headers=bearer, timeout=30)
+            assert r.status_code == 413 and r.json()["detail"]["field"] == "body", r.text
+            # 422 naming the field, column form included
+            bad_cols = {"columns": names, "data": [["oops"] + [rows[0][n] for n in names[1:]]]}
+            cases = [
+                (bad_cols, f"data[0].{names[0]}"),
+                ({"columns": names + names[:1], "data": []}, "columns"),
+                ({"columns": names, "data": [[1.0]]}, "data[0]"),
+                ({"columns": names}, "data"),
+                ({"instances": rows[:1], "columns": names}, "instances"),
+                ({"instances": rows[:1], "request_id": ""}, "request_id"),
+            ]
+            for payload, field in cases:
+                r = s.post(f"{url}/v1/predict", json=payload, headers=bearer, timeout=30)
+                assert r.status_code == 422 and r.json()["detail"]["field"] == field, (payload, r.text)
+            # whatever the bytes, a 4xx with a JSON body: never a 500, never a stack trace
+            for raw in (b"\xff\xfe", b"[" * 10_000, b'{"instances": [' + b"1," * 500 + b"1]}", b"null",
+                        b'{"instances": [{"x0": {"$gt": 1}}]}', b'{"columns": [1], "data": [[1]]}'):
+                r = s.post(f"{url}/v1/predict", data=raw, headers=bearer, timeout=30)
+                assert 400 <= r.status_code < 500, (raw[:40], r.status_code, r.text[:300])
+                assert "Traceback" not in r.text and "detail" in r.json()
+            assert s.get(f"{url}/v1/predict", headers=bearer, timeout=30).status_code == 405
+            assert s.get(f"{url}/v1/nothing-here", headers=bearer, timeout=30).status_code == 404
+            # probes and docs need no key
+            ready = s.get(f"{url}/readyz", timeout=30)
+            assert ready.status_code == 200 and ready.json()["model_version"] == 1, ready.text
+            assert s.get(f"{url}/healthz", timeout=30).status_code == 200
+            assert s.get(f"{url}/docs", timeout=30).status_code == 200
+            assert "/v1/predict" in s.get(f"{url}/openapi.json", timeout=30).json()["paths"]
+    finally:
+        serve.delete(name)
+
+
+def test_a_request_past_its_timeout_gets_504(registry, http_port):
+    from ray import serve
+
+    reg, _, rows = registry
+    name, url = _app(http_port, "timeout")
+    # a one-row batch waits up to 2 s for company, far past the 50 ms request timeout
+    _deploy(reg, name, {"request_timeout_s": 0.05, "batch_wait_timeout_s": 2.0})
+    try:
+        t0 = time.monotonic()
+        r = requests.post(f"{url}/v1/predict", json={"instances": rows[:1]}, timeout=30)
+        assert r.status_code == 504, r.text
+        assert "request_timeout_s" in r.json()["detail"]["message"]
+        assert time.monotonic() - t0 < 2.0 + 10  # answered, not hung until the client gave up
+        # a full batch skips the wait and is answered in time
+        full = requests.post(f"{url}/v1/predict", json={"instances": rows[:64]}, timeout=30)
+        assert full.status_code == 200, full.text
+    finally:
+        serve.delete(name)
+
+
+def test_overload_gets_503_with_retry_after(registry, http_port):
+    from ray import serve
+
+    reg, _, rows = registry
+    name, url = _app(http_port, "overload")
+    # one request at a time, one waiting; each one-row request sits 1 s in its batch
+    _deploy(reg, name, {"max_ongoing_requests": 1, "max_queued_requests": 1, "batch_wait_timeout_s": 1.0,
+                        "retry_after_s": 2, "request_timeout_s": 30})
+    try:
+        assert requests.post(f"{url}/v1/predict", json={"instances": rows[:1]}, timeout=30).status_code == 200
+
+        def post(i):
+            return requests.post(f"{url}/v1/predict", json={"instances": [rows[i]]}, timeout=60)
+
+        with ThreadPoolExecutor(8) as pool:
+            responses = list(pool.map(post, range(8)))
+        codes = [r.status_code for r in responses]
+        assert 200 in codes and 503 in codes, codes
+        assert set(codes) <= {200, 503}, codes
+        for r in responses:
+            if r.status_code == 503:
+                assert r.headers.get("retry-after") == "2", dict(r.headers)
+    finally:
+        serve.delete(name)
+
+
+def _cli(*args: str, timeout: int = 300) -> subprocess.CompletedProcess:
+    env = dict(os.environ, RAY_AUTH_MODE="token")  # the session cluster has token auth on (Ray's default)
+    out = subprocess.run([str(BIN / "raysys"), "serve", *args], env=env, capture_output=True, text=True,
+                         timeout=timeout)
+    return out
+
+
+def test_canary_promote_rollback_under_load_fails_no_request(registry, http_port, tmp_path):
+    """`raysys serve canary | promote | rollback` through the Serve REST API while 4 clients send requests
+    back to back: every response is a 200, the load never drops below 20 requests/s, and each step is
+    visible in the versions that answer."""
+    from ray import serve
+
+    from raysys.config import preset
+    from raysys.serving import cluster_dashboard_url
+    from serve.app import deploy
+
+    reg, _, rows = registry
+    cfg = preset("tiny").with_root(tmp_path)
+    cfg.registry_uri, cfg.model_name = reg.uri, MODEL
+    cfg.serve.port = http_port
+    cfg.serve.app_name = f"rollout-{uuid.uuid4().hex[:6]}"
+    cfg.serve.route_prefix = f"/{cfg.serve.app_name}"
+    url = deploy(cfg, monitor=False)
+    dash = cluster_dashboard_url()
+    assert dash, "the session cluster runs a dashboard (Serve's REST API)"
+    common = ["--app", cfg.serve.app_name, "--address", dash]
+    try:
+        with Load(url, rows, workers=4) as load:
+            load.wait_for(40)
+            out = _cli("canary", "--version", "2", "--percent", "50", *common)
+            assert out.returncode == 0, out.stdout + out.stderr
+            t = time.monotonic()
+            poll(lambda: {v for _, _, v in load.since(t)} >= {1, 2}, what="both versions answering")
+
+            out = _cli("promote", *common)
+            assert out.returncode == 0, out.stdout + out.stderr
+            assert reg.get_alias(MODEL, "production") == 2
+            t = time.monotonic() + 1.0  # responses in flight when the CLI returned may be v1
+            load.wait_for(40)
+            poll(lambda: len(load.since(t)) >= 20, what="responses after promote")
+            assert {v for _, _, v in load.since(t)} == {2}
+
+            out = _cli("rollback", *common)
+            assert out.returncode == 0, out.stdout + out.stderr
+            assert reg.get_alias(MODEL, "production") == 1
+            t = time.monotonic() + 1.0
+            poll(lambda: len(load.since(t)) >= 20, what="responses after rollback")
+            assert {v for _, _, v in load.since(t)} == {1}
+        summary = load.summary()
+        print(f"\n[rollout] {json.dumps(summary)}; worst 2 s window {load.worst_rate():.0f} req/s")
+        assert summary["statuses"] == {200: summary["requests"]}, summary
+        assert load.worst_rate() >= 20, summary
+
+        # bad rollouts are refused with exit 2 and the reason, and change nothing
+        out = _cli("promote", *common)
+        assert out.returncode == 2 and "no canary to promote" in out.stdout, out.stdout + out.stderr
+        out = _cli("canary", "--version", "99", "--percent", "10", *common)
+        assert out.returncode == 2 and "99" in out.stdout, out.stdout + out.stderr
+        out = _cli("canary", "--version", "2", "--percent", "150", *common)
+        assert out.returncode == 2 and "--percent" in out.stdout, out.stdout + out.stderr
+        assert requests.get(f"{url}/healthz", timeout=30).json()["model_version"] == 1
+    finally:
+        serve.delete(cfg.serve.app_name)
+
+
+def _replica_pids(app_name: str) -> set[int]:
+    import psutil
+
+    pids = set()
+    for proc in psutil.process_iter(["cmdline"]):
+        if f"ServeReplica:{app_name}:" in " ".join(proc.info["cmdline"] or []):
+            pids.add(proc.pid)
+    return pids
+
+
+def test_a_replica_killed_under_load_fails_no_request(registry, http_port):
+    """SIGKILL one of two replicas while 4 clients send requests: the ingress (HAProxy) retries what the dead
+    replica dropped on the live one, Serve starts a replacement, and no request fails."""
+    from ray import serve
+
+    reg, _, rows = registry
+    name, url = _app(http_port, "kill")
+    _deploy(reg, name, {"num_replicas": 2})
+    try:
+        poll(lambda: len(_replica_pids(name)) == 2, what="two replica processes")
+        before = _replica_pids(name)
+        with Load(url, rows, workers=4) as load:
+            load.wait_for(100)
+            victim = sorted(before)[0]
+            os.kill(victim, signal.SIGKILL)
+            killed_at = time.monotonic()
+
+            def replaced():
+                st = serve.status().applications[name].deployments["StudentEndpoint"]
+                pids = _replica_pids(name)
+                return st.replica_states.get("RUNNING", 0) == 2 and len(pids) == 2 and victim not in pids
+
+            poll(replaced, interval_s=0.5, what="Serve to replace the killed replica")
+            recovered_s = time.monotonic() - killed_at
+            load.wait_for(100)  # and the new replica takes traffic
+        summary = load.summary()
+        failed = summary["requests"] - summary["statuses"].get(200, 0)
+        print(f"\n[kill] replica {victim} killed; replaced after {recovered_s:.1f}s; {failed} failed of "
+              f"{summary['requests']} ({json.dumps(summary)})")
+        assert failed == 0, summary
+        assert len(_replica_pids(name) - before) == 1
+    finally:
+        serve.delete(name)
