@@ -51,3 +51,31 @@ def test_cli_bad_config_exits_2(tmp_path):
                         str(tmp_path)], capture_output=True, text=True, timeout=120)
     assert r.returncode == 2
     assert "train.num_workers" in r.stdout + r.stderr
+
+
+def test_teacher_family_from_yaml_and_errors_name_the_field(tmp_path):
+    f = tmp_path / "c.yaml"
+    f.write_text("teacher:\n  family: ft_transformer\n  size: small\n  num_blocks: 2\n")
+    cfg = load_config(f, preset_name="tiny")
+    assert (cfg.teacher.family, cfg.teacher.size, cfg.teacher.num_blocks) == ("ft_transformer", "small", 2)
+    assert cfg.distill.student.family == "mlp"  # the student is its own ModelConfig
+    # and back: an mlp over that dump is valid as long as the ft fields are not carried along
+    assert load_config(overrides={"teacher": {"family": "mlp"}}).teacher.family == "mlp"
+    for text, field in [("teacher:\n  family: gbdt\n", r"teacher\.family"),
+                        ("teacher:\n  size: small\n", r"teacher: .*size: only apply to family 'ft_transformer'"),
+                        ("teacher:\n  family: ft_transformer\n  size: huge\n", r"teacher\.size"),
+                        ("teacher:\n  family: ft_transformer\n  d_model: 30\n  num_heads: 4\n", "num_heads: 4 does not"),
+                        ("teacher:\n  activation: tanh\n", r"teacher\.activation"),
+                        ("distill:\n  student:\n    num_blocks: 0\n", r"distill\.student\.num_blocks")]:
+        f.write_text(text)
+        with pytest.raises(ValueError, match=field):
+            load_config(f)
+
+
+def test_activation_defaults_students_relu_preset_teachers_gelu():
+    # students are served: relu is the cheapest activation per call on CPU (see raysys/models/mlp.py); the
+    # preset teachers are not, and keep exact gelu (more accurate on the demo data), derived from demo
+    for name in PRESETS:
+        cfg = preset(name)
+        assert (cfg.teacher.family, cfg.teacher.activation, cfg.distill.student.activation) == ("mlp", "gelu", "relu")
+    assert preset("tiny").teacher.hidden_dims == [128, 64] and preset("large").teacher.dropout == 0.1

@@ -456,3 +456,64 @@ def test_munge_rows_stay_on_the_data_and_are_deterministic():
         munge(table, schema, pre, 10, swap_prob=1.5)
     with pytest.raises(ValueError, match="num_transfer_rows"):
         munge(table, schema, pre, -1)
+
+
+def test_trial_spec_samples_mlp_sizes_and_refuses_other_families():
+    from raysys.distill.sweep import trial_spec
+
+    assert trial_spec(SPEC, {"student_width": 8, "student_depth": 3})["hidden_dims"] == [8, 8, 8]
+    assert trial_spec(SPEC, {"temperature": 2.0}) == SPEC
+    ft = {"family": "ft_transformer", "num_numeric": 4, "cardinalities": [3, 2], "num_classes": 3, "d_model": 8,
+          "num_blocks": 1, "num_heads": 2, "ffn_mult": 2.0, "dropout": 0.0}
+    assert trial_spec(ft, {"temperature": 2.0}) == ft  # a grid over T and alpha keeps any family
+    with pytest.raises(ValueError, match="distill.student.family"):
+        trial_spec(ft, {"student_width": 8})
+
+
+
+def _bench_distill():
+    """benchmarks/distill.py as a module (it imports its sibling `_common`)."""
+    import importlib.util
+    import sys
+    from pathlib import Path
+
+    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    sys.path.insert(0, str(bench))
+    try:
+        spec = importlib.util.spec_from_file_location("bench_distill", bench / "distill.py")
+        mod = importlib.util.module_from_spec(spec)
+        sys.modules[spec.name] = mod  # dataclasses look their module up there
+        spec.loader.exec_module(mod)
+    finally:
+        sys.path.remove(str(bench))
+    return mod
+
+
+def test_benchmark_paired_stats_by_hand():
+    stats = _bench_distill().paired_stats([0.9, 0.8, 0.7], [0.88, 0.81, 0.67])
+    # differences 2, -1, 3 points: mean 4/3, sample sd sqrt(13/3), se sd/sqrt(3)
+    assert stats["mean"] == round(4 / 3, 3) and stats["se"] == round(math.sqrt(13 / 3) / math.sqrt(3), 3)
+    assert (stats["median"], stats["min"], stats["max"]) == (2.0, -1.0, 3.0)
+    assert (stats["positive"], stats["negative"], stats["n"]) == (2, 1, 3)
+
+
+def test_benchmark_teacher_recipe_keeps_the_best_validation_epoch(one_thread):
+    from raysys.config import ModelConfig
+    from raysys.data.schema import DatasetSchema
+
+    bench = _bench_distill()
+    schema = DatasetSchema.model_validate({
+        "features": [{"name": f"n{i}", "kind": "numeric"} for i in range(4)]
+        + [{"name": "a", "kind": "categorical", "categories": ["x", "y", "z"]},
+           {"name": "b", "kind": "categorical", "categories": ["p", "q"]}],
+        "label": "label", "classes": ["c0", "c1", "c2"]})
+    x, c, y, _ = _synthetic(600, 0)
+    vx, vc, vy, _ = _synthetic(200, 1)
+    for model_cfg in (ModelConfig(hidden_dims=[16]), ModelConfig(family="ft_transformer", d_model=8, num_blocks=1,
+                                                                  num_heads=2)):
+        recipe = bench.Recipe(lr=3e-3, weight_decay=1e-4, epochs=4, batch_size=64, warmup=0.25)
+        model, info = bench.train_teacher(schema, model_cfg, recipe, (x, c, y), (vx, vc, vy))
+        assert not model.training and 0 <= info["best_epoch"] < 4
+        # the returned weights are the best epoch's: their validation accuracy is the reported one
+        assert bench.test_accuracy(model, (vx, vc, vy)) == pytest.approx(info["val_accuracy"], abs=1e-4)
+        assert info["val_accuracy"] > 0.6  # learned the rule (chance is ~1/3)

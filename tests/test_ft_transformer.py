@@ -10,10 +10,11 @@ import torch
 import torch.nn.functional as F
 from safetensors.torch import load_file, save_file
 
-from raysys.config import ModelConfig
+from raysys.config import FT_SIZES, ModelConfig, preset
 from raysys.data.schema import DatasetSchema
 from raysys.models import FAMILIES, FT_PRESETS, build_model, model_spec, num_parameters
 from raysys.models.ft_transformer import FTTransformer
+from raysys.models.mlp import ACTIVATIONS, CategoricalEmbeddings, TabularMLP
 from raysys.parallel.pipeline import balance_stages, example_inputs, pipeline_units, split_model
 from raysys.parallel.tensor import tensor_parallel_plan
 
@@ -88,9 +89,11 @@ def test_preset_sizes_scale_from_tiny_to_hundreds_of_millions():
 
 def test_model_spec_families_and_backward_compatibility():
     schema = _schema()
-    mlp = model_spec(schema, ModelConfig(hidden_dims=[16], embed_dim=3))
+    # activation gelu (what specs meant before the field existed): byte-for-byte the spec earlier versions wrote
+    mlp = model_spec(schema, ModelConfig(hidden_dims=[16], embed_dim=3, activation="gelu"))
     assert mlp == {"family": "mlp", "num_numeric": 5, "cardinalities": [4, 3], "num_classes": 3,
                    "hidden_dims": [16], "embed_dim": 3, "dropout": 0.0}
+    assert model_spec(schema, ModelConfig(hidden_dims=[16], embed_dim=3)) == {**mlp, "activation": "relu"}
     ft = model_spec(schema, ModelConfig(dropout=0.1), "ft_transformer")
     assert ft == {"family": "ft_transformer", "num_numeric": 5, "cardinalities": [4, 3], "num_classes": 3,
                   **FT_PRESETS["tiny"], "dropout": 0.1}
@@ -165,3 +168,106 @@ def test_tensor_parallel_plans():
                                                                    "body.3": "RowwiseParallel"}
     with pytest.raises(ValueError, match="hidden layers"):
         tensor_parallel_plan(build_model({**MLP, "hidden_dims": [16]}), 2)
+
+
+def test_model_config_chooses_the_family():
+    """The config alone picks the family and the FT size, with overrides; mlp configs keep their spec."""
+    schema = _schema()
+    assert set(FT_SIZES) == set(FT_PRESETS)  # config.py cannot import torch: the names are kept equal here
+    ft = model_spec(schema, ModelConfig(family="ft_transformer", size="small", num_blocks=2, dropout=0.1))
+    assert ft == {"family": "ft_transformer", "num_numeric": 5, "cardinalities": [4, 3], "num_classes": 3,
+                  **FT_PRESETS["small"], "num_blocks": 2, "dropout": 0.1}
+    assert model_spec(schema, ModelConfig(family="ft_transformer"))["d_model"] == FT_PRESETS["tiny"]["d_model"]
+    over = model_spec(schema, ModelConfig(family="ft_transformer", d_model=48, num_heads=6, ffn_mult=3))
+    assert (over["d_model"], over["num_heads"], over["ffn_mult"]) == (48, 6, 3.0)
+    model = build_model(over)
+    assert isinstance(model, FTTransformer) and model.blocks[0].mlp.fc1.out_features == 144
+    # an mlp teacher's settings are ignored by an ft_transformer, so switching the family is one key
+    teacher = preset("demo").teacher.model_copy(update={"family": "ft_transformer"})
+    assert model_spec(schema, teacher)["family"] == "ft_transformer"
+    # an explicit family argument still wins over the config (the benchmark's and tests' old call style)
+    assert model_spec(schema, ModelConfig(), "mlp")["family"] == "mlp"
+
+
+def test_model_config_errors_name_the_field():
+    with pytest.raises(ValueError, match="size: only apply to family 'ft_transformer'"):
+        ModelConfig(size="small")
+    with pytest.raises(ValueError, match="d_model, num_heads: only apply"):
+        ModelConfig(d_model=64, num_heads=4)
+    with pytest.raises(ValueError, match="num_heads: 4 does not divide d_model 30"):
+        ModelConfig(family="ft_transformer", d_model=30, num_heads=4)
+    for bad in ({"family": "gbdt"}, {"family": "ft_transformer", "size": "huge"}, {"activation": "tanh"},
+                {"family": "ft_transformer", "ffn_mult": 0}):
+        with pytest.raises(ValueError, match=next(iter(bad)) if len(bad) == 1 else list(bad)[-1]):
+            ModelConfig(**bad)
+    with pytest.raises(ValueError, match="model.activation"):
+        build_model({"family": "mlp", "num_numeric": 2, "cardinalities": [], "num_classes": 2, "hidden_dims": [4],
+                     "activation": "tanh"})
+
+
+def _per_feature_state(model: TabularMLP, cards) -> dict[str, torch.Tensor]:
+    """The state dict the earlier layout (one nn.Embedding per feature in a ModuleList) had for `model`."""
+    state = {k: v.clone() for k, v in model.state_dict().items() if not k.startswith("embeddings.")}
+    start = 0
+    for j, c in enumerate(cards):
+        state[f"embeddings.{j}.weight"] = model.embeddings.weight[start:start + c].detach().clone()
+        start += c
+    return state
+
+
+def test_mlp_one_embedding_table_equals_per_feature_lookups_and_loads_old_weights(tmp_path):
+    torch.manual_seed(0)
+    model = build_model(MLP).eval()
+    emb = model.embeddings
+    assert isinstance(emb, CategoricalEmbeddings) and isinstance(emb, torch.nn.ModuleList)
+    assert list(emb.state_dict()) == ["weight"] and emb.weight.shape == (4 + 3 + 6, 4)
+    x_num, x_cat = _batch()
+    # the fused lookup is the per-feature lookups side by side (what the MLP pipeline stage computes)
+    per_feature = torch.cat([e(x_cat[:, j]) for j, e in enumerate(emb)], 1)
+    torch.testing.assert_close(emb(x_cat), per_feature, rtol=0, atol=0)
+    assert [e.embedding_dim for e in emb] == [4, 4, 4] and len(emb) == 3
+    # feature j's index i is row offset_j + i: the same index of different features reads different rows
+    torch.testing.assert_close(emb[1](torch.tensor([2])), emb.weight[4 + 2][None], rtol=0, atol=0)
+    # weights registered before the one-table layout load (strictly) and give the same logits
+    old = _per_feature_state(model, [4, 3, 6])
+    save_file(old, str(tmp_path / "old.safetensors"))
+    other = build_model(MLP).eval()
+    other.load_state_dict(load_file(str(tmp_path / "old.safetensors")), strict=True)
+    torch.testing.assert_close(other(x_num, x_cat), model(x_num, x_cat), rtol=0, atol=0)
+    # a half-old state dict is not silently patched up
+    del old["embeddings.2.weight"]
+    with pytest.raises(RuntimeError, match="embeddings"):
+        build_model(MLP).load_state_dict(old, strict=True)
+
+
+def test_mlp_without_categorical_features_and_copies():
+    import copy
+
+    spec = {**MLP, "cardinalities": []}
+    model = build_model(spec).eval()
+    assert model.embeddings.weight is None and len(model.embeddings) == 0
+    assert not any(k.startswith("embeddings") for k in model.state_dict())
+    x_num = torch.randn(3, 5)
+    assert model(x_num, torch.zeros(3, 0, dtype=torch.int64)).shape == (3, 3)
+    # a deep copy's feature views read the copy's table, not the original's
+    full = build_model(MLP)
+    twin = copy.deepcopy(full)
+    with torch.no_grad():
+        twin.embeddings.weight.add_(1.0)
+    assert twin.embeddings[0]._owner is twin.embeddings
+    assert not torch.equal(twin.embeddings[0](torch.tensor([0])), full.embeddings[0](torch.tensor([0])))
+
+
+@pytest.mark.parametrize("activation", sorted(ACTIVATIONS))
+def test_mlp_activation_is_in_the_spec_and_missing_means_exact_gelu(activation):
+    schema = _schema()
+    spec = model_spec(schema, ModelConfig(hidden_dims=[8, 8], activation=activation))
+    model = build_model(spec)
+    acts = [m for m in model.body if not isinstance(m, (torch.nn.Linear, torch.nn.Dropout))]
+    assert len(acts) == 2 and all(type(a) is type(ACTIVATIONS[activation]()) for a in acts)
+    if activation == "gelu_tanh":
+        assert acts[0].approximate == "tanh"
+    # a stored spec without the key (written before the field existed) builds the exact-GELU model it was
+    legacy = build_model({k: v for k, v in spec.items() if k != "activation"})
+    assert all(isinstance(m, torch.nn.GELU) and m.approximate == "none" for m in legacy.body
+               if not isinstance(m, torch.nn.Linear))

@@ -197,3 +197,57 @@ def test_resume_refuses_another_architecture(tmp_path):
     _check_resumable(storage, "teacher", dict(SPEC))
     with pytest.raises(ValueError, match="resume: run 'teacher'.*model spec"):
         _check_resumable(storage, "teacher", {**SPEC, "hidden_dims": [64]})
+
+
+def _ft_schema():
+    from raysys.data.schema import DatasetSchema
+
+    features = [{"name": f"n{i}", "kind": "numeric"} for i in range(5)]
+    features += [{"name": "a", "kind": "categorical", "categories": ["x", "y", "z"]},
+                 {"name": "b", "kind": "categorical", "categories": ["p", "q", "r", "s"]}]
+    return DatasetSchema.model_validate({"features": features, "label": "label", "classes": ["c0", "c1", "c2"]})
+
+
+@pytest.mark.parametrize("strategy,workers", [("ddp", 2), ("tensor", 2), ("pipeline", 2)])
+def test_teacher_family_comes_from_the_config(strategy, workers):
+    """`teacher.family` reaches the workers' spec: the driver checks and the loop config build the FT teacher."""
+    from types import SimpleNamespace
+
+    from raysys.config import ModelConfig, preset
+    from raysys.models.ft_transformer import FTTransformer
+    from raysys.train.trainer import check_train_config, loop_config
+
+    cfg = preset("tiny")
+    cfg.teacher = ModelConfig(family="ft_transformer", size="tiny", num_blocks=2)
+    cfg.train = cfg.train.model_copy(update={"strategy": strategy, "num_workers": workers})
+    schema = _ft_schema()
+    est = check_train_config(cfg, schema)
+    conf = loop_config(cfg, schema, SimpleNamespace(to_dict=dict), "teacher")
+    spec = conf["model_spec"]
+    assert spec["family"] == "ft_transformer" and spec["num_blocks"] == 2 and spec["d_model"] == 32
+    assert json.loads(json.dumps(conf["model_spec"])) == spec
+    model = build_model(spec)  # what train_loop_per_worker builds
+    assert isinstance(model, FTTransformer)
+    assert est.total_bytes > 0
+    # the default teacher is still the MLP, with the spec it always had apart from the activation key
+    cfg.teacher = ModelConfig(hidden_dims=[16, 8], embed_dim=3, activation="gelu")
+    mlp = loop_config(cfg, schema, SimpleNamespace(to_dict=dict), "teacher")["model_spec"]
+    assert mlp == {**SPEC, "cardinalities": [3, 4]}
+
+
+@pytest.mark.parametrize("spec", [SPEC, {"family": "ft_transformer", "num_numeric": 5, "cardinalities": [3, 4],
+                                         "num_classes": 3, "d_model": 8, "num_blocks": 1, "num_heads": 2,
+                                         "ffn_mult": 2.0, "dropout": 0.0}], ids=["mlp", "ft_transformer"])
+def test_padding_batches_have_the_model_input_shapes(monkeypatch, spec):
+    """A rank with no validation batch of its own pads with empty ones shaped for the model (either family)."""
+    import torch.distributed as dist
+
+    from raysys.train.loop import _pad_to_common_count
+
+    monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: t.fill_(2))  # the busiest rank has 2 batches
+    model = build_model(spec).eval()
+    padded = _pad_to_common_count([], model)
+    assert len(padded) == 2
+    x_num, x_cat, y = padded[0]
+    assert x_num.shape == (0, 5) and x_cat.shape == (0, 2) and x_cat.dtype == torch.int64 and y.shape == (0,)
+    assert model(x_num, x_cat).shape == (0, 3)

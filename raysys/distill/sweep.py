@@ -176,6 +176,10 @@ def trial_spec(base_spec: dict[str, Any], params: dict[str, Any]) -> dict[str, A
     """The student spec of a trial: `base_spec` with `student_width` x `student_depth` hidden layers when
     the trial samples the architecture."""
     if "student_width" in params or "student_depth" in params:
+        if "hidden_dims" not in base_spec:
+            raise ValueError(f"distill.student.family: the search samples MLP widths and depths (student_widths, "
+                             f"student_depths), which a {base_spec.get('family')!r} student does not have; use "
+                             f"family: mlp, or search: grid")
         width = int(params.get("student_width", base_spec["hidden_dims"][0]))
         depth = int(params.get("student_depth", len(base_spec["hidden_dims"])))
         return {**base_spec, "hidden_dims": [width] * depth}

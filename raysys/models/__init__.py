@@ -10,7 +10,7 @@ from torch import nn
 from raysys.config import ModelConfig
 from raysys.data.schema import DatasetSchema
 from raysys.models.ft_transformer import FT_PRESETS, FTTransformer
-from raysys.models.mlp import TabularMLP
+from raysys.models.mlp import ACTIVATIONS, LEGACY_ACTIVATION, TabularMLP
 
 FAMILIES = {"mlp": TabularMLP, "ft_transformer": FTTransformer}
 FT_ARCH_KEYS = ("d_model", "num_blocks", "num_heads", "ffn_mult")
@@ -20,7 +20,9 @@ def model_spec(schema: DatasetSchema, cfg: ModelConfig, family: str | None = Non
                **arch: Any) -> dict[str, Any]:
     """The constructor arguments of a model for this schema, as plain JSON.
 
-    `family` defaults to `cfg.family` when the config has one, else "mlp" (whose spec is unchanged).
+    `family` defaults to `cfg.family` ("mlp" when the config has none). An "mlp" spec carries `activation`
+    only when it is not the legacy exact GELU, so a config with `activation: gelu` gives the spec earlier
+    versions wrote, and a stored spec without the key still builds the model it was trained as.
     For "ft_transformer" the architecture is the named `size` in `FT_PRESETS` (default `cfg.size`, else
     "tiny"), overridden by any of d_model / num_blocks / num_heads / ffn_mult given here or set on `cfg`;
     `cfg.dropout` applies to both families.
@@ -31,7 +33,13 @@ def model_spec(schema: DatasetSchema, cfg: ModelConfig, family: str | None = Non
     if family == "mlp":
         if size is not None or arch:
             raise ValueError("model_spec: size/architecture overrides apply to family 'ft_transformer' only")
-        return {**base, "hidden_dims": list(cfg.hidden_dims), "embed_dim": cfg.embed_dim, "dropout": cfg.dropout}
+        out = {**base, "hidden_dims": list(cfg.hidden_dims), "embed_dim": cfg.embed_dim, "dropout": cfg.dropout}
+        activation = getattr(cfg, "activation", LEGACY_ACTIVATION)
+        if activation not in ACTIVATIONS:
+            raise ValueError(f"model.activation: unknown {activation!r}; choose one of {sorted(ACTIVATIONS)}")
+        if activation != LEGACY_ACTIVATION:
+            out["activation"] = activation
+        return out
     if family == "ft_transformer":
         size = size or getattr(cfg, "size", None) or "tiny"
         if size not in FT_PRESETS:

@@ -84,10 +84,15 @@ class Attention(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, t, _ = x.shape
-        # -1 heads: under tensor parallelism q/k/v return this rank's slice of the heads only
-        q, k, v = (proj(x).view(b, t, -1, self.head_dim).transpose(1, 2) for proj in (self.q, self.k, self.v))
+
+        def heads(z: torch.Tensor) -> torch.Tensor:
+            # heads from the width: under tensor parallelism q/k/v return this rank's slice of the heads only;
+            # explicit sizes (not -1) so an empty batch (FSDP's padding of a rank's validation) reshapes too
+            return z.view(b, t, z.shape[-1] // self.head_dim, self.head_dim).transpose(1, 2)
+
+        q, k, v = heads(self.q(x)), heads(self.k(x)), heads(self.v(x))
         y = F.scaled_dot_product_attention(q, k, v, dropout_p=self.dropout if self.training else 0.0)
-        return self.out(y.transpose(1, 2).reshape(b, t, -1))
+        return self.out(y.transpose(1, 2).reshape(b, t, q.shape[1] * self.head_dim))
 
 
 class MLP(nn.Module):

@@ -108,11 +108,11 @@ def _pad_to_common_count(batches: list, model: nn.Module) -> list:
         x_num, x_cat, y = batches[0]
         empty = (x_num[:0], x_cat[:0], y[:0])
     else:
-        # no local batch to copy shapes from: ask the model's own input sizes
-        m = unwrap(model)
-        n_num = int(getattr(m, "num_numeric", 0))
-        n_cat = len(getattr(m, "embeddings", []))
-        empty = (torch.zeros(0, n_num), torch.zeros(0, n_cat, dtype=torch.int64), torch.zeros(0, dtype=torch.int64))
+        # no local batch to copy shapes from: ask the model's own input sizes (either family's layout)
+        from raysys.parallel.pipeline import example_inputs
+
+        x_num, x_cat = example_inputs(unwrap(model))
+        empty = (x_num[:0], x_cat[:0], torch.zeros(0, dtype=torch.int64))
     return batches + [empty] * missing
 
 
