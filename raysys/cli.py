@@ -10,6 +10,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import shlex
 import signal
 import time
 from pathlib import Path
@@ -274,6 +275,16 @@ def serve_rollback(app_name: AppName = "raysys", address: Dashboard = None,
     from raysys.serving import rollback
 
     _rollout(rollback, app_name, alias=alias, address=address)
+
+
+@serve_app.command("env")
+def serve_env():
+    """Print the environment for `ray start` that turns on raysys's fast Serve ingress (HAProxy + direct
+    ingress): `eval "$(raysys serve env)" && ray start --head ...`. An embedded local Ray sets it itself."""
+    from raysys.serving import ingress_env
+
+    for key, value in _guard(ingress_env).items():
+        print(f"export {key}={shlex.quote(value)}")
 
 
 @serve_app.command("status")

