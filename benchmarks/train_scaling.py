@@ -8,7 +8,9 @@ each strategy, every one with `--workers` processes x 1 intra-op thread (OMP_NUM
 started with 2 x workers logical CPUs. Throughput is the training loop's own samples/s per epoch (global
 rows / slowest rank's loop time, data iteration and preprocessing included); the first epoch of every run
 is warm-up and dropped; the figure is the median over the remaining epochs of all repeats. Ratio = raysys
-strategy / torchrun DDP (1.0 = as fast as plain torch). Last line: one JSON object.
+strategy / torchrun DDP (1.0 = as fast as plain torch). `ddp_ray_niceness15` is raysys ddp with
+train.worker_niceness=None (Ray's worker niceness 15 kept), the before of the renice fix. Last line: one JSON
+object.
 """
 
 from __future__ import annotations
@@ -28,6 +30,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 STRATEGIES = ("ddp", "zero1", "zero3")
+# the same ddp run with train.worker_niceness=None: Ray's own worker niceness (15), what raysys did before
+# it reniced its training workers to 0 (a plain torchrun process runs at 0)
+NICE15 = "ddp_ray_niceness15"
 
 
 def main(argv=None) -> int:
@@ -36,6 +41,7 @@ def main(argv=None) -> int:
     ap.add_argument("--workers", type=int, default=2)
     ap.add_argument("--epochs", type=int, default=4)
     ap.add_argument("--repeats", type=int, default=2)
+    ap.add_argument("--no-niceness-ab", action="store_true", help=f"skip the {NICE15} variant")
     args = ap.parse_args(argv)
     os.environ["OMP_NUM_THREADS"] = "1"
     logging.basicConfig(level=logging.WARNING)
@@ -55,9 +61,13 @@ def main(argv=None) -> int:
     schema = ensure_dataset(cfg.data)
     pre = Preprocessor.fit_split(schema, cfg.data.root)
     spec = model_spec(schema, cfg.teacher)
-    ray.init(num_cpus=2 * args.workers, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    rates: dict[str, list[float]] = {"torchrun_ddp": [], **{s: [] for s in STRATEGIES}}
+    os.environ.pop("RAY_ADDRESS", None)
+    # a private local Ray (never one someone else started on this machine)
+    ray.init(address="local", num_cpus=2 * args.workers, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+    runs = STRATEGIES + (() if args.no_niceness_ab else (NICE15,))
+    rates: dict[str, list[float]] = {"torchrun_ddp": [], **{s: [] for s in runs}}
     t_start = time.time()
+    load_start = os.getloadavg()[0]
     for r in range(args.repeats):
         out = tmp / f"torchrun-{r}.json"
         cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.workers}",
@@ -69,9 +79,11 @@ def main(argv=None) -> int:
         got = json.loads(out.read_text())["samples_per_s"][1:]
         rates["torchrun_ddp"] += got
         print(f"repeat {r}: torchrun ddp {statistics.median(got):8.0f} samples/s", flush=True)
-        for s in STRATEGIES:
+        for s in runs:
             c = cfg.model_copy(deep=True)
-            c.train.strategy = s
+            c.train.strategy = "ddp" if s == NICE15 else s
+            if s == NICE15:
+                c.train.worker_niceness = None
             res = train_teacher(c, schema, pre, run_name=f"bench-{s}-{r}")
             got = [m["samples_per_s"] for m in res.metrics[1:]]
             rates[s] += got
@@ -81,10 +93,11 @@ def main(argv=None) -> int:
     med = {k: statistics.median(v) for k, v in rates.items()}
     summary = {
         "benchmark": "train_scaling",
-        "ratio_vs_torchrun": {s: round(med[s] / med["torchrun_ddp"], 3) for s in STRATEGIES},
+        "ratio_vs_torchrun": {s: round(med[s] / med["torchrun_ddp"], 3) for s in runs},
         "samples_per_s_median": {k: round(v, 1) for k, v in med.items()},
         "samples_per_s_all": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "setup": {"workers": args.workers, "threads_per_worker": 1, "cpus_per_worker": 1.0,
+                  "worker_niceness": cfg.train.worker_niceness, "load_avg_1m_at_start": load_start,
                   "ray_num_cpus": 2 * args.workers, "preset": args.preset, "train_rows": cfg.data.num_train_rows,
                   "global_batch": cfg.train.batch_size, "epochs_per_run": args.epochs, "warmup_epochs_dropped": 1,
                   "repeats": args.repeats, "model_spec": spec, "num_parameters": num_parameters(build_model(spec)),

@@ -1,6 +1,8 @@
 """Teacher training as a Ray job, with the same strategy flags as `raysys train`.
 
     ray job submit --working-dir . -- python jobs/train_teacher.py --preset demo --strategy zero3 --workers 4
+    ray job submit --working-dir . -- python jobs/train_teacher.py --teacher-family ft_transformer --teacher-size small \
+        --strategy pipeline --workers 4
 
 Runs data -> teacher (Ray Train, the chosen parallel strategy) -> test metrics -> registry (consolidated
 safetensors weights) on the cluster the job was submitted to, and prints one JSON line with the teacher's
@@ -18,7 +20,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from raysys.cli import train_overrides  # noqa: E402
+from raysys.cli import TEACHER_FAMILIES, TEACHER_SIZES, train_overrides  # noqa: E402
 from raysys.parallel import STRATEGIES  # noqa: E402
 from raysys.pipeline import job_config, job_parser  # noqa: E402
 
@@ -31,12 +33,16 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--tp", type=int, default=None, help="train.parallel.tp")
     p.add_argument("--pp", type=int, default=None, help="train.parallel.pp")
     p.add_argument("--max-worker-memory-gb", type=float, default=None, help="train.max_worker_memory_gb")
+    p.add_argument("--teacher-family", choices=TEACHER_FAMILIES, default=None, help="teacher.family")
+    p.add_argument("--teacher-size", choices=TEACHER_SIZES, default=None,
+                   help="teacher.size (ft_transformer; implies --teacher-family ft_transformer)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
-    overrides = train_overrides(args.strategy, args.workers, args.dp, args.tp, args.pp, args.max_worker_memory_gb)
+    overrides = train_overrides(args.strategy, args.workers, args.dp, args.tp, args.pp, args.max_worker_memory_gb,
+                                args.teacher_family, args.teacher_size)
     try:
         cfg = job_config(args, overrides)
     except ValueError as e:

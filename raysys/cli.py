@@ -110,10 +110,24 @@ def _start(address: str | None):
     return ctx
 
 
+TEACHER_FAMILIES = ("mlp", "ft_transformer")
+TEACHER_SIZES = ("tiny", "small", "base", "large")
+
+
 def train_overrides(strategy: str | None = None, workers: int | None = None, dp: int | None = None,
-                    tp: int | None = None, pp: int | None = None, max_worker_memory_gb: float | None = None
-                    ) -> dict | None:
-    """`train:` config overrides from the strategy flags shared by `raysys train` and jobs/train_teacher.py."""
+                    tp: int | None = None, pp: int | None = None, max_worker_memory_gb: float | None = None,
+                    teacher_family: str | None = None, teacher_size: str | None = None) -> dict | None:
+    """`train:` and `teacher:` config overrides from the flags shared by `raysys train` and
+    jobs/train_teacher.py. A `teacher_size` without a family means ft_transformer (the family with sizes)."""
+    out: dict = {}
+    teacher: dict = {}
+    if teacher_family:
+        teacher["family"] = teacher_family
+    if teacher_size:
+        teacher["size"] = teacher_size
+        teacher.setdefault("family", "ft_transformer")
+    if teacher:
+        out["teacher"] = teacher
     train: dict = {}
     if strategy:
         train["strategy"] = strategy
@@ -124,7 +138,9 @@ def train_overrides(strategy: str | None = None, workers: int | None = None, dp:
         train["parallel"] = parallel
     if max_worker_memory_gb:
         train["max_worker_memory_gb"] = max_worker_memory_gb
-    return {"train": train} if train else None
+    if train:
+        out["train"] = train
+    return out or None
 
 
 @app.command("train")
@@ -136,11 +152,19 @@ def train(preset: Preset = "demo", config: ConfigFile = None, root: Root = None,
           tp: Annotated[int | None, typer.Option("--tp", help="Tensor-parallel degree (train.parallel.tp).")] = None,
           pp: Annotated[int | None, typer.Option("--pp", help="Pipeline stages (train.parallel.pp).")] = None,
           max_worker_memory_gb: Annotated[float | None, typer.Option(
-              "--max-worker-memory-gb", help="Per-worker budget for params + grads + optimizer state.")] = None):
+              "--max-worker-memory-gb", help="Per-worker budget for params + grads + optimizer state.")] = None,
+          teacher_family: Annotated[str | None, typer.Option(
+              "--teacher-family", help="mlp or ft_transformer (teacher.family).")] = None,
+          teacher_size: Annotated[str | None, typer.Option(
+              "--teacher-size", help="tiny, small, base or large (teacher.size; implies ft_transformer).")] = None):
     """Train and register the teacher with Ray Train (e.g. `raysys train --strategy zero3 --workers 4`)."""
     from raysys.pipeline import absolute, stage_data, stage_teacher
 
-    overrides = train_overrides(strategy, workers, dp, tp, pp, max_worker_memory_gb)
+    for flag, value, allowed in (("--teacher-family", teacher_family, TEACHER_FAMILIES),
+                                 ("--teacher-size", teacher_size, TEACHER_SIZES)):
+        if value is not None and value not in allowed:
+            raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=flag)
+    overrides = train_overrides(strategy, workers, dp, tp, pp, max_worker_memory_gb, teacher_family, teacher_size)
     cfg = absolute(_config(preset, config, root, overrides))
     _setup_logging()
     _start(address)

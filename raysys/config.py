@@ -136,10 +136,21 @@ class TrainConfig(_Strict):
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one torch process each).")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves.")
     threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker.")
+    worker_niceness: int | None = Field(
+        0, ge=-20, le=19, description="Nice value the training workers set on all their threads. Ray starts worker "
+        "processes at nice 15 (RAY_worker_niceness), so on a busy machine they lose the CPU to everything else; 0 "
+        "runs them like a plain torchrun process (lowering needs CAP_SYS_NICE, else Ray's value stays, with a "
+        "warning). None leaves Ray's value.")
     num_epochs: int = Field(8, ge=1, description="Passes over the training split.")
     batch_size: int = Field(256, ge=1, description="Global batch size, split evenly across workers.")
-    lr: float = Field(2e-3, gt=0, description="AdamW learning rate.")
-    weight_decay: float = Field(1e-4, ge=0, description="AdamW weight decay.")
+    lr: float = Field(2e-3, gt=0, description="AdamW learning rate (the peak of the schedule).")
+    lr_schedule: Literal["constant", "cosine"] = Field(
+        "cosine", description="Learning rate per optimizer step: 'cosine' (linear warm-up, then a half cosine to 0 at "
+        "the last step, ceil(train rows / batch_size) x num_epochs steps) or 'constant' (lr throughout). Set from "
+        "the global step, so a resumed run continues on the same curve.")
+    warmup_fraction: float = Field(0.05, ge=0, lt=1, description="cosine: fraction of all steps spent warming up.")
+    weight_decay: float = Field(1e-4, ge=0, description="AdamW (decoupled) weight decay, applied to >= 2-D "
+                                "non-embedding weights only (not biases, norms, embeddings, feature tokenizer).")
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts Ray Train allows (-1: unlimited).")
     timeout_s: int = Field(120, ge=10, description="Process-group timeout so a dead rank fails fast.")
     seed: int = Field(0, description="Seed of model init and shuffling.")
@@ -266,6 +277,21 @@ class DistillConfig(_Strict):
         return v
 
 
+class ServeAutoscaling(_Strict):
+    """Serve autoscaling of the endpoint deployment (Serve's `autoscaling_config`)."""
+
+    min_replicas: int = Field(1, ge=0, description="Fewest replicas (0: scale to zero when idle).")
+    max_replicas: int = Field(4, ge=1, description="Most replicas.")
+    target_ongoing_requests: float = Field(
+        64.0, gt=0, description="Requests in flight per replica the autoscaler aims for (about one full batch).")
+
+    @model_validator(mode="after")
+    def _order(self) -> ServeAutoscaling:
+        if self.max_replicas < self.min_replicas:
+            raise ValueError(f"max_replicas: {self.max_replicas} is below min_replicas {self.min_replicas}")
+        return self
+
+
 class ServeConfig(_Strict):
     """The Ray Serve HTTP endpoint."""
 
@@ -273,7 +299,12 @@ class ServeConfig(_Strict):
     port: int = Field(8000, ge=1, le=65535, description="Port of the Serve HTTP proxy.")
     app_name: str = Field("raysys", description="Serve application name.")
     route_prefix: str = Field("/", description="Route prefix of the application.")
-    num_replicas: int = Field(1, ge=1, description="Replicas of the endpoint deployment.")
+    num_replicas: int = Field(
+        2, ge=1, description="Replicas of the endpoint deployment (two: a replica that dies costs no request, the "
+                             "ingress retries it on the other; and two processes use two cores).")
+    autoscaling: ServeAutoscaling | None = Field(
+        None, description="Scale replicas with load between min_replicas and max_replicas instead of a fixed "
+                          "num_replicas.")
     max_batch_size: int = Field(64, ge=1, description="@serve.batch max_batch_size.")
     batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch batch_wait_timeout_s.")
     max_instances_per_request: int = Field(1024, ge=1, description="Rows per request before a 413.")

@@ -116,7 +116,7 @@ class RolloutError(ValueError):
 def app_config(cfg: Any, *, model_ref: str | int = "production", monitor: bool = True) -> dict[str, Any]:
     """The Serve application config (a `serve deploy` YAML's `applications:` entry) for a PipelineConfig: the
     same application `serve/config.yaml` describes, with the registry path made absolute."""
-    from serve.app import resolve_registry_uri
+    from serve.app import replica_options, resolve_registry_uri
 
     return {
         "name": cfg.serve.app_name,
@@ -125,7 +125,7 @@ def app_config(cfg: Any, *, model_ref: str | int = "production", monitor: bool =
         "args": {"registry_uri": resolve_registry_uri(cfg.registry_uri), "model_name": cfg.model_name,
                  "model_ref": model_ref, "serve_cfg": cfg.serve.model_dump(), "monitor_cfg": cfg.monitor.model_dump(),
                  "monitor": monitor},
-        "deployments": [{"name": DEPLOYMENT_NAME, "num_replicas": cfg.serve.num_replicas,
+        "deployments": [{"name": DEPLOYMENT_NAME, **replica_options(cfg.serve),
                          "user_config": {"model_ref": model_ref, "candidate_ref": None, "canary_percent": 0}}],
     }
 

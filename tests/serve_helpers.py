@@ -77,7 +77,8 @@ class Load:
 
     def __init__(self, url: str, rows: list[dict], workers: int = 4, headers: dict | None = None):
         self.url, self.rows, self.headers = url, rows, headers or {}
-        self.results: list[tuple[float, int | None, int | None]] = []  # (time, status, version)
+        # (time, status | None (no response) | "cut" (response started, body cut), version)
+        self.results: list[tuple[float, int | str | None, int | None]] = []
         self.errors: list[str] = []
         self._stop = threading.Event()
         self._lock = threading.Lock()
@@ -95,6 +96,11 @@ class Load:
                     rec = (time.monotonic(), r.status_code, version)
                     if r.status_code != 200:
                         self.errors.append(f"{r.status_code}: {r.text[:200]}")
+                except requests.exceptions.ChunkedEncodingError as e:
+                    # the status line and headers came, the body was cut: the replica died mid-response,
+                    # after the point where any proxy could still retry the request
+                    rec = (time.monotonic(), "cut", None)
+                    self.errors.append(f"{type(e).__name__}: {e}")
                 except requests.RequestException as e:
                     rec = (time.monotonic(), None, None)
                     self.errors.append(f"{type(e).__name__}: {e}")

@@ -24,11 +24,12 @@ from dist_helpers import toy_batches
 from safetensors.torch import load_file, save_file
 
 from raysys.models import build_model
-from raysys.parallel import ParallelDims, StrategyConfig, build_optimizer, parallelize
+from raysys.parallel import ParallelDims, StrategyConfig, build_optimizer, parallelize, unwrap
 from raysys.parallel.memory import gather_rank_memory, rank_memory
 from raysys.train.checkpoint import MODEL_FILE, read_meta
 from raysys.train.dcp import checkpoint_layout, consolidate_model_state, restore_checkpoint, save_checkpoint
 from raysys.train.loop import gather_batch, train_step
+from raysys.train.schedule import decay_parameters, decoupled_weight_decay
 
 pytestmark = pytest.mark.dist
 
@@ -38,7 +39,9 @@ STEPS, EXTRA, BATCH = 6, 3, 64
 # zero1 = even slices of the flat parameters; zero1_whole = torch's ZeroRedundancyOptimizer
 STRATEGIES = ("ddp", "zero1", "zero1_whole", "zero2", "zero3")
 TOL = dict(rtol=1e-4, atol=1e-5)
-LR, WD = 1e-2, 1e-3
+# weight decay large enough that a decay missed (or applied to the wrong tensors) shows beyond TOL: the loop's
+# decoupled decay (a step pre-hook on >= 2-D non-embedding weights) against AdamW's own two param groups
+LR, WD = 1e-2, 0.1
 
 
 def _data(steps: int = STEPS + EXTRA):
@@ -74,7 +77,9 @@ def _setup(strategy: str, world: int, mesh, seed: int = 0):
         mesh = dims.build_mesh("cpu")
     model = parallelize(model, dims, cfg, mesh=mesh)
     tp_group = mesh["tp"].get_group() if dims.tp_enabled else None
-    return model, build_optimizer(model, cfg, mesh=mesh), tp_group
+    opt = build_optimizer(model, cfg, mesh=mesh)
+    decoupled_weight_decay(unwrap(model), opt, WD)  # as raysys.train.loop does, for every strategy
+    return model, opt, tp_group
 
 
 def _train(model, opt, steps, rank: int, world: int, tp_group=None) -> list[float]:
@@ -147,7 +152,10 @@ def _spawn(world: int, out_dir: Path, mode: str, limit_s: float = 60.0) -> None:
 def _reference(steps: int):
     torch.manual_seed(0)
     ref = build_model(SPEC)
-    opt = torch.optim.AdamW(ref.parameters(), lr=LR, weight_decay=WD)
+    decay = {id(p) for p in decay_parameters(ref)}
+    opt = torch.optim.AdamW([{"params": [p for p in ref.parameters() if id(p) in decay], "weight_decay": WD},
+                             {"params": [p for p in ref.parameters() if id(p) not in decay], "weight_decay": 0.0}],
+                            lr=LR)
     x_num, x_cat, y = _data()
     losses = [train_step(ref, opt, x_num[s], x_cat[s], y[s]) for s in range(steps)]
     return ref, opt, losses

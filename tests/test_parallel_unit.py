@@ -205,3 +205,46 @@ def test_shard_cache_streams_once_then_shuffles_in_memory():
     list(small.batches(32)), list(small.batches(32))
     assert not small.cached and small.shard.passes == 2
     assert not ShardCache(_FakeShard(10), max_bytes=0).cached
+
+
+def test_ddp_broadcasts_buffers_only_when_training_can_change_them():
+    """DDP's per-forward buffer broadcast is one extra collective per step: skipped for the teachers, whose
+    only buffers are constant integer index offsets, kept for anything with float buffers (BatchNorm)."""
+    from torch import nn
+
+    from raysys.models import build_model
+    from raysys.parallel.ddp import needs_buffer_broadcast
+
+    mlp = build_model({"family": "mlp", "num_numeric": 3, "cardinalities": [3, 4], "num_classes": 3,
+                       "hidden_dims": [8], "embed_dim": 2, "dropout": 0.0})
+    ft = build_model({"family": "ft_transformer", "num_numeric": 3, "cardinalities": [3, 4], "num_classes": 3,
+                      "d_model": 8, "num_blocks": 1, "num_heads": 2, "ffn_mult": 2.0, "dropout": 0.0})
+    for model in (mlp, ft):
+        assert list(model.buffers()) and not needs_buffer_broadcast(model)
+    assert needs_buffer_broadcast(nn.Sequential(nn.Linear(3, 3), nn.BatchNorm1d(3)))
+    assert not needs_buffer_broadcast(nn.Linear(3, 3))
+
+
+def test_pipeline_estimate_uses_the_heaviest_stage_not_an_even_split():
+    """Stages split at whole blocks: the budget check counts the heaviest stage (what fits.py measures)."""
+    import torch
+
+    from raysys.models import build_model
+    from raysys.parallel.pipeline import stage_sizes
+    from raysys.train.trainer import teacher_size
+
+    spec = {"family": "ft_transformer", "num_numeric": 3, "cardinalities": [3, 4], "num_classes": 3, "d_model": 16,
+            "num_blocks": 3, "num_heads": 2, "ffn_mult": 2.0, "dropout": 0.0}
+    with torch.device("meta"):
+        sizes = stage_sizes(build_model(spec), 2)
+    total = sum(p.numel() for p in build_model(spec).parameters())
+    assert sum(sizes) == total and max(sizes) > -(-total // 2)  # 3 blocks over 2 stages cannot be even
+    n, _, stage = teacher_size(spec, pp=2)
+    assert (n, stage) == (total, max(sizes)) and teacher_size(spec)[2] == 0
+    dims = ParallelDims(dp=1, pp=2, world_size=2)
+    ideal = estimate_rank_bytes(total, "pipeline", dims)
+    real = estimate_rank_bytes(total, "pipeline", dims, largest_stage_params=stage)
+    assert ideal.total_bytes == 16 * -(-total // 2) and real.total_bytes == 16 * max(sizes)
+    with pytest.raises(ValueError, match="max_worker_memory_gb"):  # fits the even split, not the real one
+        check_memory_budget(total, "pipeline", dims, (ideal.total_bytes + real.total_bytes) / 2 / 2**30,
+                            largest_stage_params=stage)

@@ -31,6 +31,7 @@ from serve.app import (
     max_body_bytes,
     parse_app_args,
     parse_user_config,
+    replica_options,
     resolve_registry_uri,
     route_version,
     score_batch,
@@ -375,6 +376,11 @@ def test_deployment_options_come_from_serve_config():
     opts = deployment_options(ServeConfig(max_ongoing_requests=3, max_queued_requests=-1, access_log=True))
     assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (3, -1)
     assert opts["logging_config"]["enable_access_log"] is True
+    assert replica_options(ServeConfig()) == {"num_replicas": 2}
+    auto = replica_options(ServeConfig(autoscaling={"min_replicas": 1, "max_replicas": 3}))
+    assert auto == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 64.0}}
+    with pytest.raises(ValueError, match="max_replicas"):
+        ServeConfig(autoscaling={"min_replicas": 3, "max_replicas": 2})
 
 
 def test_ingress_env_modes(monkeypatch):

@@ -161,3 +161,62 @@ def test_pipeline_trains_and_resumes_as_ddp(ray_cluster, tiny_cfg):
     again = train_teacher(cfg, schema, pre, run_name=first.run_name, resume=True)
     assert [m["strategy"] for m in again.metrics] == ["pipeline", "ddp"]
     assert again.metrics[1]["train_loss"] < again.metrics[0]["train_loss"] - 0.05
+
+
+def _ft_tiny(cfg):
+    from raysys.config import ModelConfig
+
+    cfg.teacher = ModelConfig(family="ft_transformer", size="tiny", num_blocks=2)
+    cfg.train.num_workers = 4
+    cfg.train.cpus_per_worker = 0.5
+    cfg.train.num_epochs = 2
+    return cfg
+
+
+def _learns(res, cfg, pre) -> None:
+    """Ran to completion, the loss fell, and the teacher beats the majority class on validation."""
+    assert [m["epoch"] for m in res.metrics] == [0, 1]
+    assert all(np.isfinite(m["train_loss"]) and np.isfinite(m["val_loss"]) for m in res.metrics)
+    assert res.metrics[1]["train_loss"] < res.metrics[0]["train_loss"] - 0.02
+    y = pre.transform_table(read_split(cfg.data.root, "validation"))[2]
+    assert res.metrics[-1]["val_accuracy"] > np.bincount(y).max() / len(y) + 0.05
+
+
+@pytest.mark.timeout(240)
+def test_pipeline_x_ddp_on_4_workers(ray_cluster, tiny_cfg):
+    """2 pipeline stages x 2 DDP replicas: each stage's two replicas hold equal, different-from-the-other-stage
+    parameter bytes; the consolidated weights load into the single-device teacher."""
+    from raysys.config import ParallelConfig
+
+    cfg = _ft_tiny(tiny_cfg)
+    cfg.train.strategy = "pipeline"
+    cfg.train.parallel = ParallelConfig(dp=2, pp=2)
+    schema, pre = _data(cfg)
+    res = train_teacher(cfg, schema, pre, run_name="teacher-pp-x-dp")
+    _learns(res, cfg, pre)
+    m = res.metrics[-1]
+    assert m["strategy"] == "pipeline" and m["world_size"] == 4
+    per_rank = m["mem_per_rank_params_bytes"]
+    assert len(per_rank) == 4 and len(set(per_rank)) == 2 and sorted(per_rank)[0] == sorted(per_rank)[1]
+    full = sum(t.numel() * t.element_size() for t in res.load_model().state_dict().values())
+    assert sum(set(per_rank)) == full  # the two stages together are the whole model, each held twice
+    assert read_meta(res.checkpoint_dir)["extra"]["parallel"] == {"dp": 2, "tp": 1, "pp": 2}
+
+
+@pytest.mark.timeout(240)
+def test_tensor_x_zero3_on_4_workers(ray_cluster, tiny_cfg):
+    """2-way tensor parallel x 2-way FSDP2 (zero3): every rank holds about a quarter of the sharded layers."""
+    from raysys.config import ParallelConfig
+
+    cfg = _ft_tiny(tiny_cfg)
+    cfg.train.strategy = "tensor"
+    cfg.train.parallel = ParallelConfig(dp=2, tp=2)
+    schema, pre = _data(cfg)
+    res = train_teacher(cfg, schema, pre, run_name="teacher-tp-x-zero3")
+    _learns(res, cfg, pre)
+    m = res.metrics[-1]
+    assert m["strategy"] == "tensor" and m["world_size"] == 4
+    full = sum(t.numel() * t.element_size() for t in res.load_model().state_dict().values())
+    assert max(m["mem_per_rank_params_bytes"]) < 0.5 * full  # sharded over tp and dp, not replicated
+    assert max(m["mem_per_rank_optimizer_bytes"]) < full  # AdamW's 2 x full, split four ways
+    assert read_meta(res.checkpoint_dir)["extra"]["parallel"] == {"dp": 2, "tp": 2, "pp": 1}

@@ -1,9 +1,11 @@
 """Live accuracy: delayed labels joined to logged predictions by request_id, and a confidence-based
 estimate (in the manner of NannyML's CBPE) of accuracy before any label arrives.
 
-The estimate is the mean of the calibrated top-class probability over the window: for a calibrated
-model, P(prediction correct | x) = max_k p_k(x). The profile's temperature (fitted on held-out labels at
-registration) calibrates the student's probabilities. It tracks covariate and label shift the model is
+The estimate is the mean over the window of the estimated chance that each prediction is right: for a
+calibrated model, P(prediction correct | x) = max_k p_k(x). At registration the profile fits, on held-out
+labels, a temperature (the whole distribution) and then an isotonic map from the top-class confidence to
+correctness (`PredictionRef.correct_probability`): temperature scaling alone can leave the top-class
+confidence several points off the accuracy (a moderately trained MLP: 4 points under). It tracks covariate and label shift the model is
 uncertain about; it cannot see concept drift (P(y | x) changing), which only realised labels reveal.
 """
 
@@ -49,6 +51,7 @@ class AccuracyTracker:
         self.recent: deque[tuple[str | None, bool]] = deque(maxlen=self.window)
         self.labels = 0
         self.unmatched = 0
+        self.invalid = 0  # feedback items rejected (unknown class, wrong number of labels)
 
     def add(self, version: str | None, correct: list[bool]) -> None:
         for c in correct:
@@ -63,12 +66,14 @@ class AccuracyTracker:
             agg[0] += c
             agg[1] += 1
         return {"realised": sum(c for _, c in self.recent) / n if n else None, "labelled_in_window": n,
-                "labels_total": self.labels, "unmatched_labels": self.unmatched,
+                "labels_total": self.labels, "unmatched_labels": self.unmatched, "invalid_labels": self.invalid,
                 "realised_by_version": {k: a[0] / a[1] for k, a in by_version.items()}}
 
     def state(self) -> dict[str, Any]:
-        return {"recent": [[v, c] for v, c in self.recent], "labels": self.labels, "unmatched": self.unmatched}
+        return {"recent": [[v, c] for v, c in self.recent], "labels": self.labels, "unmatched": self.unmatched,
+                "invalid": self.invalid}
 
     def load_state(self, st: dict[str, Any]) -> None:
         self.recent.extend((v, bool(c)) for v, c in st.get("recent", []))
         self.labels, self.unmatched = int(st.get("labels", 0)), int(st.get("unmatched", 0))
+        self.invalid = int(st.get("invalid", 0))

@@ -367,10 +367,19 @@ class Monitor:
         return {"request_id": request_id, "matched": True, "correct": correct}
 
     def record_feedback_batch(self, items: list[tuple[str, Any]]) -> dict[str, int]:
-        matched = 0
+        """Labels from `/v1/feedback` (sent fire-and-forget, so nobody sees an exception): an invalid item
+        (unknown class, wrong number of labels) is counted (`accuracy.invalid_labels`) and logged, and the
+        rest of the batch still joins."""
+        matched = invalid = 0
         for rid, label in items:
-            matched += bool(self.record_feedback(rid, label)["matched"])
-        return {"received": len(items), "matched": matched}
+            try:
+                matched += bool(self.record_feedback(rid, label)["matched"])
+            except ValueError as e:
+                invalid += 1
+                self.accuracy.invalid += 1
+                if invalid == 1:
+                    log.warning("raysys monitor: invalid feedback for request %s: %s", rid, e)
+        return {"received": len(items), "matched": matched, "invalid": invalid}
 
     # ----- alerts -----
     def _alert(self, kind: str, message: str, *, features: list[str] | None = None,
@@ -442,11 +451,15 @@ class Monitor:
         ok = ~np.isnan(proba[:, 0]) if rows else np.zeros(0, dtype=bool)
         est = None
         if ok.any() and pr is not None:
-            est = float(pr.calibrated(proba[ok]).max(1).mean())
+            est = pr.estimate_accuracy(proba[ok])
         out["estimated"] = est
         out["estimated_rows"] = int(ok.sum())
-        out["method_estimated"] = "mean calibrated max probability (CBPE-style), temperature " + (
-            f"{pr.temperature:.3f}" if pr is not None else "n/a")
+        if pr is None:
+            out["method_estimated"] = "n/a (the reference profile has no held-out predictions)"
+        else:
+            out["method_estimated"] = (f"mean P(top class right) (CBPE-style): temperature {pr.temperature:.3f}"
+                                       + (", then the held-out isotonic confidence map"
+                                          if pr.confidence_map is not None else ""))
         return out
 
     def _update_gauges(self, window: dict[str, Any], acc: dict[str, Any]) -> None:
@@ -509,6 +522,7 @@ class Monitor:
         detector["recent_alarms"] = [e["detail"] for e in self.alert_events if e["kind"] == "online"][-5:]
         return {
             "model_version": self.model_version,
+            "profile_hash": self.profile_hash,
             "rows_seen": self.rows_seen,
             "requests_seen": self.requests_seen,
             "errors_seen": self.errors_seen,

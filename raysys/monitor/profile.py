@@ -10,8 +10,8 @@ Built once, at registration, from the training split's *raw* (unstandardised) fe
 - predictions: the class priors of the model's predicted classes and, from held-out data, per class the
   distribution (the same fine grid) of the predicted probability, their mean (the prior the online
   detector's label-shift CUSUMs compare against) and a whitening matrix (`prediction_scores`), a
-  calibration temperature and the held-out accuracy (confidence-based
-  accuracy estimate);
+  calibration temperature, an isotonic map from the top-class confidence to the chance the prediction is
+  right, and the held-out accuracy (the confidence-based accuracy estimate);
 - the online detector's thresholds (`detector`), calibrated by bootstrap from the reference to an
   expected run time between false alarms (`calibrate`).
 
@@ -131,6 +131,9 @@ class PredictionRef:
     temperature: float = 1.0  # calibration: p_cal = softmax(log p / T)
     accuracy: float | None = None  # held-out accuracy (when labels were given)
     num_rows: int = 0
+    # [2, m]: knots (temperature-calibrated top-class confidence, P(prediction right)) of an isotonic fit on
+    # held-out labels; None: the calibrated confidence is taken at face value
+    confidence_map: np.ndarray | None = None
 
     def calibrated(self, proba: np.ndarray) -> np.ndarray:
         if self.temperature == 1.0:
@@ -140,17 +143,34 @@ class PredictionRef:
         p = np.exp(logp)
         return p / p.sum(1, keepdims=True)
 
+    def correct_probability(self, proba: np.ndarray) -> np.ndarray:
+        """Per row, the estimated probability that the predicted (top) class is right: the calibrated
+        top-class confidence, through the held-out isotonic map when there is one. Temperature scaling
+        fits the whole distribution (NLL) and can leave the top-class confidence several points off the
+        accuracy; the map fixes exactly the quantity the accuracy estimate needs."""
+        conf = self.calibrated(np.asarray(proba, dtype=np.float64)).max(1)
+        if self.confidence_map is None:
+            return conf
+        return np.interp(conf, self.confidence_map[0], self.confidence_map[1])
+
+    def estimate_accuracy(self, proba: np.ndarray) -> float:
+        """CBPE-style estimate of accuracy on rows with predicted probabilities `proba` (no labels)."""
+        return float(self.correct_probability(proba).mean())
+
     def to_dict(self) -> dict[str, Any]:
         return {"per_class": [f.to_dict() for f in self.per_class], "mean": self.mean.tolist(),
                 "whiten": self.whiten.tolist(), "temperature": self.temperature, "accuracy": self.accuracy,
-                "num_rows": self.num_rows}
+                "num_rows": self.num_rows,
+                "confidence_map": None if self.confidence_map is None else self.confidence_map.tolist()}
 
     @classmethod
     def from_dict(cls, d: dict[str, Any]) -> PredictionRef:
         k = len(d["mean"])
         whiten = np.asarray(d["whiten"], dtype=np.float64).reshape(k, -1)
+        cmap = d.get("confidence_map")
         return cls([NumericRef.from_dict(f) for f in d["per_class"]], np.asarray(d["mean"], dtype=np.float64),
-                   whiten, float(d.get("temperature", 1.0)), d.get("accuracy"), int(d.get("num_rows", 0)))
+                   whiten, float(d.get("temperature", 1.0)), d.get("accuracy"), int(d.get("num_rows", 0)),
+                   None if cmap is None else np.asarray(cmap, dtype=np.float64).reshape(2, -1))
 
 
 def fit_temperature(proba: np.ndarray, labels: np.ndarray) -> float:
@@ -168,6 +188,31 @@ def fit_temperature(proba: np.ndarray, labels: np.ndarray) -> float:
 
     res = minimize_scalar(nll, bounds=(-3.0, 3.0), method="bounded", options={"xatol": 1e-3})
     return float(np.exp(res.x))
+
+
+def fit_confidence_map(conf: np.ndarray, correct: np.ndarray, max_knots: int = 100) -> np.ndarray:
+    """Isotonic regression (pool adjacent violators) of `correct` (0/1) on `conf`, the top-class
+    confidence, as at most `max_knots` knots [2, m] for `np.interp` (x increasing, y non-decreasing).
+    The rows are first pooled into `max_knots` equal-count bins, so the size never grows with the data."""
+    order = np.argsort(conf, kind="stable")
+    x, y = np.asarray(conf, dtype=np.float64)[order], np.asarray(correct, dtype=np.float64)[order]
+    groups = np.array_split(np.arange(len(x)), min(max_knots, len(x)))
+    xs = [float(x[g].mean()) for g in groups]
+    ys = [float(y[g].mean()) for g in groups]
+    ws = [float(len(g)) for g in groups]
+    # pool adjacent violators on the weighted bin means
+    bx, by, bw = [], [], []
+    for xi, yi, wi in zip(xs, ys, ws):
+        bx.append(xi * wi)
+        by.append(yi * wi)
+        bw.append(wi)
+        while len(by) > 1 and by[-2] / bw[-2] > by[-1] / bw[-1]:
+            xw, yw, w = bx.pop(), by.pop(), bw.pop()
+            bx[-1] += xw
+            by[-1] += yw
+            bw[-1] += w
+    w = np.asarray(bw)
+    return np.stack([np.asarray(bx) / w, np.asarray(by) / w])
 
 
 @dataclass
@@ -259,6 +304,11 @@ class ReferenceProfile:
             temperature = fit_temperature(proba, labels)
             accuracy = float((proba.argmax(1) == labels).mean())
         self.prediction = PredictionRef(per_class, mean, whiten, temperature, accuracy, len(proba))
+        if labels is not None:
+            # top-class confidence -> P(right), for the accuracy estimate (NannyML's CBPE calibrates the
+            # same way: isotonic regression on held-out labels)
+            conf = self.prediction.calibrated(proba).max(1)
+            self.prediction.confidence_map = fit_confidence_map(conf, proba.argmax(1) == labels)
 
     def calibrate(self, x_num: np.ndarray, x_cat: np.ndarray, proba: np.ndarray | None = None, *,
                   ert: float = 10_000, num_rows: int = 1_000_000, seed: int = 0, **detector_kw) -> dict[str, Any]:

@@ -122,11 +122,17 @@ def _ceil_div(a: int, b: int) -> int:
     return -(-a // b)
 
 
-def estimate_rank_bytes(num_params: int, strategy: str, dims: ParallelDims, *, largest_unit_params: int = 0
-                        ) -> MemoryEstimate:
-    """Per-rank bytes of params + grads + AdamW state (the table in the module docstring)."""
+def estimate_rank_bytes(num_params: int, strategy: str, dims: ParallelDims, *, largest_unit_params: int = 0,
+                        largest_stage_params: int = 0) -> MemoryEstimate:
+    """Per-rank bytes of params + grads + AdamW state (the table in the module docstring).
+
+    With pp > 1, `largest_stage_params` (the heaviest stage of `raysys.parallel.pipeline.stage_sizes`)
+    replaces the ideal P / pp: stages split at whole blocks, so the heaviest rank can hold more than 1/pp.
+    """
     flavour = StrategyConfig(strategy).data_parallel
     p = _ceil_div(num_params, dims.tp * dims.pp)  # model parallelism splits the model first
+    if dims.pp > 1 and largest_stage_params:
+        p = max(p, _ceil_div(largest_stage_params, dims.tp))
     u = _ceil_div(largest_unit_params, dims.tp * dims.pp)
     n = dims.dp
     params, grads, opt = PARAM_BYTES * p, GRAD_BYTES * p, ADAM_BYTES * p
@@ -141,8 +147,8 @@ def estimate_rank_bytes(num_params: int, strategy: str, dims: ParallelDims, *, l
     return MemoryEstimate(strategy, dims.world_size, params, grads, opt)
 
 
-def suggest_fit(num_params: int, budget_gb: float, dims: ParallelDims, *, largest_unit_params: int = 0
-                ) -> MemoryEstimate | None:
+def suggest_fit(num_params: int, budget_gb: float, dims: ParallelDims, *, largest_unit_params: int = 0,
+                largest_stage_params: int = 0) -> MemoryEstimate | None:
     """The cheapest data-parallel strategy and worker count under the budget, keeping tp and pp: fewest
     workers first, then the least sharding (less communication): ddp, zero1, zero2, zero3."""
     mp = dims.tp * dims.pp
@@ -152,19 +158,22 @@ def suggest_fit(num_params: int, budget_gb: float, dims: ParallelDims, *, larges
             continue
         d = ParallelDims(dp=w // mp, tp=dims.tp, pp=dims.pp, world_size=w)
         for s in DATA_PARALLEL:
-            est = estimate_rank_bytes(num_params, s, d, largest_unit_params=largest_unit_params)
+            est = estimate_rank_bytes(num_params, s, d, largest_unit_params=largest_unit_params,
+                                      largest_stage_params=largest_stage_params)
             if est.total_gb <= budget_gb:
                 return est
     return None
 
 
 def check_memory_budget(num_params: int, strategy: str, dims: ParallelDims, budget_gb: float | None, *,
-                        largest_unit_params: int = 0) -> MemoryEstimate:
+                        largest_unit_params: int = 0, largest_stage_params: int = 0) -> MemoryEstimate:
     """Raise ValueError when the per-rank estimate exceeds `budget_gb` (None: no budget); return the estimate."""
-    est = estimate_rank_bytes(num_params, strategy, dims, largest_unit_params=largest_unit_params)
+    est = estimate_rank_bytes(num_params, strategy, dims, largest_unit_params=largest_unit_params,
+                              largest_stage_params=largest_stage_params)
     if budget_gb is None or est.total_gb <= budget_gb:
         return est
-    fit = suggest_fit(num_params, budget_gb, dims, largest_unit_params=largest_unit_params)
+    fit = suggest_fit(num_params, budget_gb, dims, largest_unit_params=largest_unit_params,
+                      largest_stage_params=largest_stage_params)
     need = (f"train.max_worker_memory_gb: strategy {strategy!r} on {dims.world_size} workers needs ~{est.total_gb:.3g} GB "
             f"per worker for {num_params:,} parameters (params {est.params_bytes / GB:.3g} + grads "
             f"{est.grads_bytes / GB:.3g} + AdamW state {est.optimizer_bytes / GB:.3g} GB), over the budget of "

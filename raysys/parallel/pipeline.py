@@ -109,6 +109,13 @@ def balance_stages(sizes: list[int], num_stages: int) -> list[tuple[int, int]]:
     return bounds[::-1]
 
 
+def stage_sizes(model: nn.Module, num_stages: int) -> list[int]:
+    """Parameters of each of `num_stages` pipeline stages, split as `build_pipeline` splits them (works on
+    a meta-device model: nothing is allocated)."""
+    sizes = [u.num_params for u in pipeline_units(model)]
+    return [sum(sizes[i:j]) for i, j in balance_stages(sizes, num_stages)]
+
+
 class PipelineStageModule(nn.Module):
     """One stage of a model: its units' modules under the model's own names (state_dict keys included).
 
@@ -395,4 +402,4 @@ def apply_pipeline_parallel(model: nn.Module, mesh: DeviceMesh, cfg=None, *,
 
 
 __all__ = ["SCHEDULES", "PipelineRunner", "apply_pipeline_parallel", "PipelineStageModule", "Unit", "balance_stages", "build_pipeline",
-           "example_inputs", "pipeline_units", "split_model"]
+           "example_inputs", "pipeline_units", "split_model", "stage_sizes"]

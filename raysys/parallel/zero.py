@@ -17,6 +17,7 @@ with a DDP one (and `ZeroRedundancyOptimizer.load_state_dict` takes that full la
 from __future__ import annotations
 
 import logging
+from collections import OrderedDict
 from typing import Any
 
 import torch
@@ -102,6 +103,16 @@ class EvenShardedAdamW:
         self._flat = torch.zeros(self.shard_size * self.world, dtype=dtype)
         self._slots = list(self._flat.split(self.shard_size))
         self._mine = list(self._overlaps())
+        self._pre_hooks: OrderedDict[int, Any] = OrderedDict()  # RemovableHandle needs a weak-referenceable dict
+
+    def register_step_pre_hook(self, hook):
+        """`torch.optim.Optimizer.register_step_pre_hook`: `hook(self, args, kwargs)` before every step,
+        while the full parameters still hold the pre-step values (e.g. decoupled weight decay)."""
+        from torch.utils.hooks import RemovableHandle
+
+        handle = RemovableHandle(self._pre_hooks)
+        self._pre_hooks[handle.id] = hook
+        return handle
 
     @property
     def param_groups(self):
@@ -131,6 +142,8 @@ class EvenShardedAdamW:
     def step(self, closure=None):
         import torch.distributed as dist
 
+        for hook in list(self._pre_hooks.values()):
+            hook(self, (), {})
         grad = self._grad
         grad.zero_()
         for i, ps, ss in self._mine:

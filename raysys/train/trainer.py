@@ -47,6 +47,7 @@ from raysys.models import build_model, model_spec
 from raysys.parallel import STRATEGIES, ParallelDims, StrategyConfig, check_available, fsdp_units
 from raysys.parallel.memory import MemoryEstimate, check_memory_budget
 from raysys.train.checkpoint import META_FILE, is_checkpoint_dir, load_model_state, read_meta
+from raysys.train.schedule import total_steps
 
 logger = logging.getLogger(__name__)
 
@@ -151,13 +152,19 @@ def parallel_dims(cfg: PipelineConfig) -> ParallelDims:
                                      pp=p and p.pp)
 
 
-def teacher_size(spec: dict[str, Any]) -> tuple[int, int]:
-    """(parameters, parameters of the largest FSDP unit) of a teacher, counted on the meta device (no memory)."""
+def teacher_size(spec: dict[str, Any], pp: int = 1) -> tuple[int, int, int]:
+    """(parameters, parameters of the largest FSDP unit, parameters of the heaviest of `pp` pipeline stages
+    (0 when pp == 1)) of a teacher, counted on the meta device (no memory)."""
     with torch.device("meta"):
         model = build_model(spec)
     units = fsdp_units(model)
     largest = max([sum(p.numel() for p in u.parameters()) for u in units] or [0])
-    return sum(p.numel() for p in model.parameters()), largest
+    stage = 0
+    if pp > 1:
+        from raysys.parallel.pipeline import stage_sizes
+
+        stage = max(stage_sizes(model, pp))
+    return sum(p.numel() for p in model.parameters()), largest, stage
 
 
 def check_train_config(cfg: PipelineConfig, schema: DatasetSchema) -> MemoryEstimate:
@@ -168,9 +175,9 @@ def check_train_config(cfg: PipelineConfig, schema: DatasetSchema) -> MemoryEsti
     dims = parallel_dims(cfg)
     # tensor/pipeline parallelism not available yet: fail here, not in every worker max_failures times
     check_available(dims, StrategyConfig(cfg.train.strategy))
-    n, largest = teacher_size(model_spec(schema, cfg.teacher))
+    n, largest, stage = teacher_size(model_spec(schema, cfg.teacher), dims.pp)
     est = check_memory_budget(n, cfg.train.strategy, dims, cfg.train.max_worker_memory_gb,
-                              largest_unit_params=largest)
+                              largest_unit_params=largest, largest_stage_params=stage)
     logger.info("teacher: %s parameters; %s on %d workers (dp=%d tp=%d pp=%d): ~%.1f MiB of params + grads + "
                 "AdamW state per worker (estimate)", f"{n:,}", cfg.train.strategy, dims.world_size, dims.dp,
                 dims.tp, dims.pp, est.total_bytes / 2**20)
@@ -193,9 +200,13 @@ def loop_config(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Prepro
         "num_epochs": cfg.train.num_epochs,
         "batch_size": cfg.train.batch_size,
         "lr": cfg.train.lr,
+        "lr_schedule": cfg.train.lr_schedule,
+        "warmup_fraction": cfg.train.warmup_fraction,
+        "total_steps": total_steps(_schedule_rows(cfg), cfg.train.batch_size, cfg.train.num_epochs),
         "weight_decay": cfg.train.weight_decay,
         "seed": cfg.train.seed,
         "threads_per_worker": cfg.train.threads_per_worker,
+        "worker_niceness": cfg.train.worker_niceness,
     }
     p = cfg.train.parallel
     conf["parallel"] = {"dp": p.dp, "tp": p.tp, "pp": p.pp} if p is not None else None
@@ -211,6 +222,20 @@ def loop_config(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Prepro
         conf["fail_marker"] = os.path.abspath(marker) if marker else None
         logger.warning("teacher: fault injection on: the last worker fails at epoch %s (%s)", fail_at, FAIL_AT_EPOCH_ENV)
     return conf
+
+
+def train_rows(root: str) -> int:
+    """Rows of the training split, from the Parquet footers (no data read)."""
+    import pyarrow.parquet as pq
+
+    return sum(pq.ParquetFile(f).metadata.num_rows for f in split_files(root, "train"))
+
+
+def _schedule_rows(cfg: PipelineConfig) -> int:
+    try:
+        return train_rows(cfg.data.root)
+    except (ValueError, OSError):  # no data written yet (a dry config): the synthetic size
+        return cfg.data.num_train_rows
 
 
 def _local_paths(files: list[str]) -> list[str]:

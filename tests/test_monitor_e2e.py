@@ -1,0 +1,310 @@
+"""Tier 3: issue 6's end-to-end "Done when" points for the monitor, over real HTTP.
+
+- the monitor actor SIGKILLed under load comes back (max_restarts=-1) with its reference and its window
+  state from the snapshot, and the endpoint never answered an error meanwhile;
+- on undrifted traffic the confidence-based accuracy estimate is within 2 points of the accuracy realised
+  from /v1/feedback labels; injected concept drift makes realised accuracy fall and raises an accuracy alert;
+- 1.5 sigma drift on one feature raises a window alert; the same volume of undrifted traffic raises none.
+
+Each test deploys its own app (`serve.run(build_app(...))`) with its own monitor actor on the session's
+Serve HTTP port and removes both in `finally`. (Alert -> retrain job submission is a unit test.)
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import time
+import uuid
+from contextlib import contextmanager
+
+import numpy as np
+import pytest
+import requests
+import torch
+from serve_helpers import MODEL, Load, make_registry, poll, serve_http_port
+
+from raysys.config import DataConfig, ModelConfig
+from raysys.data import DriftSpec, Preprocessor, SyntheticTask
+from raysys.models import build_model, model_spec, predict_logits
+from raysys.monitor.profile import ReferenceProfile
+from raysys.registry import Registry
+
+pytestmark = pytest.mark.integration
+
+MONITOR_NAMESPACE = "raysys"
+# make_registry's task (its v1 was profiled on 1000 rows of seed [11, 1])
+SMALL_TASK = DataConfig(num_numeric=4, num_categorical=2, num_categories=3, num_classes=3, seed=11)
+
+
+@pytest.fixture(scope="module")
+def http_port(request, ray_cluster):
+    return serve_http_port(request)
+
+
+@pytest.fixture(scope="module")
+def small_registry(tmp_path_factory):
+    return make_registry(tmp_path_factory.mktemp("monitor_e2e"))
+
+
+def _rows(task: SyntheticTask, schema, n: int, seed, drift: DriftSpec | None = None):
+    """n raw rows without the label (JSON-able dicts) and their true classes (indices)."""
+    table = task.sample(n, seed, drift)
+    labels = [int(v) for v in table.column(schema.label).to_pylist()]
+    return table.drop_columns([schema.label]).to_pylist(), labels
+
+
+def _kill_monitor(name: str) -> None:
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(name, namespace=MONITOR_NAMESPACE), no_restart=True)
+    except ValueError:
+        pass
+
+
+@contextmanager
+def _deployed(reg: Registry, http_port: int, monitor_cfg: dict, serve_cfg: dict | None = None):
+    """The app with its own monitor actor; yields (url, monitor name); removes both afterwards."""
+    from ray import serve
+
+    from serve.app import build_app
+
+    name = f"mon-e2e-{uuid.uuid4().hex[:6]}"
+    monitor = f"raysys_monitor_{name}"
+    t0 = time.perf_counter()
+    serve.run(build_app({"registry_uri": reg.uri, "model_name": MODEL, "monitor_name": monitor,
+                         "serve_cfg": serve_cfg or {}, "monitor_cfg": monitor_cfg}),
+              name=name, route_prefix=f"/{name}")
+    print(f"\n[monitor-e2e] deployed {name} in {time.perf_counter() - t0:.1f}s")
+    try:
+        yield f"http://127.0.0.1:{http_port}/{name}", monitor
+    finally:
+        serve.delete(name)
+        _kill_monitor(monitor)
+
+
+def _report(s: requests.Session, url: str) -> dict | None:
+    r = s.get(f"{url}/v1/monitor", timeout=30)
+    return r.json() if r.status_code == 200 else None  # 503 while the monitor actor starts
+
+
+def _wait_rows(s: requests.Session, url: str, n: int, what: str) -> dict:
+    """Until the monitor has seen `n` rows (replicas ship them fire-and-forget, a little later)."""
+    return poll(lambda: (rep := _report(s, url)) is not None and rep["rows_seen"] >= n and rep,
+                interval_s=0.5, what=what)
+
+
+def _predict_batches(s: requests.Session, url: str, rows: list[dict], prefix: str, size: int = 100) -> list[str]:
+    """POST the rows `size` at a time, each request with its own request_id; returns the ids."""
+    ids = []
+    for i in range(0, len(rows), size):
+        rid = f"{prefix}-{i // size}"
+        r = s.post(f"{url}/v1/predict", json={"instances": rows[i:i + size], "request_id": rid}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["request_id"] == rid
+        ids.append(rid)
+    return ids
+
+
+def _send_feedback(s: requests.Session, url: str, ids: list[str], labels: list[int], size: int = 100) -> None:
+    items = [{"request_id": rid, "label": labels[k * size:(k + 1) * size]} for k, rid in enumerate(ids)]
+    r = s.post(f"{url}/v1/feedback", json={"feedback": items}, timeout=60)
+    assert r.status_code == 202, r.text
+    assert r.json()["accepted"] == len(items)
+
+
+# --------------------------------------------------------------------------------------------------
+# 1. the monitor actor crashes under load
+
+
+def _monitor_pid(name: str, dashboard_url: str) -> int:
+    import ray
+    from ray.util.state import get_actor
+
+    actor_id = ray.get_actor(name, namespace=MONITOR_NAMESPACE)._actor_id.hex()
+    # this session's cluster explicitly: other Ray clusters may run on the same machine
+    info = get_actor(actor_id, address=f"http://{dashboard_url}")
+    assert info is not None and info.state == "ALIVE", info
+    return int(info.pid)
+
+
+def test_monitor_killed_under_load_comes_back_from_its_snapshot(small_registry, http_port, tmp_path, ray_cluster):
+    """SIGKILL the monitor actor's process while 3 clients post predictions: no request fails, and the
+    restarted actor (max_restarts=-1) reports the same reference and the window restored from the snapshot."""
+    import psutil
+
+    from raysys.monitor.store import SnapshotStore
+
+    reg, _, rows = small_registry
+    snap_uri = str(tmp_path / "snapshots")
+    cfg = {"window_size": 500, "min_rows": 50, "snapshot_uri": snap_uri, "snapshot_interval_s": 1.0}
+    with _deployed(reg, http_port, cfg) as (url, monitor), requests.Session() as s:
+        store = SnapshotStore(snap_uri, f"{MONITOR_NAMESPACE}-{monitor}")  # get_or_create_monitor's key
+        with Load(url, rows, workers=3) as load:
+            load.wait_for(50)
+            # the actor snapshots from `record` at most every GAUGE_INTERVAL_S (5 s) once snapshot_interval_s passed
+            poll(lambda: (got := store.load()) is not None and got[0]["rows_seen"] >= 100, interval_s=0.5,
+                 what="a monitor snapshot with rows in it")
+            before = poll(lambda: _report(s, url), what="the monitor report")
+            assert before["snapshot"]["uri"] and not before["snapshot"]["restored"]
+            snap_rows = store.load()[0]["rows_seen"]  # a later snapshot before the kill only has more
+
+            pid = _monitor_pid(monitor, ray_cluster.dashboard_url)
+            proc = psutil.Process(pid)
+            assert "ray::Monitor" in " ".join(proc.cmdline()), proc.cmdline()  # the actor's worker, nothing else
+            t_kill = time.monotonic()
+            os.kill(pid, signal.SIGKILL)
+            psutil.wait_procs([proc], timeout=30)
+
+            def restored():
+                rep = _report(s, url)
+                return rep is not None and rep["snapshot"]["restored"] and rep
+
+            after = poll(restored, interval_s=0.5, what="the restarted monitor, restored from its snapshot")
+            t_back = time.monotonic()
+            assert _monitor_pid(monitor, ray_cluster.dashboard_url) != pid
+            # monitoring resumes: the replicas' rows reach the restarted actor
+            grown = poll(lambda: (rep := _report(s, url)) is not None and rep["rows_seen"] > after["rows_seen"] + 50
+                         and rep, interval_s=0.5, what="rows reaching the restarted monitor")
+            load.wait_for(50)
+        print(f"[monitor-e2e] killed pid {pid}; restored after {t_back - t_kill:.1f}s; snapshot rows {snap_rows}, "
+              f"restored report rows {after['rows_seen']}; load {load.summary()}")
+
+        # the endpoint never returned an error: every request before, during and after the crash got a 200
+        summary = load.summary()
+        assert summary["statuses"] == {200: summary["requests"]}, summary
+        assert load.errors == [], load.errors[:5]
+        assert [r for r in load.results if r[0] >= t_kill and r[1] == 200], "no request completed after the kill"
+        # the same reference: model version and profile
+        assert after["model_version"] == before["model_version"] == "1"
+        assert after["profile_hash"] == before["profile_hash"]
+        assert sorted(after["features"]) == sorted(before["features"]) == ["c0", "c1", "x0", "x1", "x2", "x3"]
+        assert after["num_bins"] == before["num_bins"]
+        # the window state came back from the snapshot, not from zero
+        assert after["rows_seen"] >= snap_rows >= 100
+        assert after["window_rows"] >= min(snap_rows, cfg["window_size"])
+        assert after["armed"]
+        assert all(f["psi"] is not None and f["p_value"] is not None for f in after["features"].values())
+        assert grown["rows_seen"] > after["rows_seen"]
+
+
+# --------------------------------------------------------------------------------------------------
+# 2. live accuracy: realised (feedback labels) vs estimated (confidence), then concept drift
+
+
+@pytest.fixture(scope="module")
+def student_registry(tmp_path_factory):
+    """A registry with v1 = a small TabularMLP trained for a few epochs on the synthetic task (accuracy well
+    above chance), registered as the pipeline does: reference profile from the training features, held-out
+    predictions and labels (calibration, held-out accuracy). Returns (registry, task, schema)."""
+    task = SyntheticTask(SMALL_TASK)
+    schema = task.schema()
+    train, val = task.sample(8000, [11, 1]), task.sample(4000, [11, 2])
+    pre = Preprocessor.fit(schema, train)
+    xn, xc, y = (torch.as_tensor(a) for a in pre.transform_table(train))
+    xc, y = xc.long(), y.long()
+    spec = model_spec(schema, ModelConfig(hidden_dims=[32, 32], embed_dim=3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = build_model(spec)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(15):  # ~5 s on one core; held-out accuracy ~0.89 (chance 0.33)
+            model.train()
+            for idx in torch.randperm(len(y), generator=gen).split(128):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(xn[idx], xc[idx]), y[idx]).backward()
+                opt.step()
+        vx, vc, vy = pre.transform_table(val)
+        v_proba = predict_logits(model, vx, vc).double().softmax(1).numpy()
+    finally:
+        torch.set_num_threads(threads)
+    profile = ReferenceProfile.from_arrays(schema, pre.raw_numeric(train), xc.numpy(), num_bins=10)
+    profile.add_predictions(v_proba, np.asarray(vy))
+    assert profile.prediction.accuracy > 0.8
+    reg = Registry(tmp_path_factory.mktemp("monitor_e2e_student") / "registry")
+    reg.register(MODEL, state_dict=model.state_dict(), model_spec=spec, schema=schema, preprocessor=pre,
+                 metrics={"accuracy": profile.prediction.accuracy}, config={}, lineage={"note": "test student"},
+                 reference_profile=profile.to_dict())
+    reg.set_alias(MODEL, "production", 1)
+    return reg, task, schema
+
+
+def test_estimated_accuracy_tracks_realised_then_concept_drift_alerts(student_registry, http_port):
+    reg, task, schema = student_registry
+    n = 4000
+    # window == feedback window == n: the estimate and the realised accuracy are over the same rows
+    cfg = {"window_size": n, "feedback_window": n, "min_rows": 100, "min_labels": 500, "accuracy_drop": 0.05}
+    with _deployed(reg, http_port, cfg, serve_cfg={"max_instances_per_request": 200}) as (url, _), \
+            requests.Session() as s:
+        rows, labels = _rows(task, schema, n, [11, 3])
+        ids = _predict_batches(s, url, rows, "clean")
+        _wait_rows(s, url, n, f"the monitor to log {n} predictions")
+        _send_feedback(s, url, ids, labels)
+        clean = poll(lambda: (rep := _report(s, url)) is not None and rep["accuracy"]["labels_total"] >= n and rep,
+                     interval_s=0.5, what=f"{n} labels joined")["accuracy"]
+        print(f"\n[monitor-e2e] undrifted: realised {clean['realised']:.4f} estimated {clean['estimated']:.4f} "
+              f"(held-out {clean['reference']:.4f}; {clean['method_estimated']})")
+        assert clean["labelled_in_window"] == n and clean["unmatched_labels"] == clean["invalid_labels"] == 0
+        assert clean["estimated_rows"] == n
+        assert clean["realised"] > 0.75  # well above chance (1/3)
+        assert abs(clean["estimated"] - clean["realised"]) <= 0.02, clean
+
+        # concept drift: the same feature distribution, but the rule changed (class_0 and class_1 swap);
+        # DriftSpec has no concept option, so the labels the users send back are permuted
+        swap = {0: 1, 1: 0}
+        rows2, labels2 = _rows(task, schema, n, [11, 4])
+        ids2 = _predict_batches(s, url, rows2, "concept")
+        _wait_rows(s, url, 2 * n, "the drifted predictions to be logged")
+        _send_feedback(s, url, ids2, [swap.get(lab, lab) for lab in labels2])
+        drifted = poll(lambda: (rep := _report(s, url)) is not None
+                       and rep["accuracy"]["labels_total"] >= 2 * n and rep, interval_s=0.5,
+                       what="the drifted labels joined")
+        acc = drifted["accuracy"]
+        print(f"[monitor-e2e] concept drift: realised {acc['realised']:.4f} estimated {acc['estimated']:.4f}")
+        assert acc["realised"] < clean["realised"] - 0.2, acc
+        alerts = [e for e in drifted["alert_events"] if e["kind"] == "accuracy"]
+        assert len(alerts) == 1 and "realised accuracy" in alerts[0]["message"], drifted["alert_events"]
+        assert drifted["retrain"]["enabled"] is False  # on_drift: alert records, never submits
+        # The issue asks that both fall. A confidence-based estimate cannot see pure concept drift: P(x) and
+        # the model's confidence are unchanged, only P(y | x) moved, which only labels reveal. So the estimate
+        # stays where it was (and now overstates accuracy): the realised-accuracy alert is what catches it.
+        assert abs(acc["estimated"] - clean["estimated"]) <= 0.02, (acc, clean)
+        assert not drifted["alerts"], drifted["alerts"]  # nor do the feature/prediction window tests fire
+
+
+# --------------------------------------------------------------------------------------------------
+# 3. covariate drift raises an alert; the same volume of undrifted traffic raises none
+
+
+def test_drifted_traffic_alerts_and_undrifted_does_not(small_registry, http_port):
+    reg, schema, _ = small_registry
+    task = SyntheticTask(SMALL_TASK)
+    n = 1000
+    # alpha 1e-3: every report and every 5 s tick re-tests the window; a 1.5 sigma shift has p ~ 1e-30 anyway
+    cfg = {"window_size": n, "min_rows": 200, "alpha": 0.001, "on_drift": "alert"}
+    with _deployed(reg, http_port, cfg) as (url, _), requests.Session() as s:
+        clean, _ = _rows(task, schema, n, [11, 5])
+        _predict_batches(s, url, clean, "clean")
+        rep = _wait_rows(s, url, n, "the undrifted rows")
+        rep = _report(s, url)  # a fresh evaluation on the full window
+        assert rep["window_rows"] == n and rep["armed"]
+        assert rep["alert_events"] == [] and rep["alerts"] == [] and not rep["dataset"]["drifted"], (
+            rep["alert_events"], {k: f["p_adjusted"] for k, f in rep["features"].items()})
+        assert not rep["drift_detected"]
+
+        shifted, _ = _rows(task, schema, n, [11, 6], DriftSpec(covariate={"x1": 1.5}))
+        _predict_batches(s, url, shifted, "shifted")
+        rep = _wait_rows(s, url, 2 * n, "the drifted rows")
+        rep = poll(lambda: (r := _report(s, url)) is not None and r["alert_events"] and r, interval_s=0.5,
+                   what="a drift alert")
+        print(f"\n[monitor-e2e] drift alerts: {[(e['kind'], e['features']) for e in rep['alert_events']]}")
+        assert rep["drift_detected"] and rep["alerts"] == ["x1"], rep["alerts"]
+        window = [e for e in rep["alert_events"] if e["kind"] == "window"]
+        assert len(window) == 1 and window[0]["features"] == ["x1"], rep["alert_events"]
+        assert rep["features"]["x1"]["drifted"] and rep["features"]["x1"]["psi"] > 0.2
+        assert window[0]["retrain"]["submitted"] is False, window[0]  # on_drift: alert records, never submits
+        assert rep["retrain"]["enabled"] is False and rep["retrain"]["jobs"] == []
