@@ -290,7 +290,7 @@ def measure_accuracy(world: World, profile) -> dict:
                        "sigma1_1of50": scenario_specs(world)["sigma1_1of50"]}.items():
         _, _, y, proba = world.arrays(5000, [0, 555, len(name)], spec)
         out[name] = {"realised": float((proba.argmax(1) == y).mean()),
-                     "estimated": float(pr.calibrated(proba).max(1).mean())}
+                     "estimated": float(pr.estimate_accuracy(proba))}
     out["temperature"] = pr.temperature
     out["reference_accuracy"] = pr.accuracy
     return out

@@ -29,6 +29,9 @@ def ray_cluster():
     from raysys.serving import apply_ingress_env
 
     apply_ingress_env()
+    # tests only: a deleted app's direct-ingress replicas wait 30 s by default before exiting (so that HAProxy
+    # stops routing to them first); every Serve test deletes its app, so 30 s each adds up
+    os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     # the dashboard carries Serve's REST API, through which raysys deploys and rolls out
     ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
                    dashboard_port=free_port(), runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})

@@ -80,8 +80,10 @@ def _deployed(reg: Registry, http_port: int, monitor_cfg: dict, serve_cfg: dict 
     try:
         yield f"http://127.0.0.1:{http_port}/{name}", monitor
     finally:
+        t0 = time.perf_counter()
         serve.delete(name)
         _kill_monitor(monitor)
+        print(f"[monitor-e2e] removed {name} in {time.perf_counter() - t0:.1f}s")
 
 
 def _report(s: requests.Session, url: str) -> dict | None:

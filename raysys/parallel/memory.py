@@ -7,7 +7,8 @@ not counted: this is the part of memory each strategy shards.
 
 Estimated (`estimate_rank_bytes`): from the parameter count alone, fp32 parameters (4 B), fp32 gradients
 (4 B) and AdamW's two moments (8 B) per parameter, divided as each strategy shards them over the dp
-degree N (model parallelism first divides the model by tp x pp):
+degree N (model parallelism first divides the model by tp x pp; with pp > 1 the heaviest real stage of the
+block-wise split when given, `largest_stage_params`):
 
 | strategy | params           | grads  | optimizer |
 |----------|------------------|--------|-----------|

@@ -4,10 +4,13 @@ Ray Train has already initialised the gloo/nccl process group when `train_loop_p
 loop rebuilds schema, preprocessor and model from plain JSON in `config` (nothing pickled crosses from
 the driver but that dict), builds the `ParallelDims` mesh, applies `train.strategy` with
 `raysys.parallel.parallelize` (ddp, zero1, zero2, zero3), builds the matching optimizer
-(`build_optimizer`: AdamW, or ZeRO-1's partitioned AdamW), and per epoch:
+(`build_optimizer`: AdamW, or ZeRO-1's partitioned AdamW) with AdamW's decoupled weight decay moved to a
+step pre-hook over >= 2-D non-embedding weights (`raysys.train.schedule`), renices its threads to
+`train.worker_niceness` (Ray starts workers at 15), and per epoch:
 
 1. trains on this rank's shard of the "train" dataset (per-worker batch = global batch / world size;
-   DDP averages gradients, so this is one optimizer step on the global batch);
+   DDP averages gradients, so this is one optimizer step on the global batch), setting the lr of every
+   step from the global step (`train.lr_schedule`: stateless, so a resume continues the curve);
 2. validates on this rank's shard of "validation" and all-reduces the sums, so every rank reports the
    global loss and accuracy (Ray Train splits every dataset with `streaming_split(equal=True)`, which
    drops up to world_size - 1 rows so that DDP ranks run the same number of steps; the same applies
