@@ -239,15 +239,16 @@ def test_api_token_and_monitoring_off(registry, http_port):
         serve.delete(name)
 
 
-def _replica_ids(url, n: int) -> set[str]:
-    """The ids of the app's `n` replicas, from /healthz answers (requests land on either replica)."""
-    seen: set[str] = set()
+def _replica_health(url, n: int) -> dict[str, dict]:
+    """/healthz of each of the app's `n` replicas, by replica id (requests land on either replica)."""
+    seen: dict[str, dict] = {}
 
     def all_seen():
-        seen.add(requests.get(f"{url}/healthz", timeout=30).json()["replica"])
+        h = requests.get(f"{url}/healthz", timeout=30).json()
+        seen[h["replica"]] = h
         return len(seen) >= n
 
-    _poll(all_seen, interval_s=0.05, what=f"{n} replicas answering /healthz")
+    _poll(all_seen, interval_s=0.02, what=f"{n} replicas answering /healthz")
     return seen
 
 
@@ -288,27 +289,32 @@ def test_serve_deploy_config_rolls_versions_in_place(registry, http_port):
         apply({"model_ref": 1})
         _poll(running, what=f"app {name} RUNNING")
         assert _predicted_version(url, rows[0]) == 1
-        replicas = _replica_ids(url, raw["applications"][0]["deployments"][0]["num_replicas"])
+        n = raw["applications"][0]["deployments"][0]["num_replicas"]
+        replicas = set(_replica_health(url, n))
+
+        def everywhere(check):
+            """`check(health)` holds on every replica (a rollout reaches the replicas one by one)."""
+            health = _replica_health(url, n)
+            assert set(health) == replicas, "reconfigure must not restart a replica"
+            return all(check(h) for h in health.values())
 
         t0 = time.perf_counter()
         apply({"model_ref": 2})
-        _poll(lambda: _predicted_version(url, rows[0]) == 2, what="model_version 2 in responses")
-        print(f"\n[serve] in-place rollout v1 -> v2 visible after {time.perf_counter() - t0:.1f}s")
-        health = requests.get(f"{url}/healthz", timeout=30).json()
-        assert health["replica"] in replicas, "reconfigure must not restart a replica"
-        assert _replica_ids(url, len(replicas)) == replicas
-        assert health["model_ref"] == 2 and health["last_reconfigure_error"] is None
+        _poll(lambda: everywhere(lambda h: h["model_version"] == 2), what="model_version 2 on every replica")
+        print(f"\n[serve] in-place rollout v1 -> v2 on all replicas after {time.perf_counter() - t0:.1f}s")
+        assert everywhere(lambda h: h["model_ref"] == 2 and h["last_reconfigure_error"] is None)
+        assert _predicted_version(url, rows[0]) == 2
         assert requests.get(f"{url}/v1/model", timeout=30).json()["metrics"] == {"accuracy": 0.2}
 
         apply({"model_ref": 99})  # no such version: keep serving v2, report the error
-        _poll(lambda: requests.get(f"{url}/healthz", timeout=30).json()["last_reconfigure_error"],
-              what="the failed reconfigure to be reported")
+        _poll(lambda: everywhere(lambda h: h["last_reconfigure_error"]), what="the failed reconfigure reported")
+        assert everywhere(lambda h: h["model_version"] == 2)
         assert _predicted_version(url, rows[0]) == 2
-        assert _replica_ids(url, len(replicas)) == replicas
 
         apply({"model_version": 1})  # rollback
-        _poll(lambda: _predicted_version(url, rows[0]) == 1, what="rollback to v1")
-        assert requests.get(f"{url}/healthz", timeout=30).json()["last_reconfigure_error"] is None
+        _poll(lambda: everywhere(lambda h: h["model_version"] == 1 and h["last_reconfigure_error"] is None),
+              what="rollback to v1 on every replica")
+        assert _predicted_version(url, rows[0]) == 1
     finally:
         serve.delete(name)
         _kill_monitor(monitor)

@@ -47,6 +47,18 @@ PATH_COLUMN = "path"  # added by read_parquet(include_paths=True)
 SPLIT_COLUMN = "_split"
 
 
+def _publish_dir(tmp: Path, final: Path) -> None:
+    """Move a finished temp directory into place, replacing an older one. When a concurrent writer (another
+    sweep on the same teacher) renamed theirs in first, theirs is kept: it is as good as ours."""
+    if final.exists():
+        shutil.rmtree(final)
+    try:
+        tmp.rename(final)
+    except OSError:
+        if not final.exists():
+            raise
+
+
 def teacher_key(teacher: nn.Module) -> str:
     """16 hex digits of sha256 over the teacher's class name and weights (name, shape, dtype, bytes)."""
     h = hashlib.sha256(type(teacher).__name__.encode())
@@ -192,14 +204,7 @@ def compute_soft_targets(data_root: str | Path, schema: DatasetSchema, preproces
                 "num_actors": num_actors, "batch_size": batch_size,
                 "created_at": time.strftime("%Y-%m-%dT%H:%M:%S+00:00", time.gmtime())}
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2))
-        if final.exists():  # force, or an older set without these splits
-            shutil.rmtree(final)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not final.exists():
-                raise
-            # another sweep finished the same teacher's targets first: theirs are as good as ours
+        _publish_dir(tmp, final)  # force, or an older set without these splits, is replaced
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
@@ -281,13 +286,7 @@ def compute_transfer_targets(data_root: str | Path, schema: DatasetSchema, prepr
         seconds = time.perf_counter() - t0
         (tmp / META_FILE).write_text(json.dumps({"num_rows": num_rows, "seed": seed, "method": "munge",
                                                  "seconds": round(seconds, 3), "num_actors": num_actors}))
-        if final.exists():
-            shutil.rmtree(final)
-        try:
-            tmp.rename(final)
-        except OSError:
-            if not final.exists():
-                raise
+        _publish_dir(tmp, final)
     finally:
         if tmp.exists():
             shutil.rmtree(tmp, ignore_errors=True)
