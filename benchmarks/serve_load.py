@@ -139,9 +139,9 @@ def load(url: str, bodies: list[bytes], concurrency: int, duration_s: float, war
     cpu0, t0 = _cpu_s(procs), time.perf_counter()
     out = asyncio.run(_load(url, bodies, concurrency, duration_s, warmup_s))
     if procs:
-        wall = time.perf_counter() - t0
-        out["server_cpu_ms_per_request"] = round((_cpu_s(procs) - cpu0) * 1000 / max(1, out.pop("total")), 3)
-        out["server_cpu_cores"] = round((_cpu_s(procs) - cpu0) / wall, 2)
+        cpu, wall = _cpu_s(procs) - cpu0, time.perf_counter() - t0
+        out["server_cpu_ms_per_request"] = round(cpu * 1000 / max(1, out.pop("total")), 3)
+        out["server_cpu_cores"] = round(cpu / wall, 2)
     else:
         out.pop("total")
     return out
@@ -191,14 +191,6 @@ def start_plain(reg, port: int) -> subprocess.Popen:
     return proc
 
 
-def free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per point")
@@ -219,7 +211,7 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from raysys.serving import apply_ingress_env, serve_start
+    from raysys.serving import apply_ingress_env, free_port, serve_start
     from serve.app import build_app
 
     tmp = Path(tempfile.mkdtemp(prefix="raysys-serve-load-"))

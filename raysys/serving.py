@@ -60,12 +60,13 @@ def ingress_env(*, private_ports: bool = False) -> dict[str, str]:
            "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
            "RAY_SERVE_HAPROXY_RETRIES": "3"}
     if private_ports:
-        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(_free_port())
-        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(_free_port())
+        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
+        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
     return env
 
 
-def _free_port() -> int:
+def free_port() -> int:
+    """A TCP port free now on every interface."""
     import socket
 
     with socket.socket() as sock:
@@ -250,12 +251,14 @@ def _registry(app: dict):
     return Registry(args["registry_uri"]), args.get("model_name") or "raysys-student"
 
 
-def set_user_config(admin: ServeAdmin, app_name: str, changes: dict[str, Any], *, timeout_s: float = 300) -> dict:
+def set_user_config(admin: ServeAdmin, app_name: str, changes: dict[str, Any], *, state: tuple | None = None,
+                    timeout_s: float = 300) -> dict:
     """Apply `changes` to the endpoint's user_config (validated as the replicas will) and wait until the
-    application runs with it. Returns the new user_config."""
+    application runs with it. `state`: what `current_rollout` returned, when the caller already read it.
+    Returns the new user_config."""
     from serve.app import parse_user_config
 
-    config, app, user = current_rollout(admin, app_name)
+    config, app, user = state or current_rollout(admin, app_name)
     user.update(changes)
     if not user.get("candidate_ref"):
         user["candidate_ref"], user["canary_percent"] = None, 0
@@ -274,25 +277,27 @@ def canary(admin: ServeAdmin, app_name: str, ref: str | int, percent: float, *, 
     move does not change what runs), the rest to the stable version."""
     if not 0 < percent <= 100:
         raise RolloutError(f"--percent: must be in (0, 100], got {percent}")
-    _, app, user = current_rollout(admin, app_name)
+    state = current_rollout(admin, app_name)
+    _, app, user = state
     reg, name = _registry(app)
     version = reg.resolve(name, ref)
     if str(reg.resolve(name, user["model_ref"])) == str(version):
         raise RolloutError(f"--version: v{version} is already the stable version of {app_name!r}")
-    return set_user_config(admin, app_name, {"candidate_ref": version, "canary_percent": percent},
+    return set_user_config(admin, app_name, {"candidate_ref": version, "canary_percent": percent}, state=state,
                            timeout_s=timeout_s)
 
 
 def promote(admin: ServeAdmin, app_name: str, *, alias: str = "production", timeout_s: float = 300) -> dict:
     """The canary's version becomes the stable one for all traffic, and the registry alias moves to it."""
-    _, app, user = current_rollout(admin, app_name)
+    state = current_rollout(admin, app_name)
+    _, app, user = state
     if not user.get("candidate_ref"):
         raise RolloutError(f"application {app_name!r} has no canary to promote; start one with "
                            "`raysys serve canary --version N --percent P`")
     reg, name = _registry(app)
     version = reg.resolve(name, user["candidate_ref"])
     out = set_user_config(admin, app_name, {"model_ref": version, "candidate_ref": None, "canary_percent": 0},
-                          timeout_s=timeout_s)
+                          state=state, timeout_s=timeout_s)
     reg.set_alias(name, alias, version)
     return out
 
@@ -300,19 +305,20 @@ def promote(admin: ServeAdmin, app_name: str, *, alias: str = "production", time
 def rollback(admin: ServeAdmin, app_name: str, *, alias: str = "production", timeout_s: float = 300) -> dict:
     """With a canary running: stop it (all traffic back to the stable version). Without one: go back to the
     version the registry alias pointed at before the current one, and move the alias back."""
-    _, app, user = current_rollout(admin, app_name)
+    state = current_rollout(admin, app_name)
+    _, app, user = state
     if user.get("candidate_ref"):
-        return set_user_config(admin, app_name, {"candidate_ref": None, "canary_percent": 0}, timeout_s=timeout_s)
+        return set_user_config(admin, app_name, {"candidate_ref": None, "canary_percent": 0}, state=state,
+                               timeout_s=timeout_s)
     reg, name = _registry(app)
     current = reg.resolve(name, user["model_ref"])
     history = reg.alias_history(name, alias)
-    earlier = [v for v in history[:-1] if v != current] if history and history[-1] == current else \
-        [v for v in history if v != current]
+    earlier = [v for v in history if v != current]
     if not earlier:
         raise RolloutError(f"nothing to roll back to: {app_name!r} serves v{current} and the registry alias "
                            f"{alias!r} has no earlier version (history {history})")
     target = earlier[-1]
-    out = set_user_config(admin, app_name, {"model_ref": target}, timeout_s=timeout_s)
+    out = set_user_config(admin, app_name, {"model_ref": target}, state=state, timeout_s=timeout_s)
     if reg.get_alias(name, alias) == current:
         reg.rollback(name, alias)
     else:

@@ -1249,18 +1249,16 @@ def deploy(cfg: PipelineConfig, *, blocking: bool = False, model_ref: str | int 
                     cfg.serve.host, cfg.serve.port)
     from raysys.serving import ServeAdmin, app_config, cluster_dashboard_url, deploy_app
 
+    application = app_config(cfg, model_ref=model_ref, monitor=monitor)
     dashboard = cluster_dashboard_url()
     if dashboard:
         # declarative, as `serve deploy` does: later `raysys serve canary/promote/rollback` update it in place
-        deploy_app(ServeAdmin(dashboard), app_config(cfg, model_ref=model_ref, monitor=monitor))
+        deploy_app(ServeAdmin(dashboard), application)
     else:
         log.warning("raysys: this Ray cluster has no dashboard, so the endpoint is deployed from Python "
                     "(serve.run) and `raysys serve canary/promote/rollback` cannot update it in place")
-        application = build_app({
-            "registry_uri": cfg.registry_uri, "model_name": cfg.model_name, "model_ref": model_ref,
-            "serve_cfg": cfg.serve.model_dump(), "monitor_cfg": cfg.monitor.model_dump(), "monitor": monitor,
-        })
-        serve.run(application, name=cfg.serve.app_name, route_prefix=cfg.serve.route_prefix)
+        serve.run(build_app(application["args"]), name=application["name"],
+                  route_prefix=application["route_prefix"])
     url_host = "127.0.0.1" if host in ("0.0.0.0", "::", "") else host
     url = f"http://{url_host}:{port}{cfg.serve.route_prefix.rstrip('/')}"
     log.info("raysys: %s serving %s at %s", cfg.serve.app_name, cfg.model_name, url)
