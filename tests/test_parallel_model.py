@@ -51,6 +51,9 @@ CASES_2 = {
     "pp_mlp_1f1b_m4": ("mlp", "pp", {"schedule": "1f1b", "m": 4}),
 }
 CASES_4 = {
+    # four stages: the middle ones receive and send in both directions (prefetched receives on gloo)
+    "pp4_ft_gpipe_m8": ("ft", "pp", {"schedule": "gpipe", "m": 8}),
+    "pp4_ft_1f1b_m4": ("ft", "pp", {"schedule": "1f1b", "m": 4}),
     "tp_fsdp_ft": ("ft", "tp_fsdp", {}),
     "pp_ddp_ft": ("ft", "pp_ddp", {"schedule": "1f1b", "m": 2}),
 }
@@ -245,17 +248,20 @@ def test_tensor_parallel_matches_single_process(results, case):
 
 
 @pytest.mark.timeout(300)
-@pytest.mark.parametrize("case", [c for c, (_, kind, _) in CASES_2.items() if kind == "pp"])
+@pytest.mark.parametrize("case", [c for cases in (CASES_2, CASES_4) for c, (_, kind, _) in cases.items()
+                                  if kind == "pp"])
 def test_pipeline_matches_single_process(results, case):
     out, refs = results
-    ref_sd, ref_losses, ref_logits = refs[CASES_2[case][0]]
-    stage0, stage1 = _load(out, case, 2)
-    assert not set(stage0) & set(k for k in stage1 if not k.startswith("__")), "stages must own disjoint keys"
-    _assert_weights({**stage0, **stage1}, ref_sd, case)
-    assert "__losses__" not in stage0  # the loss lives on the last stage only
-    torch.testing.assert_close(stage1["__losses__"], torch.tensor(ref_losses, dtype=torch.float64),
+    world = 2 if case in CASES_2 else 4
+    ref_sd, ref_losses, ref_logits = refs[{**CASES_2, **CASES_4}[case][0]]
+    stages = _load(out, case, world)
+    keys = [set(k for k in s if not k.startswith("__")) for s in stages]
+    assert sum(map(len, keys)) == len(set().union(*keys)), "stages must own disjoint keys"
+    _assert_weights({k: v for s in stages for k, v in s.items()}, ref_sd, case)
+    assert all("__losses__" not in s for s in stages[:-1])  # the loss lives on the last stage only
+    torch.testing.assert_close(stages[-1]["__losses__"], torch.tensor(ref_losses, dtype=torch.float64),
                                rtol=RTOL, atol=ATOL)
-    torch.testing.assert_close(stage1["__eval_logits__"], ref_logits, rtol=RTOL, atol=ATOL)
+    torch.testing.assert_close(stages[-1]["__eval_logits__"], ref_logits, rtol=RTOL, atol=ATOL)
 
 
 @pytest.mark.timeout(300)

@@ -248,3 +248,20 @@ def test_pipeline_estimate_uses_the_heaviest_stage_not_an_even_split():
     with pytest.raises(ValueError, match="max_worker_memory_gb"):  # fits the even split, not the real one
         check_memory_budget(total, "pipeline", dims, (ideal.total_bytes + real.total_bytes) / 2 / 2**30,
                             largest_stage_params=stage)
+
+
+def test_prefetch_schedules_run_torchs_compute_order():
+    from raysys.parallel.pipeline import compute_order
+
+    assert compute_order("gpipe", 3, 2, 0) == [("F", 0), ("F", 1), ("F", 2), ("B", 0), ("B", 1), ("B", 2)]
+    # 1F1B, 4 microbatches on 2 stages: stage 0 warms up with 2 forwards, the last stage with 1
+    assert compute_order("1f1b", 4, 2, 0) == [("F", 0), ("F", 1), ("B", 0), ("F", 2), ("B", 1), ("F", 3),
+                                               ("B", 2), ("B", 3)]
+    assert compute_order("1f1b", 4, 2, 1) == [("F", 0), ("B", 0), ("F", 1), ("B", 1), ("F", 2), ("B", 2),
+                                               ("F", 3), ("B", 3)]
+    for sched, m, p in (("gpipe", 8, 4), ("1f1b", 8, 4), ("1f1b", 4, 4)):
+        for s in range(p):
+            order = compute_order(sched, m, p, s)
+            assert sorted(order) == sorted([("F", i) for i in range(m)] + [("B", i) for i in range(m)])
+            # every backward comes after its own forward
+            assert all(order.index(("F", i)) < order.index(("B", i)) for i in range(m))
