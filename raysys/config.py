@@ -344,6 +344,11 @@ class MonitorConfig(_Strict):
     min_labels: int = Field(200, ge=1, description="Labels needed before an accuracy drop can alert.")
     accuracy_drop: float = Field(0.05, gt=0, lt=1,
                                  description="Alert when accuracy falls this far below the reference accuracy.")
+    recalibration_prior_rows: float = Field(
+        200.0, ge=0, description="Accuracy estimate: the registration-time confidence map counts as this many "
+        "labelled rows when the map is re-fitted online from joined feedback (weight of n labels: n / (n + this)).")
+    recalibration_bins: int = Field(
+        10, ge=1, description="Accuracy estimate: most confidence bins of the online re-fit (>= 50 labels per bin).")
     flush_rows: int = Field(2048, ge=1, description="Replica: ship buffered rows to the monitor at this many.")
     flush_interval_ms: float = Field(200.0, gt=0, description="Replica: ship buffered rows at least this often.")
     max_buffer_rows: int = Field(50_000, ge=1, description="Replica: rows beyond this are dropped (and counted).")
@@ -352,6 +357,9 @@ class MonitorConfig(_Strict):
     traffic_uri: str | None = Field(None, description="pyarrow.fs URI/dir for recent traffic Parquet (None: off).")
     traffic_rows_per_file: int = Field(50_000, ge=1, description="Rows per recent-traffic Parquet file.")
     traffic_max_files: int = Field(20, ge=1, description="Recent-traffic files kept (oldest deleted).")
+    traffic_flush_interval_s: float = Field(
+        60.0, gt=0, description="Write buffered recent traffic and joined labels (<traffic_uri>/labels) at least "
+        "this often, so that a retrain job reads what came in; an alert writes them at once.")
     traffic_drop_columns: list[str] = Field(default_factory=list, description="Columns never written (PII).")
     traffic_hash_columns: list[str] = Field(default_factory=list, description="Columns written as a salted hash.")
     on_drift: Literal["alert", "retrain"] = Field(

@@ -170,10 +170,12 @@ def load_teacher(cfg: PipelineConfig, ref: str = "latest") -> tuple[Any, int, di
 
 
 def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_version: int,
-                  teacher_metrics: dict, *, alias: str = "production") -> tuple[int, dict, dict]:
+                  teacher_metrics: dict, *, alias: str = "production",
+                  lineage: dict | None = None) -> tuple[int, dict, dict]:
     """Sweep distillation with Ray Tune, evaluate the chosen student (metrics, calibration, slices,
     latency, teacher agreement), register it with a model card and point `alias` at it; then register its
     dynamic-int8 variant (when `distill.quantize`) as the next version with alias `candidate`.
+    `lineage` entries (e.g. a retrain job's provenance) are added to the cards' lineage.
 
     Returns (student version, student test metrics, chosen distillation config). The metrics carry
     `int8_variant` ({version, accuracy, latency, ...}) when a quantized variant was registered.
@@ -238,7 +240,7 @@ def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_ve
     distillation = {**{k: v for k, v in sweep.summary().items() if k not in ("trials",)},
                     "num_trials": len(sweep.trials)}
     lineage = {"parent_teacher": teacher_ref, "data_fingerprint": prep.fingerprint, "distill": dict(sweep.best_config),
-               "sweep_id": sweep.sweep_id, "sweep_dir": str(sweep.results_dir)}
+               "sweep_id": sweep.sweep_id, "sweep_dir": str(sweep.results_dir), **(lineage or {})}
     training_config = {"teacher": json.loads(cfg.teacher.model_dump_json()),
                        "train": json.loads(cfg.train.model_dump_json()),
                        "distill": json.loads(cfg.distill.model_dump_json())}

@@ -1,33 +1,51 @@
 """Live accuracy: delayed labels joined to logged predictions by request_id, and a confidence-based
-estimate (in the manner of NannyML's CBPE) of accuracy before any label arrives.
+estimate (in the manner of NannyML's CBPE) of accuracy before the labels arrive.
 
 The estimate is the mean over the window of the estimated chance that each prediction is right: for a
 calibrated model, P(prediction correct | x) = max_k p_k(x). At registration the profile fits, on held-out
 labels, a temperature (the whole distribution) and then an isotonic map from the top-class confidence to
 correctness (`PredictionRef.correct_probability`): temperature scaling alone can leave the top-class
-confidence several points off the accuracy (a moderately trained MLP: 4 points under). It tracks covariate and label shift the model is
-uncertain about; it cannot see concept drift (P(y | x) changing), which only realised labels reveal.
+confidence several points off the accuracy (a moderately trained MLP: 4 points under).
+
+That registration-time map tracks covariate and label shift the model is uncertain about, but it cannot
+see concept drift (P(y | x) changing): the model is as confident as before and only labels say it is now
+wrong. So the map is re-fitted online (`OnlineRecalibration`) from the labelled feedback joined so far:
+the latest labelled rows are binned by their registration-map P(correct) q0, and each bin's observed
+accuracy minus its mean q0 shifts the estimate of the rows in that bin, weighted by n / (n + prior_rows)
+for n labelled rows. With no labels the estimate is exactly the registration-time CBPE one; once
+labels show confident predictions going wrong, the estimate for the traffic whose labels have not
+arrived yet falls with them.
 """
 
 from __future__ import annotations
 
+import math
 from collections import OrderedDict, deque
+from collections.abc import Iterable
+from dataclasses import dataclass
 from typing import Any
+
+import numpy as np
+
+MIN_BIN_ROWS = 50  # labelled rows per recalibration bin at least (fewer rows: fewer, wider bins)
 
 
 class PredictionLog:
-    """request_id -> (model_version, predicted classes), the latest `capacity` requests."""
+    """request_id -> (model_version, predicted classes, q0 per row or None), the latest `capacity`
+    requests whose labels have not arrived yet (a label pops its request). q0 is the registration-time
+    estimate that the row's prediction is right (`PredictionRef.correct_probability`)."""
 
     def __init__(self, capacity: int):
         self.capacity = int(capacity)
-        self._log: OrderedDict[str, tuple[str | None, tuple[int, ...]]] = OrderedDict()
+        self._log: OrderedDict[str, tuple[str | None, tuple[int, ...], tuple[float, ...] | None]] = OrderedDict()
         self.evicted = 0
 
     def __len__(self) -> int:
         return len(self._log)
 
-    def add(self, request_id: str, version: str | None, preds: tuple[int, ...]) -> None:
-        self._log[request_id] = (version, preds)
+    def add(self, request_id: str, version: str | None, preds: tuple[int, ...],
+            q0: tuple[float, ...] | None = None) -> None:
+        self._log[request_id] = (version, preds, q0)
         if len(self._log) > self.capacity:
             self._log.popitem(last=False)
             self.evicted += 1
@@ -35,12 +53,91 @@ class PredictionLog:
     def pop(self, request_id: str):
         return self._log.pop(request_id, None)
 
+    def recent_q0(self, max_rows: int) -> np.ndarray:
+        """q0 of the latest (at most) `max_rows` unlabelled rows that have one, newest first."""
+        out: list[float] = []
+        for _, _, q0 in reversed(self._log.values()):
+            if q0 is not None:
+                out.extend(q0)
+                if len(out) >= max_rows:
+                    break
+        return np.asarray(out[:max_rows], dtype=np.float64)
+
     def state(self) -> list:
-        return [[k, v[0], list(v[1])] for k, v in self._log.items()]
+        return [[k, v[0], list(v[1]), None if v[2] is None else list(v[2])] for k, v in self._log.items()]
 
     def load_state(self, items: list) -> None:
-        for k, ver, preds in items[-self.capacity:]:
-            self._log[k] = (ver, tuple(preds))
+        for item in items[-self.capacity:]:
+            k, ver, preds = item[:3]
+            q0 = item[3] if len(item) > 3 else None  # snapshots written before q0 was logged
+            self._log[k] = (ver, tuple(preds), None if q0 is None else tuple(q0))
+
+
+@dataclass
+class RecalibrationFit:
+    """The online correction: rows with q0 in bin b (interior `edges`, `np.searchsorted(side="right")`)
+    get q0 + weight * delta[b], clipped to [0, 1]."""
+
+    edges: np.ndarray
+    delta: np.ndarray
+    weight: float
+    rows: int
+
+    def apply(self, q0: np.ndarray) -> np.ndarray:
+        q0 = np.asarray(q0, dtype=np.float64)
+        return np.clip(q0 + self.weight * self.delta[np.searchsorted(self.edges, q0, side="right")], 0.0, 1.0)
+
+
+class OnlineRecalibration:
+    """Re-fits the confidence -> P(correct) map from the latest `window` labelled rows.
+
+    Each labelled row contributes (q0, correct), q0 being the registration-time map's P(correct) of its
+    prediction. `fit()` cuts the rows into up to `max_bins` equal-count bins of q0 (at least MIN_BIN_ROWS
+    rows each) and per bin takes delta = observed accuracy - mean q0; `apply` shifts a row's q0 by its bin's
+    delta times n / (n + prior_rows): the registration map counts as `prior_rows` labelled rows that agree
+    with it, so a few labels move the estimate a little and many labels move it to what they show. A bin
+    keeps the within-bin ordering of q0 (a shift, not a constant), so the estimate still follows covariate
+    and label shift between label arrivals.
+    """
+
+    def __init__(self, window: int, prior_rows: float, max_bins: int = 10):
+        self.pairs: deque[tuple[float, bool]] = deque(maxlen=int(window))
+        self.prior_rows = float(prior_rows)
+        self.max_bins = int(max_bins)
+
+    def __len__(self) -> int:
+        return len(self.pairs)
+
+    def add(self, q0: Iterable[float], correct: Iterable[bool]) -> None:
+        for q, c in zip(q0, correct, strict=True):
+            if not math.isnan(q):  # NaN: no probabilities were logged for this row
+                self.pairs.append((float(q), bool(c)))
+
+    def fit(self) -> RecalibrationFit | None:
+        n = len(self.pairs)
+        if n == 0:
+            return None
+        arr = np.asarray(self.pairs, dtype=np.float64)
+        q, y = arr[:, 0], arr[:, 1]
+        bins = max(1, min(self.max_bins, n // MIN_BIN_ROWS))
+        # data points as edges ("inverted_cdf"), so every bin but possibly the first holds rows; ties (the
+        # isotonic map is flat in places) stay in one bin, for the fit and for `apply` alike; rows outside
+        # the labelled range take the shift of the nearest bin
+        edges = np.unique(np.quantile(q, np.arange(1, bins) / bins, method="inverted_cdf"))
+        if len(edges) and not (q < edges[0]).any():
+            edges = edges[1:]  # the first bin would be empty: rows below the labelled range get the lowest bin's
+        b = np.searchsorted(edges, q, side="right")
+        count = np.bincount(b, minlength=len(edges) + 1)
+        gap = np.bincount(b, weights=y - q, minlength=len(edges) + 1)
+        delta = np.divide(gap, count, out=np.zeros_like(gap), where=count > 0)
+        weight = n / (n + self.prior_rows) if n + self.prior_rows > 0 else 0.0
+        return RecalibrationFit(edges, delta, weight, n)
+
+    def state(self) -> list:
+        return [[q, c] for q, c in self.pairs]
+
+    def load_state(self, items: list) -> None:
+        self.pairs.extend((float(q), bool(c)) for q, c in items)
 
 
 class AccuracyTracker:

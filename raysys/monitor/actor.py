@@ -9,13 +9,17 @@ Serving replicas send `record(batch)` fire-and-forget to one named, detached act
 - feeds every row to the online detector (`raysys.monitor.online`), whose threshold was calibrated at
   registration to `monitor.ert` rows between false alarms;
 - adds latencies to a log-bucket histogram per model version, and counts requests, rows and errors;
-- logs predictions by request_id so `record_feedback(request_id, label)` can join delayed labels.
+- logs predictions by request_id so `record_feedback(request_id, label)` can join delayed labels; the joined
+  labels give the realised accuracy and re-fit, online, the confidence map behind the accuracy estimate of
+  the traffic still waiting for its labels (`raysys.monitor.accuracy`).
 
 A confirmed drift (an online alarm, or the window tests' dataset-level decision) or an accuracy drop
 records an alert and, with `monitor.on_drift: retrain`, submits `jobs/retrain.py` through the Ray Jobs
 API (one in flight, with a cooldown). With `monitor.snapshot_uri` set the state is snapshotted to storage
 and restored when the actor restarts; with `monitor.traffic_uri` recent traffic is written as rotated
-Parquet. Inside Ray the actor exports `raysys_*` metrics to the Ray dashboard / Prometheus.
+Parquet, and the joined labels beside it (`<traffic_uri>/labels`: request_id, row, label), which is what
+the retrain job trains and judges the candidate on. Inside Ray the actor exports `raysys_*` metrics to the
+Ray dashboard / Prometheus.
 """
 
 from __future__ import annotations
@@ -35,7 +39,7 @@ import ray
 
 from raysys.config import MonitorConfig
 from raysys.data.schema import DatasetSchema
-from raysys.monitor.accuracy import AccuracyTracker, PredictionLog
+from raysys.monitor.accuracy import AccuracyTracker, OnlineRecalibration, PredictionLog
 from raysys.monitor.drift import RingBuffer, WindowTester, latency_percentiles
 from raysys.monitor.latency import LogHistogram
 from raysys.monitor.online import detector_for, is_current, score_rows, threshold_for_ert
@@ -82,7 +86,7 @@ class Monitor:
                  monitor_cfg: dict | MonitorConfig | None = None, model_version: str | int | None = None,
                  clock: Callable[[], float] = time.monotonic, snapshot_key: str = "raysys_monitor",
                  retrain_submit: Callable | None = None, retrain_status: Callable | None = None):
-        from raysys.monitor.retrain import RetrainTrigger
+        from raysys.monitor.retrain import RetrainTrigger, labels_uri
 
         if isinstance(monitor_cfg, MonitorConfig):
             self.cfg = monitor_cfg
@@ -96,20 +100,24 @@ class Monitor:
         self.snapshot_key = snapshot_key
         self.retrain = RetrainTrigger(enabled=self.cfg.on_drift == "retrain", cooldown_s=self.cfg.retrain_cooldown_s,
                                       args=list(self.cfg.retrain_args), address=self.cfg.retrain_address,
-                                      submit=retrain_submit, status=retrain_status)
+                                      submit=retrain_submit, status=retrain_status,
+                                      metadata={"raysys_monitor": snapshot_key})
         self.store = None
         if self.cfg.snapshot_uri:
             from raysys.monitor.store import SnapshotStore
 
             self.store = SnapshotStore(self.cfg.snapshot_uri, snapshot_key)
         self.traffic = None
+        self.label_writer = None  # joined feedback labels, beside the traffic (same rotation, same PII rules)
+        self._pending_labels: list[tuple] = []
+        self._last_flush = clock()
         if self.cfg.traffic_uri:
             from raysys.monitor.store import TrafficWriter
 
-            self.traffic = TrafficWriter(self.cfg.traffic_uri, rows_per_file=self.cfg.traffic_rows_per_file,
-                                         max_files=self.cfg.traffic_max_files,
-                                         drop_columns=self.cfg.traffic_drop_columns,
-                                         hash_columns=self.cfg.traffic_hash_columns)
+            opts = dict(rows_per_file=self.cfg.traffic_rows_per_file, max_files=self.cfg.traffic_max_files,
+                        drop_columns=self.cfg.traffic_drop_columns, hash_columns=self.cfg.traffic_hash_columns)
+            self.traffic = TrafficWriter(self.cfg.traffic_uri, **opts)
+            self.label_writer = TrafficWriter(labels_uri(self.traffic.root), **opts)
         self.restored = False
         self.set_profile(profile, schema, model_version)
         if self.store is not None:
@@ -167,6 +175,8 @@ class Monitor:
         self._rate: deque[list[float]] = deque()  # [second, requests, rows, errors], one entry per second
         self.pred_log = PredictionLog(self.cfg.prediction_log_size)
         self.accuracy = AccuracyTracker(self.cfg.feedback_window)
+        self.recal = OnlineRecalibration(self.cfg.feedback_window, self.cfg.recalibration_prior_rows,
+                                         self.cfg.recalibration_bins)
         self.alert_events: list[dict[str, Any]] = []
         self._window_alerting = False
         self._accuracy_alerting = False
@@ -213,7 +223,10 @@ class Monitor:
                     "error_rate": Gauge("raysys_request_error_rate", description="Failed / all requests (last minute)."),
                     "acc_real": Gauge("raysys_accuracy_realised", description="Accuracy on joined labels."),
                     "acc_est": Gauge("raysys_accuracy_estimated",
-                                     description="Confidence-based accuracy estimate (no labels)."),
+                                     description="Confidence-based accuracy estimate over the window."),
+                    "acc_est_unl": Gauge("raysys_accuracy_estimated_unlabelled",
+                                         description="Confidence-based accuracy estimate of the traffic whose "
+                                                     "labels have not arrived."),
                     "alerts": Counter("raysys_alerts_total", description="Alerts raised.", tag_keys=("kind",)),
                 }
         return self._metrics
@@ -272,7 +285,7 @@ class Monitor:
                     a["row_in_stream"] = self.rows_seen - n + a["row"]
                     self._alert("online", f"online detector alarm on {a['chart']} (run length {a['run_length']})",
                                 features=a["features"], detail=a)
-        self._log_requests(batch, pred, n, key)
+        self._log_requests(batch, pred, n, key, proba)
         self.latencies.add(latency.reshape(-1, 1))
         self.latency_hist.setdefault(key, LogHistogram()).add(latency)
         self.requests_seen += len(latency)
@@ -309,7 +322,8 @@ class Monitor:
             self._tick()
         return {"alarms": alarms}
 
-    def _log_requests(self, batch: dict[str, Any], pred: np.ndarray, n: int, key: str) -> None:
+    def _log_requests(self, batch: dict[str, Any], pred: np.ndarray, n: int, key: str,
+                      proba: np.ndarray | None) -> None:
         ids = batch.get("request_ids")
         if not ids:
             return
@@ -319,8 +333,15 @@ class Monitor:
             raise ValueError(f"monitor.record: rows_per_request must give one count per request id summing to {n}")
         bounds = np.cumsum([0] + per)
         preds = pred.tolist()
+        # the registration-time P(right) of each row, kept until its label comes: labelled, it re-fits the
+        # confidence map; unlabelled, it is what the estimate for traffic without labels averages. Only rows
+        # of the profile's own model (a canary's rows would need the candidate's map)
+        pr = self.profile.prediction
+        q0 = None
+        if proba is not None and pr is not None and (self.model_version is None or key == self.model_version):
+            q0 = pr.correct_probability(proba).tolist()
         for rid, lo, hi in zip(ids, bounds[:-1], bounds[1:]):
-            self.pred_log.add(str(rid), key, tuple(preds[lo:hi]))
+            self.pred_log.add(str(rid), key, tuple(preds[lo:hi]), None if q0 is None else tuple(q0[lo:hi]))
 
     def _write_traffic(self, batch, x_num, x_cat, pred, proba, key) -> None:
         prof = self.profile
@@ -330,6 +351,7 @@ class Monitor:
         if ids:
             per = batch.get("rows_per_request") or [1] * len(ids)
             cols["request_id"] = [str(r) for r, k in zip(ids, per) for _ in range(int(k))]
+            cols["row"] = np.asarray([i for k in per for i in range(int(k))], dtype=np.int64)  # joins labels
         for j, f in enumerate(prof.numeric):
             cols[f.name] = x_num[:, j]
         for j, f in enumerate(prof.categorical):
@@ -348,7 +370,7 @@ class Monitor:
         if entry is None:
             self.accuracy.unmatched += 1
             return {"request_id": request_id, "matched": False}
-        version, preds = entry
+        version, preds, q0 = entry
         labels = label if isinstance(label, (list, tuple)) else [label]
         if len(labels) != len(preds):
             raise ValueError(f"feedback: request {request_id} had {len(preds)} rows, got {len(labels)} labels")
@@ -364,6 +386,12 @@ class Monitor:
                 raise ValueError(f"feedback.label: must be a class name or index, got {lab!r}")
         correct = [p == y for p, y in zip(preds, idx)]
         self.accuracy.add(version, correct)
+        if q0 is not None:
+            self.recal.add(q0, correct)
+        if self.label_writer is not None:
+            now = time.time()
+            self._pending_labels.extend((now, str(request_id), i, y, p, version)
+                                        for i, (p, y) in enumerate(zip(preds, idx)))
         return {"request_id": request_id, "matched": True, "correct": correct}
 
     def record_feedback_batch(self, items: list[tuple[str, Any]]) -> dict[str, int]:
@@ -379,7 +407,39 @@ class Monitor:
                 self.accuracy.invalid += 1
                 if invalid == 1:
                     log.warning("raysys monitor: invalid feedback for request %s: %s", rid, e)
+        self._write_labels()
+        self._flush_recent()
         return {"received": len(items), "matched": matched, "invalid": invalid}
+
+    # ----- recent traffic and labels on storage -----
+    def _write_labels(self) -> None:
+        """Hand the labels joined since the last call to the labels writer (one table per call)."""
+        if self.label_writer is None or not self._pending_labels:
+            return
+        rows, self._pending_labels = self._pending_labels, []
+        cls = np.asarray(self.profile.classes, dtype=object)
+        ts, rid, row, label, pred, version = zip(*rows)
+        try:  # the writer writes a file when it has rows_per_file rows: storage trouble must not lose the join
+            self.label_writer.add({
+                "ts": np.asarray(ts), "request_id": list(rid), "row": np.asarray(row, dtype=np.int64),
+                "label": cls[np.asarray(label, dtype=np.int64)].tolist(),
+                "prediction": [cls[p] if 0 <= p < len(cls) else None for p in pred],
+                "model_version": [str(v) for v in version]})
+        except Exception as e:
+            log.warning("raysys monitor: writing joined labels failed: %s", e)
+
+    def _flush_recent(self, force: bool = False) -> None:
+        """Write buffered traffic and labels to storage every `traffic_flush_interval_s` (or now, `force`), so
+        a retrain job finds them; storage trouble is logged, never raised into ingest."""
+        if self.traffic is None or (not force and self._clock() - self._last_flush < self.cfg.traffic_flush_interval_s):
+            return
+        self._last_flush = self._clock()
+        try:
+            self._write_labels()
+            self.traffic.flush()
+            self.label_writer.flush()
+        except Exception as e:
+            log.warning("raysys monitor: writing recent traffic/labels failed: %s", e)
 
     # ----- alerts -----
     def _alert(self, kind: str, message: str, *, features: list[str] | None = None,
@@ -388,8 +448,11 @@ class Monitor:
                  "model_version": self.model_version, "rows_seen": self.rows_seen, "features": features or [],
                  "detail": detail or {}}
         retrain_args = ["--reason", f"{kind}: {message}"]
-        if self.cfg.traffic_uri:
-            retrain_args += ["--traffic-uri", self.traffic.root if self.traffic else self.cfg.traffic_uri]
+        if self.model_version is not None:
+            retrain_args += ["--served-version", self.model_version]
+        if self.traffic is not None and self.retrain.enabled:
+            self._flush_recent(force=True)  # what the job reads: everything up to the alert
+            retrain_args += ["--traffic-uri", self.traffic.root, "--labels-uri", self.label_writer.root]
         event["retrain"] = self.retrain.maybe_submit(message, retrain_args)
         self.alert_events.append(event)
         del self.alert_events[:-MAX_ALERTS]
@@ -405,6 +468,7 @@ class Monitor:
         acc = self._accuracy()
         self._check_alerts(window, acc)
         self._update_gauges(window, acc)
+        self._flush_recent()
         if self.store is not None and self._clock() - self._last_snapshot >= self.cfg.snapshot_interval_s:
             self.snapshot()
 
@@ -449,17 +513,37 @@ class Monitor:
         rows = len(self.win_proba)
         proba = self.win_proba.buf[:rows].astype(np.float64)
         ok = ~np.isnan(proba[:, 0]) if rows else np.zeros(0, dtype=bool)
-        est = None
-        if ok.any() and pr is not None:
-            est = pr.estimate_accuracy(proba[ok])
-        out["estimated"] = est
+        fit = self.recal.fit() if pr is not None else None
+        est = est0 = est_unl = None
+        unlabelled = np.zeros(0)
+        if pr is not None:
+            if ok.any():
+                q0 = pr.correct_probability(proba[ok])
+                est0 = float(q0.mean())
+                est = float(fit.apply(q0).mean()) if fit is not None else est0
+            unlabelled = self.pred_log.recent_q0(self.cfg.window_size)
+            if len(unlabelled):
+                est_unl = float((fit.apply(unlabelled) if fit is not None else unlabelled).mean())
+        out["estimated"] = est  # over the window's rows, labelled or not
         out["estimated_rows"] = int(ok.sum())
+        out["estimated_unlabelled"] = est_unl  # over the latest window_size rows still waiting for labels
+        out["unlabelled_rows"] = int(len(unlabelled))
+        out["estimated_registration_map"] = est0  # the same window through the registration-time map alone
+        labelled = fit.rows if fit is not None else 0
+        out["recalibration"] = {"labelled_rows": labelled, "prior_rows": self.recal.prior_rows,
+                                "weight": fit.weight if fit is not None else 0.0,
+                                "bins": int(len(fit.delta)) if fit is not None else 0}
         if pr is None:
             out["method_estimated"] = "n/a (the reference profile has no held-out predictions)"
         else:
-            out["method_estimated"] = (f"mean P(top class right) (CBPE-style): temperature {pr.temperature:.3f}"
-                                       + (", then the held-out isotonic confidence map"
-                                          if pr.confidence_map is not None else ""))
+            method = (f"CBPE-style mean P(top class right): temperature {pr.temperature:.3f}"
+                      + (", then the held-out isotonic confidence map" if pr.confidence_map is not None else ""))
+            if fit is None:
+                method += "; no labels joined yet, so the registration-time map alone"
+            else:
+                method += (f"; re-fitted online on {labelled} labelled rows ({len(fit.delta)} confidence bins, "
+                           f"weight {fit.weight:.3f} = n / (n + {self.recal.prior_rows:g}))")
+            out["method_estimated"] = method
         return out
 
     def _update_gauges(self, window: dict[str, Any], acc: dict[str, Any]) -> None:
@@ -493,6 +577,8 @@ class Monitor:
             metrics["acc_real"].set(acc["realised"])
         if acc["estimated"] is not None:
             metrics["acc_est"].set(acc["estimated"])
+        if acc["estimated_unlabelled"] is not None:
+            metrics["acc_est_unl"].set(acc["estimated_unlabelled"])
 
     def _throughput(self) -> tuple[float, float, float]:
         now = self._clock()
@@ -513,6 +599,7 @@ class Monitor:
         acc = self._accuracy()
         self._check_alerts(window, acc)
         self._update_gauges(window, acc)
+        self._flush_recent()
         req_s, rows_s, err_rate = self._throughput()
         lat = latency_percentiles(self.latencies.buf[:len(self.latencies), 0])
         lat["count"] = len(self.latencies)
@@ -549,6 +636,7 @@ class Monitor:
             "alert_events": list(self.alert_events[-20:]),
             "retrain": self.retrain.summary(),
             "traffic": self.traffic.stats() if self.traffic else None,
+            "labels": self.label_writer.stats() if self.label_writer else None,
             "snapshot": {"uri": self.store.dir if self.store else None, "restored": self.restored},
             "uptime_s": self._clock() - self._started,
             "metrics_enabled": self._ray_metrics() is not None,
@@ -569,19 +657,17 @@ class Monitor:
             "predictions_by_version": self.predictions_by_version, "errors_by_version": self.errors_by_version,
             "latency_hist": {v: h.counts.tolist() for v, h in self.latency_hist.items()},
             "detector": self.detector.state() if self.detector is not None else None,
-            "accuracy": self.accuracy.state(),
+            "accuracy": self.accuracy.state(), "recalibration": self.recal.state(),
             "pred_log": self.pred_log.state()[-SNAPSHOT_PREDICTION_LOG:],
             "alert_events": self.alert_events, "window_alerting": self._window_alerting,
-            "retrain": {"job_id": self.retrain.job_id, "last_submit": self.retrain.last_submit,
-                        "jobs": self.retrain.jobs},
+            "retrain": self.retrain.state(),
         }
         arrays = {"win_num": self.win_num.values(), "win_cat": self.win_cat.values(),
                   "win_pred": self.win_pred.values(), "win_proba": self.win_proba.values(),
                   "latencies": self.latencies.values()}
         try:
             self.store.save(state, arrays)
-            if self.traffic is not None:
-                self.traffic.flush()
+            self._flush_recent(force=True)
             return True
         except Exception as e:  # storage trouble must not break ingest
             log.warning("raysys monitor: snapshot failed: %s", e)
@@ -608,12 +694,11 @@ class Monitor:
         if self.detector is not None and st.get("detector"):
             self.detector.load_state(st["detector"])
         self.accuracy.load_state(st["accuracy"])
+        self.recal.load_state(st.get("recalibration", []))
         self.pred_log.load_state(st["pred_log"])
         self.alert_events = list(st.get("alert_events", []))
         self._window_alerting = bool(st.get("window_alerting", False))
-        rt = st.get("retrain") or {}
-        self.retrain.job_id, self.retrain.last_submit = rt.get("job_id"), rt.get("last_submit")
-        self.retrain.jobs = list(rt.get("jobs", []))
+        self.retrain.load_state(st.get("retrain") or {})
         log.info("raysys monitor: restored %d window rows, %d rows seen from %s", len(self.win_num),
                  self.rows_seen, self.store.dir)
         return True

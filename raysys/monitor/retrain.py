@@ -1,6 +1,7 @@
 """Alert -> retrain: submit `jobs/retrain.py` through the Ray Jobs API, one job in flight at a time, with
 a cooldown between submissions. Submission runs on a background thread so that a slow Jobs API never
-blocks the monitor's ingest."""
+blocks the monitor's ingest; the same thread then follows the job until it ends, so the monitor's report
+shows its final status (and, when it failed, Ray's message saying why)."""
 
 from __future__ import annotations
 
@@ -17,46 +18,94 @@ log = logging.getLogger("raysys")
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
+LABELS_DIR = "labels"
+
+
+def labels_uri(traffic_uri: str) -> str:
+    """Where the monitor writes the joined feedback labels: `<traffic_uri>/labels` (request_id, row, label);
+    the traffic files themselves sit directly under `traffic_uri`."""
+    return f"{traffic_uri.rstrip('/')}/{LABELS_DIR}"
+
+
+def cluster_dashboard_address() -> str | None:
+    """The Jobs API (dashboard) address of the Ray cluster this process belongs to, read from the GCS where
+    the dashboard registers it: inside an actor `ray.get_dashboard_url()` knows no dashboard (a worker's
+    node object has no web UI URL) and JobSubmissionClient(None) would guess 127.0.0.1:8265."""
+    import ray
+
+    if not ray.is_initialized():
+        return None
+    from ray._private import ray_constants
+    from ray.experimental.internal_kv import _internal_kv_get
+
+    url = _internal_kv_get(ray_constants.DASHBOARD_ADDRESS, namespace=ray_constants.KV_NAMESPACE_DASHBOARD)
+    if not url:
+        return None
+    url = url.decode() if isinstance(url, bytes) else str(url)
+    return url if "://" in url else f"http://{url}"
+
+
+def _client(address: str | None):
+    from ray.job_submission import JobSubmissionClient
+
+    addr = address or os.environ.get("RAY_ADDRESS") or cluster_dashboard_address()
+    if not addr:
+        raise RuntimeError("no Ray Jobs API to submit the retrain job to: set monitor.retrain_address (the Ray "
+                           "dashboard URL) or RAY_ADDRESS, or run the monitor on a cluster with a dashboard")
+    return JobSubmissionClient(addr)
 
 
 def default_submit(address: str | None) -> tuple[Callable[..., str], Callable[[str], str]]:
     """(submit(entrypoint, metadata) -> job id, status(job id) -> str) over JobSubmissionClient."""
 
-    def client():
-        from ray.job_submission import JobSubmissionClient
-
-        addr = address or os.environ.get("RAY_ADDRESS")
-        if not addr:
-            import ray
-
-            # inside the cluster: the dashboard this actor's Ray runs
-            addr = "http://" + ray.worker.get_dashboard_url() if ray.is_initialized() else None  # type: ignore[attr-defined]
-        return JobSubmissionClient(addr)
-
     def submit(entrypoint: str, metadata: dict[str, str]) -> str:
-        return client().submit_job(entrypoint=entrypoint, metadata=metadata)
+        return _client(address).submit_job(entrypoint=entrypoint, metadata=metadata)
 
     def status(job_id: str) -> str:
-        return str(client().get_job_status(job_id)).split(".")[-1]
+        return str(_client(address).get_job_status(job_id)).split(".")[-1]
 
     return submit, status
 
 
+def default_message(address: str | None) -> Callable[[str], str | None]:
+    """message(job id): Ray's one-line account of how the job ended (e.g. the exit code and last error)."""
+
+    def message(job_id: str) -> str | None:
+        return _client(address).get_job_info(job_id).message
+
+    return message
+
+
 class RetrainTrigger:
+    """Submits the retrain job on an alert unless disabled, a job is in flight, or within the cooldown.
+
+    `submit`/`status`/`message` are the Jobs API calls (injectable for tests; default JobSubmissionClient on
+    `address`, RAY_ADDRESS or this cluster's dashboard). `metadata` goes with every submission (the monitor
+    names itself there). `poll_s`: how often a submitted job's status is refreshed until it ends (None: only
+    when the next alert asks)."""
+
     def __init__(self, *, enabled: bool, cooldown_s: float, args: list[str], address: str | None = None,
                  submit: Callable[..., str] | None = None, status: Callable[[str], str] | None = None,
-                 clock: Callable[[], float] = time.time):
+                 message: Callable[[str], str | None] | None = None, metadata: dict[str, str] | None = None,
+                 clock: Callable[[], float] = time.time, poll_s: float | None = 2.0):
         self.enabled = enabled
         self.cooldown_s = float(cooldown_s)
         self.args = list(args)
-        self._submit, self._status = (submit, status) if submit else default_submit(address)
+        if submit is not None:
+            self._submit, self._status, self._message = submit, status, message
+        else:
+            self._submit, self._status = default_submit(address)
+            self._message = message or default_message(address)
+        self.metadata = dict(metadata or {})
         self._clock = clock
+        self.poll_s = poll_s
         self.job_id: str | None = None
         self.last_submit: float | None = None
         self.last_error: str | None = None
         self.jobs: list[dict[str, Any]] = []
         self._lock = threading.RLock()  # re-entered when submitting in the foreground
-        self._thread: threading.Thread | None = None
+        self._thread: threading.Thread | None = None  # submitting
+        self._watcher: threading.Thread | None = None  # following the submitted job
 
     def entrypoint(self, extra: list[str]) -> str:
         import shlex
@@ -64,21 +113,52 @@ class RetrainTrigger:
         script = REPO_ROOT / "jobs" / "retrain.py"
         return " ".join(shlex.quote(a) for a in [sys.executable, str(script), *self.args, *extra])
 
+    def _record_status(self, job_id: str, st: str) -> None:
+        with self._lock:
+            for j in self.jobs:
+                if j["job_id"] == job_id and j.get("status") != st:
+                    j["status"] = st
+                    if st in TERMINAL:
+                        j["ended_at"] = time.time()
+                        if st != "SUCCEEDED" and self._message is not None:
+                            try:
+                                j["message"] = self._message(job_id)
+                            except Exception as e:
+                                j["message"] = f"(no message: {type(e).__name__}: {e})"
+                        level = logging.INFO if st == "SUCCEEDED" else logging.ERROR
+                        log.log(level, "raysys monitor: retrain job %s %s%s", job_id, st,
+                                f": {j['message']}" if j.get("message") else "")
+            if st in TERMINAL and self.job_id == job_id:
+                self.job_id = None
+
     def in_flight(self) -> bool:
-        if self.job_id is None:
+        job = self.job_id
+        if job is None:
             return False
         try:
-            st = self._status(self.job_id)
+            st = self._status(job)
         except Exception as e:  # the Jobs API is down: assume the job may still run
             self.last_error = f"status: {type(e).__name__}: {e}"
             return True
-        for j in self.jobs:
-            if j["job_id"] == self.job_id:
-                j["status"] = st
-        if st in TERMINAL:
-            self.job_id = None
-            return False
-        return True
+        self._record_status(job, st)
+        return st not in TERMINAL
+
+    def _follow(self, job_id: str) -> None:
+        if self.poll_s:
+            self._watcher = threading.Thread(target=self._watch, args=(job_id,), daemon=True,
+                                             name="raysys-retrain-watch")
+            self._watcher.start()
+
+    def _watch(self, job_id: str) -> None:
+        """Refresh the job's status every `poll_s` until it ends (or another job replaced it)."""
+        while self.poll_s and self.job_id == job_id:
+            time.sleep(self.poll_s)
+            try:
+                st = self._status(job_id)
+            except Exception as e:
+                self.last_error = f"status: {type(e).__name__}: {e}"
+                continue
+            self._record_status(job_id, st)
 
     def maybe_submit(self, reason: str, extra_args: list[str], *, background: bool = True) -> dict[str, Any]:
         """Submit unless disabled, a job is in flight, or within the cooldown. Returns what happened."""
@@ -97,7 +177,7 @@ class RetrainTrigger:
 
             def run():
                 try:
-                    job = self._submit(entry, {"raysys_reason": reason[:200]})
+                    job = self._submit(entry, {**self.metadata, "raysys_reason": reason[:200]})
                     with self._lock:
                         self.job_id = job
                         self.jobs.append({"job_id": job, "reason": reason, "submitted_at": now, "status": "PENDING"})
@@ -105,6 +185,9 @@ class RetrainTrigger:
                 except Exception as e:
                     self.last_error = f"submit: {type(e).__name__}: {e}"
                     log.error("raysys monitor: retrain submission failed: %s", e)
+                    return
+                if background:
+                    self._follow(job)
 
             if background:
                 self._thread = threading.Thread(target=run, daemon=True, name="raysys-retrain-submit")
@@ -114,5 +197,20 @@ class RetrainTrigger:
             return {"submitted": True, "entrypoint": entry}
 
     def summary(self) -> dict[str, Any]:
-        return {"enabled": self.enabled, "job_in_flight": self.job_id, "last_submit": self.last_submit,
-                "cooldown_s": self.cooldown_s, "jobs": list(self.jobs[-10:]), "last_error": self.last_error}
+        with self._lock:
+            return {"enabled": self.enabled, "job_in_flight": self.job_id, "last_submit": self.last_submit,
+                    "cooldown_s": self.cooldown_s, "jobs": [dict(j) for j in self.jobs[-10:]],
+                    "last_error": self.last_error}
+
+    def state(self) -> dict[str, Any]:
+        with self._lock:
+            return {"job_id": self.job_id, "last_submit": self.last_submit, "jobs": [dict(j) for j in self.jobs]}
+
+    def load_state(self, st: dict[str, Any]) -> None:
+        """Restored from a snapshot: a job still in flight is followed again."""
+        with self._lock:
+            self.job_id, self.last_submit = st.get("job_id"), st.get("last_submit")
+            self.jobs = list(st.get("jobs", []))
+            job = self.job_id
+        if job is not None and self.enabled:
+            self._follow(job)

@@ -418,6 +418,10 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
         _maybe_inject_failure(config, epoch, rank, world)
         hooks.event(event="epoch_start", epoch=epoch, resumes=resumes)
         torch.manual_seed(epoch_seed(seed, epoch, rank))
+        if world > 1:
+            # every rank starts the epoch's clock together: samples/s is global rows over the slowest rank's
+            # training time, not that plus the skew left by the last epoch's validation and checkpoint
+            dist.barrier()
         t0 = time.perf_counter()
         loss_sum, n_train = 0.0, 0
         for batch in train_shard.batches(local_batch, shuffle_seed=epoch_seed(seed, epoch, rank)):

@@ -1,0 +1,371 @@
+"""Issue 6's alert -> retrain "Done when" point, end to end over real HTTP (tier 3), and the retrain job's
+pieces on their own (tier 1, no Ray).
+
+The end-to-end test deploys the endpoint declaratively (as `raysys serve deploy` does, so a canary can be
+applied in place) from a registry whose production student was trained on the synthetic task, with
+`monitor.on_drift: retrain` and recent traffic written to Parquet. The same number of undrifted rows raises
+no alert and submits no job; drifted rows (x1 shifted 1.5 sigma, and classes 0 and 1 swapped in the labels
+the users send back) raise a window alert that submits `jobs/retrain.py` through the Ray Jobs API. The
+job joins the labels to the recent traffic, retrains the teacher with Ray Train, distills with Ray Tune,
+registers a `candidate`, beats production on the held-out recent rows, canaries it in the endpoint and
+promotes it.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import threading
+import time
+import uuid
+from pathlib import Path
+
+import numpy as np
+import pytest
+import requests
+import yaml
+from serve_helpers import MODEL, poll, serve_http_port
+from test_monitor_e2e import SMALL_TASK, _predict, _report, _rows, _send_feedback, train_student_registry
+
+from raysys.data import DriftSpec, Preprocessor, SyntheticTask, fingerprint
+from raysys.monitor.actor import Monitor
+from raysys.monitor.profile import ReferenceProfile
+from raysys.monitor.retrain import labels_uri
+
+REPO = Path(__file__).resolve().parents[1]
+MONITOR_NAMESPACE = "raysys"
+JOB_TIMEOUT_S = 400
+
+
+def _job_module():
+    spec = importlib.util.spec_from_file_location("retrain_job", REPO / "jobs" / "retrain.py")
+    mod = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+# --------------------------------------------------------------------------------------------------
+# tier 1: the monitor writes traffic + labels, the job joins them, splits them, judges
+
+
+@pytest.fixture(scope="module")
+def small_world():
+    task = SyntheticTask(SMALL_TASK)
+    schema = task.schema()
+    table = task.sample(1000, [11, 7])
+    pre = Preprocessor.fit(schema, table)
+    prof = ReferenceProfile.from_table(schema, table, num_bins=10)
+    return task, schema, pre, prof
+
+
+def test_the_job_reads_the_labelled_traffic_the_monitor_wrote(small_world, tmp_path):
+    task, schema, pre, prof = small_world
+    job = _job_module()
+    clock = {"t": 0.0}
+    traffic = tmp_path / "traffic"
+    mon = Monitor(prof.to_dict(), schema.model_dump(), {"traffic_uri": str(traffic), "traffic_flush_interval_s": 10},
+                  model_version=1, clock=lambda: clock["t"])
+    table = task.sample(300, [11, 8])
+    x_num, (_, x_cat, y) = pre.raw_numeric(table), pre.transform_table(table)
+    # 100 requests of 3 rows each; labels for the first 60 requests, one with an unknown class
+    ids = [f"req-{i}" for i in range(100)]
+    mon.record({"x_num": x_num, "x_cat": x_cat, "pred": np.zeros(300, dtype=np.int64), "latency_ms": [1.0] * 100,
+                "request_ids": ids, "rows_per_request": [3] * 100})
+    fb = [(ids[i], [schema.classes[int(v)] for v in y[3 * i:3 * i + 3]]) for i in range(60)]
+    fb[5] = (ids[5], ["class_0", "class_0", "no_such_class"])
+    assert mon.record_feedback_batch(fb) == {"received": 60, "matched": 59, "invalid": 1}
+    got, info = job.read_labelled_traffic(str(traffic), labels_uri(str(traffic)), schema)
+    assert got is None and info["traffic_files"] == 0  # nothing written yet: the flush interval has not passed
+    clock["t"] += 11
+    mon.report()  # every report (and tick) writes what is due
+    got, info = job.read_labelled_traffic(str(traffic), labels_uri(str(traffic)), schema)
+    assert info["traffic_rows"] == 300 and info["label_rows"] == 59 * 3 and info["labelled_rows"] == 59 * 3
+    assert got.column_names == [f.name for f in schema.features] + ["request_id", "row", "label"]
+    # every joined row carries the label its request and row were given, and its own features
+    want = {(ids[i], r): int(y[3 * i + r]) for i in range(60) if i != 5 for r in range(3)}
+    rows = got.to_pylist()
+    assert {(d["request_id"], d["row"]): d["label"] for d in rows} == want
+    x0 = {(ids[i], r): float(x_num[3 * i + r, 0]) for i in range(60) for r in range(3)}
+    assert all(d["x0"] == pytest.approx(x0[(d["request_id"], d["row"])]) for d in rows)
+
+    # the dataset: deterministic hash split, the holdout never trained on, provenance written beside it
+    split = job.assign_splits([d["request_id"] for d in rows], [d["row"] for d in rows], 0.3, 0.2, seed=0)
+    assert split == job.assign_splits([d["request_id"] for d in rows], [d["row"] for d in rows], 0.3, 0.2, seed=0)
+    with pytest.raises(job.RetrainError, match="validation split needs at least|test split needs at least"):
+        job.write_dataset(tmp_path / "ds", schema, got.slice(0, 40), holdout=0.3, val=0.2, seed=0, provenance={})
+    counts = job.write_dataset(tmp_path / "ds2", schema, got, holdout=0.3, val=0.2, seed=0, provenance={"why": "t"})
+    assert sum(counts.values()) == got.num_rows and counts["test"] == split.count("test")
+    from raysys.config import DataConfig
+    from raysys.data import ensure_dataset, read_split
+
+    assert ensure_dataset(DataConfig(source="parquet", root=str(tmp_path / "ds2"))) == schema
+    assert read_split(tmp_path / "ds2", "test").num_rows == counts["test"]
+    assert json.loads((tmp_path / "ds2" / "retrain.json").read_text()) == {"why": "t", "split_rows": counts}
+    fingerprint(tmp_path / "ds2")  # a complete dataset directory
+
+
+def test_the_job_refuses_traffic_it_cannot_train_on(small_world, tmp_path):
+    task, schema, pre, prof = small_world
+    job = _job_module()
+    traffic = tmp_path / "traffic"
+    mon = Monitor(prof.to_dict(), schema.model_dump(), {"traffic_uri": str(traffic), "traffic_drop_columns": ["x2"]},
+                  model_version=1)
+    table = task.sample(10, [11, 9])
+    x_num, (_, x_cat, y) = pre.raw_numeric(table), pre.transform_table(table)
+    mon.record({"x_num": x_num, "x_cat": x_cat, "pred": np.zeros(10, dtype=np.int64), "latency_ms": [1.0] * 10,
+                "request_ids": [f"q{i}" for i in range(10)]})
+    mon.record_feedback_batch([(f"q{i}", int(y[i])) for i in range(10)])
+    mon._flush_recent(force=True)
+    with pytest.raises(job.RetrainError, match=r"lacks features \['x2'\].*traffic_drop_columns"):
+        job.read_labelled_traffic(str(traffic), labels_uri(str(traffic)), schema)
+    with pytest.raises(job.RetrainError, match="only 0 labelled rows .*send labels to /v1/feedback"):
+        job.wait_for_labelled_traffic(str(tmp_path / "empty"), str(tmp_path / "empty" / "labels"), schema, 10, 0.0)
+    # the judge: strictly better by more than the margin, and says so
+    assert job.judge(0.80, 0.70, 0.0)[0] and "beats production" in job.judge(0.80, 0.70, 0.0)[1]
+    wins, why = job.judge(0.70, 0.70, 0.0)
+    assert not wins and "does not beat production" in why and "production keeps serving" in why
+    assert not job.judge(0.74, 0.70, 0.05)[0]
+    assert not job.judge(0.9, None, 0.0)[0]
+
+
+def test_the_canary_promotes_only_a_winner_that_served_without_errors(monkeypatch):
+    """canary_then_decide with the rollout calls faked: promote a winner whose canary scored rows without a
+    failed request; stop the canary (rollback) for one that failed requests, scored nothing, or crashed."""
+    from raysys import serving
+
+    job = _job_module()
+    calls = []
+    monkeypatch.setattr(serving, "canary", lambda admin, app, v, pct: calls.append(("canary", v, pct)))
+    monkeypatch.setattr(serving, "promote", lambda admin, app: calls.append(("promote",)))
+    monkeypatch.setattr(serving, "rollback", lambda admin, app: calls.append(("rollback",)))
+    app = {"name": "app", "args": {}}
+
+    def run(counts, wins=True):
+        calls.clear()
+        seq = iter(counts)
+        monkeypatch.setattr(job, "_monitor_counts", lambda app, v: next(seq))
+        return job.canary_then_decide(None, app, 7, wins, "better", 10.0, 0.0, min_rows=1)
+
+    promoted, why, canary = run([(100, 0), (130, 0)])
+    assert promoted and why == "better" and canary["rows"] == 30 and canary["errors"] == 0
+    assert calls == [("canary", 7, 10.0), ("promote",)]
+    promoted, why, canary = run([(100, 0), (130, 2)])
+    assert not promoted and "the canary failed 2 requests" in why and calls[-1] == ("rollback",)
+    promoted, why, _ = run([(100, 0), (100, 0)])
+    assert not promoted and "scored 0 rows" in why and calls[-1] == ("rollback",)
+    promoted, why, _ = run([None, None])  # no monitor to ask: the holdout decides
+    assert promoted and calls[-1] == ("promote",)
+    monkeypatch.setattr(serving, "promote", lambda admin, app: (_ for _ in ()).throw(RuntimeError("boom")))
+    with pytest.raises(RuntimeError, match="boom"):
+        run([(0, 0), (5, 0)])
+    assert calls[-1] == ("rollback",)  # a rollout that fails half-way is undone
+
+
+# --------------------------------------------------------------------------------------------------
+# tier 3: over HTTP, with a real Ray job
+
+
+@pytest.fixture(scope="module")
+def http_port(request, ray_cluster):
+    return serve_http_port(request)
+
+
+@pytest.fixture(scope="module")
+def retrain_registry(tmp_path_factory):
+    return train_student_registry(tmp_path_factory.mktemp("retrain_e2e") / "registry")
+
+
+# what the retrain job trains with: seconds per stage on a busy 2-core box
+RETRAIN_CONFIG = {
+    "teacher": {"hidden_dims": [32, 32], "embed_dim": 3},
+    "train": {"num_workers": 1, "num_epochs": 6, "batch_size": 64, "timeout_s": 60},
+    "distill": {"student": {"hidden_dims": [16], "embed_dim": 3}, "search": "grid", "temperatures": [2.0],
+                "alphas": [0.5], "num_epochs": 15, "batch_size": 64, "scheduler": "fifo",
+                "max_concurrent_trials": 1, "soft_target_actors": 1, "quantize": False,
+                "evaluation": {"latency_repeats": 5}},
+    "monitor": {"calibration_rows": 10_000},
+}
+
+
+class Trickle:
+    """One row every `interval_s` to /v1/predict on a thread (light load, so that a canary gets requests);
+    records (time, status or error, model version)."""
+
+    def __init__(self, url: str, rows: list[dict], interval_s: float = 0.05):
+        self.url, self.rows, self.interval_s = url, rows, interval_s
+        self.results: list[tuple[float, object, object]] = []
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self) -> None:
+        with requests.Session() as s:
+            k = 0
+            while not self._stop.is_set():
+                try:
+                    r = s.post(f"{self.url}/v1/predict", json={"instances": [self.rows[k % len(self.rows)]]},
+                               timeout=30)
+                    self.results.append((time.monotonic(), r.status_code,
+                                         r.json().get("model_version") if r.status_code == 200 else r.text[:200]))
+                except requests.RequestException as e:
+                    self.results.append((time.monotonic(), type(e).__name__, str(e)[:200]))
+                k += 1
+                self._stop.wait(self.interval_s)
+
+    def __enter__(self) -> Trickle:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=60)
+
+
+def _last_json(logs: str) -> dict:
+    """The job's last JSON line (Ray may interleave its own log lines after it)."""
+    for line in reversed(logs.splitlines()):
+        if line.startswith("{"):
+            return json.loads(line)
+    raise AssertionError(f"no JSON line in the job's logs: {logs[-3000:]}")
+
+
+def _monitor_jobs(client, monitor_key: str) -> list:
+    return [j for j in client.list_jobs() if (j.metadata or {}).get("raysys_monitor") == monitor_key]
+
+
+@pytest.mark.integration
+def test_drift_alert_retrains_registers_canaries_and_promotes_a_candidate(retrain_registry, http_port, tmp_path):
+    from ray import serve
+    from ray.job_submission import JobSubmissionClient
+
+    from raysys.config import MonitorConfig, preset
+    from raysys.serving import ServeAdmin, app_config, cluster_dashboard_url, deploy_app
+
+    reg, task, schema = retrain_registry
+    n = 1000
+    dash = cluster_dashboard_url()
+    assert dash, "the session cluster runs a dashboard (Serve's REST API and the Jobs API)"
+    jobs = JobSubmissionClient(dash)
+    config_file = tmp_path / "retrain.yaml"
+    config_file.write_text(yaml.safe_dump(RETRAIN_CONFIG))
+    traffic = tmp_path / "traffic"
+    name = f"retrain-{uuid.uuid4().hex[:6]}"
+    monitor = f"raysys_monitor_{name}"
+    monitor_key = f"{MONITOR_NAMESPACE}-{monitor}"  # the monitor's snapshot key, sent as job metadata
+    cfg = preset("tiny").with_root(tmp_path / "root")
+    cfg.registry_uri, cfg.model_name = reg.uri, MODEL
+    cfg.serve.port, cfg.serve.app_name, cfg.serve.route_prefix = http_port, name, f"/{name}"
+    cfg.serve.num_replicas = 1
+    cfg.monitor = MonitorConfig(
+        window_size=n, min_rows=200, alpha=0.001, min_labels=200, on_drift="retrain", retrain_cooldown_s=3600,
+        traffic_uri=str(traffic), traffic_flush_interval_s=1.0,
+        retrain_args=["--preset", "tiny", "--config", str(config_file), "--root", str(tmp_path / "root"),
+                      "--registry-uri", reg.uri, "--model-name", MODEL, "--min-labelled-rows", str(n),
+                      "--label-wait-s", "180", "--canary-percent", "50", "--canary-s", "3"])
+    app = app_config(cfg)
+    app["args"]["monitor_name"] = monitor
+    url = f"http://127.0.0.1:{http_port}/{name}"
+    job_id = None
+    t0 = time.perf_counter()
+    deploy_app(ServeAdmin(dash), app)
+    print(f"\n[retrain-e2e] deployed {name} in {time.perf_counter() - t0:.1f}s")
+    try:
+        with requests.Session() as s:
+            # the same number of undrifted rows first: no alert, no job
+            clean, _ = _rows(task, schema, n, [11, 5])
+            _predict(s, url, clean, "clean")
+            poll(lambda: (r := _report(s, url)) is not None and r["rows_seen"] >= n, interval_s=0.5,
+                 what="the undrifted rows")
+            rep = _report(s, url)  # a fresh evaluation of the full window
+            assert rep["window_rows"] == n and rep["armed"] and not rep["dataset"]["drifted"], rep["dataset"]
+            assert rep["alert_events"] == [] and rep["retrain"]["enabled"] and rep["retrain"]["jobs"] == []
+            assert _monitor_jobs(jobs, monitor_key) == []
+
+            # drifted rows: x1 shifted 1.5 sigma, and the rule changed (class_0 <-> class_1 in the labels)
+            rows, labels = _rows(task, schema, n, [11, 6], DriftSpec(covariate={"x1": 1.5}))
+            labels = [{0: 1, 1: 0}.get(v, v) for v in labels]
+            t_drift = time.monotonic()
+            ids, _ = _predict(s, url, rows, "drift")
+            poll(lambda: (r := _report(s, url)) is not None and r["alert_events"], interval_s=0.5,
+                 what="a drift alert")
+            alerted = poll(lambda: (r := _report(s, url)) is not None and (r["retrain"]["jobs"] or
+                                                                           r["retrain"]["last_error"]) and r,
+                           interval_s=0.5, what="the retrain submission")
+            assert alerted["retrain"]["jobs"], alerted["retrain"]
+            t_submit = time.monotonic()
+            window = [e for e in alerted["alert_events"] if e["kind"] == "window"]
+            assert len(window) == 1 and "x1" in window[0]["features"] and window[0]["retrain"]["submitted"], \
+                alerted["alert_events"]
+            job_id = alerted["retrain"]["jobs"][0]["job_id"]
+            print(f"[retrain-e2e] window alert on {window[0]['features']} -> job {job_id} "
+                  f"{t_submit - t_drift:.1f}s after the drifted rows started")
+            _send_feedback(s, url, ids, labels)  # the labels come after the alert, while the job waits for them
+            with Trickle(url, rows) as trickle:
+                # the labels show the accuracy fell: a second alert, but one retrain is in flight already
+                acc_alert = poll(lambda: [e for e in (_report(s, url) or {}).get("alert_events", [])
+                                          if e["kind"] == "accuracy"], interval_s=0.5, what="an accuracy alert")
+                assert "still running" in acc_alert[0]["retrain"]["why"], acc_alert
+                status = poll(lambda: (st := str(jobs.get_job_status(job_id)).split(".")[-1]) in
+                              ("SUCCEEDED", "FAILED", "STOPPED") and st, timeout_s=JOB_TIMEOUT_S, interval_s=2,
+                              what=f"retrain job {job_id} to end")
+                t_end = time.monotonic()
+                logs = jobs.get_job_logs(job_id)
+                assert status == "SUCCEEDED", logs[-6000:]
+                version = reg.get_alias(MODEL, "production")
+                poll(lambda: requests.get(f"{url}/healthz", timeout=10).json()["model_version"] == version,
+                     what="the endpoint serving the promoted version")
+                time.sleep(1.0)
+            decision = _last_json(logs)
+            info = jobs.get_job_info(job_id)
+            print(f"[retrain-e2e] job {status} in {t_end - t_submit:.0f}s (submitted to end; stages "
+                  f"{decision['stage_seconds']}): {decision['why']}; canary {decision['canary']}")
+
+        # one job, running jobs/retrain.py on the monitor's recent traffic, and it succeeded
+        mine = _monitor_jobs(jobs, monitor_key)
+        assert [j.submission_id for j in mine] == [job_id], mine
+        assert "jobs/retrain.py" in info.entrypoint and f"--traffic-uri {traffic}" in info.entrypoint
+        assert "window tests" in info.metadata["raysys_reason"]
+        # a new candidate, trained on the recent labelled traffic, better than production on held-out recent rows
+        cand = decision["candidate_version"]
+        assert cand > 1 and reg.get_alias(MODEL, "candidate") == cand
+        hold = decision["holdout"]
+        assert hold["production_version"] == 1 and hold["rows"] >= 200
+        assert hold["candidate_accuracy"] > hold["production_accuracy"] + 0.1, hold
+        _, card, _ = reg.model_card(MODEL, cand)
+        root = Path(card["data"]["root"])
+        assert card["lineage"]["data_fingerprint"] == card["data"]["fingerprint"] == fingerprint(root)
+        provenance = json.loads((root / "retrain.json").read_text())
+        assert provenance["traffic_uri"] == str(traffic) and provenance["labels_uri"] == labels_uri(str(traffic))
+        assert provenance["labelled_rows"] == n and provenance["served_version"] == 1
+        assert provenance["job_id"] == job_id and "window tests" in provenance["reason"]
+        assert sum(provenance["split_rows"].values()) == n
+        # the card itself names the traffic it was retrained on (not only the dataset's retrain.json)
+        assert card["lineage"]["retrain"]["job_id"] == job_id
+        assert card["lineage"]["retrain"]["traffic_uri"] == str(traffic)
+        teacher = card["lineage"]["parent_teacher"]
+        assert teacher == f"{MODEL}-teacher:v{decision['teacher_version']}"
+        assert reg.describe(f"{MODEL}-teacher", decision["teacher_version"])["lineage"]["data_fingerprint"] == \
+            fingerprint(root)  # the teacher was retrained on the same rows
+        # canaried in the endpoint, then promoted: stable version and production alias
+        assert decision["promoted"] and "beats production" in decision["why"]
+        assert decision["canary"]["app"] == name and decision["canary"]["rows"] > 0, decision["canary"]
+        assert decision["canary"]["errors"] == 0
+        assert version == cand
+        versions = {v for _, st, v in trickle.results if st == 200}
+        assert {1, cand} <= versions, versions
+        failed = [r for r in trickle.results if r[1] != 200]
+        assert failed == [] and len(trickle.results) > 50, failed[:5]
+        # the promoted version's monitor runs on it; the cooldown keeps a second job from starting
+        with requests.Session() as s:
+            after = _report(s, url)
+        assert after["model_version"] == str(cand) and after["retrain"]["jobs"][0]["status"] == "SUCCEEDED"
+    finally:
+        if job_id is not None and str(jobs.get_job_status(job_id)).split(".")[-1] not in ("SUCCEEDED", "FAILED",
+                                                                                            "STOPPED"):
+            jobs.stop_job(job_id)
+        serve.delete(name)
+        import ray
+
+        try:
+            ray.kill(ray.get_actor(monitor, namespace=MONITOR_NAMESPACE), no_restart=True)
+        except ValueError:
+            pass
