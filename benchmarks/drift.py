@@ -9,10 +9,12 @@ predicted probabilities. The reference profile is built from 20k training rows; 
 calibrated by bootstrap from 10k held-out rows to ERT = 10,000 rows.
 
 Measured, in the same run:
-- no-drift run lengths (>= 200 alarms, the detector restarting after each) -> ert_ratio = mean / ERT;
+- no-drift run lengths (>= 200 alarms, the detector restarting after each) -> ert_ratio = mean / ERT, and
+  which chart raised them (`details.ert.alarms_by_chart`: the split of the false-alarm budget);
 - median detection delay (rows after the change; 200 undrifted rows precede it) per scenario, and for the
   class-prior flip the floor set by this student's probabilities: the median delay of a CUSUM that knows
-  the new priors, alone at the same ERT (`details.prior_flip_oracle`);
+  the new priors, alone at the same ERT (`details.prior_flip_oracle`), and the detector's own prior chart
+  (which does not know which class moved) alone at that ERT (`...prior_flip_oracle.direction_unknown`);
 - eval_ms: one window evaluation (1k window x 50 features against a 10k-row reference profile: PSI, JS,
   KS on the binned CDF, chi-squared, BH) beside scipy.stats.ks_2samp over the same 45 numeric columns
   against the 10k reference rows, and whether both give the same drifted/undrifted verdicts (BH, alpha);
@@ -127,6 +129,7 @@ def measure_ert(world: World, profile, min_alarms: int, max_rows: int) -> dict:
     det = detector_for(profile)
     rows = alarms = 0
     lengths = []
+    by_chart: dict[str, int] = {}
     chunk = 100_000
     i = 0
     t0 = time.perf_counter()
@@ -136,6 +139,7 @@ def measure_ert(world: World, profile, min_alarms: int, max_rows: int) -> dict:
         for lo in range(0, chunk, 1000):
             for a in det.update(S[lo:lo + 1000]):
                 lengths.append(a["run_length"])
+                by_chart[a["chart"]] = by_chart.get(a["chart"], 0) + 1
         alarms = len(lengths)
         rows += chunk
         i += 1
@@ -143,6 +147,7 @@ def measure_ert(world: World, profile, min_alarms: int, max_rows: int) -> dict:
     mean_rl = rows / max(alarms, 1)
     return {"rows": rows, "alarms": alarms, "mean_run_length": mean_rl, "ert_ratio": mean_rl / ERT,
             "median_run_length": float(np.median(lengths)) if lengths else None,
+            "alarms_by_chart": by_chart,  # how the false-alarm budget is split (the detector's `weights`)
             "seconds": round(time.perf_counter() - t0, 1)}
 
 
@@ -163,36 +168,52 @@ def measure_delays(world: World, profile, reps: int) -> dict:
     return out
 
 
+def _alone_at_ert(l0: np.ndarray, l1: np.ndarray, reps: int, seed: int = 0) -> dict:
+    """A max-of-CUSUMs chart over increment columns l [rows, J], alone at ERT: the threshold from 64
+    bootstrapped undrifted runs of 4 ERT rows (mean run length = rows watched / alarms, censored
+    exponential), then the delays of `reps` runs on the drifted pool from a fresh start."""
+    rng = np.random.default_rng(seed)
+
+    def chart(pool, n):
+        c = np.cumsum(pool[rng.integers(0, len(pool), n)], 0)
+        return (c - np.minimum(np.minimum.accumulate(c, 0), 0)).max(1)
+
+    n0 = 4 * ERT
+    runmax = np.stack([np.maximum.accumulate(chart(l0, n0)) for _ in range(64)])
+    hs = np.arange(4.0, 16.0, 0.05)
+    rl = np.stack([np.searchsorted(r, hs, side="right") for r in runmax])  # [runs, h]: alarm row (0-based)
+    arl = np.minimum(rl + 1, n0).sum(0) / np.maximum((rl < n0).sum(0), 1)
+    h = float(np.interp(np.log(ERT), np.log(np.maximum.accumulate(arl)), hs))
+    d = []
+    for _ in range(reps):
+        over = np.flatnonzero(chart(l1, 1000) > h)
+        d.append(over[0] + 1 if len(over) else 1001)
+    return {"threshold": h, "median_delay": float(np.median(d))}
+
+
 def measure_prior_flip_oracle(world: World, profile, reps: int = 400) -> dict:
     """The best any detector watching this model's probabilities can do on the prior flip: a CUSUM that
     KNOWS the new priors (log-likelihood ratio log sum_k pi'_k / pi_k p_k(x)), its threshold set by
     simulation to the same ERT with nothing else to watch. Its median delay is the floor for
-    `delay_median.prior_flip` with this student (a better model moves it, the monitor cannot)."""
+    `delay_median.prior_flip` with this student (a better model moves it, the monitor cannot).
+    `direction_unknown`: the detector's own `prior` chart (one CUSUM per class and odds multiplier, their
+    maximum) alone at the same ERT: the floor for a chart that does not know WHICH class moved; the gap
+    to the oracle is the price of not knowing (about ln K nats of threshold), the gap from it to
+    `delay_median.prior_flip` the share of the false-alarm budget the other charts take."""
     spec = scenario_specs(world)["prior_flip"]
     pri = np.array([spec.label_priors.get(c, 0.0) for c in world.task.classes])
-    w = pri / pri.sum() / profile.prediction.mean
+    pi = profile.prediction.mean
+    w = pri / pri.sum() / pi
     _, _, _, p0 = world.arrays(50_000, [0, 4])
     _, _, _, p1 = world.arrays(20_000, [0, 5], spec)
-    l0, l1 = np.log(p0 @ w), np.log(p1 @ w)
-    rng = np.random.default_rng(0)
-
-    def run_lengths(pool, h, n, runs):
-        c = np.cumsum(pool[rng.integers(0, len(pool), (runs, n))], 1)
-        s = c - np.minimum(np.minimum.accumulate(c, 1), 0)
-        over = s > h
-        return np.where(over.any(1), over.argmax(1) + 1, n)
-
-    hs = np.arange(4.0, 14.0, 0.25)
-    n0 = 4 * ERT
-    arl = []
-    for h in hs:  # mean run length = rows watched / alarms (censored exponential), 64 runs of 4 ERT
-        rl = run_lengths(l0, h, n0, 64)
-        arl.append(rl.sum() / max((rl < n0).sum(), 1))
-        if arl[-1] > 2 * ERT:
-            break
-    h = float(np.interp(np.log(ERT), np.log(np.maximum.accumulate(arl)), hs[:len(arl)]))
-    d = run_lengths(l1, h, 1000, reps)
-    return {"kl_per_row": float(l1.mean()), "threshold": h, "median_delay": float(np.median(d))}
+    l0, l1 = np.log(p0 @ w)[:, None], np.log(p1 @ w)[:, None]
+    out = {"kl_per_row": float(l1.mean()), **_alone_at_ert(l0, l1, reps)}
+    ms = (profile.detector or {}).get("charts", {}).get("prior") or []
+    if ms:
+        def grid(p):
+            return np.concatenate([np.log1p((m - 1) * p) - np.log1p((m - 1) * pi) for m in ms], 1)
+        out["direction_unknown"] = {"odds_multipliers": list(ms), **_alone_at_ert(grid(p0), grid(p1), reps)}
+    return out
 
 
 def measure_eval(world: World, reps: int, alpha: float = 0.01) -> dict:

@@ -14,7 +14,7 @@ from raysys.config import DataConfig, MonitorConfig
 from raysys.data import DriftSpec, Preprocessor, SyntheticTask
 from raysys.monitor import LogHistogram, Monitor, ReferenceProfile, WindowTester, adjust_pvalues, detector_for
 from raysys.monitor.drift import jensen_shannon, psi
-from raysys.monitor.online import _cusum, score_rows, threshold_for_ert
+from raysys.monitor.online import DEFAULT_WEIGHTS, _cusum, score_rows, threshold_for_ert
 from raysys.monitor.retrain import RetrainTrigger
 
 
@@ -73,7 +73,8 @@ def test_online_detector_calibrated_and_detects(world):
     task, schema, arrays, prof = world
     spec = prof.detector
     assert spec["threshold"] > 0 and not spec["extrapolated"] and spec["calibration"]["rows"] >= 60_000
-    assert set(spec["norm"]) == {"cusum", "spread", "sum@0.01", "cat", "prior"} and spec["version"] == 2
+    assert set(spec["norm"]) == {"cusum", "spread", "sum@0.01", "cat", "prior", "pred@0.03"} and spec["version"] == 3
+    assert spec["weights"] == DEFAULT_WEIGHTS and spec["charts"]["prior"] == [6.0]
     # a lower ERT needs a lower threshold, read from the same table
     assert threshold_for_ert(spec, 200)[0] < spec["threshold"]
     # no drift: false alarms about once per ERT rows (loose bounds: a short, noisy check)
@@ -152,6 +153,82 @@ def test_adaptive_and_prior_increments_are_likelihood_ratios(world):
     x, c, _, p = arrays(3000, 36, DriftSpec(categorical={"c1": {cats[0]: 1.0, cats[1]: 1.0}}))
     alarms = det.update(score_rows(prof, x, c, p))
     assert alarms and alarms[0]["features"] == ["c1"] and alarms[0]["chart"] == "cat"
+
+
+def _alarm_rows(prof, arrays, n, seeds, drift=None):
+    rows, charts = [], []
+    for seed in seeds:
+        x, c, _, p = arrays(n, seed, drift)
+        alarms = detector_for(prof).update(score_rows(prof, x, c, p))
+        rows.append(alarms[0]["row"] if alarms else n)
+        charts.append(alarms[0]["chart"] if alarms else None)
+    return rows, charts
+
+
+def test_budget_weights_split_the_false_alarms(world):
+    """The per-kind weights move false alarms to the label-shift chart without breaking the calibration:
+    on the same undrifted stream both detectors keep about one alarm per ERT rows, and the weighted one
+    raises a larger share of them on `prior`; a flip is then found sooner."""
+    task, schema, arrays, prof = world
+    equal = ReferenceProfile.from_dict(json.loads(json.dumps(prof.to_dict())))
+    xh, ch, _, ph = arrays(4000, 2)
+    equal.calibrate(xh, ch, ph, ert=500, num_rows=60_000, weights={})
+    assert equal.detector["weights"] == {} and equal.detector["threshold"] < prof.detector["threshold"]
+    x, c, _, p = arrays(40_000, 31)
+    share = {}
+    for name, pr in (("weighted", prof), ("equal", equal)):
+        alarms = detector_for(pr).update(score_rows(pr, x, c, p))
+        assert 40 <= len(alarms) <= 160, (name, len(alarms))  # 80 expected at ERT 500
+        share[name] = sum(a["chart"] == "prior" for a in alarms) / len(alarms)
+    assert share["weighted"] > max(0.6, share["equal"] + 0.1), share
+    flip = DriftSpec(label_priors={c: (0.8 if i == 2 else 0.1) for i, c in enumerate(schema.classes)})
+    rows, charts = _alarm_rows(prof, arrays, 600, [[35, r] for r in range(10)], flip)
+    assert np.median(rows) < 25 and charts.count("prior") >= 9, (rows, charts)
+    with pytest.raises(ValueError, match="weights must be positive"):
+        equal.calibrate(xh, ch, ph, ert=500, num_rows=20_000, weights={"prior": 0.0})
+
+
+def test_adaptive_prior_chart_alone_catches_a_vanishing_class(world):
+    """`pred@lambda` is a chart of its own (its own null tail and budget): calibrated alone it keeps the
+    ERT on undrifted traffic and finds a class that (almost) disappears, a direction the one-class-up grid
+    of `prior` is not tuned to."""
+    task, schema, arrays, prof = world
+    solo = ReferenceProfile.from_dict(json.loads(json.dumps(prof.to_dict())))
+    xh, ch, _, ph = arrays(4000, 2)
+    spec = solo.calibrate(xh, ch, ph, ert=500, num_rows=60_000, charts={"pred": [0.03]})
+    assert set(spec["norm"]) == {"pred@0.03"} and spec["charts"]["prior"] == []
+    x, c, _, p = arrays(40_000, 31)
+    alarms = detector_for(solo).update(score_rows(solo, x, c, p))
+    assert 40 <= len(alarms) <= 160 and {a["chart"] for a in alarms} == {"pred@0.03"}, len(alarms)
+    vanish = DriftSpec(label_priors={c: (0.02 if i == 0 else 0.49) for i, c in enumerate(schema.classes)})
+    rows, charts = _alarm_rows(solo, arrays, 600, [[36, r] for r in range(10)], vanish)
+    assert np.median(rows) < 100 and set(charts) == {"pred@0.03"}, (rows, charts)
+    assert detector_for(solo).blame("pred@0.03") == ["_prediction"]
+
+
+def test_a_version_2_detector_still_runs_as_calibrated(world):
+    """A profile calibrated by the previous release (spec version 2: no weights, the adaptive alternative
+    inside the `prior` maximum) keeps working: the monitor runs its charts as they were calibrated and
+    warns that re-registering brings the new ones; a snapshot from another version restarts the charts."""
+    task, schema, arrays, prof = world
+    d = json.loads(json.dumps(prof.to_dict()))
+    d["detector"]["version"] = 2
+    d["detector"].pop("weights")
+    d["detector"]["norm"].pop("pred@0.03")
+    old = ReferenceProfile.from_dict(d)
+    with pytest.warns(UserWarning, match="older raysys"):
+        det = detector_for(old)
+    assert det.version == 2 and det.weights == {}
+    x, c, _, p = arrays(400, 35, DriftSpec(label_priors={c: (0.8 if i == 2 else 0.1) for i, c in enumerate(schema.classes)}))
+    alarms = det.update(score_rows(old, x, c, p))
+    assert alarms and alarms[0]["chart"] == "prior" and "pred@0.03" not in det.last_scores
+    new = detector_for(prof)
+    new.update(score_rows(prof, x[:50], c[:50], p[:50]))
+    det.load_state(json.loads(json.dumps(new.state())))
+    assert det.t == 0 and det.rows == new.rows and not det.cusum["prior"].any()
+    with pytest.warns(UserWarning, match="older raysys"):
+        mon = Monitor(old.to_dict(), schema.model_dump(), {"window_size": 500, "ert": 500}, model_version=1)
+    assert mon.detector is not None and mon.detector.version == 2 and mon.report()["detector"]["calibrated"]
 
 
 def test_profile_from_an_older_detector_needs_recalibration(world):

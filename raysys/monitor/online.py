@@ -21,16 +21,36 @@ categories and the model's predicted probabilities. Five kinds of chart watch th
   not look at x_t; Lorden & Pollak 2005) and approaches the full multinomial KL whatever the new
   frequencies are.
 - `prior`: black-box shift detection on the predicted probabilities: the CUSUM of the log-likelihood
-  ratio of a label-prior shift, which for a calibrated model is log sum_k (pi'_k / pi_k) p_k(x). The
-  alternatives pi' are one class's odds multiplied by m (m in `charts["prior"]`) and an adaptive one
-  (the EWMA of the predicted probabilities seen so far, `charts["pred"]`).
+  ratio of a label-prior shift, which for a calibrated model is log sum_k (pi'_k / pi_k) p_k(x), one per
+  class k with pi' = that class's odds multiplied by m (m in `charts["prior"]`), the chart their maximum.
+  A class becoming much more frequent is the shift that costs accuracy fastest; on the benchmark's
+  student such a flip moves 0.26 nats a row, so every nat of threshold is ~4 rows of delay. The direction
+  is unknown: the maximum over K classes costs ln K (measured: a CUSUM that knows the class and the new
+  priors needs 23-24 rows at ERT 10k; the max over 4 classes alone 28-30). Finer grids, a dense grid over the
+  prior simplex (a GLR proxy) and a magnitude grid (m = 0.25, 3, 9) were measured slower: each added
+  alternative raises the threshold more than its better fit saves. Temperature, bias-corrected or matrix
+  calibration of the probabilities left the flip's KL unchanged (0.258 nats; a held-out logistic
+  recalibration on the probabilities AND the features 0.265: not worth a second model), so the chart
+  takes the model's probabilities as they are (pi is their held-out mean, so the increments are
+  likelihood ratios with mean 1 under the reference whatever the calibration).
+- `pred@lambda`: the same CUSUM against an adaptive alternative prior (the EWMA of the predicted
+  probabilities seen before the row, Lorden & Pollak): any direction, small shifts, classes vanishing.
+  Its null tail is much lighter than the grid's maximum, so it is a chart of its own (inside the `prior`
+  maximum it would never be the one to alarm).
 
 Each chart's value is put on one scale by an exponential tail fitted to its per-row null distribution
-above the 99th percentile, and the detector alarms when the largest passes ONE threshold. That threshold
-is calibrated by simulation: streams bootstrapped from held-out reference rows run through this same code
-and the threshold whose mean run length to a false alarm is the target ERT is read off (in the spirit of
-Cobb et al., AISTATS 2022, and alibi-detect's online detectors). After an alarm the detector restarts, so
-the ERT is also the expected number of rows between false alarms.
+above the 99th percentile, plus the log of its kind's budget weight (`weights`: a kind with weight w
+alarms w times as often per row as a kind with weight 1), and the detector alarms when the largest passes
+ONE threshold. That threshold is calibrated by simulation: streams bootstrapped from held-out reference
+rows run through this same code and the threshold whose mean run length to a false alarm is the target
+ERT is read off (in the spirit of Cobb et al., AISTATS 2022, and alibi-detect's online detectors). After
+an alarm the detector restarts, so the ERT is also the expected number of rows between false alarms.
+
+The weights split that one false-alarm budget. With equal weights the numeric `cusum` and `sum` charts
+took ~80% of the false alarms on the benchmark and the `prior` chart 12%; its signal is one number a row,
+and each nat it gives up costs it ~4 rows while a 0.5 sigma feature shift loses ~8 of its ~90 (the
+numeric targets have room), so `prior` gets most of the budget (~75% of the alarms) and `pred` a few
+percent.
 
 Everything is vectorised over the rows of a batch: the EWMAs run in C (`scipy.signal.lfilter`), and a
 CUSUM is S_t = C_t - min(-S_0, min_{s<=t} C_s) with C the cumulative sum of its increments (Lindley's
@@ -41,21 +61,29 @@ from __future__ import annotations
 
 import math
 import time
+import warnings
 from typing import Any
 
 import numpy as np
 from scipy.signal import lfilter
 from scipy.special import chdtrc
 
-SPEC_VERSION = 2  # detector specs calibrated for these charts; older ones must be recalibrated
+SPEC_VERSION = 3  # detector specs calibrated for these charts
+# specs this code still runs as calibrated: version 2 had the adaptive prior alternatives (`pred`) inside the
+# `prior` chart's maximum and equal budget weights; older ones must be recalibrated
+READABLE_SPEC_VERSIONS = (2, 3)
 DEFAULT_CHARTS: dict[str, tuple[float, ...]] = {
     "cusum": (0.5, 1.0),  # numeric: mean shifts (reference sigmas) the per-feature CUSUMs are tuned to
     "spread": (0.25,),  # numeric: per-feature CUSUMs summed with a sparsity prior (Mei 2010; Xie & Siegmund 2013)
     "sum": (0.01,),  # numeric: EWMA constants of the sum-of-squares charts (small shifts of many features)
     "cat": (0.01,),  # categorical: EWMA constant of the adaptive alternative's frequencies
-    "prior": (0.25, 3.0, 9.0),  # predictions: odds multipliers of one class (rarer / more / much more frequent)
+    "prior": (6.0,),  # predictions: odds multiplier(s) of one class (a class becoming much more frequent)
     "pred": (0.03,),  # predictions: EWMA constant of the adaptive alternative prior
 }
+# each chart kind's share of the false-alarm budget (relative; a kind left out has 1): the alarm score is
+# max_k (score_k + log w_k), so chart k alarms at w_k times the others' per-row tail probability (see the
+# module docstring for the split)
+DEFAULT_WEIGHTS: dict[str, float] = {"prior": 12.0, "pred": 4.0}
 ADAPT_WEIGHT = 0.9  # adaptive alternatives: share of the estimate (the rest is the reference: bounded loss)
 MIN_P = 1e-300
 TAIL_Q = 0.99  # each chart's null tail is fitted above this per-row quantile ...
@@ -93,7 +121,17 @@ class OnlineDetector:
     def __init__(self, n_num: int, cat_sizes: list[int], n_pred: int, *, threshold: float = math.inf,
                  charts: dict[str, Any] | None = None, feature_names: list[str] | None = None,
                  norm: dict[str, Any] | None = None, cat_props: list[np.ndarray] | None = None,
-                 pred_mean: np.ndarray | None = None):
+                 pred_mean: np.ndarray | None = None, weights: dict[str, float] | None = None,
+                 version: int = SPEC_VERSION):
+        if version not in READABLE_SPEC_VERSIONS:
+            raise ValueError(f"online detector: spec version {version!r} is not one of {READABLE_SPEC_VERSIONS}")
+        self.version = int(version)
+        self.weights = {k: float(w) for k, w in (weights or {}).items()}
+        bad = {k: w for k, w in self.weights.items() if not (math.isfinite(w) and w > 0)}
+        if bad:
+            raise ValueError(f"online detector: weights must be positive and finite, got {bad}; leave a chart "
+                             "out of `charts` to turn it off")
+        self._log_w = {k: math.log(w) for k, w in self.weights.items()}
         self.norm = {k: (float(q), float(b)) for k, (q, b) in (norm or {}).items()}
         self.n_num = int(n_num)
         self.cat_sizes = [int(k) for k in cat_sizes]
@@ -141,13 +179,13 @@ class OnlineDetector:
 
     # ----- state (JSON-able, for snapshots) -----
     def state(self) -> dict[str, Any]:
-        return {"version": SPEC_VERSION, "t": self.t, "alarms": self.alarms, "rows": self.rows,
+        return {"version": self.version, "t": self.t, "alarms": self.alarms, "rows": self.rows,
                 "ewma": {k: v.tolist() for k, v in self.ewma.items()},
                 "cusum": {k: v.tolist() for k, v in self.cusum.items()}}
 
     def load_state(self, st: dict[str, Any]) -> None:
         self.alarms, self.rows = int(st["alarms"]), int(st["rows"])
-        if st.get("version") != SPEC_VERSION:  # an older detector's statistics: start the charts afresh
+        if st.get("version") != self.version:  # another detector's statistics: start the charts afresh
             self.reset()
             return
         self.t = int(st["t"])
@@ -204,10 +242,19 @@ class OnlineDetector:
                 w = ADAPT_WEIGHT * _lagged(est, self.ewma[key]) / pi + (1 - ADAPT_WEIGHT)
                 incs.append(np.log(np.maximum(np.einsum("ij,ij->i", w, P), MIN_P))[:, None])
             carry["prior"] = cs = _cusum(np.concatenate(incs, 1), self.cusum["prior"])
-            charts["prior"] = cs.max(1)
+            n_grid = len(ch["prior"]) * self.n_pred
+            if self.version < 3:  # version 2: one chart, the maximum over all the alternatives
+                charts["prior"] = cs.max(1)
+            else:
+                # the adaptive alternatives' CUSUMs have a much lighter null tail than the fixed grid's
+                # maximum: inside one maximum they would never be the one to alarm, so each is its own chart
+                if n_grid:
+                    charts["prior"] = cs[:, :n_grid].max(1)
+                for i, lam in enumerate(ch["pred"]):
+                    charts[f"pred@{lam:g}"] = cs[:, n_grid + i]
         for k, (q, beta) in self.norm.items():
             if k in charts:
-                charts[k] = TAIL_LOGP + (charts[k] - q) / beta
+                charts[k] = TAIL_LOGP + (charts[k] - q) / beta + self._log_w.get(k.split("@")[0], 0.0)
         combined = np.max(np.stack(list(charts.values())), 0) if charts else np.zeros(n)
         return carry, charts, combined
 
@@ -274,7 +321,8 @@ class OnlineDetector:
 
     def describe(self) -> dict[str, Any]:
         return {"rows_since_restart": self.t, "alarms": self.alarms, "rows": self.rows,
-                "threshold": self.threshold, "scores": dict(self.last_scores),
+                "threshold": self.threshold, "weights": dict(self.weights),
+                "spec_version": self.version, "scores": dict(self.last_scores),
                 "max_score": max(self.last_scores.values()) if self.last_scores else None}
 
 
@@ -298,8 +346,9 @@ def score_rows(profile, x_num: np.ndarray, x_cat: np.ndarray, proba: np.ndarray 
 
 
 def is_current(detector_spec: dict[str, Any] | None) -> bool:
-    """Whether a stored detector spec was calibrated for this version's charts."""
-    return bool(detector_spec) and detector_spec.get("version") == SPEC_VERSION
+    """Whether a stored detector spec was calibrated for charts this version can run (its own, or an older
+    layout it still runs as calibrated: `detector_for` warns)."""
+    return bool(detector_spec) and detector_spec.get("version") in READABLE_SPEC_VERSIONS
 
 
 def detector_for(profile, threshold: float | None = None) -> OnlineDetector:
@@ -307,13 +356,20 @@ def detector_for(profile, threshold: float | None = None) -> OnlineDetector:
     if spec and not is_current(spec):
         raise ValueError("online detector: the profile's detector was calibrated by an older raysys; "
                          "recalibrate it (ReferenceProfile.calibrate) or re-register the model")
+    version = spec.get("version", SPEC_VERSION)
+    if spec and version != SPEC_VERSION:
+        warnings.warn(f"online detector: the profile's detector was calibrated by an older raysys (spec version "
+                      f"{version}); running its charts as calibrated, without the newer label-shift charts and "
+                      "budget weights; re-register the model (or ReferenceProfile.calibrate) to use them",
+                      stacklevel=2)
     if threshold is None:
         threshold = spec.get("threshold", math.inf)
     n_pred = 0 if profile.prediction is None else len(profile.prediction.mean)
     return OnlineDetector(len(profile.numeric), [c.num_bins for c in profile.categorical], n_pred,
                           threshold=threshold, charts=spec.get("charts"), feature_names=profile.feature_names,
                           norm=spec.get("norm"), cat_props=[c.ref_props for c in profile.categorical],
-                          pred_mean=None if profile.prediction is None else profile.prediction.mean)
+                          pred_mean=None if profile.prediction is None else profile.prediction.mean,
+                          weights=spec.get("weights"), version=version)
 
 
 def threshold_for_ert(detector_spec: dict[str, Any], ert: float) -> tuple[float, bool]:
@@ -336,14 +392,16 @@ def threshold_for_ert(detector_spec: dict[str, Any], ert: float) -> tuple[float,
 
 def calibrate_detector(profile, x_num: np.ndarray, x_cat: np.ndarray, proba: np.ndarray | None = None, *,
                        ert: float = 10_000, num_rows: int = 1_000_000, seed: int = 0,
-                       charts: dict[str, Any] | None = None, run_rows: int | None = None) -> dict[str, Any]:
+                       charts: dict[str, Any] | None = None, run_rows: int | None = None,
+                       weights: dict[str, float] | None = None) -> dict[str, Any]:
     """Bootstrap calibration of the alarm threshold (see the module docstring).
 
     Streams of `run_rows` rows (default: `ert`, so ~63% of them alarm) are resampled with replacement from
     the given held-out reference rows, scored from a fresh start, and their running maximum kept; for each
     candidate threshold h the run lengths give the censored-exponential estimate
     ERT(h) = rows watched / alarms. The table (h, ERT(h), alarms) is stored so that a monitor configured
-    for another ERT reads its threshold from it without simulating again.
+    for another ERT reads its threshold from it without simulating again. `weights` (chart kind -> share
+    of the false-alarm budget, default `DEFAULT_WEIGHTS`; `{}` for equal shares) are stored with it.
     """
     t0 = time.perf_counter()
     S_ref = score_rows(profile, x_num, x_cat, proba)
@@ -362,7 +420,8 @@ def calibrate_detector(profile, x_num: np.ndarray, x_cat: np.ndarray, proba: np.
     det = OnlineDetector(len(profile.numeric), [c.num_bins for c in profile.categorical],
                          0 if profile.prediction is None else len(profile.prediction.mean), charts=charts,
                          cat_props=[c.ref_props for c in profile.categorical],
-                         pred_mean=None if profile.prediction is None else profile.prediction.mean)
+                         pred_mean=None if profile.prediction is None else profile.prediction.mean,
+                         weights=DEFAULT_WEIGHTS if weights is None else weights)
     # pass 1: each chart's per-row null tail (the charts' nulls differ in shape - a max of CUSUMs, a
     # chi-squared of EWMAs - and a rare category or a non-Gaussian feature bends them further; an
     # exponential tail fitted above the 99th percentile puts them on one scale)
@@ -393,7 +452,7 @@ def calibrate_detector(profile, x_num: np.ndarray, x_cat: np.ndarray, proba: np.
         exposure = float(np.minimum(rl + 1, L).sum())
         table.append([float(h), exposure / max(events, 1), events])
     spec = {"version": SPEC_VERSION, "charts": {k: list(v) for k, v in det.charts.items()}, "norm": norm,
-            "ert": float(ert), "table": table,
+            "weights": dict(det.weights), "ert": float(ert), "table": table,
             "calibration": {"rows": runs * L, "runs": runs, "run_rows": L, "source_rows": n_ref, "seed": seed}}
     spec["threshold"], spec["extrapolated"] = threshold_for_ert(spec, ert)
     spec["calibration"]["seconds"] = round(time.perf_counter() - t0, 2)
