@@ -344,6 +344,51 @@ def measure_latency(model: nn.Module, x_num, x_cat, *, batch_size: int = 64, rep
             "per_row_in_batch_ms": batch["p50"] / bs, "repeats": repeats, "threads": torch.get_num_threads()}
 
 
+@torch.inference_mode()
+def compare_latency(models: dict[str, nn.Module], x_num, x_cat, *, batch_sizes: tuple[int, ...] = (1, 64),
+                    rounds: int = 20, block: int = 50, warmup: int = 5, seed: int = 0) -> dict[str, Any]:
+    """Per-row latency of several models measured side by side, for ratios between them.
+
+    For each batch size, `rounds` rounds; in each round every model in turn scores `warmup` + `block`
+    calls (one `model(x_num, x_cat)` call each, in `inference_mode`, like a serving replica), on the
+    SAME randomly drawn row slices for every model. Interleaving in blocks means a load change on the
+    machine hits every model alike, while each block still runs with that model's own weights in the
+    cache (the warmup calls refill it), as in a replica that serves one model. Returns, per model and
+    batch size, the p50 / p99 / mean of per-row milliseconds (call time / batch size) over the
+    `rounds * block` timed calls, on the caller's torch threads (set them before calling).
+    """
+    if not models:
+        raise ValueError("compare_latency: no models")
+    if rounds < 1 or block < 1 or warmup < 0 or not batch_sizes or min(batch_sizes) < 1:
+        raise ValueError("compare_latency: rounds, block and every batch size must be >= 1, warmup >= 0")
+    xn = torch.as_tensor(np.asarray(x_num), dtype=torch.float32)
+    xc = torch.as_tensor(np.asarray(x_cat), dtype=torch.int64)
+    n = len(xn)
+    if n == 0:
+        raise ValueError("compare_latency: no rows")
+    for m in models.values():
+        m.eval()
+    rng = np.random.default_rng(seed)
+    out: dict[str, Any] = {name: {} for name in models}
+    for size in batch_sizes:
+        bs = min(size, n)
+        times: dict[str, list[float]] = {name: [] for name in models}
+        for _ in range(rounds):
+            starts = rng.integers(0, n - bs + 1, size=warmup + block)
+            for name, model in models.items():
+                for k, i in enumerate(starts):
+                    a, b = xn[i:i + bs], xc[i:i + bs]
+                    t0 = time.perf_counter_ns()
+                    model(a, b)
+                    dt = (time.perf_counter_ns() - t0) / 1e6
+                    if k >= warmup:
+                        times[name].append(dt / bs)
+        for name in models:
+            out[name][f"batch{size}"] = {**_percentiles(times[name]), "batch_size": bs}
+    return {"per_row_ms": out, "rounds": rounds, "block": block, "warmup": warmup,
+            "threads": torch.get_num_threads()}
+
+
 # ----- everything ---------------------------------------------------------------------------------------
 
 

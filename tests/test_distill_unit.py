@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import math
 
 import numpy as np
@@ -517,3 +518,39 @@ def test_benchmark_teacher_recipe_keeps_the_best_validation_epoch(one_thread):
         # the returned weights are the best epoch's: their validation accuracy is the reported one
         assert bench.test_accuracy(model, (vx, vc, vy)) == pytest.approx(info["val_accuracy"], abs=1e-4)
         assert info["val_accuracy"] > 0.6  # learned the rule (chance is ~1/3)
+
+
+def test_benchmark_ensemble_teacher_is_the_members_mean_log_probability(one_thread):
+    from raysys.config import ModelConfig
+    from raysys.data.schema import DatasetSchema
+    from raysys.models import model_spec, num_parameters
+
+    bench = _bench_distill()
+    schema = DatasetSchema.model_validate({
+        "features": [{"name": f"n{i}", "kind": "numeric"} for i in range(4)]
+        + [{"name": "a", "kind": "categorical", "categories": ["x", "y", "z"]},
+           {"name": "b", "kind": "categorical", "categories": ["p", "q"]}],
+        "label": "label", "classes": ["c0", "c1", "c2"]})
+    x, c, y, _ = _synthetic(300, 0)
+    vx, vc, vy, _ = _synthetic(100, 1)
+    for activation in ("relu", "gelu"):
+        cfg = ModelConfig(hidden_dims=[16, 8], dropout=0.1, activation=activation)
+        members = []
+        for seed in range(3):
+            torch.manual_seed(seed)
+            members.append(build_model(model_spec(schema, cfg)).eval())
+        ens = bench.MLPEnsemble(members)
+        xn, xc = torch.from_numpy(vx), torch.from_numpy(vc)
+        with torch.inference_mode():
+            want = torch.stack([torch.log_softmax(m(xn, xc), dim=1) for m in members]).mean(0)
+            torch.testing.assert_close(ens(xn, xc), want, rtol=1e-5, atol=1e-6)
+            torch.testing.assert_close(ens(xn[:1], xc[:1]), want[:1], rtol=1e-5, atol=1e-6)  # one row per call
+        assert num_parameters(ens) == sum(num_parameters(m) for m in members)
+    # recipe.members > 1 trains that many members from seeds 100 * seed + i and stacks them
+    recipe = bench.Recipe(lr=3e-3, weight_decay=1e-4, epochs=2, batch_size=64, members=2)
+    model, info = bench.train_teacher(schema, ModelConfig(hidden_dims=[16]), recipe, (x, c, y), (vx, vc, vy))
+    one, one_info = bench.train_teacher(schema, ModelConfig(hidden_dims=[16]), dataclasses.replace(recipe, members=1),
+                                        (x, c, y), (vx, vc, vy), seed=1)
+    assert isinstance(model, bench.MLPEnsemble) and model.num_members == 2 and not model.training
+    assert info["member_val_accuracy"][1] == one_info["val_accuracy"]  # member 1 = seed 1
+    assert info["val_accuracy"] == pytest.approx(bench.test_accuracy(model, (vx, vc, vy)), abs=1e-4)

@@ -264,3 +264,42 @@ def test_full_evaluation_has_every_section():
     json.loads(json.dumps(m))
     with pytest.raises(ValueError):
         measure_latency(_Echo(), x_num[:0], x_cat[:0])
+
+
+class _Recorder(nn.Module):
+    """Records the first row index of every call (x_num[:, 0] holds the row number)."""
+
+    def __init__(self):
+        super().__init__()
+        self.calls: list[tuple[int, int]] = []
+
+    def forward(self, x_num, x_cat):
+        self.calls.append((int(x_num[0, 0]), len(x_num)))
+        return x_num
+
+
+def test_compare_latency_interleaves_the_same_rows_for_every_model():
+    from raysys.evaluate import compare_latency
+
+    x_num = np.arange(100, dtype=np.float32)[:, None].repeat(2, 1)
+    x_cat = np.zeros((100, 1), dtype=np.int64)
+    a, b = _Recorder(), _Recorder()
+    out = compare_latency({"a": a, "b": b}, x_num, x_cat, batch_sizes=(1, 8), rounds=3, block=4, warmup=2)
+    # every model sees the same slices, in the same order: (warmup + block) calls per round and batch size
+    assert a.calls == b.calls and len(a.calls) == 2 * 3 * (2 + 4)
+    assert [size for _, size in a.calls] == [1] * 18 + [8] * 18
+    assert all(0 <= start <= 100 - size for start, size in a.calls)
+    for name in ("a", "b"):
+        for key, size in (("batch1", 1), ("batch8", 8)):
+            row = out["per_row_ms"][name][key]
+            assert row["batch_size"] == size and row["p99"] >= row["p50"] > 0
+    assert out["threads"] == torch.get_num_threads() and out["block"] == 4
+    json.loads(json.dumps(out))
+    big = compare_latency({"a": _Recorder()}, x_num[:5], x_cat[:5], batch_sizes=(64,), rounds=1, block=1)
+    assert big["per_row_ms"]["a"]["batch64"]["batch_size"] == 5  # capped at the rows there are
+    with pytest.raises(ValueError, match="no models"):
+        compare_latency({}, x_num, x_cat)
+    with pytest.raises(ValueError, match="no rows"):
+        compare_latency({"a": a}, x_num[:0], x_cat[:0])
+    with pytest.raises(ValueError, match=">= 1"):
+        compare_latency({"a": a}, x_num, x_cat, batch_sizes=(0,))
