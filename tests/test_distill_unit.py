@@ -498,16 +498,21 @@ def test_benchmark_paired_stats_by_hand():
     assert (stats["positive"], stats["negative"], stats["n"]) == (2, 1, 3)
 
 
-def test_benchmark_teacher_recipe_keeps_the_best_validation_epoch(one_thread):
-    from raysys.config import ModelConfig
+def _bench_schema():
     from raysys.data.schema import DatasetSchema
 
-    bench = _bench_distill()
-    schema = DatasetSchema.model_validate({
+    return DatasetSchema.model_validate({
         "features": [{"name": f"n{i}", "kind": "numeric"} for i in range(4)]
         + [{"name": "a", "kind": "categorical", "categories": ["x", "y", "z"]},
            {"name": "b", "kind": "categorical", "categories": ["p", "q"]}],
         "label": "label", "classes": ["c0", "c1", "c2"]})
+
+
+def test_benchmark_teacher_recipe_keeps_the_best_validation_epoch(one_thread):
+    from raysys.config import ModelConfig
+
+    bench = _bench_distill()
+    schema = _bench_schema()
     x, c, y, _ = _synthetic(600, 0)
     vx, vc, vy, _ = _synthetic(200, 1)
     for model_cfg in (ModelConfig(hidden_dims=[16]), ModelConfig(family="ft_transformer", d_model=8, num_blocks=1,
@@ -522,15 +527,10 @@ def test_benchmark_teacher_recipe_keeps_the_best_validation_epoch(one_thread):
 
 def test_benchmark_ensemble_teacher_is_the_members_mean_log_probability(one_thread):
     from raysys.config import ModelConfig
-    from raysys.data.schema import DatasetSchema
     from raysys.models import model_spec, num_parameters
 
     bench = _bench_distill()
-    schema = DatasetSchema.model_validate({
-        "features": [{"name": f"n{i}", "kind": "numeric"} for i in range(4)]
-        + [{"name": "a", "kind": "categorical", "categories": ["x", "y", "z"]},
-           {"name": "b", "kind": "categorical", "categories": ["p", "q"]}],
-        "label": "label", "classes": ["c0", "c1", "c2"]})
+    schema = _bench_schema()
     x, c, y, _ = _synthetic(300, 0)
     vx, vc, vy, _ = _synthetic(100, 1)
     for activation in ("relu", "gelu"):
