@@ -59,8 +59,9 @@ def test_window_tests_match_scipy_ks_and_flag_the_shift(world):
     for j in range(6):
         f = res["features"][f"x{j}"]
         exact = ks_2samp(x_ref[:, j], xw[:, j])
-        # the KS statistic on the 49-point reference grid is within a grid step of the exact one
-        assert f["statistic"] <= exact.statistic + 1e-9 and f["statistic"] >= exact.statistic - 0.03
+        # the sup over the grid and every window value, the reference CDF interpolated between grid points
+        # (in normal-score space): close to scipy's two-sample statistic on the raw reference
+        assert abs(f["statistic"] - exact.statistic) <= 0.01, (j, f["statistic"], exact.statistic)
     assert [n for n, f in res["features"].items() if f["drifted"]] == ["x2", "c1"]
     assert res["dataset"]["drifted"] and res["dataset"]["num_drifted"] == 2
     assert res["features"]["c1"]["test"] == "chi2" and res["features"]["x2"]["js"] > 0
