@@ -76,7 +76,12 @@ def main() -> int:
         Path(args.out).write_text(json.dumps({"samples_per_s": rates, "world": world,
                                               "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}))
     dist.destroy_process_group()
-    return 0
+    # exit here, before `model` is freed: freeing DDP's Reducer at interpreter teardown can deadlock (the main
+    # thread joins gloo's worker thread while holding the GIL that thread needs to release a tensor; seen
+    # once, py-spy: ~ProcessGroupGloo <- ~Reducer), which leaves torchrun waiting forever
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)
 
 
 if __name__ == "__main__":
