@@ -227,7 +227,9 @@ class _SegmentedRefs:
         k = len(refs)
         self.k = k
         self.edges = [r.edges for r in refs]
-        self.grid_x = [r.grid_x for r in refs]
+        # the KS grid: the profile's dense KS grid where it has one, else its fine grid
+        self.dense = [getattr(r, "ks_x", None) is not None and len(r.ks_x) >= 2 for r in refs]
+        self.grid_x = [r.ks_x if d else r.grid_x for r, d in zip(refs, self.dense)]
         nb = np.array([len(e) + 1 for e in self.edges], dtype=np.int64)
         ng = np.array([len(g) for g in self.grid_x], dtype=np.int64)
         self.c_off = np.concatenate([[0], np.cumsum(nb)[:-1]]).astype(np.int64)
@@ -238,11 +240,15 @@ class _SegmentedRefs:
         self.g_off = np.concatenate([[0], np.cumsum(ng + 1)[:-1]]).astype(np.int64)
         self.g_total = int((ng + 1).sum())
         self.ng = ng
-        self.g_cdf = np.concatenate([np.append(r.grid_cdf, 1.0) for r in refs]) if refs else np.zeros(0)
+        self.g_cdf = np.concatenate([np.append(r.ks_cdf if d else r.grid_cdf, 1.0) for r, d in zip(refs, self.dense)]) \
+            if refs else np.zeros(0)
         self.g_feature = np.repeat(np.arange(k), ng + 1)
         # the affine map per feature and every reference point mapped by it
-        lo = np.array([min(g[0], e[0]) if len(e) else g[0] for g, e in zip(self.grid_x, self.edges)]) if k else np.zeros(0)
-        hi = np.array([max(g[-1], e[-1]) if len(e) else g[-1] for g, e in zip(self.grid_x, self.edges)]) if k else np.zeros(0)
+        # (a dense grid's feature: its fine grid's points too, tested beside the dense ones)
+        pts = [np.concatenate([g[[0, -1]], e[[0, -1]] if len(e) else g[:0], r.grid_x[[0, -1]] if d else g[:0]])
+               for g, e, r, d in zip(self.grid_x, self.edges, refs, self.dense)]
+        lo = np.array([p.min() for p in pts]) if k else np.zeros(0)
+        hi = np.array([p.max() for p in pts]) if k else np.zeros(0)
         self.a = lo
         self.s = np.where(hi > lo, hi - lo, 1.0)
         self.shift = np.arange(k) * (2 * self._PAD + 2.0)
@@ -261,6 +267,17 @@ class _SegmentedRefs:
         keep = np.ones(max(ext_len - 1, 0), dtype=bool)
         keep[self._ext_n[:-1]] = False  # the step from one feature's n to the next one's 0
         self._ext_keep = keep
+        # features with a dense KS grid: their 49-point fine grid too (the reference CDF is exact there)
+        fine = [j for j, d in enumerate(self.dense) if d]
+        self.f_keys = np.concatenate([self._map1(j, refs[j].grid_x) for j in fine]) if fine else np.zeros(0)
+        self.f_cdf = np.concatenate([refs[j].grid_cdf for j in fine]) if fine else np.zeros(0)
+        self.f_feature = np.concatenate([np.full(len(refs[j].grid_x), j) for j in fine]).astype(np.int64) \
+            if fine else np.zeros(0, dtype=np.int64)
+        self._f_which = np.asarray(fine, dtype=np.int64)  # features with a dense grid, their fine-grid runs
+        self._f_off = np.concatenate([[0], np.cumsum([len(refs[j].grid_x) for j in fine])[:-1]]).astype(np.int64) \
+            if fine else np.zeros(0, dtype=np.int64)
+        self._dense_points = np.concatenate([np.append(np.full(m, d), False) for m, d in zip(ng, self.dense)]) \
+            if k else np.zeros(0, dtype=bool)  # the dense grid's points (not the slot above the last)
         self._cells()
         self._tol: dict[int, np.ndarray] = {}
 
@@ -283,7 +300,11 @@ class _SegmentedRefs:
         parts: dict[str, list[np.ndarray]] = {f: [] for f in ("key", "cdf", "rate", "z", "zs", "tp", "tq", "tail",
                                                                "ok", "excess")}
         splits = np.split(self.g_keys, np.cumsum(self.ng + 1)[:-1]) if self.k else []
-        for ref, gk in zip(self.refs, splits):
+        for j, (ref, gk) in enumerate(zip(self.refs, splits)):
+            if self.dense[j]:
+                for name, v in self._dense_cells(j, ref, gk[:-1]).items():
+                    parts[name].append(v)
+                continue
             m = len(ref.grid_x)
             gk = gk[:m]
             gz = np.asarray(ref.grid_z, dtype=np.float64)
@@ -314,6 +335,40 @@ class _SegmentedRefs:
             setattr(self, f"cell_{name}", np.nan_to_num(arr) if arr.dtype != bool and name != "excess" else arr)
         self._center: tuple[int, int, np.ndarray] | None = None
 
+    def _dense_cells(self, j: int, ref, gk: np.ndarray) -> dict[str, np.ndarray]:
+        """`_cells` of a feature with a dense KS grid: points x_i with the reference CDF F(x_i) (`ks_cdf`)
+        and F(x_i-) (`ks_lo`), both exact. Between two points F rises linearly in the value from
+        F(x_{i-1}) to F(x_i-) (so an atom at a point is no error there); beyond the first and last point
+        the fine grid's normal-score extrapolation (`NumericRef.normal_scores`, slope of the fine grid's
+        segment holding the point) continues F from F(x_0-) and F(x_last). `excess` is the reference's
+        atom at the slot's right-hand point (F(x_i) - F(x_i-)): a window value exactly there is then only
+        tested at the point itself."""
+        m = len(gk)
+        cdf = np.asarray(ref.ks_cdf, dtype=np.float64)
+        lo = np.asarray(ref.ks_lo, dtype=np.float64)
+        rate, z, zs, tp, tq = (np.zeros(m + 1) for _ in range(5))
+        ok = np.zeros(m + 1, dtype=bool)
+        tail = np.zeros(m + 1, dtype=bool)
+        tail[[0, m]] = True
+        with np.errstate(divide="ignore", invalid="ignore"):
+            width = np.diff(gk)
+            rate[1:m] = (lo[1:] - cdf[:-1]) / width
+            ok[1:m] = (width > 0) & np.isfinite(rate[1:m])
+            fx = np.asarray(ref.grid_x, dtype=np.float64)
+            fz = np.asarray(ref.grid_z, dtype=np.float64)
+            if len(fx) >= 2:
+                fk = self._map1(j, fx)
+                for c, x in ((0, ref.ks_x[0]), (m, ref.ks_x[-1])):
+                    s = min(max(int(np.searchsorted(fx, x, side="right")) - 1, 0), len(fx) - 2)
+                    zs[c] = (fz[s + 1] - fz[s]) / (fk[s + 1] - fk[s])
+                    z[c] = float(np.clip(ref.normal_scores(np.array([x]))[0], -Z_CLIP, Z_CLIP))
+                tq[0] = lo[0] / ndtr(z[0])
+                tq[m] = (1.0 - cdf[-1]) / (1.0 - ndtr(z[m]))
+                tp[m] = 1.0 - tq[m]
+                ok[[0, m]] = np.isfinite(zs[[0, m]]) & (zs[[0, m]] > 0) & np.isfinite(tq[[0, m]])
+        return {"key": np.concatenate([gk[:1], gk]), "cdf": np.concatenate([lo[:1], cdf]), "rate": rate, "z": z,
+                "zs": zs, "tp": tp, "tq": tq, "tail": tail, "ok": ok, "excess": np.append(cdf - lo, 0.0)}
+
     def _usable(self, n_ref: int) -> np.ndarray:
         """Slots whose reference CDF may be interpolated, for a profile built from `n_ref` rows."""
         got = self._tol.get(n_ref)
@@ -338,8 +393,9 @@ class _SegmentedRefs:
         """x [n, features] raw values -> per-feature psi, js, ks, ks_p.
 
         KS: sup |F_window - F_ref| over the fine grid's points, where F_ref is known exactly (a lower bound
-        on the two-sample statistic); with `exact`, also over the window's own values, F_ref there
-        interpolated (`_cells`), which is what scipy's two-sample statistic against the raw reference sees.
+        on the two-sample statistic); with `exact`, also over the dense KS grid's points (where the profile
+        has one, F_ref exact there too) and over the window's own values, F_ref there interpolated
+        (`_cells`), which is what scipy's two-sample statistic against the raw reference sees.
         """
         n, k = x.shape
         if k:
@@ -356,7 +412,14 @@ class _SegmentedRefs:
         else:
             le, cc = np.zeros(0), np.zeros(0)
         f_win = le / max(n, 1)
-        ks = np.maximum.reduceat(np.abs(f_win - self.g_cdf), self.g_off) if k else np.zeros(0)
+        dev = np.abs(f_win - self.g_cdf)
+        if not exact and len(self.f_keys):  # the statistic at the fine grid's points only
+            dev[self._dense_points] = 0.0
+        ks = np.maximum.reduceat(dev, self.g_off) if k else np.zeros(0)
+        if len(self.f_keys) and k:
+            f_le = np.searchsorted(keys, self.f_keys, side="right") - self.f_feature * n
+            fine = np.maximum.reduceat(np.abs(f_le / max(n, 1) - self.f_cdf), self._f_off)
+            ks[self._f_which] = np.maximum(ks[self._f_which], fine)
         if exact and k and n:
             ks = np.maximum(ks, self._ks_at_window(keys, le_abs, n, k, n_ref))
         if exact:

@@ -36,8 +36,22 @@ PROFILE_FORMAT = 2
 READABLE_FORMATS = (1, 2)
 # the fine grid's normal-score levels: 49 reference quantiles at Phi(-3) .. Phi(3), evenly spaced in z
 GRID_Z = np.linspace(-3.0, 3.0, 49)
+# the dense KS grid: the reference CDF at 256 reference quantiles (levels (i + 0.5) / 256), used only for
+# the KS statistic (the reference CDF is interpolated linearly in x between them); values rounded to 7
+# significant digits (float32 precision) keep the JSON small
+KS_LEVELS = (np.arange(256) + 0.5) / 256
 Z_CLIP = 6.0  # normal scores are clipped here (an extrapolated value far outside the reference)
 CAT_PROP_FLOOR = 1e-4  # a category never seen in the reference still gets a finite (large) score
+
+
+def _round7(v: np.ndarray) -> np.ndarray:
+    """Round to 7 significant digits (float32 precision), so the JSON holds short decimals."""
+    v = np.asarray(v, dtype=np.float64)
+    with np.errstate(divide="ignore", invalid="ignore"):
+        mag = np.where(v != 0, np.floor(np.log10(np.abs(np.where(v != 0, v, 1.0)))), 0.0)
+        up, down = 10.0 ** np.maximum(6 - mag, 0), 10.0 ** np.maximum(mag - 6, 0)  # exact powers of ten
+        out = np.round(v * up / down) * down / up
+    return np.where(np.isfinite(out), out, v)
 
 
 @dataclass
@@ -50,6 +64,11 @@ class NumericRef:
     grid_x: np.ndarray | None = None  # fine grid: ascending unique reference quantiles
     grid_z: np.ndarray | None = None  # normal score at each grid point (mean level for tied quantiles)
     grid_cdf: np.ndarray | None = None  # reference share of rows <= grid_x[i]
+    # dense KS grid (None in profiles written before it: KS then uses the fine grid): ascending unique
+    # reference quantiles and the reference share of rows <= and < each
+    ks_x: np.ndarray | None = None
+    ks_cdf: np.ndarray | None = None
+    ks_lo: np.ndarray | None = None  # stored only where it differs from ks_cdf (an atom at a point)
 
     def __post_init__(self):
         if self.grid_x is None:  # a format-1 profile: the coarse edges are the grid
@@ -63,7 +82,7 @@ class NumericRef:
         return len(self.edges) + 1
 
     @classmethod
-    def build(cls, name: str, col: np.ndarray, num_bins: int) -> NumericRef:
+    def build(cls, name: str, col: np.ndarray, num_bins: int, dense: bool = True) -> NumericRef:
         col = np.sort(np.asarray(col, dtype=np.float64))
         n = len(col)
         qs = np.linspace(0.0, 1.0, num_bins + 1)[1:-1]
@@ -76,7 +95,15 @@ class NumericRef:
         # tied quantiles (a discrete feature) get the mean of their normal-score levels
         grid_z = np.bincount(inverse, weights=GRID_Z) / np.bincount(inverse)
         grid_cdf = np.searchsorted(col, grid_x, side="right") / n
-        return cls(name, edges, counts / n, grid_x, grid_z, grid_cdf)
+        if not dense or n < 2:
+            return cls(name, edges, counts / n, grid_x, grid_z, grid_cdf)
+        # dense KS points halfway between the order statistics around each level (no reference row sits
+        # on them unless the two are tied: an atom), rounded; their CDF is counted exactly
+        k = np.clip(np.ceil(KS_LEVELS * n).astype(np.int64), 1, n - 1)
+        ks_x = np.unique(_round7(col[k - 1] + (col[k] - col[k - 1]) / 2))
+        ks_cdf = _round7(np.searchsorted(col, ks_x, side="right") / n)
+        ks_lo = _round7(np.searchsorted(col, ks_x, side="left") / n)
+        return cls(name, edges, counts / n, grid_x, grid_z, grid_cdf, ks_x, ks_cdf, ks_lo)
 
     def normal_scores(self, x: np.ndarray) -> np.ndarray:
         """Raw values -> approximate N(0, 1) scores under the reference (piecewise-linear in x between the
@@ -95,7 +122,16 @@ class NumericRef:
 
     def to_dict(self) -> dict[str, Any]:
         return {"name": self.name, "edges": self.edges.tolist(), "ref_props": self.ref_props.tolist(),
-                "grid_x": self.grid_x.tolist(), "grid_z": self.grid_z.tolist(), "grid_cdf": self.grid_cdf.tolist()}
+                "grid_x": self.grid_x.tolist(), "grid_z": self.grid_z.tolist(), "grid_cdf": self.grid_cdf.tolist(),
+                **self._ks_dict()}
+
+    def _ks_dict(self) -> dict[str, Any]:
+        if self.ks_x is None:
+            return {}
+        d = {"ks_x": self.ks_x.tolist(), "ks_cdf": self.ks_cdf.tolist()}
+        if (self.ks_lo != self.ks_cdf).any():  # only a feature with atoms at its KS points stores F(x-)
+            d["ks_lo"] = self.ks_lo.tolist()
+        return d
 
     @classmethod
     def from_dict(cls, f: dict[str, Any]) -> NumericRef:
@@ -107,7 +143,15 @@ class NumericRef:
         grid = [np.asarray(f[k], dtype=np.float64) if k in f else None for k in ("grid_x", "grid_z", "grid_cdf")]
         if grid[0] is not None and not (len(grid[0]) == len(grid[1]) == len(grid[2])):
             raise ValueError(f"reference profile: feature {f['name']!r} needs grid_x, grid_z, grid_cdf of one length")
-        return cls(f["name"], edges, props, *grid)
+        dense = [np.asarray(f[k], dtype=np.float64) if k in f else None for k in ("ks_x", "ks_cdf", "ks_lo")]
+        if dense[0] is None or dense[1] is None:
+            dense = [None] * 3  # an older profile: KS on the fine grid
+        elif dense[2] is None:  # no atoms at the KS points: F(x-) = F(x)
+            dense[2] = dense[1]
+        elif not (len(dense[0]) == len(dense[1]) == len(dense[2])) or (np.diff(dense[0]) <= 0).any():
+            raise ValueError(f"reference profile: feature {f['name']!r} needs ascending unique ks_x and ks_cdf, "
+                             "ks_lo of its length")
+        return cls(f["name"], edges, props, *grid, *dense)
 
 
 @dataclass
@@ -290,7 +334,8 @@ class ReferenceProfile:
             raise ValueError(f"reference profile: proba must be [n >= 2, {k}] predicted probabilities")
         if not np.isfinite(proba).all():
             raise ValueError("reference profile: proba has NaN or infinite values")
-        per_class = [NumericRef.build(f"proba:{c}", proba[:, i], self.num_bins) for i, c in enumerate(self.classes)]
+        per_class = [NumericRef.build(f"proba:{c}", proba[:, i], self.num_bins, dense=False)
+                     for i, c in enumerate(self.classes)]
         mean = proba.mean(0)
         cov = np.cov(proba, rowvar=False).reshape(k, k)
         w, v = np.linalg.eigh(cov)
