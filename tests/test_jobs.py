@@ -37,6 +37,27 @@ def _wait_http(url: str, timeout_s: float = 90) -> requests.Response:
             time.sleep(1)
 
 
+def _kill_leftovers(root: str) -> list[int]:
+    """Kill what the cluster left outside its process group: Serve's HAProxy is re-parented to init and
+    outlives a stopped cluster (found after fresh-clone runs). Only processes whose working directory lies
+    in this cluster's own temp dir (the job's working_dir) are touched."""
+    killed = []
+    for d in Path("/proc").iterdir():
+        if not d.name.isdigit():
+            continue
+        try:
+            inside = os.readlink(d / "cwd").startswith(root.rstrip("/") + "/")
+        except OSError:
+            continue
+        if inside:
+            try:
+                os.kill(int(d.name), signal.SIGKILL)
+                killed.append(int(d.name))
+            except ProcessLookupError:
+                pass
+    return killed
+
+
 @pytest.fixture
 def token_cluster(tmp_path):
     home = tmp_path / "home"
@@ -73,6 +94,7 @@ def token_cluster(tmp_path):
                 head.wait(timeout=10)
             except subprocess.TimeoutExpired:
                 continue
+        _kill_leftovers(ray_tmp)
         shutil.rmtree(ray_tmp, ignore_errors=True)
 
 
