@@ -372,12 +372,17 @@ def _calibrated(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     return p, np.where(rng.random(n) < conf, top, other)
 
 
-@pytest.fixture(scope="module")
-def calibrated_monitor_world():
+def small_task_world():
+    """The small synthetic task, its schema, 1,000 reference rows and the preprocessor fitted on them."""
     task = SyntheticTask(SMALL_TASK)
     schema = task.schema()
     table = task.sample(1000, [11, 7])
-    pre = Preprocessor.fit(schema, table)
+    return task, schema, table, Preprocessor.fit(schema, table)
+
+
+@pytest.fixture(scope="module")
+def calibrated_monitor_world():
+    _, schema, table, pre = small_task_world()
     x_num, (_, x_cat, _) = pre.raw_numeric(table), pre.transform_table(table)
     prof = ReferenceProfile.from_arrays(schema, x_num, x_cat, num_bins=10)
     prof.add_predictions(*_calibrated(4000, 1))

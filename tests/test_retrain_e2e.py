@@ -25,9 +25,16 @@ import pytest
 import requests
 import yaml
 from serve_helpers import MODEL, poll, serve_http_port
-from test_monitor_e2e import SMALL_TASK, _predict, _report, _rows, _send_feedback, train_student_registry
+from test_monitor_e2e import (
+    _predict,
+    _report,
+    _rows,
+    _send_feedback,
+    small_task_world,
+    train_student_registry,
+)
 
-from raysys.data import DriftSpec, Preprocessor, SyntheticTask, fingerprint
+from raysys.data import DriftSpec, fingerprint
 from raysys.monitor.actor import Monitor
 from raysys.monitor.profile import ReferenceProfile
 from raysys.monitor.retrain import labels_uri
@@ -50,10 +57,7 @@ def _job_module():
 
 @pytest.fixture(scope="module")
 def small_world():
-    task = SyntheticTask(SMALL_TASK)
-    schema = task.schema()
-    table = task.sample(1000, [11, 7])
-    pre = Preprocessor.fit(schema, table)
+    task, schema, table, pre = small_task_world()
     prof = ReferenceProfile.from_table(schema, table, num_bins=10)
     return task, schema, pre, prof
 

@@ -182,23 +182,30 @@ def _learns(res, cfg, pre) -> None:
     assert res.metrics[-1]["val_accuracy"] > np.bincount(y).max() / len(y) + 0.05
 
 
+def _train_2d(tiny_cfg, strategy: str, parallel: dict, run_name: str):
+    """Train the tiny FT teacher with a 2-D composition on 4 workers; check it learned and ran as asked.
+    Returns (result, last epoch's metrics, bytes of the full model's state dict)."""
+    from raysys.config import ParallelConfig
+
+    cfg = _ft_tiny(tiny_cfg)
+    cfg.train.strategy = strategy
+    cfg.train.parallel = ParallelConfig(**parallel)
+    schema, pre = _data(cfg)
+    res = train_teacher(cfg, schema, pre, run_name=run_name)
+    _learns(res, cfg, pre)
+    m = res.metrics[-1]
+    assert m["strategy"] == strategy and m["world_size"] == 4
+    full = sum(t.numel() * t.element_size() for t in res.load_model().state_dict().values())
+    return res, m, full
+
+
 @pytest.mark.timeout(240)
 def test_pipeline_x_ddp_on_4_workers(ray_cluster, tiny_cfg):
     """2 pipeline stages x 2 DDP replicas: each stage's two replicas hold equal, different-from-the-other-stage
     parameter bytes; the consolidated weights load into the single-device teacher."""
-    from raysys.config import ParallelConfig
-
-    cfg = _ft_tiny(tiny_cfg)
-    cfg.train.strategy = "pipeline"
-    cfg.train.parallel = ParallelConfig(dp=2, pp=2)
-    schema, pre = _data(cfg)
-    res = train_teacher(cfg, schema, pre, run_name="teacher-pp-x-dp")
-    _learns(res, cfg, pre)
-    m = res.metrics[-1]
-    assert m["strategy"] == "pipeline" and m["world_size"] == 4
+    res, m, full = _train_2d(tiny_cfg, "pipeline", {"dp": 2, "pp": 2}, "teacher-pp-x-dp")
     per_rank = m["mem_per_rank_params_bytes"]
     assert len(per_rank) == 4 and len(set(per_rank)) == 2 and sorted(per_rank)[0] == sorted(per_rank)[1]
-    full = sum(t.numel() * t.element_size() for t in res.load_model().state_dict().values())
     assert sum(set(per_rank)) == full  # the two stages together are the whole model, each held twice
     assert read_meta(res.checkpoint_dir)["extra"]["parallel"] == {"dp": 2, "tp": 1, "pp": 2}
 
@@ -206,17 +213,7 @@ def test_pipeline_x_ddp_on_4_workers(ray_cluster, tiny_cfg):
 @pytest.mark.timeout(240)
 def test_tensor_x_zero3_on_4_workers(ray_cluster, tiny_cfg):
     """2-way tensor parallel x 2-way FSDP2 (zero3): every rank holds about a quarter of the sharded layers."""
-    from raysys.config import ParallelConfig
-
-    cfg = _ft_tiny(tiny_cfg)
-    cfg.train.strategy = "tensor"
-    cfg.train.parallel = ParallelConfig(dp=2, tp=2)
-    schema, pre = _data(cfg)
-    res = train_teacher(cfg, schema, pre, run_name="teacher-tp-x-zero3")
-    _learns(res, cfg, pre)
-    m = res.metrics[-1]
-    assert m["strategy"] == "tensor" and m["world_size"] == 4
-    full = sum(t.numel() * t.element_size() for t in res.load_model().state_dict().values())
+    res, m, full = _train_2d(tiny_cfg, "tensor", {"dp": 2, "tp": 2}, "teacher-tp-x-zero3")
     assert max(m["mem_per_rank_params_bytes"]) < 0.5 * full  # sharded over tp and dp, not replicated
     assert max(m["mem_per_rank_optimizer_bytes"]) < full  # AdamW's 2 x full, split four ways
     assert read_meta(res.checkpoint_dir)["extra"]["parallel"] == {"dp": 2, "tp": 2, "pp": 1}

@@ -46,12 +46,7 @@ CAT_PROP_FLOOR = 1e-4  # a category never seen in the reference still gets a fin
 
 def _round7(v: np.ndarray) -> np.ndarray:
     """Round to 7 significant digits (float32 precision), so the JSON holds short decimals."""
-    v = np.asarray(v, dtype=np.float64)
-    with np.errstate(divide="ignore", invalid="ignore"):
-        mag = np.where(v != 0, np.floor(np.log10(np.abs(np.where(v != 0, v, 1.0)))), 0.0)
-        up, down = 10.0 ** np.maximum(6 - mag, 0), 10.0 ** np.maximum(mag - 6, 0)  # exact powers of ten
-        out = np.round(v * up / down) * down / up
-    return np.where(np.isfinite(out), out, v)
+    return np.array([float(f"{x:.7g}") for x in np.asarray(v, dtype=np.float64).ravel()], dtype=np.float64)
 
 
 @dataclass
