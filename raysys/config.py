@@ -153,6 +153,11 @@ class TrainConfig(_Strict):
                                 "non-embedding weights only (not biases, norms, embeddings, feature tokenizer).")
     max_failures: int = Field(2, ge=-1, description="Worker-group restarts Ray Train allows (-1: unlimited).")
     timeout_s: int = Field(120, ge=10, description="Process-group timeout so a dead rank fails fast.")
+    report_poll_interval_s: float = Field(
+        0.2, gt=0, le=60, description="How often Ray Train's controller collects the workers' reports "
+        "(RAY_TRAIN_HEALTH_CHECK_INTERVAL_S; Ray's default is 2 s). A worker's ray.train.report waits until "
+        "the controller has taken its previous one, so epochs shorter than this wait for it every epoch. "
+        "An explicit RAY_TRAIN_HEALTH_CHECK_INTERVAL_S in the driver's environment wins.")
     seed: int = Field(0, description="Seed of model init and shuffling.")
 
     @model_validator(mode="after")

@@ -33,6 +33,9 @@ def test_train_teacher_tiny(ray_cluster, tiny_cfg):
     for m in res.metrics:
         assert {"epoch", "train_loss", "val_loss", "val_accuracy", "samples_per_s", "elapsed_s"} <= set(m)
         assert m["resumes"] == 0 and m["samples_per_s"] > 0
+        # the workers saw the controller's report-collection interval raysys set for the run
+        assert m["report_poll_interval_s"] == float(os.environ.get("RAY_TRAIN_HEALTH_CHECK_INTERVAL_S")
+                                                    or cfg.train.report_poll_interval_s)
     assert res.metrics[-1]["train_loss"] < res.metrics[0]["train_loss"]
 
     val = read_split(cfg.data.root, "validation")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 
 import numpy as np
 import pytest
@@ -251,3 +252,31 @@ def test_padding_batches_have_the_model_input_shapes(monkeypatch, spec):
     x_num, x_cat, y = padded[0]
     assert x_num.shape == (0, 5) and x_cat.shape == (0, 2) and x_cat.dtype == torch.int64 and y.shape == (0,)
     assert model(x_num, x_cat).shape == (0, 3)
+
+
+def test_report_poll_interval_sets_and_restores_the_controller_variable(monkeypatch):
+    from raysys.train.loop import REPORT_POLL_ENV
+    from raysys.train.trainer import report_poll_interval
+
+    monkeypatch.delenv(REPORT_POLL_ENV, raising=False)
+    with report_poll_interval(0.25) as got:
+        assert got == 0.25 and float(os.environ[REPORT_POLL_ENV]) == 0.25
+    assert REPORT_POLL_ENV not in os.environ
+    with pytest.raises(RuntimeError), report_poll_interval(0.25):
+        raise RuntimeError("fit failed")
+    assert REPORT_POLL_ENV not in os.environ
+    # an operator's explicit setting wins and is left as it was
+    monkeypatch.setenv(REPORT_POLL_ENV, "1.5")
+    with report_poll_interval(0.25) as got:
+        assert got == 1.5 and os.environ[REPORT_POLL_ENV] == "1.5"
+    assert os.environ[REPORT_POLL_ENV] == "1.5"
+
+
+def test_report_poll_interval_is_validated():
+    from pydantic import ValidationError
+
+    from raysys.config import TrainConfig
+
+    assert TrainConfig().report_poll_interval_s == 0.2
+    with pytest.raises(ValidationError, match="report_poll_interval_s"):
+        TrainConfig(report_poll_interval_s=0)

@@ -217,6 +217,21 @@ def gather_batch(group, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     return tuple(out)
 
 
+# Ray Train v2's controller collects each worker's `ray.train.report` once per health-check interval and a
+# worker's result queue holds one report, so a report waits until the previous one has been taken. The
+# driver's value of this variable reaches the controller and the workers (Ray Train's ENV_VARS_TO_PROPAGATE);
+# `raysys.train.trainer.report_poll_interval` sets it from `train.report_poll_interval_s`.
+REPORT_POLL_ENV = "RAY_TRAIN_HEALTH_CHECK_INTERVAL_S"
+
+
+def _env_float(name: str) -> float | None:
+    value = os.environ.get(name)
+    try:
+        return float(value) if value else None
+    except ValueError:
+        return None
+
+
 def epoch_seed(seed: int, epoch: int, rank: int) -> int:
     """A distinct, reproducible seed per (run seed, epoch, rank)."""
     return int(np.random.SeedSequence([seed, epoch, rank]).generate_state(1)[0])
@@ -472,6 +487,8 @@ def train_loop_per_worker(config: dict[str, Any]) -> None:
             "resumes": resumes,
             "strategy": scfg.strategy,
             "world_size": world,
+            # the controller's report-collection interval, as Ray Train handed it to this worker (None: Ray's 2 s)
+            "report_poll_interval_s": _env_float(REPORT_POLL_ENV),
             **mem,
         }
         history.append(metrics)
