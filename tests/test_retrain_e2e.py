@@ -358,9 +358,12 @@ def test_drift_alert_retrains_registers_canaries_and_promotes_a_candidate(retrai
         assert {1, cand} <= versions, versions
         failed = [r for r in trickle.results if r[1] != 200]
         assert failed == [] and len(trickle.results) > 50, failed[:5]
-        # the promoted version's monitor runs on it; the cooldown keeps a second job from starting
+        # the promoted version's monitor runs on it and shows the job's end: its watcher refreshes the status
+        # every 2 s (RetrainTrigger.poll_s), so the report may trail the Jobs API by that much
         with requests.Session() as s:
-            after = _report(s, url)
+            after = poll(lambda: (r := _report(s, url)) is not None and r["retrain"]["jobs"]
+                         and r["retrain"]["jobs"][0]["status"] in ("SUCCEEDED", "FAILED", "STOPPED") and r,
+                         timeout_s=30, interval_s=0.5, what="the monitor's report of the job's end")
         assert after["model_version"] == str(cand) and after["retrain"]["jobs"][0]["status"] == "SUCCEEDED"
     finally:
         if job_id is not None and str(jobs.get_job_status(job_id)).split(".")[-1] not in ("SUCCEEDED", "FAILED",
