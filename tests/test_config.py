@@ -79,3 +79,27 @@ def test_activation_defaults_students_relu_preset_teachers_gelu():
         cfg = preset(name)
         assert (cfg.teacher.family, cfg.teacher.activation, cfg.distill.student.activation) == ("mlp", "gelu", "relu")
     assert preset("tiny").teacher.hidden_dims == [128, 64] and preset("large").teacher.dropout == 0.1
+
+
+def test_one_ctrl_c_stops_the_waiting_cli_even_after_ray_left_sigint_handlers():
+    """Ray Train's and Ray Tune's fit() install SIGINT handlers and leave them installed: after the demo's
+    teacher training and sweep, the first Ctrl-C at "press Ctrl-C to stop" went to Tune's stale handler and the
+    next ones to Train's (four were needed). The wait must stop on one."""
+    import signal
+
+    child = subprocess.Popen(
+        [sys.executable, "-c",
+         "import signal, raysys.cli as c\n"
+         "signal.signal(signal.SIGINT, lambda *a: print('swallowed', flush=True))  # a stale library handler\n"
+         "c._wait_forever()\nprint('stopped', flush=True)\n"],
+        stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    try:
+        for line in child.stdout:
+            if "press Ctrl-C to stop" in line:
+                break
+        child.send_signal(signal.SIGINT)
+        out, _ = child.communicate(timeout=60)
+    finally:
+        if child.poll() is None:
+            child.kill()
+    assert child.returncode == 0 and "stopped" in out and "swallowed" not in out, out
