@@ -101,6 +101,18 @@ def peer_loop(root: str, spec: dict, *, epochs: int = 4, batch_size: int = 256, 
     return out
 
 
+def run_peer(workers: int, root: str, spec: dict, out: Path, *flags: str) -> dict:
+    """Run this script under torchrun (`workers` processes, OMP_NUM_THREADS=1) and return rank 0's record.
+    `flags`: more of this script's options (--epochs, --batch-size, --step-times, ...)."""
+    import subprocess
+
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={workers}", __file__,
+           "--root", root, "--spec", json.dumps(spec), "--out", str(out), *flags]
+    subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
+                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    return json.loads(Path(out).read_text())
+
+
 def main() -> int:
     ap = argparse.ArgumentParser()
     ap.add_argument("--root", required=True)

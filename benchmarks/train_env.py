@@ -24,7 +24,6 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
@@ -64,6 +63,7 @@ def main(argv=None) -> int:
 
     import ray
     import torch
+    from _torchrun_ddp import run_peer
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
@@ -101,12 +101,8 @@ def main(argv=None) -> int:
                              torch_config=TorchConfig(backend="gloo"),
                              run_config=RunConfig(storage_path=str(tmp / "ray"), name=f"env-{r}")).fit()
             else:
-                cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone",
-                       f"--nproc_per_node={args.workers}", str(Path(__file__).with_name("_torchrun_ddp.py")),
-                       "--root", cfg.data.root, "--spec", json.dumps(spec), "--epochs", str(args.epochs),
-                       "--step-times", "--out", str(out)] + (["--in-thread"] if mode == "torchrun_thread" else [])
-                subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                run_peer(args.workers, cfg.data.root, spec, out, "--epochs", str(args.epochs), "--step-times",
+                         *(["--in-thread"] if mode == "torchrun_thread" else []))
             rec = json.loads(out.read_text())
             runs[mode].append(rec)
             print(f"repeat {r}: {mode:15s} {statistics.median(rec['samples_per_s'][1:]):8.0f} samples/s, step p10 "

@@ -21,13 +21,13 @@ import logging
 import os
 import platform
 import statistics
-import subprocess
 import sys
 import tempfile
 import time
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 STRATEGIES = ("ddp", "zero1", "zero3")
 # the same ddp run with train.worker_niceness=None: Ray's own worker niceness (15), what raysys did before
@@ -51,6 +51,7 @@ def main(argv=None) -> int:
 
     import ray
     import torch
+    from _torchrun_ddp import run_peer
 
     from raysys.config import preset
     from raysys.data import Preprocessor, ensure_dataset
@@ -75,13 +76,9 @@ def main(argv=None) -> int:
     load_start = os.getloadavg()[0]
     for r in range(args.repeats):
         out = tmp / f"torchrun-{r}.json"
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={args.workers}",
-               str(Path(__file__).with_name("_torchrun_ddp.py")), "--root", cfg.data.root, "--spec", json.dumps(spec),
-               "--epochs", str(args.epochs), "--batch-size", str(cfg.train.batch_size), "--lr", str(cfg.train.lr),
-               "--weight-decay", str(cfg.train.weight_decay), "--threads", "1", "--out", str(out)]
-        subprocess.run(cmd, check=True, env={**os.environ, "OMP_NUM_THREADS": "1"},
-                       stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
-        got = json.loads(out.read_text())["samples_per_s"][1:]
+        got = run_peer(args.workers, cfg.data.root, spec, out, "--epochs", str(args.epochs),
+                       "--batch-size", str(cfg.train.batch_size), "--lr", str(cfg.train.lr),
+                       "--weight-decay", str(cfg.train.weight_decay), "--threads", "1")["samples_per_s"][1:]
         rates["torchrun_ddp"] += got
         print(f"repeat {r}: torchrun ddp {statistics.median(got):8.0f} samples/s", flush=True)
         for s in runs:
