@@ -311,11 +311,10 @@ class ServeConfig(_Strict):
         None, description="Scale replicas with load between min_replicas and max_replicas instead of a fixed "
                           "num_replicas.")
     max_batch_size: int = Field(64, ge=1, description="@serve.batch max_batch_size.")
-    batch_wait_timeout_s: float = Field(0.005, ge=0, description="@serve.batch batch_wait_timeout_s.")
+    batch_wait_timeout_s: float = Field(
+        0.0, ge=0, description="@serve.batch batch_wait_timeout_s: how long a batch waits for more requests once it "
+                               "has one. 0: none; requests that arrive while a batch is scored form the next one.")
     max_instances_per_request: int = Field(1024, ge=1, description="Rows per request before a 413.")
-    score_lone_requests_now: bool = Field(
-        True, description="A request alone in its replica is scored at once instead of waiting up to "
-                          "batch_wait_timeout_s for a batch to form (low latency at low load; batching under load).")
     max_ongoing_requests: int | None = Field(
         None, ge=1, description="Requests a replica works on at once (None: 2 x max_batch_size, so a batch can "
                                 "fill while the previous one runs).")

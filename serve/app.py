@@ -23,7 +23,7 @@ HTTP API (under the application's route prefix):
 absent) and returns it, so a label sent later to /v1/feedback finds its prediction.
 
 Everything a unit test needs is a plain function or class here (`validate_request`, `Scorer`,
-`score_batch`, `format_prediction`, `parse_user_config`, `parse_app_args`, `MonitorBuffer`): the
+`score_requests`, `format_prediction`, `parse_user_config`, `parse_app_args`, `MonitorBuffer`): the
 deployment's methods are thin, because `@serve.batch` does not run in `_local_testing_mode`.
 
 Rollout: `user_config` {"model_ref": <alias | version>} (or {"model_version": N}) applied with
@@ -50,6 +50,7 @@ import json
 import logging
 import math
 import os
+import sys
 import threading
 import time
 import uuid
@@ -145,6 +146,11 @@ def parse_json_body(body: bytes | str) -> Any:
         raise RequestError(422, "body", f"not valid JSON: {e}") from None
 
 
+def too_many_rows(field: str, n: int, limit: int) -> RequestError:
+    return RequestError(413, field, f"{n} rows in one request; the limit is {limit} "
+                                    "(serve.max_instances_per_request): split the request")
+
+
 def _first_out_of_range(rows: list, schema: DatasetSchema, prefix: str = "instances") -> str | None:
     """The first numeric field (in validation order) whose value does not fit a float32."""
     for r, row in enumerate(rows):
@@ -167,8 +173,7 @@ def rows_to_request(rows: Any, schema: DatasetSchema, preprocessor: Preprocessor
                     max_instances: int, prefix: str = "instances") -> ValidatedRequest:
     """Validate a list of row objects and turn it into arrays; raise RequestError naming the field."""
     if isinstance(rows, list) and len(rows) > max_instances:
-        raise RequestError(413, prefix, f"{len(rows)} rows in one request; the limit is {max_instances} "
-                                        "(serve.max_instances_per_request): split the request")
+        raise too_many_rows(prefix, len(rows), max_instances)
     try:
         # a float64 above float32's range becomes inf in the cast: caught just below, by field
         with np.errstate(over="ignore", invalid="ignore"):
@@ -205,13 +210,21 @@ def validate_request(body: bytes | str | Any, schema: DatasetSchema, preprocesso
     payload = parse_json_body(body) if isinstance(body, (bytes, bytearray, str)) else body
     check_predict_payload(payload)
     request_id = check_request_id(payload["request_id"]) if "request_id" in payload else None
-    if "instances" in payload:
-        rows, prefix = payload["instances"], "instances"
-    else:
-        rows, prefix = columns_to_rows(payload["columns"], payload["data"], max_instances=max_instances), "data"
+    rows, prefix = request_rows(payload, max_instances=max_instances)
     req = rows_to_request(rows, schema, preprocessor, max_instances=max_instances, prefix=prefix)
     req.request_id = request_id
     return req
+
+
+def request_rows(payload: dict[str, Any], *, max_instances: int) -> tuple[Any, str]:
+    """The rows of a /v1/predict payload that passed `check_predict_payload`, and the key its errors name
+    ("instances", or "data" for the column form, whose rows become objects here). 413 past max_instances."""
+    if "instances" in payload:
+        rows = payload["instances"]
+        if isinstance(rows, list) and len(rows) > max_instances:
+            raise too_many_rows("instances", len(rows), max_instances)
+        return rows, "instances"
+    return columns_to_rows(payload["columns"], payload["data"], max_instances=max_instances), "data"
 
 
 PREDICT_KEYS = ("instances", "columns", "data", "request_id")
@@ -249,8 +262,7 @@ def columns_to_rows(columns: Any, data: Any, *, max_instances: int) -> list[dict
     if not isinstance(data, list):
         raise RequestError(422, "data", "must be a list of rows, each a list of values in the order of columns")
     if len(data) > max_instances:
-        raise RequestError(413, "data", f"{len(data)} rows in one request; the limit is {max_instances} "
-                                        "(serve.max_instances_per_request): split the request")
+        raise too_many_rows("data", len(data), max_instances)
     rows = []
     for r, values in enumerate(data):
         if not isinstance(values, list) or len(values) != len(columns):
@@ -375,24 +387,55 @@ class Scorer:
                 "has_reference_profile": self.reference_profile is not None}
 
 
-def score_batch(items: list[tuple["Scorer", np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-    """Score many requests with one forward pass per model version: the rows of all requests that share
-    a scorer are concatenated, scored, and split back. Returns one probability array per item."""
-    out: list[np.ndarray | None] = [None] * len(items)
+@dataclass
+class ScoredRows:
+    """One request's rows after `score_requests`: what the monitor records, and the probabilities."""
+
+    x_num_raw: np.ndarray  # float32 [n, n_num], as sent
+    x_cat: np.ndarray  # int64 [n, n_cat]
+    probs: np.ndarray  # float64 [n, C]
+
+
+def score_requests(items: list[tuple["Scorer", Any, str]]) -> list["ScoredRows | RequestError"]:
+    """Validate, standardise and score the rows of many requests together: `items` are (scorer, rows,
+    prefix) with rows as sent (a list of objects) and prefix the key errors are named under. Per model
+    version, all rows go through ONE validation pass (the numpy checks and the standardisation run once
+    per batch, not once per request) and ONE forward pass, and are split back. A request with a bad row gets
+    its own RequestError naming its field (as `validate_request` would); the others are still scored."""
+    out: list[ScoredRows | RequestError | None] = [None] * len(items)
     groups: dict[int, tuple[Scorer, list[int]]] = {}
     for i, (scorer, _, _) in enumerate(items):
         groups.setdefault(id(scorer), (scorer, []))[1].append(i)
     for scorer, idx in groups.values():
-        if len(idx) == 1:
-            _, xn, xc = items[idx[0]]
-            out[idx[0]] = scorer.predict_proba(xn, xc)
+        reqs: dict[int, ValidatedRequest] = {}
+        if all(isinstance(items[i][1], list) and items[i][1] for i in idx):
+            try:
+                together = rows_to_request([row for i in idx for row in items[i][1]], scorer.schema,
+                                           scorer.preprocessor, max_instances=sys.maxsize)
+                bounds = np.cumsum([len(items[i][1]) for i in idx])[:-1]
+                for i, raw, num, cat in zip(idx, np.split(together.x_num_raw, bounds),
+                                            np.split(together.x_num, bounds), np.split(together.x_cat, bounds)):
+                    reqs[i] = ValidatedRequest(raw, num, cat)
+            except RequestError:
+                reqs = {}  # some request has a bad row: validate one by one, so each error names its own field
+        if not reqs:
+            for i in idx:
+                try:
+                    reqs[i] = rows_to_request(items[i][1], scorer.schema, scorer.preprocessor,
+                                              max_instances=sys.maxsize, prefix=items[i][2])
+                except RequestError as e:
+                    out[i] = e
+        if not reqs:
             continue
-        xn = np.concatenate([items[i][1] for i in idx])
-        xc = np.concatenate([items[i][2] for i in idx])
-        probs = scorer.predict_proba(xn, xc)
-        bounds = np.cumsum([len(items[i][2]) for i in idx])[:-1]
-        for i, p in zip(idx, np.split(probs, bounds)):
-            out[i] = p
+        ok = list(reqs)
+        if len(ok) == 1:
+            probs = [scorer.predict_proba(reqs[ok[0]].x_num, reqs[ok[0]].x_cat)]
+        else:
+            p = scorer.predict_proba(np.concatenate([reqs[i].x_num for i in ok]),
+                                     np.concatenate([reqs[i].x_cat for i in ok]))
+            probs = np.split(p, np.cumsum([len(reqs[i]) for i in ok])[:-1])
+        for i, pr in zip(ok, probs):
+            out[i] = ScoredRows(reqs[i].x_num_raw, reqs[i].x_cat, pr)
     return out  # type: ignore[return-value]
 
 
@@ -911,7 +954,7 @@ class StudentEndpoint:
         self._initialised = False  # the first reconfigure() (at replica start) fails loudly; later ones don't
         self.last_reconfigure_error: str | None = None
         self._request_ids = RequestIds()
-        self._inflight = 0  # /v1/predict requests in this replica now (1: batching would only add latency)
+        self.batches = self.batched_requests = self.max_requests_per_batch = 0
         # through the imported module: this class is pickled by value (serve.ingress wraps it), and its own
         # globals are a copy; PredictFastPath is pickled by reference and reads the module's dict
         import serve.app as this_module
@@ -1047,10 +1090,16 @@ class StudentEndpoint:
         return loaded
 
     # ----- scoring -----
-    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.005)
-    async def _score_batched(self, items: list[tuple[Scorer, np.ndarray, np.ndarray]]) -> list[np.ndarray]:
-        # thin on purpose: @serve.batch does not run in _local_testing_mode; score_batch is unit-tested
-        return score_batch(items)
+    @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
+    async def _score_batched(self, items: list[tuple[Scorer, Any, str]]) -> list[ScoredRows | RequestError]:
+        # thin on purpose: @serve.batch does not run in _local_testing_mode; score_requests is unit-tested
+        self._count_batch(len(items))
+        return score_requests(items)
+
+    def _count_batch(self, n: int) -> None:
+        self.batches += 1
+        self.batched_requests += n
+        self.max_requests_per_batch = max(self.max_requests_per_batch, n)
 
     def _check_auth(self, request: Request) -> None:
         check_auth(request.headers.get("authorization"), self._api_token, request.headers.get("x-api-key"))
@@ -1062,19 +1111,21 @@ class StudentEndpoint:
         stable, candidate, percent = self.scorer, self.candidate, self.canary_percent
         limit = max_body_bytes(stable.schema, self.serve_cfg.max_instances_per_request)
         payload = parse_json_body(await read_body_capped(request, limit))
-        if isinstance(payload, dict) and "request_id" in payload:
-            request_id = check_request_id(payload["request_id"])
-        else:
-            request_id = self._request_ids.next()
+        check_predict_payload(payload)
+        request_id = (check_request_id(payload["request_id"]) if "request_id" in payload
+                      else self._request_ids.next())
         scorer = route_version(request_id, stable, candidate, percent)
-        req = validate_request(payload, scorer.schema, scorer.preprocessor,
-                               max_instances=self.serve_cfg.max_instances_per_request)
-        if len(req) >= self.max_batch_size or (self._inflight <= 1 and self.serve_cfg.score_lone_requests_now):
-            # a full batch already, or no other request in this replica to batch with: waiting up to
-            # batch_wait_timeout_s for company would only add latency
-            probs = scorer.predict_proba(req.x_num, req.x_cat)
+        rows, prefix = request_rows(payload, max_instances=self.serve_cfg.max_instances_per_request)
+        if isinstance(rows, list) and len(rows) >= self.max_batch_size:
+            self._count_batch(1)  # a full batch on its own: waiting for company would only add latency
+            scored = score_requests([(scorer, rows, prefix)])[0]
         else:
-            probs = await self._score_batched((scorer, req.x_num, req.x_cat))
+            # through the batcher even when no other request seems to be here: the replica's HTTP server hands
+            # requests over one at a time, so concurrent requests only ever meet in the batch queue
+            scored = await self._score_batched((scorer, rows, prefix))
+        if isinstance(scored, RequestError):
+            raise scored
+        probs = scored.probs
         out = format_prediction(scorer, probs)
         out["request_id"] = request_id
         payload = json.dumps(out, separators=(",", ":"))
@@ -1082,12 +1133,11 @@ class StudentEndpoint:
             self.monitor.ensure_started()
             if self._monitor_sync_task is None:
                 self._monitor_sync_task = asyncio.get_running_loop().create_task(self._sync_monitor_version())
-            self.monitor.add(req.x_num_raw, req.x_cat, probs.argmax(1), (time.perf_counter() - t0) * 1000,
+            self.monitor.add(scored.x_num_raw, scored.x_cat, probs.argmax(1), (time.perf_counter() - t0) * 1000,
                              scorer.version, proba=probs, request_id=request_id)
         return Response(payload, media_type="application/json")
 
     async def _predict_within_timeout(self, request: Request) -> Response:
-        self._inflight += 1
         try:
             # asyncio.timeout, not wait_for: no extra task per request
             async with asyncio.timeout(self.serve_cfg.request_timeout_s):
@@ -1095,8 +1145,6 @@ class StudentEndpoint:
         except TimeoutError:
             raise RequestError(504, None, f"not answered within serve.request_timeout_s="
                                           f"{self.serve_cfg.request_timeout_s:g}s; retry later") from None
-        finally:
-            self._inflight -= 1
 
     # ----- routes -----
     async def predict_response(self, request: Request | _AsgiRequest) -> Response:
@@ -1135,6 +1183,8 @@ class StudentEndpoint:
             "candidate_version": self.candidate.version if self.candidate else None,
             "canary_percent": self.canary_percent,
             "last_reconfigure_error": self.last_reconfigure_error,
+            "batching": {"batches": self.batches, "requests": self.batched_requests,
+                         "max_requests_per_batch": self.max_requests_per_batch},
             "monitor": self.monitor.stats() if self.monitor else None}))
 
     @app.get("/readyz")

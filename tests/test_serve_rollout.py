@@ -136,7 +136,7 @@ def test_a_request_past_its_timeout_gets_504(registry, http_port):
     reg, _, rows = registry
     name, url = _app(http_port, "timeout")
     # a one-row batch waits up to 2 s for company, far past the 50 ms request timeout
-    _deploy(reg, name, {"request_timeout_s": 0.05, "batch_wait_timeout_s": 2.0, "score_lone_requests_now": False,
+    _deploy(reg, name, {"request_timeout_s": 0.05, "batch_wait_timeout_s": 2.0,
                         "num_replicas": 1})
     try:
         t0 = time.monotonic()
@@ -158,7 +158,7 @@ def test_overload_gets_503_with_retry_after(registry, http_port):
     name, url = _app(http_port, "overload")
     # one request at a time, one waiting; each one-row request sits 1 s in its batch
     _deploy(reg, name, {"max_ongoing_requests": 1, "max_queued_requests": 1, "batch_wait_timeout_s": 1.0,
-                        "retry_after_s": 2, "request_timeout_s": 30, "score_lone_requests_now": False,
+                        "retry_after_s": 2, "request_timeout_s": 30,
                         "num_replicas": 1})
     try:
         assert requests.post(f"{url}/v1/predict", json={"instances": rows[:1]}, timeout=30).status_code == 200

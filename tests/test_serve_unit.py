@@ -34,7 +34,7 @@ from serve.app import (
     replica_options,
     resolve_registry_uri,
     route_version,
-    score_batch,
+    score_requests,
     to_jsonable,
     validate_request,
 )
@@ -193,16 +193,36 @@ def test_fuzzed_bodies_only_ever_raise_request_errors(bits):
 def test_scoring_sums_to_one_and_batching_matches_single_requests(bits):
     schema, pre, rows = bits
     s1, s2 = _scorer(schema, pre, seed=1, version=1), _scorer(schema, pre, seed=2, version=2)
-    reqs = [validate_request(_body(rows[i:i + n]), schema, pre, max_instances=100)
-            for i, n in [(0, 1), (1, 3), (4, 2), (6, 5)]]
+    spans = [(0, 1), (1, 3), (4, 2), (6, 5)]
+    reqs = [validate_request(_body(rows[i:i + n]), schema, pre, max_instances=100) for i, n in spans]
     single = [s.predict_proba(r.x_num, r.x_cat) for s, r in zip([s1, s2, s1, s2], reqs)]
-    batched = score_batch([(s, r.x_num, r.x_cat) for s, r in zip([s1, s2, s1, s2], reqs)])
-    assert [len(b) for b in batched] == [1, 3, 2, 5]
-    for a, b in zip(single, batched):
-        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)
-        np.testing.assert_allclose(b.sum(1), 1.0, atol=1e-9)
+    batched = score_requests([(s, rows[i:i + n], "instances") for s, (i, n) in zip([s1, s2, s1, s2], spans)])
+    assert [len(b.probs) for b in batched] == [1, 3, 2, 5]
+    for a, b, r in zip(single, batched, reqs):
+        np.testing.assert_allclose(a, b.probs, rtol=1e-5, atol=1e-7)
+        np.testing.assert_allclose(b.probs.sum(1), 1.0, atol=1e-9)
+        np.testing.assert_array_equal(b.x_num_raw, r.x_num_raw)  # the raw values the monitor records
+        np.testing.assert_array_equal(b.x_cat, r.x_cat)
     # the two versions really are different models
     assert not np.allclose(single[0], s2.predict_proba(reqs[0].x_num, reqs[0].x_cat))
+
+
+def test_a_bad_request_in_a_batch_gets_its_own_error_and_the_others_are_scored(bits):
+    schema, pre, rows = bits
+    scorer = _scorer(schema, pre)
+    bad_row = dict(rows[3], **{schema.numeric[1].name: "high"})
+    items = [(scorer, rows[:2], "instances"), (scorer, [rows[2], bad_row], "data"), (scorer, [], "instances"),
+             (scorer, "rows", "instances"), (scorer, rows[4:5], "instances")]
+    out = score_requests(items)
+    for k in (1, 2, 3):
+        assert isinstance(out[k], RequestError) and out[k].status == 422
+        with pytest.raises(RequestError) as e:  # the same error validating that request alone gives
+            validate_request({"instances": items[k][1]}, schema, pre, max_instances=100)
+        assert out[k].message == e.value.message
+    assert out[1].field == f"data[1].{schema.numeric[1].name}"
+    for k, span in ((0, rows[:2]), (4, rows[4:5])):
+        req = validate_request({"instances": span}, schema, pre, max_instances=100)
+        np.testing.assert_allclose(out[k].probs, scorer.predict_proba(req.x_num, req.x_cat), rtol=1e-5, atol=1e-7)
 
 
 def test_format_prediction(bits):
