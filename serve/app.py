@@ -396,16 +396,17 @@ class ScoredRows:
     probs: np.ndarray  # float64 [n, C]
 
 
-def score_requests(items: list[tuple["Scorer", Any, str]]) -> list["ScoredRows | RequestError"]:
+def score_requests(items: list[tuple]) -> list["ScoredRows | RequestError"]:
     """Validate, standardise and score the rows of many requests together: `items` are (scorer, rows,
-    prefix) with rows as sent (a list of objects) and prefix the key errors are named under. Per model
+    prefix, ...) with rows as sent (a list of objects) and prefix the key errors are named under (further
+    fields are ignored). Per model
     version, all rows go through ONE validation pass (the numpy checks and the standardisation run once
     per batch, not once per request) and ONE forward pass, and are split back. A request with a bad row gets
     its own RequestError naming its field (as `validate_request` would); the others are still scored."""
     out: list[ScoredRows | RequestError | None] = [None] * len(items)
     groups: dict[int, tuple[Scorer, list[int]]] = {}
-    for i, (scorer, _, _) in enumerate(items):
-        groups.setdefault(id(scorer), (scorer, []))[1].append(i)
+    for i, item in enumerate(items):
+        groups.setdefault(id(item[0]), (item[0], []))[1].append(i)
     for scorer, idx in groups.values():
         reqs: dict[int, ValidatedRequest] = {}
         if all(isinstance(items[i][1], list) and items[i][1] for i in idx):
@@ -666,19 +667,29 @@ class MonitorBuffer:
         self.rows = 0
         self.rows_dropped = 0
 
-    def add(self, x_num_raw: np.ndarray, x_cat: np.ndarray, pred: np.ndarray, latency_ms: float,
+    def add(self, x_num_raw: np.ndarray, x_cat: np.ndarray, pred: np.ndarray | None, latency_ms: float,
             model_version: Any, *, proba: np.ndarray | None = None, request_id: str | None = None) -> bool:
-        """One request's rows (a few array references and a tuple append under a lock: the request path's
-        whole cost of monitoring)."""
-        n = len(pred)
+        """One request's rows; see `add_many`."""
+        return self.add_many([(x_num_raw, x_cat, pred, latency_ms, model_version, proba, request_id)]) == 1
+
+    def add_many(self, parts: list[tuple]) -> int:
+        """Requests' rows, each part `(x_num_raw, x_cat, pred, latency_ms, model_version, proba, request_id)`
+        (pred may be None when proba is given: the monitor takes the argmax). A few array references and a
+        tuple append per request under one lock per call: the request path's whole cost of monitoring.
+        Returns how many parts were kept; the rest (buffer full: the monitor is far behind) are counted
+        as dropped."""
+        kept = 0
         with self._lock:
-            if self.rows + n > self.max_rows:
-                self.rows_dropped += n
-                return False
-            self._parts.setdefault(model_version, []).append((x_num_raw, x_cat, pred, float(latency_ms), proba,
-                                                              request_id))
-            self.rows += n
-            return True
+            for x_num_raw, x_cat, pred, latency_ms, version, proba, request_id in parts:
+                n = len(x_cat)
+                if self.rows + n > self.max_rows:
+                    self.rows_dropped += n
+                    continue
+                self._parts.setdefault(version, []).append((x_num_raw, x_cat, pred, float(latency_ms), proba,
+                                                            request_id))
+                self.rows += n
+                kept += 1
+        return kept
 
     def add_error(self, model_version: Any) -> None:
         with self._lock:
@@ -693,14 +704,16 @@ class MonitorBuffer:
         for version, ps in parts.items():
             batch = {"x_num": np.concatenate([p[0] for p in ps]).astype(np.float32, copy=False),
                      "x_cat": np.concatenate([p[1] for p in ps]).astype(np.int64, copy=False),
-                     "pred": np.concatenate([p[2] for p in ps]).astype(np.int64, copy=False),
                      "latency_ms": [p[3] for p in ps],
                      "model_version": version}
             if all(p[4] is not None for p in ps):
                 batch["proba"] = np.concatenate([p[4] for p in ps]).astype(np.float32, copy=False)
+            if any(p[2] is not None for p in ps) or "proba" not in batch:  # else the monitor takes the argmax
+                batch["pred"] = np.concatenate([p[2] if p[2] is not None else p[4].argmax(1)
+                                                for p in ps]).astype(np.int64, copy=False)
             if all(p[5] is not None for p in ps):
                 batch["request_ids"] = [p[5] for p in ps]
-                batch["rows_per_request"] = [len(p[2]) for p in ps]
+                batch["rows_per_request"] = [len(p[1]) for p in ps]
             if errors.get(version):
                 batch["errors"] = errors.pop(version)
             out.append(batch)
@@ -765,6 +778,11 @@ class MonitorLink:
         if self.buffer.rows >= self.flush_rows and self._wake is not None:
             self._wake.set()
 
+    def add_many(self, parts: list[tuple]) -> None:
+        self.buffer.add_many(parts)
+        if self.buffer.rows >= self.flush_rows and self._wake is not None:
+            self._wake.set()
+
     def add_error(self, model_version) -> None:
         self.buffer.add_error(model_version)
 
@@ -811,7 +829,7 @@ class MonitorLink:
         handle = self.acquire()
         sent = 0
         for batch in batches:
-            n = len(batch["pred"])
+            n = len(batch["x_cat"])
             if handle is None or len(self._pending) >= self.max_pending:
                 self.buffer.rows_dropped += n
                 continue
@@ -1091,10 +1109,20 @@ class StudentEndpoint:
 
     # ----- scoring -----
     @serve.batch(max_batch_size=64, batch_wait_timeout_s=0.0)
-    async def _score_batched(self, items: list[tuple[Scorer, Any, str]]) -> list[ScoredRows | RequestError]:
+    async def _score_batched(self, items: list[tuple]) -> list[ScoredRows | RequestError]:
         # thin on purpose: @serve.batch does not run in _local_testing_mode; score_requests is unit-tested
+        return self._score(items)
+
+    def _score(self, items: list[tuple]) -> list[ScoredRows | RequestError]:
+        """Score (scorer, rows, prefix, t0, request_id) items together and hand the monitor the whole batch in
+        one call; a request's latency is from its arrival to its scores."""
         self._count_batch(len(items))
-        return score_requests(items)
+        out = score_requests(items)
+        if self.monitor is not None:
+            now = time.perf_counter()
+            self.monitor.add_many([(r.x_num_raw, r.x_cat, None, (now - t0) * 1000, scorer.version, r.probs, rid)
+                                   for (scorer, _, _, t0, rid), r in zip(items, out) if isinstance(r, ScoredRows)])
+        return out
 
     def _count_batch(self, n: int) -> None:
         self.batches += 1
@@ -1116,25 +1144,21 @@ class StudentEndpoint:
                       else self._request_ids.next())
         scorer = route_version(request_id, stable, candidate, percent)
         rows, prefix = request_rows(payload, max_instances=self.serve_cfg.max_instances_per_request)
+        if self.monitor is not None and self._monitor_sync_task is None:
+            self.monitor.ensure_started()
+            self._monitor_sync_task = asyncio.get_running_loop().create_task(self._sync_monitor_version())
+        item = (scorer, rows, prefix, t0, request_id)
         if isinstance(rows, list) and len(rows) >= self.max_batch_size:
-            self._count_batch(1)  # a full batch on its own: waiting for company would only add latency
-            scored = score_requests([(scorer, rows, prefix)])[0]
+            scored = self._score([item])[0]  # a full batch on its own: waiting for company only adds latency
         else:
             # through the batcher even when no other request seems to be here: the replica's HTTP server hands
             # requests over one at a time, so concurrent requests only ever meet in the batch queue
-            scored = await self._score_batched((scorer, rows, prefix))
+            scored = await self._score_batched(item)
         if isinstance(scored, RequestError):
             raise scored
-        probs = scored.probs
-        out = format_prediction(scorer, probs)
+        out = format_prediction(scorer, scored.probs)
         out["request_id"] = request_id
         payload = json.dumps(out, separators=(",", ":"))
-        if self.monitor is not None:
-            self.monitor.ensure_started()
-            if self._monitor_sync_task is None:
-                self._monitor_sync_task = asyncio.get_running_loop().create_task(self._sync_monitor_version())
-            self.monitor.add(scored.x_num_raw, scored.x_cat, probs.argmax(1), (time.perf_counter() - t0) * 1000,
-                             scorer.version, proba=probs, request_id=request_id)
         return Response(payload, media_type="application/json")
 
     async def _predict_within_timeout(self, request: Request) -> Response:

@@ -498,6 +498,26 @@ class _FakeMonitor:
         self.record = _FakeMethod(self.calls, fail)
 
 
+def test_monitor_buffer_takes_a_whole_batch_and_leaves_the_argmax_to_the_monitor():
+    buf = MonitorBuffer(max_rows=6)
+    proba = np.array([[0.1, 0.9], [0.8, 0.2], [0.3, 0.7]])
+    part = (np.ones((1, 4), np.float32), np.zeros((1, 2), np.int64), None)
+    kept = buf.add_many([(*part, 1.5, 3, proba[:1], "a"), (np.ones((2, 4), np.float32), np.zeros((2, 2), np.int64),
+                                                            None, 2.5, 3, proba[1:], "b"),
+                         (*part, 1.0, 3, proba[:1], "c"), (np.ones((3, 4), np.float32), np.zeros((3, 2), np.int64),
+                                                           None, 1.0, 3, proba, "d")])
+    assert kept == 3 and (buf.rows, buf.rows_dropped) == (4, 3)  # the last request did not fit: dropped whole
+    (batch,) = buf.take()
+    assert "pred" not in batch and batch["proba"].shape == (4, 2)  # the monitor takes proba's argmax itself
+    assert batch["request_ids"] == ["a", "b", "c"] and batch["rows_per_request"] == [1, 2, 1]
+    assert batch["latency_ms"] == [1.5, 2.5, 1.0]
+    # a part with pred beside one without: pred is filled from that part's proba
+    buf.add_many([(*part, 1.0, 3, proba[:1], "e")])
+    buf.add(np.ones((1, 4), np.float32), np.zeros((1, 2), np.int64), np.array([0]), 1.0, 3)
+    (batch,) = buf.take()
+    assert batch["pred"].tolist() == [1, 0] and "proba" not in batch
+
+
 def test_monitor_link_ships_batches_and_survives_a_missing_monitor():
     fake = _FakeMonitor()
     link = MonitorLink(lambda: fake)
