@@ -197,7 +197,7 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each point")
     p.add_argument("--concurrency", default="1,8,32,128", help="comma-separated client concurrencies")
-    p.add_argument("--repeats", type=int, default=3, help="rounds at c32 (raysys, plain, raysys without monitor)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds at c32 (raysys, plain, raysys without monitor)")
     p.add_argument("--serve-cfg", default="{}", help="JSON ServeConfig overrides for the raysys app (exploration)")
     p.add_argument("--quick", action="store_true", help="--duration 3 --warmup 1 --concurrency 8,32 --repeats 2")
     p.add_argument("--port", type=int, default=0, help="Serve HTTP port (0: a free one)")
