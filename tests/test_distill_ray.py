@@ -57,9 +57,14 @@ def _split(cfg, pre, name):
 
 
 def test_sweep_fifo_finds_a_good_student(ray_cluster, tiny_cfg):
+    import signal
+
     cfg = tiny_cfg
     schema, pre, teacher = _teacher(cfg)
+    before = signal.getsignal(signal.SIGINT)
     res = run_sweep(cfg, schema, pre, teacher, run_name="distill-fifo")
+    # Ray Tune's fit() installs a SIGINT handler that swallows the next Ctrl-C and leaves it installed
+    assert signal.getsignal(signal.SIGINT) is before
 
     grid = [(t, a) for t in cfg.distill.temperatures for a in cfg.distill.alphas]
     assert len(res.trials) == len(grid)

@@ -23,10 +23,15 @@ def _data(cfg):
 
 @pytest.mark.timeout(300)
 def test_train_teacher_tiny(ray_cluster, tiny_cfg):
+    import signal
+
     cfg = tiny_cfg
     assert cfg.train.num_workers == 2
     schema, pre = _data(cfg)
+    before = signal.getsignal(signal.SIGINT)
     res = train_teacher(cfg, schema, pre)
+    # Ray Train's fit() installs its own SIGINT handler and leaves it: Ctrl-C after training must not reach it
+    assert signal.getsignal(signal.SIGINT) is before
 
     assert isinstance(res, TeacherResult) and res.run_name == "teacher"
     assert [m["epoch"] for m in res.metrics] == list(range(cfg.train.num_epochs))

@@ -58,6 +58,7 @@ from raysys.distill.soft_targets import (
 )
 from raysys.distill.student import StudentData, fit_student
 from raysys.models import build_model, model_spec, num_parameters, predict_logits
+from raysys.sigint import keep_sigint_handler
 
 log = logging.getLogger(__name__)
 
@@ -399,7 +400,8 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
             checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
         ),
     )
-    grid = tuner.fit()
+    with keep_sigint_handler():
+        grid = tuner.fit()
 
     trials: list[dict[str, Any]] = []
     candidates: list[tuple[dict[str, Any], Any, dict[str, Any], dict[str, Any]]] = []  # row, ckpt, metrics, spec

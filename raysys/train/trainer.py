@@ -48,6 +48,7 @@ from raysys.data.schema import DatasetSchema
 from raysys.models import build_model, model_spec
 from raysys.parallel import STRATEGIES, ParallelDims, StrategyConfig, check_available, fsdp_units
 from raysys.parallel.memory import MemoryEstimate, check_memory_budget
+from raysys.sigint import keep_sigint_handler
 from raysys.train.checkpoint import META_FILE, is_checkpoint_dir, load_model_state, read_meta
 from raysys.train.loop import REPORT_POLL_ENV
 from raysys.train.schedule import total_steps
@@ -333,7 +334,7 @@ def train_teacher(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Prep
     )
     logger.info("teacher: training %s on %d workers x %g CPUs, %d epochs, run %s/%s", conf["model_spec"]["family"],
                 cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.num_epochs, storage, name)
-    with report_poll_interval(cfg.train.report_poll_interval_s):
+    with report_poll_interval(cfg.train.report_poll_interval_s), keep_sigint_handler():
         result = trainer.fit()
     if result.checkpoint is None:
         raise RuntimeError(f"teacher: run {name!r} finished without reporting a checkpoint; see {result.path}")
