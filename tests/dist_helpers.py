@@ -1,7 +1,11 @@
 """Shared pieces of the multi-rank (gloo) tests: one toy data stream that every rank and the
-single-process reference draw identically."""
+single-process reference draw identically, and how a rank process ends."""
 
 from __future__ import annotations
+
+import os
+import sys
+from typing import NoReturn
 
 import torch
 
@@ -15,3 +19,13 @@ def toy_batches(steps: int, batch: int, seed: int = 7) -> tuple[torch.Tensor, to
     x_cat = torch.stack([torch.randint(0, c, (steps, batch), generator=g) for c in CARDINALITIES], -1)
     y = torch.randint(0, NUM_CLASSES, (steps, batch), generator=g)
     return x_num, x_cat, y
+
+
+def exit_rank() -> NoReturn:
+    """End a spawned rank whose work is done and on disk (call it after `destroy_process_group`), before its
+    models are freed: freeing DDP's Reducer at interpreter teardown can deadlock (the main thread joins
+    gloo's worker thread while holding the GIL that thread needs), which a fresh-clone CI run hit once in
+    test_ddp_matches_single_process ("did not finish in 90 s"); benchmarks/_torchrun_ddp.py ends the same way."""
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(0)

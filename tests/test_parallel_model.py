@@ -24,7 +24,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
 from conftest import free_port
-from dist_helpers import toy_batches
+from dist_helpers import exit_rank, toy_batches
 from safetensors.torch import load_file, save_file
 
 from raysys.models import build_model
@@ -182,6 +182,7 @@ def _rank_main(rank: int, world: int, port: int, cases: dict, out_dir: str) -> N
             dist.barrier()
     finally:
         dist.destroy_process_group()
+    exit_rank()  # not reached when the work failed: the exception reaches mp.spawn
 
 
 def _spawn(world: int, cases: dict, out_dir: str, limit_s: float) -> None:

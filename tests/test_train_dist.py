@@ -11,7 +11,7 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 from conftest import free_port
-from dist_helpers import toy_batches
+from dist_helpers import exit_rank, toy_batches
 from safetensors.torch import load_file, save_file
 
 from raysys.models import build_model
@@ -54,6 +54,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
         save_file(sd, f"{out_dir}/rank{rank}.safetensors")
     finally:
         dist.destroy_process_group()
+    exit_rank()  # not reached when the work failed: the exception reaches mp.spawn
 
 
 @pytest.mark.timeout(120)
