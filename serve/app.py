@@ -37,8 +37,8 @@ Monitoring is fire-and-forget: each batch appends its requests' raw inputs, prob
 an in-replica buffer; a background task ships the buffer to the named monitor actor (`record.remote`,
 never awaited) every `monitor.flush_interval_ms` (1 s), or sooner at `monitor.flush_rows`. Each actor call
 costs the replica milliseconds of CPU (Ray's task submission and reply handling: serve_load measured the
-monitor at ~6% of throughput with a call every 0.2 s, within noise of 0 at one per second). A slow or dead monitor costs dropped monitoring rows,
-never a slow or failed request.
+monitor at ~6% of throughput with a call every 0.2 s). A slow or dead monitor costs dropped monitoring
+rows, never a slow or failed request.
 
 Security: Ray's token auth does not cover the Serve HTTP port. The proxy binds 127.0.0.1 by default; when
 it must listen more widely, set `RAYSYS_API_TOKEN` in the replicas' environment (or pass `api_token`)
@@ -401,9 +401,8 @@ class ScoredRows:
 def score_requests(items: list[tuple]) -> list["ScoredRows | RequestError"]:
     """Validate, standardise and score the rows of many requests together: `items` are (scorer, rows,
     prefix, ...) with rows as sent (a list of objects) and prefix the key errors are named under (further
-    fields are ignored). Per model
-    version, all rows go through ONE validation pass (the numpy checks and the standardisation run once
-    per batch, not once per request) and ONE forward pass, and are split back. A request with a bad row gets
+    fields are ignored). Per model version, all rows go through ONE validation pass (the numpy checks and
+    the standardisation run once per batch, not once per request) and ONE forward pass, and are split back. A request with a bad row gets
     its own RequestError naming its field (as `validate_request` would); the others are still scored."""
     out: list[ScoredRows | RequestError | None] = [None] * len(items)
     groups: dict[int, tuple[Scorer, list[int]]] = {}
