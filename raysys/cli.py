@@ -224,8 +224,8 @@ def _serve(cfg: PipelineConfig, port: int | None) -> str:
 def _wait_forever() -> None:
     console.print("endpoint is up; press Ctrl-C to stop")
     stop = {"flag": False}
-    # Ray Train's and Ray Tune's fit() leave their own SIGINT handlers installed (Tune's swallows the next
-    # Ctrl-C, Train's aborts a finished run): one Ctrl-C here must stop the wait
+    # whatever SIGINT handler a library left installed (raysys.sigint puts back the ones Ray Train's and Tune's
+    # fit() leave, but not every library's), one Ctrl-C here must stop the wait
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     try:

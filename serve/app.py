@@ -402,42 +402,41 @@ def score_requests(items: list[tuple]) -> list["ScoredRows | RequestError"]:
     """Validate, standardise and score the rows of many requests together: `items` are (scorer, rows,
     prefix, ...) with rows as sent (a list of objects) and prefix the key errors are named under (further
     fields are ignored). Per model version, all rows go through ONE validation pass (the numpy checks and
-    the standardisation run once per batch, not once per request) and ONE forward pass, and are split back. A request with a bad row gets
-    its own RequestError naming its field (as `validate_request` would); the others are still scored."""
+    the standardisation run once per batch, not once per request) and ONE forward pass, and are split back.
+    A request with a bad row gets its own RequestError naming its field (as `validate_request` would); the
+    others are still scored."""
     out: list[ScoredRows | RequestError | None] = [None] * len(items)
     groups: dict[int, tuple[Scorer, list[int]]] = {}
     for i, item in enumerate(items):
         groups.setdefault(id(item[0]), (item[0], []))[1].append(i)
     for scorer, idx in groups.values():
-        reqs: dict[int, ValidatedRequest] = {}
+        together = None
         if all(isinstance(items[i][1], list) and items[i][1] for i in idx):
             try:
                 together = rows_to_request([row for i in idx for row in items[i][1]], scorer.schema,
                                            scorer.preprocessor, max_instances=sys.maxsize)
-                bounds = np.cumsum([len(items[i][1]) for i in idx])[:-1]
-                for i, raw, num, cat in zip(idx, np.split(together.x_num_raw, bounds),
-                                            np.split(together.x_num, bounds), np.split(together.x_cat, bounds)):
-                    reqs[i] = ValidatedRequest(raw, num, cat)
             except RequestError:
-                reqs = {}  # some request has a bad row: validate one by one, so each error names its own field
-        if not reqs:
+                pass  # some request has a bad row: validate one by one, so each error names its own field
+        if together is not None:
+            ok, sizes = idx, [len(items[i][1]) for i in idx]
+        else:
+            reqs: dict[int, ValidatedRequest] = {}
             for i in idx:
                 try:
                     reqs[i] = rows_to_request(items[i][1], scorer.schema, scorer.preprocessor,
                                               max_instances=sys.maxsize, prefix=items[i][2])
                 except RequestError as e:
                     out[i] = e
-        if not reqs:
-            continue
-        ok = list(reqs)
-        if len(ok) == 1:
-            probs = [scorer.predict_proba(reqs[ok[0]].x_num, reqs[ok[0]].x_cat)]
-        else:
-            p = scorer.predict_proba(np.concatenate([reqs[i].x_num for i in ok]),
-                                     np.concatenate([reqs[i].x_cat for i in ok]))
-            probs = np.split(p, np.cumsum([len(reqs[i]) for i in ok])[:-1])
-        for i, pr in zip(ok, probs):
-            out[i] = ScoredRows(reqs[i].x_num_raw, reqs[i].x_cat, pr)
+            if not reqs:
+                continue
+            ok, sizes = list(reqs), [len(r) for r in reqs.values()]
+            together = ValidatedRequest(*(np.concatenate([getattr(r, a) for r in reqs.values()])
+                                          for a in ("x_num_raw", "x_num", "x_cat")))
+        probs = scorer.predict_proba(together.x_num, together.x_cat)
+        bounds = np.cumsum(sizes)[:-1]
+        for i, raw, cat, pr in zip(ok, np.split(together.x_num_raw, bounds), np.split(together.x_cat, bounds),
+                                   np.split(probs, bounds)):
+            out[i] = ScoredRows(raw, cat, pr)
     return out  # type: ignore[return-value]
 
 
