@@ -39,6 +39,16 @@ def ingress_mode() -> str:
     return mode
 
 
+# HAProxy retries a request on another replica only if it holds the whole request when it first writes to the
+# replica; without `option http-buffer-request` it forwards a POST's headers as soon as they arrive (Python's
+# http.client, for one, writes headers and body separately) and such a request, caught by a replica's death, is
+# answered with HAProxy's 502 (Serve sends it as a plain-text 500) or a closed connection: 8 of 12 runs of
+# tests/test_serve_rollout.py's replica-kill test lost 1-3 requests that way. Ray 2.60 has no setting for HAProxy
+# options, but writes RAY_SERVE_HAPROXY_RETRY_ON verbatim into the `defaults` section as `retry-on <value>`: the
+# value's second line is the option. The replica-kill test checks the live HAProxy config carries it.
+HAPROXY_RETRY_ON = "conn-failure empty-response junk-response\n    option http-buffer-request"
+
+
 def ingress_env(*, private_ports: bool = False) -> dict[str, str]:
     """Environment variables for the process that starts Ray, for the configured ingress mode.
 
@@ -56,8 +66,9 @@ def ingress_env(*, private_ports: bool = False) -> dict[str, str]:
            "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
            # a replica that dies mid-request (killed, OOM) leaves HAProxy an empty or broken response: retry it
            # on another replica. Safe for our routes: /v1/predict is a pure function of its body, and a
-           # repeated /v1/feedback label finds its prediction already consumed (counted unmatched, never twice)
-           "RAY_SERVE_HAPROXY_RETRY_ON": "conn-failure empty-response junk-response",
+           # repeated /v1/feedback label finds its prediction already consumed (counted unmatched, never twice).
+           # See HAPROXY_RETRY_ON for the second line it carries.
+           "RAY_SERVE_HAPROXY_RETRY_ON": HAPROXY_RETRY_ON,
            "RAY_SERVE_HAPROXY_RETRIES": "3",
            # one HAProxy thread (Ray's default is 4): it proxies ~27k small requests/s per core, far more than the
            # Python replicas on a node answer, and threads beyond that cost CPU those replicas need (2-core box,

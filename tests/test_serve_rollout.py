@@ -254,16 +254,38 @@ def _replica_pids(app_name: str) -> set[int]:
     return pids
 
 
+def _haproxy_config(port: int) -> str:
+    """The config file of the live HAProxy (the newest process started with `-f`) that listens on `port`."""
+    import psutil
+
+    procs = []
+    for proc in psutil.process_iter(["cmdline", "create_time"]):
+        cmd = proc.info["cmdline"] or []
+        if cmd and Path(cmd[0]).name == "haproxy" and "-f" in cmd:
+            text = Path(cmd[cmd.index("-f") + 1]).read_text()
+            if f":{port}" in text:
+                procs.append((proc.info["create_time"], text))
+    assert procs, f"no HAProxy process serving port {port}"
+    return max(procs)[1]
+
+
 def test_a_replica_killed_under_load_fails_no_retryable_request(registry, http_port):
     """SIGKILL one of two replicas while 4 clients send requests: the ingress (HAProxy) retries on the live
     replica every request the dead one dropped before answering, Serve starts a replacement, and the only
-    failures possible are responses cut mid-body (counted; not retryable once their headers left)."""
+    failures possible are responses cut mid-body (counted; not retryable once their headers left) and
+    Ray's HAProxy reload race (counted, bounded)."""
     from ray import serve
 
     reg, _, rows = registry
     name, url = _app(http_port, "kill")
     _deploy(reg, name, {"num_replicas": 2})
     try:
+        # HAProxy can only retry a request it has whole: without `option http-buffer-request` it forwards the
+        # headers of a POST before its body arrives (Python's http.client sends them in two writes) and then
+        # gives up on retrying it (a 502, sent as a plain 500, or a closed connection)
+        config = _haproxy_config(http_port)
+        assert "\n    option http-buffer-request\n" in config.split("\ndefaults\n")[1].split("\nfrontend ")[0]
+        assert "retry-on conn-failure empty-response junk-response" in config
         poll(lambda: len(_replica_pids(name)) == 2, what="two replica processes")
         before = _replica_pids(name)
         with Load(url, rows, workers=4) as load:
@@ -285,22 +307,19 @@ def test_a_replica_killed_under_load_fails_no_retryable_request(registry, http_p
         cut = summary["statuses"].get("cut", 0)
         print(f"\n[kill] replica {victim} killed; replaced after {recovered_s:.1f}s; {failed} failed of "
               f"{summary['requests']}, {cut} of them cut mid-response ({json.dumps(summary)})")
-        # every request the ingress could retry (no response byte sent yet) succeeded: none failed with a
-        # refused/reset connection, none got an error status. A response whose headers had already left the
-        # dead replica cannot be retried by any proxy: at most the requests in flight on it (one per client)
+        # every request the ingress could retry (no response byte had reached the client) succeeded: none failed
+        # with a closed connection and no response, none got HAProxy's own error page (its 502/503/504, which
+        # Serve's HAProxy config sends as a plain-text 500). Before `option http-buffer-request`, 8 of 12 runs
+        # of this test had 1-3 such failures (HAProxy's log: a `SH--` 502 with no retry; requests with no log line).
+        # A response whose headers had already left the dead replica cannot be retried by any proxy: at most the
+        # requests in flight on it (one per client) are cut mid-body (seen once in 8 runs: `SD--`).
         # Known Ray 2.60 HAProxy-mode race, seen once in four runs under load 13 on 2 cores: right after the
         # replacement replica became RUNNING, HAProxy's reload briefly lacked the app's backend and answered
-        # 33 requests with its own 404 "Path not found" and closed one idle keep-alive connection. Those are
-        # counted here and bounded, not hidden; raysys cannot retry what HAProxy answers itself.
-        # Also seen once (a fresh-clone run, 1 of 7,836 requests): a plain-text 500 "Internal Server Error",
-        # the body uvicorn/Starlette send when an exception escapes the ASGI app, logged by no replica: not
-        # raysys's handler (its errors are JSON); most likely Serve's direct-ingress wrapper on the replacement
-        # replica taking a request before it was ready. Counted and bounded like the others, not hidden.
+        # 33 requests with its own 404 "Path not found". Counted here and bounded, not hidden; raysys cannot
+        # retry what HAProxy answers itself.
         reload_404 = summary["statuses"].get(404, 0)
-        no_response = summary["statuses"].get(None, 0)
-        plain_500 = sum(1 for e in load.errors if e == "500: Internal Server Error")
-        assert failed == cut + reload_404 + no_response + plain_500, summary
-        assert cut <= 4 and no_response <= 4 and plain_500 <= 2, summary
+        assert failed == cut + reload_404, (summary, load.errors)
+        assert cut <= 4, summary
         assert reload_404 <= 0.02 * summary["requests"], summary
         assert len(_replica_pids(name) - before) == 1
     finally:
