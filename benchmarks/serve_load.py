@@ -11,8 +11,16 @@ One run, one machine, one student, one load generator:
 
 The load generator is an asyncio + aiohttp client in this process: `c` workers, each sending one-row
 `POST /v1/predict` requests back to back for `--duration` seconds after a warm-up. Per target and
-concurrency: requests/s, p50 and p99 latency (ms) and non-2xx count. Then, at concurrency 32, the raysys
-endpoint with the monitor on and off, alternated `--repeats` times (medians), for the monitor's cost.
+concurrency: requests/s, p50 and p99 latency (ms) and non-2xx count; concurrency 32 is measured `--repeats`
+times, alternating the targets (medians of per-round ratios). Then the monitor's cost: the raysys endpoint
+with the monitor on and off (two apps deployed side by side, the same config otherwise) at concurrency 32 in
+`--monitor-pairs` pairs of short points, ordered on/off, off/on, on/off, ... so that a drift in machine load
+falls on both alike; the cost is the median over pairs of 1 - on/off (the pooled figure and the spread are
+printed too). Each monitor point is measured for 10 s, Ray's metrics report period: every 10 s Ray's metrics
+agent (DashboardAgent) spends ~1 s of a core replaying each histogram observation the replicas recorded
+(Ray 2.60, `record_histogram_aggregated_batch`), halving throughput for that second on this 2-core box. A
+point of 10 s holds one such burst whatever its phase; shorter points hold one or none, which swamped a ~2%
+effect with +-10% noise per pair.
 
 The student is the demo preset's default student architecture, untrained (throughput does not depend on
 the weights), registered with a reference profile so that the monitor runs.
@@ -197,13 +205,18 @@ def main() -> int:
     p.add_argument("--duration", type=float, default=8.0, help="measured seconds per point")
     p.add_argument("--warmup", type=float, default=2.0, help="unmeasured seconds before each point")
     p.add_argument("--concurrency", default="1,8,32,128", help="comma-separated client concurrencies")
-    p.add_argument("--repeats", type=int, default=5, help="rounds at c32 (raysys, plain, raysys without monitor)")
+    p.add_argument("--repeats", type=int, default=5, help="rounds at c32 (raysys, plain)")
+    p.add_argument("--monitor-pairs", type=int, default=6, help="on/off pairs for the monitor's cost")
+    p.add_argument("--monitor-duration", type=float, default=10.0,
+                   help="measured seconds per monitor point (a multiple of Ray's 10 s metrics period)")
     p.add_argument("--serve-cfg", default="{}", help="JSON ServeConfig overrides for the raysys app (exploration)")
-    p.add_argument("--quick", action="store_true", help="--duration 3 --warmup 1 --concurrency 8,32 --repeats 2")
+    p.add_argument("--quick", action="store_true", help="--duration 3 --warmup 1 --concurrency 8,32 --repeats 2 "
+                                                         "--monitor-pairs 4 --monitor-duration 2")
     p.add_argument("--port", type=int, default=0, help="Serve HTTP port (0: a free one)")
     args = p.parse_args()
     if args.quick:
         args.duration, args.warmup, args.concurrency, args.repeats = 3.0, 1.0, "8,32", 2
+        args.monitor_pairs, args.monitor_duration = 4, 2.0
     levels = [int(c) for c in args.concurrency.split(",")]
     if 32 not in levels:
         levels.append(32)
@@ -223,6 +236,7 @@ def main() -> int:
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve_start("127.0.0.1", serve_port)
     results: dict = {}
+    monitor_pairs: list[dict] = []
     plain = None
     try:
         base = f"http://127.0.0.1:{serve_port}"
@@ -241,7 +255,7 @@ def main() -> int:
         plain = start_plain(reg, plain_port)
         plain_url = f"http://127.0.0.1:{plain_port}"
         load(f"{plain_url}/v1/predict", bodies, 8, 2.0, 0.5)
-        targets = {"raysys": on_url, "plain": plain_url, "raysys_monitor_off": off_url}
+        targets = {"raysys": on_url, "plain": plain_url}
         procs = {"raysys": server_processes("mon_on"), "plain": server_processes(pid=plain.pid),
                  "raysys_monitor_off": server_processes("mon_off")}
         for c in levels:
@@ -250,12 +264,20 @@ def main() -> int:
             rounds = []
             for _ in range(args.repeats if c == 32 else 1):
                 rnd = {name: load(f"{url}/v1/predict", bodies, c, args.duration, args.warmup, procs[name])
-                       for name, url in targets.items() if c == 32 or name != "raysys_monitor_off"}
+                       for name, url in targets.items()}
                 rounds.append(rnd)
                 print(json.dumps({"c": c, **{k: {m: v[m] for m in ("rps", "p50_ms", "p99_ms", "non_2xx",
                                                                       "server_cpu_ms_per_request")}
                                              for k, v in rnd.items()}}), flush=True)
             results[c] = rounds
+        for i in range(args.monitor_pairs):
+            order = ("raysys", "raysys_monitor_off") if i % 2 == 0 else ("raysys_monitor_off", "raysys")
+            pair = {name: load(f"{url}/v1/predict", bodies, 32, args.monitor_duration, 1.0, procs[name])
+                    for name, url in ((n, {"raysys": on_url, "raysys_monitor_off": off_url}[n]) for n in order)}
+            monitor_pairs.append(pair)
+            print(json.dumps({"monitor_pair": i, **{k: {m: v[m] for m in ("rps", "p99_ms", "non_2xx",
+                                                                             "server_cpu_ms_per_request")}
+                                                    for k, v in pair.items()}}), flush=True)
     finally:
         if plain is not None:
             plain.kill()
@@ -276,16 +298,26 @@ def main() -> int:
         per_c[str(c)]["throughput_ratio"] = round(statistics.median(
             r["raysys"]["rps"] / r["plain"]["rps"] for r in rounds), 3)
     r32 = results[32]
+    costs = [1 - r["raysys"]["rps"] / r["raysys_monitor_off"]["rps"] for r in monitor_pairs]
     summary = {
         "benchmark": "serve_load",
         # paired per round (same minute of machine load), then the median over rounds
         "c32_throughput_ratio": per_c["32"]["throughput_ratio"],
         "c32_p99_ratio": round(statistics.median(r["raysys"]["p99_ms"] / r["plain"]["p99_ms"] for r in r32), 3),
-        "monitor_throughput_cost": round(statistics.median(
-            1 - r["raysys"]["rps"] / r["raysys_monitor_off"]["rps"] for r in r32), 4),
+        "monitor_throughput_cost": round(statistics.median(costs), 4),
+        "monitor": {"pairs": len(costs), "cost_per_pair": [round(c, 4) for c in costs],
+                    "cost_quartiles": [round(q, 4) for q in statistics.quantiles(costs, n=4)] if len(costs) > 1 else None,
+                    "pooled_cost": round(1 - sum(r["raysys"]["rps"] for r in monitor_pairs)
+                                         / sum(r["raysys_monitor_off"]["rps"] for r in monitor_pairs), 4),
+                    "rps_on": med(monitor_pairs, "raysys", "rps"),
+                    "rps_off": med(monitor_pairs, "raysys_monitor_off", "rps"),
+                    "server_cpu_ms_per_request_on": med(monitor_pairs, "raysys", "server_cpu_ms_per_request"),
+                    "server_cpu_ms_per_request_off": med(monitor_pairs, "raysys_monitor_off",
+                                                         "server_cpu_ms_per_request")},
         "per_concurrency": per_c,
         "non_2xx_total": sum(v["non_2xx"] for rounds in results.values() for r in rounds for v in r.values()),
         "setup": {"duration_s": args.duration, "warmup_s": args.warmup, "repeats": args.repeats,
+                  "monitor_pairs": args.monitor_pairs, "monitor_duration_s": args.monitor_duration,
                   "ingress_env": env, "model_spec": {k: v for k, v in spec.items() if k != "schema"},
                   "rows_per_request": 1, "cpus": os.cpu_count(), "python": platform.python_version(),
                   "ray": ray.__version__},
