@@ -46,6 +46,8 @@ def ingress_mode() -> str:
 # tests/test_serve_rollout.py's replica-kill test lost 1-3 requests that way. Ray 2.60 has no setting for HAProxy
 # options, but writes RAY_SERVE_HAPROXY_RETRY_ON verbatim into the `defaults` section as `retry-on <value>`: the
 # value's second line is the option. The replica-kill test checks the live HAProxy config carries it.
+# Limit: HAProxy holds at most one buffer (RAY_SERVE_HAPROXY_TUNE_BUFSIZE, 16 KB: ~60 rows of the demo schema);
+# a bigger body is forwarded before it is whole, and such a request is not retried if its replica dies.
 HAPROXY_RETRY_ON = "conn-failure empty-response junk-response\n    option http-buffer-request"
 
 
