@@ -1,7 +1,7 @@
 """Tier 3: production serving over real HTTP on the session's Ray (HAProxy + direct ingress, the shipped
 default): every status code of the API; a canary -> promote -> rollback cycle through the `raysys serve`
 CLI under concurrent load with zero failed requests; one of two replicas SIGKILLed under load, with the
-ingress retrying so that no request fails.
+ingress retrying so that no request it could retry fails.
 """
 
 from __future__ import annotations
