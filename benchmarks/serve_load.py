@@ -270,10 +270,11 @@ def main() -> int:
                                                                       "server_cpu_ms_per_request")}
                                              for k, v in rnd.items()}}), flush=True)
             results[c] = rounds
+        monitor_urls = {"raysys": on_url, "raysys_monitor_off": off_url}
         for i in range(args.monitor_pairs):
-            order = ("raysys", "raysys_monitor_off") if i % 2 == 0 else ("raysys_monitor_off", "raysys")
-            pair = {name: load(f"{url}/v1/predict", bodies, 32, args.monitor_duration, 1.0, procs[name])
-                    for name, url in ((n, {"raysys": on_url, "raysys_monitor_off": off_url}[n]) for n in order)}
+            order = list(monitor_urls) if i % 2 == 0 else list(reversed(monitor_urls))
+            pair = {name: load(f"{monitor_urls[name]}/v1/predict", bodies, 32, args.monitor_duration, 1.0,
+                               procs[name]) for name in order}
             monitor_pairs.append(pair)
             print(json.dumps({"monitor_pair": i, **{k: {m: v[m] for m in ("rps", "p99_ms", "non_2xx",
                                                                              "server_cpu_ms_per_request")}

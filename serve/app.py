@@ -89,9 +89,12 @@ MAX_ABS_Z = 1e6
 # is ~45 bytes); bodies larger than rows x features x this are refused before they are parsed
 BODY_BYTES_PER_VALUE = 256
 BODY_BYTES_SLACK = 64 * 1024
-MONITOR_FLUSH_INTERVAL_S = 1.0
-MONITOR_FLUSH_ROWS = 2048  # wake the flusher early when this many rows are buffered
-MONITOR_MAX_BUFFER_ROWS = 50_000  # beyond this (monitor far behind), new rows are dropped, not queued
+# the monitor link's defaults are MonitorConfig's (one place to change them): ship at least this often, wake
+# the flusher early at this many buffered rows, drop (and count) new rows beyond this many (monitor far behind)
+_MONITOR_DEFAULTS = MonitorConfig()
+MONITOR_FLUSH_INTERVAL_S = _MONITOR_DEFAULTS.flush_interval_ms / 1000
+MONITOR_FLUSH_ROWS = _MONITOR_DEFAULTS.flush_rows
+MONITOR_MAX_BUFFER_ROWS = _MONITOR_DEFAULTS.max_buffer_rows
 MONITOR_MAX_PENDING = 16  # record calls in flight before new batches are dropped
 MONITOR_RETRY_S = 5.0  # wait before re-acquiring a monitor that failed
 MONITOR_REPORT_TIMEOUT_S = 10.0  # a brand-new monitor actor may still be starting its process
