@@ -1,14 +1,24 @@
 """samples/s of raysys teacher training (ddp, zero1, zero3 on Ray Train) against plain `torchrun` DDP on the
 same model, data, batch and threads, in the same run.
 
-    .venv/bin/python benchmarks/train_scaling.py [--workers 2] [--epochs 4] [--repeats 2] [--preset demo]
+    .venv/bin/python benchmarks/train_scaling.py [--workers 2] [--epochs 5] [--repeats 4] [--preset demo]
+        [--train-rows 150000] [--strategies ddp,zero1,zero3] [--niceness-ab]
 
 Each repeat runs, in turn, torchrun DDP (benchmarks/_torchrun_ddp.py) and `raysys.train.train_teacher` with
 each strategy, every one with `--workers` processes x 1 intra-op thread (OMP_NUM_THREADS=1) on a local Ray
 started with 2 x workers logical CPUs. Throughput is the training loop's own samples/s per epoch (global
 rows / slowest rank's loop time, data iteration and preprocessing included); the first epoch of every run
-is warm-up and dropped; the figure is the median over the remaining epochs of all repeats. Ratio = raysys
-strategy / torchrun DDP (1.0 = as fast as plain torch). `ddp_ray_niceness15` is raysys ddp with
+is warm-up and dropped. The job is the demo teacher on the demo schema with 150k training rows (~2.5 s ddp
+epochs): with the demo's own 20k rows (`--train-rows 0`) an epoch lasts ~0.35 s, so every measured epoch
+falls in the first ~2 s of training, while Ray is still starting the run's helpers (Ray Data's split
+coordinators and read workers finishing, Train's preemption watcher starting: 20-70% of a core then, ~13%
+after; `ps`-style per-process CPU, 1 s buckets): that measures start-up, not throughput. Runs are paired: each repeat runs torchrun and every raysys strategy back to back,
+torchrun first in even repeats and last in odd ones (ABBA), so drift in this shared machine's speed over the
+minutes of a run falls on both sides of a pair (odd repeats run the whole sequence reversed, so ddp is
+next to torchrun in every repeat). Per repeat, ratio = median samples/s of the raysys strategy's
+epochs / median of torchrun's epochs in that repeat (1.0 = as fast as plain torch); `ratio_vs_torchrun` is the
+median of the per-repeat ratios (`ratio_per_repeat` lists them), `pooled_ratio_vs_torchrun` the ratio of the
+medians over all repeats' epochs. `--niceness-ab` adds `ddp_ray_niceness15`: raysys ddp with
 train.worker_niceness=None (Ray's worker niceness 15 kept), the before of the renice fix. Last line: one JSON
 object.
 """
@@ -39,13 +49,19 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--preset", default="demo")
     ap.add_argument("--workers", type=int, default=2)
-    ap.add_argument("--epochs", type=int, default=4)
-    ap.add_argument("--repeats", type=int, default=2)
-    ap.add_argument("--no-niceness-ab", action="store_true", help=f"skip the {NICE15} variant")
-    ap.add_argument("--train-rows", type=int, default=None,
-                    help="training rows of the synthetic data (default: the preset's; the demo's 20k rows make "
-                         "~0.35 s epochs, where per-epoch costs weigh ~15x more than in a 300k-row epoch)")
+    ap.add_argument("--epochs", type=int, default=5, help="per run; the first is warm-up and dropped")
+    ap.add_argument("--repeats", type=int, default=4, help="paired repeats (even: torchrun first; odd: reversed)")
+    ap.add_argument("--strategies", default=",".join(STRATEGIES),
+                    help=f"comma-separated raysys strategies to run (default {','.join(STRATEGIES)})")
+    ap.add_argument("--niceness-ab", action="store_true", help=f"also run the {NICE15} variant")
+    ap.add_argument("--train-rows", type=int, default=150_000,
+                    help="training rows of the synthetic data (default 150000: ~2.5 s ddp epochs; 0 = the preset's "
+                         "own, the demo's 20k rows, ~0.35 s epochs that fall inside Ray's start-up transient)")
     args = ap.parse_args(argv)
+    strategies = tuple(x.strip() for x in args.strategies.split(",") if x.strip())
+    unknown = sorted(set(strategies) - set(STRATEGIES))
+    if unknown or not strategies:
+        ap.error(f"--strategies: unknown {unknown or 'empty'}; choose from {','.join(STRATEGIES)}")
     os.environ["OMP_NUM_THREADS"] = "1"
     logging.basicConfig(level=logging.WARNING)
 
@@ -60,7 +76,7 @@ def main(argv=None) -> int:
 
     tmp = Path(tempfile.mkdtemp(prefix="raysys-bench-"))
     cfg = preset(args.preset).with_root(tmp)
-    if args.train_rows:
+    if args.train_rows:  # 0: the preset's own
         cfg.data = cfg.data.model_copy(update=dict(num_train_rows=args.train_rows))
     cfg.train = cfg.train.model_copy(update=dict(num_workers=args.workers, num_epochs=args.epochs,
                                                  threads_per_worker=1, cpus_per_worker=1.0, max_failures=0))
@@ -70,18 +86,26 @@ def main(argv=None) -> int:
     os.environ.pop("RAY_ADDRESS", None)
     # a private local Ray (never one someone else started on this machine)
     ray.init(address="local", num_cpus=2 * args.workers, include_dashboard=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
-    runs = STRATEGIES + (() if args.no_niceness_ab else (NICE15,))
+    runs = strategies + ((NICE15,) if args.niceness_ab and "ddp" in strategies else ())
     rates: dict[str, list[float]] = {"torchrun_ddp": [], **{s: [] for s in runs}}
+    per_repeat: dict[str, list[float]] = {s: [] for s in runs}  # per repeat: median of its epochs
+    peer_per_repeat: list[float] = []
     t_start = time.time()
     load_start = os.getloadavg()[0]
-    for r in range(args.repeats):
+
+    def torchrun(r: int) -> None:
         out = tmp / f"torchrun-{r}.json"
         got = run_peer(args.workers, cfg.data.root, spec, out, "--epochs", str(args.epochs),
                        "--batch-size", str(cfg.train.batch_size), "--lr", str(cfg.train.lr),
                        "--weight-decay", str(cfg.train.weight_decay), "--threads", "1")["samples_per_s"][1:]
         rates["torchrun_ddp"] += got
+        peer_per_repeat.append(statistics.median(got))
         print(f"repeat {r}: torchrun ddp {statistics.median(got):8.0f} samples/s", flush=True)
-        for s in runs:
+
+    for r in range(args.repeats):
+        if r % 2 == 0:
+            torchrun(r)
+        for s in (runs if r % 2 == 0 else runs[::-1]):
             c = cfg.model_copy(deep=True)
             c.train.strategy = "ddp" if s == NICE15 else s
             if s == NICE15:
@@ -89,20 +113,27 @@ def main(argv=None) -> int:
             res = train_teacher(c, schema, pre, run_name=f"bench-{s}-{r}")
             got = [m["samples_per_s"] for m in res.metrics[1:]]
             rates[s] += got
+            per_repeat[s].append(statistics.median(got))
             print(f"repeat {r}: raysys {s:5s}  {statistics.median(got):8.0f} samples/s "
                   f"(val_accuracy {res.metrics[-1]['val_accuracy']:.3f})", flush=True)
+        if r % 2 == 1:
+            torchrun(r)
     ray.shutdown()
     med = {k: statistics.median(v) for k, v in rates.items()}
     summary = {
         "benchmark": "train_scaling",
-        "ratio_vs_torchrun": {s: round(med[s] / med["torchrun_ddp"], 3) for s in runs},
+        "ratio_vs_torchrun": {s: round(statistics.median(a / b for a, b in zip(per_repeat[s], peer_per_repeat)), 3)
+                              for s in runs},
+        "ratio_per_repeat": {s: [round(a / b, 3) for a, b in zip(per_repeat[s], peer_per_repeat)] for s in runs},
+        "pooled_ratio_vs_torchrun": {s: round(med[s] / med["torchrun_ddp"], 3) for s in runs},
         "samples_per_s_median": {k: round(v, 1) for k, v in med.items()},
         "samples_per_s_all": {k: [round(x, 1) for x in v] for k, v in rates.items()},
         "setup": {"workers": args.workers, "threads_per_worker": 1, "cpus_per_worker": 1.0,
                   "worker_niceness": cfg.train.worker_niceness, "load_avg_1m_at_start": load_start,
                   "ray_num_cpus": 2 * args.workers, "preset": args.preset, "train_rows": cfg.data.num_train_rows,
                   "global_batch": cfg.train.batch_size, "epochs_per_run": args.epochs, "warmup_epochs_dropped": 1,
-                  "repeats": args.repeats, "model_spec": spec, "num_parameters": num_parameters(build_model(spec)),
+                  "repeats": args.repeats, "order": "ABBA (even repeats: torchrun, then the strategies; odd: the reverse)",
+                  "model_spec": spec, "num_parameters": num_parameters(build_model(spec)),
                   "backend": "gloo", "machine_cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0],
                   "ray": ray.__version__, "torch": torch.__version__, "python": platform.python_version(),
                   "elapsed_s": round(time.time() - t_start, 1)},
