@@ -12,15 +12,15 @@ is warm-up and dropped. The job is the demo teacher on the demo schema with 150k
 epochs): with the demo's own 20k rows (`--train-rows 0`) an epoch lasts ~0.35 s, so every measured epoch
 falls in the first ~2 s of training, while Ray is still starting the run's helpers (Ray Data's split
 coordinators and read workers finishing, Train's preemption watcher starting: 20-70% of a core then, ~13%
-after; `ps`-style per-process CPU, 1 s buckets): that measures start-up, not throughput. Runs are paired: each repeat runs torchrun and every raysys strategy back to back,
-torchrun first in even repeats and last in odd ones (ABBA), so drift in this shared machine's speed over the
-minutes of a run falls on both sides of a pair (odd repeats run the whole sequence reversed, so ddp is
-next to torchrun in every repeat). Per repeat, ratio = median samples/s of the raysys strategy's
-epochs / median of torchrun's epochs in that repeat (1.0 = as fast as plain torch); `ratio_vs_torchrun` is the
-median of the per-repeat ratios (`ratio_per_repeat` lists them), `pooled_ratio_vs_torchrun` the ratio of the
-medians over all repeats' epochs. `--niceness-ab` adds `ddp_ray_niceness15`: raysys ddp with
-train.worker_niceness=None (Ray's worker niceness 15 kept), the before of the renice fix. Last line: one JSON
-object.
+after; per-process CPU from /proc in 1 s buckets): that measures start-up, not throughput. Runs are paired:
+each repeat runs torchrun and every raysys strategy back to back, torchrun first in even repeats and last in
+odd ones, the whole sequence reversed (ABBA: ddp is next to torchrun in every repeat), so drift in this
+shared machine's speed over the minutes of a run falls on both sides of a pair. Per repeat, ratio = median
+samples/s of the raysys strategy's epochs / median of torchrun's epochs in that repeat (1.0 = as fast as
+plain torch); `ratio_vs_torchrun` is the median of the per-repeat ratios (`ratio_per_repeat` lists them),
+`pooled_ratio_vs_torchrun` the ratio of the medians over all repeats' epochs. `--niceness-ab` adds
+`ddp_ray_niceness15`: raysys ddp with train.worker_niceness=None (Ray's worker niceness 15 kept), the before
+of the renice fix. Last line: one JSON object.
 """
 
 from __future__ import annotations
@@ -132,7 +132,8 @@ def main(argv=None) -> int:
                   "worker_niceness": cfg.train.worker_niceness, "load_avg_1m_at_start": load_start,
                   "ray_num_cpus": 2 * args.workers, "preset": args.preset, "train_rows": cfg.data.num_train_rows,
                   "global_batch": cfg.train.batch_size, "epochs_per_run": args.epochs, "warmup_epochs_dropped": 1,
-                  "repeats": args.repeats, "order": "ABBA (even repeats: torchrun, then the strategies; odd: the reverse)",
+                  "repeats": args.repeats,
+                  "order": "ABBA (even repeats: torchrun, then the strategies; odd: the reverse)",
                   "model_spec": spec, "num_parameters": num_parameters(build_model(spec)),
                   "backend": "gloo", "machine_cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0],
                   "ray": ray.__version__, "torch": torch.__version__, "python": platform.python_version(),
