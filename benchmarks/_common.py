@@ -2,8 +2,12 @@
 
 from __future__ import annotations
 
+import atexit
 import logging
 import os
+import shutil
+import tempfile
+from pathlib import Path
 
 
 def start_quiet_ray(quiet_loggers: tuple[str, ...] = ("ray", "ray.tune", "ray.data", "ray.train")):
@@ -21,3 +25,11 @@ def start_quiet_ray(quiet_loggers: tuple[str, ...] = ("ray", "ray.tune", "ray.da
                    log_to_driver=False, runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
     DataContext.get_current().enable_progress_bars = False
     return ctx
+
+
+def scratch_dir(prefix: str) -> Path:
+    """A fresh temporary directory for one benchmark run (its generated data, checkpoints, registry), removed
+    when the process exits, normally or by an exception."""
+    tmp = Path(tempfile.mkdtemp(prefix=prefix))
+    atexit.register(shutil.rmtree, tmp, True)
+    return tmp

@@ -40,7 +40,6 @@ import platform
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from collections import Counter
 from pathlib import Path
@@ -49,6 +48,7 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
 import numpy as np  # noqa: E402
+from _common import scratch_dir  # noqa: E402
 
 MODEL = "raysys-student"
 
@@ -228,7 +228,7 @@ def main() -> int:
     from raysys.serving import apply_ingress_env, free_port, serve_start
     from serve.app import build_app
 
-    tmp = Path(tempfile.mkdtemp(prefix="raysys-serve-load-"))
+    tmp = scratch_dir("raysys-serve-load-")  # removed at exit
     reg, spec, bodies = make_registry(tmp)
     serve_port = args.port or free_port()
     plain_port = free_port()

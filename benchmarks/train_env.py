@@ -25,7 +25,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -63,6 +62,7 @@ def main(argv=None) -> int:
 
     import ray
     import torch
+    from _common import scratch_dir
     from _torchrun_ddp import run_peer
     from ray.train import RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
@@ -72,7 +72,7 @@ def main(argv=None) -> int:
     from raysys.models import model_spec
     from raysys.train import train_teacher
 
-    tmp = Path(tempfile.mkdtemp(prefix="raysys-bench-env-"))
+    tmp = scratch_dir("raysys-bench-env-")  # removed at exit
     cfg = preset("demo").with_root(tmp)
     cfg.data = cfg.data.model_copy(update=dict(num_train_rows=args.train_rows))
     cfg.train = cfg.train.model_copy(update=dict(num_workers=args.workers, num_epochs=args.epochs, threads_per_worker=1,

@@ -32,7 +32,6 @@ import os
 import platform
 import statistics
 import sys
-import tempfile
 import time
 from pathlib import Path
 
@@ -67,6 +66,7 @@ def main(argv=None) -> int:
 
     import ray
     import torch
+    from _common import scratch_dir
     from _torchrun_ddp import run_peer
 
     from raysys.config import preset
@@ -74,7 +74,7 @@ def main(argv=None) -> int:
     from raysys.models import build_model, model_spec, num_parameters
     from raysys.train import train_teacher
 
-    tmp = Path(tempfile.mkdtemp(prefix="raysys-bench-"))
+    tmp = scratch_dir("raysys-bench-")  # removed at exit
     cfg = preset(args.preset).with_root(tmp)
     if args.train_rows:  # 0: the preset's own
         cfg.data = cfg.data.model_copy(update=dict(num_train_rows=args.train_rows))
