@@ -320,6 +320,31 @@ def test_alert_submits_one_retrain_with_cooldown(world):
     assert mon.report()["retrain"]["job_in_flight"] == "job-x"
 
 
+def test_failed_retrain_submission_retries_instead_of_starting_the_cooldown():
+    # the Jobs API answers "No available agent to submit job, please try again later" while the head is busy:
+    # no job ran, so the hour-long cooldown must not start; the next alert retries after a short wait
+    clock, calls = {"t": 1000.0}, []
+
+    def submit(entry, meta):
+        calls.append(entry)
+        if len(calls) == 1:
+            raise RuntimeError("Request failed with status code 500: No available agent to submit job, "
+                               "please try again later.")
+        return "job-2"
+
+    trig = RetrainTrigger(enabled=True, cooldown_s=3600, args=[], submit=submit, status=lambda j: "RUNNING",
+                          clock=lambda: clock["t"], poll_s=None)
+    first = trig.maybe_submit("drift", [], background=False)
+    assert not first["submitted"] and "No available agent" in first["why"]
+    assert trig.summary()["last_submit"] is None and "No available agent" in trig.summary()["last_error"]
+    clock["t"] += 5
+    soon = trig.maybe_submit("drift", [], background=False)
+    assert not soon["submitted"] and "retry" in soon["why"] and len(calls) == 1
+    clock["t"] += RetrainTrigger.SUBMIT_RETRY_S
+    assert trig.maybe_submit("drift", [], background=False)["submitted"] and len(calls) == 2
+    assert trig.summary()["job_in_flight"] == "job-2" and trig.summary()["last_submit"] == clock["t"]
+
+
 def test_snapshot_restore_and_traffic_parquet(world, tmp_path):
     task, schema, arrays, prof = world
     cfg = {"snapshot_uri": str(tmp_path / "snap"), "traffic_uri": str(tmp_path / "traffic"),

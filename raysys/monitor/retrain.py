@@ -82,7 +82,10 @@ class RetrainTrigger:
     `submit`/`status`/`message` are the Jobs API calls (injectable for tests; default JobSubmissionClient on
     `address`, RAY_ADDRESS or this cluster's dashboard). `metadata` goes with every submission (the monitor
     names itself there). `poll_s`: how often a submitted job's status is refreshed until it ends (None: only
-    when the next alert asks)."""
+    when the next alert asks). A submission that fails (the Jobs API busy or down) starts no cooldown: the next
+    alert at least `SUBMIT_RETRY_S` later submits again."""
+
+    SUBMIT_RETRY_S = 30.0
 
     def __init__(self, *, enabled: bool, cooldown_s: float, args: list[str], address: str | None = None,
                  submit: Callable[..., str] | None = None, status: Callable[[str], str] | None = None,
@@ -101,6 +104,7 @@ class RetrainTrigger:
         self.poll_s = poll_s
         self.job_id: str | None = None
         self.last_submit: float | None = None
+        self.last_failed: float | None = None  # when a submission last failed (no job ran)
         self.last_error: str | None = None
         self.jobs: list[dict[str, Any]] = []
         self._lock = threading.RLock()  # re-entered when submitting in the foreground
@@ -172,29 +176,39 @@ class RetrainTrigger:
             now = self._clock()
             if self.last_submit is not None and now - self.last_submit < self.cooldown_s:
                 return {"submitted": False, "why": f"cooldown ({self.cooldown_s:.0f}s)"}
+            if self.last_failed is not None and now - self.last_failed < self.SUBMIT_RETRY_S:
+                return {"submitted": False, "why": f"the last submission failed {now - self.last_failed:.0f}s ago "
+                                                   f"({self.last_error}); the next alert from "
+                                                   f"{self.SUBMIT_RETRY_S:.0f}s after it will retry"}
+            previous = self.last_submit
             self.last_submit = now
             entry = self.entrypoint(extra_args)
+            outcome: dict[str, Any] = {"submitted": True, "entrypoint": entry}
 
             def run():
                 try:
                     job = self._submit(entry, {**self.metadata, "raysys_reason": reason[:200]})
                     with self._lock:
-                        self.job_id = job
+                        self.job_id, self.last_failed = job, None
                         self.jobs.append({"job_id": job, "reason": reason, "submitted_at": now, "status": "PENDING"})
                     log.warning("raysys monitor: drift alert -> submitted retrain job %s (%s)", job, reason)
                 except Exception as e:
-                    self.last_error = f"submit: {type(e).__name__}: {e}"
-                    log.error("raysys monitor: retrain submission failed: %s", e)
+                    with self._lock:  # no job ran: no cooldown, a later alert retries
+                        self.last_submit, self.last_failed = previous, now
+                        self.last_error = f"submit: {type(e).__name__}: {e}"
+                    outcome.update(submitted=False, why=self.last_error)
+                    log.error("raysys monitor: retrain submission failed (a later alert retries, from %.0fs on): %s",
+                              self.SUBMIT_RETRY_S, e)
                     return
                 if background:
                     self._follow(job)
 
-            if background:
+            if background:  # `submitted` then means started; a failure shows in summary()["last_error"]
                 self._thread = threading.Thread(target=run, daemon=True, name="raysys-retrain-submit")
                 self._thread.start()
-            else:
-                run()
-            return {"submitted": True, "entrypoint": entry}
+                return dict(outcome)  # a copy: the thread may update `outcome` while callers read theirs
+            run()
+            return outcome
 
     def summary(self) -> dict[str, Any]:
         with self._lock:
