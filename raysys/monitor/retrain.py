@@ -180,8 +180,6 @@ class RetrainTrigger:
                 return {"submitted": False, "why": f"the last submission failed {now - self.last_failed:.0f}s ago "
                                                    f"({self.last_error}); the next alert from "
                                                    f"{self.SUBMIT_RETRY_S:.0f}s after it will retry"}
-            previous = self.last_submit
-            self.last_submit = now
             entry = self.entrypoint(extra_args)
             outcome: dict[str, Any] = {"submitted": True, "entrypoint": entry}
 
@@ -189,12 +187,14 @@ class RetrainTrigger:
                 try:
                     job = self._submit(entry, {**self.metadata, "raysys_reason": reason[:200]})
                     with self._lock:
-                        self.job_id, self.last_failed = job, None
+                        # the cooldown starts with a job that runs; concurrent calls meanwhile see the
+                        # submission in progress (`_thread`) or hold the lock (foreground)
+                        self.job_id, self.last_submit, self.last_failed = job, now, None
                         self.jobs.append({"job_id": job, "reason": reason, "submitted_at": now, "status": "PENDING"})
                     log.warning("raysys monitor: drift alert -> submitted retrain job %s (%s)", job, reason)
                 except Exception as e:
                     with self._lock:  # no job ran: no cooldown, a later alert retries
-                        self.last_submit, self.last_failed = previous, now
+                        self.last_failed = now
                         self.last_error = f"submit: {type(e).__name__}: {e}"
                     outcome.update(submitted=False, why=self.last_error)
                     log.error("raysys monitor: retrain submission failed (a later alert retries, from %.0fs on): %s",
