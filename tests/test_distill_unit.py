@@ -554,3 +554,43 @@ def test_benchmark_ensemble_teacher_is_the_members_mean_log_probability(one_thre
     assert isinstance(model, bench.MLPEnsemble) and model.num_members == 2 and not model.training
     assert info["member_val_accuracy"][1] == one_info["val_accuracy"]  # member 1 = seed 1
     assert info["val_accuracy"] == pytest.approx(bench.test_accuracy(model, (vx, vc, vy)), abs=1e-4)
+
+
+def test_benchmark_cv_teacher_choice_ties_go_to_the_earlier_candidate():
+    bench = _bench_distill()
+    out = bench.choose_by_cv({"small": [0.9, 0.8], "big": [0.8, 0.9], "worse": [0.85, 0.8]})
+    assert out["chosen"] == "small"  # same mean as "big": the earlier (cheaper) one
+    assert out["accuracy_mean"] == {"small": 0.85, "big": 0.85, "worse": 0.825}
+    # paired per fold against the chosen one, in points: big -10, +10; worse -5, 0
+    assert out["vs_chosen_points"]["big"]["mean"] == 0.0 and out["vs_chosen_points"]["big"]["min"] == -10.0
+    assert out["vs_chosen_points"]["worse"]["mean"] == -2.5 and out["vs_chosen_points"]["worse"]["negative"] == 1
+    assert "small" not in out["vs_chosen_points"]
+    assert bench.choose_by_cv({"a": [0.7, 0.7], "b": [0.7, 0.75]})["chosen"] == "b"
+
+
+def test_benchmark_stratified_folds_hold_each_row_out_once_and_fit_on_the_fold_training_rows():
+    import pyarrow as pa
+
+    bench = _bench_distill()
+    schema = _bench_schema()
+    n = 90
+    rng = np.random.default_rng(0)
+    cols = {"n0": np.arange(n, dtype=np.float64)}  # the row id, recoverable from the standardized arrays
+    cols.update({f"n{i}": rng.standard_normal(n) for i in range(1, 4)})
+    cols["a"] = rng.choice(["x", "y", "z"], n)
+    cols["b"] = rng.choice(["p", "q"], n)
+    cols["label"] = np.array(["c0", "c1", "c2"])[np.arange(n) % 3]
+    table = pa.table(cols)
+    held_ids, folds = [], 0
+    for _, tr_table, pre, tr, va, held in bench.stratified_folds(schema, table, folds=3, val_fraction=0.2):
+        folds += 1
+        # the preprocessor was fitted on the fold's training rows, and nothing else
+        assert pre.mean[0] == pytest.approx(float(np.mean(tr_table.column("n0").to_numpy())))
+        tr_ids, va_ids, ho_ids = (np.rint(a[0][:, 0] * pre.std[0] + pre.mean[0]).astype(int) for a in (tr, va, held))
+        assert sorted(tr_ids) == sorted(tr_table.column("n0").to_numpy().astype(int))
+        assert len(ho_ids) == n // 3 and len(va_ids) == round(0.2 * (n - n // 3))
+        assert not (set(tr_ids) & set(ho_ids) or set(va_ids) & set(ho_ids) or set(tr_ids) & set(va_ids))
+        assert len(set(tr_ids) | set(va_ids) | set(ho_ids)) == n
+        assert np.bincount(held[2], minlength=3).tolist() == [10, 10, 10]  # stratified
+        held_ids.extend(ho_ids.tolist())
+    assert folds == 3 and sorted(held_ids) == list(range(n))  # every row held out exactly once
