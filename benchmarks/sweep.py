@@ -2,7 +2,8 @@
 
     .venv/bin/python benchmarks/sweep.py [--quick]
 
-One teacher and one set of soft targets (computed once before both sweeps, so neither pays for them),
+One teacher (`--teacher`, a candidate of benchmarks/distill.py trained with its recipe there; default the
+~0.1M-parameter ReLU MLP) and one set of soft targets (computed once before both sweeps, so neither pays for them),
 then on the same Ray cluster, in alternating order over `--repeats` rounds:
 
 - tuned:  `search=optuna` (TPE, seeded) + `scheduler=asha` (grace 2 epochs, reduction factor 3);
@@ -18,6 +19,7 @@ is one JSON object.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +35,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import torch  # noqa: E402
 from _common import start_quiet_ray
-from distill import make_cfg, teacher_epochs, test_accuracy, train_teacher  # noqa: E402
+from distill import TEACHERS, make_cfg, test_accuracy, train_teacher  # noqa: E402
 
 from raysys.data import Preprocessor, ensure_dataset, read_split  # noqa: E402
 from raysys.distill import load_student_data, run_sweep  # noqa: E402
@@ -71,6 +73,9 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=12)
     p.add_argument("--num-epochs", type=int, default=None, help="full budget per trial (default from the preset)")
     p.add_argument("--repeats", type=int, default=1, help="rounds of (tuned, random), order alternating")
+    p.add_argument("--teacher", default="mlp_relu", choices=list(TEACHERS["synthetic"]),
+                   help="the teacher whose soft targets both sweeps distill (a candidate of benchmarks/distill.py, "
+                        "trained with its recipe there; default the ~0.1M-parameter ReLU MLP)")
     args = p.parse_args(argv)
     import ray
 
@@ -85,8 +90,12 @@ def main(argv=None) -> int:
         schema = ensure_dataset(cfg.data)
         pre = Preprocessor.fit_split(schema, cfg.data.root)
         torch.set_num_threads(1)
-        teacher = train_teacher(cfg, schema, pre, epochs=teacher_epochs(args.dataset, args.quick))
-        test = pre.transform_table(read_split(cfg.data.root, "test"))
+        model_cfg, recipe = TEACHERS[args.dataset][args.teacher]
+        if args.quick:
+            recipe = dataclasses.replace(recipe, epochs=max(1, recipe.epochs // 2))
+        train, val, test = (pre.transform_table(read_split(cfg.data.root, s)) for s in ("train", "validation", "test"))
+        teacher, teacher_info = train_teacher(schema, model_cfg, recipe, train, val)
+        log.info("teacher %s: %s", args.teacher, teacher_info)
         load_student_data(cfg, pre, teacher)  # soft targets once, before either sweep is timed
         rounds = []
         for r in range(args.repeats):
@@ -103,7 +112,8 @@ def main(argv=None) -> int:
         "rounds": rounds,
         "targets_met": {"time_ratio<=0.4": statistics.median(ratios) <= 0.4,
                         "best_acc_delta>=-0.5": statistics.median(deltas) >= -0.5},
-        "setup": {"dataset": args.dataset, "num_samples": args.num_samples, "num_epochs": cfg.distill.num_epochs,
+        "setup": {"dataset": args.dataset, "teacher": args.teacher, "num_samples": args.num_samples,
+                  "num_epochs": cfg.distill.num_epochs,
                   "grace_period": cfg.distill.grace_period, "reduction_factor": cfg.distill.reduction_factor,
                   "space": {"temperature": cfg.distill.temperature_range, "alpha": cfg.distill.alpha_range,
                             "lr": cfg.distill.lr_range, "widths": cfg.distill.student_widths,
