@@ -38,8 +38,8 @@ the same labeled batches, steps, lr, epochs and seeds.
   (T, alpha) and without distillation (alpha = 0, plain cross-entropy), same epochs, each keeping its best
   validation epoch, over 5 seeds; median test accuracy difference in points, with every seed's accuracies,
   the paired per-seed differences, their mean, standard error and min/max (`kd_minus_nokd_per_seed`).
-  `kd_minus_nokd` is this figure on synthetic, and on digits the cross-validated mean below
-  (`kd_minus_nokd_source` says which);
+  `kd_minus_nokd` is this figure on synthetic, and on digits the cross-validated mean below (when
+  `--cv-repeats` > 0; `kd_minus_nokd_source` says which);
 - `kd_vs_nokd_cv` (digits, `--cv-repeats`): one test split of 269 rows moves 0.37 points per row, so the
   same comparison is also made by repeated stratified 5-fold cross-validation over all 1797 rows: in each
   fold a fresh teacher (same family and recipe) and both students train on the other folds (15% of them
@@ -160,13 +160,6 @@ class Recipe:
 # the GELU one on validation on both data sets in the grid). Which one is distilled is decided by held-out
 # accuracy alone (TEACHER_SELECTION below, run_dataset); latency plays no part in the choice.
 _MLP = dict(hidden_dims=[256, 256, 128], embed_dim=8)
-# How `--teacher auto` picks among the candidates, per data set (accuracy only, whatever it does to the
-# latency ratio; ties go to the earlier, cheaper candidate). Synthetic: its 4,000-row validation split.
-# Digits: 5-fold cross-validation over the 1,528 training + validation rows (each candidate trained five
-# times, scored on every one of those rows once; the test split plays no part): its validation split has
-# 269 rows, one row moves accuracy 0.37 points, and the candidates' accuracies there are within ~1 point
-# (mlp_relu and mlp_gelu tie at 0.9926), so one split of that size cannot rank them.
-TEACHER_SELECTION = {"synthetic": "validation", "digits": "cv"}
 _LARGE = dict(hidden_dims=[1024, 1024, 512, 256], embed_dim=8, activation="gelu")
 TEACHERS: dict[str, dict[str, tuple[ModelConfig, Recipe]]] = {
     "synthetic": {
@@ -189,6 +182,15 @@ TEACHERS: dict[str, dict[str, tuple[ModelConfig, Recipe]]] = {
         "mlp_large": (ModelConfig(**_LARGE, dropout=0.3), Recipe(lr=1e-3, weight_decay=1e-5, epochs=60)),
     },
 }
+
+
+# How `--teacher auto` picks among the candidates, per data set (accuracy only, whatever it does to the
+# latency ratio; ties go to the earlier, cheaper candidate). Synthetic: its 4,000-row validation split.
+# Digits: 5-fold cross-validation over the 1,528 training + validation rows (each candidate trained five
+# times, scored on every one of those rows once; the test split plays no part): its validation split has
+# 269 rows, one row moves accuracy 0.37 points, and the candidates' accuracies there are within ~1 point
+# (mlp_relu and mlp_gelu tie at 0.9926), so one split of that size cannot rank them.
+TEACHER_SELECTION = {"synthetic": "validation", "digits": "cv"}
 
 
 class MLPEnsemble(torch.nn.Module):
