@@ -594,3 +594,40 @@ def test_benchmark_stratified_folds_hold_each_row_out_once_and_fit_on_the_fold_t
         assert np.bincount(held[2], minlength=3).tolist() == [10, 10, 10]  # stratified
         held_ids.extend(ho_ids.tolist())
     assert folds == 3 and sorted(held_ids) == list(range(n))  # every row held out exactly once
+
+
+def test_fit_student_on_read_only_arrays_warns_nothing(tmp_path):
+    """Tune trials get the shared data from Ray's object store as read-only arrays; training only gathers
+    from them, so torch's "NumPy array is not writable" UserWarning (printed once per trial process) was
+    noise. Run in a fresh interpreter: torch emits that warning once per process."""
+    import os
+    import subprocess
+    import sys
+    import textwrap
+
+    code = textwrap.dedent("""
+        import warnings
+        import numpy as np
+        warnings.simplefilter("error")  # any warning fails the run
+        from raysys.distill import StudentData, fit_student
+        rng = np.random.default_rng(0)
+        def ro(a):
+            a.setflags(write=False)
+            return a
+        n = 200
+        x = ro(rng.standard_normal((n, 4)).astype(np.float32))
+        c = ro(rng.integers(0, 2, (n, 1)).astype(np.int64))
+        y = ro((x[:, 0] > 0).astype(np.int64))
+        t = ro(np.stack([-x[:, 0], x[:, 0]], 1).astype(np.float32))
+        data = StudentData(x_num=x, x_cat=c, y=y, teacher_logits=t, val_x_num=x, val_x_cat=c, val_y=y,
+                           transfer_x_num=x, transfer_x_cat=c, transfer_logits=t)
+        spec = {"family": "mlp", "num_numeric": 4, "cardinalities": [2], "num_classes": 2, "hidden_dims": [8],
+                "embed_dim": 2, "dropout": 0.0, "activation": "relu"}
+        fit = fit_student({"student_spec": spec, "temperature": 2.0, "alpha": 0.5, "num_epochs": 2,
+                           "batch_size": 32, "lr": 1e-2}, data)
+        print("val", fit.history[-1]["val_accuracy"])
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120, cwd=tmp_path,
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "val" in proc.stdout

@@ -9,6 +9,7 @@ never runs the teacher.
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
@@ -111,10 +112,21 @@ def _cpu_copy(model: torch.nn.Module) -> dict[str, torch.Tensor]:
     return {k: v.detach().cpu().clone().contiguous() for k, v in model.state_dict().items()}
 
 
+def _view(a: np.ndarray) -> torch.Tensor:
+    """A zero-copy tensor over training data that may be read-only (Tune trials get the shared arrays from
+    Ray's object store as read-only views). Training only gathers batches from it (indexing makes new
+    tensors) and never writes it, so torch's "NumPy array is not writable" warning (once per process, in
+    every trial's log) does not apply: silenced. Torch warns once per process, so the first call here also
+    keeps the later conversions of the same arrays (predict_logits on the validation rows) quiet."""
+    with warnings.catch_warnings():
+        warnings.filterwarnings("ignore", message="The given NumPy array is not writable", category=UserWarning)
+        return torch.from_numpy(a)
+
+
 @torch.no_grad()
 def _validate(model: torch.nn.Module, data: StudentData) -> tuple[float, float]:
     logits = predict_logits(model, data.val_x_num, data.val_x_cat)
-    y = torch.from_numpy(data.val_y)
+    y = _view(data.val_y)
     loss = F.cross_entropy(logits, y).item()
     acc = (logits.argmax(1) == y).double().mean().item()
     return acc, loss
@@ -178,19 +190,18 @@ def fit_student(config: dict[str, Any], data: StudentData, report: ReportFn | No
         regressor = nn.Linear(model.head.in_features, data.teacher_hints.shape[1])
         params += list(regressor.parameters())
     opt = torch.optim.AdamW(params, lr=lr, weight_decay=float(config.get("weight_decay", 1e-4)))
-    hints = torch.from_numpy(data.teacher_hints) if regressor is not None else None
+    hints = _view(data.teacher_hints) if regressor is not None else None
     if teacher is not None:
         teacher.eval()
     rng = np.random.default_rng(seed)
-    x_num, x_cat = torch.from_numpy(data.x_num), torch.from_numpy(data.x_cat)
-    y, t_logits = torch.from_numpy(data.y), torch.from_numpy(data.teacher_logits)
+    x_num, x_cat, y, t_logits = (_view(a) for a in (data.x_num, data.x_cat, data.y, data.teacher_logits))
     n = len(y)
     steps = math.ceil(n / batch_size)
     nt = data.num_transfer if alpha > 0 else 0
     if nt:
         t_rng = np.random.default_rng([seed, 1])  # its own stream: the labeled batches stay those of no transfer
-        tx_num, tx_cat = torch.from_numpy(data.transfer_x_num), torch.from_numpy(data.transfer_x_cat)
-        tt_logits = torch.from_numpy(data.transfer_logits)
+        tx_num, tx_cat, tt_logits = (_view(a) for a in (data.transfer_x_num, data.transfer_x_cat,
+                                                                 data.transfer_logits))
         per_step = math.ceil(nt / steps)
 
     history: list[dict[str, Any]] = []
