@@ -134,26 +134,54 @@ def _test_arrays(cfg: PipelineConfig, prep: Prepared):
 
 
 def stage_teacher(cfg: PipelineConfig, prep: Prepared) -> tuple[Any, int, dict]:
-    """Train the teacher with Ray Train, evaluate it on the test split, register it.
+    """Train the teacher with Ray Train, evaluate it on the test split (the student's evaluation: metrics,
+    calibration, slices, latency on one thread), register it with a model card of kind `teacher`.
     Returns (model, registry version, test metrics)."""
-    from raysys.evaluate import evaluate_model
-    from raysys.models import build_model, num_parameters
+    import torch
+
+    from raysys.distill import split_raw_columns
+    from raysys.evaluate import full_evaluation
+    from raysys.modelcard import build_model_card
+    from raysys.models import build_model
     from raysys.registry import Registry
     from raysys.train import train_teacher
 
-    teacher = train_teacher(cfg, prep.schema, prep.preprocessor)
+    schema = prep.schema
+    teacher = train_teacher(cfg, schema, prep.preprocessor)
     model = build_model(teacher.model_spec)
     model.load_state_dict(teacher.state_dict())
     model.eval()
     x_num, x_cat, y = _test_arrays(cfg, prep)
-    metrics = evaluate_model(model, x_num, x_cat, y, prep.schema.num_classes)
-    metrics["num_parameters"] = num_parameters(model)
-    metrics["majority_class_accuracy"] = float(np.bincount(y, minlength=prep.schema.num_classes).max() / len(y))
+    ev = cfg.distill.evaluation
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # latency as one serving thread sees it, like the student's card
+    try:
+        metrics = full_evaluation(model, x_num, x_cat, y, schema.num_classes, class_names=list(schema.classes),
+                                  raw_columns=split_raw_columns(cfg, schema, "test"),
+                                  categorical=[f.name for f in schema.categorical], slices=ev.slices,
+                                  num_calibration_bins=ev.num_calibration_bins,
+                                  latency_batch_size=ev.latency_batch_size, latency_repeats=ev.latency_repeats)
+    finally:
+        torch.set_num_threads(threads)
+    metrics["majority_class_accuracy"] = float(np.bincount(y, minlength=schema.num_classes).max() / len(y))
+    lineage = {"data_fingerprint": prep.fingerprint, "checkpoint": teacher.checkpoint_dir}
+    card = build_model_card(
+        name=cfg.model_name + TEACHER_SUFFIX, kind="teacher", schema=schema, data_fingerprint=prep.fingerprint,
+        metrics=metrics, lineage=lineage, data_root=cfg.data.root,
+        training_config={"teacher": json.loads(cfg.teacher.model_dump_json()),
+                         "train": json.loads(cfg.train.model_dump_json()),
+                         # per-epoch figures stay in the version's metrics.json
+                         "epochs_run": len(teacher.metrics),
+                         "last_epoch": teacher.metrics[-1] if teacher.metrics else None},
+        intended_use=(f"The teacher: classification into {list(schema.classes)}, trained with Ray Train to be "
+                      "distilled into the served student (its soft targets train the student). Sized for "
+                      "accuracy, not latency: serve the student (see its card)."),
+        limitations=[f"Test accuracy {metrics['accuracy']:.3f} against {metrics['majority_class_accuracy']:.3f} "
+                     "for always answering the most common class."])
     version = Registry(cfg.registry_uri).register(
         cfg.model_name + TEACHER_SUFFIX, state_dict=model.state_dict(), model_spec=teacher.model_spec,
-        schema=prep.schema, preprocessor=prep.preprocessor, metrics={"test": metrics, "epochs": teacher.metrics},
-        config=json.loads(cfg.model_dump_json()),
-        lineage={"data_fingerprint": prep.fingerprint, "checkpoint": teacher.checkpoint_dir},
+        schema=schema, preprocessor=prep.preprocessor, metrics={"test": metrics, "epochs": teacher.metrics},
+        config=json.loads(cfg.model_dump_json()), lineage=lineage, model_card=card,
     )
     log.info("[teacher] test accuracy %.4f (majority class %.4f), %d parameters, registered as %s%s:v%d",
              metrics["accuracy"], metrics["majority_class_accuracy"], metrics["num_parameters"],

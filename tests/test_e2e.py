@@ -32,6 +32,16 @@ def test_whole_loop(ray_cluster, serve_port, tiny_cfg):
     loaded = reg.load(cfg.model_name, "production")
     assert loaded.lineage["parent_teacher"].endswith(f":v{result.teacher_version}")
     assert loaded.reference_profile is not None
+    # every registered version carries a model card: the teacher's too (its own kind, use and figures)
+    from raysys.pipeline import TEACHER_SUFFIX
+
+    _, t_card, t_md = reg.model_card(cfg.model_name + TEACHER_SUFFIX, result.teacher_version)
+    assert t_card is not None and t_card["kind"] == "teacher", t_card
+    assert t_card["metrics"]["test"]["accuracy"] == round(result.teacher_metrics["accuracy"], 4)
+    assert t_card["data"]["fingerprint"] == result.data_fingerprint
+    assert t_card["training"]["train"]["strategy"] == cfg.train.strategy
+    assert "distilled" in t_card["intended_use"] and "# Model card" in t_md
+    assert reg.model_card(cfg.model_name, result.student_version)[1]["kind"] == "student"
 
     url = deploy(cfg)
     try:
