@@ -4,7 +4,8 @@
 
 One teacher (`--teacher`, a candidate of benchmarks/distill.py trained with its recipe there; default the
 ~0.1M-parameter ReLU MLP) and one set of soft targets (computed once before both sweeps, so neither pays for them),
-then on the same Ray cluster, in alternating order over `--repeats` rounds:
+then on the same Ray cluster, in alternating order over `--repeats` rounds, round r with seed
+`distill.seed + r` for both (its own search draws, training seeds and transfer rows):
 
 - tuned:  `search=optuna` (TPE, seeded) + `scheduler=asha` (grace 2 epochs, reduction factor 3);
 - random: `search=random` + `scheduler=fifo`: every trial runs the full `num_epochs`.
@@ -73,6 +74,8 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=12)
     p.add_argument("--num-epochs", type=int, default=None, help="full budget per trial (default from the preset)")
     p.add_argument("--repeats", type=int, default=1, help="rounds of (tuned, random), order alternating")
+    p.add_argument("--grace-period", type=int, default=None, help="ASHA grace period (default from the config: 2)")
+    p.add_argument("--reduction-factor", type=int, default=None, help="ASHA reduction factor (default from the config: 3)")
     p.add_argument("--teacher", default="mlp_relu", choices=list(TEACHERS["synthetic"]),
                    help="the teacher whose soft targets both sweeps distill (a candidate of benchmarks/distill.py, "
                         "trained with its recipe there; default the ~0.1M-parameter ReLU MLP)")
@@ -86,6 +89,10 @@ def main(argv=None) -> int:
         upd = {"num_samples": args.num_samples}
         if args.num_epochs:
             upd["num_epochs"] = args.num_epochs
+        if args.grace_period:
+            upd["grace_period"] = args.grace_period
+        if args.reduction_factor:
+            upd["reduction_factor"] = args.reduction_factor
         cfg.distill = cfg.distill.model_copy(update=upd)
         schema = ensure_dataset(cfg.data)
         pre = Preprocessor.fit_split(schema, cfg.data.root)
@@ -96,11 +103,17 @@ def main(argv=None) -> int:
         train, val, test = (pre.transform_table(read_split(cfg.data.root, s)) for s in ("train", "validation", "test"))
         teacher, teacher_info = train_teacher(schema, model_cfg, recipe, train, val)
         log.info("teacher %s: %s", args.teacher, teacher_info)
-        load_student_data(cfg, pre, teacher)  # soft targets once, before either sweep is timed
+        # round r uses distill.seed + r: its own Optuna and random-search draws, training seeds and MUNGE
+        # transfer rows, so the median over rounds is over different draws, not copies of one. The soft
+        # targets and each round's transfer rows are computed here, before any sweep is timed.
+        round_cfgs = [cfg.model_copy(update={"distill": cfg.distill.model_copy(
+            update={"seed": cfg.distill.seed + r})}) for r in range(args.repeats)]
+        for c in round_cfgs:
+            load_student_data(c, pre, teacher)
         rounds = []
-        for r in range(args.repeats):
+        for r, c in enumerate(round_cfgs):
             order = ["tuned", "random"] if r % 2 == 0 else ["random", "tuned"]
-            rounds.append({m: one_sweep(cfg, schema, pre, teacher, test, m, str(r)) for m in order})
+            rounds.append({m: one_sweep(c, schema, pre, teacher, test, m, str(r)) for m in order})
     ray.shutdown()
     ratios = [rd["tuned"]["wall_s"] / rd["random"]["wall_s"] for rd in rounds]
     deltas = [100 * (rd["tuned"]["best_val_accuracy"] - rd["random"]["best_val_accuracy"]) for rd in rounds]
