@@ -353,9 +353,9 @@ def epoch_seconds(config: dict, data: StudentData, teacher=None, repeats: int = 
     return statistics.median(times)
 
 
-def paired_stats(kd: list[float], nokd: list[float]) -> dict:
-    """Mean, standard error, median and range of paired differences, in accuracy points."""
-    d = [100 * (a - b) for a, b in zip(kd, nokd)]
+def paired_stats(a: list[float], b: list[float]) -> dict:
+    """Mean, standard error, median and range of the paired differences a - b, in accuracy points."""
+    d = [100 * (x - y) for x, y in zip(a, b)]
     se = statistics.stdev(d) / math.sqrt(len(d)) if len(d) > 1 else float("nan")
     return {"mean": round(statistics.fmean(d), 3), "se": round(se, 3), "median": round(statistics.median(d), 3),
             "min": round(min(d), 2), "max": round(max(d), 2), "positive": sum(x > 0 for x in d),
@@ -371,7 +371,7 @@ def stratified_folds(schema, table, *, folds: int, repeats: int = 1, val_fractio
     import pyarrow as pa
     from sklearn.model_selection import RepeatedStratifiedKFold, train_test_split
 
-    labels = Preprocessor.fit(schema, table).transform_table(table)[2]
+    labels = schema.label_indices(table.column(schema.label).to_numpy(zero_copy_only=False))
     splitter = RepeatedStratifiedKFold(n_splits=folds, n_repeats=repeats, random_state=seed)
     for k, (rest, held) in enumerate(splitter.split(np.zeros(len(labels)), labels)):
         tr_idx, va_idx = train_test_split(rest, test_size=val_fraction, stratify=labels[rest], random_state=seed + k)

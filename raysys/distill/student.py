@@ -200,8 +200,7 @@ def fit_student(config: dict[str, Any], data: StudentData, report: ReportFn | No
     nt = data.num_transfer if alpha > 0 else 0
     if nt:
         t_rng = np.random.default_rng([seed, 1])  # its own stream: the labeled batches stay those of no transfer
-        tx_num, tx_cat, tt_logits = (_view(a) for a in (data.transfer_x_num, data.transfer_x_cat,
-                                                                 data.transfer_logits))
+        tx_num, tx_cat, tt_logits = (_view(a) for a in (data.transfer_x_num, data.transfer_x_cat, data.transfer_logits))
         per_step = math.ceil(nt / steps)
 
     history: list[dict[str, Any]] = []
