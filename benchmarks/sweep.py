@@ -11,10 +11,11 @@ then on the same Ray cluster, in alternating order over `--repeats` rounds, roun
 - random: `search=random` + `scheduler=fifo`: every trial runs the full `num_epochs`.
 
 Both sample the same space (temperature log 1..20, alpha 0.1..0.9, lr log, student width and depth) with
-the same `num_samples` and concurrency. Reported: `time_ratio` = median tuned wall time / median random
-wall time, and `best_acc_delta` = (best validation accuracy of any tuned trial - that of any random
-trial) in points, median over rounds; also the chosen students' test accuracies. The last line printed
-is one JSON object.
+the same `num_samples` and the same number of trials at once (`--max-concurrent`; by default the product's:
+one per core on this one-node local Ray; `max_concurrent_trials` in the JSON). Reported: `time_ratio` =
+median tuned wall time / median random wall time, and `best_acc_delta` = (best validation accuracy of any
+tuned trial - that of any random trial) in points, median over rounds; also the chosen students' test
+accuracies. The last line printed is one JSON object.
 """
 
 from __future__ import annotations
@@ -58,7 +59,7 @@ def one_sweep(cfg, schema, pre, teacher, test, mode: str, tag: str) -> dict:
     student = build_model(res.student_spec)
     student.load_state_dict(res.best_state_dict)
     accs = [t["best_val_accuracy"] for t in res.trials if t["best_val_accuracy"] is not None]
-    out = {"wall_s": round(wall, 2), "best_val_accuracy": max(accs),
+    out = {"wall_s": round(wall, 2), "best_val_accuracy": max(accs), "max_concurrent_trials": res.max_concurrent_trials,
            "epochs_run": sum(t["epochs_run"] for t in res.trials), "trials": len(res.trials),
            "stopped_early": sum(bool(t["stopped_early"]) for t in res.trials),
            "chosen_test_accuracy": round(test_accuracy(student.eval(), test), 4),
@@ -76,6 +77,9 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="rounds of (tuned, random), order alternating")
     p.add_argument("--grace-period", type=int, default=None, help="ASHA grace period (default from the config: 2)")
     p.add_argument("--reduction-factor", type=int, default=None, help="ASHA reduction factor (default from the config: 3)")
+    p.add_argument("--max-concurrent", type=int, default=None,
+                   help="trials at once, both sweeps (default from the config: the cluster's CPUs, "
+                        "at most one per core on a one-node local Ray)")
     p.add_argument("--teacher", default="mlp_relu", choices=list(TEACHERS["synthetic"]),
                    help="the teacher whose soft targets both sweeps distill (a candidate of benchmarks/distill.py, "
                         "trained with its recipe there; default the ~0.1M-parameter ReLU MLP)")
@@ -83,6 +87,7 @@ def main(argv=None) -> int:
     import ray
 
     start_quiet_ray(("ray", "ray.tune", "ray.data"))
+    logical_cpus = int(ray.cluster_resources().get("CPU", 0))
     t_start = time.perf_counter()
     with tempfile.TemporaryDirectory(prefix="raysys-bench-sweep-") as tmp:
         cfg = make_cfg(Path(tmp), args.dataset, args.quick)
@@ -93,6 +98,8 @@ def main(argv=None) -> int:
             upd["grace_period"] = args.grace_period
         if args.reduction_factor:
             upd["reduction_factor"] = args.reduction_factor
+        if args.max_concurrent:
+            upd["max_concurrent_trials"] = args.max_concurrent
         cfg.distill = cfg.distill.model_copy(update=upd)
         schema = ensure_dataset(cfg.data)
         pre = Preprocessor.fit_split(schema, cfg.data.root)
@@ -131,7 +138,9 @@ def main(argv=None) -> int:
                   "space": {"temperature": cfg.distill.temperature_range, "alpha": cfg.distill.alpha_range,
                             "lr": cfg.distill.lr_range, "widths": cfg.distill.student_widths,
                             "depths": cfg.distill.student_depths},
-                  "max_concurrent_trials": "cluster CPUs", "cpus": os.cpu_count(), "repeats": args.repeats,
+                  "max_concurrent_trials": rounds[0]["tuned"]["max_concurrent_trials"],
+                  "logical_cpus": logical_cpus,
+                  "cpus": os.cpu_count(), "repeats": args.repeats,
                   "quick": args.quick, "best_acc": "validation accuracy of the best trial (points)",
                   "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
                   "wall_s": round(time.perf_counter() - t_start, 1)},

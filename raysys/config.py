@@ -229,7 +229,8 @@ class DistillConfig(_Strict):
     grace_period: int = Field(2, ge=1, description="ASHA: epochs every trial runs before it can be stopped.")
     reduction_factor: int = Field(3, ge=2, description="ASHA: 1/reduction_factor of trials go on at each rung.")
     max_concurrent_trials: int | None = Field(
-        None, ge=1, description="Trials running at once (None: the cluster's CPUs, one CPU per trial)."
+        None, ge=1, description="Trials running at once (None: the cluster's CPUs, one CPU per trial; on a one-node "
+        "local cluster at most the host's cores)."
     )
     accuracy_gap: float = Field(
         0.01, ge=0, lt=1, description="Selection rule: smallest student within this val-accuracy gap of the teacher."

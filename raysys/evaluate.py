@@ -22,6 +22,8 @@ Conventions (the same as scikit-learn's `zero_division=0` with its default label
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -400,6 +402,18 @@ def count_parameters(model: nn.Module) -> int:
             b = m.bias()
             n += m.weight().numel() + (b.numel() if b is not None else 0)
     return n
+
+
+@contextmanager
+def torch_threads(n: int) -> Iterator[None]:
+    """Run the block with `n` torch intra-op threads (latency as one serving replica thread sees it), then
+    restore the caller's count."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(threads)
 
 
 def full_evaluation(model: nn.Module, x_num, x_cat, y, num_classes: int, *, class_names: list[str] | None = None,

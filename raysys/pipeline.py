@@ -133,14 +133,22 @@ def _test_arrays(cfg: PipelineConfig, prep: Prepared):
     return prep.preprocessor.transform_table(read_split(cfg.data.root, "test"))
 
 
+def _evaluation_kwargs(cfg: PipelineConfig, schema) -> dict:
+    """`full_evaluation`'s settings for a registered version's test-split card (teacher and students alike)."""
+    from raysys.distill import split_raw_columns
+
+    ev = cfg.distill.evaluation
+    return dict(class_names=list(schema.classes), raw_columns=split_raw_columns(cfg, schema, "test"),
+                categorical=[f.name for f in schema.categorical], slices=ev.slices,
+                num_calibration_bins=ev.num_calibration_bins, latency_batch_size=ev.latency_batch_size,
+                latency_repeats=ev.latency_repeats)
+
+
 def stage_teacher(cfg: PipelineConfig, prep: Prepared) -> tuple[Any, int, dict]:
     """Train the teacher with Ray Train, evaluate it on the test split (the student's evaluation: metrics,
     calibration, slices, latency on one thread), register it with a model card of kind `teacher`.
     Returns (model, registry version, test metrics)."""
-    import torch
-
-    from raysys.distill import split_raw_columns
-    from raysys.evaluate import full_evaluation
+    from raysys.evaluate import full_evaluation, torch_threads
     from raysys.modelcard import build_model_card
     from raysys.models import build_model
     from raysys.registry import Registry
@@ -152,17 +160,8 @@ def stage_teacher(cfg: PipelineConfig, prep: Prepared) -> tuple[Any, int, dict]:
     model.load_state_dict(teacher.state_dict())
     model.eval()
     x_num, x_cat, y = _test_arrays(cfg, prep)
-    ev = cfg.distill.evaluation
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # latency as one serving thread sees it, like the student's card
-    try:
-        metrics = full_evaluation(model, x_num, x_cat, y, schema.num_classes, class_names=list(schema.classes),
-                                  raw_columns=split_raw_columns(cfg, schema, "test"),
-                                  categorical=[f.name for f in schema.categorical], slices=ev.slices,
-                                  num_calibration_bins=ev.num_calibration_bins,
-                                  latency_batch_size=ev.latency_batch_size, latency_repeats=ev.latency_repeats)
-    finally:
-        torch.set_num_threads(threads)
+    with torch_threads(1):  # latency as one serving thread sees it, like the student's card
+        metrics = full_evaluation(model, x_num, x_cat, y, schema.num_classes, **_evaluation_kwargs(cfg, schema))
     metrics["majority_class_accuracy"] = float(np.bincount(y, minlength=schema.num_classes).max() / len(y))
     lineage = {"data_fingerprint": prep.fingerprint, "checkpoint": teacher.checkpoint_dir}
     card = build_model_card(
@@ -208,11 +207,9 @@ def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_ve
     Returns (student version, student test metrics, chosen distillation config). The metrics carry
     `int8_variant` ({version, accuracy, latency, ...}) when a quantized variant was registered.
     """
-    import torch
-
     from raysys.data import read_split
-    from raysys.distill import DYNAMIC_INT8, quantize_dynamic_int8, run_sweep, split_raw_columns
-    from raysys.evaluate import full_evaluation
+    from raysys.distill import DYNAMIC_INT8, quantize_dynamic_int8, run_sweep
+    from raysys.evaluate import full_evaluation, torch_threads
     from raysys.modelcard import build_model_card
     from raysys.models import build_model, predict_logits
     from raysys.monitor.profile import ReferenceProfile
@@ -226,22 +223,14 @@ def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_ve
     x_num, x_cat, y = _test_arrays(cfg, prep)
     ev = cfg.distill.evaluation
     teacher_logits = predict_logits(teacher_model, x_num, x_cat).numpy()
-    common = dict(class_names=list(schema.classes), teacher_logits=teacher_logits,
-                  raw_columns=split_raw_columns(cfg, schema, "test"),
-                  categorical=[f.name for f in schema.categorical], slices=ev.slices,
-                  num_calibration_bins=ev.num_calibration_bins, latency_batch_size=ev.latency_batch_size,
-                  latency_repeats=ev.latency_repeats)
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # latency as one serving replica thread sees it, the same for every model
-    try:
+    common = {**_evaluation_kwargs(cfg, schema), "teacher_logits": teacher_logits}
+    with torch_threads(1):  # latency as one serving replica thread sees it, the same for every model
         metrics = full_evaluation(student, x_num, x_cat, y, schema.num_classes, **common)
         teacher_eval = full_evaluation(teacher_model, x_num, x_cat, y, schema.num_classes,
                                        latency_batch_size=ev.latency_batch_size, latency_repeats=ev.latency_repeats)
         q_model = quantize_dynamic_int8(student) if cfg.distill.quantize else None
         q_metrics = (full_evaluation(q_model, x_num, x_cat, y, schema.num_classes, **common)
                      if q_model is not None else None)
-    finally:
-        torch.set_num_threads(threads)
     teacher_cmp = {**teacher_metrics, "accuracy": teacher_eval["accuracy"],
                    "num_parameters": teacher_eval["num_parameters"], "latency": teacher_eval.get("latency")}
 

@@ -117,6 +117,40 @@ def test_sweep_asha_completes_without_deadlock(ray_cluster, tiny_cfg):
     assert res.scheduler == "asha"
 
 
+@pytest.mark.parametrize("search", ["random", "optuna"])
+def test_sweep_honours_max_concurrent_trials(ray_cluster, tiny_cfg, search):
+    # one trial at a time: with actor reuse every trial then runs in the same actor process. Random search
+    # once ignored the limit (Tune drops max_concurrent_trials for a search *generator* such as
+    # BasicVariantGenerator), running a trial per free CPU beside a tuned sweep that ran the configured number
+    cfg = tiny_cfg
+    cfg.distill = cfg.distill.model_copy(update=dict(
+        search=search, scheduler="fifo", num_samples=3, num_epochs=1, student_widths=[8], student_depths=[1],
+        max_concurrent_trials=1))
+    schema, pre, teacher = _teacher(cfg, num_epochs=1)
+    res = run_sweep(cfg, schema, pre, teacher, run_name=f"distill-one-at-a-time-{search}")
+    assert len(res.trials) == 3 and all(t["error"] is None for t in res.trials)
+    assert res.max_concurrent_trials == 1
+    pids = {json.loads(line)["pid"] for t in res.trials
+            for line in Path(t["path"], "result.json").read_text().splitlines()}
+    assert len(pids) == 1, f"trials ran in {len(pids)} processes at max_concurrent_trials=1"
+
+
+def test_default_concurrency_on_the_local_cluster_is_one_trial_per_core(ray_cluster, tiny_cfg):
+    import os
+
+    import ray
+
+    from raysys.distill.sweep import _max_concurrent
+
+    cfg = tiny_cfg
+    cfg.distill = cfg.distill.model_copy(update=dict(max_concurrent_trials=None))
+    cores = len(os.sched_getaffinity(0))
+    logical = int(ray.cluster_resources()["CPU"])
+    assert _max_concurrent(cfg) == min(logical, cores)
+    cfg.distill = cfg.distill.model_copy(update=dict(max_concurrent_trials=3))
+    assert _max_concurrent(cfg) == 3  # the config wins
+
+
 def test_soft_targets_with_ray_data_match_the_teacher_and_are_reused(ray_cluster, tiny_cfg):
     from raysys.distill import compute_soft_targets, read_soft_targets, teacher_key
 

@@ -631,3 +631,14 @@ def test_fit_student_on_read_only_arrays_warns_nothing(tmp_path):
                           env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "val" in proc.stdout
+
+
+def test_default_concurrency_caps_a_local_cluster_at_the_host_cores():
+    from raysys.distill.sweep import default_concurrency
+
+    # a one-node local Ray started with 4 logical CPUs on a 2-core host: 2 one-thread trials, not 4
+    assert default_concurrency(4.0, single_local_node=True, host_cores=2) == 2
+    assert default_concurrency(2.0, single_local_node=True, host_cores=8) == 2
+    # a multi-node (or remote) cluster: its logical CPUs, whatever this host has
+    assert default_concurrency(12.0, single_local_node=False, host_cores=2) == 12
+    assert default_concurrency(0.0, single_local_node=False, host_cores=2) == 1

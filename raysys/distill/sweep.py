@@ -104,6 +104,7 @@ class SweepResult:
     teacher_num_parameters: int = 0
     soft_targets: dict[str, Any] = field(default_factory=dict)
     wall_seconds: float = 0.0
+    max_concurrent_trials: int = 0
     summary_files: dict[str, str] = field(default_factory=dict)
 
     def summary(self) -> dict[str, Any]:
@@ -116,7 +117,8 @@ class SweepResult:
             "student_spec": dict(self.student_spec), "selection_rule": self.selection_rule,
             "pareto": list(self.pareto), "trials": [dict(t) for t in self.trials],
             "results_dir": self.results_dir, "soft_targets": dict(self.soft_targets),
-            "wall_seconds": self.wall_seconds, "summary_files": dict(self.summary_files),
+            "wall_seconds": self.wall_seconds, "max_concurrent_trials": self.max_concurrent_trials,
+            "summary_files": dict(self.summary_files),
         }
 
 
@@ -229,8 +231,9 @@ def _scheduler(name: str, num_epochs: int, grace_period: int = 2, reduction_fact
     raise ValueError(f"distill.scheduler: unknown scheduler {name!r}; choose 'fifo' or 'asha'")
 
 
-def _search(cfg: PipelineConfig) -> tuple[dict[str, Any], Any, int]:
-    """(param_space, search_alg or None, num_samples) for `cfg.distill.search`."""
+def _search(cfg: PipelineConfig, concurrency: int) -> tuple[dict[str, Any], Any, int]:
+    """(param_space, search_alg or None, num_samples) for `cfg.distill.search`, at most `concurrency` trials
+    at once."""
     from ray import tune
 
     dc = cfg.distill
@@ -250,17 +253,35 @@ def _search(cfg: PipelineConfig) -> tuple[dict[str, Any], Any, int]:
     if dc.search == "random":
         from ray.tune.search import BasicVariantGenerator
 
-        return space, BasicVariantGenerator(random_state=dc.seed), dc.num_samples
+        # a search *generator*: Tune ignores TuneConfig.max_concurrent_trials for it (it only wraps Searchers
+        # such as OptunaSearch in a ConcurrencyLimiter), so the limit goes here
+        return space, BasicVariantGenerator(random_state=dc.seed, max_concurrent=concurrency), dc.num_samples
     raise ValueError(f"distill.search: unknown search {dc.search!r}; choose 'grid', 'optuna' or 'random'")
 
 
+def default_concurrency(cluster_cpus: float, *, single_local_node: bool, host_cores: int) -> int:
+    """Trials at once when `distill.max_concurrent_trials` is unset: one per CPU of the cluster.
+
+    A trial trains with one torch thread under one logical CPU. On a multi-node cluster that is the cluster's
+    logical CPUs (Ray's default is one per core). On a one-node cluster on this host it is also capped at the
+    host's cores: a local Ray may be started with more logical CPUs than cores (raysys does, as Tune over Ray
+    Train needs them), and one-thread trials beyond the cores add no throughput, only a process start-up each
+    (~3 s of imports: torch, Tune) and fewer finished rungs for ASHA to decide on.
+    """
+    n = max(1, int(cluster_cpus))
+    return min(n, max(1, host_cores)) if single_local_node else n
+
+
 def _max_concurrent(cfg: PipelineConfig) -> int:
-    """`distill.max_concurrent_trials`, or the cluster's CPUs (one CPU per trial) when unset."""
+    """`distill.max_concurrent_trials`, or `default_concurrency` for the connected cluster when unset."""
     import ray
 
     if cfg.distill.max_concurrent_trials is not None:
         return cfg.distill.max_concurrent_trials
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
+    nodes = [n for n in ray.nodes() if n.get("Alive")]
+    local = len(nodes) == 1 and nodes[0].get("NodeID") == ray.get_runtime_context().get_node_id()
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    return default_concurrency(ray.cluster_resources().get("CPU", 1), single_local_node=local, host_cores=cores)
 
 
 def _load_weights(checkpoint) -> dict[str, torch.Tensor]:
@@ -356,7 +377,7 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
     import ray
     from ray import tune
 
-    from raysys.evaluate import measure_latency
+    from raysys.evaluate import measure_latency, torch_threads
 
     t_start = time.perf_counter()
     if not ray.is_initialized():
@@ -374,8 +395,8 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
         log.info("distill: search=%s samples temperature/alpha/lr/width/depth; temperatures, alphas, lr and "
                  "student.hidden_dims of the config are not used", dc.search)
     run_name = run_name or f"distill-{time.strftime('%Y%m%d-%H%M%S')}"
-    space, search_alg, num_samples = _search(cfg)
     concurrency = _max_concurrent(cfg)
+    space, search_alg, num_samples = _search(cfg, concurrency)
     log.info("distill: %d train rows, %d val rows; teacher val accuracy %.4f; search %s (%s), scheduler %s, "
              "%d trials at once", len(data.y), len(data.val_y), teacher_val_acc, dc.search,
              f"{len(dc.temperatures)} x {len(dc.alphas)} grid" if dc.search == "grid" else f"{num_samples} samples",
@@ -390,7 +411,9 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
         tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg,
                                     scheduler=_scheduler(dc.scheduler, dc.num_epochs, dc.grace_period,
                                                          dc.reduction_factor),
-                                    num_samples=num_samples, max_concurrent_trials=concurrency,
+                                    num_samples=num_samples,
+                                    # the random search's generator carries its own limit (see _search)
+                                    max_concurrent_trials=None if dc.search == "random" else concurrency,
                                     # a new trial takes over a finished (or ASHA-stopped) trial's actor:
                                     # no process start, torch import or data fetch per trial
                                     reuse_actors=True),
@@ -406,9 +429,7 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
     trials: list[dict[str, Any]] = []
     candidates: list[tuple[dict[str, Any], Any, dict[str, Any], dict[str, Any]]] = []  # row, ckpt, metrics, spec
     vx_num, vx_cat = data.val_x_num, data.val_x_cat
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)  # latency as a one-thread trial/replica sees it, comparable across trials
-    try:
+    with torch_threads(1):  # latency as a one-thread trial/replica sees it, comparable across trials
         for result in grid:
             conf = result.config
             spec = trial_spec(base_spec, conf)
@@ -437,8 +458,6 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
                 row["latency_ms_per_row"] = lat["per_row_in_batch_ms"]
                 candidates.append((row, c, m, spec))
             trials.append(row)
-    finally:
-        torch.set_num_threads(threads)
     trials.sort(key=lambda r: str(r["trial_id"]))
     failed = [t for t in trials if t["error"]]
     if not candidates:
@@ -463,6 +482,7 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
         search=dc.search, sweep_id=run_name, selection_rule=rule,
         pareto=[str(r["trial_id"]) for r in rows if r["pareto"]],
         teacher_num_parameters=num_parameters(teacher_model), soft_targets=targets.summary(),
+        max_concurrent_trials=concurrency,
     )
     # what precomputing saved: every trial epoch would otherwise have run the teacher over the transfer set
     epochs = sum(t["epochs_run"] for t in trials)
