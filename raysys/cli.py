@@ -222,13 +222,14 @@ def _serve(cfg: PipelineConfig, port: int | None) -> str:
 
 
 def _wait_forever() -> None:
-    console.print("endpoint is up; press Ctrl-C to stop")
     stop = {"flag": False}
     # whatever SIGINT handler a library left installed (raysys.sigint puts back the ones Ray Train's and Tune's
-    # fit() leave, but not every library's), one Ctrl-C here must stop the wait
+    # fit() leave, but not every library's), one Ctrl-C here must stop the wait. The handlers go in before the
+    # prompt: a Ctrl-C right after "press Ctrl-C" must not reach the stale handler.
     signal.signal(signal.SIGINT, signal.default_int_handler)
     signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
     try:
+        console.print("endpoint is up; press Ctrl-C to stop")
         while not stop["flag"]:
             time.sleep(1)
     except KeyboardInterrupt:

@@ -103,3 +103,22 @@ def test_one_ctrl_c_stops_the_waiting_cli_even_after_ray_left_sigint_handlers():
         if child.poll() is None:
             child.kill()
     assert child.returncode == 0 and "stopped" in out and "swallowed" not in out, out
+
+
+def test_a_ctrl_c_right_after_the_prompt_stops_the_wait():
+    """The prompt was printed before the wait put in its own SIGINT handler: a Ctrl-C that came right after
+    "press Ctrl-C to stop" still went to the stale handler and the CLI kept waiting (seen once in CI). Here the
+    Ctrl-C comes the moment the prompt is printed."""
+    child = subprocess.run(
+        [sys.executable, "-c",
+         "import os, signal, raysys.cli as c\n"
+         "signal.signal(signal.SIGINT, lambda *a: print('swallowed', flush=True))  # a stale library handler\n"
+         "show = c.console.print\n"
+         "def prompt_then_ctrl_c(*a, **k):\n"
+         "    show(*a, **k)\n"
+         "    os.kill(os.getpid(), signal.SIGINT)\n"
+         "c.console.print = prompt_then_ctrl_c\n"
+         "c._wait_forever()\nprint('stopped', flush=True)\n"],
+        capture_output=True, text=True, timeout=60)
+    out = child.stdout + child.stderr
+    assert child.returncode == 0 and "stopped" in out and "swallowed" not in out, out
