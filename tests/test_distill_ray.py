@@ -177,8 +177,9 @@ def test_soft_targets_with_ray_data_match_the_teacher_and_are_reused(ray_cluster
     assert teacher_key(teacher) != key
 
 
-def test_sweep_asha_optuna_over_size_picks_by_rule(ray_cluster, tiny_cfg):
+def test_sweep_asha_optuna_over_size_picks_by_rule(ray_cluster, tiny_cfg, caplog, capsys):
     import csv
+    import logging
 
     from raysys.distill import select_student
 
@@ -189,8 +190,17 @@ def test_sweep_asha_optuna_over_size_picks_by_rule(ray_cluster, tiny_cfg):
         hint_weight=0.1,  # same family as the teacher: the hint loss runs in every trial
         transfer_multiplier=0.5))  # and unlabeled transfer rows join every KD batch
     schema, pre, teacher = _teacher(cfg, num_epochs=3)
-    res = run_sweep(cfg, schema, pre, teacher, run_name="distill-optuna")
+    capsys.readouterr()
+    with caplog.at_level(logging.INFO, logger="raysys.distill.sweep"):
+        res = run_sweep(cfg, schema, pre, teacher, run_name="distill-optuna")
     assert res.search == "optuna" and res.scheduler == "asha" and res.sweep_id == "distill-optuna"
+    # progress: one log line per trial, saying how it ended, instead of Tune's console tables
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("distill: trial ")]
+    assert sorted(line.split()[2] for line in lines) == ["1/4", "2/4", "3/4", "4/4"], lines
+    assert {line.split()[3] for line in lines} == {str(t["trial_id"]) for t in res.trials}
+    assert sum("stopped early after" in line for line in lines) == sum(t["stopped_early"] for t in res.trials)
+    out = capsys.readouterr().out
+    assert "Trial status:" not in out and "started with configuration" not in out, out[-2000:]
     assert len(res.trials) == 4 and all(t["error"] is None for t in res.trials)
     for t in res.trials:
         assert 1 <= t["temperature"] <= 20 and 0.1 <= t["alpha"] <= 0.9

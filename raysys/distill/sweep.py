@@ -195,6 +195,9 @@ def _distill_trial(config: dict[str, Any], data: StudentData, fixed: dict[str, A
 
     # a trial reserves one CPU; more intra-op threads would only fight the other trials for cores
     torch.set_num_threads(1)
+    # the trial's checkpoints are listed in the sweep's summary: Ray's INFO line per checkpoint, forwarded
+    # from every trial to the driver's console, is noise
+    logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     params = {**fixed, **config}
     params["student_spec"] = trial_spec(fixed["student_spec"], config)
     best = [float("-inf")]
@@ -216,6 +219,51 @@ def _distill_trial(config: dict[str, Any], data: StudentData, fixed: dict[str, A
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
     fit_student(params, data, report)
+
+
+def _progress(total: int, num_epochs: int, every_s: float = 30.0):
+    """A Tune callback that logs one line per finished trial and a status line at most every `every_s` seconds,
+    in place of Tune's console tables (a result table per trial: ~20 lines each, thousands for a real sweep)."""
+    from ray.tune import Callback
+
+    class SweepProgress(Callback):
+        def __init__(self) -> None:
+            self.t0 = self.last = time.monotonic()
+            self.done = 0
+            self.best: dict[str, float] = {}  # trial id -> best val_accuracy so far
+
+        def _best(self) -> str:
+            return f"{max(self.best.values()):.4f}" if self.best else "-"
+
+        def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
+            if result.get(METRIC) is not None:
+                self.best[trial.trial_id] = max(self.best.get(trial.trial_id, float("-inf")), float(result[METRIC]))
+
+        def _finished(self, trial, how: str) -> None:
+            self.done += 1
+            epochs = int((trial.last_result or {}).get("training_iteration", 0))
+            conf = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
+            acc = self.best.get(trial.trial_id)
+            log.info("distill: trial %d/%d %s %s after %d/%d epochs, best val_accuracy %s (sweep best %s; %.0fs) "
+                     "[%s]", self.done, total, trial.trial_id, how, epochs, num_epochs,
+                     "-" if acc is None else f"{acc:.4f}", self._best(), time.monotonic() - self.t0, conf)
+
+        def on_trial_complete(self, iteration, trials, trial, **info) -> None:
+            epochs = int((trial.last_result or {}).get("training_iteration", 0))
+            self._finished(trial, "finished" if epochs >= num_epochs else "stopped early")
+
+        def on_trial_error(self, iteration, trials, trial, **info) -> None:
+            self._finished(trial, "FAILED")
+
+        def on_step_end(self, iteration, trials, **info) -> None:
+            now = time.monotonic()
+            if now - self.last >= every_s:
+                self.last = now
+                running = sum(t.status == "RUNNING" for t in trials)
+                log.info("distill: %d/%d trials done, %d running; sweep best val_accuracy %s (%.0fs)",
+                         self.done, total, running, self._best(), now - self.t0)
+
+    return SweepProgress()
 
 
 def _scheduler(name: str, num_epochs: int, grace_period: int = 2, reduction_factor: int = 3):
@@ -397,6 +445,7 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
     run_name = run_name or f"distill-{time.strftime('%Y%m%d-%H%M%S')}"
     concurrency = _max_concurrent(cfg)
     space, search_alg, num_samples = _search(cfg, concurrency)
+    total_trials = len(dc.temperatures) * len(dc.alphas) if dc.search == "grid" else num_samples
     log.info("distill: %d train rows, %d val rows; teacher val accuracy %.4f; search %s (%s), scheduler %s, "
              "%d trials at once", len(data.y), len(data.val_y), teacher_val_acc, dc.search,
              f"{len(dc.temperatures)} x {len(dc.alphas)} grid" if dc.search == "grid" else f"{num_samples} samples",
@@ -418,7 +467,10 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
                                     # no process start, torch import or data fetch per trial
                                     reuse_actors=True),
         run_config=tune.RunConfig(
-            name=run_name, storage_path=_storage_path(cfg.run_dir), verbose=1,
+            name=run_name, storage_path=_storage_path(cfg.run_dir),
+            # progress as one log line per trial (see _progress); Tune's own tables with --verbose (DEBUG)
+            verbose=1 if log.isEnabledFor(logging.DEBUG) else 0,
+            callbacks=[_progress(total_trials, dc.num_epochs)],
             # trials checkpoint only on improvement (see _distill_trial), so all are kept: few and small
             checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
         ),
