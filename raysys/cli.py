@@ -38,8 +38,17 @@ Root = Annotated[Path | None, typer.Option("--root", help="Directory for data, r
 Address = Annotated[str | None, typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS or local).")]
 
 
-def _setup_logging(verbose: bool = False) -> None:
-    logging.basicConfig(level=logging.DEBUG if verbose else logging.INFO, format="%(message)s",
+_VERBOSE = {"on": False}
+
+
+@app.callback()
+def _root(verbose: Annotated[bool, typer.Option(
+        "--verbose", "-v", help="DEBUG logs, and Ray Tune's own console tables in sweeps.")] = False) -> None:
+    _VERBOSE["on"] = verbose
+
+
+def _setup_logging() -> None:
+    logging.basicConfig(level=logging.DEBUG if _VERBOSE["on"] else logging.INFO, format="%(message)s",
                         handlers=[RichHandler(console=console, show_path=False, markup=False)], force=True)
 
 

@@ -122,3 +122,16 @@ def test_a_ctrl_c_right_after_the_prompt_stops_the_wait():
         capture_output=True, text=True, timeout=60)
     out = child.stdout + child.stderr
     assert child.returncode == 0 and "stopped" in out and "swallowed" not in out, out
+
+
+@pytest.mark.parametrize("flag,level", [([], "INFO"), (["--verbose"], "DEBUG"), (["-v"], "DEBUG")])
+def test_verbose_flag_sets_debug_logs(tmp_path, flag, level):
+    # `raysys --verbose <command>`: DEBUG logs (a sweep then also shows Ray Tune's own console tables)
+    code = ("import logging, sys, raysys.cli as c\n"
+            "c.app(sys.argv[1:], standalone_mode=False)\n"
+            "c._setup_logging()\n"
+            "print(logging.getLevelName(logging.getLogger().level))\n")
+    proc = subprocess.run([sys.executable, "-c", code, *flag, "registry", "list", "--root", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines()[-1] == level
