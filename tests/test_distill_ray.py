@@ -72,6 +72,8 @@ def test_sweep_fifo_finds_a_good_student(ray_cluster, tiny_cfg):
     assert (res.best_config["temperature"], res.best_config["alpha"]) in grid
     assert all(t["error"] is None and t["epochs_run"] == cfg.distill.num_epochs for t in res.trials)
     assert res.best_val_accuracy == max(t["best_val_accuracy"] for t in res.trials)
+    # one architecture, one latency figure: the Pareto front and the choice do not turn on timing noise
+    assert len({t["latency_ms_per_row"] for t in res.trials}) == 1 and res.trials[0]["latency_ms_per_row"] > 0
     assert res.results_dir.startswith(cfg.run_dir)
     json.dumps(res.summary())
     # the checkpoint is safetensors + JSON, nothing pickled

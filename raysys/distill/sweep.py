@@ -21,7 +21,7 @@ Every epoch reports `val_accuracy` and `val_loss`; an epoch that improves the tr
 reports a checkpoint: the student's weights as `model.safetensors` (never pickle) plus a `meta.json`.
 
 After the sweep every finished trial's best checkpoint is measured (parameters, per-row latency at the
-evaluation batch size), the Pareto front of (accuracy up, parameters down, latency down) is marked, and
+evaluation batch size: once per architecture, shared by its trials), the Pareto front of (accuracy up, parameters down, latency down) is marked, and
 one student is chosen by a stated rule: the smallest (fewest parameters) whose validation accuracy is
 within `accuracy_gap` of the teacher's; ties go to the more accurate, then the faster. When no trial is
 that close, the most accurate one is chosen. The results directory holds Tune's own files plus
@@ -481,6 +481,10 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
     trials: list[dict[str, Any]] = []
     candidates: list[tuple[dict[str, Any], Any, dict[str, Any], dict[str, Any]]] = []  # row, ckpt, metrics, spec
     vx_num, vx_cat = data.val_x_num, data.val_x_cat
+    # latency belongs to the architecture (the same layers cost the same whatever their weights): measured once
+    # per student spec, so the Pareto front and the choice's tie-break never turn on timing noise between
+    # trials of one architecture
+    latency_of: dict[str, float] = {}
     with torch_threads(1):  # latency as a one-thread trial/replica sees it, comparable across trials
         for result in grid:
             conf = result.config
@@ -505,9 +509,12 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
                 model = build_model(spec)
                 model.load_state_dict(_load_weights(c))
                 row["num_parameters"] = num_parameters(model)
-                lat = measure_latency(model, vx_num, vx_cat, batch_size=dc.evaluation.latency_batch_size,
-                                      repeats=max(5, min(dc.evaluation.latency_repeats, 50)), warmup=3)
-                row["latency_ms_per_row"] = lat["per_row_in_batch_ms"]
+                arch = json.dumps(spec, sort_keys=True)
+                if arch not in latency_of:
+                    latency_of[arch] = measure_latency(
+                        model, vx_num, vx_cat, batch_size=dc.evaluation.latency_batch_size,
+                        repeats=max(5, min(dc.evaluation.latency_repeats, 50)), warmup=3)["per_row_in_batch_ms"]
+                row["latency_ms_per_row"] = latency_of[arch]
                 candidates.append((row, c, m, spec))
             trials.append(row)
     trials.sort(key=lambda r: str(r["trial_id"]))
