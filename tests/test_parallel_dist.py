@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import datetime
 import time
+import warnings
 from pathlib import Path
 
 import pytest
@@ -75,7 +76,11 @@ def _setup(strategy: str, world: int, mesh, seed: int = 0):
     dims = ParallelDims.for_strategy(strategy, world, tp=tp)
     if tp:
         mesh = dims.build_mesh("cpu")
-    model = parallelize(model, dims, cfg, mesh=mesh)
+    with warnings.catch_warnings():
+        # raysys's wrappers must not use deprecated torch APIs (torch 2.13 deprecated DDP's
+        # broadcast_buffers, which every DDP run warned about once per rank)
+        warnings.simplefilter("error", FutureWarning)
+        model = parallelize(model, dims, cfg, mesh=mesh)
     tp_group = mesh["tp"].get_group() if dims.tp_enabled else None
     opt = build_optimizer(model, cfg, mesh=mesh)
     decoupled_weight_decay(unwrap(model), opt, WD)  # as raysys.train.loop does, for every strategy

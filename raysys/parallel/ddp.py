@@ -66,10 +66,11 @@ def apply_ddp(model: nn.Module, mesh=None, cfg=None, *, find_unused_parameters: 
     # CPU/gloo here; on GPU the caller moves the model first and DDP uses the parameters' device.
     # DDP re-broadcasts rank 0's buffers before EVERY forward (one more collective per step: ~14% of a
     # demo-teacher step on 2 gloo ranks, py-spy). Our teachers' only buffers are constant integer index
-    # offsets, equal on every rank by construction: broadcast only buffers training can change.
+    # offsets, equal on every rank by construction: broadcast only buffers training can change. (torch 2.13's
+    # forward_sync_buffers, which replaces broadcast_buffers, still syncs buffers once at construction.)
     wrapped = DistributedDataParallel(model, process_group=dp_group(mesh),
                                       find_unused_parameters=find_unused_parameters,
-                                      broadcast_buffers=needs_buffer_broadcast(model))
+                                      forward_sync_buffers=needs_buffer_broadcast(model))
     if rank() == 0:
         logger.info("parallel: %s applied over %d ranks (backend %s)", label, n, dist.get_backend())
     return wrapped
