@@ -311,9 +311,9 @@ def best_epoch_fit(config: dict, data: StudentData, **kw):
     """fit_student keeping the best validation epoch's weights (what the sweep's checkpoints do)."""
     best = {"acc": -1.0, "state": None}
 
-    def report(m, sd):
+    def report(m, state):
         if m["val_accuracy"] > best["acc"]:
-            best.update(acc=m["val_accuracy"], state=sd)
+            best.update(acc=m["val_accuracy"], state=state.weights)
 
     fit_student(config, data, report, **kw)
     model = build_model(config["student_spec"])

@@ -228,6 +228,10 @@ class DistillConfig(_Strict):
     scheduler: Literal["fifo", "asha"] = Field("asha", description="Tune trial scheduler.")
     grace_period: int = Field(2, ge=1, description="ASHA: epochs every trial runs before it can be stopped.")
     reduction_factor: int = Field(3, ge=2, description="ASHA: 1/reduction_factor of trials go on at each rung.")
+    max_trial_failures: int = Field(
+        2, ge=0, description="Times Tune retries a failed trial (a lost node, a killed process); a retried trial "
+        "goes on from its latest checkpoint. A trial whose loss diverges fails the same way again."
+    )
     max_concurrent_trials: int | None = Field(
         None, ge=1, description="Trials running at once (None: the cluster's CPUs, one CPU per trial; on a one-node "
         "local cluster at most the host's cores)."

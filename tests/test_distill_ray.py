@@ -78,7 +78,10 @@ def test_sweep_fifo_finds_a_good_student(ray_cluster, tiny_cfg):
     json.dumps(res.summary())
     # the checkpoint is safetensors + JSON, nothing pickled
     ckpt = Path(res.best_checkpoint_path)
-    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "model.safetensors"]
+    assert sorted(p.name for p in ckpt.iterdir()) == ["meta.json", "model.safetensors", "resume.safetensors"]
+    from raysys.statefile import load_state
+
+    assert load_state(ckpt / "resume.safetensors")["epoch"] == res.best_epoch  # where a retried trial goes on
     meta = json.loads((ckpt / "meta.json").read_text())
     assert (meta["temperature"], meta["alpha"]) == (res.best_config["temperature"], res.best_config["alpha"])
     assert meta["metrics"]["epoch"] == res.best_epoch
@@ -117,6 +120,63 @@ def test_sweep_asha_completes_without_deadlock(ray_cluster, tiny_cfg):
     student = build_model(res.student_spec)
     student.load_state_dict(res.best_state_dict)
     assert res.scheduler == "asha"
+
+
+def test_a_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tiny_cfg):
+    # a real crash: the trial's actor process is SIGKILLed mid-run (as when a node is lost); Tune retries the
+    # trial (distill.max_trial_failures) and it goes on after its last checkpoint instead of from epoch 1
+    import os
+    import signal
+    import threading
+    import time
+
+    from raysys.distill.sweep import _storage_path
+
+    epochs = 150  # ~0.03 s each on the tiny data: seconds of run in which to kill it
+    cfg = tiny_cfg
+    cfg.distill = cfg.distill.model_copy(update=dict(
+        search="grid", temperatures=[2.0], alphas=[0.5], scheduler="fifo", num_epochs=epochs,
+        max_concurrent_trials=1, max_trial_failures=1))
+    schema, pre, teacher = _teacher(cfg, num_epochs=1)
+    exp = Path(_storage_path(cfg.run_dir)) / "distill-killed"
+    killed: dict = {}
+
+    def trial_pids() -> list[int]:  # Ray titles an actor process `ray::<class>`; a Tune function trial: ImplicitFunc
+        pids = []
+        for proc in Path("/proc").iterdir():
+            try:
+                if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::ImplicitFunc"):
+                    pids.append(int(proc.name))
+            except OSError:  # gone meanwhile
+                pass
+        return pids
+
+    def kill_after_a_checkpoint():
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline:
+            pids = trial_pids()
+            if len(pids) == 1 and len(list(exp.glob("*/checkpoint_*/meta.json"))) >= 3:  # written as it reports
+                os.kill(pids[0], signal.SIGKILL)
+                killed.update(pid=pids[0])
+                return
+            time.sleep(0.02)
+
+    killer = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
+    killer.start()
+    res = run_sweep(cfg, schema, pre, teacher, run_name="distill-killed")
+    killer.join(timeout=5)
+    assert killed, "the trial ended before it could be killed: raise `epochs`"
+    (trial,) = res.trials
+    assert trial["error"] is None and trial["epochs_run"] == epochs, trial
+    rows = [json.loads(line) for line in Path(trial["path"], "result.json").read_text().splitlines()]
+    assert {r["pid"] for r in rows} >= {killed["pid"]} and len({r["pid"] for r in rows}) == 2
+    retried = [r for r in rows if r["pid"] != killed["pid"]]
+    # the retry went on after a checkpointed epoch, not from 1, and Tune's iteration count agrees with it
+    checkpointed = {json.loads(m.read_text())["metrics"]["epoch"] for m in Path(trial["path"]).glob("checkpoint_*/meta.json")}
+    assert retried[0]["epoch"] > 1 and retried[0]["epoch"] - 1 in checkpointed, (retried[0]["epoch"], checkpointed)
+    assert retried[-1]["epoch"] == epochs
+    assert all(r["training_iteration"] == r["epoch"] for r in retried)
+    assert res.best_val_accuracy == trial["best_val_accuracy"] > 0
 
 
 @pytest.mark.parametrize("search", ["random", "optuna"])

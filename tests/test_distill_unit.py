@@ -144,7 +144,7 @@ def test_fit_student_improves_accuracy_and_reports_each_epoch(one_thread):
         init_acc = (init(torch.from_numpy(data.val_x_num), torch.from_numpy(data.val_x_cat)).argmax(1).numpy()
                     == data.val_y).mean()
     reports = []
-    fit = fit_student(_config(), data, lambda m, sd: reports.append((m, sd)))
+    fit = fit_student(_config(), data, lambda m, state: reports.append((m, state.weights)))
     assert [m["epoch"] for m, _ in reports] == list(range(1, 7))
     for m, sd in reports:
         assert set(m) >= {"val_accuracy", "val_loss", "train_loss", "train_soft", "train_hard"}
@@ -172,6 +172,42 @@ def test_fit_student_is_deterministic_and_validates_config(one_thread):
         fit_student({k: v for k, v in _config().items() if k != "student_spec"}, data)
     with pytest.raises(ValueError, match="num_classes"):
         fit_student(_config(student_spec={**SPEC, "num_classes": 4}), data)
+
+
+@pytest.mark.parametrize("transfer,hint", [(False, False), (True, True)])
+def test_fit_student_resumed_from_a_saved_epoch_ends_as_the_uninterrupted_run(one_thread, tmp_path, transfer, hint):
+    """A trial that crashed goes on from its last checkpoint: what `EpochState.resumable()` gives, saved to a
+    file and loaded back, plus the weights, continues with the same batches and optimizer state."""
+    from raysys.statefile import load_state, save_state
+
+    data = _data()
+    config = _config(num_epochs=5)
+    if transfer:  # unlabeled transfer rows, their own shuffling stream
+        x, c, _, t = _synthetic(400, 2)
+        data = dataclasses.replace(data, transfer_x_num=x, transfer_x_cat=c, transfer_logits=t)
+    if hint:  # the hint loss: a trained regressor is part of the state
+        hints = np.random.default_rng(3).standard_normal((len(data.y), 8)).astype(np.float32)
+        data = dataclasses.replace(data, teacher_hints=hints)
+        config["hint_weight"] = 0.5
+    full = fit_student(config, data)
+    saved = {}
+
+    def report(m, state):
+        if m["epoch"] == 2:
+            save_state(tmp_path / "resume.safetensors", state.resumable())
+            saved["weights"] = state.weights
+            raise KeyboardInterrupt  # the crash: nothing after epoch 2 runs
+
+    with pytest.raises(KeyboardInterrupt):
+        fit_student(config, data, report)
+    resume = {**load_state(tmp_path / "resume.safetensors"), "weights": saved["weights"]}
+    assert resume["epoch"] == 2
+    rest = fit_student(config, data, resume=resume)
+    assert [m["epoch"] for m in rest.history] == [3, 4, 5]
+    assert rest.history == full.history[2:]
+    assert all(torch.equal(rest.state_dict[k], full.state_dict[k]) for k in full.state_dict)
+    with pytest.raises(ValueError, match="resume.epoch"):
+        fit_student(config, data, resume={**resume, "epoch": 6})
 
 
 def test_student_data_checks_shapes():

@@ -12,19 +12,18 @@ from torch import nn
 
 from raysys.models import build_model
 from raysys.parallel import apply_ddp, parallelize
+from raysys.statefile import flatten_state, unflatten_state
 from raysys.train import TeacherResult
 from raysys.train.checkpoint import (
     META_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
-    flatten_optimizer_state,
     is_checkpoint_dir,
     load_model_state,
     load_training_state,
     model_state_dict,
     read_meta,
     save_training_state,
-    unflatten_optimizer_state,
 )
 from raysys.train.loop import epoch_seed, evaluate_sums, per_worker_batch_size, train_step
 from raysys.train.trainer import choose_run_name, storage_path
@@ -118,15 +117,15 @@ def test_ddp_prefix_is_stripped(tmp_path):
 def test_optimizer_flatten_roundtrip_keeps_structure():
     state = {"state": {0: {"step": torch.tensor(3.0), "exp_avg": torch.ones(2), "count": 5}},
              "param_groups": [{"lr": 0.1, "betas": (0.9, 0.99), "params": [0], "foreach": None}]}
-    tensors, tree = flatten_optimizer_state(state)
+    tensors, tree = flatten_state(state)
     json.dumps(tree)
     assert set(tensors) == {"state.0.step", "state.0.exp_avg"}
-    back = unflatten_optimizer_state(tensors, json.loads(json.dumps(tree)))
+    back = unflatten_state(tensors, json.loads(json.dumps(tree)))
     assert back["param_groups"] == state["param_groups"]
     assert isinstance(back["param_groups"][0]["betas"], tuple)
     assert back["state"][0]["count"] == 5 and torch.equal(back["state"][0]["step"], torch.tensor(3.0))
     with pytest.raises(TypeError, match="without pickle"):
-        flatten_optimizer_state({"state": {}, "param_groups": [{"fn": object()}]})
+        flatten_state({"state": {}, "param_groups": [{"fn": object()}]})
 
 
 def test_read_meta_errors(tmp_path):

@@ -22,8 +22,24 @@ from torch import nn
 from raysys.distill.kd import IGNORE_INDEX, HiddenCapture, check_kd_args, hint_loss, kd_loss, supports_hint
 from raysys.models import build_model, predict_logits
 
-# One epoch's metrics and a CPU copy of the student's weights after it.
-ReportFn = Callable[[dict[str, Any], dict[str, torch.Tensor] | None], None]
+
+@dataclass
+class EpochState:
+    """What `fit_student`'s `report` gets after each epoch beside the metrics.
+
+    `weights`: a copy of the student's state dict (the caller may keep it). `resumable()`: everything
+    `fit_student(resume=...)` needs, with the weights, to go on after `epoch` exactly as the uninterrupted run
+    does (optimizer state, RNG states, the hint regressor); call it during `report`, as training changes that
+    state once `report` returns.
+    """
+
+    epoch: int
+    weights: dict[str, torch.Tensor]
+    resumable: Callable[[], dict[str, Any]]
+
+
+# one epoch's metrics and its EpochState
+ReportFn = Callable[[dict[str, Any], EpochState], None]
 
 
 @dataclass
@@ -133,7 +149,7 @@ def _validate(model: torch.nn.Module, data: StudentData) -> tuple[float, float]:
 
 
 def fit_student(config: dict[str, Any], data: StudentData, report: ReportFn | None = None, *,
-                teacher: nn.Module | None = None) -> StudentFit:
+                teacher: nn.Module | None = None, resume: dict[str, Any] | None = None) -> StudentFit:
     """Train a student with the KD loss and validate it after every epoch.
 
     `config` keys: `student_spec` (a `raysys.models.model_spec` dict, required), `temperature`,
@@ -147,8 +163,11 @@ def fit_student(config: dict[str, Any], data: StudentData, report: ReportFn | No
     no-KD baseline (alpha = 0, which ignores them) takes the same steps on the same labeled data.
     `teacher`: run this model on every batch instead of reading `data.teacher_logits` (online KD; only
     for measuring what precomputed soft targets save).
-    After each epoch `report(metrics, state_dict)` is called with `epoch` (1-based), `train_loss`,
-    `train_soft`, `train_hard`, `val_loss` (cross-entropy on the true labels) and `val_accuracy`.
+    After each epoch `report(metrics, state)` is called with metrics `epoch` (1-based), `train_loss`,
+    `train_soft`, `train_hard`, `val_loss` (cross-entropy on the true labels) and `val_accuracy`, and an
+    `EpochState`.
+    `resume`: `EpochState.resumable()` of an earlier run of the same config and data plus `weights`: training
+    goes on from the epoch after it, with the same batches, steps and result as the uninterrupted run.
     Threads are left as the caller set them (Tune trials set one thread).
     """
     if "student_spec" not in config:
@@ -203,8 +222,28 @@ def fit_student(config: dict[str, Any], data: StudentData, report: ReportFn | No
         tx_num, tx_cat, tt_logits = (_view(a) for a in (data.transfer_x_num, data.transfer_x_cat, data.transfer_logits))
         per_step = math.ceil(nt / steps)
 
+    start = 1
+    if resume is not None:
+        done = int(resume["epoch"])
+        if not 0 <= done <= num_epochs:
+            raise ValueError(f"resume.epoch: {done} is outside this run's 0..{num_epochs} epochs (num_epochs)")
+        model.load_state_dict(resume["weights"])
+        opt.load_state_dict(resume["optimizer"])
+        rng.bit_generator.state = resume["rng"]
+        if nt:
+            t_rng.bit_generator.state = resume["transfer_rng"]
+        if regressor is not None:
+            regressor.load_state_dict(resume["regressor"])
+        torch.set_rng_state(resume["torch_rng"])
+        start = done + 1
+
+    def resumable() -> dict[str, Any]:
+        return {"epoch": epoch, "optimizer": opt.state_dict(), "rng": rng.bit_generator.state,
+                "transfer_rng": t_rng.bit_generator.state if nt else None, "torch_rng": torch.get_rng_state(),
+                "regressor": regressor.state_dict() if regressor is not None else None}
+
     history: list[dict[str, Any]] = []
-    for epoch in range(1, num_epochs + 1):
+    for epoch in range(start, num_epochs + 1):
         model.train()
         perm = torch.from_numpy(rng.permutation(n))
         t_perm = torch.from_numpy(t_rng.permutation(nt)) if nt else None
@@ -245,5 +284,5 @@ def fit_student(config: dict[str, Any], data: StudentData, report: ReportFn | No
             raise FloatingPointError(f"student loss diverged at epoch {epoch} ({metrics['train_loss']}); lower lr")
         history.append(metrics)
         if report is not None:
-            report(dict(metrics), _cpu_copy(model))
-    return StudentFit(state_dict=_cpu_copy(model), metrics=history[-1], history=history)
+            report(dict(metrics), EpochState(epoch, _cpu_copy(model), resumable))
+    return StudentFit(state_dict=_cpu_copy(model), metrics=history[-1] if history else {}, history=history)

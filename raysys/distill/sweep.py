@@ -56,13 +56,15 @@ from raysys.distill.soft_targets import (
     read_soft_targets,
     read_transfer_targets,
 )
-from raysys.distill.student import StudentData, fit_student
+from raysys.distill.student import EpochState, StudentData, fit_student
 from raysys.models import build_model, model_spec, num_parameters, predict_logits
 from raysys.sigint import keep_sigint_handler
+from raysys.statefile import load_state, save_state
 
 log = logging.getLogger(__name__)
 
 WEIGHTS_FILE = "model.safetensors"
+RESUME_FILE = "resume.safetensors"  # optimizer and RNG state after the checkpoint's epoch (raysys.statefile)
 META_FILE = "meta.json"
 METRIC = "val_accuracy"
 MODE = "max"
@@ -190,7 +192,11 @@ def trial_spec(base_spec: dict[str, Any], params: dict[str, Any]) -> dict[str, A
 
 
 def _distill_trial(config: dict[str, Any], data: StudentData, fixed: dict[str, Any]) -> None:
-    """One Tune trial: a plain function trainable (see the module docstring for why not Ray Train)."""
+    """One Tune trial: a plain function trainable (see the module docstring for why not Ray Train).
+
+    A trial that Tune retries after a failure (a lost node, a killed process: `distill.max_trial_failures`)
+    goes on from its latest checkpoint, as the uninterrupted trial would (`fit_student(resume=...)`).
+    """
     from ray import tune
 
     # a trial reserves one CPU; more intra-op threads would only fight the other trials for cores
@@ -201,24 +207,34 @@ def _distill_trial(config: dict[str, Any], data: StudentData, fixed: dict[str, A
     params = {**fixed, **config}
     params["student_spec"] = trial_spec(fixed["student_spec"], config)
     best = [float("-inf")]
+    resume = None
+    checkpoint = tune.get_checkpoint()
+    if checkpoint is not None:
+        with checkpoint.as_directory() as d:
+            meta = json.loads(Path(d, META_FILE).read_text())
+            resume = {**load_state(Path(d, RESUME_FILE)), "weights": load_file(str(Path(d, WEIGHTS_FILE)))}
+        best[0] = float(meta["metrics"][METRIC])
+        log.warning("distill: trial retried; going on after epoch %d of its checkpoint", resume["epoch"])
 
-    def report(metrics: dict[str, Any], state_dict: dict[str, torch.Tensor] | None) -> None:
+    def report(metrics: dict[str, Any], state: EpochState) -> None:
         # Metrics every epoch, a checkpoint only when val_accuracy improved: the sweep only ever wants
         # each trial's best epoch, and a checkpoint per epoch with num_to_keep=1 would force an
-        # experiment-state snapshot on every report (Tune warns that this becomes a bottleneck).
-        if state_dict is None or metrics[METRIC] <= best[0]:
+        # experiment-state snapshot on every report (Tune warns that this becomes a bottleneck). A retried
+        # trial replays the epochs after its last improvement.
+        if metrics[METRIC] <= best[0]:
             tune.report(metrics)
             return
         best[0] = metrics[METRIC]
         with tempfile.TemporaryDirectory(prefix="raysys-student-") as d:
-            save_file(state_dict, os.path.join(d, WEIGHTS_FILE))
+            save_file(state.weights, os.path.join(d, WEIGHTS_FILE))
+            save_state(os.path.join(d, RESUME_FILE), state.resumable())
             meta = {"student_spec": params["student_spec"], "temperature": params["temperature"],
                     "alpha": params["alpha"], "lr": params["lr"], "metrics": metrics}
             Path(d, META_FILE).write_text(json.dumps(meta, indent=2))
             # report() copies the directory to the trial's storage before it returns
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
-    fit_student(params, data, report)
+    fit_student(params, data, report, resume=resume)
 
 
 def _progress(total: int, num_epochs: int, every_s: float = 30.0):
@@ -471,6 +487,8 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
             # progress as one log line per trial (see _progress); Tune's own tables with --verbose (DEBUG)
             verbose=1 if log.isEnabledFor(logging.DEBUG) else 0,
             callbacks=[_progress(total_trials, dc.num_epochs)],
+            # a failed trial (lost node, killed process) is retried from its latest checkpoint
+            failure_config=tune.FailureConfig(max_failures=dc.max_trial_failures),
             # trials checkpoint only on improvement (see _distill_trial), so all are kept: few and small
             checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
         ),

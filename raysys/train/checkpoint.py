@@ -24,18 +24,17 @@ complete, which is what `is_checkpoint_dir` checks.
 from __future__ import annotations
 
 import json
-import os
 import time
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import torch
-from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raysys.parallel import unwrap
+from raysys.statefile import atomic_write as _atomic
+from raysys.statefile import load_state, save_state
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -46,7 +45,6 @@ FORMAT = "raysys.train.checkpoint/1"
 LAYOUT_FULL, LAYOUT_SHARDED = "full", "sharded"
 DCP_DIR = "dcp"
 DCP_METADATA = ".metadata"
-_TREE_KEY = "raysys.optimizer_tree"
 _DDP_PREFIX = "module."
 
 
@@ -85,75 +83,14 @@ def load_model_state(directory: str | Path) -> dict[str, torch.Tensor]:
 
 
 # ----------------------------------------------------------------------------------------------------
-# optimizer: tensors <-> safetensors, the rest <-> a JSON tree
+# optimizer: tensors <-> safetensors, the rest <-> a JSON tree (raysys.statefile)
 # ----------------------------------------------------------------------------------------------------
-def flatten_optimizer_state(state: dict[str, Any]) -> tuple[dict[str, torch.Tensor], Any]:
-    """Split an `optimizer.state_dict()` into {path: tensor} and a JSON-able tree that refers to them.
-
-    Dicts with int keys (the per-parameter `state`), tuples (`betas`) and tensors are tagged so that
-    `unflatten_optimizer_state` rebuilds the exact structure `load_state_dict` expects.
-    """
-    tensors: dict[str, torch.Tensor] = {}
-
-    def enc(obj: Any, path: str) -> Any:
-        if isinstance(obj, torch.Tensor):
-            tensors[path] = obj.detach().to("cpu").contiguous().clone()
-            return {"__tensor__": path}
-        if isinstance(obj, dict):
-            if all(isinstance(k, str) for k in obj):
-                return {k: enc(v, f"{path}.{k}" if path else k) for k, v in obj.items()}
-            if all(isinstance(k, int) and not isinstance(k, bool) for k in obj):
-                return {"__int_keys__": {str(k): enc(v, f"{path}.{k}") for k, v in obj.items()}}
-            raise TypeError(f"checkpoint: optimizer state at {path or '(root)'!r} has keys that are neither all "
-                            f"str nor all int: {list(obj)[:5]}")
-        if isinstance(obj, tuple):
-            return {"__tuple__": [enc(v, f"{path}.{i}") for i, v in enumerate(obj)]}
-        if isinstance(obj, list):
-            return [enc(v, f"{path}.{i}") for i, v in enumerate(obj)]
-        if obj is None or isinstance(obj, (bool, int, float, str)):
-            return obj
-        raise TypeError(f"checkpoint: cannot store {type(obj).__name__} at optimizer state {path!r} without pickle")
-
-    tree = enc(state, "")
-    return tensors, tree
-
-
-def unflatten_optimizer_state(tensors: dict[str, torch.Tensor], tree: Any) -> Any:
-    """Inverse of `flatten_optimizer_state`."""
-
-    def dec(obj: Any) -> Any:
-        if isinstance(obj, dict):
-            if set(obj) == {"__tensor__"}:
-                key = obj["__tensor__"]
-                if key not in tensors:
-                    raise ValueError(f"checkpoint: optimizer tensor {key!r} is missing from {OPTIMIZER_FILE}")
-                return tensors[key]
-            if set(obj) == {"__int_keys__"}:
-                return {int(k): dec(v) for k, v in obj["__int_keys__"].items()}
-            if set(obj) == {"__tuple__"}:
-                return tuple(dec(v) for v in obj["__tuple__"])
-            return {k: dec(v) for k, v in obj.items()}
-        if isinstance(obj, list):
-            return [dec(v) for v in obj]
-        return obj
-
-    return dec(tree)
-
-
 def save_optimizer_state(path: str | Path, optimizer: torch.optim.Optimizer | dict[str, Any]) -> None:
-    state = optimizer if isinstance(optimizer, dict) else optimizer.state_dict()
-    tensors, tree = flatten_optimizer_state(state)
-    _atomic(Path(path), lambda tmp: save_file(tensors, str(tmp), metadata={"format": "pt", _TREE_KEY: json.dumps(tree)}))
+    save_state(path, optimizer if isinstance(optimizer, dict) else optimizer.state_dict())
 
 
 def load_optimizer_state(path: str | Path) -> dict[str, Any]:
-    path = Path(path)
-    with safe_open(str(path), framework="pt", device="cpu") as f:
-        meta = f.metadata() or {}
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if _TREE_KEY not in meta:
-        raise ValueError(f"checkpoint: {str(path)!r} has no optimizer structure in its header; not written by raysys")
-    return unflatten_optimizer_state(tensors, json.loads(meta[_TREE_KEY]))
+    return load_state(path)
 
 
 # ----------------------------------------------------------------------------------------------------
@@ -230,14 +167,3 @@ def load_training_state(directory: str | Path, model: nn.Module, optimizer: torc
             raise FileNotFoundError(f"checkpoint: {str(opt_path)!r} not found; this checkpoint holds weights only")
         optimizer.load_state_dict(load_optimizer_state(opt_path))
     return meta
-
-
-def _atomic(path: Path, write: Callable[[Path], Any]) -> None:
-    """Write via `write(tmp)` to a temp name beside `path`, then rename over it (atomic on POSIX)."""
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        write(tmp)
-        os.replace(tmp, path)
-    finally:
-        if tmp.exists():
-            tmp.unlink()
