@@ -122,9 +122,10 @@ def test_sweep_asha_completes_without_deadlock(ray_cluster, tiny_cfg):
     assert res.scheduler == "asha"
 
 
-def test_a_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tiny_cfg):
+def test_a_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tiny_cfg, caplog):
     # a real crash: the trial's actor process is SIGKILLed mid-run (as when a node is lost); Tune retries the
     # trial (distill.max_trial_failures) and it goes on after its last checkpoint instead of from epoch 1
+    import logging
     import os
     import signal
     import threading
@@ -163,7 +164,8 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tiny_cfg):
 
     killer = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
     killer.start()
-    res = run_sweep(cfg, schema, pre, teacher, run_name="distill-killed")
+    with caplog.at_level(logging.INFO, logger="raysys.distill.sweep"):
+        res = run_sweep(cfg, schema, pre, teacher, run_name="distill-killed")
     killer.join(timeout=5)
     assert killed, "the trial ended before it could be killed: raise `epochs`"
     (trial,) = res.trials
@@ -176,6 +178,10 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tiny_cfg):
     assert retried[0]["epoch"] > 1 and retried[0]["epoch"] - 1 in checkpointed, (retried[0]["epoch"], checkpointed)
     assert retried[-1]["epoch"] == epochs
     assert all(r["training_iteration"] == r["epoch"] for r in retried)
+    # the progress log says so: the retry, then the trial's end
+    lines = [r.getMessage() for r in caplog.records]
+    assert any("failed after" in line and "retrying it from its latest checkpoint" in line for line in lines)
+    assert any(line.startswith("distill: trial 1/1") and "finished after 150/150" in line for line in lines)
     assert res.best_val_accuracy == trial["best_val_accuracy"] > 0
 
 

@@ -18,14 +18,15 @@ Data batch inference and stored as Parquet beside the data (raysys.distill.soft_
 those arrays through the object store (`tune.with_parameters`) and never run the teacher.
 
 Every epoch reports `val_accuracy` and `val_loss`; an epoch that improves the trial's `val_accuracy` also
-reports a checkpoint: the student's weights as `model.safetensors` (never pickle) plus a `meta.json`.
+reports a checkpoint: the student's weights as `model.safetensors` (never pickle), `resume.safetensors`
+(optimizer and RNG state, from which a failed trial is retried) and a `meta.json`.
 
 After the sweep every finished trial's best checkpoint is measured (parameters, per-row latency at the
-evaluation batch size: once per architecture, shared by its trials), the Pareto front of (accuracy up, parameters down, latency down) is marked, and
-one student is chosen by a stated rule: the smallest (fewest parameters) whose validation accuracy is
-within `accuracy_gap` of the teacher's; ties go to the more accurate, then the faster. When no trial is
-that close, the most accurate one is chosen. The results directory holds Tune's own files plus
-`summary.csv`, `summary.md` and `sweep_summary.json`.
+evaluation batch size: once per architecture, shared by its trials), the Pareto front of (accuracy up,
+parameters down, latency down) is marked, and one student is chosen by a stated rule: the smallest (fewest
+parameters) whose validation accuracy is within `accuracy_gap` of the teacher's; ties go to the more
+accurate, then the faster. When no trial is that close, the most accurate one is chosen. The results
+directory holds Tune's own files plus `summary.csv`, `summary.md` and `sweep_summary.json`.
 """
 
 from __future__ import annotations
@@ -237,9 +238,10 @@ def _distill_trial(config: dict[str, Any], data: StudentData, fixed: dict[str, A
     fit_student(params, data, report, resume=resume)
 
 
-def _progress(total: int, num_epochs: int, every_s: float = 30.0):
-    """A Tune callback that logs one line per finished trial and a status line at most every `every_s` seconds,
-    in place of Tune's console tables (a result table per trial: ~20 lines each, thousands for a real sweep)."""
+def _progress(total: int, num_epochs: int, max_failures: int, every_s: float = 30.0):
+    """A Tune callback that logs one line per finished (or retried) trial and a status line at most every
+    `every_s` seconds, in place of Tune's console tables (a result table per trial: ~20 lines each, thousands
+    for a real sweep)."""
     from ray.tune import Callback
 
     class SweepProgress(Callback):
@@ -270,6 +272,11 @@ def _progress(total: int, num_epochs: int, every_s: float = 30.0):
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             self._finished(trial, "FAILED")
+
+        def on_trial_recover(self, iteration, trials, trial, **info) -> None:
+            log.warning("distill: trial %s failed after %d epochs (failure %d of at most %d retried); retrying "
+                        "it from its latest checkpoint", trial.trial_id,
+                        int((trial.last_result or {}).get("training_iteration", 0)), trial.num_failures, max_failures)
 
         def on_step_end(self, iteration, trials, **info) -> None:
             now = time.monotonic()
@@ -486,7 +493,7 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
             name=run_name, storage_path=_storage_path(cfg.run_dir),
             # progress as one log line per trial (see _progress); Tune's own tables with --verbose (DEBUG)
             verbose=1 if log.isEnabledFor(logging.DEBUG) else 0,
-            callbacks=[_progress(total_trials, dc.num_epochs)],
+            callbacks=[_progress(total_trials, dc.num_epochs, dc.max_trial_failures)],
             # a failed trial (lost node, killed process) is retried from its latest checkpoint
             failure_config=tune.FailureConfig(max_failures=dc.max_trial_failures),
             # trials checkpoint only on improvement (see _distill_trial), so all are kept: few and small
