@@ -37,6 +37,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--train-teacher", action="store_true", help="train and register a teacher if none exists")
     p.add_argument("--search", choices=["grid", "optuna", "random"], default=None, help="override distill.search")
     p.add_argument("--num-samples", type=int, default=None, help="override distill.num_samples")
+    p.add_argument("--resume-sweep", default=None, metavar="NAME",
+                   help="go on with this interrupted sweep (its directory under run_dir) instead of a new one")
     return p.parse_args(argv)
 
 
@@ -59,7 +61,12 @@ def main(argv=None) -> int:
                   file=sys.stderr)
             return 2
         teacher, t_version, t_metrics = stage_teacher(cfg, prep)
-    version, metrics, best = stage_distill(cfg, prep, teacher, t_version, t_metrics)
+    try:
+        version, metrics, best = stage_distill(cfg, prep, teacher, t_version, t_metrics,
+                                               resume_sweep=args.resume_sweep)
+    except ValueError as e:  # a setting the user got wrong (e.g. no sweep of that name to resume)
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     from raysys.registry import Registry
 
     _, _, card_md = Registry(cfg.registry_uri).model_card(cfg.model_name, version)

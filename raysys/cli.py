@@ -186,7 +186,10 @@ def train(preset: Preset = "demo", config: ConfigFile = None, root: Root = None,
 def distill(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, address: Address = None,
             teacher: Annotated[str, typer.Option(help="Teacher version or alias in the registry.")] = "latest",
             search: Annotated[str | None, typer.Option(help="grid, optuna or random (default from config).")] = None,
-            num_samples: Annotated[int | None, typer.Option(help="Trials of an optuna/random search.")] = None):
+            num_samples: Annotated[int | None, typer.Option(help="Trials of an optuna/random search.")] = None,
+            resume_sweep: Annotated[str | None, typer.Option(
+                "--resume-sweep", help="Go on with this interrupted sweep (its directory under <root>/runs, "
+                                       "named in the log when it started) instead of a new one.")] = None):
     """Distill the registered teacher with a Ray Tune sweep (ASHA + Optuna by default); register the chosen
     student (production) and its int8 variant (candidate), each with a model card."""
     from raysys.pipeline import absolute, load_teacher, stage_data, stage_distill
@@ -201,7 +204,7 @@ def distill(preset: Preset = "demo", config: ConfigFile = None, root: Root = Non
     _start(address)
     prep = _guard(stage_data, cfg)
     model, t_version, t_metrics = _guard(load_teacher, cfg, teacher)
-    version, metrics, best = _guard(stage_distill, cfg, prep, model, t_version, t_metrics)
+    version, metrics, best = _guard(stage_distill, cfg, prep, model, t_version, t_metrics, resume_sweep=resume_sweep)
     keys = ("accuracy", "macro_f1", "num_parameters", "teacher_agreement", "teacher_accuracy", "int8_variant")
     console.print_json(json.dumps({"student_version": version, "best": best,
                                    "test": {k: metrics.get(k) for k in keys}}, default=str))

@@ -198,11 +198,12 @@ def load_teacher(cfg: PipelineConfig, ref: str = "latest") -> tuple[Any, int, di
 
 def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_version: int,
                   teacher_metrics: dict, *, alias: str = "production",
-                  lineage: dict | None = None) -> tuple[int, dict, dict]:
+                  lineage: dict | None = None, resume_sweep: str | None = None) -> tuple[int, dict, dict]:
     """Sweep distillation with Ray Tune, evaluate the chosen student (metrics, calibration, slices,
     latency, teacher agreement), register it with a model card and point `alias` at it; then register its
     dynamic-int8 variant (when `distill.quantize`) as the next version with alias `candidate`.
     `lineage` entries (e.g. a retrain job's provenance) are added to the cards' lineage.
+    `resume_sweep`: the name of an interrupted sweep under `run_dir` to go on with instead of a new one.
 
     Returns (student version, student test metrics, chosen distillation config). The metrics carry
     `int8_variant` ({version, accuracy, latency, ...}) when a quantized variant was registered.
@@ -216,7 +217,7 @@ def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_ve
     from raysys.registry import Registry
 
     schema, pre = prep.schema, prep.preprocessor
-    sweep = run_sweep(cfg, schema, pre, teacher_model)
+    sweep = run_sweep(cfg, schema, pre, teacher_model, run_name=resume_sweep, resume=resume_sweep is not None)
     student = build_model(sweep.student_spec)
     student.load_state_dict(sweep.best_state_dict)
     student.eval()

@@ -185,6 +185,93 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tiny_cfg, ca
     assert res.best_val_accuracy == trial["best_val_accuracy"] > 0
 
 
+_DRIVER = """
+import json, sys
+import ray
+from safetensors.torch import load_file
+from raysys.config import PipelineConfig
+from raysys.data import Preprocessor, ensure_dataset
+from raysys.distill import run_sweep
+from raysys.models import build_model
+
+address, cfg_file, teacher_file = sys.argv[1:4]
+cfg = PipelineConfig.model_validate_json(open(cfg_file).read())
+schema = ensure_dataset(cfg.data)
+pre = Preprocessor.fit_split(schema, cfg.data.root)
+spec = json.loads(open(teacher_file + ".json").read())
+teacher = build_model(spec)
+teacher.load_state_dict(load_file(teacher_file))
+ray.init(address=address)
+run_sweep(cfg, schema, pre, teacher, run_name="distill-interrupted")
+"""
+
+
+def test_an_interrupted_sweep_goes_on_where_it_stopped(ray_cluster, tiny_cfg, tmp_path, caplog):
+    # the sweep's driver (a separate process on the same cluster, as a `ray job submit` entrypoint) is
+    # SIGKILLed after two of its four trials finished; resume=True goes on with the same sweep and keeps them
+    import logging
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import save_file
+
+    from raysys.distill.sweep import _storage_path
+
+    epochs = 100  # ~3 s a trial
+    cfg = tiny_cfg
+    cfg.distill = cfg.distill.model_copy(update=dict(
+        search="grid", temperatures=[1.0, 2.0, 3.0, 4.0], alphas=[0.5], scheduler="fifo", num_epochs=epochs,
+        max_concurrent_trials=1))
+    schema, pre, teacher = _teacher(cfg, num_epochs=1)
+    (tmp_path / "cfg.json").write_text(cfg.model_dump_json())
+    save_file({k: v.contiguous() for k, v in teacher.state_dict().items()}, str(tmp_path / "teacher.safetensors"))
+    (tmp_path / "teacher.safetensors.json").write_text(json.dumps(model_spec(schema, cfg.teacher)))
+    exp = Path(_storage_path(cfg.run_dir)) / "distill-interrupted"
+
+    def finished() -> list[Path]:  # Tune closes a trial's result.json when the trial ends
+        return [p.parent for p in exp.glob("*/result.json") if len(p.read_text().splitlines()) == epochs]
+
+    # experiment-state snapshots every second (Tune's default is at least every 10 s)
+    driver = subprocess.Popen([sys.executable, "-c", _DRIVER, ray_cluster.address_info["address"],
+                               str(tmp_path / "cfg.json"), str(tmp_path / "teacher.safetensors")],
+                              env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"},
+                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        deadline = time.monotonic() + 180
+        while len(finished()) < 2 and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert driver.poll() is None, f"the driver ended early: {driver.stderr.read().decode()[-3000:]}"
+        done_before = finished()
+        assert len(done_before) == 2, "two trials did not finish in time"
+        time.sleep(1.5)  # an experiment snapshot that knows them
+        done_at_kill = finished()
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        driver.stderr.close()
+    pids_before = {p.name: {json.loads(line)["pid"] for line in (p / "result.json").read_text().splitlines()}
+                   for p in done_before}
+
+    with pytest.raises(ValueError, match="no sweep 'distill-nope'"):
+        run_sweep(cfg, schema, pre, teacher, run_name="distill-nope", resume=True)
+    with caplog.at_level(logging.INFO, logger="raysys.distill.sweep"):
+        res = run_sweep(cfg, schema, pre, teacher, run_name="distill-interrupted", resume=True)
+    assert sorted(t["temperature"] for t in res.trials) == [1.0, 2.0, 3.0, 4.0]
+    # the trials left when it was killed ran (at least one), and progress counted on from those it finished
+    assert len(done_at_kill) < 4, "every trial finished before the driver was killed: raise `epochs`"
+    lines = [r.getMessage() for r in caplog.records if r.getMessage().startswith("distill: trial ")]
+    assert 4 - len(done_at_kill) <= len(lines) <= 4 - len(done_before), (lines, len(done_at_kill))
+    assert sorted(line.split()[2] for line in lines) == [f"{k}/4" for k in range(5 - len(lines), 5)], lines
+    assert all(t["error"] is None and t["epochs_run"] == epochs for t in res.trials), res.trials
+    for p in done_before:  # kept, not run again
+        rows = (p / "result.json").read_text().splitlines()
+        assert len(rows) == epochs and {json.loads(line)["pid"] for line in rows} == pids_before[p.name]
+    assert res.best_val_accuracy == max(t["best_val_accuracy"] for t in res.trials)
+
+
 @pytest.mark.parametrize("search", ["random", "optuna"])
 def test_sweep_honours_max_concurrent_trials(ray_cluster, tiny_cfg, search):
     # one trial at a time: with actor reuse every trial then runs in the same actor process. Random search

@@ -247,7 +247,6 @@ def _progress(total: int, num_epochs: int, max_failures: int, every_s: float = 3
     class SweepProgress(Callback):
         def __init__(self) -> None:
             self.t0 = self.last = time.monotonic()
-            self.done = 0
             self.best: dict[str, float] = {}  # trial id -> best val_accuracy so far
 
         def _best(self) -> str:
@@ -257,21 +256,25 @@ def _progress(total: int, num_epochs: int, max_failures: int, every_s: float = 3
             if result.get(METRIC) is not None:
                 self.best[trial.trial_id] = max(self.best.get(trial.trial_id, float("-inf")), float(result[METRIC]))
 
-        def _finished(self, trial, how: str) -> None:
-            self.done += 1
+        @staticmethod
+        def _done(trials, trial=None) -> int:
+            # counted from the trials, not by this callback: a resumed sweep starts with some already done
+            return sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + (trial is not None)
+
+        def _finished(self, trials, trial, how: str) -> None:
             epochs = int((trial.last_result or {}).get("training_iteration", 0))
             conf = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
             acc = self.best.get(trial.trial_id)
             log.info("distill: trial %d/%d %s %s after %d/%d epochs, best val_accuracy %s (sweep best %s; %.0fs) "
-                     "[%s]", self.done, total, trial.trial_id, how, epochs, num_epochs,
+                     "[%s]", self._done(trials, trial), total, trial.trial_id, how, epochs, num_epochs,
                      "-" if acc is None else f"{acc:.4f}", self._best(), time.monotonic() - self.t0, conf)
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
             epochs = int((trial.last_result or {}).get("training_iteration", 0))
-            self._finished(trial, "finished" if epochs >= num_epochs else "stopped early")
+            self._finished(trials, trial, "finished" if epochs >= num_epochs else "stopped early")
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
-            self._finished(trial, "FAILED")
+            self._finished(trials, trial, "FAILED")
 
         def on_trial_recover(self, iteration, trials, trial, **info) -> None:
             log.warning("distill: trial %s failed after %d epochs (failure %d of at most %d retried); retrying "
@@ -284,7 +287,7 @@ def _progress(total: int, num_epochs: int, max_failures: int, every_s: float = 3
                 self.last = now
                 running = sum(t.status == "RUNNING" for t in trials)
                 log.info("distill: %d/%d trials done, %d running; sweep best val_accuracy %s (%.0fs)",
-                         self.done, total, running, self._best(), now - self.t0)
+                         self._done(trials), total, running, self._best(), now - self.t0)
 
     return SweepProgress()
 
@@ -438,12 +441,47 @@ def _write_text(directory: str, name: str, text: str) -> str:
     return str(p)
 
 
+def _new_tuner(cfg: PipelineConfig, trainable, space: dict[str, Any], search_alg, num_samples: int, concurrency: int,
+               total_trials: int, run_name: str, storage: str):
+    from ray import tune
+
+    dc = cfg.distill
+    return tune.Tuner(
+        trainable,
+        param_space=space,
+        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg,
+                                    scheduler=_scheduler(dc.scheduler, dc.num_epochs, dc.grace_period,
+                                                         dc.reduction_factor),
+                                    num_samples=num_samples,
+                                    # the random search's generator carries its own limit (see _search)
+                                    max_concurrent_trials=None if dc.search == "random" else concurrency,
+                                    # a new trial takes over a finished (or ASHA-stopped) trial's actor:
+                                    # no process start, torch import or data fetch per trial
+                                    reuse_actors=True),
+        run_config=tune.RunConfig(
+            name=run_name, storage_path=storage,
+            # progress as one log line per trial (see _progress); Tune's own tables with --verbose (DEBUG)
+            verbose=1 if log.isEnabledFor(logging.DEBUG) else 0,
+            callbacks=[_progress(total_trials, dc.num_epochs, dc.max_trial_failures)],
+            # a failed trial (lost node, killed process) is retried from its latest checkpoint
+            failure_config=tune.FailureConfig(max_failures=dc.max_trial_failures),
+            # trials checkpoint only on improvement (see _distill_trial), so all are kept: few and small
+            checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
+        ),
+    )
+
+
 def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preprocessor, teacher_model: nn.Module,
-              *, run_name: str | None = None) -> SweepResult:
+              *, run_name: str | None = None, resume: bool = False) -> SweepResult:
     """Distil `teacher_model` into students with Ray Tune (see the module docstring for modes and the rule).
 
     Starts a local Ray when none is connected. Raises RuntimeError when every trial failed; a partial
     failure is logged and shown in `trials[*]["error"]`.
+    `resume=True` goes on with the interrupted sweep `run_name` under `cfg.run_dir` (its driver died: a
+    killed job, a lost head node): finished trials are kept, the others go on from their latest checkpoints,
+    and the search and scheduler continue from Tune's saved experiment state (Tune's own files, snapshotted
+    about every 10 s). The sweep keeps the search space and trial count it was started with; run it with the
+    same config.
     """
     import ray
     from ray import tune
@@ -454,6 +492,13 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
     if not ray.is_initialized():
         ray.init()
     dc = cfg.distill
+    if resume:
+        if not run_name:
+            raise ValueError("distill resume: name the interrupted sweep (its directory under run_dir, e.g. "
+                             "distill-20261123-021500)")
+        if not tune.Tuner.can_restore(f"{_storage_path(cfg.run_dir).rstrip('/')}/{run_name}"):
+            raise ValueError(f"distill resume: no sweep {run_name!r} to go on with under {cfg.run_dir} (run_dir); "
+                             f"check the name, or start a new sweep")
     base_spec = model_spec(schema, dc.student)
     hints = dc.hint_weight > 0
     if hints and not (supports_hint(teacher_model) and type(build_model(base_spec)) is type(teacher_model)):
@@ -477,29 +522,18 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
     fixed = {"student_spec": base_spec, "num_epochs": dc.num_epochs, "batch_size": dc.batch_size, "seed": dc.seed,
              "hint_weight": dc.hint_weight if hints else 0.0}
     trainable = tune.with_resources(tune.with_parameters(_distill_trial, data=data, fixed=fixed), {"cpu": 1})
-    tuner = tune.Tuner(
-        trainable,
-        param_space=space,
-        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg,
-                                    scheduler=_scheduler(dc.scheduler, dc.num_epochs, dc.grace_period,
-                                                         dc.reduction_factor),
-                                    num_samples=num_samples,
-                                    # the random search's generator carries its own limit (see _search)
-                                    max_concurrent_trials=None if dc.search == "random" else concurrency,
-                                    # a new trial takes over a finished (or ASHA-stopped) trial's actor:
-                                    # no process start, torch import or data fetch per trial
-                                    reuse_actors=True),
-        run_config=tune.RunConfig(
-            name=run_name, storage_path=_storage_path(cfg.run_dir),
-            # progress as one log line per trial (see _progress); Tune's own tables with --verbose (DEBUG)
-            verbose=1 if log.isEnabledFor(logging.DEBUG) else 0,
-            callbacks=[_progress(total_trials, dc.num_epochs, dc.max_trial_failures)],
-            # a failed trial (lost node, killed process) is retried from its latest checkpoint
-            failure_config=tune.FailureConfig(max_failures=dc.max_trial_failures),
-            # trials checkpoint only on improvement (see _distill_trial), so all are kept: few and small
-            checkpoint_config=tune.CheckpointConfig(checkpoint_score_attribute=METRIC, checkpoint_score_order=MODE),
-        ),
-    )
+    storage = _storage_path(cfg.run_dir)
+    if resume:
+        # Tune's experiment state (its own pickled files in the run directory) brings back the search, the
+        # scheduler and every trial; the trainable, which holds the data, is handed over again
+        tuner = tune.Tuner.restore(f"{storage.rstrip('/')}/{run_name}", trainable=trainable,
+                                   resume_unfinished=True, resume_errored=True)
+        log.info("distill: going on with sweep %s", run_name)
+    else:
+        log.info("distill: sweep %s; if it is interrupted, `raysys distill --resume-sweep %s` goes on with it",
+                 run_name, run_name)
+        tuner = _new_tuner(cfg, trainable, space, search_alg, num_samples, concurrency, total_trials, run_name,
+                           storage)
     with keep_sigint_handler():
         grid = tuner.fit()
 
