@@ -257,6 +257,8 @@ def test_an_interrupted_sweep_goes_on_where_it_stopped(ray_cluster, tiny_cfg, tm
 
     with pytest.raises(ValueError, match="no sweep 'distill-nope'"):
         run_sweep(cfg, schema, pre, teacher, run_name="distill-nope", resume=True)
+    with pytest.raises(ValueError, match="not a sweep name"):
+        run_sweep(cfg, schema, pre, teacher, run_name="../distill-interrupted", resume=True)
     with caplog.at_level(logging.INFO, logger="raysys.distill.sweep"):
         res = run_sweep(cfg, schema, pre, teacher, run_name="distill-interrupted", resume=True)
     assert sorted(t["temperature"] for t in res.trials) == [1.0, 2.0, 3.0, 4.0]

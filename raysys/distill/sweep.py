@@ -441,8 +441,13 @@ def _write_text(directory: str, name: str, text: str) -> str:
     return str(p)
 
 
+def _experiment_path(cfg: PipelineConfig, run_name: str) -> str:
+    """Where Tune keeps the sweep `run_name` (a local path or a URI)."""
+    return f"{_storage_path(cfg.run_dir).rstrip('/')}/{run_name}"
+
+
 def _new_tuner(cfg: PipelineConfig, trainable, space: dict[str, Any], search_alg, num_samples: int, concurrency: int,
-               total_trials: int, run_name: str, storage: str):
+               total_trials: int, run_name: str):
     from ray import tune
 
     dc = cfg.distill
@@ -459,7 +464,7 @@ def _new_tuner(cfg: PipelineConfig, trainable, space: dict[str, Any], search_alg
                                     # no process start, torch import or data fetch per trial
                                     reuse_actors=True),
         run_config=tune.RunConfig(
-            name=run_name, storage_path=storage,
+            name=run_name, storage_path=_storage_path(cfg.run_dir),
             # progress as one log line per trial (see _progress); Tune's own tables with --verbose (DEBUG)
             verbose=1 if log.isEnabledFor(logging.DEBUG) else 0,
             callbacks=[_progress(total_trials, dc.num_epochs, dc.max_trial_failures)],
@@ -493,10 +498,10 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
         ray.init()
     dc = cfg.distill
     if resume:
-        if not run_name:
-            raise ValueError("distill resume: name the interrupted sweep (its directory under run_dir, e.g. "
-                             "distill-20261123-021500)")
-        if not tune.Tuner.can_restore(f"{_storage_path(cfg.run_dir).rstrip('/')}/{run_name}"):
+        if not run_name or "/" in run_name or run_name in (".", ".."):
+            raise ValueError(f"distill resume: {run_name!r} is not a sweep name; name the interrupted sweep's "
+                             f"directory under run_dir (e.g. distill-20261123-021500)")
+        if not tune.Tuner.can_restore(_experiment_path(cfg, run_name)):
             raise ValueError(f"distill resume: no sweep {run_name!r} to go on with under {cfg.run_dir} (run_dir); "
                              f"check the name, or start a new sweep")
     base_spec = model_spec(schema, dc.student)
@@ -522,18 +527,16 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
     fixed = {"student_spec": base_spec, "num_epochs": dc.num_epochs, "batch_size": dc.batch_size, "seed": dc.seed,
              "hint_weight": dc.hint_weight if hints else 0.0}
     trainable = tune.with_resources(tune.with_parameters(_distill_trial, data=data, fixed=fixed), {"cpu": 1})
-    storage = _storage_path(cfg.run_dir)
     if resume:
         # Tune's experiment state (its own pickled files in the run directory) brings back the search, the
         # scheduler and every trial; the trainable, which holds the data, is handed over again
-        tuner = tune.Tuner.restore(f"{storage.rstrip('/')}/{run_name}", trainable=trainable,
+        tuner = tune.Tuner.restore(_experiment_path(cfg, run_name), trainable=trainable,
                                    resume_unfinished=True, resume_errored=True)
         log.info("distill: going on with sweep %s", run_name)
     else:
         log.info("distill: sweep %s; if it is interrupted, `raysys distill --resume-sweep %s` goes on with it",
                  run_name, run_name)
-        tuner = _new_tuner(cfg, trainable, space, search_alg, num_samples, concurrency, total_trials, run_name,
-                           storage)
+        tuner = _new_tuner(cfg, trainable, space, search_alg, num_samples, concurrency, total_trials, run_name)
     with keep_sigint_handler():
         grid = tuner.fit()
 
