@@ -38,6 +38,7 @@ import logging
 import os
 import tempfile
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -537,7 +538,10 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
         log.info("distill: sweep %s; if it is interrupted, `raysys distill --resume-sweep %s` goes on with it",
                  run_name, run_name)
         tuner = _new_tuner(cfg, trainable, space, search_alg, num_samples, concurrency, total_trials, run_name)
-    with keep_sigint_handler():
+    with keep_sigint_handler(), warnings.catch_warnings():
+        # a retried or resumed trial replays the epochs after its checkpoint; Optuna keeps the values it was
+        # told first and warns about every replayed step
+        warnings.filterwarnings("ignore", message="The reported value is ignored because this `step=")
         grid = tuner.fit()
 
     trials: list[dict[str, Any]] = []
