@@ -27,7 +27,7 @@ def flatten_state(state: Any) -> tuple[dict[str, torch.Tensor], Any]:
     """Split a state tree into {path: tensor} and a JSON-able tree that refers to them.
 
     Dicts with int keys (an optimizer's per-parameter `state`), tuples (`betas`) and tensors are tagged so
-    that `unflatten_state` rebuilds the exact structure (`load_state_dict` expects).
+    that `unflatten_state` rebuilds the exact structure (the one an optimizer's `load_state_dict` expects).
     """
     tensors: dict[str, torch.Tensor] = {}
 
