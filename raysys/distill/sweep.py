@@ -250,6 +250,10 @@ def _progress(total: int, num_epochs: int, max_failures: int, every_s: float = 3
             self.t0 = self.last = time.monotonic()
             self.best: dict[str, float] = {}  # trial id -> best val_accuracy so far
 
+        @staticmethod
+        def _epochs(trial) -> int:
+            return int((trial.last_result or {}).get("training_iteration", 0))
+
         def _best(self) -> str:
             return f"{max(self.best.values()):.4f}" if self.best else "-"
 
@@ -263,24 +267,22 @@ def _progress(total: int, num_epochs: int, max_failures: int, every_s: float = 3
             return sum(t.status in ("TERMINATED", "ERROR") for t in trials if t is not trial) + (trial is not None)
 
         def _finished(self, trials, trial, how: str) -> None:
-            epochs = int((trial.last_result or {}).get("training_iteration", 0))
             conf = ", ".join(f"{k}={v:.3g}" if isinstance(v, float) else f"{k}={v}" for k, v in trial.config.items())
             acc = self.best.get(trial.trial_id)
             log.info("distill: trial %d/%d %s %s after %d/%d epochs, best val_accuracy %s (sweep best %s; %.0fs) "
-                     "[%s]", self._done(trials, trial), total, trial.trial_id, how, epochs, num_epochs,
+                     "[%s]", self._done(trials, trial), total, trial.trial_id, how, self._epochs(trial), num_epochs,
                      "-" if acc is None else f"{acc:.4f}", self._best(), time.monotonic() - self.t0, conf)
 
         def on_trial_complete(self, iteration, trials, trial, **info) -> None:
-            epochs = int((trial.last_result or {}).get("training_iteration", 0))
-            self._finished(trials, trial, "finished" if epochs >= num_epochs else "stopped early")
+            self._finished(trials, trial, "finished" if self._epochs(trial) >= num_epochs else "stopped early")
 
         def on_trial_error(self, iteration, trials, trial, **info) -> None:
             self._finished(trials, trial, "FAILED")
 
         def on_trial_recover(self, iteration, trials, trial, **info) -> None:
             log.warning("distill: trial %s failed after %d epochs (failure %d of at most %d retried); retrying "
-                        "it from its latest checkpoint", trial.trial_id,
-                        int((trial.last_result or {}).get("training_iteration", 0)), trial.num_failures, max_failures)
+                        "it from its latest checkpoint", trial.trial_id, self._epochs(trial), trial.num_failures,
+                        max_failures)
 
         def on_step_end(self, iteration, trials, **info) -> None:
             now = time.monotonic()

@@ -33,8 +33,7 @@ from safetensors.torch import load_file, save_file
 from torch import nn
 
 from raysys.parallel import unwrap
-from raysys.statefile import atomic_write as _atomic
-from raysys.statefile import load_state, save_state
+from raysys.statefile import atomic_write, load_state, save_state
 
 MODEL_FILE = "model.safetensors"
 OPTIMIZER_FILE = "optimizer.safetensors"
@@ -114,7 +113,7 @@ def save_training_state(directory: str | Path, model: nn.Module | None, optimize
     if model is not None or model_state is not None:
         sd = model_state_dict(model) if model_state is None else {
             k: v.detach().to("cpu").contiguous().clone() for k, v in model_state.items()}
-        _atomic(directory / MODEL_FILE, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
+        atomic_write(directory / MODEL_FILE, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
     if optimizer_state is None and optimizer is not None and layout == LAYOUT_FULL:
         optimizer_state = optimizer.state_dict()
     if optimizer_state is not None:
@@ -132,7 +131,7 @@ def save_training_state(directory: str | Path, model: nn.Module | None, optimize
     }
     text = json.dumps(meta, indent=2)
     # meta.json last: its presence marks a complete checkpoint
-    _atomic(directory / META_FILE, lambda tmp: tmp.write_text(text))
+    atomic_write(directory / META_FILE, lambda tmp: tmp.write_text(text))
     return directory
 
 

@@ -33,6 +33,7 @@ import torch.distributed as dist
 from torch import nn
 
 from raysys.parallel import full_optimizer_state, has_dtensor_params, is_zero1, rank, unwrap
+from raysys.statefile import atomic_write
 from raysys.train.checkpoint import (
     DCP_DIR,
     DCP_METADATA,
@@ -41,7 +42,6 @@ from raysys.train.checkpoint import (
     META_FILE,
     MODEL_FILE,
     OPTIMIZER_FILE,
-    _atomic,
     load_optimizer_state,
     read_meta,
     save_training_state,
@@ -224,7 +224,7 @@ def export_safetensors(directory: str | Path, out: str | Path | None = None) -> 
         return out
     sd = {k: v.contiguous() for k, v in consolidate_model_state(directory).items()}
     out.parent.mkdir(parents=True, exist_ok=True)
-    _atomic(out, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
+    atomic_write(out, lambda tmp: save_file(sd, str(tmp), metadata={"format": "pt"}))
     return out
 
 
