@@ -228,6 +228,12 @@ class DistillConfig(_Strict):
     scheduler: Literal["fifo", "asha"] = Field("asha", description="Tune trial scheduler.")
     grace_period: int = Field(2, ge=1, description="ASHA: epochs every trial runs before it can be stopped.")
     reduction_factor: int = Field(3, ge=2, description="ASHA: 1/reduction_factor of trials go on at each rung.")
+    asha_variant: Literal["promotion", "stopping"] = Field(
+        "promotion", description="ASHA: 'promotion' pauses each trial at a rung and resumes only those in the top "
+        "1/reduction_factor of the trials recorded there (Li et al. 2020; raysys.distill.asha); 'stopping' is Tune's "
+        "ASHAScheduler, which lets a trial go on unless worse than the top of the results already there (the first "
+        "trials at a rung always go on: in small sweeps several run the full budget)."
+    )
     max_trial_failures: int = Field(
         2, ge=0, description="Times Tune retries a failed trial (a lost node, a killed process); a retried trial "
         "goes on from its latest checkpoint. A trial whose loss diverges fails the same way again."

@@ -405,3 +405,55 @@ def test_transfer_rows_scored_with_ray_data_match_the_teacher_and_are_reused(ray
     again, _, st2 = load_student_data(cfg, pre, teacher)
     assert st2.meta["transfer"]["reused"] and st2.meta["transfer"]["path"] == info["path"]
     np.testing.assert_array_equal(np.sort(again.transfer_logits, axis=0), np.sort(data.transfer_logits, axis=0))
+
+
+def test_promotion_asha_pauses_promotes_and_resumes_trials_in_a_real_tune_run(ray_cluster, tmp_path):
+    # a trainable whose score is known in advance (x, plus a little per epoch), so the promotions are too. One
+    # trial at a time in grid order x = 4, 3, 2, 1; rungs at epochs 2 and 4 of 8, reduction factor 2 (a rung of
+    # at most 4 trials promotes at most 2): x=4 waits at rung 2 until x=3 arrives, is promoted (resumed from
+    # its rung checkpoint) and waits at rung 4; x=2 and x=1 have two above them at rung 2 and stop; x=3 is
+    # promoted from rung 2, loses to x=4 at rung 4 and waits; x=4, at the end with nothing else to run, goes on
+    # to epoch 8; x=3 is stopped
+    import json as _json
+    import tempfile
+
+    from ray import tune
+
+    from raysys.distill.asha import KeepResultsOnPause, PauseAwareVariantGenerator, PromotionASHA
+
+    def trainable(config):
+        start = 1
+        ckpt = tune.get_checkpoint()
+        if ckpt is not None:
+            with ckpt.as_directory() as d:
+                start = _json.loads(Path(d, "state.json").read_text())["epoch"] + 1
+        for epoch in range(start, 9):
+            metrics = {"score": config["x"] + 0.01 * epoch, "epoch": epoch, "resumed": ckpt is not None}
+            if epoch not in (2, 4):  # like the sweep's trials: checkpoints at the rungs (and on improvement)
+                tune.report(metrics)
+                continue
+            with tempfile.TemporaryDirectory() as d:
+                Path(d, "state.json").write_text(_json.dumps({"epoch": epoch}))
+                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+    sched = PromotionASHA(max_t=8, grace_period=2, reduction_factor=2, num_trials=4, max_concurrent=1)
+    search = PauseAwareVariantGenerator(sched, max_concurrent=1)
+    tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 1}),
+                       param_space={"x": tune.grid_search([4, 3, 2, 1])},
+                       tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=sched, search_alg=search),
+                       run_config=tune.RunConfig(name="promo", storage_path=str(tmp_path), verbose=0,
+                                                 callbacks=[KeepResultsOnPause()]))
+    grid = tuner.fit()
+    epochs = {r.config["x"]: int(r.metrics["epoch"]) for r in grid}
+    assert epochs == {4: 8, 3: 4, 2: 2, 1: 2}, epochs
+    assert not grid.errors
+    rows = {}
+    for r in grid:
+        rows[r.config["x"]] = [_json.loads(line) for line in Path(r.path, "result.json").read_text().splitlines()]
+    # a promoted trial goes on from the epoch it was paused at (no epoch trained twice, none skipped), and its
+    # result file keeps every row across the pauses (Tune copies it back from storage on resume)
+    for x, rs in rows.items():
+        assert [r["epoch"] for r in rs] == list(range(1, epochs[x] + 1)), (x, rs)
+        assert [r["training_iteration"] for r in rs] == [r["epoch"] for r in rs]
+    assert [r["resumed"] for r in rows[4]] == [False] * 2 + [True] * 6  # paused at rung 2 and again at rung 4
+    assert [r["resumed"] for r in rows[3]] == [False] * 2 + [True] * 2

@@ -208,6 +208,7 @@ def _distill_trial(config: dict[str, Any], data: StudentData, fixed: dict[str, A
     logging.getLogger("ray.train._internal.storage").setLevel(logging.WARNING)
     params = {**fixed, **config}
     params["student_spec"] = trial_spec(fixed["student_spec"], config)
+    checkpoint_epochs = set(fixed.get("checkpoint_epochs", ()))
     best = [float("-inf")]
     resume = None
     checkpoint = tune.get_checkpoint()
@@ -215,23 +216,25 @@ def _distill_trial(config: dict[str, Any], data: StudentData, fixed: dict[str, A
         with checkpoint.as_directory() as d:
             meta = json.loads(Path(d, META_FILE).read_text())
             resume = {**load_state(Path(d, RESUME_FILE)), "weights": load_file(str(Path(d, WEIGHTS_FILE)))}
-        best[0] = float(meta["metrics"][METRIC])
-        log.warning("distill: trial retried; going on after epoch %d of its checkpoint", resume["epoch"])
+        best[0] = float(meta.get("best_so_far", meta["metrics"][METRIC]))
+        # promoted by ASHA from the rung it was paused at, or retried after a failure
+        log.info("distill: trial goes on after epoch %d of its checkpoint", resume["epoch"])
 
     def report(metrics: dict[str, Any], state: EpochState) -> None:
-        # Metrics every epoch, a checkpoint only when val_accuracy improved: the sweep only ever wants
-        # each trial's best epoch, and a checkpoint per epoch with num_to_keep=1 would force an
-        # experiment-state snapshot on every report (Tune warns that this becomes a bottleneck). A retried
-        # trial replays the epochs after its last improvement.
-        if metrics[METRIC] <= best[0]:
+        # Metrics every epoch, a checkpoint only when val_accuracy improved (and at the promotion ASHA's
+        # rungs, where a trial may be paused and later resumed): the sweep only ever wants each trial's best
+        # epoch, and a checkpoint per epoch with num_to_keep=1 would force an experiment-state snapshot on
+        # every report (Tune warns that this becomes a bottleneck). A retried trial replays the epochs after
+        # its last checkpoint.
+        if metrics[METRIC] <= best[0] and state.epoch not in checkpoint_epochs:
             tune.report(metrics)
             return
-        best[0] = metrics[METRIC]
+        best[0] = max(best[0], metrics[METRIC])
         with tempfile.TemporaryDirectory(prefix="raysys-student-") as d:
             save_file(state.weights, os.path.join(d, WEIGHTS_FILE))
             save_state(os.path.join(d, RESUME_FILE), state.resumable())
             meta = {"student_spec": params["student_spec"], "temperature": params["temperature"],
-                    "alpha": params["alpha"], "lr": params["lr"], "metrics": metrics}
+                    "alpha": params["alpha"], "lr": params["lr"], "metrics": metrics, "best_so_far": best[0]}
             Path(d, META_FILE).write_text(json.dumps(meta, indent=2))
             # report() copies the directory to the trial's storage before it returns
             tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
@@ -295,11 +298,17 @@ def _progress(total: int, num_epochs: int, max_failures: int, every_s: float = 3
     return SweepProgress()
 
 
-def _scheduler(name: str, num_epochs: int, grace_period: int = 2, reduction_factor: int = 3):
+def _scheduler(name: str, num_epochs: int, grace_period: int = 2, reduction_factor: int = 3, *,
+               variant: str = "stopping", num_trials: int = 1, max_concurrent: int = 1):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
     if name == "fifo":
         return FIFOScheduler()
+    if name == "asha" and variant == "promotion":
+        from raysys.distill.asha import PromotionASHA
+
+        return PromotionASHA(max_t=num_epochs, grace_period=max(1, min(grace_period, num_epochs)),
+                             reduction_factor=reduction_factor, num_trials=num_trials, max_concurrent=max_concurrent)
     if name == "asha":
         # metric/mode come from TuneConfig (setting them in both places is an error in Tune);
         # one report per epoch, so training_iteration counts epochs
@@ -308,16 +317,28 @@ def _scheduler(name: str, num_epochs: int, grace_period: int = 2, reduction_fact
     raise ValueError(f"distill.scheduler: unknown scheduler {name!r}; choose 'fifo' or 'asha'")
 
 
-def _search(cfg: PipelineConfig, concurrency: int) -> tuple[dict[str, Any], Any, int]:
+def _search(cfg: PipelineConfig, concurrency: int, scheduler=None) -> tuple[dict[str, Any], Any, int]:
     """(param_space, search_alg or None, num_samples) for `cfg.distill.search`, at most `concurrency` trials
-    at once."""
+    at once. With the promotion ASHA `scheduler` the limit does not count the trials it paused at a rung."""
     from ray import tune
+    from ray.tune.search import BasicVariantGenerator
+
+    from raysys.distill.asha import PauseAwareLimiter, PauseAwareVariantGenerator, PromotionASHA
+
+    promotion = isinstance(scheduler, PromotionASHA)
+
+    def variants(**kwargs):
+        # a search *generator*: Tune ignores TuneConfig.max_concurrent_trials for it (it only wraps Searchers
+        # such as OptunaSearch in a ConcurrencyLimiter), so the limit goes here
+        if promotion:
+            return PauseAwareVariantGenerator(scheduler, max_concurrent=concurrency, **kwargs)
+        return BasicVariantGenerator(max_concurrent=concurrency, **kwargs)
 
     dc = cfg.distill
     if dc.search == "grid":
         space = {"temperature": tune.grid_search(list(dc.temperatures)), "alpha": tune.grid_search(list(dc.alphas)),
                  "lr": dc.lr}
-        return space, None, 1
+        return space, variants(), 1
     space = {"temperature": tune.loguniform(*dc.temperature_range), "alpha": tune.uniform(*dc.alpha_range),
              "lr": tune.loguniform(*dc.lr_range), "student_width": tune.choice(list(dc.student_widths)),
              "student_depth": tune.choice(list(dc.student_depths))}
@@ -326,13 +347,11 @@ def _search(cfg: PipelineConfig, concurrency: int) -> tuple[dict[str, Any], Any,
         from ray.tune.search.optuna import OptunaSearch
 
         # metric/mode come from TuneConfig; a seeded TPE sampler makes the suggestions repeatable
-        return space, OptunaSearch(sampler=optuna.samplers.TPESampler(seed=dc.seed)), dc.num_samples
+        searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=dc.seed))
+        # Tune's own ConcurrencyLimiter (TuneConfig.max_concurrent_trials) would count paused trials
+        return space, PauseAwareLimiter(searcher, concurrency, scheduler) if promotion else searcher, dc.num_samples
     if dc.search == "random":
-        from ray.tune.search import BasicVariantGenerator
-
-        # a search *generator*: Tune ignores TuneConfig.max_concurrent_trials for it (it only wraps Searchers
-        # such as OptunaSearch in a ConcurrencyLimiter), so the limit goes here
-        return space, BasicVariantGenerator(random_state=dc.seed, max_concurrent=concurrency), dc.num_samples
+        return space, variants(random_state=dc.seed), dc.num_samples
     raise ValueError(f"distill.search: unknown search {dc.search!r}; choose 'grid', 'optuna' or 'random'")
 
 
@@ -449,20 +468,26 @@ def _experiment_path(cfg: PipelineConfig, run_name: str) -> str:
     return f"{_storage_path(cfg.run_dir).rstrip('/')}/{run_name}"
 
 
-def _new_tuner(cfg: PipelineConfig, trainable, space: dict[str, Any], search_alg, num_samples: int, concurrency: int,
-               total_trials: int, run_name: str):
+def _pause_callbacks(scheduler) -> list:
+    from raysys.distill.asha import KeepResultsOnPause, PromotionASHA
+
+    return [KeepResultsOnPause()] if isinstance(scheduler, PromotionASHA) else []
+
+
+def _new_tuner(cfg: PipelineConfig, trainable, scheduler, concurrency: int, total_trials: int, run_name: str):
     from ray import tune
+    from ray.tune.search import ConcurrencyLimiter, Searcher
 
     dc = cfg.distill
+    space, search_alg, num_samples = _search(cfg, concurrency, scheduler)
     return tune.Tuner(
         trainable,
         param_space=space,
-        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg,
-                                    scheduler=_scheduler(dc.scheduler, dc.num_epochs, dc.grace_period,
-                                                         dc.reduction_factor),
+        tune_config=tune.TuneConfig(metric=METRIC, mode=MODE, search_alg=search_alg, scheduler=scheduler,
                                     num_samples=num_samples,
-                                    # the random search's generator carries its own limit (see _search)
-                                    max_concurrent_trials=None if dc.search == "random" else concurrency,
+                                    # generators and our limiter carry their own limit (see _search)
+                                    max_concurrent_trials=concurrency if isinstance(search_alg, Searcher) and not
+                                    isinstance(search_alg, ConcurrencyLimiter) else None,
                                     # a new trial takes over a finished (or ASHA-stopped) trial's actor:
                                     # no process start, torch import or data fetch per trial
                                     reuse_actors=True),
@@ -470,7 +495,7 @@ def _new_tuner(cfg: PipelineConfig, trainable, space: dict[str, Any], search_alg
             name=run_name, storage_path=_storage_path(cfg.run_dir),
             # progress as one log line per trial (see _progress); Tune's own tables with --verbose (DEBUG)
             verbose=1 if log.isEnabledFor(logging.DEBUG) else 0,
-            callbacks=[_progress(total_trials, dc.num_epochs, dc.max_trial_failures)],
+            callbacks=[_progress(total_trials, dc.num_epochs, dc.max_trial_failures), *_pause_callbacks(scheduler)],
             # a failed trial (lost node, killed process) is retried from its latest checkpoint
             failure_config=tune.FailureConfig(max_failures=dc.max_trial_failures),
             # trials checkpoint only on improvement (see _distill_trial), so all are kept: few and small
@@ -520,15 +545,18 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
                  "student.hidden_dims of the config are not used", dc.search)
     run_name = run_name or f"distill-{time.strftime('%Y%m%d-%H%M%S')}"
     concurrency = _max_concurrent(cfg)
-    space, search_alg, num_samples = _search(cfg, concurrency)
-    total_trials = len(dc.temperatures) * len(dc.alphas) if dc.search == "grid" else num_samples
+    total_trials = len(dc.temperatures) * len(dc.alphas) if dc.search == "grid" else dc.num_samples
+    scheduler = _scheduler(dc.scheduler, dc.num_epochs, dc.grace_period, dc.reduction_factor,
+                           variant=dc.asha_variant, num_trials=total_trials, max_concurrent=concurrency)
     log.info("distill: %d train rows, %d val rows; teacher val accuracy %.4f; search %s (%s), scheduler %s, "
              "%d trials at once", len(data.y), len(data.val_y), teacher_val_acc, dc.search,
-             f"{len(dc.temperatures)} x {len(dc.alphas)} grid" if dc.search == "grid" else f"{num_samples} samples",
-             dc.scheduler, concurrency)
+             f"{len(dc.temperatures)} x {len(dc.alphas)} grid" if dc.search == "grid" else f"{dc.num_samples} samples",
+             dc.scheduler if dc.scheduler == "fifo" else f"asha ({dc.asha_variant})", concurrency)
 
     fixed = {"student_spec": base_spec, "num_epochs": dc.num_epochs, "batch_size": dc.batch_size, "seed": dc.seed,
-             "hint_weight": dc.hint_weight if hints else 0.0}
+             "hint_weight": dc.hint_weight if hints else 0.0,
+             # a trial paused at a rung goes on from that epoch's checkpoint when promoted
+             "checkpoint_epochs": list(getattr(scheduler, "rungs", []))}
     trainable = tune.with_resources(tune.with_parameters(_distill_trial, data=data, fixed=fixed), {"cpu": 1})
     if resume:
         # Tune's experiment state (its own pickled files in the run directory) brings back the search, the
@@ -539,7 +567,7 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
     else:
         log.info("distill: sweep %s; if it is interrupted, `raysys distill --resume-sweep %s` goes on with it",
                  run_name, run_name)
-        tuner = _new_tuner(cfg, trainable, space, search_alg, num_samples, concurrency, total_trials, run_name)
+        tuner = _new_tuner(cfg, trainable, scheduler, concurrency, total_trials, run_name)
     with keep_sigint_handler(), warnings.catch_warnings():
         # a retried or resumed trial replays the epochs after its checkpoint; Optuna keeps the values it was
         # told first and warns about every replayed step

@@ -1,0 +1,220 @@
+"""Tier 1: the promotion ASHA scheduler's rules (raysys.distill.asha), driven through Tune's scheduler
+interface without a cluster. Trials and the controller are stand-ins with only what a scheduler reads
+(`trial_id`, `status`; `get_trials`, `stop_trial`); the real Tune run is in test_distill_ray.py."""
+
+from __future__ import annotations
+
+from types import SimpleNamespace
+
+import pytest
+from ray.tune.experiment import Trial
+from ray.tune.schedulers import ASHAScheduler, TrialScheduler
+from ray.tune.search import Searcher
+
+from raysys.distill.asha import (
+    KeepResultsOnPause,
+    PauseAwareLimiter,
+    PauseAwareVariantGenerator,
+    PromotionASHA,
+    rung_epochs,
+)
+
+PAUSE, CONTINUE, STOP = TrialScheduler.PAUSE, TrialScheduler.CONTINUE, TrialScheduler.STOP
+
+
+class Controller:
+    """What Tune's controller does for a scheduler: lists trials, stops one (PAUSED -> on_trial_remove)."""
+
+    def __init__(self, sched):
+        self.sched, self.trials, self.stopped = sched, [], []
+
+    def get_trials(self):
+        return self.trials
+
+    def add(self, tid, status=Trial.RUNNING):
+        t = SimpleNamespace(trial_id=tid, status=status)
+        self.trials.append(t)
+        self.sched.on_trial_add(self, t)
+        return t
+
+    def stop_trial(self, trial):
+        self.sched.on_trial_remove(self, trial)
+        trial.status = Trial.TERMINATED
+        self.stopped.append(trial.trial_id)
+
+    def result(self, trial, it, acc):
+        """One result; applies the decision to the trial's status as Tune would (a pause after its save)."""
+        action = self.sched.on_trial_result(self, trial, {"training_iteration": it, "val_accuracy": acc})
+        trial.status = {PAUSE: Trial.PAUSED, STOP: Trial.TERMINATED}.get(action, trial.status)
+        return action
+
+    def run_chosen(self):
+        t = self.sched.choose_trial_to_run(self)
+        if t is not None:
+            t.status = Trial.RUNNING
+        return t
+
+
+def sched(num_trials=6, max_t=30, grace=2, rf=3, concurrent=2):
+    s = PromotionASHA(max_t=max_t, grace_period=grace, reduction_factor=rf, num_trials=num_trials,
+                      max_concurrent=concurrent)
+    s.set_search_properties("val_accuracy", "max")
+    return s, Controller(s)
+
+
+def test_rungs():
+    assert rung_epochs(30, 2, 3) == [2, 6, 18]
+    assert rung_epochs(4, 1, 2) == [1, 2]
+    assert rung_epochs(2, 2, 3) == []
+    with pytest.raises(ValueError, match="reduction_factor"):
+        rung_epochs(30, 2, 1)
+
+
+def test_the_first_trial_at_a_rung_waits_where_tunes_stopping_asha_lets_it_go_on():
+    s, c = sched()
+    a = c.add("a")
+    assert c.result(a, 1, 0.5) == CONTINUE  # not a rung
+    assert c.result(a, 2, 0.5) == PAUSE  # nothing to compare with: it waits (1 recorded < rf)
+    tune_asha = ASHAScheduler(time_attr="training_iteration", metric="val_accuracy", mode="max", max_t=30,
+                              grace_period=2, reduction_factor=3)
+    t = SimpleNamespace(trial_id="a")
+    tune_asha.on_trial_add(None, t)
+    assert tune_asha.on_trial_result(None, t, {"training_iteration": 2, "val_accuracy": 0.5}) == CONTINUE
+
+
+def test_the_top_third_of_a_rung_is_promoted_before_new_trials_and_goes_on_from_the_rung():
+    s, c = sched(num_trials=9)
+    a, b, d = c.add("a"), c.add("b"), c.add("d")
+    assert c.result(a, 2, 0.5) == PAUSE
+    assert c.result(b, 2, 0.7) == PAUSE  # 2 recorded: floor(2/3) = 0 promotions
+    c.add("e", Trial.PENDING)
+    # the third makes one promotion: b (the best), which is paused; d's slot goes to b, so d waits
+    assert c.result(d, 2, 0.6) == PAUSE
+    assert s.promotion_waiting()
+    assert c.run_chosen() is b  # before the pending trial e
+    assert c.run_chosen() is None and not s.promotion_waiting()
+    assert c.result(b, 3, 0.71) == CONTINUE and c.result(b, 5, 0.72) == CONTINUE
+    assert c.result(b, 6, 0.73) == PAUSE  # alone at rung 6, and more trials to come
+    e = c.trials[3]
+    e.status = Trial.RUNNING
+    f = c.add("f")
+    assert c.result(e, 2, 0.4) == STOP  # three above it: a rung of at most 9 promotes at most 3
+    # a later trial at rung 2 that is in the top goes on at once (its own slot)
+    assert c.result(f, 2, 0.9) == CONTINUE  # 5 recorded: top 1 = f
+    assert s.promoted[2] == {"b", "f"}
+
+
+def test_a_trial_that_no_promotion_can_reach_is_stopped_and_paused_ones_too():
+    s, c = sched(num_trials=6)  # a rung promotes at most floor(6 / 3) = 2
+    a, b, d, e = (c.add(x) for x in "abde")
+    assert c.result(a, 2, 0.1) == PAUSE
+    assert c.result(b, 2, 0.8) == PAUSE
+    assert c.result(d, 2, 0.9) == CONTINUE  # 3 recorded: top 1 = d, its own slot
+    assert c.stopped == ["a"]  # b and d above it: it can never be promoted, and is stopped while paused
+    assert c.result(e, 2, 0.05) == STOP  # three above it at once
+    assert s.paused == {"b": 2}
+
+
+def test_the_end_of_a_sweep_promotes_the_best_of_an_unfilled_rung_once_then_stops_the_rest():
+    s, c = sched(num_trials=3, max_t=10, grace=2, rf=3)  # rungs 2, 6
+    a, b, d = c.add("a"), c.add("b"), c.add("d")
+    assert c.result(a, 2, 0.6) == PAUSE
+    assert c.result(b, 2, 0.5) == STOP  # capacity max(1, 3 // 3) = 1: a is above it
+    assert c.result(d, 2, 0.9) == CONTINUE  # top 1 of 3; a is now dead at rung 2 and is stopped
+    assert c.stopped == ["a"]
+    # d reaches rung 6 alone with every trial created and none pending: nobody can fill that rung, so the
+    # best waiting there (d itself) goes on to the full budget
+    assert c.result(d, 6, 0.92) == CONTINUE
+    assert c.result(d, 10, 0.93) == STOP  # max_t
+
+
+def test_at_the_end_the_waiting_trials_are_stopped_so_the_sweep_ends():
+    s, c = sched(num_trials=4, max_t=30, grace=2, rf=3, concurrent=2)  # capacity 1
+    a, b = c.add("a"), c.add("b")
+    assert c.result(a, 2, 0.5) == PAUSE
+    assert c.result(b, 2, 0.6) == PAUSE
+    assert c.stopped == ["a"]  # a rung of at most 4 promotes one: b is above a
+    d, e = c.add("d"), c.add("e")
+    assert c.result(d, 2, 0.9) == CONTINUE  # top 1 of 3
+    assert c.stopped == ["a", "b"]
+    # the end rule waits for e, still running below rung 2 ...
+    assert c.result(d, 6, 0.91) == PAUSE
+    assert c.result(e, 2, 0.2) == STOP
+    # ... and once nothing can reach rung 6 any more, its best goes on
+    assert c.run_chosen() is d
+    assert c.result(d, 7, 0.91) == CONTINUE
+    assert c.result(d, 18, 0.92) == CONTINUE  # the end rule at rung 18 (all created, nothing else running)
+    assert c.result(d, 30, 0.93) == STOP
+    d.status = Trial.TERMINATED
+    assert c.run_chosen() is None and not s.paused
+
+
+class Fixed(Searcher):
+    def __init__(self):
+        super().__init__(metric="val_accuracy", mode="max")
+        self.n = 0
+
+    def suggest(self, trial_id):
+        self.n += 1
+        return {"x": self.n}
+
+    def on_trial_complete(self, trial_id, result=None, error=False):
+        pass
+
+
+def test_the_limiter_does_not_count_paused_trials_and_yields_to_promotions():
+    s, c = sched(num_trials=9, concurrent=2)
+    lim = PauseAwareLimiter(Fixed(), 2, s)
+    assert lim.suggest("a") and lim.suggest("b")
+    assert lim.suggest("x") is None  # two running
+    a, b = c.add("a"), c.add("b")
+    assert c.result(a, 2, 0.5) == PAUSE
+    assert lim.suggest("d") == {"x": 3}  # a holds no slot
+    d = c.add("d")
+    assert lim.suggest("y") is None
+    assert c.result(b, 2, 0.7) == PAUSE
+    assert c.result(d, 2, 0.6) == PAUSE  # b is due: d's slot is b's
+    assert lim.suggest("z") is None  # the free slots go to the promotion first
+    assert c.run_chosen() is b
+    assert lim.suggest("z") == {"x": 4}  # b running, a and d paused: one slot left
+
+
+def _noop(config):
+    pass
+
+
+def test_the_variant_generator_counts_the_same_way():
+    from ray import tune
+
+    s, c = sched(num_trials=4, concurrent=1)
+    gen = PauseAwareVariantGenerator(s, max_concurrent=1)
+    gen.add_configurations({"sweep": {"run": _noop, "config": {"x": tune.grid_search([1, 2, 3, 4])}}})
+    t1 = gen.next_trial()
+    assert t1 is not None and gen.next_trial() is None
+    a = c.add(t1.trial_id)
+    assert c.result(a, 2, 0.5) == PAUSE
+    assert gen.next_trial() is not None  # the paused trial holds no slot
+    assert gen.get_state() and "scheduler" not in gen.get_state()
+
+
+def test_a_paused_trials_result_files_are_uploaded_when_it_is_saved(tmp_path):
+    # on resume Tune copies result.json and progress.csv back from storage; seen in a sweep: the rows since the
+    # last periodic sync (epochs 12-18 of a trial paused at rung 18) were lost. The pause's save uploads them.
+    import pyarrow.fs
+
+    local, remote = tmp_path / "staging" / "trial", tmp_path / "storage" / "trial"
+    local.mkdir(parents=True)
+    remote.mkdir(parents=True)
+    (local / "result.json").write_text('{"epoch": 1}\n{"epoch": 2}\n')
+    (remote / "result.json").write_text('{"epoch": 1}\n')  # the last sync's copy
+    (local / "progress.csv").write_text("epoch\n1\n2\n")
+    trial = SimpleNamespace(trial_id="t", local_path=str(local), storage=SimpleNamespace(
+        trial_fs_path=str(remote), storage_filesystem=pyarrow.fs.LocalFileSystem()))
+    KeepResultsOnPause().on_trial_save(iteration=1, trials=[trial], trial=trial)
+    assert (remote / "result.json").read_text() == (local / "result.json").read_text()
+    assert (remote / "progress.csv").read_text() == "epoch\n1\n2\n"
+    # storage that is the staging directory itself is left alone (copying a file onto itself truncates it)
+    same = SimpleNamespace(trial_id="t", local_path=str(local), storage=SimpleNamespace(
+        trial_fs_path=str(local), storage_filesystem=pyarrow.fs.LocalFileSystem()))
+    KeepResultsOnPause().on_trial_save(iteration=1, trials=[same], trial=same)
+    assert (local / "result.json").read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
