@@ -7,7 +7,9 @@ One teacher (`--teacher`, a candidate of benchmarks/distill.py trained with its 
 then on the same Ray cluster, in alternating order over `--repeats` rounds, round r with seed
 `distill.seed + r` for both (its own search draws, training seeds and transfer rows):
 
-- tuned:  `search=optuna` (TPE, seeded) + `scheduler=asha` (grace 2 epochs, reduction factor 3);
+- tuned:  `search=optuna` (TPE, seeded) + `scheduler=asha` (grace 2 epochs, reduction factor 3; by default the
+  promotion variant, raysys.distill.asha: trials wait at each rung and only the top third go on;
+  `--asha-variant stopping` runs Tune's own ASHAScheduler instead);
 - random: `search=random` + `scheduler=fifo`: every trial runs the full `num_epochs`.
 
 Both sample the same space (temperature log 1..20, alpha 0.1..0.9, lr log, student width and depth) with
@@ -52,6 +54,9 @@ def one_sweep(cfg, schema, pre, teacher, test, mode: str, tag: str) -> dict:
         c.distill = c.distill.model_copy(update=dict(search="optuna", scheduler="asha"))
     else:
         c.distill = c.distill.model_copy(update=dict(search="random", scheduler="fifo"))
+    # each sweep starts on an idle cluster: the last one's trial actors (and the soft targets' Ray Data actors
+    # before the first) are still being stopped for a few seconds after it returns
+    wait_for_idle_cluster()
     t0 = time.perf_counter()
     res = run_sweep(c, schema, pre, teacher, run_name=f"{mode}-{tag}")
     wall = time.perf_counter() - t0
@@ -68,6 +73,19 @@ def one_sweep(cfg, schema, pre, teacher, test, mode: str, tag: str) -> dict:
     return out
 
 
+def wait_for_idle_cluster(timeout_s: float = 60.0) -> None:
+    """Until every logical CPU of the cluster is free again (or `timeout_s`)."""
+    import ray
+
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        if ray.available_resources().get("CPU", 0) >= ray.cluster_resources().get("CPU", 0):
+            return
+        time.sleep(0.2)
+    log.warning("cluster still busy after %.0f s: %s free of %s CPUs", timeout_s,
+                ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0))
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller data and sweeps (a smoke run)")
@@ -77,6 +95,8 @@ def main(argv=None) -> int:
     p.add_argument("--repeats", type=int, default=1, help="rounds of (tuned, random), order alternating")
     p.add_argument("--grace-period", type=int, default=None, help="ASHA grace period (default from the config: 2)")
     p.add_argument("--reduction-factor", type=int, default=None, help="ASHA reduction factor (default from the config: 3)")
+    p.add_argument("--asha-variant", default=None, choices=["promotion", "stopping"],
+                   help="ASHA variant of the tuned sweep (default from the config: promotion)")
     p.add_argument("--max-concurrent", type=int, default=None,
                    help="trials at once, both sweeps (default from the config: the cluster's CPUs, "
                         "at most one per core on a one-node local Ray)")
@@ -100,6 +120,8 @@ def main(argv=None) -> int:
             upd["reduction_factor"] = args.reduction_factor
         if args.max_concurrent:
             upd["max_concurrent_trials"] = args.max_concurrent
+        if args.asha_variant:
+            upd["asha_variant"] = args.asha_variant
         cfg.distill = cfg.distill.model_copy(update=upd)
         schema = ensure_dataset(cfg.data)
         pre = Preprocessor.fit_split(schema, cfg.data.root)
@@ -135,6 +157,7 @@ def main(argv=None) -> int:
         "setup": {"dataset": args.dataset, "teacher": args.teacher, "num_samples": args.num_samples,
                   "num_epochs": cfg.distill.num_epochs,
                   "grace_period": cfg.distill.grace_period, "reduction_factor": cfg.distill.reduction_factor,
+                  "asha_variant": cfg.distill.asha_variant,
                   "space": {"temperature": cfg.distill.temperature_range, "alpha": cfg.distill.alpha_range,
                             "lr": cfg.distill.lr_range, "widths": cfg.distill.student_widths,
                             "depths": cfg.distill.student_depths},

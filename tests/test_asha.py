@@ -115,38 +115,32 @@ def test_a_trial_that_no_promotion_can_reach_is_stopped_and_paused_ones_too():
     assert s.paused == {"b": 2}
 
 
-def test_the_end_of_a_sweep_promotes_the_best_of_an_unfilled_rung_once_then_stops_the_rest():
-    s, c = sched(num_trials=3, max_t=10, grace=2, rf=3)  # rungs 2, 6
-    a, b, d = c.add("a"), c.add("b"), c.add("d")
-    assert c.result(a, 2, 0.6) == PAUSE
-    assert c.result(b, 2, 0.5) == STOP  # capacity max(1, 3 // 3) = 1: a is above it
-    assert c.result(d, 2, 0.9) == CONTINUE  # top 1 of 3; a is now dead at rung 2 and is stopped
-    assert c.stopped == ["a"]
-    # d reaches rung 6 alone with every trial created and none pending: nobody can fill that rung, so the
-    # best waiting there (d itself) goes on to the full budget
+def test_at_the_end_of_a_sweep_the_best_at_a_rung_goes_on_and_so_does_a_later_better_one():
+    s, c = sched(num_trials=3, max_t=10, grace=2, rf=3)  # rungs 2, 6; a rung promotes at most 1
+    a, b, d = c.add("a"), c.add("b"), c.add("d")  # every trial created: no new trial will take a free slot
+    assert c.result(a, 2, 0.6) == CONTINUE  # the best at rung 2 and nobody went on from there
+    assert c.result(b, 2, 0.5) == STOP  # a is above it
+    assert c.result(d, 2, 0.9) == CONTINUE  # better than every trial that went on from rung 2
     assert c.result(d, 6, 0.92) == CONTINUE
-    assert c.result(d, 10, 0.93) == STOP  # max_t
+    assert c.result(a, 6, 0.7) == STOP  # d is above it at rung 6
+    assert c.result(d, 10, 0.93) == STOP  # max_t: done
 
 
-def test_at_the_end_the_waiting_trials_are_stopped_so_the_sweep_ends():
-    s, c = sched(num_trials=4, max_t=30, grace=2, rf=3, concurrent=2)  # capacity 1
+def test_when_nothing_runs_any_more_the_waiting_trials_are_stopped_so_the_sweep_ends():
+    s, c = sched(num_trials=4, max_t=8, grace=2, rf=2)  # rungs 2, 4; a rung promotes at most 2
     a, b = c.add("a"), c.add("b")
-    assert c.result(a, 2, 0.5) == PAUSE
-    assert c.result(b, 2, 0.6) == PAUSE
-    assert c.stopped == ["a"]  # a rung of at most 4 promotes one: b is above a
+    assert c.result(a, 2, 0.5) == PAUSE  # more trials to come
+    assert c.result(b, 2, 0.6) == CONTINUE  # top 1 of 2
     d, e = c.add("d"), c.add("e")
-    assert c.result(d, 2, 0.9) == CONTINUE  # top 1 of 3
-    assert c.stopped == ["a", "b"]
-    # the end rule waits for e, still running below rung 2 ...
-    assert c.result(d, 6, 0.91) == PAUSE
-    assert c.result(e, 2, 0.2) == STOP
-    # ... and once nothing can reach rung 6 any more, its best goes on
-    assert c.run_chosen() is d
-    assert c.result(d, 7, 0.91) == CONTINUE
-    assert c.result(d, 18, 0.92) == CONTINUE  # the end rule at rung 18 (all created, nothing else running)
-    assert c.result(d, 30, 0.93) == STOP
-    d.status = Trial.TERMINATED
-    assert c.run_chosen() is None and not s.paused
+    assert c.result(b, 4, 0.7) == CONTINUE  # every trial created, b the first at rung 4
+    assert c.result(d, 2, 0.4) == STOP  # a and b above it
+    assert c.result(e, 2, 0.55) == CONTINUE  # top 2 of 4 (b went on already)
+    assert c.stopped == ["a"]  # b and e above it
+    assert c.result(e, 4, 0.65) == PAUSE  # b is above it at rung 4 and went on first
+    assert c.result(b, 8, 0.8) == STOP
+    b.status = Trial.TERMINATED
+    assert c.run_chosen() is None
+    assert c.stopped == ["a", "e"] and not s.paused
 
 
 class Fixed(Searcher):
