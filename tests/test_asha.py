@@ -204,11 +204,16 @@ def test_a_paused_trials_result_files_are_uploaded_when_it_is_saved(tmp_path):
     (local / "progress.csv").write_text("epoch\n1\n2\n")
     trial = SimpleNamespace(trial_id="t", local_path=str(local), storage=SimpleNamespace(
         trial_fs_path=str(remote), storage_filesystem=pyarrow.fs.LocalFileSystem()))
-    KeepResultsOnPause().on_trial_save(iteration=1, trials=[trial], trial=trial)
+    s, c = sched()
+    keep = KeepResultsOnPause(s)
+    keep.on_trial_save(iteration=1, trials=[trial], trial=trial)  # a checkpoint it reported: not a pause
+    assert (remote / "result.json").read_text() == '{"epoch": 1}\n'
+    s.paused["t"] = 2
+    keep.on_trial_save(iteration=1, trials=[trial], trial=trial)
     assert (remote / "result.json").read_text() == (local / "result.json").read_text()
     assert (remote / "progress.csv").read_text() == "epoch\n1\n2\n"
     # storage that is the staging directory itself is left alone (copying a file onto itself truncates it)
     same = SimpleNamespace(trial_id="t", local_path=str(local), storage=SimpleNamespace(
         trial_fs_path=str(local), storage_filesystem=pyarrow.fs.LocalFileSystem()))
-    KeepResultsOnPause().on_trial_save(iteration=1, trials=[same], trial=same)
+    keep.on_trial_save(iteration=1, trials=[same], trial=same)
     assert (local / "result.json").read_text() == '{"epoch": 1}\n{"epoch": 2}\n'

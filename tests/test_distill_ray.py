@@ -442,7 +442,7 @@ def test_promotion_asha_pauses_promotes_and_resumes_trials_in_a_real_tune_run(ra
                        param_space={"x": tune.grid_search([4, 3, 2, 1])},
                        tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=sched, search_alg=search),
                        run_config=tune.RunConfig(name="promo", storage_path=str(tmp_path), verbose=0,
-                                                 callbacks=[KeepResultsOnPause()]))
+                                                 callbacks=[KeepResultsOnPause(sched)]))
     grid = tuner.fit()
     epochs = {r.config["x"]: int(r.metrics["epoch"]) for r in grid}
     assert epochs == {4: 8, 3: 4, 2: 2, 1: 2}, epochs

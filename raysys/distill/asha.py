@@ -153,25 +153,24 @@ class PromotionASHA(FIFOScheduler):
         return TrialScheduler.PAUSE
 
     def _next(self, tune_controller) -> tuple[str, int] | None:
-        """The paused trial a free slot should resume: one in the top of its rung, highest rung first; at the
-        end of the sweep (every trial created, none pending) also the best paused trial of a rung when it beats
-        every trial that went on from there (so the first one at a rung nobody else can fill, and a later,
-        better arrival). At the end a slot that waits loses its actor (Tune stops cached actors once the search
-        is finished), and a resumed trial then pays a new process start: the end rule decides at once."""
-        chosen = self._promotable()
-        if chosen is not None:
-            return chosen
+        """The paused trial a free slot should resume, highest rung first (the paper's order): one in the top of
+        its rung; at the end of the sweep (every trial created, none pending) also the best paused trial of a
+        rung when it beats every trial that went on from there (the first one at a rung nobody else can fill,
+        or a later, better arrival). Decided as soon as a slot is free: at the end of a sweep a slot that waits
+        loses its actor (Tune stops cached actors once the search is finished), and the longest run left should
+        start as early as it can."""
         trials = tune_controller.get_trials()
-        if len(trials) < self.num_trials or any(t.status == Trial.PENDING for t in trials):
-            return None
+        end = len(trials) >= self.num_trials and not any(t.status == Trial.PENDING for t in trials)
         for rung in reversed(self.rungs):
+            for tid in self._top(rung):
+                if self.paused.get(tid) == rung and tid not in self.promoted[rung]:
+                    return tid, rung
             waiting = [tid for tid, r in self.paused.items() if r == rung and tid not in self.resuming]
-            if not waiting:
-                continue
-            rec = self.recorded[rung]
-            best = max(waiting, key=lambda t: rec[t])
-            if all(rec[best] > rec[t] for t in self.promoted[rung]):
-                return best, rung
+            if end and waiting:
+                rec = self.recorded[rung]
+                best = max(waiting, key=lambda t: rec[t])
+                if all(rec[best] > rec[t] for t in self.promoted[rung]):
+                    return best, rung
         return None
 
     def _stop_dead(self, tune_controller, rung: int) -> None:
@@ -301,9 +300,15 @@ class KeepResultsOnPause(Callback):
 
     FILES = ("result.json", "progress.csv")
 
+    def __init__(self, scheduler: PromotionASHA):
+        self.scheduler = scheduler
+
     def on_trial_save(self, iteration: int, trials: list, trial: Trial, **info) -> None:
         import pyarrow.fs
 
+        # Tune calls this for every checkpoint a trial reports too; only a pause restarts the trial
+        if trial.trial_id not in self.scheduler.paused:
+            return
         storage = trial.storage
         for name in self.FILES:
             local = Path(trial.local_path, name)

@@ -10,16 +10,19 @@ Search modes (`DistillConfig.search`):
 
 - `grid`: `temperatures` x `alphas` for the fixed `student` architecture and `lr` (the tiny preset, tests).
 - `optuna`: `OptunaSearch` (TPE, seeded) over temperature (log), alpha, lr (log), student width and depth,
-  `num_samples` trials, usually with the `asha` scheduler stopping the weak ones early.
+  `num_samples` trials, usually with the `asha` scheduler stopping the weak ones early: by default its promotion
+  variant (raysys.distill.asha: a trial waits at each rung and goes on only in the top 1/reduction_factor of the
+  trials recorded there), or Tune's own stopping `ASHAScheduler` (`distill.asha_variant: stopping`).
 - `random`: the same space sampled at random (the full-budget baseline of benchmarks/sweep.py).
 
 Soft targets come once, before the sweep: the teacher's logits on the transfer set are computed with Ray
 Data batch inference and stored as Parquet beside the data (raysys.distill.soft_targets); trials get
 those arrays through the object store (`tune.with_parameters`) and never run the teacher.
 
-Every epoch reports `val_accuracy` and `val_loss`; an epoch that improves the trial's `val_accuracy` also
-reports a checkpoint: the student's weights as `model.safetensors` (never pickle), `resume.safetensors`
-(optimizer and RNG state, from which a failed trial is retried) and a `meta.json`.
+Every epoch reports `val_accuracy` and `val_loss`; an epoch that improves the trial's `val_accuracy` (or ends at
+a promotion ASHA rung, where the trial may wait and later go on) also reports a checkpoint: the student's weights
+as `model.safetensors` (never pickle), `resume.safetensors` (optimizer and RNG state, from which a paused trial
+is resumed and a failed one retried) and a `meta.json`.
 
 After the sweep every finished trial's best checkpoint is measured (parameters, per-row latency at the
 evaluation batch size: once per architecture, shared by its trials), the Pareto front of (accuracy up,
@@ -471,7 +474,7 @@ def _experiment_path(cfg: PipelineConfig, run_name: str) -> str:
 def _pause_callbacks(scheduler) -> list:
     from raysys.distill.asha import KeepResultsOnPause, PromotionASHA
 
-    return [KeepResultsOnPause()] if isinstance(scheduler, PromotionASHA) else []
+    return [KeepResultsOnPause(scheduler)] if isinstance(scheduler, PromotionASHA) else []
 
 
 def _new_tuner(cfg: PipelineConfig, trainable, scheduler, concurrency: int, total_trials: int, run_name: str):
