@@ -321,7 +321,7 @@ def _scheduler(name: str, num_epochs: int, grace_period: int = 2, reduction_fact
 
 
 def _search(cfg: PipelineConfig, concurrency: int, scheduler=None) -> tuple[dict[str, Any], Any, int]:
-    """(param_space, search_alg or None, num_samples) for `cfg.distill.search`, at most `concurrency` trials
+    """(param_space, search_alg, num_samples) for `cfg.distill.search`, at most `concurrency` trials
     at once. With the promotion ASHA `scheduler` the limit does not count the trials it paused at a rung."""
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
