@@ -217,3 +217,17 @@ def test_a_paused_trials_result_files_are_uploaded_when_it_is_saved(tmp_path):
         trial_fs_path=str(local), storage_filesystem=pyarrow.fs.LocalFileSystem()))
     keep.on_trial_save(iteration=1, trials=[same], trial=same)
     assert (local / "result.json").read_text() == '{"epoch": 1}\n{"epoch": 2}\n'
+
+
+def test_a_trial_found_dead_while_its_pause_is_still_saving_is_stopped_once_paused():
+    # Tune marks a trial PAUSED only after the save its pause starts; a result of another trial can come first.
+    # Forgetting it then left a PAUSED trial the scheduler would never resume or stop: a sweep that never ends.
+    s, c = sched(num_trials=6)  # a rung promotes at most 2
+    a, b, d = c.add("a"), c.add("b"), c.add("d")
+    assert s.on_trial_result(c, a, {"training_iteration": 2, "val_accuracy": 0.1}) == PAUSE  # a: still RUNNING
+    assert c.result(b, 2, 0.8) == PAUSE
+    assert c.result(d, 2, 0.9) == CONTINUE  # a now has two above it: dead, but not yet PAUSED
+    assert c.stopped == [] and "a" in s.paused
+    a.status = Trial.PAUSED  # its save is through
+    assert c.run_chosen() is not a
+    assert c.stopped == ["a"] and "a" not in s.paused

@@ -74,6 +74,7 @@ class PromotionASHA(FIFOScheduler):
         self.promoted: dict[int, set[str]] = {r: set() for r in self.rungs}  # went on from that rung
         self.paused: dict[str, int] = {}  # trial id -> the rung it waits at
         self.resuming: set[str] = set()  # chosen to go on, not yet running
+        self.doomed: set[str] = set()  # to stop as soon as its pause is through (it was still saving)
         self._trials: dict[str, Trial] = {}
         # promotions a rung can ever make, at most: floor(num_trials / rf), at least 1 (the end-of-sweep rule).
         # Looser than floor(trials that can reach the rung / rf) above the first rung, on purpose: a promoted
@@ -113,7 +114,7 @@ class PromotionASHA(FIFOScheduler):
         """A paused trial in the top of its rung, highest rung first (the paper's order)."""
         for rung in reversed(self.rungs):
             for tid in self._top(rung):
-                if self.paused.get(tid) == rung and tid not in self.promoted[rung]:
+                if self.paused.get(tid) == rung and tid not in self.promoted[rung] and tid not in self.doomed:
                     return tid, rung
         return None
 
@@ -163,9 +164,10 @@ class PromotionASHA(FIFOScheduler):
         end = len(trials) >= self.num_trials and not any(t.status == Trial.PENDING for t in trials)
         for rung in reversed(self.rungs):
             for tid in self._top(rung):
-                if self.paused.get(tid) == rung and tid not in self.promoted[rung]:
+                if self.paused.get(tid) == rung and tid not in self.promoted[rung] and tid not in self.doomed:
                     return tid, rung
-            waiting = [tid for tid, r in self.paused.items() if r == rung and tid not in self.resuming]
+            waiting = [tid for tid, r in self.paused.items()
+                       if r == rung and tid not in self.resuming and tid not in self.doomed]
             if end and waiting:
                 rec = self.recorded[rung]
                 best = max(waiting, key=lambda t: rec[t])
@@ -175,20 +177,28 @@ class PromotionASHA(FIFOScheduler):
 
     def _stop_dead(self, tune_controller, rung: int) -> None:
         for tid, r in list(self.paused.items()):
-            if r == rung and tid not in self.resuming and self._dead(tid, rung):
+            if r == rung and tid not in self.resuming and tid not in self.doomed and self._dead(tid, rung):
                 self._stop(tune_controller, tid)
 
     def _stop(self, tune_controller, tid: str) -> None:
-        self.paused.pop(tid, None)
         trial = self._trials.get(tid)
-        if trial is not None and trial.status == Trial.PAUSED:
+        if trial is None:
+            self.paused.pop(tid, None)
+        elif trial.status == Trial.PAUSED:
+            self.paused.pop(tid, None)
+            self.doomed.discard(tid)
             # the searcher is told the trial ended without a final result: Optuna records it as pruned, with
             # the intermediate values it was sent
             tune_controller.stop_trial(trial)
+        else:
+            # its pause is still saving the checkpoint (Tune marks it PAUSED after that): a PAUSED trial this
+            # scheduler forgot would never run or stop, and the sweep would never end
+            self.doomed.add(tid)
 
     def _forget(self, trial: Trial) -> None:
         self.paused.pop(trial.trial_id, None)
         self.resuming.discard(trial.trial_id)
+        self.doomed.discard(trial.trial_id)
 
     def on_trial_complete(self, tune_controller, trial: Trial, result: dict[str, Any]) -> None:
         self._forget(trial)
@@ -200,6 +210,8 @@ class PromotionASHA(FIFOScheduler):
         self._forget(trial)
 
     def choose_trial_to_run(self, tune_controller) -> Trial | None:
+        for tid in list(self.doomed):
+            self._stop(tune_controller, tid)
         trials = tune_controller.get_trials()
         for tid in self.resuming:  # idempotent: the trial chosen before, until it runs
             trial = self._trials.get(tid)
