@@ -110,12 +110,18 @@ class PromotionASHA(FIFOScheduler):
         rec = self.recorded[rung]
         return sum(v > rec[tid] for v in rec.values()) >= self.capacity
 
+    def _due(self, rung: int) -> str | None:
+        """A trial paused at `rung`, in its top and not promoted from it yet."""
+        for tid in self._top(rung):
+            if self.paused.get(tid) == rung and tid not in self.promoted[rung] and tid not in self.doomed:
+                return tid
+        return None
+
     def _promotable(self) -> tuple[str, int] | None:
         """A paused trial in the top of its rung, highest rung first (the paper's order)."""
         for rung in reversed(self.rungs):
-            for tid in self._top(rung):
-                if self.paused.get(tid) == rung and tid not in self.promoted[rung] and tid not in self.doomed:
-                    return tid, rung
+            if (tid := self._due(rung)) is not None:
+                return tid, rung
         return None
 
     def promotion_waiting(self) -> bool:
@@ -163,9 +169,8 @@ class PromotionASHA(FIFOScheduler):
         trials = tune_controller.get_trials()
         end = len(trials) >= self.num_trials and not any(t.status == Trial.PENDING for t in trials)
         for rung in reversed(self.rungs):
-            for tid in self._top(rung):
-                if self.paused.get(tid) == rung and tid not in self.promoted[rung] and tid not in self.doomed:
-                    return tid, rung
+            if (tid := self._due(rung)) is not None:
+                return tid, rung
             waiting = [tid for tid, r in self.paused.items()
                        if r == rung and tid not in self.resuming and tid not in self.doomed]
             if end and waiting:
