@@ -16,10 +16,16 @@ from raysys.distill.asha import (
     PauseAwareLimiter,
     PauseAwareVariantGenerator,
     PromotionASHA,
+    SchedulerState,
     rung_epochs,
 )
 
 PAUSE, CONTINUE, STOP = TrialScheduler.PAUSE, TrialScheduler.CONTINUE, TrialScheduler.STOP
+
+
+class Stand(SimpleNamespace):
+    def set_status(self, status):
+        self.status = status
 
 
 class Controller:
@@ -32,7 +38,7 @@ class Controller:
         return self.trials
 
     def add(self, tid, status=Trial.RUNNING):
-        t = SimpleNamespace(trial_id=tid, status=status)
+        t = Stand(trial_id=tid, status=status)
         self.trials.append(t)
         self.sched.on_trial_add(self, t)
         return t
@@ -231,3 +237,37 @@ def test_a_trial_found_dead_while_its_pause_is_still_saving_is_stopped_once_paus
     a.status = Trial.PAUSED  # its save is through
     assert c.run_chosen() is not a
     assert c.stopped == ["a"] and "a" not in s.paused
+
+
+def test_a_resumed_sweep_gets_its_rungs_back_and_its_waiting_trials_wait_again():
+    # Tune saves callbacks' states with its experiment snapshots, not schedulers'. A fresh scheduler on resume
+    # took every waiting trial (handed back PENDING, which Tune starts by itself) for a new one: trials paused
+    # at a rung went on to the next before they were compared, and a rung's records were lost
+    import json
+
+    s, c = sched(num_trials=9)
+    a, b, d = c.add("a"), c.add("b"), c.add("d")
+    assert c.result(a, 2, 0.5) == PAUSE
+    assert c.result(b, 2, 0.7) == PAUSE
+    c.add("e", Trial.PENDING)
+    assert c.result(d, 2, 0.6) == PAUSE
+    assert c.run_chosen() is b  # promoted, then the driver dies before b runs (b is still PAUSED)
+    b.status = Trial.PAUSED
+    saved = json.loads(json.dumps(SchedulerState(s).get_state()))  # plain data
+
+    s2, c2 = sched(num_trials=9)
+    with pytest.raises(ValueError, match="rungs"):
+        SchedulerState(sched(num_trials=9, grace=1)[0]).set_state(saved)
+    SchedulerState(s2).set_state(saved)
+    # Tune's resume: every unfinished trial comes back PENDING, re-added through on_trial_add
+    back = {tid: c2.add(tid, Trial.PENDING) for tid in "abde"}
+    assert {t: back[t].status for t in back} == {"a": Trial.PAUSED, "b": Trial.PAUSED, "d": Trial.PAUSED,
+                                                 "e": Trial.PENDING}
+    assert s2.recorded == s.recorded and s2.promoted == s.promoted == {2: {"b"}, 6: set(), 18: set()}
+    assert c2.run_chosen() is back["b"]  # the promotion chosen before the crash, from its rung
+    assert c2.run_chosen() is None  # b and the new trial e (Tune starts PENDING ones) fill both slots
+    back["e"].status = Trial.RUNNING
+    assert back["a"].status == back["d"].status == Trial.PAUSED  # they wait at rung 2
+    assert c2.result(back["e"], 2, 0.65) == PAUSE  # 4 recorded at rung 2: still one promotion (b)
+    assert c2.stopped == ["a"]  # the rung's records came back: b, e and d are above it, none can reach it now
+    assert c2.result(back["b"], 3, 0.71) == CONTINUE and {t: s2.paused[t] for t in "de"} == {"d": 2, "e": 2}

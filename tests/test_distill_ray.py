@@ -108,7 +108,7 @@ def test_sweep_fifo_finds_a_good_student(ray_cluster, tiny_cfg):
 def test_sweep_asha_completes_without_deadlock(ray_cluster, tiny_cfg):
     cfg = tiny_cfg
     cfg.distill = cfg.distill.model_copy(update=dict(scheduler="asha", temperatures=[1.0, 4.0], alphas=[0.3, 0.9],
-                                                     num_epochs=4, max_concurrent_trials=2))
+                                                     num_epochs=4, grace_period=2, max_concurrent_trials=2))
     schema, pre, teacher = _teacher(cfg, num_epochs=3)
     res = run_sweep(cfg, schema, pre, teacher, run_name="distill-asha")
     assert len(res.trials) == 4
@@ -407,49 +407,78 @@ def test_transfer_rows_scored_with_ray_data_match_the_teacher_and_are_reused(ray
     np.testing.assert_array_equal(np.sort(again.transfer_logits, axis=0), np.sort(data.transfer_logits, axis=0))
 
 
-def test_promotion_asha_pauses_promotes_and_resumes_trials_in_a_real_tune_run(ray_cluster, tmp_path):
-    # a trainable whose score is known in advance (x, plus a little per epoch), so the promotions are too. One
-    # trial at a time in grid order x = 4, 3, 2, 1; rungs at epochs 2 and 4 of 8, reduction factor 2 (a rung of
-    # at most 4 trials promotes at most 2): x=4 waits at rung 2 until x=3 arrives, is promoted (resumed from
-    # its rung checkpoint) and waits at rung 4; x=2 and x=1 have two above them at rung 2 and stop; x=3 is
-    # promoted from rung 2, loses to x=4 at rung 4 and waits; x=4, at the end with nothing else to run, goes on
-    # to epoch 8; x=3 is stopped
-    import json as _json
-    import tempfile
+# A trainable whose score is known in advance (x, plus a little per epoch), so the promotions are too, and the
+# Tuner that runs it: one trial at a time in grid order x = 4, 3, 2, 1; rungs at epochs 2 and 4 of 8, reduction
+# factor 2 (a rung of at most 4 trials promotes at most 2). Source text, so that a driver process can run it too.
+_PROMO_SWEEP = """
+import json, tempfile, time
+from pathlib import Path
 
-    from ray import tune
+from ray import tune
 
-    from raysys.distill.asha import KeepResultsOnPause, PauseAwareVariantGenerator, PromotionASHA
+from raysys.distill.asha import KeepResultsOnPause, PauseAwareVariantGenerator, PromotionASHA, SchedulerState
 
-    def trainable(config):
-        start = 1
-        ckpt = tune.get_checkpoint()
-        if ckpt is not None:
-            with ckpt.as_directory() as d:
-                start = _json.loads(Path(d, "state.json").read_text())["epoch"] + 1
-        for epoch in range(start, 9):
-            metrics = {"score": config["x"] + 0.01 * epoch, "epoch": epoch, "resumed": ckpt is not None}
-            if epoch not in (2, 4):  # like the sweep's trials: checkpoints at the rungs (and on improvement)
-                tune.report(metrics)
-                continue
-            with tempfile.TemporaryDirectory() as d:
-                Path(d, "state.json").write_text(_json.dumps({"epoch": epoch}))
-                tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
 
+def trainable(config):
+    start = 1
+    ckpt = tune.get_checkpoint()
+    if ckpt is not None:
+        with ckpt.as_directory() as d:
+            start = json.loads(Path(d, "state.json").read_text())["epoch"] + 1
+    for epoch in range(start, 9):
+        time.sleep(config["pace"] if config["x"] <= 2 else 0.0)
+        metrics = {"score": config["x"] + 0.01 * epoch, "epoch": epoch, "resumed": ckpt is not None}
+        if epoch not in (2, 4):  # like the sweep's trials: checkpoints at the rungs (and on improvement)
+            tune.report(metrics)
+            continue
+        with tempfile.TemporaryDirectory() as d:
+            Path(d, "state.json").write_text(json.dumps({"epoch": epoch}))
+            tune.report(metrics, checkpoint=tune.Checkpoint.from_directory(d))
+
+
+def make_tuner(storage, pace=0.0):
     sched = PromotionASHA(max_t=8, grace_period=2, reduction_factor=2, num_trials=4, max_concurrent=1)
     search = PauseAwareVariantGenerator(sched, max_concurrent=1)
-    tuner = tune.Tuner(tune.with_resources(trainable, {"cpu": 1}),
-                       param_space={"x": tune.grid_search([4, 3, 2, 1])},
-                       tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=sched, search_alg=search),
-                       run_config=tune.RunConfig(name="promo", storage_path=str(tmp_path), verbose=0,
-                                                 callbacks=[KeepResultsOnPause(sched)]))
-    grid = tuner.fit()
+    return tune.Tuner(tune.with_resources(trainable, {"cpu": 1}),
+                      param_space={"x": tune.grid_search([4, 3, 2, 1]), "pace": pace},
+                      tune_config=tune.TuneConfig(metric="score", mode="max", scheduler=sched, search_alg=search),
+                      run_config=tune.RunConfig(name="promo", storage_path=storage, verbose=0,
+                                                callbacks=[KeepResultsOnPause(sched), SchedulerState(sched)]))
+"""
+
+_PROMO_DRIVER = """
+import sys
+
+import ray
+
+address, storage = sys.argv[1:3]
+ns = {"__name__": "promo_sweep"}
+exec(sys.stdin.read(), ns)
+ray.init(address=address)
+ns["make_tuner"](storage, pace=1.5).fit()
+"""
+
+
+def _promo_sweep() -> dict:
+    ns = {"__name__": "promo_sweep"}  # not an importable module: Ray pickles its functions by value
+    exec(_PROMO_SWEEP, ns)
+    return ns
+
+
+def _promo_rows(grid) -> dict[int, list[dict]]:
+    return {r.config["x"]: [json.loads(line) for line in Path(r.path, "result.json").read_text().splitlines()]
+            for r in grid}
+
+
+def test_promotion_asha_pauses_promotes_and_resumes_trials_in_a_real_tune_run(ray_cluster, tmp_path):
+    # x=4 waits at rung 2 until x=3 arrives, is promoted (resumed from its rung checkpoint) and waits at rung 4;
+    # x=2 and x=1 have two above them at rung 2 and stop; x=3 is promoted from rung 2, loses to x=4 at rung 4 and
+    # waits; x=4, at the end with nothing else to run, goes on to epoch 8; x=3 is stopped
+    grid = _promo_sweep()["make_tuner"](str(tmp_path)).fit()
     epochs = {r.config["x"]: int(r.metrics["epoch"]) for r in grid}
     assert epochs == {4: 8, 3: 4, 2: 2, 1: 2}, epochs
     assert not grid.errors
-    rows = {}
-    for r in grid:
-        rows[r.config["x"]] = [_json.loads(line) for line in Path(r.path, "result.json").read_text().splitlines()]
+    rows = _promo_rows(grid)
     # a promoted trial goes on from the epoch it was paused at (no epoch trained twice, none skipped), and its
     # result file keeps every row across the pauses (Tune copies it back from storage on resume)
     for x, rs in rows.items():
@@ -457,3 +486,52 @@ def test_promotion_asha_pauses_promotes_and_resumes_trials_in_a_real_tune_run(ra
         assert [r["training_iteration"] for r in rs] == [r["epoch"] for r in rs]
     assert [r["resumed"] for r in rows[4]] == [False] * 2 + [True] * 6  # paused at rung 2 and again at rung 4
     assert [r["resumed"] for r in rows[3]] == [False] * 2 + [True] * 2
+
+
+def test_an_interrupted_promotion_sweep_resumes_with_its_rungs(ray_cluster, tmp_path):
+    # the driver is SIGKILLed while x=4 waits at rung 4, x=3 at rung 2 and x=2 runs (x <= 2 train slowly);
+    # the resumed sweep must end as the uninterrupted one. With a fresh scheduler (Tune saves none) the waiting
+    # trials came back as new ones and went on to their next rungs before anything was compared
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from ray import tune
+
+    exp = tmp_path / "promo"
+
+    def rows_of(x: int) -> int:
+        for f in exp.glob(f"*x={x}*/result.json"):
+            return len(f.read_text().splitlines())
+        return 0
+
+    driver = subprocess.Popen([sys.executable, "-c", _PROMO_DRIVER, ray_cluster.address_info["address"],
+                               str(tmp_path)], env={**os.environ, "TUNE_GLOBAL_CHECKPOINT_S": "1"},
+                              stdin=subprocess.PIPE, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    try:
+        driver.stdin.write(_PROMO_SWEEP.encode())
+        driver.stdin.close()
+        deadline = time.monotonic() + 180
+        while not (rows_of(4) == 4 and rows_of(3) == 2) and driver.poll() is None and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert driver.poll() is None, f"the driver ended early: {driver.stderr.read().decode()[-3000:]}"
+        assert rows_of(4) == 4 and rows_of(3) == 2, "x=4 and x=3 did not reach their rungs in time"
+        time.sleep(1.5)  # an experiment snapshot (every second here) that has them waiting
+        assert rows_of(2) < 2 and rows_of(1) == 0, "x=2 reached its rung before the kill: raise the pace"
+    finally:
+        driver.send_signal(signal.SIGKILL)
+        driver.wait(timeout=30)
+        driver.stderr.close()
+
+    ns = _promo_sweep()
+    grid = tune.Tuner.restore(str(exp), trainable=tune.with_resources(ns["trainable"], {"cpu": 1})).fit()
+    epochs = {r.config["x"]: int(r.metrics["epoch"]) for r in grid}
+    assert epochs == {4: 8, 3: 4, 2: 2, 1: 2}, epochs
+    assert not grid.errors
+    rows = _promo_rows(grid)
+    # x=4 and x=3 went on from their rung checkpoints, each epoch once
+    assert [r["epoch"] for r in rows[4]] == list(range(1, 9)), rows[4]
+    assert [r["epoch"] for r in rows[3]] == list(range(1, 5)), rows[3]
+    assert [r["resumed"] for r in rows[4]] == [False] * 2 + [True] * 6

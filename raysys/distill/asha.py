@@ -20,8 +20,9 @@ What it needs from the trainable: a checkpoint at every rung epoch (`rung_epochs
 epoch's result, which Tune hands back on resume (`tune.get_checkpoint()`). Concurrency: paused trials hold no
 CPU, so the searcher is limited by `PauseAwareLimiter`, which does not count them (Tune's
 `ConcurrencyLimiter` would: with every trial paused at a half-filled rung it would suggest nothing more).
-Tune does not save a scheduler with its experiment state: a resumed sweep (`Tuner.restore`) starts this one
-afresh, and the trials it resumes go on to their next rung before they are compared again.
+Tune does not save a scheduler with its experiment state; `SchedulerState`, a Tune callback, saves this one's
+rungs with Tune's experiment snapshots and puts them back when the sweep is resumed (`Tuner.restore`), so a
+trial that waited at a rung waits there again instead of going on to its next rung as if it were new.
 """
 
 from __future__ import annotations
@@ -94,6 +95,10 @@ class PromotionASHA(FIFOScheduler):
             raise ValueError("PromotionASHA: metric and mode (max or min) are required; pass them to "
                              "tune.TuneConfig(metric=..., mode=...)")
         self._trials[trial.trial_id] = trial
+        if trial.trial_id in self.paused and trial.status == Trial.PENDING:
+            # a resumed sweep hands every unfinished trial back PENDING, and Tune starts PENDING trials by itself;
+            # one that waited at a rung waits there again (Tune files it by this status right after this call)
+            trial.set_status(Trial.PAUSED)
 
     def _score(self, result: dict[str, Any]) -> float | None:
         v = result.get(self._metric)
@@ -123,6 +128,24 @@ class PromotionASHA(FIFOScheduler):
             if (tid := self._due(rung)) is not None:
                 return tid, rung
         return None
+
+    def get_state(self) -> dict[str, Any]:
+        """The rungs as plain data (trial ids, scores), for Tune's experiment snapshots (`SchedulerState`)."""
+        return {"rungs": list(self.rungs),
+                "recorded": {str(r): dict(v) for r, v in self.recorded.items()},
+                "promoted": {str(r): sorted(v) for r, v in self.promoted.items()},
+                "paused": dict(self.paused), "resuming": sorted(self.resuming), "doomed": sorted(self.doomed)}
+
+    def set_state(self, state: dict[str, Any]) -> None:
+        """Back to a saved `get_state()`, before Tune re-adds the restored trials. A trial that was chosen to go
+        on stays chosen; one found dead while saving is stopped at the first chance."""
+        if list(state["rungs"]) != self.rungs:
+            raise ValueError(f"PromotionASHA: the saved sweep has rungs {state['rungs']}, this scheduler "
+                             f"{self.rungs}; resume it with the config it was started with")
+        self.recorded = {r: {t: float(v) for t, v in state["recorded"][str(r)].items()} for r in self.rungs}
+        self.promoted = {r: set(state["promoted"][str(r)]) for r in self.rungs}
+        self.paused = {t: int(r) for t, r in state["paused"].items()}
+        self.resuming, self.doomed = set(state["resuming"]), set(state["doomed"])
 
     def promotion_waiting(self) -> bool:
         """A paused trial is due to go on and has no slot yet (it gets the next free one, before a new trial)."""
@@ -306,6 +329,22 @@ class PauseAwareVariantGenerator(BasicVariantGenerator):
         if state:
             state.pop("scheduler", None)  # Tune's state for the generator; the scheduler is not part of it
         return state
+
+
+class SchedulerState(Callback):
+    """Saves `scheduler`'s rungs with Tune's experiment snapshots (Tune saves callbacks' states, not schedulers')
+    and puts them back when the sweep is resumed. The scheduler and this callback are pickled together in the
+    Tuner's own state, so the restored callback holds the restored scheduler."""
+
+    def __init__(self, scheduler: PromotionASHA):
+        self.scheduler = scheduler
+
+    def get_state(self) -> dict:
+        return {"promotion_asha": self.scheduler.get_state()}
+
+    def set_state(self, state: dict) -> None:
+        self.scheduler.set_state(state["promotion_asha"])
+        log.info("distill: ASHA: rungs restored (%s)", self.scheduler.debug_string())
 
 
 class KeepResultsOnPause(Callback):

@@ -472,9 +472,9 @@ def _experiment_path(cfg: PipelineConfig, run_name: str) -> str:
 
 
 def _pause_callbacks(scheduler) -> list:
-    from raysys.distill.asha import KeepResultsOnPause, PromotionASHA
+    from raysys.distill.asha import KeepResultsOnPause, PromotionASHA, SchedulerState
 
-    return [KeepResultsOnPause(scheduler)] if isinstance(scheduler, PromotionASHA) else []
+    return [KeepResultsOnPause(scheduler), SchedulerState(scheduler)] if isinstance(scheduler, PromotionASHA) else []
 
 
 def _new_tuner(cfg: PipelineConfig, trainable, scheduler, concurrency: int, total_trials: int, run_name: str):
@@ -515,8 +515,8 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
     failure is logged and shown in `trials[*]["error"]`.
     `resume=True` goes on with the interrupted sweep `run_name` under `cfg.run_dir` (its driver died: a
     killed job, a lost head node): finished trials are kept, the others go on from their latest checkpoints,
-    and the search and scheduler continue from Tune's saved experiment state (Tune's own files, snapshotted
-    about every 10 s). The sweep keeps the search space and trial count it was started with; run it with the
+    and the search continues from Tune's saved experiment state (Tune's own files, snapshotted about every
+    10 s), promotion ASHA from its rungs saved with it (`asha.SchedulerState`; Tune's stopping ASHA restarts). The sweep keeps the search space and trial count it was started with; run it with the
     same config.
     """
     import ray
