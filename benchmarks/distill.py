@@ -131,7 +131,7 @@ def make_cfg(root: Path, name: str, quick: bool) -> PipelineConfig:
         cfg.distill = cfg.distill.model_copy(update=dict(
             num_epochs=8 if quick else 15, student_widths=[16, 32, 64], student_depths=[1, 2]))
     cfg.distill = cfg.distill.model_copy(update=dict(
-        search="optuna", scheduler="asha", num_samples=6 if quick else 12, grace_period=2, reduction_factor=3,
+        search="optuna", scheduler="asha", num_samples=6 if quick else 12, grace_period=1, reduction_factor=3,
         accuracy_gap=0.01, max_concurrent_trials=None, transfer_multiplier=TRANSFER_MULTIPLIER))
     return cfg
 

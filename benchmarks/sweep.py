@@ -7,7 +7,7 @@ One teacher (`--teacher`, a candidate of benchmarks/distill.py trained with its 
 then on the same Ray cluster, in alternating order over `--repeats` rounds, round r with seed
 `distill.seed + r` for both (its own search draws, training seeds and transfer rows):
 
-- tuned:  `search=optuna` (TPE, seeded) + `scheduler=asha` (grace 2 epochs, reduction factor 3; by default the
+- tuned:  `search=optuna` (TPE, seeded) + `scheduler=asha` (grace 1 epoch, reduction factor 3; by default the
   promotion variant, raysys.distill.asha: trials wait at each rung and only the top third go on;
   `--asha-variant stopping` runs Tune's own ASHAScheduler instead);
 - random: `search=random` + `scheduler=fifo`: every trial runs the full `num_epochs`.
@@ -93,7 +93,7 @@ def main(argv=None) -> int:
     p.add_argument("--num-samples", type=int, default=12)
     p.add_argument("--num-epochs", type=int, default=None, help="full budget per trial (default from the preset)")
     p.add_argument("--repeats", type=int, default=1, help="rounds of (tuned, random), order alternating")
-    p.add_argument("--grace-period", type=int, default=None, help="ASHA grace period (default from the config: 2)")
+    p.add_argument("--grace-period", type=int, default=None, help="ASHA grace period (default from the config: 1)")
     p.add_argument("--reduction-factor", type=int, default=None, help="ASHA reduction factor (default from the config: 3)")
     p.add_argument("--asha-variant", default=None, choices=["promotion", "stopping"],
                    help="ASHA variant of the tuned sweep (default from the config: promotion)")

@@ -301,7 +301,7 @@ def _progress(total: int, num_epochs: int, max_failures: int, every_s: float = 3
     return SweepProgress()
 
 
-def _scheduler(name: str, num_epochs: int, grace_period: int = 2, reduction_factor: int = 3, *,
+def _scheduler(name: str, num_epochs: int, grace_period: int = 1, reduction_factor: int = 3, *,
                variant: str = "stopping", num_trials: int = 1, max_concurrent: int = 1):
     from ray.tune.schedulers import ASHAScheduler, FIFOScheduler
 
