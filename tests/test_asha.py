@@ -14,6 +14,7 @@ from ray.tune.search import Searcher
 from raysys.distill.asha import (
     KeepResultsOnPause,
     PauseAwareLimiter,
+    PauseAwareSearchGenerator,
     PauseAwareVariantGenerator,
     PromotionASHA,
     SchedulerState,
@@ -271,3 +272,48 @@ def test_a_resumed_sweep_gets_its_rungs_back_and_its_waiting_trials_wait_again()
     assert c2.result(back["e"], 2, 0.65) == PAUSE  # 4 recorded at rung 2: still one promotion (b)
     assert c2.stopped == ["a"]  # the rung's records came back: b, e and d are above it, none can reach it now
     assert c2.result(back["b"], 3, 0.71) == CONTINUE and {t: s2.paused[t] for t in "de"} == {"d": 2, "e": 2}
+
+
+def test_a_promotion_tune_is_starting_is_no_new_trial_for_the_end_rule():
+    # Tune stages a chosen trial as PENDING until its actor runs; the end rule (no new trial left to start) took
+    # it for a new trial, so the best trial at the top rung paused (a checkpoint round trip) instead of going on
+    s, c = sched(num_trials=3, max_t=10, grace=2, rf=3)  # rungs 2, 6; every trial created below
+    a, b, _ = c.add("a"), c.add("b"), c.add("d")
+    s.recorded[2] = {"a": 0.6, "b": 0.7, "d": 0.5}
+    s.promoted[2] = {"a", "b"}
+    s.paused, s.resuming = {"b": 2}, {"b"}  # b was paused at rung 2 and is going on again...
+    b.status = Trial.PENDING  # ...staged by Tune until its actor runs
+    assert c.result(a, 6, 0.8) == CONTINUE  # alone at rung 6 with no new trial left: it goes on
+
+
+def test_the_search_is_not_finished_while_a_trial_waits_at_a_rung():
+    # Tune keeps a stopped trial's actor for the next one only while the search is not finished: at the end of a
+    # sweep every promotion started a new actor (a process start and torch import, ~2 s)
+    from ray import tune
+
+    s, c = sched(num_trials=2, concurrent=1)
+    gen = PauseAwareVariantGenerator(s, max_concurrent=1)
+    gen.add_configurations({"sweep": {"run": _noop, "config": {"x": tune.grid_search([1, 2])}}})
+    t1 = gen.next_trial()
+    a = c.add(t1.trial_id)
+    assert c.result(a, 2, 0.5) == PAUSE
+    t2 = gen.next_trial()
+    assert t2 is not None
+    gen.on_trial_complete(t2.trial_id)
+    assert gen.next_trial() is None  # the grid is exhausted...
+    assert not gen.is_finished()  # ...but a waits at rung 2
+    s.on_trial_remove(c, a)
+    assert gen.next_trial() is None and gen.is_finished()
+
+    s, c = sched(num_trials=1, concurrent=1)
+    sg = PauseAwareSearchGenerator(PauseAwareLimiter(Fixed(), 1, s), s)
+    sg.add_configurations({"sweep": {"run": _noop, "num_samples": 1, "config": {}}})
+    t = sg.next_trial()
+    assert t is not None and t.config == {"x": 1}
+    a = c.add(t.trial_id)
+    assert c.result(a, 2, 0.5) == CONTINUE  # the only trial: the end rule lets it go on
+    s.paused["a"] = 2  # say it waits at a rung
+    assert not sg.is_finished()
+    assert sg.next_trial() is None and sg.searcher.searcher.n == 1  # and no sample beyond num_samples
+    s.paused.clear()
+    assert sg.is_finished()

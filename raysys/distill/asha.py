@@ -36,7 +36,7 @@ from typing import Any
 from ray.tune import Callback
 from ray.tune.experiment import Trial
 from ray.tune.schedulers import FIFOScheduler, TrialScheduler
-from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher
+from ray.tune.search import BasicVariantGenerator, ConcurrencyLimiter, Searcher, SearchGenerator
 
 log = logging.getLogger(__name__)
 
@@ -151,6 +151,10 @@ class PromotionASHA(FIFOScheduler):
         """A paused trial is due to go on and has no slot yet (it gets the next free one, before a new trial)."""
         return self._promotable() is not None
 
+    def may_resume(self) -> bool:
+        """A trial waits at a rung and may still go on."""
+        return any(tid not in self.doomed for tid in self.paused)
+
     def holds_no_slot(self, trial_id: str) -> bool:
         """Paused at a rung and not chosen to go on: it holds no CPU."""
         return trial_id in self.paused and trial_id not in self.resuming
@@ -190,7 +194,9 @@ class PromotionASHA(FIFOScheduler):
         loses its actor (Tune stops cached actors once the search is finished), and the longest run left should
         start as early as it can."""
         trials = tune_controller.get_trials()
-        end = len(trials) >= self.num_trials and not any(t.status == Trial.PENDING for t in trials)
+        # a PENDING trial that waited at a rung is a promotion Tune is starting, not a new trial
+        end = len(trials) >= self.num_trials and not any(
+            t.status == Trial.PENDING and t.trial_id not in self.paused for t in trials)
         for rung in reversed(self.rungs):
             if (tid := self._due(rung)) is not None:
                 return tid, rung
@@ -307,8 +313,27 @@ class PauseAwareLimiter(ConcurrencyLimiter):
         return copy.deepcopy(state)
 
 
+class PauseAwareSearchGenerator(SearchGenerator):
+    """Tune's wrapper of a `Searcher`, not finished while `scheduler` has a trial waiting at a rung.
+
+    Tune keeps a stopped or paused trial's actor for the next trial only while the search is not finished; once
+    the last trial is created, every promotion (and every trial a waiting one follows) started a new actor: a
+    process start and torch import, ~2 s on a slot, several times at the end of a sweep."""
+
+    def __init__(self, searcher: Searcher, scheduler: PromotionASHA):
+        super().__init__(searcher)
+        self.scheduler = scheduler
+
+    def next_trial(self):
+        return None if super().is_finished() else super().next_trial()  # no samples beyond num_samples
+
+    def is_finished(self) -> bool:
+        return super().is_finished() and not self.scheduler.may_resume()
+
+
 class PauseAwareVariantGenerator(BasicVariantGenerator):
-    """Tune's grid/random `BasicVariantGenerator` with `max_concurrent` counted as `PauseAwareLimiter` counts."""
+    """Tune's grid/random `BasicVariantGenerator` with `max_concurrent` counted as `PauseAwareLimiter` counts,
+    and not finished while a trial waits at a rung (see `PauseAwareSearchGenerator`)."""
 
     def __init__(self, scheduler: PromotionASHA, **kwargs):
         super().__init__(**kwargs)
@@ -323,6 +348,9 @@ class PauseAwareVariantGenerator(BasicVariantGenerator):
             return super().next_trial()
         finally:
             self._live_trials |= idle
+
+    def is_finished(self) -> bool:
+        return super().is_finished() and not self.scheduler.may_resume()
 
     def get_state(self):
         state = super().get_state()

@@ -326,7 +326,12 @@ def _search(cfg: PipelineConfig, concurrency: int, scheduler=None) -> tuple[dict
     from ray import tune
     from ray.tune.search import BasicVariantGenerator
 
-    from raysys.distill.asha import PauseAwareLimiter, PauseAwareVariantGenerator, PromotionASHA
+    from raysys.distill.asha import (
+        PauseAwareLimiter,
+        PauseAwareSearchGenerator,
+        PauseAwareVariantGenerator,
+        PromotionASHA,
+    )
 
     promotion = isinstance(scheduler, PromotionASHA)
 
@@ -351,8 +356,11 @@ def _search(cfg: PipelineConfig, concurrency: int, scheduler=None) -> tuple[dict
 
         # metric/mode come from TuneConfig; a seeded TPE sampler makes the suggestions repeatable
         searcher = OptunaSearch(sampler=optuna.samplers.TPESampler(seed=dc.seed))
+        if not promotion:
+            return space, searcher, dc.num_samples
         # Tune's own ConcurrencyLimiter (TuneConfig.max_concurrent_trials) would count paused trials
-        return space, PauseAwareLimiter(searcher, concurrency, scheduler) if promotion else searcher, dc.num_samples
+        return (space, PauseAwareSearchGenerator(PauseAwareLimiter(searcher, concurrency, scheduler), scheduler),
+                dc.num_samples)
     if dc.search == "random":
         return space, variants(random_state=dc.seed), dc.num_samples
     raise ValueError(f"distill.search: unknown search {dc.search!r}; choose 'grid', 'optuna' or 'random'")
