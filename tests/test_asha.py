@@ -291,15 +291,16 @@ def test_the_search_is_not_finished_while_a_trial_waits_at_a_rung():
     # sweep every promotion started a new actor (a process start and torch import, ~2 s)
     from ray import tune
 
-    s, c = sched(num_trials=2, concurrent=1)
+    s, c = sched(num_trials=3, concurrent=1)
     gen = PauseAwareVariantGenerator(s, max_concurrent=1)
-    gen.add_configurations({"sweep": {"run": _noop, "config": {"x": tune.grid_search([1, 2])}}})
+    gen.add_configurations({"sweep": {"run": _noop, "config": {"x": tune.grid_search([1, 2, 3])}}})
     t1 = gen.next_trial()
     a = c.add(t1.trial_id)
     assert c.result(a, 2, 0.5) == PAUSE
-    t2 = gen.next_trial()
-    assert t2 is not None
-    gen.on_trial_complete(t2.trial_id)
+    for _ in range(2):
+        t = gen.next_trial()
+        assert t is not None
+        gen.on_trial_complete(t.trial_id)
     assert gen.next_trial() is None  # the grid is exhausted...
     assert not gen.is_finished()  # ...but a waits at rung 2
     s.on_trial_remove(c, a)
@@ -317,3 +318,23 @@ def test_the_search_is_not_finished_while_a_trial_waits_at_a_rung():
     assert sg.next_trial() is None and sg.searcher.searcher.n == 1  # and no sample beyond num_samples
     s.paused.clear()
     assert sg.is_finished()
+
+
+def test_at_a_rung_the_sweep_cannot_fill_the_best_goes_on_at_once():
+    # 12 trials, reduction factor 3, rungs 1, 3, 9, 27 of 30: about 12, 4, 1.3 and 0.4 trials reach them, so
+    # rungs 9 and 27 never have the 3 results that make a promotion. The best at such a rung goes on at once
+    # (before, it waited for the end of the sweep and then ran its 21 epochs alone); a later arrival goes on
+    # only when it beats every trial that went on from there
+    s, c = sched(num_trials=12, max_t=30, grace=1, rf=3)
+    a, b = c.add("a"), c.add("b")
+    assert c.result(a, 3, 0.7) == PAUSE  # rung 3 is fillable (12 >= 9): a waits for its top third
+    s.recorded[3].update({"x": 0.5, "y": 0.4})
+    assert c.result(b, 3, 0.8) == CONTINUE  # top 1 of 4 at rung 3
+    assert c.result(b, 9, 0.82) == CONTINUE  # alone at rung 9 and more trials to come: it goes on
+    assert s.promoted[9] == {"b"}
+    assert c.result(b, 27, 0.84) == CONTINUE
+    d = c.add("d")
+    assert c.result(d, 9, 0.81) == PAUSE  # below b, which went on from rung 9
+    e = c.add("e")
+    assert c.result(e, 9, 0.83) == CONTINUE  # beats b at rung 9
+    assert s.promoted[9] == {"b", "e"} and s.paused == {"a": 3, "d": 9}

@@ -10,9 +10,12 @@ simulated on 72 recorded learning curves over 1000 draws: median 136 epochs). Th
 
 The *promotion* variant pauses every trial at each rung (its checkpoint at that epoch is kept) and resumes a
 paused one only when it is in the top `floor(n / reduction_factor)` of the `n` trials recorded at its rung;
-a free slot goes to such a promotion before a new trial. When no new trial is left to start, a paused
-trial that beats every trial promoted from its rung goes on (so the sweep's best candidate is not left short of
-the budget because the sweep was too small to fill a rung); once nothing runs, the rest are stopped. A trial that can no
+a free slot goes to such a promotion before a new trial. At a rung the sweep is too small to fill (fewer than
+`reduction_factor` trials expected there: num_trials < reduction_factor**(k+1) at the k-th rung), and at any
+rung once no new trial is left to start, a paused trial that beats every trial promoted from its rung goes on
+(so the sweep's best candidate is not left short of the budget because the sweep was too small to fill a rung,
+and its long run overlaps the rest of the sweep instead of running alone at its end); once nothing runs, the
+rest are stopped. A trial that can no
 longer be promoted (enough trials recorded above it) is stopped at once, so the search learns its value.
 Same simulation: median 68 epochs, best accuracy equal in the median draw.
 
@@ -186,13 +189,19 @@ class PromotionASHA(FIFOScheduler):
             return TrialScheduler.CONTINUE
         return TrialScheduler.PAUSE
 
+    def _unfillable(self, rung: int) -> bool:
+        """Fewer than `rf` trials of this sweep are expected at `rung` (num_trials / rf**k at the k-th rung), so
+        its top third would stay empty: no trial there would go on before the end of the sweep."""
+        return self.num_trials < self.rf ** (self.rungs.index(rung) + 1)
+
     def _next(self, tune_controller) -> tuple[str, int] | None:
         """The paused trial a free slot should resume, highest rung first (the paper's order): one in the top of
-        its rung; at the end of the sweep (every trial created, none pending) also the best paused trial of a
-        rung when it beats every trial that went on from there (the first one at a rung nobody else can fill,
-        or a later, better arrival). Decided as soon as a slot is free: at the end of a sweep a slot that waits
-        loses its actor (Tune stops cached actors once the search is finished), and the longest run left should
-        start as early as it can."""
+        its rung; at the end of the sweep (every trial created, none pending), and at any time at a rung this
+        sweep is too small to fill, also the best paused trial of a rung when it beats every trial that went on
+        from there (the first one at such a rung, or a later, better arrival). Without the second case the
+        sweep's longest run (its best trial from the last fillable rung to max_t) started only once every
+        trial had been created, and ran alone at the end. Decided as soon as a slot is free, so that the longest
+        run left starts as early as it can."""
         trials = tune_controller.get_trials()
         # a PENDING trial that waited at a rung is a promotion Tune is starting, not a new trial
         end = len(trials) >= self.num_trials and not any(
@@ -202,7 +211,7 @@ class PromotionASHA(FIFOScheduler):
                 return tid, rung
             waiting = [tid for tid, r in self.paused.items()
                        if r == rung and tid not in self.resuming and tid not in self.doomed]
-            if end and waiting:
+            if waiting and (end or self._unfillable(rung)):
                 rec = self.recorded[rung]
                 best = max(waiting, key=lambda t: rec[t])
                 if all(rec[best] > rec[t] for t in self.promoted[rung]):
@@ -271,8 +280,9 @@ class PromotionASHA(FIFOScheduler):
 
     def _promote(self, tid: str, rung: int) -> None:
         if tid not in self._top(rung):
-            log.info("distill: ASHA: no new trial left to start; %s, the best at rung %d that none of the %d "
-                     "recorded there beat, goes on", tid, rung, len(self.recorded[rung]))
+            log.info("distill: ASHA: %s; %s, the best at rung %d that none of the %d recorded there beat, goes on",
+                     f"a sweep of {self.num_trials} trials does not fill rung {rung}" if self._unfillable(rung)
+                     else "no new trial left to start", tid, rung, len(self.recorded[rung]))
         self.promoted[rung].add(tid)
 
     def _resume(self, tid: str, rung: int) -> Trial:
