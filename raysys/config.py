@@ -226,7 +226,7 @@ class DistillConfig(_Strict):
     batch_size: int = Field(256, ge=1, description="Student batch size.")
     lr: float = Field(3e-3, gt=0, description="Student AdamW learning rate (grid).")
     scheduler: Literal["fifo", "asha"] = Field("asha", description="Tune trial scheduler.")
-    grace_period: int = Field(1, ge=1, description="ASHA: epochs every trial runs before it can be stopped (the first rung).")
+    grace_period: int = Field(1, ge=1, description="ASHA: the first rung, epochs every trial runs before a stop.")
     reduction_factor: int = Field(3, ge=2, description="ASHA: 1/reduction_factor of trials go on at each rung.")
     asha_variant: Literal["promotion", "stopping"] = Field(
         "promotion", description="ASHA: 'promotion' pauses each trial at a rung and resumes only those in the top "

@@ -15,8 +15,8 @@ a free slot goes to such a promotion before a new trial. At a rung the sweep is 
 rung once no new trial is left to start, a paused trial that beats every trial promoted from its rung goes on
 (so the sweep's best candidate is not left short of the budget because the sweep was too small to fill a rung,
 and its long run overlaps the rest of the sweep instead of running alone at its end); once nothing runs, the
-rest are stopped. A trial that can no
-longer be promoted (enough trials recorded above it) is stopped at once, so the search learns its value.
+rest are stopped. A trial that can no longer be promoted (enough trials recorded above it) is stopped at once,
+so the search learns its value.
 Same simulation: median 68 epochs, best accuracy equal in the median draw.
 
 What it needs from the trainable: a checkpoint at every rung epoch (`rung_epochs`), reported with that
@@ -191,7 +191,7 @@ class PromotionASHA(FIFOScheduler):
 
     def _unfillable(self, rung: int) -> bool:
         """Fewer than `rf` trials of this sweep are expected at `rung` (num_trials / rf**k at the k-th rung), so
-        its top third would stay empty: no trial there would go on before the end of the sweep."""
+        its top 1/rf would stay empty: no trial there would go on before the end of the sweep."""
         return self.num_trials < self.rf ** (self.rungs.index(rung) + 1)
 
     def _next(self, tune_controller) -> tuple[str, int] | None:

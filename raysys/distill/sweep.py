@@ -524,8 +524,8 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
     `resume=True` goes on with the interrupted sweep `run_name` under `cfg.run_dir` (its driver died: a
     killed job, a lost head node): finished trials are kept, the others go on from their latest checkpoints,
     and the search continues from Tune's saved experiment state (Tune's own files, snapshotted about every
-    10 s), promotion ASHA from its rungs saved with it (`asha.SchedulerState`; Tune's stopping ASHA restarts). The sweep keeps the search space and trial count it was started with; run it with the
-    same config.
+    10 s), promotion ASHA from its rungs saved with it (`asha.SchedulerState`; Tune's stopping ASHA starts
+    afresh). The sweep keeps the search space and trial count it was started with; run it with the same config.
     """
     import ray
     from ray import tune
