@@ -86,33 +86,11 @@ def ingress_env(*, private_ports: bool = False) -> dict[str, str]:
     return env
 
 
-def _ephemeral_ports() -> tuple[int, int]:
-    """The range the kernel hands ports out from (a bind to port 0, an outgoing connection)."""
-    try:
-        lo, hi = (int(v) for v in open("/proc/sys/net/ipv4/ip_local_port_range").read().split())
-        return lo, hi
-    except (OSError, ValueError):
-        return 32768, 65535  # not Linux: Linux's default and the IANA range (macOS, Windows) together
-
-
 def free_port() -> int:
-    """A TCP port free now on every interface, for a server that binds it later (Serve's HTTP port, HAProxy's
-    stats port), picked below the kernel's ephemeral range. A port from that range (what a bind to port 0 gives)
-    can go to any other socket in the meantime, Ray's own workers and connections included: seen in CI, a Serve
-    port chosen before a minute of training was taken by then, and HAProxy failed to start."""
-    import random
+    """A TCP port free now on every interface."""
     import socket
 
-    lo, hi = _ephemeral_ports()
-    pool = range(10000, lo) if lo > 11000 else range(hi + 1, 65536)
-    for port in random.sample(pool, min(200, len(pool))):
-        with socket.socket() as sock:
-            try:
-                sock.bind(("", port))
-            except OSError:
-                continue
-            return port
-    with socket.socket() as sock:  # nothing free outside the range: the kernel's pick
+    with socket.socket() as sock:
         sock.bind(("", 0))
         return sock.getsockname()[1]
 

@@ -5,11 +5,17 @@ drivers and Ray Train's workers can run beside each other on a 2-core box."""
 from __future__ import annotations
 
 import os
+import socket
 
 import pytest
 
 from raysys.config import preset
-from raysys.serving import free_port  # noqa: F401  (tests import it from here)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

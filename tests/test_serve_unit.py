@@ -425,22 +425,6 @@ def test_ingress_env_modes(monkeypatch):
         serving.ingress_env()
 
 
-def test_free_port_is_outside_the_kernels_ephemeral_range_and_free():
-    # a port from the ephemeral range (a bind to port 0) can go to any socket before the server binds it: in CI,
-    # a Serve port picked before a minute of training was taken by then and HAProxy failed to start
-    import socket
-
-    from raysys import serving
-
-    lo, hi = serving._ephemeral_ports()
-    ports = {serving.free_port() for _ in range(20)}
-    assert all(not lo <= p <= hi for p in ports), (lo, hi, ports)
-    assert len(ports) > 1  # drawn at random, not one fixed port for every caller
-    for p in list(ports)[:3]:
-        with socket.socket() as sock:
-            sock.bind(("", p))  # free on every interface
-
-
 def _env_lists(node) -> list[dict]:
     """Every container `env:` list in a parsed manifest, as {name: value}."""
     out = []
