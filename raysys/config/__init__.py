@@ -1,0 +1,28 @@
+"""Typed configuration for every stage of raysys.
+
+One `PipelineConfig` holds a section per stage (`sections`); named presets and the YAML loader are in
+`presets`. Import everything from here: `from raysys.config import PipelineConfig, load_config`.
+"""
+
+from raysys.config.presets import PRESETS, load_config, preset
+from raysys.config.sections import (
+    FT_ARCH_FIELDS,
+    FT_SIZES,
+    DataConfig,
+    DistillConfig,
+    EvaluationConfig,
+    ModelConfig,
+    MonitorConfig,
+    ParallelConfig,
+    PipelineConfig,
+    ServeAutoscaling,
+    ServeConfig,
+    SliceConfig,
+    TrainConfig,
+)
+
+__all__ = [
+    "FT_ARCH_FIELDS", "FT_SIZES", "PRESETS", "DataConfig", "DistillConfig", "EvaluationConfig", "ModelConfig",
+    "MonitorConfig", "ParallelConfig", "PipelineConfig", "ServeAutoscaling", "ServeConfig", "SliceConfig",
+    "TrainConfig", "load_config", "preset",
+]
