@@ -85,11 +85,11 @@ from raysys.distill import (  # noqa: E402
     fit_student,
     load_student_data,
     precompute_teacher_logits,
-    quantize_dynamic_int8,
     run_sweep,
 )
 from raysys.evaluate import compare_latency  # noqa: E402
 from raysys.models import build_model, model_spec, num_parameters, predict_logits  # noqa: E402
+from raysys.models.quantize import quantize_dynamic_int8  # noqa: E402
 
 log = logging.getLogger("bench")
 TRANSFER_MULTIPLIER = 4.0  # unlabeled MUNGE transfer rows per labeled training row (soft targets only)

@@ -209,10 +209,11 @@ def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_ve
     `int8_variant` ({version, accuracy, latency, ...}) when a quantized variant was registered.
     """
     from raysys.data import read_split
-    from raysys.distill import DYNAMIC_INT8, quantize_dynamic_int8, run_sweep
+    from raysys.distill import run_sweep
     from raysys.evaluate import full_evaluation, torch_threads
     from raysys.modelcard import build_model_card
     from raysys.models import build_model, predict_logits
+    from raysys.models.quantize import DYNAMIC_INT8, quantize_dynamic_int8
     from raysys.monitor.profile import ReferenceProfile
     from raysys.registry import Registry
 

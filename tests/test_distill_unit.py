@@ -331,7 +331,7 @@ def test_summary_table_csv_and_markdown():
 
 
 def test_dynamic_int8_quantization_and_spec_round_trip():
-    from raysys.distill.quantize import DYNAMIC_INT8, apply_quantization, quantize_dynamic_int8, split_spec
+    from raysys.models.quantize import DYNAMIC_INT8, apply_quantization, quantize_dynamic_int8, split_spec
 
     torch.manual_seed(0)
     model = build_model({**SPEC, "hidden_dims": [64, 32]}).eval()

@@ -14,6 +14,7 @@ from raysys.config import DataConfig, ModelConfig
 from raysys.data import Preprocessor, SyntheticTask
 from raysys.models import build_model, model_spec
 from raysys.registry import LoadedModel, Registry
+from raysys.registry.files import RegistryFiles
 
 NAME = "student"
 
@@ -191,7 +192,7 @@ def test_versions_are_immutable_and_numbering_survives_a_race(tmp_path, task_bit
     assert v2 == 2
     # the narrowest race: the target looked free at the check and was taken before the rename; the
     # rename refuses the non-empty directory and the writer retries with the next number
-    real_exists = Registry._exists
+    real_exists = RegistryFiles.exists
     lied: list[str] = []
 
     def exists_once_stale(self, path):
@@ -200,9 +201,9 @@ def test_versions_are_immutable_and_numbering_survives_a_race(tmp_path, task_bit
             return False
         return real_exists(self, path)
 
-    monkeypatch.setattr(Registry, "_exists", exists_once_stale)
+    monkeypatch.setattr(RegistryFiles, "exists", exists_once_stale)
     v3, _ = _register(reg, schema, pre, seed=3)
-    monkeypatch.setattr(Registry, "_exists", real_exists)
+    monkeypatch.setattr(RegistryFiles, "exists", real_exists)
     monkeypatch.setattr(Registry, "_numeric_version_dirs", real)
     assert lied and v3 == 3
     after = {p.name: p.read_bytes() for p in (tmp_path / "reg" / NAME / "versions" / "1").iterdir()}
@@ -244,7 +245,7 @@ def test_object_store_path_writes_manifest_last(tmp_path, task_bits):
     """The path used where directories cannot be renamed (s3://, gs://), exercised on a local dir."""
     schema, pre, *_ = task_bits
     reg = Registry(tmp_path / "reg")
-    reg._atomic_dir_rename = False
+    reg.files.atomic_dir_rename = False
     assert _register(reg, schema, pre, seed=1)[0] == 1
     # a crashed writer left version 2 without a manifest: it is not listed, and its number is not reused
     (tmp_path / "reg" / NAME / "versions" / "2").mkdir()
@@ -317,7 +318,7 @@ def test_alias_moves_are_atomic_for_concurrent_readers(tmp_path, task_bits, monk
         def move(self, *args):
             raise OSError("killed before the rename")
 
-    monkeypatch.setattr(reg, "fs", NoRename(reg.fs))
+    monkeypatch.setattr(reg.files, "fs", NoRename(reg.files.fs))
     with pytest.raises(OSError):
         reg.set_alias(NAME, "production", 2)
     monkeypatch.undo()
@@ -380,7 +381,7 @@ def test_model_card_stored_verified_and_rendered(tmp_path, task_bits):
 
 
 def test_quantized_variant_stores_float_weights_and_requantizes(tmp_path, task_bits):
-    from raysys.distill.quantize import DYNAMIC_INT8, quantize_dynamic_int8
+    from raysys.models.quantize import DYNAMIC_INT8, quantize_dynamic_int8
 
     schema, pre, x_num, x_cat = task_bits
     reg = Registry(tmp_path / "reg")

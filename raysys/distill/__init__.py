@@ -1,8 +1,7 @@
 """Knowledge distillation: the KD and hint losses, the student loop, soft targets with Ray Data, the Ray Tune
-sweep (grid, or ASHA + Optuna over the size/accuracy trade-off) and dynamic int8 quantization."""
+sweep (grid, or ASHA + Optuna over the size/accuracy trade-off)."""
 
 from raysys.distill.kd import check_kd_args, hint_loss, kd_loss, supports_hint
-from raysys.distill.quantize import DYNAMIC_INT8, apply_quantization, quantize_dynamic_int8
 from raysys.distill.soft_targets import SoftTargets, compute_soft_targets, read_soft_targets, teacher_key
 from raysys.distill.student import EpochState, StudentData, StudentFit, fit_student
 from raysys.distill.sweep import (
@@ -17,8 +16,8 @@ from raysys.distill.sweep import (
 )
 
 __all__ = [
-    "DYNAMIC_INT8", "EpochState", "SoftTargets", "StudentData", "StudentFit", "SweepResult", "apply_quantization", "check_kd_args",
+    "EpochState", "SoftTargets", "StudentData", "StudentFit", "SweepResult", "check_kd_args",
     "compute_soft_targets", "fit_student", "hint_loss", "kd_loss", "load_student_data", "pareto_front",
-    "precompute_teacher_logits", "quantize_dynamic_int8", "read_soft_targets", "run_sweep", "select_student",
+    "precompute_teacher_logits", "read_soft_targets", "run_sweep", "select_student",
     "split_raw_columns", "summary_table", "supports_hint", "teacher_key",
 ]

@@ -10,7 +10,7 @@ from torch import nn
 from raysys.config import ModelConfig
 from raysys.data.schema import DatasetSchema
 from raysys.models.ft_transformer import FT_PRESETS, FTTransformer
-from raysys.models.mlp import ACTIVATIONS, LEGACY_ACTIVATION, TabularMLP
+from raysys.models.mlp import DEFAULT_ACTIVATION, TabularMLP
 
 FAMILIES = {"mlp": TabularMLP, "ft_transformer": FTTransformer}
 FT_ARCH_KEYS = ("d_model", "num_blocks", "num_heads", "ffn_mult")
@@ -20,45 +20,49 @@ def model_spec(schema: DatasetSchema, cfg: ModelConfig, family: str | None = Non
                **arch: Any) -> dict[str, Any]:
     """The constructor arguments of a model for this schema, as plain JSON.
 
-    `family` defaults to `cfg.family` ("mlp" when the config has none). An "mlp" spec carries `activation`
-    only when it is not the legacy exact GELU, so a config with `activation: gelu` gives the spec earlier
-    versions wrote, and a stored spec without the key still builds the model it was trained as.
+    `family` defaults to `cfg.family`. An "mlp" spec carries `activation` only when it differs from the
+    format's default (`DEFAULT_ACTIVATION`, exact GELU), which a spec without the key builds.
     For "ft_transformer" the architecture is the named `size` in `FT_PRESETS` (default `cfg.size`, else
     "tiny"), overridden by any of d_model / num_blocks / num_heads / ffn_mult given here or set on `cfg`;
     `cfg.dropout` applies to both families.
     """
-    family = family or getattr(cfg, "family", None) or "mlp"
+    family = family or cfg.family
     base = {"family": family, "num_numeric": len(schema.numeric), "cardinalities": schema.cardinalities,
             "num_classes": schema.num_classes}
     if family == "mlp":
         if size is not None or arch:
             raise ValueError("model_spec: size/architecture overrides apply to family 'ft_transformer' only")
-        out = {**base, "hidden_dims": list(cfg.hidden_dims), "embed_dim": cfg.embed_dim, "dropout": cfg.dropout}
-        activation = getattr(cfg, "activation", LEGACY_ACTIVATION)
-        if activation not in ACTIVATIONS:
-            raise ValueError(f"model.activation: unknown {activation!r}; choose one of {sorted(ACTIVATIONS)}")
-        if activation != LEGACY_ACTIVATION:
-            out["activation"] = activation
-        return out
+        return {**base, **_mlp_arch(cfg)}
     if family == "ft_transformer":
-        size = size or getattr(cfg, "size", None) or "tiny"
-        if size not in FT_PRESETS:
-            raise ValueError(f"model.size: unknown {size!r}; choose one of {list(FT_PRESETS)}")
-        unknown = set(arch) - set(FT_ARCH_KEYS)
-        if unknown:
-            raise ValueError(f"model_spec: unknown ft_transformer settings {sorted(unknown)}; use {FT_ARCH_KEYS}")
-        out = {**base, **FT_PRESETS[size]}
-        for key in FT_ARCH_KEYS:
-            value = arch.get(key, getattr(cfg, key, None))
-            if value is not None:
-                out[key] = value
-        out["ffn_mult"] = float(out["ffn_mult"])
-        out["dropout"] = cfg.dropout
-        return out
+        return {**base, **_ft_arch(cfg, size or cfg.size or "tiny", arch)}
     raise ValueError(f"model family: unknown {family!r}; choose one of {sorted(FAMILIES)}")
 
 
+def _mlp_arch(cfg: ModelConfig) -> dict[str, Any]:
+    out = {"hidden_dims": list(cfg.hidden_dims), "embed_dim": cfg.embed_dim, "dropout": cfg.dropout}
+    if cfg.activation != DEFAULT_ACTIVATION:
+        out["activation"] = cfg.activation
+    return out
+
+
+def _ft_arch(cfg: ModelConfig, size: str, arch: dict[str, Any]) -> dict[str, Any]:
+    if size not in FT_PRESETS:
+        raise ValueError(f"model.size: unknown {size!r}; choose one of {list(FT_PRESETS)}")
+    unknown = set(arch) - set(FT_ARCH_KEYS)
+    if unknown:
+        raise ValueError(f"model_spec: unknown ft_transformer settings {sorted(unknown)}; use {FT_ARCH_KEYS}")
+    out = dict(FT_PRESETS[size])
+    for key in FT_ARCH_KEYS:
+        value = arch.get(key, getattr(cfg, key))
+        if value is not None:
+            out[key] = value
+    out["ffn_mult"] = float(out["ffn_mult"])
+    out["dropout"] = cfg.dropout
+    return out
+
+
 def build_model(spec: dict[str, Any]) -> nn.Module:
+    """The model a `model_spec` dict describes (a spec without "family" is an MLP)."""
     spec = dict(spec)
     family = spec.pop("family", "mlp")
     if family not in FAMILIES:

@@ -15,14 +15,15 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-# name -> module factory; "gelu" (exact) is what specs written before `activation` existed mean
+# name -> module factory
 ACTIVATIONS = {
     "gelu": lambda: nn.GELU(),
     "gelu_tanh": lambda: nn.GELU(approximate="tanh"),
     "relu": lambda: nn.ReLU(),
     "silu": lambda: nn.SiLU(),
 }
-LEGACY_ACTIVATION = "gelu"
+# the spec format's default: a spec without "activation" means exact GELU
+DEFAULT_ACTIVATION = "gelu"
 
 
 class _FeatureEmbedding(nn.Module):
@@ -48,8 +49,8 @@ class CategoricalEmbeddings(nn.ModuleList):
 
     forward(x_cat (B, F) int64) -> (B, F * embed_dim), one lookup with per-feature offsets. Iterating it
     yields one `_FeatureEmbedding` per feature (the layout raysys/parallel recognises: a ModuleList whose
-    items embed one feature each). State: `weight` only; a state dict from the earlier per-feature
-    `nn.Embedding` layout (`0.weight`, `1.weight`, ...) is concatenated into it on load.
+    items embed one feature each). State: `weight` only; a state dict in the per-feature layout
+    (`0.weight`, `1.weight`, ...: one `nn.Embedding` per feature) is concatenated into it on load.
     """
 
     def __init__(self, cardinalities: list[int], embed_dim: int):
@@ -86,7 +87,7 @@ class TabularMLP(nn.Module):
 
     def __init__(self, num_numeric: int, cardinalities: list[int], num_classes: int,
                  hidden_dims: list[int], embed_dim: int = 8, dropout: float = 0.0,
-                 activation: str = LEGACY_ACTIVATION):
+                 activation: str = DEFAULT_ACTIVATION):
         super().__init__()
         if activation not in ACTIVATIONS:
             raise ValueError(f"model.activation: unknown {activation!r}; choose one of {sorted(ACTIVATIONS)}")

@@ -1,4 +1,4 @@
-"""Post-training dynamic int8 quantization of a student (`torch.ao.quantization.quantize_dynamic`).
+"""Post-training dynamic int8 quantization of a model (`torch.ao.quantization.quantize_dynamic`).
 
 Every `nn.Linear` gets int8 weights (per-tensor affine) and int8 activations quantized on the fly;
 embeddings stay float. Quantized modules' state is not plain tensors (packed params), and the registry
@@ -28,24 +28,26 @@ def quantize_dynamic_int8(model: nn.Module) -> nn.Module:
     float_model = copy.deepcopy(model).eval()
     with warnings.catch_warnings():
         # torch 2.13 marks torch.ao.quantization deprecated in favour of torchao, which is not a
-        # dependency here; the eager API still works and is what the issue asks for
+        # dependency here; the eager API still works
         warnings.simplefilter("ignore", DeprecationWarning)
         warnings.simplefilter("ignore", UserWarning)
         return quantize_dynamic(float_model, {nn.Linear}, dtype=torch.qint8).eval()
 
 
+def _check(quantization: str | None) -> None:
+    if quantization is not None and quantization not in SUPPORTED:
+        raise ValueError(f"model spec: unknown quantization {quantization!r}; supported: {list(SUPPORTED)}")
+
+
 def split_spec(spec: dict[str, Any]) -> tuple[dict[str, Any], str | None]:
     """`(spec without the quantization key, quantization or None)`; ValueError for an unknown scheme."""
     spec = dict(spec)
-    q = spec.pop(QUANTIZATION_KEY, None)
-    if q is not None and q not in SUPPORTED:
-        raise ValueError(f"model spec: unknown quantization {q!r}; supported: {list(SUPPORTED)}")
-    return spec, q
+    quantization = spec.pop(QUANTIZATION_KEY, None)
+    _check(quantization)
+    return spec, quantization
 
 
 def apply_quantization(model: nn.Module, quantization: str | None) -> nn.Module:
-    if quantization is None:
-        return model
-    if quantization == DYNAMIC_INT8:
-        return quantize_dynamic_int8(model)
-    raise ValueError(f"model spec: unknown quantization {quantization!r}; supported: {list(SUPPORTED)}")
+    """`model` itself when `quantization` is None, else its quantized copy."""
+    _check(quantization)
+    return model if quantization is None else quantize_dynamic_int8(model)
