@@ -18,7 +18,9 @@ from fastapi import FastAPI, Request  # noqa: E402
 from fastapi.responses import Response  # noqa: E402
 
 from raysys.registry import Registry  # noqa: E402
-from serve.app import RequestError, Scorer, error_response, format_prediction, validate_request  # noqa: E402
+from serve.parsing import RequestError, validate_request  # noqa: E402
+from serve.scoring import Scorer, format_prediction  # noqa: E402
+from serve.web import error_response  # noqa: E402
 
 torch.set_num_threads(1)
 scorer = Scorer.from_loaded(Registry(os.environ["RAYSYS_BENCH_REGISTRY"]).load(os.environ["RAYSYS_BENCH_MODEL"],

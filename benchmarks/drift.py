@@ -334,7 +334,7 @@ def measure_ingest(world: World, profile, batches: int) -> dict:
 
 
 def measure_request_overhead(world: World, n: int = 20_000) -> dict:
-    from serve.app import MonitorBuffer
+    from serve.monitor_link import MonitorBuffer
 
     buf = MonitorBuffer(max_rows=10 * n)
     x_num, x_cat, _, proba = world.arrays(1, [0, 99])

@@ -5,7 +5,7 @@
 One run, one machine, one student, one load generator:
 
 - (a) raysys: `serve.app` deployed exactly as `raysys serve` / `make demo` deploy it (the shipped default
-  config: ingress mode from `raysys.serving`, batching, replicas), on an embedded local Ray;
+  config: ingress mode from `serve.ingress`, batching, replicas), on an embedded local Ray;
 - (b) plain: `benchmarks/_plain_fastapi.py` under one uvicorn process, scoring each request on its own with
   the same model and the same validation code, started by this script.
 
@@ -225,8 +225,8 @@ def main() -> int:
     import ray
     from ray import serve
 
-    from raysys.serving import apply_ingress_env, free_port, serve_start
     from serve.app import build_app
+    from serve.ingress import apply_ingress_env, free_port, serve_start
 
     tmp = scratch_dir("raysys-serve-load-")  # removed at exit
     reg, spec, bodies = make_registry(tmp)

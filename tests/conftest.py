@@ -26,7 +26,7 @@ def ray_cluster():
     os.environ.pop("RAY_ADDRESS", None)
     # address="local": a fresh cluster even when /tmp/ray/ray_current_cluster names another (or a dead) one
     # the shipped Serve ingress (HAProxy + direct ingress), on private HAProxy ports
-    from raysys.serving import apply_ingress_env
+    from serve.ingress import apply_ingress_env
 
     apply_ingress_env()
     # tests only: a deleted app's direct-ingress replicas wait 30 s by default before exiting (so that HAProxy

@@ -20,7 +20,7 @@ import pytest
 import requests
 from conftest import free_port
 
-from raysys.serving import ingress_env
+from serve.ingress import ingress_env
 
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent

@@ -174,7 +174,8 @@ def test_monitor_down_never_fails_a_request(registry, http_port):
     import ray
     from ray import serve
 
-    from serve.app import MONITOR_RETRY_S, build_app
+    from serve.app import build_app
+    from serve.monitor_link import MONITOR_RETRY_S
 
     reg, _, rows = registry
     name = f"serve-nomon-{uuid.uuid4().hex[:6]}"
@@ -210,7 +211,9 @@ def test_api_token_and_monitoring_off(registry, http_port):
     With monitoring off, /v1/monitor is a JSON 503."""
     from ray import serve
 
-    from serve.app import API_TOKEN_ENV, StudentEndpoint, parse_app_args
+    from serve.contract import parse_app_args
+    from serve.endpoint import StudentEndpoint
+    from serve.web import API_TOKEN_ENV
 
     reg, _, rows = registry
     name = f"serve-auth-{uuid.uuid4().hex[:6]}"
@@ -351,7 +354,9 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(registry, ht
     import numpy as np
     from ray import serve
 
-    from serve.app import Scorer, build_app, validate_request
+    from serve.app import build_app
+    from serve.parsing import validate_request
+    from serve.scoring import Scorer
 
     reg, _, rows = registry
     name = f"serve-batch-{uuid.uuid4().hex[:6]}"

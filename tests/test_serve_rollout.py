@@ -41,7 +41,8 @@ def _deploy(reg, name: str, serve_cfg: dict | None = None, env: dict | None = No
     from ray import serve
 
     from raysys.config import ServeConfig
-    from serve.app import StudentEndpoint, deployment_options, parse_app_args, replica_options
+    from serve.contract import deployment_options, parse_app_args, replica_options
+    from serve.endpoint import StudentEndpoint
 
     kwargs = parse_app_args({"registry_uri": reg.uri, "model_name": MODEL, "monitor": False,
                              "serve_cfg": serve_cfg or {}})
@@ -62,7 +63,7 @@ def test_every_status_code_over_http(registry, http_port, tmp_path):
     404/405, /readyz, /healthz and /docs without the key; no input gives a 500 or a stack trace."""
     from ray import serve
 
-    from serve.app import API_TOKEN_FILE_ENV
+    from serve.web import API_TOKEN_FILE_ENV
 
     reg, schema, rows = registry
     key_file = tmp_path / "api-key"
@@ -192,8 +193,8 @@ def test_canary_promote_rollback_under_load_fails_no_request(registry, http_port
     from ray import serve
 
     from raysys.config import preset
-    from raysys.serving import cluster_dashboard_url
     from serve.app import deploy
+    from serve.rollout import cluster_dashboard_url
 
     reg, _, rows = registry
     cfg = preset("tiny").with_root(tmp_path)

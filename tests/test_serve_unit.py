@@ -15,29 +15,18 @@ import yaml
 from raysys.config import DataConfig, ModelConfig
 from raysys.data import Preprocessor, SyntheticTask
 from raysys.models import build_model, model_spec
-from serve.app import (
+from serve.contract import (
     DEPLOYMENT_NAME,
-    FLOAT32_MAX,
-    MonitorBuffer,
-    MonitorLink,
-    RequestError,
-    RequestIds,
-    Scorer,
-    check_auth,
-    columns_to_rows,
     deployment_options,
-    format_prediction,
-    load_api_token,
-    max_body_bytes,
     parse_app_args,
     parse_user_config,
     replica_options,
     resolve_registry_uri,
-    route_version,
-    score_requests,
-    to_jsonable,
-    validate_request,
 )
+from serve.monitor_link import MonitorBuffer, MonitorLink
+from serve.parsing import FLOAT32_MAX, RequestError, RequestIds, columns_to_rows, validate_request
+from serve.scoring import Scorer, format_prediction, route_version, score_requests
+from serve.web import check_auth, load_api_token, max_body_bytes, to_jsonable
 
 CONFIG_YAML = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
 
@@ -404,7 +393,7 @@ def test_deployment_options_come_from_serve_config():
 
 
 def test_ingress_env_modes(monkeypatch):
-    from raysys import serving
+    from serve import ingress as serving
 
     monkeypatch.delenv("RAYSYS_SERVE_INGRESS", raising=False)
     env = serving.ingress_env()
@@ -440,7 +429,7 @@ def _env_lists(node) -> list[dict]:
 
 def test_cluster_manifests_carry_the_ingress_env(monkeypatch):
     """cluster.yaml runs `raysys serve env`; the KubeRay manifests spell the same variables out."""
-    from raysys import serving
+    from serve import ingress as serving
 
     monkeypatch.delenv("RAYSYS_SERVE_INGRESS", raising=False)
     root = CONFIG_YAML.parents[1]

