@@ -48,9 +48,10 @@ import torch  # noqa: E402
 from raysys.config import DataConfig, ModelConfig  # noqa: E402
 from raysys.data import DriftSpec, Preprocessor, SyntheticTask  # noqa: E402
 from raysys.models import build_model, model_spec  # noqa: E402
-from raysys.monitor.drift import WindowTester, adjust_pvalues  # noqa: E402
+from raysys.monitor.drift import WindowTester  # noqa: E402
 from raysys.monitor.online import detector_for, score_rows  # noqa: E402
 from raysys.monitor.profile import ReferenceProfile  # noqa: E402
+from raysys.monitor.stats import adjust_pvalues  # noqa: E402
 
 ERT = 10_000
 PRE_CHANGE = 200

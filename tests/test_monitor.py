@@ -281,7 +281,7 @@ def test_monitor_latency_throughput_versions_and_set_profile(task):
 
 
 def test_histogram_sample_keeps_the_extremes_and_the_shape():
-    from raysys.monitor.actor import histogram_sample
+    from raysys.monitor.metrics import histogram_sample
 
     small = np.array([3.0, 1.0, 2.0])
     np.testing.assert_array_equal(histogram_sample(small, 8), small)
@@ -357,7 +357,7 @@ def test_ks_pvalue_matches_scipy():
     from scipy.stats import kstwo
     from scipy.stats._stats_py import _attempt_exact_2kssamp  # what ks_2samp(method='auto') runs here
 
-    from raysys.monitor.drift import ks_pvalue
+    from raysys.monitor.stats import ks_pvalue
 
     d = np.linspace(0.02, 0.11, 19)
     ours = ks_pvalue(d, 1000, 10_000)
@@ -402,15 +402,15 @@ def test_window_ks_odd_columns_and_old_profiles():
     grid) keeps the grid statistic."""
     from scipy.stats import ks_2samp
 
-    from raysys.monitor.drift import _SegmentedRefs
     from raysys.monitor.profile import NumericRef
+    from raysys.monitor.refbins import SegmentedRefs
 
     rng = np.random.default_rng(2)
     cols = [rng.normal(5, 100, 5000), rng.integers(0, 4, 5000).astype(float), rng.exponential(1e-3, 5000),
             np.full(100, 2.0), rng.normal(1e9, 1, 5000), _ks_column("zero_inflated", rng, 5000),
             _ks_column("rounded", rng, 5000)]
     refs = [NumericRef.build(f"f{j}", c, 10) for j, c in enumerate(cols)]
-    seg = _SegmentedRefs(refs)
+    seg = SegmentedRefs(refs)
     for n in (0, 1, 7, 1000):
         x = np.column_stack([rng.normal(5, 150, n), rng.integers(-1, 6, n).astype(float), rng.exponential(1e-3, n),
                              rng.choice([1.0, 2.0, 3.0], n), rng.normal(1e9, 2, n),
@@ -428,7 +428,7 @@ def test_window_ks_odd_columns_and_old_profiles():
             for j in (1, 3, 5, 6):  # atoms: discrete levels, a constant, a zero-inflated and a rounded feature
                 exact = ks_2samp(cols[j], clean[:, j]).statistic
                 assert ok["ks"][j] <= exact + 0.005, (n, j, ok["ks"][j], exact)
-    old = _SegmentedRefs([NumericRef(r.name, r.edges, r.ref_props) for r in refs])  # format 1: no fine grid
+    old = SegmentedRefs([NumericRef(r.name, r.edges, r.ref_props) for r in refs])  # format 1: no fine grid
     x = np.column_stack([_ks_column("normal", rng, 500, 0.3) * 50 for _ in refs])
     np.testing.assert_array_equal(old.stats(x, 5000, exact=True)["ks"], old.stats(x, 5000)["ks"])
 

@@ -13,9 +13,9 @@ from scipy.stats import ks_2samp
 from raysys.config import DataConfig, MonitorConfig
 from raysys.data import DriftSpec, Preprocessor, SyntheticTask
 from raysys.monitor import LogHistogram, Monitor, ReferenceProfile, WindowTester, adjust_pvalues, detector_for
-from raysys.monitor.drift import jensen_shannon, psi
 from raysys.monitor.online import DEFAULT_WEIGHTS, _cusum, score_rows, threshold_for_ert
-from raysys.monitor.retrain import RetrainTrigger
+from raysys.monitor.stats import jensen_shannon, psi
+from raysys.monitor.trigger import RetrainTrigger
 
 
 @pytest.fixture(scope="module")
@@ -391,15 +391,15 @@ def test_monitor_errors_and_latency_by_version(world):
 def test_window_stats_one_search_equals_per_feature_search():
     """The single-searchsorted window statistics count exactly what a per-feature search counts: ties at
     edges (a discrete feature), NaN/inf, values far outside the reference, features on scales 1e-3..1e9."""
-    from raysys.monitor.drift import _SegmentedRefs
     from raysys.monitor.profile import NumericRef
+    from raysys.monitor.refbins import SegmentedRefs
 
     rng = np.random.default_rng(0)
     refs = [NumericRef.build("a", rng.normal(5, 100, 5000), 10),
             NumericRef.build("b", rng.integers(0, 4, 5000).astype(float), 10),
             NumericRef.build("c", rng.exponential(1e-3, 5000), 10), NumericRef.build("d", np.full(100, 2.0), 10),
             NumericRef.build("e", rng.normal(1e9, 1, 5000), 10)]
-    seg = _SegmentedRefs(refs)
+    seg = SegmentedRefs(refs)
     for n in (0, 1, 7, 1000):
         x = np.column_stack([rng.normal(5, 150, n), rng.integers(-1, 6, n).astype(float), rng.exponential(1e-3, n),
                              rng.choice([1.0, 2.0, 3.0], n), rng.normal(1e9, 2, n)])

@@ -31,7 +31,7 @@ from raysys.config import DataConfig, ModelConfig
 from raysys.data import DriftSpec, Preprocessor, SyntheticTask
 from raysys.models import build_model, model_spec, predict_logits
 from raysys.monitor.accuracy import OnlineRecalibration
-from raysys.monitor.actor import Monitor
+from raysys.monitor.core import Monitor
 from raysys.monitor.profile import ReferenceProfile
 from raysys.registry import Registry
 

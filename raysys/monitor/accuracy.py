@@ -174,3 +174,46 @@ class AccuracyTracker:
         self.recent.extend((v, bool(c)) for v, c in st.get("recent", []))
         self.labels, self.unmatched = int(st.get("labels", 0)), int(st.get("unmatched", 0))
         self.invalid = int(st.get("invalid", 0))
+
+
+def confidence_estimate(prediction, proba: np.ndarray, recal: OnlineRecalibration, pred_log: PredictionLog,
+                        window_size: int) -> dict[str, Any]:
+    """The confidence-based accuracy estimate of the window's rows (`proba` [rows, K]; a NaN row sent no
+    probabilities) and of the latest `window_size` rows still waiting for labels, through the profile's
+    registration-time confidence map re-fitted online (`recal`). `prediction`: the profile's PredictionRef
+    (None: the profile has no held-out predictions, so there is no estimate)."""
+    rows = len(proba)
+    ok = ~np.isnan(proba[:, 0]) if rows else np.zeros(0, dtype=bool)
+    fit = recal.fit() if prediction is not None else None
+    est = est0 = est_unl = None
+    unlabelled = np.zeros(0)
+    if prediction is not None:
+        if ok.any():
+            q0 = prediction.correct_probability(proba[ok])
+            est0 = float(q0.mean())
+            est = float(fit.apply(q0).mean()) if fit is not None else est0
+        unlabelled = pred_log.recent_q0(window_size)
+        if len(unlabelled):
+            est_unl = float((fit.apply(unlabelled) if fit is not None else unlabelled).mean())
+    return {
+        "estimated": est,  # over the window's rows, labelled or not
+        "estimated_rows": int(ok.sum()),
+        "estimated_unlabelled": est_unl,  # over the latest window_size rows still waiting for labels
+        "unlabelled_rows": int(len(unlabelled)),
+        "estimated_registration_map": est0,  # the same window through the registration-time map alone
+        "recalibration": {"labelled_rows": fit.rows if fit is not None else 0, "prior_rows": recal.prior_rows,
+                          "weight": fit.weight if fit is not None else 0.0,
+                          "bins": int(len(fit.delta)) if fit is not None else 0},
+        "method_estimated": _estimate_method(prediction, fit, recal.prior_rows),
+    }
+
+
+def _estimate_method(prediction, fit: RecalibrationFit | None, prior_rows: float) -> str:
+    if prediction is None:
+        return "n/a (the reference profile has no held-out predictions)"
+    method = (f"CBPE-style mean P(top class right): temperature {prediction.temperature:.3f}"
+              + (", then the held-out isotonic confidence map" if prediction.confidence_map is not None else ""))
+    if fit is None:
+        return method + "; no labels joined yet, so the registration-time map alone"
+    return method + (f"; re-fitted online on {fit.rows} labelled rows ({len(fit.delta)} confidence bins, "
+                     f"weight {fit.weight:.3f} = n / (n + {prior_rows:g}))")

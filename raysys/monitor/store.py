@@ -1,19 +1,26 @@
 """Monitor persistence on `pyarrow.fs` (a local dir or object storage): state snapshots (JSON + npz, never
-pickle, written atomically) and recent traffic as rotated, bounded Parquet files."""
+pickle, written atomically), and recent traffic with its joined labels as rotated, bounded Parquet files
+(what a retrain job trains and judges the candidate on)."""
 
 from __future__ import annotations
 
 import hashlib
 import io
 import json
+import logging
 import time
 import uuid
+from collections.abc import Callable
 from typing import Any
 
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
+
+from raysys.monitor.trigger import labels_uri
+
+log = logging.getLogger("raysys")
 
 
 def _fs(uri: str) -> tuple[pafs.FileSystem, str]:
@@ -143,3 +150,70 @@ class TrafficWriter:
     def stats(self) -> dict[str, Any]:
         return {"uri": self.root, "files_written": self.files_written, "rows_written": self.rows_written,
                 "rows_buffered": self.rows_buffered, "files_kept": len(self.files())}
+
+
+class RecentTraffic:
+    """The monitor's recent traffic under `traffic_uri` and the labels joined to it under
+    `<traffic_uri>/labels` (request_id, row, label), with the same rotation and PII rules. Written every
+    `flush_interval_s` (or at once, `flush(force=True)`); storage trouble is logged, never raised into ingest.
+    """
+
+    def __init__(self, cfg, clock: Callable[[], float]):
+        opts = dict(rows_per_file=cfg.traffic_rows_per_file, max_files=cfg.traffic_max_files,
+                    drop_columns=cfg.traffic_drop_columns, hash_columns=cfg.traffic_hash_columns)
+        self.traffic = TrafficWriter(cfg.traffic_uri, **opts)
+        self.labels = TrafficWriter(labels_uri(self.traffic.root), **opts)
+        self.flush_interval_s = cfg.traffic_flush_interval_s
+        self._clock = clock
+        self._last_flush = clock()
+        self._pending_labels: list[tuple] = []
+
+    def add_rows(self, profile, batch, request_ids: list | None, rows_per_request: list[int] | None) -> None:
+        """A checked `RecordBatch` as columns: time, model version, request id and row (the label join),
+        the raw feature values, the predicted class and its confidence."""
+        n = batch.n
+        cols: dict[str, Any] = {"ts": np.full(n, time.time()), "model_version": [batch.key] * n}
+        if request_ids:
+            cols["request_id"] = [str(r) for r, k in zip(request_ids, rows_per_request) for _ in range(k)]
+            cols["row"] = np.asarray([i for k in rows_per_request for i in range(k)], dtype=np.int64)
+        for j, f in enumerate(profile.numeric):
+            cols[f.name] = batch.x_num[:, j]
+        for j, f in enumerate(profile.categorical):
+            cols[f.name] = np.asarray(f.categories, dtype=object)[batch.x_cat[:, j]].tolist()
+        cls = np.asarray(list(profile.classes) + [None], dtype=object)
+        cols["prediction"] = cls[batch.pred].tolist()
+        if batch.proba is not None:
+            cols["confidence"] = batch.proba.max(1)
+        self.traffic.add(cols)
+
+    def add_labels(self, request_id: str, preds, labels: list[int], version) -> None:
+        now = time.time()
+        self._pending_labels.extend((now, request_id, i, y, p, version) for i, (p, y) in enumerate(zip(preds, labels)))
+
+    def write_labels(self, classes: list[str]) -> None:
+        """Hand the labels joined since the last call to the labels writer (one table per call)."""
+        if not self._pending_labels:
+            return
+        rows, self._pending_labels = self._pending_labels, []
+        cls = np.asarray(classes, dtype=object)
+        ts, rid, row, label, pred, version = zip(*rows)
+        try:  # the writer writes a file when it has rows_per_file rows: storage trouble must not lose the join
+            self.labels.add({
+                "ts": np.asarray(ts), "request_id": list(rid), "row": np.asarray(row, dtype=np.int64),
+                "label": cls[np.asarray(label, dtype=np.int64)].tolist(),
+                "prediction": [cls[p] if 0 <= p < len(cls) else None for p in pred],
+                "model_version": [str(v) for v in version]})
+        except Exception as e:
+            log.warning("raysys monitor: writing joined labels failed: %s", e)
+
+    def flush(self, classes: list[str], force: bool = False) -> None:
+        """Write the buffered traffic and labels when `flush_interval_s` has passed (or now, `force`)."""
+        if not force and self._clock() - self._last_flush < self.flush_interval_s:
+            return
+        self._last_flush = self._clock()
+        try:
+            self.write_labels(classes)
+            self.traffic.flush()
+            self.labels.flush()
+        except Exception as e:
+            log.warning("raysys monitor: writing recent traffic/labels failed: %s", e)
