@@ -1,22 +1,22 @@
-"""Alert -> retrain: submit `jobs/retrain.py` through the Ray Jobs API, one job in flight at a time, with
-a cooldown between submissions. Submission runs on a background thread so that a slow Jobs API never
+"""Alert -> retrain: submit the retrain job (`raysys.jobs.retrain`, shipped with the package) through the
+Ray Jobs API, one job in flight at a time, with a cooldown between submissions. Submission runs on a background thread so that a slow Jobs API never
 blocks the monitor's ingest; the same thread then follows the job until it ends, so the monitor's report
 shows its final status (and, when it failed, Ray's message saying why)."""
 
 from __future__ import annotations
 
+import importlib.util
 import logging
 import os
 import sys
 import threading
 import time
 from collections.abc import Callable
-from pathlib import Path
 from typing import Any
 
 log = logging.getLogger("raysys")
 
-REPO_ROOT = Path(__file__).resolve().parents[2]
+RETRAIN_JOB = "raysys.jobs.retrain"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
 LABELS_DIR = "labels"
 
@@ -112,9 +112,11 @@ class RetrainTrigger:
         self._watcher: threading.Thread | None = None  # following the submitted job
 
     def entrypoint(self, extra: list[str]) -> str:
+        """The job's command line: this interpreter on the installed job module's file. The job gets no
+        working_dir, so it runs the package installed on the cluster, as the monitor does."""
         import shlex
 
-        script = REPO_ROOT / "jobs" / "retrain.py"
+        script = importlib.util.find_spec(RETRAIN_JOB).origin
         return " ".join(shlex.quote(a) for a in [sys.executable, str(script), *self.args, *extra])
 
     def _record_status(self, job_id: str, st: str) -> None:
