@@ -1,68 +1,14 @@
-"""The whole loop as a Ray job.
+"""The whole loop as a Ray job: `ray job submit --working-dir . -- python jobs/pipeline.py --preset demo`.
 
-    ray job submit --working-dir . -- python jobs/pipeline.py --preset demo
-
-Runs data -> teacher (Ray Train) -> distillation (Ray Tune) -> registry -> Ray Serve endpoint -> normal and
-drifted traffic -> monitor report, on the cluster the job was submitted to. The endpoint keeps serving after
-the job ends. `--root` must be storage every node can reach (a shared filesystem on multi-node clusters);
-it defaults to $RAYSYS_ROOT or ~/raysys, outside the job's temporary working directory.
+The job ships with the package as `raysys.jobs.pipeline` (`python -m raysys.jobs.pipeline --help` lists its flags);
+this file keeps the repo's `python jobs/pipeline.py` command line.
 """
 
-from __future__ import annotations
-
-import argparse
-import json
 import sys
-from pathlib import Path
 
-sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+from raysys.jobs.pipeline import main, parse_args
 
-from raysys.pipeline import (  # noqa: E402  # noqa: E402
-    dashboard_url,
-    exercise_endpoint,
-    format_report,
-    init_ray,
-    job_config,
-    job_parser,
-    run_pipeline,
-)
-
-
-def parse_args(argv=None) -> argparse.Namespace:
-    p = job_parser(__doc__)
-    p.add_argument("--port", type=int, default=None, help="Serve HTTP port (default from config: 8000)")
-    p.add_argument("--no-serve", action="store_true", help="stop after registering the student")
-    return p.parse_args(argv)
-
-
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = job_config(args)
-    except ValueError as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    if args.port is not None:
-        cfg.serve.port = args.port
-    ctx = init_ray()
-    print(f"Ray dashboard: {dashboard_url(ctx)}")
-    result = run_pipeline(cfg)
-    print(json.dumps(result.summary(), indent=2))
-    if args.no_serve:
-        return 0
-    from serve.app import deploy
-
-    url = deploy(cfg)
-    print(f"HTTP endpoint: {url}")
-    out = exercise_endpoint(cfg, url)
-    print("monitor after normal traffic:\n" + format_report(out["normal_report"]))
-    print(f"monitor after traffic shifted {out['shift_sigma']} sigma on {out['drift_feature']}:\n"
-          + format_report(out["drift_report"]))
-    print(f"bad request -> HTTP {out['bad_request']['status']}: {json.dumps(out['bad_request']['body'])}")
-    print(json.dumps({"endpoint": url, "dashboard": dashboard_url(ctx), **result.summary(),
-                      "alerts": out["drift_report"].get("alerts")}))
-    return 0
-
+__all__ = ["main", "parse_args"]
 
 if __name__ == "__main__":
     sys.exit(main())

@@ -6,8 +6,9 @@ from __future__ import annotations
 import pytest
 import requests
 
-from raysys.pipeline import absolute, exercise_endpoint, run_pipeline, traffic_rows
 from raysys.registry import Registry
+from raysys.workflow.stages import absolute, run_pipeline
+from raysys.workflow.traffic import exercise_endpoint, traffic_rows
 
 
 @pytest.mark.integration
@@ -33,7 +34,7 @@ def test_whole_loop(ray_cluster, serve_port, tiny_cfg):
     assert loaded.lineage["parent_teacher"].endswith(f":v{result.teacher_version}")
     assert loaded.reference_profile is not None
     # every registered version carries a model card: the teacher's too (its own kind, use and figures)
-    from raysys.pipeline import TEACHER_SUFFIX
+    from raysys.workflow.stages import TEACHER_SUFFIX
 
     _, t_card, t_md = reg.model_card(cfg.model_name + TEACHER_SUFFIX, result.teacher_version)
     assert t_card is not None and t_card["kind"] == "teacher", t_card

@@ -13,7 +13,6 @@ promotes it.
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import threading
 import time
@@ -35,20 +34,13 @@ from test_monitor_e2e import (
 )
 
 from raysys.data import DriftSpec, fingerprint
-from raysys.monitor.actor import Monitor
+from raysys.monitor.core import Monitor
 from raysys.monitor.profile import ReferenceProfile
-from raysys.monitor.retrain import labels_uri
+from raysys.monitor.trigger import labels_uri
+from raysys.workflow import labelled_traffic, promotion
 
-REPO = Path(__file__).resolve().parents[1]
 MONITOR_NAMESPACE = "raysys"
 JOB_TIMEOUT_S = 400
-
-
-def _job_module():
-    spec = importlib.util.spec_from_file_location("retrain_job", REPO / "jobs" / "retrain.py")
-    mod = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(mod)
-    return mod
 
 
 # --------------------------------------------------------------------------------------------------
@@ -64,7 +56,7 @@ def small_world():
 
 def test_the_job_reads_the_labelled_traffic_the_monitor_wrote(small_world, tmp_path):
     task, schema, pre, prof = small_world
-    job = _job_module()
+    job = labelled_traffic
     clock = {"t": 0.0}
     traffic = tmp_path / "traffic"
     mon = Monitor(prof.to_dict(), schema.model_dump(), {"traffic_uri": str(traffic), "traffic_flush_interval_s": 10},
@@ -110,7 +102,7 @@ def test_the_job_reads_the_labelled_traffic_the_monitor_wrote(small_world, tmp_p
 
 def test_the_job_refuses_traffic_it_cannot_train_on(small_world, tmp_path):
     task, schema, pre, prof = small_world
-    job = _job_module()
+    job = labelled_traffic
     traffic = tmp_path / "traffic"
     mon = Monitor(prof.to_dict(), schema.model_dump(), {"traffic_uri": str(traffic), "traffic_drop_columns": ["x2"]},
                   model_version=1)
@@ -125,19 +117,19 @@ def test_the_job_refuses_traffic_it_cannot_train_on(small_world, tmp_path):
     with pytest.raises(job.RetrainError, match="only 0 labelled rows .*send labels to /v1/feedback"):
         job.wait_for_labelled_traffic(str(tmp_path / "empty"), str(tmp_path / "empty" / "labels"), schema, 10, 0.0)
     # the judge: strictly better by more than the margin, and says so
-    assert job.judge(0.80, 0.70, 0.0)[0] and "beats production" in job.judge(0.80, 0.70, 0.0)[1]
-    wins, why = job.judge(0.70, 0.70, 0.0)
+    assert promotion.judge(0.80, 0.70, 0.0)[0] and "beats production" in promotion.judge(0.80, 0.70, 0.0)[1]
+    wins, why = promotion.judge(0.70, 0.70, 0.0)
     assert not wins and "does not beat production" in why and "production keeps serving" in why
-    assert not job.judge(0.74, 0.70, 0.05)[0]
-    assert not job.judge(0.9, None, 0.0)[0]
+    assert not promotion.judge(0.74, 0.70, 0.05)[0]
+    assert not promotion.judge(0.9, None, 0.0)[0]
 
 
 def test_the_canary_promotes_only_a_winner_that_served_without_errors(monkeypatch):
     """canary_then_decide with the rollout calls faked: promote a winner whose canary scored rows without a
     failed request; stop the canary (rollback) for one that failed requests, scored nothing, or crashed."""
-    from raysys import serving
+    from serve import rollout as serving
 
-    job = _job_module()
+    job = promotion
     calls = []
     monkeypatch.setattr(serving, "canary", lambda admin, app, v, pct: calls.append(("canary", v, pct)))
     monkeypatch.setattr(serving, "promote", lambda admin, app: calls.append(("promote",)))
@@ -242,7 +234,8 @@ def test_drift_alert_retrains_registers_canaries_and_promotes_a_candidate(retrai
     from ray.job_submission import JobSubmissionClient
 
     from raysys.config import MonitorConfig, preset
-    from raysys.serving import ServeAdmin, app_config, cluster_dashboard_url, deploy_app
+    from serve.contract import app_config
+    from serve.rollout import ServeAdmin, cluster_dashboard_url, deploy_app
 
     reg, task, schema = retrain_registry
     n = 1000

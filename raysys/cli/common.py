@@ -1,0 +1,87 @@
+"""What every `raysys` command shares: the console, the `--preset/--config/--root/--address` options,
+logging, loading the config, turning a user error into exit status 2, starting Ray, waiting for Ctrl-C."""
+
+from __future__ import annotations
+
+import logging
+import signal
+import time
+from pathlib import Path
+from typing import Annotated
+
+import typer
+from rich.console import Console
+from rich.logging import RichHandler
+
+from raysys.config import PipelineConfig, load_config
+
+console = Console()
+
+Preset = Annotated[str, typer.Option("--preset", help="Preset to start from: tiny, demo or large.")]
+ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file overriding the preset.")]
+Root = Annotated[Path | None, typer.Option("--root", help="Directory for data, runs and registry.")]
+Address = Annotated[str | None, typer.Option("--address", help="Ray cluster address (default: RAY_ADDRESS or local).")]
+
+VERBOSE = {"on": False}  # set by `raysys --verbose`, read when a command sets up logging
+
+
+def setup_logging() -> None:
+    logging.basicConfig(level=logging.DEBUG if VERBOSE["on"] else logging.INFO, format="%(message)s",
+                        handlers=[RichHandler(console=console, show_path=False, markup=False)], force=True)
+
+
+def fail(msg: str, code: int = 2) -> typer.Exit:
+    console.print(f"[bold red]error:[/] {msg}", highlight=False)
+    return typer.Exit(code)
+
+
+def pipeline_config(preset: str, config_file: Path | None, root: Path | None,
+                    overrides: dict | None = None) -> PipelineConfig:
+    """Preset + YAML + overrides, rooted at `root` when given; a wrong setting exits 2 naming the field."""
+    try:
+        cfg = load_config(config_file, preset_name=preset, overrides=overrides)
+    except ValueError as e:
+        raise fail(str(e)) from None
+    if root is not None:
+        cfg = cfg.with_root(root)
+    return cfg
+
+
+def absolute_config(preset: str, config_file: Path | None, root: Path | None,
+                    overrides: dict | None = None) -> PipelineConfig:
+    """`pipeline_config` with absolute storage paths (what Ray Train/Tune and the registry need)."""
+    from raysys.workflow.stages import absolute
+
+    return absolute(pipeline_config(preset, config_file, root, overrides))
+
+
+def guard(fn, *args, **kwargs):
+    """Run a stage; a user error (ValueError) exits 2 with its message instead of a traceback."""
+    try:
+        return fn(*args, **kwargs)
+    except ValueError as e:
+        raise fail(str(e)) from None
+
+
+def start_ray(address: str | None):
+    from raysys.workflow.cluster import dashboard_url, init_ray
+
+    ctx = init_ray(address)
+    url = dashboard_url(ctx)
+    console.print(f"Ray dashboard: [bold]{url or 'not available'}[/]")
+    return ctx
+
+
+def wait_forever() -> None:
+    """Wait until one Ctrl-C or SIGTERM. Ray Train's and Tune's fit() (and other libraries) can leave their
+    own SIGINT handlers installed, so the default one goes back in, before the prompt: a Ctrl-C right
+    after "press Ctrl-C" must not reach a stale handler."""
+    stop = {"flag": False}
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, lambda *_: stop.update(flag=True))
+    try:
+        console.print("endpoint is up; press Ctrl-C to stop")
+        while not stop["flag"]:
+            time.sleep(1)
+    except KeyboardInterrupt:
+        pass

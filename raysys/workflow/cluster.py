@@ -1,0 +1,41 @@
+"""Join a Ray cluster, or start a local one, for the CLI and the jobs."""
+
+from __future__ import annotations
+
+import os
+from typing import Any
+
+
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True):
+    """Connect to `address` (or RAY_ADDRESS) when given ("auto" joins the cluster `ray start` made on this
+    machine); otherwise start an embedded local Ray, even when another cluster runs here.
+
+    The local cluster gets more logical CPUs than cores: Tune's trial drivers and Ray Train's workers
+    reserve CPUs while mostly waiting on each other. Token auth stays on (Ray 2.60's default).
+    """
+    import ray
+
+    if ray.is_initialized():
+        return ray.get_runtime_context()
+    address = address or os.environ.get("RAY_ADDRESS")
+    if address:
+        return ray.init(address=address)
+    cpus = num_cpus or max(4, os.cpu_count() or 1)
+    from serve.ingress import apply_ingress_env
+
+    apply_ingress_env()  # Serve's fast HAProxy ingress: read by the processes the local Ray starts
+    return ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1")
+
+
+def dashboard_url(ctx: Any) -> str | None:
+    """The Ray dashboard's URL from `init_ray`'s context (None when the cluster runs none)."""
+    url = getattr(ctx, "dashboard_url", None)
+    if url:
+        return url if url.startswith("http") else f"http://{url}"
+    try:
+        import ray
+
+        url = ray.worker.get_dashboard_url()  # type: ignore[attr-defined]
+        return f"http://{url}" if url and not url.startswith("http") else url
+    except Exception:
+        return None
