@@ -91,7 +91,7 @@ def test_one_ctrl_c_stops_the_waiting_cli_even_after_ray_left_sigint_handlers():
         [sys.executable, "-c",
          "import signal, raysys.cli as c\n"
          "signal.signal(signal.SIGINT, lambda *a: print('swallowed', flush=True))  # a stale library handler\n"
-         "c._wait_forever()\nprint('stopped', flush=True)\n"],
+         "c.wait_forever()\nprint('stopped', flush=True)\n"],
         stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     try:
         for line in child.stdout:
@@ -118,7 +118,7 @@ def test_a_ctrl_c_right_after_the_prompt_stops_the_wait():
          "    show(*a, **k)\n"
          "    os.kill(os.getpid(), signal.SIGINT)\n"
          "c.console.print = prompt_then_ctrl_c\n"
-         "c._wait_forever()\nprint('stopped', flush=True)\n"],
+         "c.wait_forever()\nprint('stopped', flush=True)\n"],
         capture_output=True, text=True, timeout=60)
     out = child.stdout + child.stderr
     assert child.returncode == 0 and "stopped" in out and "swallowed" not in out, out
@@ -129,7 +129,7 @@ def test_verbose_flag_sets_debug_logs(tmp_path, flag, level):
     # `raysys --verbose <command>`: DEBUG logs (a sweep then also shows Ray Tune's own console tables)
     code = ("import logging, sys, raysys.cli as c\n"
             "c.app(sys.argv[1:], standalone_mode=False)\n"
-            "c._setup_logging()\n"
+            "c.setup_logging()\n"
             "print(logging.getLevelName(logging.getLogger().level))\n")
     proc = subprocess.run([sys.executable, "-c", code, *flag, "registry", "list", "--root", str(tmp_path)],
                           capture_output=True, text=True, timeout=120)

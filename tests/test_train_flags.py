@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from raysys.cli import app, train_overrides
+from raysys.cli import app
 from raysys.config import load_config
+from raysys.workflow.overrides import train_overrides
 
 
 def _job():
@@ -48,12 +49,12 @@ def test_job_takes_the_same_teacher_flags():
 
 
 def test_cli_rejects_unknown_teacher_flags_before_any_work(monkeypatch):
-    import raysys.pipeline
+    import raysys.workflow.stages
 
     def boom(*a, **k):
         raise AssertionError("must not start")
 
-    monkeypatch.setattr(raysys.pipeline, "stage_data", boom)
+    monkeypatch.setattr(raysys.workflow.stages, "stage_data", boom)
     runner = CliRunner()
     for flags in (["--teacher-family", "gbdt"], ["--teacher-size", "huge"]):
         res = runner.invoke(app, ["train", "--preset", "tiny", *flags])
