@@ -49,7 +49,7 @@ def peer_loop(root: str, spec: dict, *, epochs: int = 4, batch_size: int = 256, 
     from raysys.data.schema import DatasetSchema
     from raysys.models import build_model
     from raysys.parallel import apply_ddp
-    from raysys.train.loop import to_tensors, train_step
+    from raysys.train.steps import to_tensors, train_step
 
     torch.set_num_threads(threads)
     rank, world = dist.get_rank(), dist.get_world_size()

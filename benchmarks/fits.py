@@ -131,7 +131,7 @@ def _rank_main(rank: int, world: int, port: int, jobs: list, steps: int, out: st
         unwrap,
     )
     from raysys.parallel.memory import gather_rank_memory, rank_memory
-    from raysys.train.loop import train_step
+    from raysys.train.steps import train_step
 
     torch.set_num_threads(1)
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,

@@ -40,7 +40,7 @@ def _ray_train_fn(config: dict) -> None:
     sys.path.insert(0, config["bench_dir"])  # the worker's own path lacks benchmarks/
     from _torchrun_ddp import peer_loop
 
-    from raysys.train.loop import renice_process
+    from raysys.train.process import renice_process
 
     renice_process(0)  # as raysys's training workers do (a torchrun process runs at 0)
     rec = peer_loop(config["root"], config["spec"], epochs=config["epochs"], step_times=True)

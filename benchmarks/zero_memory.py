@@ -60,7 +60,7 @@ def _rank_main(rank: int, world: int, port: int, spec: dict, out: str) -> None:
     from raysys.models import build_model
     from raysys.parallel import ParallelDims, StrategyConfig, build_optimizer, parallelize
     from raysys.parallel.memory import gather_rank_memory, rank_memory
-    from raysys.train.loop import train_step
+    from raysys.train.steps import train_step
 
     torch.set_num_threads(1)
     if world > 1:

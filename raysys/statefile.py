@@ -19,7 +19,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-# the header key of the JSON tree; named after its first use (optimizer state), kept so older files load
+# the header key of the JSON tree (named after its first use, optimizer state; part of the file format)
 TREE_KEY = "raysys.optimizer_tree"
 
 

@@ -24,8 +24,8 @@ def toy_batches(steps: int, batch: int, seed: int = 7) -> tuple[torch.Tensor, to
 def exit_rank() -> NoReturn:
     """End a spawned rank whose work is done and on disk (call it after `destroy_process_group`), before its
     models are freed: freeing DDP's Reducer at interpreter teardown can deadlock (the main thread joins
-    gloo's worker thread while holding the GIL that thread needs), which a fresh-clone CI run hit once in
-    test_ddp_matches_single_process ("did not finish in 90 s"); benchmarks/_torchrun_ddp.py ends the same way."""
+    gloo's worker thread while holding the GIL that thread needs); benchmarks/_torchrun_ddp.py ends the
+    same way."""
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)

@@ -27,10 +27,16 @@ from safetensors.torch import load_file, save_file
 from raysys.models import build_model
 from raysys.parallel import ParallelDims, StrategyConfig, build_optimizer, parallelize, unwrap
 from raysys.parallel.memory import gather_rank_memory, rank_memory
-from raysys.train.checkpoint import MODEL_FILE, read_meta
-from raysys.train.dcp import checkpoint_layout, consolidate_model_state, restore_checkpoint, save_checkpoint
-from raysys.train.loop import gather_batch, train_step
+from raysys.train.checkpoint import (
+    MODEL_FILE,
+    checkpoint_layout,
+    consolidate_model_state,
+    read_meta,
+    restore_checkpoint,
+    save_checkpoint,
+)
 from raysys.train.schedule import decay_parameters, decoupled_weight_decay
+from raysys.train.steps import gather_batch, train_step
 
 pytestmark = pytest.mark.dist
 

@@ -24,7 +24,7 @@ from raysys.parallel.memory import (
     rank_memory,
     suggest_fit,
 )
-from raysys.train.loop import train_step
+from raysys.train.steps import train_step
 
 SPEC = {"family": "mlp", "num_numeric": 5, "cardinalities": [3, 4], "num_classes": 3, "hidden_dims": [16, 8],
         "embed_dim": 3, "dropout": 0.0}
@@ -158,7 +158,7 @@ def test_cli_and_job_flags_become_config_overrides():
     import importlib.util
     from pathlib import Path
 
-    from raysys.cli import train_overrides
+    from raysys.workflow.overrides import train_overrides
 
     assert train_overrides() is None
     assert train_overrides("zero3", 4) == {"train": {"strategy": "zero3", "num_workers": 4}}
@@ -189,7 +189,7 @@ class _FakeShard:
 
 
 def test_shard_cache_streams_once_then_shuffles_in_memory():
-    from raysys.train.loop import ShardCache
+    from raysys.train.shard import ShardCache
 
     shard = _FakeShard(100)
     cache = ShardCache(shard, max_bytes=1 << 20)

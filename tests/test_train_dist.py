@@ -17,7 +17,7 @@ from safetensors.torch import load_file, save_file
 from raysys.models import build_model
 from raysys.parallel import apply_ddp, unwrap
 from raysys.train.checkpoint import model_state_dict
-from raysys.train.loop import train_step
+from raysys.train.steps import train_step
 
 pytestmark = pytest.mark.dist
 

@@ -21,7 +21,7 @@ def test_renice_process_sets_every_thread():
     code = textwrap.dedent(f"""
         import json, os, sys, threading, time
         sys.path.insert(0, {str(ROOT)!r})
-        from raysys.train.loop import renice_process
+        from raysys.train.process import renice_process
         stop = threading.Event()
         t = threading.Thread(target=stop.wait, daemon=True); t.start()
         changed, refused = renice_process(9)

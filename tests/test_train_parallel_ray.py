@@ -15,9 +15,8 @@ import pytest
 
 from raysys.data import Preprocessor, ensure_dataset, read_split
 from raysys.train import train_teacher
-from raysys.train.checkpoint import MODEL_FILE, read_meta
-from raysys.train.dcp import checkpoint_layout
-from raysys.train.trainer import STEP_DELAY_ENV, TEST_DIR_ENV
+from raysys.train.checkpoint import MODEL_FILE, checkpoint_layout, read_meta
+from raysys.train.testing import WorkerEvents
 
 pytestmark = pytest.mark.integration
 
@@ -55,21 +54,20 @@ def _accuracy_band(cfg, pre) -> float:
 
 
 @pytest.mark.timeout(420)
-def test_sigkill_of_a_worker_resumes_from_last_checkpoint(ray_cluster, tiny_cfg, tmp_path, monkeypatch):
+def test_sigkill_of_a_worker_resumes_from_last_checkpoint(ray_cluster, tiny_cfg, tmp_path):
     cfg = tiny_cfg
     cfg.train.strategy = "zero3"
     cfg.train.num_epochs = 3
     cfg.train.max_failures = 1
     schema, pre = _data(cfg)
     test_dir = tmp_path / "hooks"
-    monkeypatch.setenv(TEST_DIR_ENV, str(test_dir))
-    monkeypatch.setenv(STEP_DELAY_ENV, "0.05")  # ~1 s per epoch, so the kill lands mid-epoch
+    hooks = WorkerEvents(test_dir, step_delay_s=0.05)  # ~1 s per epoch, so the kill lands mid-epoch
 
     box: dict = {}
 
     def run():
         try:
-            box["result"] = train_teacher(cfg, schema, pre, run_name="teacher-sigkill")
+            box["result"] = train_teacher(cfg, schema, pre, run_name="teacher-sigkill", hooks=hooks)
         except BaseException as e:  # surfaced by the assertions below
             box["error"] = e
 

@@ -11,7 +11,7 @@ from raysys.data import Preprocessor, ensure_dataset, read_split
 from raysys.models import predict_logits
 from raysys.train import TeacherResult, train_teacher
 from raysys.train.checkpoint import META_FILE, MODEL_FILE, read_meta
-from raysys.train.trainer import FAIL_AT_EPOCH_ENV, FAIL_MARKER_ENV
+from raysys.train.testing import FailAtEpoch
 
 pytestmark = pytest.mark.integration
 
@@ -62,16 +62,14 @@ def test_train_teacher_tiny(ray_cluster, tiny_cfg):
 
 
 @pytest.mark.timeout(300)
-def test_worker_failure_resumes_from_checkpoint(ray_cluster, tiny_cfg, tmp_path, monkeypatch):
+def test_worker_failure_resumes_from_checkpoint(ray_cluster, tiny_cfg, tmp_path):
     cfg = tiny_cfg
     cfg.train.num_epochs = 4
     cfg.train.max_failures = 1
     schema, pre = _data(cfg)
     marker = tmp_path / "failed-once"
     # the last rank raises at the start of epoch 2 on the first attempt only (the marker records it)
-    monkeypatch.setenv(FAIL_AT_EPOCH_ENV, "2")
-    monkeypatch.setenv(FAIL_MARKER_ENV, str(marker))
-    res = train_teacher(cfg, schema, pre, run_name="teacher-resume")
+    res = train_teacher(cfg, schema, pre, run_name="teacher-resume", hooks=FailAtEpoch(2, marker))
 
     assert marker.exists()
     assert [m["epoch"] for m in res.metrics] == [0, 1, 2, 3]
@@ -82,7 +80,6 @@ def test_worker_failure_resumes_from_checkpoint(ray_cluster, tiny_cfg, tmp_path,
     assert read_meta(res.checkpoint_dir)["global_step"] > 0
 
     # resume=True on a finished run trains nothing and returns the stored result
-    monkeypatch.delenv(FAIL_AT_EPOCH_ENV)
     again = train_teacher(cfg, schema, pre, run_name=res.run_name, resume=True)
     assert again.run_name == res.run_name
     assert again.metrics == res.metrics

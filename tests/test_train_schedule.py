@@ -88,12 +88,13 @@ def test_loop_config_carries_the_schedule(tmp_path):
 
     from raysys.config import preset
     from raysys.data.schema import DatasetSchema
-    from raysys.train.trainer import loop_config
+    from raysys.train.worker_config import worker_config
 
     cfg = preset("tiny").with_root(tmp_path)  # no data written: the synthetic row count sizes the schedule
     schema = DatasetSchema.model_validate({"features": [{"name": "a", "kind": "numeric"}], "label": "y",
                                            "classes": ["p", "q"]})
-    conf = loop_config(cfg, schema, SimpleNamespace(to_dict=dict), "teacher")
+    wc = worker_config(cfg, schema, SimpleNamespace(to_dict=dict), "teacher")
+    conf = {**wc.train.model_dump(), "total_steps": wc.total_steps}
     assert conf["lr_schedule"] == "cosine" and conf["warmup_fraction"] == 0.05
     assert conf["total_steps"] == math.ceil(cfg.data.num_train_rows / cfg.train.batch_size) * cfg.train.num_epochs
 

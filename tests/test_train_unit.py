@@ -25,7 +25,7 @@ from raysys.train.checkpoint import (
     read_meta,
     save_training_state,
 )
-from raysys.train.loop import epoch_seed, evaluate_sums, per_worker_batch_size, train_step
+from raysys.train.steps import epoch_seed, evaluate_sums, per_worker_batch_size, train_step
 from raysys.train.trainer import choose_run_name, storage_path
 
 SPEC = {"family": "mlp", "num_numeric": 5, "cardinalities": [3, 4], "num_classes": 3, "hidden_dims": [16, 8],
@@ -215,14 +215,15 @@ def test_teacher_family_comes_from_the_config(strategy, workers):
 
     from raysys.config import ModelConfig, preset
     from raysys.models.ft_transformer import FTTransformer
-    from raysys.train.trainer import check_train_config, loop_config
+    from raysys.train.trainer import check_train_config
+    from raysys.train.worker_config import worker_config
 
     cfg = preset("tiny")
     cfg.teacher = ModelConfig(family="ft_transformer", size="tiny", num_blocks=2)
     cfg.train = cfg.train.model_copy(update={"strategy": strategy, "num_workers": workers})
     schema = _ft_schema()
     est = check_train_config(cfg, schema)
-    conf = loop_config(cfg, schema, SimpleNamespace(to_dict=dict), "teacher")
+    conf = worker_config(cfg, schema, SimpleNamespace(to_dict=dict), "teacher").model_dump(mode="json")
     spec = conf["model_spec"]
     assert spec["family"] == "ft_transformer" and spec["num_blocks"] == 2 and spec["d_model"] == 32
     assert json.loads(json.dumps(conf["model_spec"])) == spec
@@ -231,7 +232,7 @@ def test_teacher_family_comes_from_the_config(strategy, workers):
     assert est.total_bytes > 0
     # the default teacher is still the MLP, with the spec it always had apart from the activation key
     cfg.teacher = ModelConfig(hidden_dims=[16, 8], embed_dim=3, activation="gelu")
-    mlp = loop_config(cfg, schema, SimpleNamespace(to_dict=dict), "teacher")["model_spec"]
+    mlp = worker_config(cfg, schema, SimpleNamespace(to_dict=dict), "teacher").model_spec
     assert mlp == {**SPEC, "cardinalities": [3, 4]}
 
 
@@ -242,11 +243,11 @@ def test_padding_batches_have_the_model_input_shapes(monkeypatch, spec):
     """A rank with no validation batch of its own pads with empty ones shaped for the model (either family)."""
     import torch.distributed as dist
 
-    from raysys.train.loop import _pad_to_common_count
+    from raysys.train.steps import pad_to_common_count
 
     monkeypatch.setattr(dist, "all_reduce", lambda t, op=None: t.fill_(2))  # the busiest rank has 2 batches
     model = build_model(spec).eval()
-    padded = _pad_to_common_count([], model)
+    padded = pad_to_common_count([], model)
     assert len(padded) == 2
     x_num, x_cat, y = padded[0]
     assert x_num.shape == (0, 5) and x_cat.shape == (0, 2) and x_cat.dtype == torch.int64 and y.shape == (0,)
@@ -254,8 +255,7 @@ def test_padding_batches_have_the_model_input_shapes(monkeypatch, spec):
 
 
 def test_report_poll_interval_sets_and_restores_the_controller_variable(monkeypatch):
-    from raysys.train.loop import REPORT_POLL_ENV
-    from raysys.train.trainer import report_poll_interval
+    from raysys.train.process import REPORT_POLL_ENV, report_poll_interval
 
     monkeypatch.delenv(REPORT_POLL_ENV, raising=False)
     with report_poll_interval(0.25) as got:

@@ -9,8 +9,8 @@
 Each strategy is one `apply_<strategy>(model, mesh, cfg)` function that logs one line on rank 0 when it
 changes the model: `apply_ddp` (ddp.py), `apply_zero1` (zero.py), `apply_zero2` / `apply_zero3`
 (fsdp.py); tensor and pipeline parallelism come from tensor.py / pipeline.py (a pipeline returns its
-`PipelineRunner`). On one rank (or without a
-process group) every strategy is a no-op, so the same loop runs single-process.
+`PipelineRunner`). On one rank (or without a process group) every strategy is a no-op, so the same loop
+runs single-process.
 """
 
 from __future__ import annotations
@@ -35,42 +35,22 @@ def _submesh(mesh, name: str):
     return mesh[name] if mesh is not None and name in (mesh.mesh_dim_names or ()) else None
 
 
-# the training loop drives pipeline schedules (raysys.train.loop: `PipelineRunner.train_step`)
-PIPELINE_IN_LOOP = True
-
-
-def _tensor_parallel_fn():
-    try:
-        from raysys.parallel.tensor import apply_tensor_parallel
-    except ImportError:
-        return None
-    return apply_tensor_parallel
-
-
 def check_available(dims: ParallelDims, cfg: StrategyConfig | None = None) -> None:
-    """ValueError when the degrees ask for model parallelism this build cannot train (yet), or for a
-    composition that does not work."""
+    """ValueError when the degrees ask for a composition that does not work (before any worker starts)."""
     if dims.tp_enabled and dims.dp_enabled and cfg is not None and cfg.data_parallel in ("ddp", "zero1"):
         raise ValueError(f"train.strategy: {cfg.strategy!r} cannot replicate tensor-parallel shards "
                          f"(train.parallel.tp={dims.tp}, dp={dims.dp}); use strategy zero2 or zero3 (FSDP2 over "
                          f"the dp dimension), or 'tensor' (which uses zero3 there)")
-    if dims.tp_enabled and _tensor_parallel_fn() is None:
-        raise ValueError("train.strategy: tensor parallelism (train.parallel.tp > 1) is not available in this "
-                         "build yet; use ddp, zero1, zero2 or zero3")
     if dims.pp_enabled and dims.dp_enabled and cfg is not None and cfg.data_parallel != "ddp":
         raise ValueError(f"train.strategy: pipeline stages replicate over dp with DDP only (train.parallel.pp="
                          f"{dims.pp}, dp={dims.dp}); use strategy 'pipeline' or 'ddp' with train.parallel.pp > 1")
-    if dims.pp_enabled and not PIPELINE_IN_LOOP:
-        raise ValueError("train.strategy: pipeline parallelism (train.parallel.pp > 1) is not available in the "
-                         "training loop yet; use ddp, zero1, zero2 or zero3")
 
 
 def apply_tensor(model: nn.Module, mesh, cfg: StrategyConfig) -> nn.Module:
-    """Hook for tensor parallelism: raysys/parallel/tensor.py's `apply_tensor_parallel(model, tp_mesh)`."""
-    fn = _tensor_parallel_fn()
-    if fn is None:
-        check_available(ParallelDims(dp=1, tp=2, pp=1, world_size=2))
-    return fn(model, _submesh(mesh, "tp"))
+    """Tensor parallelism over mesh["tp"] (raysys/parallel/tensor.py)."""
+    from raysys.parallel.tensor import apply_tensor_parallel
+
+    return apply_tensor_parallel(model, _submesh(mesh, "tp"))
 
 
 def apply_pipeline(model: nn.Module, mesh, cfg: StrategyConfig, *, dp: bool = False):
@@ -85,6 +65,13 @@ def apply_pipeline(model: nn.Module, mesh, cfg: StrategyConfig, *, dp: bool = Fa
 def pipeline_runner(model):
     """The `PipelineRunner` when `parallelize` split the model into pipeline stages, else None."""
     return model if getattr(model, "stage_module", None) is not None and hasattr(model, "train_step") else None
+
+
+def is_pipeline_stage(model: nn.Module) -> bool:
+    """True when `model` (or the module DDP wraps) is one pipeline stage: it holds a subset of the model's keys."""
+    from raysys.parallel.pipeline import PipelineStageModule
+
+    return isinstance(unwrap(model), PipelineStageModule)
 
 
 @torch.no_grad()
@@ -155,5 +142,5 @@ def build_optimizer(model: nn.Module, cfg: StrategyConfig, *, mesh=None) -> torc
 
 __all__ = ["DATA_PARALLEL", "MODEL_PARALLEL", "STRATEGIES", "ParallelDims", "StrategyConfig", "apply_ddp",
            "apply_pipeline", "apply_tensor", "apply_zero1", "apply_zero2", "apply_zero3", "build_optimizer",
-           "check_available", "fsdp_units", "has_dtensor_params", "pipeline_runner", "full_optimizer_state", "is_fsdp", "is_zero1", "parallelize", "rank", "unwrap",
-           "world_size"]
+           "check_available", "fsdp_units", "full_optimizer_state", "has_dtensor_params", "is_fsdp",
+           "is_pipeline_stage", "is_zero1", "parallelize", "pipeline_runner", "rank", "unwrap", "world_size"]

@@ -1,4 +1,5 @@
-"""Teacher training with Ray Train: the per-worker loop, TorchTrainer wiring, safetensors checkpoints."""
+"""Teacher training with Ray Train: the driver (`trainer`), the per-worker loop (`loop`) and its Ray-free
+steps, the typed worker config, checkpoints of every strategy (`checkpoint`). Tests' loop hooks: `testing`."""
 
 from raysys.train.trainer import TeacherResult, train_teacher
 

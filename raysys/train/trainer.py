@@ -27,13 +27,12 @@ latest checkpoint (same mechanism).
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
 import tempfile
 import time
-from collections.abc import Iterator
-from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -46,24 +45,16 @@ from raysys.config import PipelineConfig
 from raysys.data.dataset import Preprocessor, split_files
 from raysys.data.schema import DatasetSchema
 from raysys.models import build_model, model_spec
-from raysys.parallel import STRATEGIES, ParallelDims, StrategyConfig, check_available, fsdp_units
+from raysys.parallel import StrategyConfig, check_available, fsdp_units
 from raysys.parallel.memory import MemoryEstimate, check_memory_budget
 from raysys.sigint import keep_sigint_handler
 from raysys.train.checkpoint import META_FILE, is_checkpoint_dir, load_model_state, read_meta
-from raysys.train.loop import REPORT_POLL_ENV
-from raysys.train.schedule import total_steps
+from raysys.train.loop import LoopHooks, train_loop_per_worker
+from raysys.train.process import report_poll_interval
+from raysys.train.worker_config import WorkerConfig, parallel_dims, worker_config
 
 logger = logging.getLogger(__name__)
 
-# test-only fault injection, read on the driver and passed to the workers in the loop config:
-# the last rank raises at the start of this epoch; with a marker path it fails only while the marker
-# file does not exist (it creates it), so a retry gets through
-FAIL_AT_EPOCH_ENV = "RAYSYS_TRAIN_FAIL_AT_EPOCH"
-FAIL_MARKER_ENV = "RAYSYS_TRAIN_FAIL_MARKER"
-# test-only observation (raysys.train.loop.TestHooks): workers write their PIDs and per-step events under
-# this directory (so a test can SIGKILL one mid-epoch), sleeping STEP_DELAY seconds per step
-TEST_DIR_ENV = "RAYSYS_TRAIN_TEST_DIR"
-STEP_DELAY_ENV = "RAYSYS_TRAIN_STEP_DELAY_S"
 # a split is materialized when PARQUET_EXPANSION x its Parquet bytes fit in this fraction of the free
 # object store memory (both splits together then take at most 2 x this fraction)
 MATERIALIZE_FRACTION = 0.2
@@ -99,7 +90,7 @@ class TeacherResult:
         """Rebuild a result from a checkpoint directory (e.g. one from an earlier run)."""
         meta = read_meta(path)
         return cls(checkpoint_dir=str(path), model_spec=meta["model_spec"], metrics=meta["metrics"],
-                   run_name=meta.get("extra", {}).get("run_name") or "")
+                   run_name=meta["extra"].get("run_name") or "")
 
 
 def storage_path(run_dir: str) -> str:
@@ -150,12 +141,6 @@ def _check_resumable(storage: str, name: str, spec: dict[str, Any]) -> None:
                          f"config gives {spec} (teacher.*); use resume=False or another run_name")
 
 
-def parallel_dims(cfg: PipelineConfig) -> ParallelDims:
-    p = cfg.train.parallel
-    return ParallelDims.for_strategy(cfg.train.strategy, cfg.train.num_workers, dp=p and p.dp, tp=p and p.tp,
-                                     pp=p and p.pp)
-
-
 def teacher_size(spec: dict[str, Any], pp: int = 1) -> tuple[int, int, int]:
     """(parameters, parameters of the largest FSDP unit, parameters of the heaviest of `pp` pipeline stages
     (0 when pp == 1)) of a teacher, counted on the meta device (no memory)."""
@@ -174,10 +159,8 @@ def teacher_size(spec: dict[str, Any], pp: int = 1) -> tuple[int, int, int]:
 def check_train_config(cfg: PipelineConfig, schema: DatasetSchema) -> MemoryEstimate:
     """Driver-side checks before any worker starts: strategy and degrees, and the per-worker memory budget
     (`train.max_worker_memory_gb`). Raises ValueError naming the field and a fix."""
-    if cfg.train.strategy not in STRATEGIES:
-        raise ValueError(f"train.strategy: unknown strategy {cfg.train.strategy!r}; choose one of {list(STRATEGIES)}")
-    dims = parallel_dims(cfg)
-    # tensor/pipeline parallelism not available yet: fail here, not in every worker max_failures times
+    dims = parallel_dims(cfg.train, cfg.train.num_workers)
+    # a composition that cannot work fails here, not in every worker max_failures times
     check_available(dims, StrategyConfig(cfg.train.strategy))
     n, largest, stage = teacher_size(model_spec(schema, cfg.teacher), dims.pp)
     est = check_memory_budget(n, cfg.train.strategy, dims, cfg.train.max_worker_memory_gb,
@@ -186,60 +169,6 @@ def check_train_config(cfg: PipelineConfig, schema: DatasetSchema) -> MemoryEsti
                 "AdamW state per worker (estimate)", f"{n:,}", cfg.train.strategy, dims.world_size, dims.dp,
                 dims.tp, dims.pp, est.total_bytes / 2**20)
     return est
-
-
-def loop_config(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preprocessor, run_name: str
-                ) -> dict[str, Any]:
-    """The JSON-only config `train_loop_per_worker` receives."""
-    conf: dict[str, Any] = {
-        "run_name": run_name,
-        "model_spec": model_spec(schema, cfg.teacher),
-        "schema": schema.model_dump(mode="json"),
-        "preprocessor": preprocessor.to_dict(),
-        "strategy": cfg.train.strategy,
-        "zero1_partition": cfg.train.zero1_partition,
-        "cache_shard_mb": cfg.train.cache_shard_mb,
-        "num_microbatches": cfg.train.num_microbatches,
-        "pipeline_schedule": cfg.train.pipeline_schedule,
-        "num_epochs": cfg.train.num_epochs,
-        "batch_size": cfg.train.batch_size,
-        "lr": cfg.train.lr,
-        "lr_schedule": cfg.train.lr_schedule,
-        "warmup_fraction": cfg.train.warmup_fraction,
-        "total_steps": total_steps(_schedule_rows(cfg), cfg.train.batch_size, cfg.train.num_epochs),
-        "weight_decay": cfg.train.weight_decay,
-        "seed": cfg.train.seed,
-        "threads_per_worker": cfg.train.threads_per_worker,
-        "worker_niceness": cfg.train.worker_niceness,
-    }
-    p = cfg.train.parallel
-    conf["parallel"] = {"dp": p.dp, "tp": p.tp, "pp": p.pp} if p is not None else None
-    test_dir = os.environ.get(TEST_DIR_ENV)
-    if test_dir:
-        conf["test_dir"] = os.path.abspath(test_dir)
-        conf["step_delay_s"] = float(os.environ.get(STEP_DELAY_ENV) or 0.0)
-        logger.warning("teacher: test hooks on: workers write PIDs and events under %s (%s)", test_dir, TEST_DIR_ENV)
-    fail_at = os.environ.get(FAIL_AT_EPOCH_ENV)
-    if fail_at:
-        conf["fail_at_epoch"] = int(fail_at)
-        marker = os.environ.get(FAIL_MARKER_ENV)
-        conf["fail_marker"] = os.path.abspath(marker) if marker else None
-        logger.warning("teacher: fault injection on: the last worker fails at epoch %s (%s)", fail_at, FAIL_AT_EPOCH_ENV)
-    return conf
-
-
-def train_rows(root: str) -> int:
-    """Rows of the training split, from the Parquet footers (no data read)."""
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in split_files(root, "train"))
-
-
-def _schedule_rows(cfg: PipelineConfig) -> int:
-    try:
-        return train_rows(cfg.data.root)
-    except (ValueError, OSError):  # no data written yet (a dry config): the synthetic size
-        return cfg.data.num_train_rows
 
 
 def _local_paths(files: list[str]) -> list[str]:
@@ -251,8 +180,7 @@ def _read_split(root: str, split: str):
     """A Ray Dataset over one split, materialized in the object store when it fits comfortably.
 
     Streaming Parquet reads start new read tasks every epoch; on small data that overhead is most of
-    the epoch (measured on the tiny preset, 2 workers on 2 cores: ~1.5k samples/s streaming vs ~19k
-    materialized). Larger splits keep streaming so memory stays bounded.
+    the epoch. Larger splits keep streaming so memory stays bounded.
     """
     import ray
     import ray.data
@@ -271,74 +199,65 @@ def _read_split(root: str, split: str):
     return ds
 
 
-@contextmanager
-def report_poll_interval(seconds: float) -> Iterator[float]:
-    """Sets `REPORT_POLL_ENV` to `seconds` for the duration (for `TrainController`s created inside it),
-    unless the environment already sets it; yields the interval in force.
-
-    With Ray's 2 s default and the demo's ~0.4 s epochs every epoch's report waited ~2 s for the
-    controller (py-spy: 80% of a worker's wall time in `Queue.put` under `ray.train.report`); polling
-    every 0.2 s took an 8-epoch demo teacher from 36 s to 22 s.
-    """
-    if os.environ.get(REPORT_POLL_ENV):
-        yield float(os.environ[REPORT_POLL_ENV])
-        return
-    os.environ[REPORT_POLL_ENV] = repr(float(seconds))
-    try:
-        yield float(seconds)
-    finally:
-        os.environ.pop(REPORT_POLL_ENV, None)
-
-
 def train_teacher(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preprocessor, *,
-                  run_name: str = "teacher", resume: bool = False) -> TeacherResult:
-    """Train the teacher on `cfg.data.root` with Ray Train: `cfg.train.strategy` (ddp, zero1, zero2, zero3,
-    tensor) over `cfg.train.num_workers` CPU workers, after `check_train_config` (degrees, availability,
-    the `train.max_worker_memory_gb` budget) has passed on the driver.
+                  run_name: str = "teacher", resume: bool = False, hooks: LoopHooks | None = None) -> TeacherResult:
+    """Train the teacher on `cfg.data.root` with Ray Train: `cfg.train.strategy` over `cfg.train.num_workers`
+    CPU workers, after `check_train_config` (degrees, compositions, the `train.max_worker_memory_gb` budget)
+    has passed on the driver.
 
     Starts a local Ray if none is running (or joins `RAY_ADDRESS`). Results and checkpoints go under
-    `cfg.run_dir/<run name>`; `resume` is explained in the module docstring. Raises
-    `ray.train.TrainingFailedError` when workers fail more than `train.max_failures` times.
+    `cfg.run_dir/<run name>`; `resume` is explained in the module docstring. `hooks` (tests:
+    raysys.train.testing) travel to every worker. Raises `ray.train.TrainingFailedError` when workers fail
+    more than `train.max_failures` times.
     """
     import ray
-    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
-    from ray.train.torch import TorchConfig, TorchTrainer
-
-    from raysys.train.loop import train_loop_per_worker
 
     check_train_config(cfg, schema)
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS when set, else a local Ray
     storage = storage_path(cfg.run_dir)
     name = choose_run_name(storage, run_name, resume=resume)
-    conf = loop_config(cfg, schema, preprocessor, name)
+    wc = worker_config(cfg, schema, preprocessor, name)
     if resume:
-        _check_resumable(storage, name, conf["model_spec"])
+        _check_resumable(storage, name, wc.model_spec)
+    trainer = _torch_trainer(cfg, wc, storage, hooks)
+    logger.info("teacher: training %s on %d workers x %g CPUs, %d epochs, run %s/%s", wc.model_spec["family"],
+                cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.num_epochs, storage, name)
+    with report_poll_interval(cfg.train.report_poll_interval_s), keep_sigint_handler():
+        result = trainer.fit()
+    return _teacher_result(result, name)
 
-    datasets = {split: _read_split(cfg.data.root, split) for split in ("train", "validation")}
-    trainer = TorchTrainer(
-        train_loop_per_worker,
-        train_loop_config=conf,
+
+def _torch_trainer(cfg: PipelineConfig, wc: WorkerConfig, storage: str, hooks: LoopHooks | None):
+    from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
+    from ray.train.torch import TorchConfig, TorchTrainer
+
+    loop = train_loop_per_worker
+    if hooks is not None:
+        logger.warning("teacher: the workers run with loop hooks %r", hooks)
+        loop = functools.partial(train_loop_per_worker, hooks=hooks)
+    return TorchTrainer(
+        loop,
+        train_loop_config=wc.model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=False,
                                      resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
         torch_config=TorchConfig(timeout_s=cfg.train.timeout_s),
         run_config=RunConfig(
-            name=name,
+            name=wc.run_name,
             storage_path=storage,
             failure_config=FailureConfig(max_failures=cfg.train.max_failures),
             checkpoint_config=CheckpointConfig(num_to_keep=2),
             # Ray Train logs every rank's report at INFO; rank 0 logs one line per epoch itself
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        datasets=datasets,
+        datasets={split: _read_split(cfg.data.root, split) for split in ("train", "validation")},
     )
-    logger.info("teacher: training %s on %d workers x %g CPUs, %d epochs, run %s/%s", conf["model_spec"]["family"],
-                cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.num_epochs, storage, name)
-    with report_poll_interval(cfg.train.report_poll_interval_s), keep_sigint_handler():
-        result = trainer.fit()
+
+
+def _teacher_result(result, name: str) -> TeacherResult:
+    """The fit's last reported checkpoint as a `TeacherResult` (downloaded when the storage is remote)."""
     if result.checkpoint is None:
         raise RuntimeError(f"teacher: run {name!r} finished without reporting a checkpoint; see {result.path}")
-
     ckpt = result.checkpoint
     if isinstance(ckpt.filesystem, pyarrow.fs.LocalFileSystem):
         ckpt_dir = ckpt.path

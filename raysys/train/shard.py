@@ -1,0 +1,51 @@
+"""`ShardCache`: a worker's shard of a split, streamed from Ray Data once and kept in memory when it fits."""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+class ShardCache:
+    """This worker's shard of a split, streamed from Ray Data on the first pass and kept in memory after it
+    when it fits in `max_bytes`: later epochs shuffle it in memory (a full permutation per epoch, seeded)
+    instead of re-reading it through Ray Data. On small and medium data the per-epoch Ray Data iteration
+    (split coordination, the local shuffle buffer) costs as much as the training steps; cached, the loop
+    does what a plain torchrun loop does. Larger shards keep streaming (memory stays bounded).
+    """
+
+    def __init__(self, shard, max_bytes: float):
+        self.shard = shard
+        self.max_bytes = max_bytes
+        self.cols: dict[str, np.ndarray] | None = None
+
+    @property
+    def cached(self) -> bool:
+        return self.cols is not None
+
+    @staticmethod
+    def _nbytes(batch: dict[str, np.ndarray]) -> int:
+        # object arrays (string categories) hold pointers: count ~64 B per Python string
+        return sum(v.nbytes if v.dtype != object else 64 * v.size for v in batch.values())
+
+    def batches(self, batch_size: int, *, shuffle_seed: int | None = None):
+        if self.cols is not None:
+            yield from self._cached_batches(batch_size, shuffle_seed)
+            return
+        kwargs = ({} if shuffle_seed is None else
+                  dict(local_shuffle_buffer_size=4 * batch_size, local_shuffle_seed=shuffle_seed))
+        parts: list[dict[str, np.ndarray]] | None = [] if self.max_bytes > 0 else None
+        size = 0
+        for batch in self.shard.iter_batches(batch_size=batch_size, batch_format="numpy", **kwargs):
+            if parts is not None:
+                size += self._nbytes(batch)
+                parts = parts + [batch] if size <= self.max_bytes else None
+            yield batch
+        if parts:
+            self.cols = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
+
+    def _cached_batches(self, batch_size: int, shuffle_seed: int | None):
+        n = len(next(iter(self.cols.values())))
+        order = np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None else None
+        for i in range(0, n, batch_size):
+            idx = order[i:i + batch_size] if order is not None else slice(i, i + batch_size)
+            yield {c: v[idx] for c, v in self.cols.items()}
