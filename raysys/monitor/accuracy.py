@@ -68,8 +68,7 @@ class PredictionLog:
 
     def load_state(self, items: list) -> None:
         for item in items[-self.capacity:]:
-            k, ver, preds = item[:3]
-            q0 = item[3] if len(item) > 3 else None  # snapshots written before q0 was logged
+            k, ver, preds, q0 = item
             self._log[k] = (ver, tuple(preds), None if q0 is None else tuple(q0))
 
 

@@ -366,11 +366,6 @@ class ReferenceProfile:
     def feature_names(self) -> list[str]:
         return [f.name for f in self.numeric] + [f.name for f in self.categorical]
 
-    @property
-    def bin_counts(self) -> list[int]:
-        """Bins per feature, numeric first then categorical (the window's column layout)."""
-        return [f.num_bins for f in self.numeric] + [f.num_bins for f in self.categorical]
-
     def numeric_scores(self, x_num: np.ndarray) -> np.ndarray:
         """Raw numeric [n, n_num] -> normal scores [n, n_num] (N(0, 1) per column under the reference)."""
         xt = np.ascontiguousarray(np.asarray(x_num, dtype=np.float64).T)  # contiguous columns: faster interp
@@ -378,20 +373,6 @@ class ReferenceProfile:
         for j, ref in enumerate(self.numeric):
             out[j] = ref.normal_scores(xt[j])
         return out.T
-
-    def category_scores(self, x_cat: np.ndarray) -> np.ndarray:
-        """Category indices [n, n_cat] -> standardised one-hots [n, sum K]: (1{c} - p_c) / sqrt(p_c), whose
-        squares summed over a feature's columns form Pearson's chi-squared."""
-        x = np.asarray(x_cat, dtype=np.int64)
-        n = len(x)
-        blocks = []
-        for j, ref in enumerate(self.categorical):
-            p = np.maximum(ref.ref_props, CAT_PROP_FLOOR)
-            p = p / p.sum()
-            block = np.broadcast_to(-np.sqrt(p), (n, len(p))).copy()
-            block[np.arange(n), x[:, j]] += 1.0 / np.sqrt(p[x[:, j]])
-            blocks.append(block)
-        return np.concatenate(blocks, 1) if blocks else np.zeros((n, 0))
 
     def prediction_scores(self, proba: np.ndarray) -> np.ndarray:
         """Predicted probabilities [n, K] -> whitened deviations [n, r] from the held-out mean."""

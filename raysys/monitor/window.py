@@ -79,9 +79,6 @@ class SlidingWindow:
         col = self.ring.buf[:self.ring.size, j]  # row order does not matter for counts
         return np.bincount(col, minlength=k + 1)[:k]
 
-    def all_counts(self) -> list[np.ndarray]:
-        return [self.counts(j) for j in range(len(self.bins_per_column))]
-
     def clear(self) -> None:
         self.ring.clear()
 
