@@ -117,11 +117,6 @@ def agreement(pred_a, pred_b) -> float:
     return float((a == b).mean())
 
 
-def predict_classes(model: nn.Module, x_num, x_cat, *, batch_size: int = 8192) -> np.ndarray:
-    """Predicted class indices (int64), in eval mode, batched."""
-    return predict_logits(model, x_num, x_cat, batch_size=batch_size).argmax(1).numpy().astype(np.int64)
-
-
 def evaluate_model(model: nn.Module, x_num, x_cat, y, num_classes: int, *, class_names: list[str] | None = None,
                    batch_size: int = 8192) -> dict[str, Any]:
     """`classification_metrics` of a model's predictions plus `log_loss` (mean cross-entropy, nats).

@@ -131,7 +131,7 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tiny_cfg, ca
     import threading
     import time
 
-    from raysys.distill.sweep import _storage_path
+    from raysys.distill.sweep.tuner import storage_path as _storage_path
 
     epochs = 150  # ~0.03 s each on the tiny data: seconds of run in which to kill it
     cfg = tiny_cfg
@@ -220,7 +220,7 @@ def test_an_interrupted_sweep_goes_on_where_it_stopped(ray_cluster, tiny_cfg, tm
 
     from safetensors.torch import save_file
 
-    from raysys.distill.sweep import _storage_path
+    from raysys.distill.sweep.tuner import storage_path as _storage_path
 
     epochs = 100  # ~3 s a trial
     cfg = tiny_cfg
@@ -301,7 +301,7 @@ def test_default_concurrency_on_the_local_cluster_is_one_trial_per_core(ray_clus
 
     import ray
 
-    from raysys.distill.sweep import _max_concurrent
+    from raysys.distill.sweep.tuner import max_concurrent as _max_concurrent
 
     cfg = tiny_cfg
     cfg.distill = cfg.distill.model_copy(update=dict(max_concurrent_trials=None))
