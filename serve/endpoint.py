@@ -30,6 +30,7 @@ from ray import serve
 
 from raysys.config import MonitorConfig, ServeConfig
 from raysys.data.schema import schema_to_dict
+from raysys.registry import Registry
 from serve.contract import (
     DEFAULT_MODEL_NAME,
     DEFAULT_MONITOR_NAME,
@@ -79,8 +80,6 @@ class StudentEndpoint:
                  serve_cfg: dict | None = None, monitor_cfg: dict | None = None, monitor: bool = True, *,
                  monitor_name: str = DEFAULT_MONITOR_NAME, monitor_namespace: str = DEFAULT_MONITOR_NAMESPACE,
                  torch_threads: int | None = None, api_token: str | None = None):
-        from raysys.registry import Registry
-
         self.serve_cfg = ServeConfig.model_validate(serve_cfg or {})
         self.monitor_cfg = MonitorConfig.model_validate(monitor_cfg or {})
         self.model_name = model_name

@@ -10,6 +10,7 @@ import os
 import time
 from typing import Any
 
+from raysys.registry import Registry
 from serve.contract import DEFAULT_MODEL_NAME, DEPLOYMENT_NAME, parse_user_config
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
@@ -143,9 +144,7 @@ def current_rollout(admin: ServeAdmin, app_name: str) -> tuple[dict, dict, dict]
     return config, app, user
 
 
-def _registry(app: dict):
-    from raysys.registry import Registry
-
+def _registry(app: dict) -> tuple[Registry, str]:
     args = app.get("args") or {}
     if not args.get("registry_uri"):
         raise RolloutError(f"application {app.get('name')!r} has no args.registry_uri")

@@ -3,7 +3,6 @@ the session's Serve HTTP port, polling, and a background HTTP load that records 
 
 from __future__ import annotations
 
-import socket
 import threading
 import time
 from collections import Counter
@@ -16,6 +15,7 @@ from raysys.data import Preprocessor, SyntheticTask
 from raysys.models import build_model, model_spec
 from raysys.monitor.profile import ReferenceProfile
 from raysys.registry import Registry
+from serve.ingress import free_port
 
 MODEL = "student"
 TIMEOUT_S = 120  # generous: a 2-core box running other suites beside this one
@@ -53,9 +53,7 @@ def serve_http_port(request) -> int:
     try:
         port = request.getfixturevalue("serve_port")
     except Exception:
-        with socket.socket() as sock:
-            sock.bind(("127.0.0.1", 0))
-            port = sock.getsockname()[1]
+        port = free_port()
     serve.start(http_options={"host": "127.0.0.1", "port": port})
     return port
 
