@@ -308,9 +308,8 @@ def test_a_replica_killed_under_load_fails_no_retryable_request(registry, http_p
         assert "\n    option http-buffer-request\n" in config.split("\ndefaults\n")[1].split("\nfrontend ")[0]
         assert "retry-on conn-failure empty-response junk-response" in config
         poll(lambda: len(_replica_pids(name)) == 2, what="two replica processes")
-        # and HAProxy routes to both: a replica process can be up before HAProxy's reload adds it (a CI run
-        # killed the only routed replica of the two: HAProxy, out of live servers, failed 2 requests after 3
-        # retries each), and killing the one replica HAProxy knows tests nothing about failing over
+        # and HAProxy routes to both: a replica process can be up before HAProxy's reload adds it, and killing
+        # the one replica HAProxy knows tests nothing about failing over
         poll(lambda: _haproxy_replicas_up(http_port, name) == 2, what="HAProxy to route to both replicas")
         before = _replica_pids(name)
         with Load(url, rows, workers=4) as load:
@@ -334,14 +333,12 @@ def test_a_replica_killed_under_load_fails_no_retryable_request(registry, http_p
               f"{summary['requests']}, {cut} of them cut mid-response ({json.dumps(summary)})")
         # every request the ingress could retry (no response byte had reached the client) succeeded: none failed
         # with a closed connection and no response, none got HAProxy's own error page (its 502/503/504, which
-        # Serve's HAProxy config sends as a plain-text 500). Before `option http-buffer-request`, 8 of 12 runs
-        # of this test had 1-3 such failures (HAProxy's log: a `SH--` 502 with no retry; requests with no log line).
+        # Serve's HAProxy config sends as a plain-text 500).
         # A response whose headers had already left the dead replica cannot be retried by any proxy: at most the
-        # requests in flight on it (one per client) are cut mid-body (HAProxy's log: `SD--`; 3 runs in 27).
-        # Known Ray 2.60 HAProxy-mode race, seen once in four runs under load 13 on 2 cores: right after the
-        # replacement replica became RUNNING, HAProxy's reload briefly lacked the app's backend and answered
-        # 33 requests with its own 404 "Path not found". Counted here and bounded, not hidden; raysys cannot
-        # retry what HAProxy answers itself.
+        # requests in flight on it (one per client) are cut mid-body (HAProxy's log: `SD--`).
+        # A known Ray 2.60 HAProxy-mode race: right after the replacement replica becomes RUNNING, HAProxy's
+        # reload can briefly lack the app's backend and answer with its own 404 "Path not found". Counted and
+        # bounded, not hidden; raysys cannot retry what HAProxy answers itself.
         reload_404 = summary["statuses"].get(404, 0)
         assert failed == cut + reload_404, (summary, load.errors)
         assert cut <= 4, summary
