@@ -36,7 +36,7 @@ from test_monitor_e2e import (
 from raysys.data import DriftSpec, fingerprint
 from raysys.monitor.core import Monitor
 from raysys.monitor.profile import ReferenceProfile
-from raysys.monitor.trigger import labels_uri
+from raysys.monitor.store import labels_uri
 from raysys.workflow import labelled_traffic, promotion
 
 MONITOR_NAMESPACE = "raysys"

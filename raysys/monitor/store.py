@@ -18,9 +18,15 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
 
-from raysys.monitor.trigger import labels_uri
-
 log = logging.getLogger("raysys")
+
+LABELS_DIR = "labels"
+
+
+def labels_uri(traffic_uri: str) -> str:
+    """Where the monitor writes the joined feedback labels: `<traffic_uri>/labels` (request_id, row, label);
+    the traffic files themselves sit directly under `traffic_uri`."""
+    return f"{traffic_uri.rstrip('/')}/{LABELS_DIR}"
 
 
 def _fs(uri: str) -> tuple[pafs.FileSystem, str]:

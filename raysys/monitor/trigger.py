@@ -18,15 +18,6 @@ log = logging.getLogger("raysys")
 
 RETRAIN_JOB = "raysys.jobs.retrain"
 TERMINAL = {"SUCCEEDED", "FAILED", "STOPPED"}
-LABELS_DIR = "labels"
-
-
-def labels_uri(traffic_uri: str) -> str:
-    """Where the monitor writes the joined feedback labels: `<traffic_uri>/labels` (request_id, row, label);
-    the traffic files themselves sit directly under `traffic_uri`."""
-    return f"{traffic_uri.rstrip('/')}/{LABELS_DIR}"
-
-
 def cluster_dashboard_address() -> str | None:
     """The Jobs API (dashboard) address of the Ray cluster this process belongs to, read from the GCS where
     the dashboard registers it: inside an actor `ray.get_dashboard_url()` knows no dashboard (a worker's

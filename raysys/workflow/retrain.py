@@ -135,7 +135,7 @@ def _job_submission_id() -> str | None:
 
 
 def _build_dataset(cfg: PipelineConfig, args, served, timer: StageTimer) -> _Dataset:
-    from raysys.monitor.trigger import labels_uri
+    from raysys.monitor.store import labels_uri
 
     labels = args.labels_uri or labels_uri(args.traffic_uri)
     recent, info = timer.run("labels", wait_for_labelled_traffic, args.traffic_uri, labels, served.schema,
