@@ -20,7 +20,6 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from conftest import free_port
 from dist_helpers import exit_rank, toy_batches
 from safetensors.torch import load_file, save_file
 
@@ -37,6 +36,7 @@ from raysys.train.checkpoint import (
 )
 from raysys.train.schedule import decay_parameters, decoupled_weight_decay
 from raysys.train.steps import gather_batch, train_step
+from serve.ingress import free_port
 
 pytestmark = pytest.mark.dist
 
