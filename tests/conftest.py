@@ -1,21 +1,20 @@
-"""Shared fixtures. Tier 1: no Ray. Tier 2: 2-rank gloo (torch.multiprocessing). Tier 3: one local Ray
-cluster for the whole session (`ray_cluster`), started with more logical CPUs than cores so Tune's trial
-drivers and Ray Train's workers can run beside each other on a 2-core box."""
+"""Shared fixtures. The tests come in three tiers, one folder each, run in this order:
+
+    unit/         no Ray, no process group (tier 1)
+    dist/         2-rank gloo process groups (torch.multiprocessing), no Ray (tier 2)
+    integration/  one local Ray cluster for the whole session (`ray_cluster`), started with more logical CPUs
+                  than cores so Tune's trial drivers and Ray Train's workers fit beside each other (tier 3)
+
+Helpers the tests share live in `helpers/` (this folder is on sys.path through this conftest)."""
 
 from __future__ import annotations
 
 import os
-import socket
 
 import pytest
 
 from raysys.config import preset
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from serve.ingress import free_port
 
 
 @pytest.fixture(scope="session")

@@ -2,7 +2,7 @@
 
 The label is a fixed non-linear function of the features: a random tanh network over standardised
 numeric features and one-hot categories, plus pairwise interactions (z0*z1, sin(2*z2), a category-gated
-slope on z3). A linear model cannot represent it, so capacity matters: see tests/test_data.py.
+slope on z3). A linear model cannot represent it, so capacity matters: see tests/unit/test_data.py.
 
 `DriftSpec` shifts a stream without touching the rule P(y | x): covariate shift moves named numeric
 features by a number of their standard deviations or replaces a categorical feature's frequencies;

@@ -9,10 +9,11 @@ import textwrap
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
 from raysys.config import load_config
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 
 
 @pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="per-thread nice values are Linux")

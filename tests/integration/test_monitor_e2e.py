@@ -9,7 +9,7 @@
 - 1.5 sigma drift on one feature raises a window alert; the same volume of undrifted traffic raises none.
 
 Each test deploys its own app (`serve.run(build_app(...))`) with its own monitor actor on the session's
-Serve HTTP port and removes both in `finally`. Alert -> retrain job -> candidate is tests/test_retrain_e2e.py.
+Serve HTTP port and removes both in `finally`. Alert -> retrain job -> candidate is tests/integration/test_retrain_e2e.py.
 The unit tests at the end (no Ray) cover the online re-fit of the confidence map alone.
 """
 
@@ -24,12 +24,20 @@ from contextlib import contextmanager
 import numpy as np
 import pytest
 import requests
-import torch
-from serve_helpers import MODEL, Load, make_registry, poll, serve_http_port
+from helpers.serving import (
+    MODEL,
+    Load,
+    kill_monitor,
+    make_registry,
+    monitor_report,
+    poll,
+    predict_rows,
+    send_feedback,
+    serve_http_port,
+)
+from helpers.worlds import SMALL_TASK, sample_rows, small_task_world, train_student_registry
 
-from raysys.config import DataConfig, ModelConfig
-from raysys.data import DriftSpec, Preprocessor, SyntheticTask
-from raysys.models import build_model, model_spec, predict_logits
+from raysys.data import DriftSpec, SyntheticTask
 from raysys.monitor.accuracy import OnlineRecalibration
 from raysys.monitor.core import Monitor
 from raysys.monitor.profile import ReferenceProfile
@@ -37,9 +45,6 @@ from raysys.registry import Registry
 
 MONITOR_NAMESPACE = "raysys"
 # make_registry's task (its v1 was profiled on 1000 rows of seed [11, 1])
-SMALL_TASK = DataConfig(num_numeric=4, num_categorical=2, num_categories=3, num_classes=3, seed=11)
-
-
 @pytest.fixture(scope="module")
 def http_port(request, ray_cluster):
     return serve_http_port(request)
@@ -49,21 +54,6 @@ def http_port(request, ray_cluster):
 def small_registry(tmp_path_factory):
     return make_registry(tmp_path_factory.mktemp("monitor_e2e"))
 
-
-def _rows(task: SyntheticTask, schema, n: int, seed, drift: DriftSpec | None = None):
-    """n raw rows without the label (JSON-able dicts) and their true classes (indices)."""
-    table = task.sample(n, seed, drift)
-    labels = [int(v) for v in table.column(schema.label).to_pylist()]
-    return table.drop_columns([schema.label]).to_pylist(), labels
-
-
-def _kill_monitor(name: str) -> None:
-    import ray
-
-    try:
-        ray.kill(ray.get_actor(name, namespace=MONITOR_NAMESPACE), no_restart=True)
-    except ValueError:
-        pass
 
 
 @contextmanager
@@ -85,45 +75,18 @@ def _deployed(reg: Registry, http_port: int, monitor_cfg: dict, serve_cfg: dict 
     finally:
         t0 = time.perf_counter()
         serve.delete(name)
-        _kill_monitor(monitor)
+        kill_monitor(monitor)
         print(f"[monitor-e2e] removed {name} in {time.perf_counter() - t0:.1f}s")
-
-
-def _report(s: requests.Session, url: str) -> dict | None:
-    r = s.get(f"{url}/v1/monitor", timeout=30)
-    return r.json() if r.status_code == 200 else None  # 503 while the monitor actor starts
 
 
 def _wait_rows(s: requests.Session, url: str, n: int, what: str) -> dict:
     """Until the monitor has seen `n` rows (replicas ship them fire-and-forget, a little later)."""
-    return poll(lambda: (rep := _report(s, url)) is not None and rep["rows_seen"] >= n and rep,
+    return poll(lambda: (rep := monitor_report(s, url)) is not None and rep["rows_seen"] >= n and rep,
                 interval_s=0.5, what=what)
 
 
-def _predict(s: requests.Session, url: str, rows: list[dict], prefix: str, size: int = 100
-             ) -> tuple[list[str], list[str]]:
-    """POST the rows `size` at a time, each request with its own request_id; returns the ids and the
-    predicted class of every row."""
-    ids, preds = [], []
-    for i in range(0, len(rows), size):
-        rid = f"{prefix}-{i // size}"
-        r = s.post(f"{url}/v1/predict", json={"instances": rows[i:i + size], "request_id": rid}, timeout=60)
-        assert r.status_code == 200, r.text
-        assert r.json()["request_id"] == rid
-        ids.append(rid)
-        preds.extend(r.json()["predictions"])
-    return ids, preds
-
-
 def _predict_batches(s: requests.Session, url: str, rows: list[dict], prefix: str, size: int = 100) -> list[str]:
-    return _predict(s, url, rows, prefix, size)[0]
-
-
-def _send_feedback(s: requests.Session, url: str, ids: list[str], labels: list[int], size: int = 100) -> None:
-    items = [{"request_id": rid, "label": labels[k * size:(k + 1) * size]} for k, rid in enumerate(ids)]
-    r = s.post(f"{url}/v1/feedback", json={"feedback": items}, timeout=60)
-    assert r.status_code == 202, r.text
-    assert r.json()["accepted"] == len(items)
+    return predict_rows(s, url, rows, prefix, size)[0]
 
 
 # --------------------------------------------------------------------------------------------------
@@ -159,7 +122,7 @@ def test_monitor_killed_under_load_comes_back_from_its_snapshot(small_registry, 
             # the actor snapshots from `record` at most every GAUGE_INTERVAL_S (5 s) once snapshot_interval_s passed
             poll(lambda: (got := store.load()) is not None and got[0]["rows_seen"] >= 100, interval_s=0.5,
                  what="a monitor snapshot with rows in it")
-            before = poll(lambda: _report(s, url), what="the monitor report")
+            before = poll(lambda: monitor_report(s, url), what="the monitor report")
             assert before["snapshot"]["uri"] and not before["snapshot"]["restored"]
             snap_rows = store.load()[0]["rows_seen"]  # a later snapshot before the kill only has more
 
@@ -171,14 +134,14 @@ def test_monitor_killed_under_load_comes_back_from_its_snapshot(small_registry, 
             psutil.wait_procs([proc], timeout=30)
 
             def restored():
-                rep = _report(s, url)
+                rep = monitor_report(s, url)
                 return rep is not None and rep["snapshot"]["restored"] and rep
 
             after = poll(restored, interval_s=0.5, what="the restarted monitor, restored from its snapshot")
             t_back = time.monotonic()
             assert _monitor_pid(monitor, ray_cluster.dashboard_url) != pid
             # monitoring resumes: the replicas' rows reach the restarted actor
-            grown = poll(lambda: (rep := _report(s, url)) is not None and rep["rows_seen"] > after["rows_seen"] + 50
+            grown = poll(lambda: (rep := monitor_report(s, url)) is not None and rep["rows_seen"] > after["rows_seen"] + 50
                          and rep, interval_s=0.5, what="rows reaching the restarted monitor")
             load.wait_for(50)
         print(f"[monitor-e2e] killed pid {pid}; restored after {t_back - t_kill:.1f}s; snapshot rows {snap_rows}, "
@@ -206,46 +169,6 @@ def test_monitor_killed_under_load_comes_back_from_its_snapshot(small_registry, 
 # 2. live accuracy: realised (feedback labels) vs estimated (confidence), then concept drift
 
 
-def train_student_registry(root, *, epochs: int = 15) -> tuple[Registry, SyntheticTask, object]:
-    """A registry at `root` with v1 (alias production) = a small TabularMLP trained on the synthetic task
-    (accuracy well above chance), registered as the pipeline does: reference profile from the training
-    features, held-out predictions and labels (calibration, held-out accuracy). Returns (registry, task,
-    schema). Shared with tests/test_retrain_e2e.py."""
-    task = SyntheticTask(SMALL_TASK)
-    schema = task.schema()
-    train, val = task.sample(8000, [11, 1]), task.sample(4000, [11, 2])
-    pre = Preprocessor.fit(schema, train)
-    xn, xc, y = (torch.as_tensor(a) for a in pre.transform_table(train))
-    xc, y = xc.long(), y.long()
-    spec = model_spec(schema, ModelConfig(hidden_dims=[32, 32], embed_dim=3))
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    try:
-        torch.manual_seed(0)
-        model = build_model(spec)
-        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
-        gen = torch.Generator().manual_seed(0)
-        for _ in range(epochs):  # 15: ~5 s on one core; held-out accuracy ~0.89 (chance 0.33)
-            model.train()
-            for idx in torch.randperm(len(y), generator=gen).split(128):
-                opt.zero_grad()
-                torch.nn.functional.cross_entropy(model(xn[idx], xc[idx]), y[idx]).backward()
-                opt.step()
-        vx, vc, vy = pre.transform_table(val)
-        v_proba = predict_logits(model, vx, vc).double().softmax(1).numpy()
-    finally:
-        torch.set_num_threads(threads)
-    profile = ReferenceProfile.from_arrays(schema, pre.raw_numeric(train), xc.numpy(), num_bins=10)
-    profile.add_predictions(v_proba, np.asarray(vy))
-    assert profile.prediction.accuracy > 0.8
-    reg = Registry(root)
-    reg.register(MODEL, state_dict=model.state_dict(), model_spec=spec, schema=schema, preprocessor=pre,
-                 metrics={"accuracy": profile.prediction.accuracy}, config={}, lineage={"note": "test student"},
-                 reference_profile=profile.to_dict())
-    reg.set_alias(MODEL, "production", 1)
-    return reg, task, schema
-
-
 @pytest.fixture(scope="module")
 def student_registry(tmp_path_factory):
     return train_student_registry(tmp_path_factory.mktemp("monitor_e2e_student") / "registry")
@@ -263,15 +186,15 @@ def test_estimated_accuracy_tracks_realised_then_falls_with_it_under_concept_dri
     cfg = {"window_size": n, "feedback_window": n, "min_rows": 100, "min_labels": 500, "accuracy_drop": 0.05}
     with _deployed(reg, http_port, cfg, serve_cfg={"max_instances_per_request": 200}) as (url, _), \
             requests.Session() as s:
-        rows, labels = _rows(task, schema, n, [11, 3])
+        rows, labels = sample_rows(task, schema, n, [11, 3])
         ids = _predict_batches(s, url, rows, "clean")
         before = _wait_rows(s, url, n, f"the monitor to log {n} predictions")["accuracy"]
         # no label yet: exactly the registration-time estimate, and all of it is for unlabelled traffic
         assert before["recalibration"]["labelled_rows"] == 0 and "no labels joined yet" in before["method_estimated"]
         assert before["estimated"] == before["estimated_registration_map"]
         assert before["unlabelled_rows"] == n and before["estimated_unlabelled"] == pytest.approx(before["estimated"])
-        _send_feedback(s, url, ids, labels)
-        clean = poll(lambda: (rep := _report(s, url)) is not None and rep["accuracy"]["labels_total"] >= n and rep,
+        send_feedback(s, url, ids, labels)
+        clean = poll(lambda: (rep := monitor_report(s, url)) is not None and rep["accuracy"]["labels_total"] >= n and rep,
                      interval_s=0.5, what=f"{n} labels joined")["accuracy"]
         print(f"\n[monitor-e2e] undrifted, {n} rows: realised {clean['realised']:.4f} estimated {clean['estimated']:.4f} "
               f"(before labels {before['estimated']:.4f}; held-out {clean['reference']:.4f}; "
@@ -289,13 +212,13 @@ def test_estimated_accuracy_tracks_realised_then_falls_with_it_under_concept_dri
         # DriftSpec has no concept option, so the labels the users send back are permuted. Labels come for
         # the first 3/4 of the requests; those of the last 1/4 are withheld
         swap = {0: 1, 1: 0}
-        rows2, labels2 = _rows(task, schema, n, [11, 4])
+        rows2, labels2 = sample_rows(task, schema, n, [11, 4])
         labels2 = [swap.get(lab, lab) for lab in labels2]
-        ids2, preds2 = _predict(s, url, rows2, "concept")
+        ids2, preds2 = predict_rows(s, url, rows2, "concept")
         _wait_rows(s, url, 2 * n, "the drifted predictions to be logged")
         k = 3 * len(ids2) // 4
-        _send_feedback(s, url, ids2[:k], labels2)
-        drifted = poll(lambda: (rep := _report(s, url)) is not None
+        send_feedback(s, url, ids2[:k], labels2)
+        drifted = poll(lambda: (rep := monitor_report(s, url)) is not None
                        and rep["accuracy"]["labels_total"] >= n + 100 * k and rep, interval_s=0.5,
                        what="the drifted labels joined")
         acc = drifted["accuracy"]
@@ -333,19 +256,19 @@ def test_drifted_traffic_alerts_and_undrifted_does_not(small_registry, http_port
     # alpha 1e-3: every report and every 5 s tick re-tests the window; a 1.5 sigma shift has p ~ 1e-30 anyway
     cfg = {"window_size": n, "min_rows": 200, "alpha": 0.001, "on_drift": "alert"}
     with _deployed(reg, http_port, cfg) as (url, _), requests.Session() as s:
-        clean, _ = _rows(task, schema, n, [11, 5])
+        clean, _ = sample_rows(task, schema, n, [11, 5])
         _predict_batches(s, url, clean, "clean")
         rep = _wait_rows(s, url, n, "the undrifted rows")
-        rep = _report(s, url)  # a fresh evaluation on the full window
+        rep = monitor_report(s, url)  # a fresh evaluation on the full window
         assert rep["window_rows"] == n and rep["armed"]
         assert rep["alert_events"] == [] and rep["alerts"] == [] and not rep["dataset"]["drifted"], (
             rep["alert_events"], {k: f["p_adjusted"] for k, f in rep["features"].items()})
         assert not rep["drift_detected"]
 
-        shifted, _ = _rows(task, schema, n, [11, 6], DriftSpec(covariate={"x1": 1.5}))
+        shifted, _ = sample_rows(task, schema, n, [11, 6], DriftSpec(covariate={"x1": 1.5}))
         _predict_batches(s, url, shifted, "shifted")
         rep = _wait_rows(s, url, 2 * n, "the drifted rows")
-        rep = poll(lambda: (r := _report(s, url)) is not None and r["alert_events"] and r, interval_s=0.5,
+        rep = poll(lambda: (r := monitor_report(s, url)) is not None and r["alert_events"] and r, interval_s=0.5,
                    what="a drift alert")
         print(f"\n[monitor-e2e] drift alerts: {[(e['kind'], e['features']) for e in rep['alert_events']]}")
         assert rep["drift_detected"] and rep["alerts"] == ["x1"], rep["alerts"]
@@ -370,14 +293,6 @@ def _calibrated(n: int, seed: int) -> tuple[np.ndarray, np.ndarray]:
     p[np.arange(n), top] = conf
     other = (top + rng.integers(1, 3, n)) % 3
     return p, np.where(rng.random(n) < conf, top, other)
-
-
-def small_task_world():
-    """The small synthetic task, its schema, 1,000 reference rows and the preprocessor fitted on them."""
-    task = SyntheticTask(SMALL_TASK)
-    schema = task.schema()
-    table = task.sample(1000, [11, 7])
-    return task, schema, table, Preprocessor.fit(schema, table)
 
 
 @pytest.fixture(scope="module")

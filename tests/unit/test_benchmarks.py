@@ -5,11 +5,11 @@ from __future__ import annotations
 
 import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-BENCH = Path(__file__).resolve().parents[1] / "benchmarks"
+BENCH = REPO / "benchmarks"
 # the user-facing scripts; the `_` helpers are imported by them (`_plain_fastapi` is a uvicorn app that
 # loads a registered model from its environment at import, `_evidently_peer` runs in its own environment)
 SCRIPTS = sorted(p.stem for p in BENCH.glob("*.py") if not p.stem.startswith("_"))

@@ -12,19 +12,19 @@ from __future__ import annotations
 import json
 import time
 import uuid
-from pathlib import Path
 
 import pytest
 import requests
 import yaml
-from serve_helpers import MODEL, make_registry, poll, serve_http_port
+from helpers import REPO
+from helpers.serving import MODEL, kill_monitor, make_registry, poll, serve_http_port
 
 from raysys.config import preset
 
 pytestmark = pytest.mark.integration
 
 MONITOR_NAMESPACE = "raysys"
-CONFIG_YAML = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
+CONFIG_YAML = REPO / "serve" / "config.yaml"
 _poll = poll
 
 
@@ -36,15 +36,6 @@ def registry(tmp_path_factory):
 @pytest.fixture(scope="module")
 def http_port(request, ray_cluster):
     return serve_http_port(request)
-
-
-def _kill_monitor(name):
-    import ray
-
-    try:
-        ray.kill(ray.get_actor(name, namespace=MONITOR_NAMESPACE))
-    except ValueError:
-        pass
 
 
 @pytest.fixture(scope="module")
@@ -67,7 +58,7 @@ def endpoint(registry, http_port):
         yield f"http://127.0.0.1:{http_port}/{name}"
     finally:
         serve.delete(name)
-        _kill_monitor(monitor)
+        kill_monitor(monitor)
 
 
 def test_predict_returns_probabilities_and_version(endpoint, registry):
@@ -203,7 +194,7 @@ def test_monitor_down_never_fails_a_request(registry, http_port):
             _poll(healed, interval_s=0.5, what="the replica to re-create the monitor")
     finally:
         serve.delete(name)
-        _kill_monitor(monitor)
+        kill_monitor(monitor)
 
 
 def test_api_token_and_monitoring_off(registry, http_port):
@@ -320,7 +311,7 @@ def test_serve_deploy_config_rolls_versions_in_place(registry, http_port):
         assert _predicted_version(url, rows[0]) == 1
     finally:
         serve.delete(name)
-        _kill_monitor(monitor)
+        kill_monitor(monitor)
 
 
 def test_deploy_helper_returns_the_url(registry, http_port, tmp_path):

@@ -9,6 +9,7 @@ import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
+from helpers import REPO
 
 from raysys.distill import StudentData, fit_student, kd_loss
 from raysys.models import build_model
@@ -512,9 +513,8 @@ def _bench_distill():
     """benchmarks/distill.py as a module (it imports its sibling `_common`)."""
     import importlib.util
     import sys
-    from pathlib import Path
 
-    bench = Path(__file__).resolve().parents[1] / "benchmarks"
+    bench = REPO / "benchmarks"
     sys.path.insert(0, str(bench))
     try:
         spec = importlib.util.spec_from_file_location("bench_distill", bench / "distill.py")

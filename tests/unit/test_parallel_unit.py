@@ -5,6 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from helpers import REPO
 
 from raysys.config import load_config
 from raysys.models import build_model
@@ -156,7 +157,6 @@ def test_rank_memory_counts_params_grads_and_adamw_state():
 
 def test_cli_and_job_flags_become_config_overrides():
     import importlib.util
-    from pathlib import Path
 
     from raysys.workflow.overrides import train_overrides
 
@@ -164,7 +164,7 @@ def test_cli_and_job_flags_become_config_overrides():
     assert train_overrides("zero3", 4) == {"train": {"strategy": "zero3", "num_workers": 4}}
     assert train_overrides("zero3", 4, tp=2, max_worker_memory_gb=8.0) == {
         "train": {"strategy": "zero3", "num_workers": 4, "parallel": {"tp": 2}, "max_worker_memory_gb": 8.0}}
-    path = Path(__file__).resolve().parents[1] / "jobs" / "train_teacher.py"
+    path = REPO / "jobs" / "train_teacher.py"
     spec = importlib.util.spec_from_file_location("train_teacher_job", path)
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)

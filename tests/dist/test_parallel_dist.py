@@ -20,7 +20,7 @@ import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
-from dist_helpers import exit_rank, toy_batches
+from helpers.dist import exit_rank, toy_batches
 from safetensors.torch import load_file, save_file
 
 from raysys.models import build_model

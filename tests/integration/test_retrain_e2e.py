@@ -23,15 +23,8 @@ import numpy as np
 import pytest
 import requests
 import yaml
-from serve_helpers import MODEL, poll, serve_http_port
-from test_monitor_e2e import (
-    _predict,
-    _report,
-    _rows,
-    _send_feedback,
-    small_task_world,
-    train_student_registry,
-)
+from helpers.serving import MODEL, monitor_report, poll, predict_rows, send_feedback, serve_http_port
+from helpers.worlds import sample_rows, small_task_world, train_student_registry
 
 from raysys.data import DriftSpec, fingerprint
 from raysys.monitor.core import Monitor
@@ -268,23 +261,23 @@ def test_drift_alert_retrains_registers_canaries_and_promotes_a_candidate(retrai
     try:
         with requests.Session() as s:
             # the same number of undrifted rows first: no alert, no job
-            clean, _ = _rows(task, schema, n, [11, 5])
-            _predict(s, url, clean, "clean")
-            poll(lambda: (r := _report(s, url)) is not None and r["rows_seen"] >= n, interval_s=0.5,
+            clean, _ = sample_rows(task, schema, n, [11, 5])
+            predict_rows(s, url, clean, "clean")
+            poll(lambda: (r := monitor_report(s, url)) is not None and r["rows_seen"] >= n, interval_s=0.5,
                  what="the undrifted rows")
-            rep = _report(s, url)  # a fresh evaluation of the full window
+            rep = monitor_report(s, url)  # a fresh evaluation of the full window
             assert rep["window_rows"] == n and rep["armed"] and not rep["dataset"]["drifted"], rep["dataset"]
             assert rep["alert_events"] == [] and rep["retrain"]["enabled"] and rep["retrain"]["jobs"] == []
             assert _monitor_jobs(jobs, monitor_key) == []
 
             # drifted rows: x1 shifted 1.5 sigma, and the rule changed (class_0 <-> class_1 in the labels)
-            rows, labels = _rows(task, schema, n, [11, 6], DriftSpec(covariate={"x1": 1.5}))
+            rows, labels = sample_rows(task, schema, n, [11, 6], DriftSpec(covariate={"x1": 1.5}))
             labels = [{0: 1, 1: 0}.get(v, v) for v in labels]
             t_drift = time.monotonic()
-            ids, _ = _predict(s, url, rows, "drift")
-            poll(lambda: (r := _report(s, url)) is not None and r["alert_events"], interval_s=0.5,
+            ids, _ = predict_rows(s, url, rows, "drift")
+            poll(lambda: (r := monitor_report(s, url)) is not None and r["alert_events"], interval_s=0.5,
                  what="a drift alert")
-            alerted = poll(lambda: (r := _report(s, url)) is not None and (r["retrain"]["jobs"] or
+            alerted = poll(lambda: (r := monitor_report(s, url)) is not None and (r["retrain"]["jobs"] or
                                                                            r["retrain"]["last_error"]) and r,
                            interval_s=0.5, what="the retrain submission")
             assert alerted["retrain"]["jobs"], alerted["retrain"]
@@ -295,10 +288,10 @@ def test_drift_alert_retrains_registers_canaries_and_promotes_a_candidate(retrai
             job_id = alerted["retrain"]["jobs"][0]["job_id"]
             print(f"[retrain-e2e] window alert on {window[0]['features']} -> job {job_id} "
                   f"{t_submit - t_drift:.1f}s after the drifted rows started")
-            _send_feedback(s, url, ids, labels)  # the labels come after the alert, while the job waits for them
+            send_feedback(s, url, ids, labels)  # the labels come after the alert, while the job waits for them
             with Trickle(url, rows) as trickle:
                 # the labels show the accuracy fell: a second alert, but one retrain is in flight already
-                acc_alert = poll(lambda: [e for e in (_report(s, url) or {}).get("alert_events", [])
+                acc_alert = poll(lambda: [e for e in (monitor_report(s, url) or {}).get("alert_events", [])
                                           if e["kind"] == "accuracy"], interval_s=0.5, what="an accuracy alert")
                 assert "still running" in acc_alert[0]["retrain"]["why"], acc_alert
                 status = poll(lambda: (st := str(jobs.get_job_status(job_id)).split(".")[-1]) in
@@ -354,7 +347,7 @@ def test_drift_alert_retrains_registers_canaries_and_promotes_a_candidate(retrai
         # the promoted version's monitor runs on it and shows the job's end: its watcher refreshes the status
         # every 2 s (RetrainTrigger.poll_s), so the report may trail the Jobs API by that much
         with requests.Session() as s:
-            after = poll(lambda: (r := _report(s, url)) is not None and r["retrain"]["jobs"]
+            after = poll(lambda: (r := monitor_report(s, url)) is not None and r["retrain"]["jobs"]
                          and r["retrain"]["jobs"][0]["status"] in ("SUCCEEDED", "FAILED", "STOPPED") and r,
                          timeout_s=30, interval_s=0.5, what="the monitor's report of the job's end")
         assert after["model_version"] == str(cand) and after["retrain"]["jobs"][0]["status"] == "SUCCEEDED"

@@ -5,12 +5,12 @@ from __future__ import annotations
 
 import json
 import math
-from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
 import yaml
+from helpers import REPO
 
 from raysys.config import DataConfig, ModelConfig
 from raysys.data import Preprocessor, SyntheticTask
@@ -28,7 +28,7 @@ from serve.parsing import FLOAT32_MAX, RequestError, RequestIds, columns_to_rows
 from serve.scoring import Scorer, format_prediction, route_version, score_requests
 from serve.web import check_auth, load_api_token, max_body_bytes, to_jsonable
 
-CONFIG_YAML = Path(__file__).resolve().parents[1] / "serve" / "config.yaml"
+CONFIG_YAML = REPO / "serve" / "config.yaml"
 
 
 @pytest.fixture(scope="module")

@@ -18,7 +18,7 @@ from pathlib import Path
 
 import pytest
 import requests
-from serve_helpers import MODEL, Load, make_registry, poll, serve_http_port
+from helpers.serving import MODEL, Load, make_registry, poll, serve_http_port
 
 pytestmark = pytest.mark.integration
 

@@ -1,5 +1,6 @@
 """Shared by the Serve integration tests: a temp registry with two versions of a small untrained model,
-the session's Serve HTTP port, polling, and a background HTTP load that records every response."""
+the session's Serve HTTP port, polling, a background HTTP load that records every response, and the HTTP
+calls the monitor and retrain tests make (predict with request ids, feedback, the monitor report)."""
 
 from __future__ import annotations
 
@@ -15,6 +16,7 @@ from raysys.data import Preprocessor, SyntheticTask
 from raysys.models import build_model, model_spec
 from raysys.monitor.profile import ReferenceProfile
 from raysys.registry import Registry
+from serve.contract import DEFAULT_MONITOR_NAMESPACE
 from serve.ingress import free_port
 
 MODEL = "student"
@@ -148,3 +150,40 @@ class Load:
             worst = min(worst, (k - j) / window_s)
             start += window_s / 2
         return worst
+
+
+def kill_monitor(name: str) -> None:
+    """Remove a test's monitor actor for good (no restart), if it is still there."""
+    import ray
+
+    try:
+        ray.kill(ray.get_actor(name, namespace=DEFAULT_MONITOR_NAMESPACE), no_restart=True)
+    except ValueError:
+        pass
+
+
+def monitor_report(s: requests.Session, url: str) -> dict | None:
+    r = s.get(f"{url}/v1/monitor", timeout=30)
+    return r.json() if r.status_code == 200 else None  # 503 while the monitor actor starts
+
+
+def predict_rows(s: requests.Session, url: str, rows: list[dict], prefix: str, size: int = 100
+                 ) -> tuple[list[str], list[str]]:
+    """POST the rows `size` at a time, each request with its own request_id; returns the ids and the
+    predicted class of every row."""
+    ids, preds = [], []
+    for i in range(0, len(rows), size):
+        rid = f"{prefix}-{i // size}"
+        r = s.post(f"{url}/v1/predict", json={"instances": rows[i:i + size], "request_id": rid}, timeout=60)
+        assert r.status_code == 200, r.text
+        assert r.json()["request_id"] == rid
+        ids.append(rid)
+        preds.extend(r.json()["predictions"])
+    return ids, preds
+
+
+def send_feedback(s: requests.Session, url: str, ids: list[str], labels: list[int], size: int = 100) -> None:
+    items = [{"request_id": rid, "label": labels[k * size:(k + 1) * size]} for k, rid in enumerate(ids)]
+    r = s.post(f"{url}/v1/feedback", json={"feedback": items}, timeout=60)
+    assert r.status_code == 202, r.text
+    assert r.json()["accepted"] == len(items)

@@ -3,9 +3,9 @@
 from __future__ import annotations
 
 import importlib.util
-from pathlib import Path
 
 import pytest
+from helpers import REPO
 from typer.testing import CliRunner
 
 from raysys.cli import app
@@ -14,7 +14,7 @@ from raysys.workflow.overrides import train_overrides
 
 
 def _job():
-    path = Path(__file__).resolve().parents[1] / "jobs" / "train_teacher.py"
+    path = REPO / "jobs" / "train_teacher.py"
     spec = importlib.util.spec_from_file_location("train_teacher_job_flags", path)
     job = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(job)

@@ -18,11 +18,10 @@ from pathlib import Path
 
 import pytest
 import requests
-from conftest import free_port
+from helpers import REPO
 
-from serve.ingress import ingress_env
+from serve.ingress import free_port, ingress_env
 
-REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent
 
 

@@ -3,7 +3,7 @@ import arrow pointing down the layers that docs/ARCHITECTURE.md draws.
 
 The import graph is read from the source (`ast`), lazy imports inside functions included: a lazy import
 hides a circle from the interpreter at import time, not from a reader. Run it alone with
-`.venv/bin/pytest -q tests/test_structure.py`; a failure names the file, function or the modules of the
+`.venv/bin/pytest -q tests/unit/test_structure.py`; a failure names the file, function or the modules of the
 circle."""
 
 from __future__ import annotations
@@ -16,8 +16,9 @@ from collections import defaultdict
 from pathlib import Path
 
 import pytest
+from helpers import REPO
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = REPO
 PACKAGES = ("raysys", "serve")
 CHECKED_DIRS = ("raysys", "serve", "jobs")
 MAX_FILE_LINES = 500

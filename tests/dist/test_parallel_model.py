@@ -23,8 +23,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 import torch.nn.functional as F
-from conftest import free_port
-from dist_helpers import exit_rank, toy_batches
+from serve.ingress import free_port
+from helpers.dist import exit_rank, toy_batches
 from safetensors.torch import load_file, save_file
 
 from raysys.models import build_model

@@ -1,0 +1,71 @@
+"""Small worlds the monitor and retrain tests share: the small synthetic task, rows drawn from it, and a
+registry holding a student trained on it."""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+
+from helpers.serving import MODEL
+from raysys.config import DataConfig, ModelConfig
+from raysys.data import DriftSpec, Preprocessor, SyntheticTask
+from raysys.models import build_model, model_spec, predict_logits
+from raysys.monitor.profile import ReferenceProfile
+from raysys.registry import Registry
+
+SMALL_TASK = DataConfig(num_numeric=4, num_categorical=2, num_categories=3, num_classes=3, seed=11)
+
+
+def sample_rows(task: SyntheticTask, schema, n: int, seed, drift: DriftSpec | None = None):
+    """n raw rows without the label (JSON-able dicts) and their true classes (indices)."""
+    table = task.sample(n, seed, drift)
+    labels = [int(v) for v in table.column(schema.label).to_pylist()]
+    return table.drop_columns([schema.label]).to_pylist(), labels
+
+
+def small_task_world():
+    """The small synthetic task, its schema, 1,000 reference rows and the preprocessor fitted on them."""
+    task = SyntheticTask(SMALL_TASK)
+    schema = task.schema()
+    table = task.sample(1000, [11, 7])
+    return task, schema, table, Preprocessor.fit(schema, table)
+
+
+def train_student_registry(root, *, epochs: int = 15) -> tuple[Registry, SyntheticTask, object]:
+    """A registry at `root` with v1 (alias production) = a small TabularMLP trained on the synthetic task
+    (accuracy well above chance), registered as the pipeline does: reference profile from the training
+    features, held-out predictions and labels (calibration, held-out accuracy). Returns (registry, task,
+    schema)."""
+    task = SyntheticTask(SMALL_TASK)
+    schema = task.schema()
+    train, val = task.sample(8000, [11, 1]), task.sample(4000, [11, 2])
+    pre = Preprocessor.fit(schema, train)
+    xn, xc, y = (torch.as_tensor(a) for a in pre.transform_table(train))
+    xc, y = xc.long(), y.long()
+    spec = model_spec(schema, ModelConfig(hidden_dims=[32, 32], embed_dim=3))
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        torch.manual_seed(0)
+        model = build_model(spec)
+        opt = torch.optim.Adam(model.parameters(), lr=3e-3)
+        gen = torch.Generator().manual_seed(0)
+        for _ in range(epochs):  # 15: ~5 s on one core; held-out accuracy ~0.89 (chance 0.33)
+            model.train()
+            for idx in torch.randperm(len(y), generator=gen).split(128):
+                opt.zero_grad()
+                torch.nn.functional.cross_entropy(model(xn[idx], xc[idx]), y[idx]).backward()
+                opt.step()
+        vx, vc, vy = pre.transform_table(val)
+        v_proba = predict_logits(model, vx, vc).double().softmax(1).numpy()
+    finally:
+        torch.set_num_threads(threads)
+    profile = ReferenceProfile.from_arrays(schema, pre.raw_numeric(train), xc.numpy(), num_bins=10)
+    profile.add_predictions(v_proba, np.asarray(vy))
+    assert profile.prediction.accuracy > 0.8
+    reg = Registry(root)
+    reg.register(MODEL, state_dict=model.state_dict(), model_spec=spec, schema=schema, preprocessor=pre,
+                 metrics={"accuracy": profile.prediction.accuracy}, config={}, lineage={"note": "test student"},
+                 reference_profile=profile.to_dict())
+    reg.set_alias(MODEL, "production", 1)
+    return reg, task, schema
