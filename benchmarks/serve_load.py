@@ -232,7 +232,7 @@ def main() -> int:
     reg, spec, bodies = make_registry(tmp)
     serve_port = args.port or free_port()
     plain_port = free_port()
-    env = apply_ingress_env()  # the shipped default, as raysys.pipeline.init_ray applies it
+    env = apply_ingress_env()  # the shipped default, as raysys.workflow.cluster.init_ray applies it
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve_start("127.0.0.1", serve_port)
     results: dict = {}
