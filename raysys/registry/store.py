@@ -79,7 +79,7 @@ def _weights(state_dict: dict[str, torch.Tensor] | nn.Module, spec: dict[str, An
 
 
 def _card_files(model_card: dict[str, Any], name: str, lineage: dict[str, Any]) -> dict[str, bytes]:
-    from raysys.modelcard import render_markdown
+    from raysys.registry.modelcard import render_markdown
 
     card = as_dict(model_card, "model_card")
     card.setdefault("name", name)
@@ -128,7 +128,7 @@ class Registry:
 
         `lineage` gets `created_at` (UTC ISO time) and `code_version` (raysys.__version__) when missing.
         The weights must load strictly into `build_model(model_spec)`, so a spec/weights mismatch fails
-        here rather than at serving time. `model_card` (raysys.modelcard.build_model_card) is stored as
+        here rather than at serving time. `model_card` (raysys.registry.modelcard.build_model_card) is stored as
         `model_card.json` and rendered to `model_card.md`. A spec with `"quantization": "dynamic_int8"`
         takes the *float* weights; `load` quantizes them.
         """

@@ -147,8 +147,8 @@ def _evaluate_teacher(cfg: PipelineConfig, prep: Prepared, model) -> dict:
 
 
 def _register_teacher(cfg: PipelineConfig, prep: Prepared, teacher, model, metrics: dict) -> int:
-    from raysys.modelcard import build_model_card
     from raysys.registry import Registry
+    from raysys.registry.modelcard import build_model_card
 
     schema = prep.schema
     lineage = {"data_fingerprint": prep.fingerprint, "checkpoint": teacher.checkpoint_dir}
@@ -275,7 +275,7 @@ def _card_facts(cfg: PipelineConfig, prep: Prepared, sweep, teacher_version: int
 
 def _register_student(cfg: PipelineConfig, prep: Prepared, reg, sweep, student, ev: _StudentEvaluation,
                       teacher_metrics: dict, facts: _CardFacts) -> int:
-    from raysys.modelcard import build_model_card
+    from raysys.registry.modelcard import build_model_card
     from raysys.workflow.reference import monitor_reference
 
     card = build_model_card(name=cfg.model_name, kind="student", schema=prep.schema,
@@ -295,8 +295,8 @@ def _register_int8(cfg: PipelineConfig, prep: Prepared, reg, sweep, student, ev:
                    teacher_metrics: dict, facts: _CardFacts, float_version: int) -> dict:
     """Register the int8 variant as the next version with alias `candidate`; returns its `int8_variant`
     figures for the float student's metrics."""
-    from raysys.modelcard import build_model_card
     from raysys.models.quantize import DYNAMIC_INT8
+    from raysys.registry.modelcard import build_model_card
     from raysys.workflow.reference import monitor_reference
 
     metrics, q_metrics = ev.metrics, ev.int8_metrics

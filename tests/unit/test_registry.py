@@ -341,7 +341,7 @@ def test_alias_moves_are_atomic_for_concurrent_readers(tmp_path, task_bits, monk
 
 
 def test_model_card_stored_verified_and_rendered(tmp_path, task_bits):
-    from raysys.modelcard import build_model_card, render_markdown
+    from raysys.registry.modelcard import build_model_card, render_markdown
 
     schema, pre, *_ = task_bits
     reg = Registry(tmp_path / "reg")
@@ -405,7 +405,7 @@ def test_registry_cli_list_show_promote_rollback(tmp_path, task_bits, monkeypatc
 
     from raysys import cli
     from raysys.cli import app
-    from raysys.modelcard import build_model_card
+    from raysys.registry.modelcard import build_model_card
 
     schema, pre, *_ = task_bits
     reg = Registry(tmp_path / "registry")

@@ -26,8 +26,8 @@ MAX_FUNCTION_LINES = 80
 
 # Who may import whom (first match wins; a module prefix names a module and its submodules). Third-party
 # imports are not restricted here except Ray where the layer must not touch it (RAY_FREE).
-CORE = ("raysys.config", "raysys.data", "raysys.models", "raysys.parallel", "raysys.evaluate", "raysys.modelcard",
-        "raysys.registry", "raysys.statefile", "raysys.sigint")
+CORE = ("raysys.config", "raysys.data", "raysys.models", "raysys.parallel", "raysys.evaluate", "raysys.registry",
+        "raysys.statefile", "raysys.sigint")
 ENGINES = ("raysys.train", "raysys.distill", "raysys.monitor")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("raysys.sigint", ()),
@@ -37,8 +37,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("raysys.models", ("raysys.config", "raysys.data.schema", "raysys.models")),
     ("raysys.parallel", ("raysys.parallel",)),
     ("raysys.evaluate", ("raysys.config", "raysys.models")),
-    ("raysys.registry", ("raysys.data", "raysys.models", "raysys.registry", "raysys.modelcard")),
-    ("raysys.modelcard", ("raysys.data", "raysys.models")),
+    ("raysys.registry", ("raysys.data", "raysys.models", "raysys.registry")),
     ("raysys.train", ("raysys.config", "raysys.data", "raysys.models", "raysys.parallel", "raysys.sigint",
                       "raysys.statefile", "raysys.train")),
     ("raysys.distill", ("raysys.config", "raysys.data", "raysys.models", "raysys.evaluate", "raysys.sigint",
@@ -51,7 +50,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 # the layers that must not import Ray at all
 RAY_FREE = ("raysys.config", "raysys.data", "raysys.models", "raysys.parallel", "raysys.evaluate",
-            "raysys.registry", "raysys.modelcard", "raysys.statefile")
+            "raysys.registry", "raysys.statefile")
 
 
 def _modules() -> dict[str, Path]:
