@@ -25,8 +25,9 @@ log = logging.getLogger("ray.serve")
 
 @dataclass(eq=False)
 class Scorer:
-    """One loaded model version and what scoring needs from it. Immutable once built: a version swap
-    replaces the whole object, so a request validated against one version is scored by that version."""
+    """One loaded model version and what scoring needs from it. Immutable once built (but for its failure
+    count): a version swap replaces the whole object, so a request validated against one version is scored
+    by that version."""
 
     name: str
     version: int
@@ -37,6 +38,7 @@ class Scorer:
     metrics: dict[str, Any] = field(default_factory=dict)
     lineage: dict[str, Any] = field(default_factory=dict)
     reference_profile: dict[str, Any] | None = None
+    failed_batches: int = field(default=0, compare=False)  # batches this version raised on (the log's count)
 
     @classmethod
     def from_loaded(cls, loaded: Any) -> Scorer:
@@ -122,9 +124,13 @@ def score_requests(items: list[tuple]) -> list[ScoredRows | RequestError]:
     for scorer, idx in groups.values():
         try:
             _score_group(scorer, items, idx, out)
-        except Exception:
-            log.exception("raysys: %s v%d failed to score a batch of %d requests; scoring them one by one",
-                          scorer.name, scorer.version, len(idx))
+        except Exception as e:
+            scorer.failed_batches += 1
+            # the whole traceback once per version, then one line: a failing canary must not flood the log
+            log.log(logging.ERROR if scorer.failed_batches == 1 else logging.WARNING,
+                    "raysys: %s v%d failed to score a batch of %d requests (%d batches so far): %s: %s; "
+                    "scoring them one by one", scorer.name, scorer.version, len(idx), scorer.failed_batches,
+                    type(e).__name__, e, exc_info=scorer.failed_batches == 1)
             for i in idx:
                 try:
                     _score_group(scorer, items, [i], out)

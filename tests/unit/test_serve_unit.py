@@ -698,3 +698,62 @@ def test_errors_latency_and_rows_are_booked_to_the_version_that_failed_or_scored
     assert len(batches[2]["latency_ms"]) == 1 and len(batches[2]["x_cat"]) == 2
     assert batches[1].get("errors") is None or batches[1]["errors"] == 1  # the 422 only
     assert batches[1]["request_ids"] == to[1][:3]
+
+
+# ----- text that is not valid UTF-8 (a lone surrogate, which JSON can carry as \ud800) -----
+
+_LONE = "\\ud800"  # as it appears in the JSON text
+
+
+def _raw(template: str) -> bytes:
+    """A JSON body with a lone surrogate escape where the template says <S> (json.dumps cannot make one)."""
+    return template.replace("<S>", _LONE).encode()
+
+
+def test_text_that_is_not_utf8_is_a_422_naming_the_field(bits):
+    from serve.parsing import parse_feedback, parse_predict
+
+    schema, pre, rows = bits
+    cat = schema.categorical[0].name
+    row = json.dumps(rows[0])
+    names = [f.name for f in schema.features]
+    data_row = json.dumps([rows[0][n] for n in names])
+    bad_cat = json.dumps(dict(rows[0], **{cat: "<S>"}))
+    bad_data_row = json.dumps([rows[0][n] if n != cat else "<S>" for n in names])
+    cols = json.dumps(names)
+    bad_cols = json.dumps(names[:-1] + ["<S>"])
+    cases = [
+        (f'{{"instances": [{row}], "request_id": "id-<S>"}}', "request_id"),
+        (f'{{"instances": [{row}, {bad_cat}]}}', f"instances[1].{cat}"),
+        (f'{{"instances": [{row}, {row[:-1]}, "x<S>": 1}}]}}', "instances[1].x\\ud800"),
+        (f'{{"columns": {bad_cols}, "data": [{data_row}]}}', f"columns[{len(names) - 1}]"),
+        (f'{{"columns": {cols}, "data": [{data_row}, {bad_data_row}]}}', f"data[1].{cat}"),
+    ]
+    for template, field in cases:
+        with pytest.raises(RequestError) as e:
+            validate_request(_raw(template), schema, pre, max_instances=10)
+        assert (e.value.status, e.value.field) == (422, field), (template, e.value)
+        assert "UTF-8" in e.value.message
+        json.dumps(e.value.body()).encode("ascii")  # the answer itself is valid JSON text
+    # a valid surrogate PAIR is one real character (an emoji): still just an unknown id, accepted
+    assert parse_predict(b'{"instances": [%s], "request_id": "\\ud83d\\ude00"}' % row.encode(),
+                         max_instances=10).request_id == "\U0001F600"
+    for template, field in [('{"request_id": "<S>", "label": "a"}', "request_id"),
+                            ('{"feedback": [{"request_id": "ok", "label": 1}, {"request_id": "<S>", "label": 1}]}',
+                             "feedback[1].request_id"),
+                            ('{"request_id": "ok", "label": "<S>"}', "label")]:
+        with pytest.raises(RequestError) as e:
+            parse_feedback(_raw(template))
+        assert (e.value.status, e.value.field) == (422, field), (template, e.value)
+
+
+def test_generated_request_ids_are_unguessable():
+    """No per-replica prefix, no counter: each id is fresh CSPRNG output, so knowing one id (your own
+    request's) tells nothing about another's."""
+    gen = RequestIds()
+    ids = [gen.next() for _ in range(300)]
+    assert len(set(ids)) == 300 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    for a, b in zip(ids, ids[1:]):
+        assert sum(x != y for x, y in zip(a, b)) >= 16, (a, b)
+    # no position is fixed across the ids of one generator (a prefix, a version nibble or a counter's high digits)
+    assert all(len({i[p] for i in ids}) > 1 for p in range(32))
