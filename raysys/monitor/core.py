@@ -35,7 +35,7 @@ import numpy as np
 from raysys.config import MonitorConfig
 from raysys.data.schema import DatasetSchema
 from raysys.monitor.accuracy import AccuracyTracker, OnlineRecalibration, PredictionLog, confidence_estimate
-from raysys.monitor.batch import RecordBatch, parse_batch, request_rows
+from raysys.monitor.batch import RecordBatch, parse_batch, request_rows, text_request_ids
 from raysys.monitor.drift import WindowTester
 from raysys.monitor.latency import RequestCounters
 from raysys.monitor.online import detector_for, is_current, score_rows, threshold_for_ert
@@ -160,6 +160,7 @@ class Monitor:
         float [n, K] (optional), latency_ms list (one per request), model_version (optional; defaults to
         the profile's), request_ids (optional, one per request), rows_per_request (optional, one per
         request; default one row each), errors (optional: requests that failed). Returns the alarms."""
+        batch = text_request_ids(batch)
         b = parse_batch(batch, n_num=len(self.profile.numeric), cat_bins=self._cat_bins,
                         num_classes=self.num_classes, model_version=self.model_version)
         alarms = self._add_rows(b) if b.n else []
