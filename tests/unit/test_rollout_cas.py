@@ -5,6 +5,7 @@ the read and the PUT is refused; a dead owner's lease ends at its expiry."""
 from __future__ import annotations
 
 import copy
+import os
 import json
 import threading
 import time
@@ -177,3 +178,29 @@ def test_rollout_generation_is_validated():
     assert parse_user_config({"model_ref": 1, "rollout_generation": 4}) == {"model_ref": 1}
     with pytest.raises(ValueError, match="rollout_generation"):
         parse_user_config({"model_ref": 1, "rollout_generation": -1})
+
+
+def test_rollout_commands_find_the_token_where_ray_stored_it(reg, tmp_path, monkeypatch):
+    # a second terminal against `make demo`'s cluster: the token is in ~/.ray/auth_token, no RAY_* variable
+    from typer.testing import CliRunner
+
+    from raysys.cli import app
+    from raysys.workflow.cluster import use_cluster_token
+
+    for var in ("RAY_AUTH_MODE", "RAY_AUTH_TOKEN", "RAY_AUTH_TOKEN_PATH"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert not use_cluster_token() and "RAY_AUTH_MODE" not in os.environ  # no token: left alone
+    (tmp_path / "home" / ".ray").mkdir(parents=True)
+    (tmp_path / "home" / ".ray" / "auth_token").write_text("t" * 32)
+    seen = []
+
+    def admin(address=None):
+        seen.append(os.environ.get("RAY_AUTH_MODE"))
+        return FakeAdmin(reg)
+
+    monkeypatch.setattr(rollout, "ServeAdmin", admin)
+    res = CliRunner().invoke(app, ["serve", "status"])
+    assert res.exit_code == 0 and seen == ["token"], res.output
+    monkeypatch.setenv("RAY_AUTH_MODE", "disabled")  # an explicit choice is respected
+    assert not use_cluster_token() and os.environ["RAY_AUTH_MODE"] == "disabled"
