@@ -633,7 +633,7 @@ def test_a_version_whose_validation_raises_fails_only_its_own_requests(bits):
     out = score_requests([(stable, rows[:2], "instances"), (cand, rows[2:4], "instances"),
                           (stable, rows[4:5], "instances")])
     assert [type(o).__name__ for o in out] == ["ScoredRows", "ScoringError", "ScoredRows"]
-    assert out[1].model_version == 3 and out[1].status >= 500
+    assert isinstance(out[1], ScoringError) and out[1].model_version == 3 and out[1].status >= 500
 
 
 class _FakeRequest:
@@ -648,8 +648,6 @@ class _FakeRequest:
 def _bare_endpoint(versions):
     """A StudentEndpoint object without Ray or a registry: the request path over `versions`, the monitor's
     buffer in place of the actor."""
-    import asyncio
-
     from raysys.config import ServeConfig
     from serve.endpoint import StudentEndpoint
 
@@ -690,8 +688,8 @@ def test_errors_latency_and_rows_are_booked_to_the_version_that_failed_or_scored
     assert [a.status_code for a in answers] == [200] * 3 + [500] * 3 + [200]
     for a in answers[3:6]:
         assert json.loads(a.body)["detail"]["model_version"] == 2
-    # a request refused before any version was chosen (bad body) is the stable version's
-    bad = asyncio.run(ep.predict_response(_FakeRequest({"instances": "nope"})))
+    # a request refused before any version was chosen (an unknown key in its body) is the stable version's
+    bad = asyncio.run(ep.predict_response(_FakeRequest({"instances": rows[:1], "nope": 1})))
     assert bad.status_code == 422
     batches = {b["model_version"]: b for b in ep.monitor.buffer.take()}
     assert batches[2]["errors"] == 3 and batches[2]["request_ids"] == [to[2][3]]
