@@ -128,6 +128,9 @@ class ServeAdmin:
                 self.client = ServeSubmissionClient(self.address)
                 return
             except Exception as e:  # a dashboard that just started answers after a few seconds
+                if type(e).__name__ == "AuthenticationError":  # waiting does not bring a token: say so at once
+                    raise RolloutError(f"--address: the Ray dashboard at {self.address} refused this client: "
+                                       f"{str(e)[:600]}") from None
                 if time.monotonic() >= deadline:
                     raise RolloutError(
                         f"--address: cannot reach the Ray dashboard at {self.address} ({type(e).__name__}: "

@@ -5,8 +5,8 @@ the read and the PUT is refused; a dead owner's lease ends at its expiry."""
 from __future__ import annotations
 
 import copy
-import os
 import json
+import os
 import threading
 import time
 
