@@ -492,3 +492,22 @@ def test_registry_cli_list_show_promote_rollback(tmp_path, task_bits, monkeypatc
     assert r.exit_code == 2 and "no earlier version" in r.output
     r = runner.invoke(app, ["registry", "show", "nope", *root])
     assert r.exit_code == 2
+
+
+def test_exclusive_create_on_a_non_local_filesystem(tmp_path):
+    # object stores take the check-then-write path (pyarrow.fs has no conditional put): a taken name is refused
+    import pyarrow.fs as pafs
+
+    from raysys.registry.aliases import AliasStore
+
+    files = RegistryFiles(str(tmp_path / "reg"))
+    files.fs = pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())  # type_name "subtree", not "local"
+    assert files.fs.type_name != "local"
+    files.fs.create_dir(files.path("x"), recursive=True)
+    assert files.create_exclusive(files.path("x", "a.json"), b"1")
+    assert not files.create_exclusive(files.path("x", "a.json"), b"2")
+    assert files.read(files.path("x", "a.json")) == b"1"
+    store = AliasStore(files)
+    for v in (1, 2, 3):
+        store.move(NAME, "production", v, [1, 2, 3])
+    assert store.history(NAME, "production") == [1, 2, 3] and store.roll_back(NAME, "production", [1, 2, 3]) == 2
