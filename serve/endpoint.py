@@ -299,7 +299,7 @@ class StudentEndpoint:
         routed: list[Scorer] = []
         response = await guarded(self._predict_within_timeout(request, routed))
         if response.status_code >= 400 and self.monitor is not None:
-            self.monitor.add_error((routed[0] if routed else self.scorer).version)
+            self.monitor.add_error((routed[0] if routed else self.scorer).version, response.status_code >= 500)
         return response
 
     def feedback(self, items: list[tuple[str, Any]]) -> int:

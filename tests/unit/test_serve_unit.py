@@ -695,6 +695,8 @@ def test_errors_latency_and_rows_are_booked_to_the_version_that_failed_or_scored
     assert batches[2]["errors"] == 3 and batches[2]["request_ids"] == [to[2][3]]
     assert len(batches[2]["latency_ms"]) == 1 and len(batches[2]["x_cat"]) == 2
     assert batches[1].get("errors") is None or batches[1]["errors"] == 1  # the 422 only
+    # 5xx apart (a canary gate reads the non-5xx ratio): the candidate's 500s are, stable's 422 is not
+    assert batches[2]["server_errors"] == 3 and not batches[1].get("server_errors")
     assert batches[1]["request_ids"] == to[1][:3]
 
 
