@@ -347,7 +347,9 @@ class RequestIds:
 
 
 def _label_ok(v: Any) -> bool:
-    return bool((isinstance(v, str) and v and is_utf8(v)) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0))
+    if isinstance(v, str):
+        return bool(v) and is_utf8(v)
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _feedback_items(payload: Any) -> tuple[list, str | None]:
