@@ -19,8 +19,9 @@ DEFAULT_MODEL_NAME = "raysys-student"
 DEFAULT_MONITOR_NAME = "raysys_monitor"
 DEFAULT_MONITOR_NAMESPACE = "raysys"
 
+# rollout_generation: bumped by every `serve.rollout` change (its compare-and-swap); replicas ignore it
 USER_CONFIG_KEYS = ("model_ref", "model_version", "candidate_ref", "canary_percent", "max_batch_size",
-                    "batch_wait_timeout_s")
+                    "batch_wait_timeout_s", "rollout_generation")
 APP_ARG_KEYS = ("registry_uri", "model_name", "model_ref", "serve_cfg", "monitor_cfg", "monitor", "monitor_name",
                 "monitor_namespace", "torch_threads")
 
@@ -93,6 +94,10 @@ def parse_user_config(user_config: Any) -> dict[str, Any]:
     unknown = sorted(set(user_config) - set(USER_CONFIG_KEYS))
     if unknown:
         raise ValueError(f"user_config.{unknown[0]}: unknown key; allowed keys are {list(USER_CONFIG_KEYS)}")
+    gen = user_config.get("rollout_generation", 0)
+    if isinstance(gen, bool) or not isinstance(gen, int) or gen < 0:
+        raise ValueError(f"user_config.rollout_generation: must be an integer >= 0 (raysys serve canary/promote/"
+                         f"rollback set it), got {gen!r}")
     return {**_stable_ref(user_config), **_canary(user_config), **_batching(user_config)}
 
 

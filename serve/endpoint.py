@@ -256,15 +256,20 @@ class StudentEndpoint:
     def check_auth(self, request: Any) -> None:
         check_auth(request.headers.get("authorization"), self._api_token, request.headers.get("x-api-key"))
 
-    async def _predict(self, request: Any) -> Response:
+    async def _predict(self, request: Any, routed: list[Scorer]) -> Response:
+        """Parse, route, score. `routed` gets the version the request is booked to: the stable one until a
+        version is chosen (a request refused before that, e.g. for its body, is the endpoint's), then the
+        version that scores it, so that its error, latency and rows all count for that version."""
         t0 = time.perf_counter()
-        self.check_auth(request)
         versions = self.versions  # one routing state for the whole request, even across a rollout
+        routed.append(versions.stable)
+        self.check_auth(request)
         max_rows = self.serve_cfg.max_instances_per_request
         body = await read_body_capped(request, max_body_bytes(versions.stable.schema, max_rows))
         parsed = parse_predict(body, max_instances=max_rows)
         request_id = parsed.request_id if parsed.request_id is not None else self._request_ids.next()
         scorer = versions.route(request_id)
+        routed[0] = scorer
         self._start_monitor()
         item = (scorer, parsed.rows, parsed.prefix, t0, request_id)
         if isinstance(parsed.rows, list) and len(parsed.rows) >= self.max_batch_size:
@@ -279,20 +284,22 @@ class StudentEndpoint:
         out["request_id"] = request_id
         return Response(json.dumps(out, separators=(",", ":")), media_type="application/json")
 
-    async def _predict_within_timeout(self, request: Any) -> Response:
+    async def _predict_within_timeout(self, request: Any, routed: list[Scorer]) -> Response:
         try:
             # asyncio.timeout, not wait_for: no extra task per request
             async with asyncio.timeout(self.serve_cfg.request_timeout_s):
-                return await self._predict(request)
+                return await self._predict(request, routed)
         except TimeoutError:
             raise RequestError(504, None, f"not answered within serve.request_timeout_s="
                                           f"{self.serve_cfg.request_timeout_s:g}s; retry later") from None
 
     async def predict_response(self, request: Any) -> Response:
-        """POST /v1/predict, whole: errors become their JSON answers and count toward the monitor's error rate."""
-        response = await guarded(self._predict_within_timeout(request))
+        """POST /v1/predict, whole: errors become their JSON answers and count toward the monitor's error rate
+        of the version the request was routed to (a failing canary's errors are the canary's)."""
+        routed: list[Scorer] = []
+        response = await guarded(self._predict_within_timeout(request, routed))
         if response.status_code >= 400 and self.monitor is not None:
-            self.monitor.add_error(self.scorer.version)
+            self.monitor.add_error((routed[0] if routed else self.scorer).version, response.status_code >= 500)
         return response
 
     def feedback(self, items: list[tuple[str, Any]]) -> int:

@@ -43,6 +43,7 @@ class MonitorBuffer:
         self._lock = threading.Lock()
         self._parts: dict[Any, list[tuple]] = {}
         self._errors: dict[Any, int] = {}
+        self._server_errors: dict[Any, int] = {}  # the 5xx among _errors (a canary gate reads these)
         self.rows = 0
         self.rows_dropped = 0
 
@@ -70,15 +71,19 @@ class MonitorBuffer:
                 kept += 1
         return kept
 
-    def add_error(self, model_version: Any) -> None:
+    def add_error(self, model_version: Any, server: bool = False) -> None:
+        """A failed request of `model_version`; `server`: a 5xx (the version failed), not the client's fault."""
         with self._lock:
             self._errors[model_version] = self._errors.get(model_version, 0) + 1
+            if server:
+                self._server_errors[model_version] = self._server_errors.get(model_version, 0) + 1
 
     def take(self) -> list[dict[str, Any]]:
         """Everything buffered, as `record` batches (one per model version); empties the buffer."""
         with self._lock:
             parts, self._parts, self.rows = self._parts, {}, 0
             errors, self._errors = self._errors, {}
+            server, self._server_errors = self._server_errors, {}
         out = []
         for version, ps in parts.items():
             batch = {"x_num": np.concatenate([p[0] for p in ps]).astype(np.float32, copy=False),
@@ -95,10 +100,14 @@ class MonitorBuffer:
                 batch["rows_per_request"] = [len(p[1]) for p in ps]
             if errors.get(version):
                 batch["errors"] = errors.pop(version)
+            if server.get(version):
+                batch["server_errors"] = server.pop(version)
             out.append(batch)
         for version, count in errors.items():  # versions with failures only
             out.append({"x_num": np.zeros(0, np.float32), "x_cat": np.zeros(0, np.int64),
                         "pred": np.zeros(0, np.int64), "latency_ms": [], "model_version": version, "errors": count})
+            if server.get(version):
+                out[-1]["server_errors"] = server[version]
         return out
 
 
@@ -160,8 +169,8 @@ class MonitorLink:
         if self.buffer.rows >= self.flush_rows and self._wake is not None:
             self._wake.set()
 
-    def add_error(self, model_version) -> None:
-        self.buffer.add_error(model_version)
+    def add_error(self, model_version, server: bool = False) -> None:
+        self.buffer.add_error(model_version, server)
 
     def feedback(self, items: list[tuple[str, Any]]) -> bool:
         """Send labels to the monitor (fire-and-forget). False when the monitor is unavailable."""

@@ -13,9 +13,9 @@ and `validate_rows` (inside `serve.scoring.score_requests`) for each batch.
 
 from __future__ import annotations
 
-import itertools
 import json
-import uuid
+import re
+import secrets
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,10 @@ MAX_ABS_Z = 1e6
 MAX_REQUEST_ID_CHARS = 128
 MAX_FEEDBACK_ITEMS = 10_000
 PREDICT_KEYS = ("instances", "columns", "data", "request_id")
+# the JSON escape of a UTF-16 surrogate (\ud800-\udfff): the only way a JSON text decoded as UTF-8 can carry a
+# string that is not valid UTF-8 text (a lone surrogate). A body without one needs no per-string check.
+_SURROGATE_ESCAPE = re.compile(rb"\\u[dD][89abcdefABCDEF]")
+NOT_UTF8 = "is not valid UTF-8 text (a lone surrogate such as \\ud800); send Unicode text"
 
 
 class RequestError(Exception):
@@ -163,10 +167,59 @@ def request_rows(payload: dict[str, Any], *, max_instances: int) -> tuple[Any, s
     return columns_to_rows(payload["columns"], payload["data"], max_instances=max_instances), "data"
 
 
+def is_utf8(text: str) -> bool:
+    """Whether `text` can be written as UTF-8 (Parquet, hashing, logs): False for lone surrogates."""
+    if text.isascii():
+        return True
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        return False
+    return True
+
+
+def shown(text: str) -> str:
+    """`text` with lone surrogates written as \\udXXX escapes, for a field name in an error."""
+    return text.encode("utf-8", "backslashreplace").decode("utf-8")
+
+
+def _check_row_text(row: Any, where: str, names: list[str] | None = None) -> None:
+    """A row object (or, with `names`, a column-form row of values) whose keys and string values are
+    UTF-8 text; 422 naming `<where>.<feature>` otherwise."""
+    pairs = zip(names, row) if names is not None else row.items() if isinstance(row, dict) else ()
+    for name, value in pairs:
+        if isinstance(name, str) and not is_utf8(name):
+            raise RequestError(422, f"{where}.{shown(name)}", f"feature name {NOT_UTF8}")
+        if isinstance(value, str) and not is_utf8(value):
+            raise RequestError(422, f"{where}.{shown(str(name))}", f"value {NOT_UTF8}")
+
+
+def check_payload_text(payload: dict[str, Any]) -> None:
+    """Feature names and string values of a /v1/predict payload (that passed `check_predict_payload`) are
+    UTF-8 text: 422 naming `instances[i].<name>`, `columns[j]` or `data[r].<name>` otherwise. A category or
+    name that is not text would otherwise reach the monitor's Parquet writer, which refuses it."""
+    if "instances" in payload:
+        rows = payload["instances"]
+        for i, row in enumerate(rows if isinstance(rows, list) else ()):
+            _check_row_text(row, f"instances[{i}]")
+        return
+    columns = payload.get("columns")
+    names = columns if isinstance(columns, list) else []
+    for j, name in enumerate(names):
+        if isinstance(name, str) and not is_utf8(name):
+            raise RequestError(422, f"columns[{j}]", f"feature name {NOT_UTF8}")
+    data = payload.get("data")
+    for r, values in enumerate(data if isinstance(data, list) else ()):
+        if isinstance(values, list):
+            _check_row_text(values, f"data[{r}]", [str(n) for n in names])
+
+
 def check_request_id(value: Any, where: str = "request_id") -> str:
     if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
         raise RequestError(422, where, "must be a non-empty string (or an integer)")
     value = str(value)
+    if not is_utf8(value):
+        raise RequestError(422, where, NOT_UTF8)
     if len(value) > MAX_REQUEST_ID_CHARS:
         raise RequestError(422, where, f"at most {MAX_REQUEST_ID_CHARS} characters")
     return value
@@ -178,6 +231,9 @@ def parse_predict(body: bytes | str | Any, *, max_instances: int) -> PredictRequ
     id or column form; 413 for more than `max_instances` rows."""
     payload = parse_json_body(body) if isinstance(body, (bytes, bytearray, str)) else body
     check_predict_payload(payload)
+    # bytes (what the endpoint gets) hold a lone surrogate only as a \udXXX escape: most bodies skip the walk
+    if not isinstance(body, (bytes, bytearray)) or _SURROGATE_ESCAPE.search(body):
+        check_payload_text(payload)
     request_id = check_request_id(payload["request_id"]) if "request_id" in payload else None
     rows, prefix = request_rows(payload, max_instances=max_instances)
     return PredictRequest(rows, prefix, request_id)
@@ -282,19 +338,18 @@ def validate_request(body: bytes | str | Any, schema: DatasetSchema, preprocesso
 
 
 class RequestIds:
-    """Request ids for requests that came without one: a random 64-bit prefix per replica + a counter, 32 hex
-    characters like a uuid4's hex, unique across replicas, without a urandom syscall per request."""
-
-    def __init__(self) -> None:
-        self._prefix = uuid.uuid4().hex[:16]
-        self._count = itertools.count()
+    """Request ids for requests that came without one: 128 bits from the OS CSPRNG each, 32 hex characters
+    like a uuid4's hex. Unguessable: an id is what a client needs to send feedback for a request, so
+    knowing one's own ids must tell nothing about anyone else's (no per-replica prefix, no counter)."""
 
     def next(self) -> str:
-        return f"{self._prefix}{next(self._count) & 0xFFFFFFFFFFFFFFFF:016x}"
+        return secrets.token_hex(16)
 
 
 def _label_ok(v: Any) -> bool:
-    return bool((isinstance(v, str) and v) or (isinstance(v, int) and not isinstance(v, bool) and v >= 0))
+    if isinstance(v, str):
+        return bool(v) and is_utf8(v)
+    return isinstance(v, int) and not isinstance(v, bool) and v >= 0
 
 
 def _feedback_items(payload: Any) -> tuple[list, str | None]:

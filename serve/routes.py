@@ -4,12 +4,15 @@ fast path for the hot route. Routes reach the endpoint through their closure, ne
 HTTP API (under the application's route prefix):
 
     POST /v1/predict   {"instances": [{"<feature>": value, ...}, ...]} (or {"columns": [...], "data": [[...]]}),
-                       optional "request_id" (at most 128 characters; one is made when absent, and returned)
+                       optional "request_id" (at most 128 characters; an unguessable one is made when absent, and
+                       returned)
                        -> {"predictions": [class], "probabilities": [[p]], "classes": [...],
                            "model_version": N, "model_name": "...", "request_id": "..."}
                        422 {"detail": {"field": "instances[0].x3", "message": "..."}} for a bad input,
                        413 for too many rows (serve.max_instances_per_request) or an oversized body,
-                       401 when an API key is configured and missing/wrong, 504 past serve.request_timeout_s.
+                       401 when an API key is configured and missing/wrong, 504 past serve.request_timeout_s,
+                       500 {"detail": {..., "model_version": N}} when version N (a canary) failed to score it;
+                       a request id, feature name or value that is not UTF-8 text (lone surrogate) is a 422.
     POST /v1/feedback  {"request_id": "...", "label": "<class>"} (or {"feedback": [{...}, ...]}): delayed labels,
                        joined by the monitor to the logged predictions (202; 503 when monitoring is off)
     GET  /v1/model     name, version, schema, metrics, lineage, model spec, the canary if any

@@ -4,6 +4,7 @@ logging, loading the config, turning a user error into exit status 2, starting R
 from __future__ import annotations
 
 import logging
+import os
 import signal
 import time
 from pathlib import Path
@@ -63,9 +64,19 @@ def guard(fn, *args, **kwargs):
         raise fail(str(e)) from None
 
 
+def find_cluster_token() -> None:
+    """Before any Ray client call: use the cluster's auth token where Ray stored it (~/.ray/auth_token),
+    so no command needs RAY_AUTH_MODE=token exported by hand."""
+    from raysys.workflow.cluster import use_cluster_token
+
+    use_cluster_token()
+
+
 def start_ray(address: str | None):
     from raysys.workflow.cluster import dashboard_url, init_ray
 
+    if address or os.environ.get("RAY_ADDRESS"):  # joining a running cluster: use its token
+        find_cluster_token()
     ctx = init_ray(address)
     url = dashboard_url(ctx)
     console.print(f"Ray dashboard: [bold]{url or 'not available'}[/]")

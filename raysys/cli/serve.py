@@ -16,6 +16,7 @@ from raysys.cli.common import (
     absolute_config,
     console,
     fail,
+    find_cluster_token,
     guard,
     setup_logging,
     start_ray,
@@ -27,7 +28,7 @@ serve_app = typer.Typer(no_args_is_help=True, help="Deploy the endpoint; roll ve
 
 Dashboard = Annotated[str | None, typer.Option(
     "--address", help="Ray dashboard URL of the cluster (default: RAY_DASHBOARD_ADDRESS or http://127.0.0.1:8265); "
-                      "export RAY_AUTH_MODE=token for a token-auth cluster.")]
+                      "the cluster's auth token is read where Ray stores it (~/.ray/auth_token).")]
 AppName = Annotated[str, typer.Option("--app", help="Serve application name.")]
 
 
@@ -61,6 +62,7 @@ def _rollout(fn, *args, **kwargs) -> dict:
     from serve.rollout import ServeAdmin
 
     def run():
+        find_cluster_token()
         return fn(ServeAdmin(kwargs.pop("address")), *args, **kwargs)
 
     t0 = time.perf_counter()
@@ -120,6 +122,7 @@ def serve_status(app_name: AppName = "raysys", address: Dashboard = None):
     from serve.rollout import ServeAdmin, current_rollout
 
     def run():
+        find_cluster_token()
         admin = ServeAdmin(address)
         _, app_conf, user = current_rollout(admin, app_name)
         return (admin.details().get("applications") or {}).get(app_name, {}), user

@@ -87,3 +87,13 @@ def request_rows(batch: dict[str, Any], n: int) -> list[int] | None:
     if len(per) != len(ids) or sum(per) != n:
         raise ValueError(f"monitor.record: rows_per_request must give one count per request id summing to {n}")
     return per
+
+
+def text_request_ids(batch: dict[str, Any]) -> dict[str, Any]:
+    """`batch` with its request ids as UTF-8-writable text: an id with a lone surrogate (not valid UTF-8,
+    which Parquet refuses) is kept with it escaped (`\\ud800`), so one bad id cannot fail a whole batch.
+    The same batch when every id is already fine (the usual case: one isascii() per id)."""
+    ids = batch.get("request_ids")
+    if not ids or all(isinstance(r, str) and r.isascii() for r in ids):
+        return batch
+    return dict(batch, request_ids=[str(r).encode("utf-8", "backslashreplace").decode("utf-8") for r in ids])

@@ -35,7 +35,7 @@ import numpy as np
 from raysys.config import MonitorConfig
 from raysys.data.schema import DatasetSchema
 from raysys.monitor.accuracy import AccuracyTracker, OnlineRecalibration, PredictionLog, confidence_estimate
-from raysys.monitor.batch import RecordBatch, parse_batch, request_rows
+from raysys.monitor.batch import RecordBatch, parse_batch, request_rows, text_request_ids
 from raysys.monitor.drift import WindowTester
 from raysys.monitor.latency import RequestCounters
 from raysys.monitor.online import detector_for, is_current, score_rows, threshold_for_ert
@@ -159,14 +159,16 @@ class Monitor:
         """Add a batch: x_num float [n, n_num] raw, x_cat int [n, n_cat], pred int [n] (optional), proba
         float [n, K] (optional), latency_ms list (one per request), model_version (optional; defaults to
         the profile's), request_ids (optional, one per request), rows_per_request (optional, one per
-        request; default one row each), errors (optional: requests that failed). Returns the alarms."""
+        request; default one row each), errors (optional: requests that failed), server_errors (optional:
+        how many of those were 5xx, the version's fault). Returns the alarms."""
+        batch = text_request_ids(batch)
         b = parse_batch(batch, n_num=len(self.profile.numeric), cat_bins=self._cat_bins,
                         num_classes=self.num_classes, model_version=self.model_version)
         alarms = self._add_rows(b) if b.n else []
         per_request = self._log_requests(batch, b)
         errors = int(batch.get("errors") or 0)
         now = self._clock()
-        self.counts.add_requests(b.key, b.latency, b.n, errors, now)
+        self.counts.add_requests(b.key, b.latency, b.n, errors, now, int(batch.get("server_errors") or 0))
         if self.recent is not None and b.n:
             self.recent.add_rows(self.profile, b, batch.get("request_ids"), per_request)
         metrics = self._dashboard()
@@ -367,6 +369,7 @@ class Monitor:
             "latency_by_version": {v: h.summary() for v, h in c.latency_hist.items()},
             "requests_per_s": req_s, "rows_per_s": rows_s, "error_rate": err_rate,
             "errors_by_version": dict(c.errors_by_version),
+            "server_errors_by_version": dict(c.server_errors_by_version),
             "accuracy": acc,
             "alert_events": list(self.alert_events[-20:]),
             "retrain": self.retrain.summary(),

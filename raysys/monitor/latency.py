@@ -77,6 +77,7 @@ class RequestCounters:
         self.errors = 0
         self.predictions_by_version: dict[str, int] = {}
         self.errors_by_version: dict[str, int] = {}
+        self.server_errors_by_version: dict[str, int] = {}  # the 5xx among errors_by_version
         self.latency_hist: dict[str, LogHistogram] = {}
         self._rate: deque[list[float]] = deque()  # [second, requests, rows, errors], one entry per second
         self.started = self._clock()
@@ -85,14 +86,18 @@ class RequestCounters:
         self.rows += n
         self.predictions_by_version[key] = self.predictions_by_version.get(key, 0) + n
 
-    def add_requests(self, key: str, latency: np.ndarray, rows: int, errors: int, now: float) -> None:
-        """One latency per request; `rows` (already counted by `add_rows`) only feeds the per-second rate."""
+    def add_requests(self, key: str, latency: np.ndarray, rows: int, errors: int, now: float,
+                     server_errors: int = 0) -> None:
+        """One latency per request; `rows` (already counted by `add_rows`) only feeds the per-second rate;
+        `server_errors`: how many of `errors` were 5xx (the version failed, not the client)."""
         self.latencies.add(latency.reshape(-1, 1))
         self.latency_hist.setdefault(key, LogHistogram()).add(latency)
         self.requests += len(latency)
         if errors:
             self.errors += errors
             self.errors_by_version[key] = self.errors_by_version.get(key, 0) + errors
+        if server_errors:
+            self.server_errors_by_version[key] = self.server_errors_by_version.get(key, 0) + server_errors
         sec = math.floor(now)
         if self._rate and self._rate[-1][0] == sec:
             self._rate[-1][1] += len(latency)
@@ -122,6 +127,7 @@ class RequestCounters:
     def state(self) -> dict[str, Any]:
         return {"rows_seen": self.rows, "requests_seen": self.requests, "errors_seen": self.errors,
                 "predictions_by_version": self.predictions_by_version, "errors_by_version": self.errors_by_version,
+                "server_errors_by_version": self.server_errors_by_version,
                 "latency_hist": {v: h.counts.tolist() for v, h in self.latency_hist.items()}}
 
     def load_state(self, st: dict[str, Any], latencies: np.ndarray) -> None:
@@ -130,4 +136,5 @@ class RequestCounters:
         self.errors = int(st.get("errors_seen", 0))
         self.predictions_by_version = dict(st["predictions_by_version"])
         self.errors_by_version = dict(st.get("errors_by_version", {}))
+        self.server_errors_by_version = dict(st.get("server_errors_by_version", {}))
         self.latency_hist = {v: LogHistogram(c) for v, c in st["latency_hist"].items()}

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
 import re
 import time
 import uuid
@@ -121,6 +122,29 @@ class RegistryFiles:
         tmp = f"{path}.tmp-{uuid.uuid4().hex}"
         self.write(tmp, data)
         self.fs.move(tmp, path)
+
+    def create_exclusive(self, path: str, data: bytes) -> bool:
+        """Create `path` holding `data` unless it exists: True when this call created it, False when another
+        writer had. Readers never see a partial file. On a local filesystem the complete file is hard-linked
+        into place (`link` refuses an existing target, atomically). pyarrow.fs has no conditional put for
+        object stores, so there it is check-then-write followed by a read-back of this writer's bytes: two
+        writers that race inside that window can both succeed (the later one's bytes stay), which is the
+        documented limit of alias moves on object storage."""
+        tmp = f"{path}.tmp-{uuid.uuid4().hex}"
+        if self.fs.type_name == "local":
+            self.write(tmp, data)
+            try:
+                os.link(tmp, path)
+                return True
+            except FileExistsError:
+                return False
+            finally:
+                os.unlink(tmp)
+        if self.exists(path):
+            return False
+        self.write(tmp, data)
+        self.fs.move(tmp, path)
+        return self.read(path) == data
 
     def delete_file(self, path: str) -> None:
         if self.exists(path):

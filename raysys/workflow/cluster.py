@@ -3,7 +3,33 @@
 from __future__ import annotations
 
 import os
+from pathlib import Path
 from typing import Any
+
+
+def use_cluster_token() -> bool:
+    """Turn on token auth for this process (RAY_AUTH_MODE=token) when RAY_AUTH_MODE is unset and a token is
+    where Ray keeps it: RAY_AUTH_TOKEN, the file RAY_AUTH_TOKEN_PATH, or ~/.ray/auth_token (where a new local
+    `ray.init()` cluster, such as `make demo`'s, stores it). `ray.init(address=...)` does the same for
+    itself, but Serve's REST client (`raysys serve status|canary|promote|rollback`) does not: without this a
+    second terminal fails with "Token authentication is enabled but no authentication token was found".
+    Returns whether token auth is on. An explicit RAY_AUTH_MODE (e.g. "disabled") is left alone."""
+    mode = os.environ.get("RAY_AUTH_MODE")
+    if mode is not None:
+        return mode.lower() == "token"
+    path = os.environ.get("RAY_AUTH_TOKEN_PATH")
+    has_token = bool(os.environ.get("RAY_AUTH_TOKEN", "").strip()) or (
+        Path(path).expanduser().is_file() if path else (Path.home() / ".ray" / "auth_token").is_file())
+    if not has_token:
+        return False
+    os.environ["RAY_AUTH_MODE"] = "token"
+    try:  # Ray caches its config; refresh it as ray._private.authentication does when it enables token auth
+        from ray._raylet import Config
+
+        Config.initialize("")
+    except Exception:  # an older Ray reads the environment when it first needs it
+        pass
+    return True
 
 
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True):

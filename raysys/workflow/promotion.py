@@ -81,7 +81,8 @@ def canary_then_decide(admin, app: dict, version: int, wins: bool, why: str, per
     before = _monitor_counts(app, version) or (0, 0)
     t0 = time.monotonic()
     try:
-        rollout.canary(admin, name, version, percent)
+        # the generation this job wrote: promote/rollback below refuse if somebody changed the rollout since
+        gen = rollout.canary(admin, name, version, percent)["rollout_generation"]
     except rollout.RolloutError as e:
         raise RetrainError(f"the canary of v{version} in {name!r} could not start ({e}); it stays the "
                            "candidate") from None
@@ -99,15 +100,16 @@ def canary_then_decide(admin, app: dict, version: int, wins: bool, why: str, per
                                 f"{min_rows}: no traffic, or the replicas could not load v{version}; see /healthz); "
                                 f"{why}")
         if wins:
-            rollout.promote(admin, name)
+            rollout.promote(admin, name, expect_generation=gen)
             log.info("retrain: promoted v%d in %r and the registry's production alias: %s", version, name, why)
         else:
-            rollout.rollback(admin, name)  # with a canary running: stops it, all traffic back to the stable one
+            # with a canary running: stops it, all traffic back to the stable one
+            rollout.rollback(admin, name, expect_generation=gen)
             log.warning("retrain: canary of v%d stopped, it stays the candidate: %s", version, why)
         return wins, why, canary
     except BaseException:
         try:
-            rollout.rollback(admin, name)
+            rollout.rollback(admin, name, expect_generation=gen)
         except Exception as e:
             log.error("retrain: could not undo the rollout in %r: %s", name, e)
         raise

@@ -124,9 +124,13 @@ def test_the_canary_promotes_only_a_winner_that_served_without_errors(monkeypatc
 
     job = promotion
     calls = []
-    monkeypatch.setattr(serving, "canary", lambda admin, app, v, pct: calls.append(("canary", v, pct)))
-    monkeypatch.setattr(serving, "promote", lambda admin, app: calls.append(("promote",)))
-    monkeypatch.setattr(serving, "rollback", lambda admin, app: calls.append(("rollback",)))
+    # the job passes the rollout generation its canary wrote to promote/rollback (their compare-and-swap)
+    monkeypatch.setattr(serving, "canary", lambda admin, app, v, pct: calls.append(("canary", v, pct))
+                        or {"rollout_generation": 5})
+    monkeypatch.setattr(serving, "promote", lambda admin, app, expect_generation: calls.append(("promote",))
+                        if expect_generation == 5 else None)
+    monkeypatch.setattr(serving, "rollback", lambda admin, app, expect_generation: calls.append(("rollback",))
+                        if expect_generation == 5 else None)
     app = {"name": "app", "args": {}}
 
     def run(counts, wins=True):
@@ -144,7 +148,7 @@ def test_the_canary_promotes_only_a_winner_that_served_without_errors(monkeypatc
     assert not promoted and "scored 0 rows" in why and calls[-1] == ("rollback",)
     promoted, why, _ = run([None, None])  # no monitor to ask: the holdout decides
     assert promoted and calls[-1] == ("promote",)
-    monkeypatch.setattr(serving, "promote", lambda admin, app: (_ for _ in ()).throw(RuntimeError("boom")))
+    monkeypatch.setattr(serving, "promote", lambda admin, app, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
     with pytest.raises(RuntimeError, match="boom"):
         run([(0, 0), (5, 0)])
     assert calls[-1] == ("rollback",)  # a rollout that fails half-way is undone

@@ -476,3 +476,40 @@ def test_window_ks_dense_grid_matches_scipy_and_old_profiles_load():
     big = ReferenceProfile.from_arrays(schema, rng.normal(size=(10_000, 45)),
                                        rng.integers(0, 3, (10_000, 5)))
     assert len(json.dumps(big.to_dict())) <= 1_000_000
+
+
+def test_record_takes_request_ids_that_are_not_utf8_text(task, tmp_path):
+    """An id with a lone surrogate (the endpoint refuses those, but `record` is the monitor's own contract)
+    is stored escaped: Parquet takes only UTF-8, and a refused batch would stop the replica's link."""
+    import pyarrow.parquet as pq
+
+    schema = task.schema()
+    x_num, x_cat, y, _ = _arrays(task, 500, 1)
+    prof = ReferenceProfile.from_arrays(schema, x_num, x_cat, pred=y)
+    cfg = MonitorConfig(window_size=100, traffic_uri=str(tmp_path / "traffic"))
+    mon = Monitor(prof, schema, cfg, model_version="1", clock=FakeClock(1000.0))
+    batch = dict(_batch(x_num[:3], x_cat[:3], y[:3]), request_ids=["ok", "bad-\ud800", "\U0001F600"],
+                 latency_ms=[1.0, 1.0, 1.0])
+    mon.record(batch)
+    mon.record(_batch(x_num[3:5], x_cat[3:5], y[3:5], latency=[1.0, 1.0]))
+    rep = mon.report()
+    assert rep["rows_seen"] == 5 and rep["requests_seen"] == 5
+    mon.recent.traffic.flush()
+    ids = pq.read_table(mon.traffic.files()[-1]).column("request_id").to_pylist()
+    assert ids[:3] == ["ok", "bad-\\ud800", "\U0001F600"]
+
+
+def test_server_errors_are_counted_per_version_apart_from_client_errors(task):
+    schema = task.schema()
+    x_num, x_cat, y, _ = _arrays(task, 500, 1)
+    prof = ReferenceProfile.from_arrays(schema, x_num, x_cat, pred=y)
+    mon = Monitor(prof, schema, MonitorConfig(window_size=100), model_version="1", clock=FakeClock(1000.0))
+    mon.record(dict(_batch(x_num[:4], x_cat[:4], y[:4]), errors=2))  # two 4xx of stable
+    mon.record({"x_num": np.zeros(0), "x_cat": np.zeros(0), "latency_ms": [], "model_version": "2", "errors": 5,
+                "server_errors": 4})
+    rep = mon.report()
+    assert rep["errors_by_version"] == {"1": 2, "2": 5}
+    assert rep["server_errors_by_version"] == {"2": 4}
+    again = Monitor(prof, schema, MonitorConfig(window_size=100), model_version="1", clock=FakeClock(1000.0))
+    again.counts.load_state(mon.counts.state(), np.zeros((0, 1)))
+    assert again.report()["server_errors_by_version"] == {"2": 4}

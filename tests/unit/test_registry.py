@@ -292,11 +292,13 @@ def test_alias_history_and_rollback(tmp_path, task_bits):
     assert reg.alias_history(NAME, "production") == [1, 2]
     assert reg.rollback(NAME, "production") == 1 and reg.load(NAME).version == 1
     assert reg.get_alias(NAME, "candidate") == 3  # other aliases untouched
-    # every move was a rename over the alias file: no temp files left, and the file is always complete
+    # every move created the next generation file of its alias (the no-op move wrote none); no temp files left
     adir = tmp_path / "reg" / NAME / "aliases"
-    assert sorted(p.name for p in adir.iterdir()) == ["candidate.json", "production.json"]
-    state = json.loads((adir / "production.json").read_text())
-    assert state["version"] == 1 and state["rolled_back_from"] == 2
+    assert sorted(p.name for p in adir.iterdir()) == ["candidate", "production"]
+    gens = sorted(p.name for p in (adir / "production").iterdir())
+    assert gens == [f"{g:012d}.json" for g in range(1, 6)]  # 1, 2, 3, rollback, rollback
+    state = json.loads((adir / "production" / gens[-1]).read_text())
+    assert state["version"] == 1 and state["rolled_back_from"] == 2 and state["generation"] == 5
     d = reg.describe(NAME, "production")
     assert d["alias_history"]["production"] == [1]
 
@@ -307,18 +309,13 @@ def test_alias_moves_are_atomic_for_concurrent_readers(tmp_path, task_bits, monk
     for s in range(2):
         _register(reg, schema, pre, seed=s)
     reg.set_alias(NAME, "production", 1)
-    # a writer that dies after writing its temp file but before the rename leaves the alias as it was
-    class NoRename:
-        def __init__(self, fs):
-            self._fs = fs
+    # a writer that dies after writing its temp file but before the exclusive create leaves the alias as it was
+    import raysys.registry.files as files_mod
 
-        def __getattr__(self, attr):
-            return getattr(self._fs, attr)
+    def no_link(*args):
+        raise OSError("killed before the link")
 
-        def move(self, *args):
-            raise OSError("killed before the rename")
-
-    monkeypatch.setattr(reg.files, "fs", NoRename(reg.files.fs))
+    monkeypatch.setattr(files_mod.os, "link", no_link)
     with pytest.raises(OSError):
         reg.set_alias(NAME, "production", 2)
     monkeypatch.undo()
@@ -338,6 +335,64 @@ def test_alias_moves_are_atomic_for_concurrent_readers(tmp_path, task_bits, monk
     stop.set()
     t.join()
     assert seen and set(seen) <= {1, 2}  # never missing, never half-written
+
+
+def _move_many(root: str, worker: int, moves: int, versions: list[int], start) -> None:
+    """One concurrent mover (thread or process): moves `production` to its own distinct versions."""
+    from raysys.registry.aliases import AliasStore
+
+    store = AliasStore(RegistryFiles(root))
+    start.wait()
+    for j in range(moves):
+        store.move(NAME, "production", worker * moves + j + 1, versions)
+
+
+@pytest.mark.parametrize("kind", ["threads", "processes"])
+def test_concurrent_alias_moves_lose_no_history_entry(tmp_path, kind):
+    # read-modify-write of one alias file: two movers read the same history, the later rename drops the
+    # other's entry. Every mover's entry must land, and the alias must be the last history entry
+    import multiprocessing as mp
+
+    from raysys.registry.aliases import AliasStore
+
+    workers, moves = 4, 12  # 48 distinct versions <= MAX_ALIAS_HISTORY, so nothing is trimmed
+    versions = list(range(1, workers * moves + 1))
+    root = str(tmp_path / "reg")
+    if kind == "threads":
+        start = threading.Barrier(workers)
+        runners = [threading.Thread(target=_move_many, args=(root, w, moves, versions, start)) for w in range(workers)]
+    else:
+        ctx = mp.get_context("spawn")
+        start = ctx.Barrier(workers)
+        runners = [ctx.Process(target=_move_many, args=(root, w, moves, versions, start)) for w in range(workers)]
+    for r in runners:
+        r.start()
+    for r in runners:
+        r.join(timeout=300)
+    if kind == "processes":
+        assert [r.exitcode for r in runners] == [0] * workers
+    store = AliasStore(RegistryFiles(root))
+    history = store.history(NAME, "production")
+    assert sorted(history) == versions  # exactly N*M entries, none lost, none doubled
+    for w in range(workers):  # each mover's own moves landed in its order
+        mine = [v for v in history if (v - 1) // moves == w]
+        assert mine == sorted(mine)
+    assert store.get(NAME, "production") == history[-1]
+    assert store.all(NAME) == {"production": history[-1]}
+
+
+def test_alias_file_of_an_older_registry_is_read_and_moved_on(tmp_path):
+    from raysys.registry.aliases import AliasStore
+
+    adir = tmp_path / "reg" / NAME / "aliases"
+    adir.mkdir(parents=True)
+    (adir / "production.json").write_text(json.dumps({"version": 2, "previous": 1, "history": [1, 2]}))
+    store = AliasStore(RegistryFiles(str(tmp_path / "reg")))
+    assert store.get(NAME, "production") == 2 and store.all(NAME) == {"production": 2}
+    store.move(NAME, "production", 3, [1, 2, 3])
+    assert store.history(NAME, "production") == [1, 2, 3] and store.all(NAME) == {"production": 3}
+    store.delete(NAME, "production")
+    assert store.all(NAME) == {} and store.get(NAME, "production") is None
 
 
 def test_model_card_stored_verified_and_rendered(tmp_path, task_bits):
@@ -437,3 +492,22 @@ def test_registry_cli_list_show_promote_rollback(tmp_path, task_bits, monkeypatc
     assert r.exit_code == 2 and "no earlier version" in r.output
     r = runner.invoke(app, ["registry", "show", "nope", *root])
     assert r.exit_code == 2
+
+
+def test_exclusive_create_on_a_non_local_filesystem(tmp_path):
+    # object stores take the check-then-write path (pyarrow.fs has no conditional put): a taken name is refused
+    import pyarrow.fs as pafs
+
+    from raysys.registry.aliases import AliasStore
+
+    files = RegistryFiles(str(tmp_path / "reg"))
+    files.fs = pafs.SubTreeFileSystem("/", pafs.LocalFileSystem())  # type_name "subtree", not "local"
+    assert files.fs.type_name != "local"
+    files.fs.create_dir(files.path("x"), recursive=True)
+    assert files.create_exclusive(files.path("x", "a.json"), b"1")
+    assert not files.create_exclusive(files.path("x", "a.json"), b"2")
+    assert files.read(files.path("x", "a.json")) == b"1"
+    store = AliasStore(files)
+    for v in (1, 2, 3):
+        store.move(NAME, "production", v, [1, 2, 3])
+    assert store.history(NAME, "production") == [1, 2, 3] and store.roll_back(NAME, "production", [1, 2, 3]) == 2

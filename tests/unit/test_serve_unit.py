@@ -562,3 +562,198 @@ def test_config_yaml_validates_and_builds(monkeypatch):
     assert kwargs["serve_cfg"]["max_batch_size"] == 64 and kwargs["monitor"] is True
     assert app._bound_deployment.name == DEPLOYMENT_NAME
     assert FLOAT32_MAX > 3e38
+
+
+# ----- a failing version fails only its own requests (issue 20) -----
+
+
+class _RaisesOnPositiveFirstFeature(torch.nn.Module):
+    """A model that raises for any row whose first (standardised) numeric value is > 0: a candidate that
+    fails on some inputs only."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x_num, x_cat):
+        if (x_num[:, 0] > 0).any():
+            raise RuntimeError("boom: this version cannot score such rows")
+        return self.inner(x_num, x_cat)
+
+
+def _failing_scorer(schema, pre, version=2) -> Scorer:
+    good = _scorer(schema, pre, seed=1, version=version)
+    good.model = _RaisesOnPositiveFirstFeature(good.model)
+    return good
+
+
+def _split_by_first_feature(schema, pre, rows):
+    z = pre.standardize(schema.rows_to_arrays(rows)[0])[:, 0]
+    return [r for r, v in zip(rows, z) if v > 0], [r for r, v in zip(rows, z) if v <= 0]
+
+
+def test_a_failing_version_fails_only_its_own_requests_and_names_itself(bits):
+    from serve.scoring import ScoringError
+
+    schema, pre, rows = bits
+    stable, cand = _scorer(schema, pre, version=1), _failing_scorer(schema, pre, version=2)
+    boom, fine = _split_by_first_feature(schema, pre, rows)
+    items = [(stable, boom[:2], "instances"), (cand, boom[2:4], "instances"), (stable, fine[:3], "instances"),
+             (cand, fine[3:5], "instances"), (cand, [fine[5], boom[5]], "data"), (stable, boom[6:7], "instances")]
+    out = score_requests(items)
+    # the stable version's requests of the same batch are all answered, as if scored alone
+    for k in (0, 2, 5):
+        assert not isinstance(out[k], Exception), out[k]
+        req = validate_request({"instances": items[k][1]}, schema, pre, max_instances=100)
+        np.testing.assert_allclose(out[k].probs, stable.predict_proba(req.x_num, req.x_cat), rtol=1e-5, atol=1e-7)
+    # the candidate's requests that make it raise get a 5xx naming the version; its others are answered
+    for k in (1, 4):
+        assert isinstance(out[k], ScoringError) and out[k].status >= 500, out[k]
+        assert out[k].model_version == 2 and "v2" in out[k].message
+        assert out[k].body()["detail"]["model_version"] == 2
+        assert "boom" not in json.dumps(out[k].body())  # the model's own error text stays in the replica log
+    assert not isinstance(out[3], Exception) and len(out[3].probs) == 2
+
+
+def test_a_version_whose_validation_raises_fails_only_its_own_requests(bits):
+    """A candidate whose preprocessor no longer fits the schema (a schema change) raises inside validation,
+    not with a RequestError: its requests fail with a 5xx naming it, the stable ones are answered."""
+    from serve.scoring import ScoringError
+
+    schema, pre, rows = bits
+    stable, cand = _scorer(schema, pre, version=1), _scorer(schema, pre, seed=1, version=3)
+
+    class BrokenPre:
+        mean, std = pre.mean, pre.std
+
+        def standardize(self, x):
+            raise KeyError("feature x9 missing from the preprocessor")
+
+    cand.preprocessor = BrokenPre()
+    out = score_requests([(stable, rows[:2], "instances"), (cand, rows[2:4], "instances"),
+                          (stable, rows[4:5], "instances")])
+    assert [type(o).__name__ for o in out] == ["ScoredRows", "ScoringError", "ScoredRows"]
+    assert isinstance(out[1], ScoringError) and out[1].model_version == 3 and out[1].status >= 500
+
+
+class _FakeRequest:
+    def __init__(self, payload: dict):
+        self.headers = {}
+        self._body = json.dumps(payload).encode()
+
+    async def stream(self):
+        yield self._body
+
+
+def _bare_endpoint(versions):
+    """A StudentEndpoint object without Ray or a registry: the request path over `versions`, the monitor's
+    buffer in place of the actor."""
+    from raysys.config import ServeConfig
+    from serve.endpoint import StudentEndpoint
+
+    # the class as written, under Serve's ingress wrapper (whose async __del__ needs a replica)
+    cls = next(c for c in StudentEndpoint.func_or_class.__mro__ if "_predict" in vars(c))
+    ep = cls.__new__(cls)
+    ep.serve_cfg, ep.versions, ep._api_token = ServeConfig(), versions, None
+    ep._request_ids, ep.max_batch_size = RequestIds(), 64
+    ep.batches = ep.batched_requests = ep.max_requests_per_batch = 0
+    ep.monitor = MonitorLink(lambda: None, buffer=MonitorBuffer())
+    ep._monitor_sync_task = "not started"  # no monitor actor in this test: never start the link
+
+    async def one(item):
+        return ep._score([item])[0]
+
+    ep._score_batched = one
+    return ep
+
+
+def test_errors_latency_and_rows_are_booked_to_the_version_that_failed_or_scored(bits):
+    import asyncio
+
+    from serve.endpoint import Versions
+
+    schema, pre, rows = bits
+    stable, cand = _scorer(schema, pre, version=1), _failing_scorer(schema, pre, version=2)
+    versions = Versions(stable, cand, 50.0)
+    ep = _bare_endpoint(versions)
+    boom, fine = _split_by_first_feature(schema, pre, rows)
+    to = {v: [f"id-{i}" for i in range(400) if versions.route(f"id-{i}").version == v][:6] for v in (1, 2)}
+    sent = [(to[1][i], boom[i:i + 1]) for i in range(3)] + [(to[2][i], boom[i:i + 1]) for i in range(3)]
+    sent += [(to[2][3], fine[:2])]
+
+    async def run():
+        return [await ep.predict_response(_FakeRequest({"instances": r, "request_id": rid})) for rid, r in sent]
+
+    answers = asyncio.run(run())
+    assert [a.status_code for a in answers] == [200] * 3 + [500] * 3 + [200]
+    for a in answers[3:6]:
+        assert json.loads(a.body)["detail"]["model_version"] == 2
+    # a request refused before any version was chosen (an unknown key in its body) is the stable version's
+    bad = asyncio.run(ep.predict_response(_FakeRequest({"instances": rows[:1], "nope": 1})))
+    assert bad.status_code == 422
+    batches = {b["model_version"]: b for b in ep.monitor.buffer.take()}
+    assert batches[2]["errors"] == 3 and batches[2]["request_ids"] == [to[2][3]]
+    assert len(batches[2]["latency_ms"]) == 1 and len(batches[2]["x_cat"]) == 2
+    assert batches[1].get("errors") is None or batches[1]["errors"] == 1  # the 422 only
+    # 5xx apart (a canary gate reads the non-5xx ratio): the candidate's 500s are, stable's 422 is not
+    assert batches[2]["server_errors"] == 3 and not batches[1].get("server_errors")
+    assert batches[1]["request_ids"] == to[1][:3]
+
+
+# ----- text that is not valid UTF-8 (a lone surrogate, which JSON can carry as \ud800) -----
+
+_LONE = "\\ud800"  # as it appears in the JSON text
+
+
+def _raw(template: str) -> bytes:
+    """A JSON body with a lone surrogate escape where the template says <S> (json.dumps cannot make one)."""
+    return template.replace("<S>", _LONE).encode()
+
+
+def test_text_that_is_not_utf8_is_a_422_naming_the_field(bits):
+    from serve.parsing import parse_feedback, parse_predict
+
+    schema, pre, rows = bits
+    cat = schema.categorical[0].name
+    row = json.dumps(rows[0])
+    names = [f.name for f in schema.features]
+    data_row = json.dumps([rows[0][n] for n in names])
+    bad_cat = json.dumps(dict(rows[0], **{cat: "<S>"}))
+    bad_data_row = json.dumps([rows[0][n] if n != cat else "<S>" for n in names])
+    cols = json.dumps(names)
+    bad_cols = json.dumps(names[:-1] + ["<S>"])
+    cases = [
+        (f'{{"instances": [{row}], "request_id": "id-<S>"}}', "request_id"),
+        (f'{{"instances": [{row}, {bad_cat}]}}', f"instances[1].{cat}"),
+        (f'{{"instances": [{row}, {row[:-1]}, "x<S>": 1}}]}}', "instances[1].x\\ud800"),
+        (f'{{"columns": {bad_cols}, "data": [{data_row}]}}', f"columns[{len(names) - 1}]"),
+        (f'{{"columns": {cols}, "data": [{data_row}, {bad_data_row}]}}', f"data[1].{cat}"),
+    ]
+    for template, field in cases:
+        with pytest.raises(RequestError) as e:
+            validate_request(_raw(template), schema, pre, max_instances=10)
+        assert (e.value.status, e.value.field) == (422, field), (template, e.value)
+        assert "UTF-8" in e.value.message
+        json.dumps(e.value.body()).encode("ascii")  # the answer itself is valid JSON text
+    # a valid surrogate PAIR is one real character (an emoji): still just an unknown id, accepted
+    assert parse_predict(b'{"instances": [%s], "request_id": "\\ud83d\\ude00"}' % row.encode(),
+                         max_instances=10).request_id == "\U0001F600"
+    for template, field in [('{"request_id": "<S>", "label": "a"}', "request_id"),
+                            ('{"feedback": [{"request_id": "ok", "label": 1}, {"request_id": "<S>", "label": 1}]}',
+                             "feedback[1].request_id"),
+                            ('{"request_id": "ok", "label": "<S>"}', "label")]:
+        with pytest.raises(RequestError) as e:
+            parse_feedback(_raw(template))
+        assert (e.value.status, e.value.field) == (422, field), (template, e.value)
+
+
+def test_generated_request_ids_are_unguessable():
+    """No per-replica prefix, no counter: each id is fresh CSPRNG output, so knowing one id (your own
+    request's) tells nothing about another's."""
+    gen = RequestIds()
+    ids = [gen.next() for _ in range(300)]
+    assert len(set(ids)) == 300 and all(len(i) == 32 and int(i, 16) >= 0 for i in ids)
+    for a, b in zip(ids, ids[1:]):
+        assert sum(x != y for x, y in zip(a, b)) >= 16, (a, b)
+    # no position is fixed across the ids of one generator (a prefix, a version nibble or a counter's high digits)
+    assert all(len({i[p] for i in ids}) > 1 for p in range(32))
