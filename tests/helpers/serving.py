@@ -187,3 +187,22 @@ def send_feedback(s: requests.Session, url: str, ids: list[str], labels: list[in
     r = s.post(f"{url}/v1/feedback", json={"feedback": items}, timeout=60)
     assert r.status_code == 202, r.text
     assert r.json()["accepted"] == len(items)
+
+
+def register_failing_version(reg) -> int:
+    """A version that loads (sha256, strict weights) but fails at forward for most inputs: its model spec
+    says every categorical feature has 1 category, so a row with a category index >= 1 indexes past its
+    embedding table (IndexError), as a candidate trained on another schema would. Returns its number."""
+    v2 = reg.load(MODEL, 2)
+    spec = dict(v2.model_spec, cardinalities=[1] * len(v2.schema.categorical))
+    torch.manual_seed(3)
+    return reg.register(MODEL, state_dict=build_model(spec).state_dict(), model_spec=spec, schema=v2.schema,
+                        preprocessor=v2.preprocessor, metrics={"accuracy": 0.9}, config={"seed": 3},
+                        lineage={"note": "fails at forward"}, reference_profile=v2.reference_profile)
+
+
+def routed_to_candidate(request_id: str, percent: float) -> bool:
+    """Whether the endpoint routes `request_id` to the candidate at `percent`% (its hash, as serve.scoring)."""
+    from serve.scoring import route_version
+
+    return route_version(request_id, False, True, percent)  # type: ignore[arg-type]

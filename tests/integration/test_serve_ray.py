@@ -17,7 +17,15 @@ import pytest
 import requests
 import yaml
 from helpers import REPO
-from helpers.serving import MODEL, kill_monitor, make_registry, poll, serve_http_port
+from helpers.serving import (
+    MODEL,
+    kill_monitor,
+    make_registry,
+    poll,
+    register_failing_version,
+    routed_to_candidate,
+    serve_http_port,
+)
 
 from raysys.config import preset
 
@@ -376,3 +384,113 @@ def test_concurrent_requests_are_batched_and_each_gets_its_own_rows(registry, ht
         assert batching["max_requests_per_batch"] > 1 and 2 * batching["batches"] <= batching["requests"], batching
     finally:
         serve.delete(name)
+
+
+# ----- a failing canary, and text that is not UTF-8 (issue 20) -----
+
+CANARY_PERCENT = 50
+
+
+@pytest.fixture(scope="module")
+def failing_canary(http_port, tmp_path_factory):
+    """An app serving v1 with a canary at 50% of a version that fails at forward for most rows (its spec's
+    categorical cardinalities do not fit the schema), monitored with traffic Parquet on, one replica."""
+    from ray import serve
+
+    from raysys.config import ServeConfig
+    from serve.contract import deployment_options, parse_app_args, replica_options
+    from serve.endpoint import StudentEndpoint
+
+    root = tmp_path_factory.mktemp("failing-canary")
+    reg, _, rows = make_registry(root)
+    bad = register_failing_version(reg)
+    name = f"serve-iso-{uuid.uuid4().hex[:6]}"
+    monitor = f"raysys_monitor_{name}"
+    kwargs = parse_app_args({"registry_uri": reg.uri, "model_name": MODEL, "monitor_name": monitor,
+                             "serve_cfg": {"num_replicas": 1},
+                             "monitor_cfg": {"traffic_uri": str(root / "traffic")}})
+    scfg = ServeConfig.model_validate(kwargs["serve_cfg"])
+    options = {**replica_options(scfg), **deployment_options(scfg),
+               "user_config": {"model_ref": "production", "candidate_ref": bad, "canary_percent": CANARY_PERCENT}}
+    serve.run(StudentEndpoint.options(**options).bind(**kwargs), name=name, route_prefix=f"/{name}")
+    try:
+        yield f"http://127.0.0.1:{http_port}/{name}", bad, rows
+    finally:
+        serve.delete(name)
+        kill_monitor(monitor)
+
+
+def _report(url: str) -> dict | None:
+    r = requests.get(f"{url}/v1/monitor", timeout=30)
+    return r.json() if r.status_code == 200 else None
+
+
+def test_a_failing_canary_fails_only_its_own_requests_booked_to_itself(failing_canary):
+    """8 concurrent clients: every request routed to stable is a 200 from v1; those routed to the candidate
+    are its 200s or 500s naming it; the monitor books the 500s to the candidate, none to stable."""
+    from concurrent.futures import ThreadPoolExecutor
+
+    url, bad, rows = failing_canary
+    ids = [f"iso-{uuid.uuid4().hex[:8]}-{k}" for k in range(240)]
+
+    def post(k: int):
+        r = requests.post(f"{url}/v1/predict", json={"instances": [rows[k % len(rows)]], "request_id": ids[k]},
+                          timeout=60)
+        return ids[k], r.status_code, r.json()
+
+    with ThreadPoolExecutor(8) as pool:
+        results = list(pool.map(post, range(len(ids))))
+    stable = [(st, b) for rid, st, b in results if not routed_to_candidate(rid, CANARY_PERCENT)]
+    cand = [(st, b) for rid, st, b in results if routed_to_candidate(rid, CANARY_PERCENT)]
+    assert len(stable) > 60 and len(cand) > 60
+    assert all(st == 200 and b["model_version"] == 1 for st, b in stable), [x for x in stable if x[0] != 200][:3]
+    failed = [b for st, b in cand if st != 200]
+    for st, b in cand:
+        assert (st == 200 and b["model_version"] == bad) or (st == 500 and b["detail"]["model_version"] == bad), b
+    assert len(failed) > len(cand) // 2, "the candidate fails most rows (category index >= 1)"
+    assert all(f"v{bad}" in b["detail"]["message"] for b in failed)
+
+    def booked():
+        rep = _report(url)
+        if rep and rep["errors_by_version"].get(str(bad)) == len(failed) and \
+                rep["predictions_by_version"].get("1") == len(stable):
+            return rep
+        return None
+
+    rep = poll(booked, what=f"{len(failed)} errors booked to v{bad}")
+    assert rep["errors_by_version"].get("1", 0) == 0
+    assert rep["server_errors_by_version"] == {str(bad): len(failed)}
+    assert rep["predictions_by_version"].get(str(bad), 0) == len(cand) - len(failed)
+    assert rep["latency_by_version"]["1"]["count"] == len(stable)
+
+
+def test_text_that_is_not_utf8_is_a_422_during_a_canary_and_the_monitor_keeps_recording(failing_canary):
+    url, _, rows = failing_canary
+    row = json.dumps(rows[0])
+    names = list(rows[0])
+    headers = {"content-type": "application/json"}
+    cases = [
+        ("/v1/predict", f'{{"instances": [{row}], "request_id": "id-\\ud800"}}', "request_id"),
+        ("/v1/predict", f'{{"columns": {json.dumps(names[:-1] + ["BAD"])}, "data": [[1, 2, 3, 4, "a", "b"]]}}'
+         .replace("BAD", "\\ud800"), f"columns[{len(names) - 1}]"),
+        ("/v1/feedback", '{"feedback": [{"request_id": "x\\udfff", "label": 0}]}', "feedback[0].request_id"),
+        ("/v1/feedback", '{"request_id": "\\ud800", "label": 0}', "request_id"),
+    ]
+    before = poll(lambda: _report(url), what="the monitor report")
+    with requests.Session() as s:
+        for path, body, field in cases:
+            for _ in range(3):
+                r = s.post(f"{url}{path}", data=body.encode(), headers=headers, timeout=30)
+                assert r.status_code == 422 and r.json()["detail"]["field"] == field, (body, r.text)
+        # the next valid requests (routed to stable) are recorded: the monitor link did not stop
+        ok = [rid for rid in (f"utf-{uuid.uuid4().hex[:6]}-{k}" for k in range(60))
+              if not routed_to_candidate(rid, CANARY_PERCENT)][:10]
+        for rid in ok:
+            r = s.post(f"{url}/v1/predict", json={"instances": rows[:2], "request_id": rid}, timeout=30)
+            assert r.status_code == 200, r.text
+    rep = poll(lambda: (lambda r: r if r and r["rows_seen"] >= before["rows_seen"] + 20 else None)(_report(url)),
+               what="20 more rows seen")
+    assert rep["errors_by_version"].get("1", 0) - before["errors_by_version"].get("1", 0) == 6  # the predict 422s
+    assert rep["server_errors_by_version"].get("1", 0) == before["server_errors_by_version"].get("1", 0)
+    health = requests.get(f"{url}/healthz", timeout=30).json()
+    assert health["monitor"]["rows_dropped"] == 0 and health["monitor"]["last_error"] is None, health

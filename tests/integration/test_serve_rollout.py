@@ -346,3 +346,71 @@ def test_a_replica_killed_under_load_fails_no_retryable_request(registry, http_p
         assert len(_replica_pids(name) - before) == 1
     finally:
         serve.delete(name)
+
+
+def test_two_concurrent_canaries_one_wins(registry, http_port, tmp_path):
+    """Two `canary` calls on one real Serve app at once: the first holds the application's rollout lease
+    while its PUT is in flight (held open here until the second has finished, so the two overlap on every
+    run); the second, a separate `raysys serve canary` process, exits 2 saying another rollout is in
+    progress. The app then serves exactly the winner's user_config (its canary answers, the loser's
+    percent appears nowhere)."""
+    import threading
+
+    from ray import serve
+
+    from raysys.config import preset
+    from serve import rollout
+    from serve.app import deploy
+    from serve.contract import DEPLOYMENT_NAME
+
+    reg, _, rows = registry
+    cfg = preset("tiny").with_root(tmp_path)
+    cfg.registry_uri, cfg.model_name = reg.uri, MODEL
+    cfg.serve.port = http_port
+    cfg.serve.app_name = f"cas-{uuid.uuid4().hex[:6]}"
+    cfg.serve.route_prefix = f"/{cfg.serve.app_name}"
+    url = deploy(cfg, monitor=False)
+    dash = rollout.cluster_dashboard_url()
+    in_put, second_done = threading.Event(), threading.Event()
+
+    class HeldAdmin(rollout.ServeAdmin):
+        def apply(self, config):
+            in_put.set()
+            assert second_done.wait(120), "the second canary never finished"
+            super().apply(config)
+
+    result: dict = {}
+
+    def first():
+        try:
+            result["user"] = rollout.canary(HeldAdmin(dash), cfg.serve.app_name, 2, 100)
+        except Exception as e:  # reported by the assertion below
+            result["error"] = e
+
+    t = threading.Thread(target=first)
+    try:
+        t.start()
+        assert in_put.wait(120), result
+        try:
+            out = _cli("canary", "--version", "2", "--percent", "30", "--app", cfg.serve.app_name, "--address", dash)
+        finally:
+            second_done.set()
+        t.join(300)
+        assert out.returncode == 2, out.stdout + out.stderr
+        assert "another rollout" in out.stdout and "in progress" in out.stdout, out.stdout
+        assert "error" not in result and result["user"]["canary_percent"] == 100, result
+        deployed = rollout.current_rollout(rollout.ServeAdmin(dash), cfg.serve.app_name)[2]
+        assert deployed == result["user"] and deployed["rollout_generation"] == 1
+        app = serve.status().applications[cfg.serve.app_name]
+        assert app.status == "RUNNING" and DEPLOYMENT_NAME in app.deployments
+        with Load(url, rows, workers=2) as load:
+            load.wait_for(20)
+            start = time.monotonic() + 0.5
+            poll(lambda: len(load.since(start)) >= 10, what="responses after the canary")
+            assert {v for _, _, v in load.since(start)} == {2}  # the winner's 100% canary, nothing else
+        out = _cli("rollback", "--app", cfg.serve.app_name, "--address", dash)  # the lease was given back
+        assert out.returncode == 0, out.stdout + out.stderr
+    finally:
+        second_done.set()
+        t.join(60)
+        serve.delete(cfg.serve.app_name)
