@@ -7,22 +7,16 @@ end to end, including the Serve endpoint and the drift report.
 
 from __future__ import annotations
 
-import os
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 import time
-from pathlib import Path
 
 import pytest
 import requests
 from helpers import REPO
+from helpers.cluster import BIN
+from helpers.cluster import token_cluster as start_token_cluster
 
-from serve.ingress import free_port, ingress_env
-
-BIN = Path(sys.executable).parent
+from serve.ingress import free_port
 
 
 def _wait_http(url: str, timeout_s: float = 90) -> requests.Response:
@@ -36,65 +30,10 @@ def _wait_http(url: str, timeout_s: float = 90) -> requests.Response:
             time.sleep(1)
 
 
-def _kill_leftovers(root: str) -> list[int]:
-    """Kill what the cluster left outside its process group: Serve's HAProxy is re-parented to init and
-    outlives a stopped cluster (found after fresh-clone runs). Only processes whose working directory lies
-    in this cluster's own temp dir (the job's working_dir) are touched."""
-    killed = []
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            inside = os.readlink(d / "cwd").startswith(root.rstrip("/") + "/")
-        except OSError:
-            continue
-        if inside:
-            try:
-                os.kill(int(d.name), signal.SIGKILL)
-                killed.append(int(d.name))
-            except ProcessLookupError:
-                pass
-    return killed
-
-
 @pytest.fixture
 def token_cluster(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    # a short temp dir: Ray's unix socket paths must stay under ~107 characters
-    ray_tmp = tempfile.mkdtemp(prefix="rsj-", dir="/tmp")
-    env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
-    # the shipped Serve ingress, with HAProxy ports of its own (the session's cluster holds others)
-    env.update(ingress_env(private_ports=True))
-    env.pop("RAY_ADDRESS", None)
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
-                   timeout=60)
-    port, dash = free_port(), free_port()
-    # every port explicit: the session's ray.init() cluster (and any other Ray here) holds the defaults,
-    # e.g. the dashboard agent's 52365, and a clash leaves the job API with "No available agent"
-    ports = {opt: free_port() for opt in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                          "runtime-env-agent-port", "metrics-export-port",
-                                          "ray-client-server-port", "node-manager-port", "object-manager-port")}
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-         *(f"--{opt}={p}" for opt, p in ports.items()),
-         "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
-        env=env, cwd=str(tmp_path), start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield {"env": env, "dashboard": f"http://127.0.0.1:{dash}", "home": home}
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                head.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                continue
-        _kill_leftovers(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    with start_token_cluster(tmp_path, prefix="rsj-", cwd=str(tmp_path)) as cluster:
+        yield cluster
 
 
 @pytest.mark.integration

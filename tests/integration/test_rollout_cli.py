@@ -3,17 +3,13 @@ against `make demo`'s cluster: a token-auth cluster whose token Ray stored in ~/
 with no RAY_* variable at all. They must find the token themselves.
 
 The cluster is a real `ray start` cluster in its own process group, temp dir and HOME (so its token never
-touches the developer's), stopped by killing that group (as in test_jobs.py).
+touches the developer's), stopped by killing that group (tests/helpers/cluster.py).
 """
 
 from __future__ import annotations
 
 import os
-import shutil
-import signal
 import subprocess
-import sys
-import tempfile
 import time
 import uuid
 from pathlib import Path
@@ -21,68 +17,19 @@ from pathlib import Path
 import pytest
 import requests
 import yaml
+from helpers.cluster import BIN
+from helpers.cluster import token_cluster as start_token_cluster
 from helpers.serving import MODEL, make_registry, poll
 
-from serve.ingress import free_port, ingress_env
+from serve.ingress import free_port
 
 pytestmark = pytest.mark.integration
-
-BIN = Path(sys.executable).parent
-
-
-def _kill_leftovers(root: str) -> None:
-    """Serve's HAProxy is re-parented to init and outlives the cluster: kill the processes whose working
-    directory lies in this cluster's own temp dir, and only those."""
-    for d in Path("/proc").iterdir():
-        if not d.name.isdigit():
-            continue
-        try:
-            inside = os.readlink(d / "cwd").startswith(root.rstrip("/") + "/")
-        except OSError:
-            continue
-        if inside:
-            try:
-                os.kill(int(d.name), signal.SIGKILL)
-            except ProcessLookupError:
-                pass
 
 
 @pytest.fixture
 def demo_cluster(tmp_path):
-    home = tmp_path / "home"
-    home.mkdir()
-    ray_tmp = tempfile.mkdtemp(prefix="rsc-", dir="/tmp")  # Ray's unix socket paths must stay short
-    env = dict(os.environ, HOME=str(home), RAY_AUTH_MODE="token", PATH=f"{BIN}:{os.environ.get('PATH', '')}")
-    env.update(ingress_env(private_ports=True))
-    env.pop("RAY_ADDRESS", None)
-    # the token lands where a new local ray.init() cluster (`make demo`) stores it: ~/.ray/auth_token
-    subprocess.run([str(BIN / "ray"), "get-auth-token", "--generate"], env=env, check=True, capture_output=True,
-                   timeout=60)
-    assert (home / ".ray" / "auth_token").is_file()
-    port, dash = free_port(), free_port()
-    ports = {opt: free_port() for opt in ("dashboard-agent-listen-port", "dashboard-agent-grpc-port",
-                                          "runtime-env-agent-port", "metrics-export-port",
-                                          "ray-client-server-port", "node-manager-port", "object-manager-port")}
-    head = subprocess.Popen(
-        [str(BIN / "ray"), "start", "--head", "--block", f"--port={port}", f"--dashboard-port={dash}",
-         *(f"--{opt}={p}" for opt, p in ports.items()),
-         "--dashboard-host=127.0.0.1", "--num-cpus=4", f"--temp-dir={ray_tmp}", "--disable-usage-stats"],
-        env=env, cwd=ray_tmp, start_new_session=True, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
-    )
-    try:
-        yield {"home": home, "gcs": f"127.0.0.1:{port}", "dashboard": f"http://127.0.0.1:{dash}"}
-    finally:
-        for sig in (signal.SIGTERM, signal.SIGKILL):
-            try:
-                os.killpg(head.pid, sig)
-            except ProcessLookupError:
-                break
-            try:
-                head.wait(timeout=10)
-            except subprocess.TimeoutExpired:
-                continue
-        _kill_leftovers(ray_tmp)
-        shutil.rmtree(ray_tmp, ignore_errors=True)
+    with start_token_cluster(tmp_path, prefix="rsc-") as cluster:
+        yield cluster
 
 
 def _second_terminal(home: Path, *args: str, extra: dict | None = None) -> subprocess.CompletedProcess:
