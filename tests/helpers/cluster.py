@@ -26,12 +26,14 @@ def kill_leftovers(root: str) -> list[int]:
     """Kill what the cluster left outside its process group: Serve's HAProxy is re-parented to init and
     outlives a stopped cluster. Only processes whose working directory lies in this cluster's own temp dir
     (the job's working_dir) are touched."""
-    killed = []
+    killed, root = [], root.rstrip("/")
     for d in Path("/proc").iterdir():
         if not d.name.isdigit():
             continue
         try:
-            inside = os.readlink(d / "cwd").startswith(root.rstrip("/") + "/")
+            cwd = os.readlink(d / "cwd")
+            # the cluster's own dir too: a cluster started with cwd=ray_tmp leaves HAProxy running right there
+            inside = cwd == root or cwd.startswith(root + "/")
         except OSError:
             continue
         if inside:
