@@ -322,8 +322,9 @@ def reconcile(ro: Rollout) -> list[str]:
             why = f"its owner ({j.get('owner')}) stopped renewing the rollout lease (it died or was killed)"
         else:
             return []  # a canary started by hand lives until promote or rollback
+        candidate = user["candidate_ref"]
         ro.stop_canary(f"ended by reconcile: {why}", state)
-        return [f"stopped the canary of v{user['candidate_ref']}: {why}"]
+        return [f"stopped the canary of v{candidate}: {why}"]
     if phase == "canary":  # the journal was written but the canary never reached Serve
         ro.journal.write("idle", "canary never reached Serve (its owner stopped first); nothing to undo")
     return []

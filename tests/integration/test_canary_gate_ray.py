@@ -102,9 +102,12 @@ def _env(home: Path) -> dict:
 
 
 def _terminal(home: Path, *args: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    """`raysys ...` in a fresh shell: HOME set, not one RAY_* variable."""
-    return subprocess.run([str(BIN / "raysys"), *args], env=_env(home), capture_output=True, text=True,
-                          timeout=timeout, cwd=str(home))
+    """`raysys ...` in a fresh shell: HOME set, not one RAY_* variable. Its output with the console's line
+    wrapping undone (one space for any run of whitespace), so that a message can be matched whole."""
+    out = subprocess.run([str(BIN / "raysys"), *args], env=_env(home), capture_output=True, text=True,
+                         timeout=timeout, cwd=str(home))
+    out.stdout, out.stderr = " ".join(out.stdout.split()), " ".join(out.stderr.split())
+    return out
 
 
 def _serving(w) -> dict:

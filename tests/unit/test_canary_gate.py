@@ -277,6 +277,7 @@ def test_a_gated_canary_whose_owner_died_is_stopped_by_the_next_command(world):
     time.sleep(0.6)
     st = rollout.status(admin, APP)
     assert st["reconciled"] and "stopped renewing the rollout lease" in st["reconciled"][0]
+    assert st["reconciled"][0].startswith("stopped the canary of v2:")
     assert admin.deployed()["candidate_ref"] is None and reg.get_alias(MODEL, "production") == 1
 
 
