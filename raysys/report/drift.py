@@ -10,7 +10,7 @@ import numpy as np
 import pyarrow as pa
 
 from raysys.report.parts import Plot
-from raysys.report.svg import figure, to_svg
+from raysys.report.svg import distinct_styles, figure, to_svg
 
 DEFAULT_PSI_THRESHOLD = 0.2
 EPS = 1e-4  # raysys.monitor.stats.DEFAULT_EPS: the same smoothing as the monitor's PSI
@@ -78,16 +78,17 @@ def drift_plot(profile: dict[str, Any] | None, traffic: pa.Table | None, reports
     with figure(len(panels), width=4.6, height=3.2) as (fig, axes):
         for ax, panel in zip(axes, panels):
             if panel == "traffic":
-                for name, ys in sorted(series["psi"].items()):
-                    ax.plot(series["ends"], ys, "-o", markersize=3, label=name)
+                items = sorted(series["psi"].items())
+                for (name, ys), style in zip(items, distinct_styles(len(items))):
+                    ax.plot(series["ends"], ys, marker="o", markersize=3, label=name, **style)
                 ax.set(xlabel=f"stored traffic rows (windows of {window})", ylabel="PSI vs reference",
                        title="drift per feature over stored traffic")
             else:
                 names = sorted({n for r in rep for n in r["report"]["features"]})
                 xs = list(range(1, len(rep) + 1))
-                for name in names:
-                    ax.plot(xs, [r["report"]["features"].get(name, {}).get("psi", np.nan) for r in rep], "-o",
-                            markersize=3, label=name)
+                for name, style in zip(names, distinct_styles(len(names))):
+                    ax.plot(xs, [r["report"]["features"].get(name, {}).get("psi", np.nan) for r in rep], marker="o",
+                            markersize=3, label=name, **style)
                 ax.set_xticks(xs, [str(r.get("phase", i))[:24] for i, r in zip(xs, rep)], rotation=15, fontsize=7)
                 ax.set(xlabel="monitor report", ylabel="PSI of the live window", title="drift at each monitor report")
             ax.axhline(thr, color="#d62728", linestyle="--", linewidth=1, label=f"alert threshold {thr:g}")

@@ -21,7 +21,7 @@ figure svg{max-width:100%;height:auto}figcaption{font-size:.85em;color:#555;marg
 table{border-collapse:collapse;margin:.8em 0;font-size:.85em;display:block;overflow-x:auto;max-width:100%}caption{text-align:left;font-weight:600;padding:.2em 0}
 th,td{border:1px solid #ddd;padding:.2em .5em;text-align:left;vertical-align:top}th{background:#f4f4f4}
 tr.mark td{background:#fff3cd}.missing{color:#8a6d3b;background:#fcf8e3;padding:.5em .8em;border-radius:4px}
-.note{color:#444;font-size:.9em}.card{border-left:4px solid #ddd;padding-left:1em}
+.note{color:#444;font-size:.9em}.card{border-left:4px solid #ddd;padding-left:1em;overflow-wrap:anywhere}
 pre{background:#f7f7f7;padding:.5em;overflow:auto;font-size:.8em;white-space:pre-wrap;word-break:break-all}
 """
 

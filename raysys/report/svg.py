@@ -58,3 +58,11 @@ def to_svg(fig) -> str:
         fig.savefig(buf, format="svg", metadata={"Date": None, "Creator": None})
     svg = _METADATA.sub("", _PROLOGUE.sub("", buf.getvalue(), count=1), count=1)
     return _XMLNS.sub("", svg).strip()
+
+
+def distinct_styles(n: int) -> list[dict[str, Any]]:
+    """`n` line styles no two alike (ten colours, then the same colours dashed, then dotted)."""
+    colors = RC["axes.prop_cycle"].by_key()["color"]
+    dashes = ("-", "--", ":", "-.")
+    return [{"color": colors[i % len(colors)], "linestyle": dashes[(i // len(colors)) % len(dashes)]}
+            for i in range(n)]
