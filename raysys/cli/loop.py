@@ -142,10 +142,9 @@ def _remove_earlier_runs(cfg: PipelineConfig) -> None:
 
 def _record_monitor_reports(cfg: PipelineConfig, out: dict) -> None:
     """Keep the monitor's report after each traffic phase beside the run, for the HTML report's time series."""
-    from raysys.report import record_monitor_report
+    from raysys.report import record_monitor_report, run_root
 
-    if "://" not in cfg.registry_uri:
-        root = Path(cfg.registry_uri).parent
+    if (root := run_root(cfg.registry_uri)) is not None:
         record_monitor_report(root, out["normal_report"], "normal traffic")
         record_monitor_report(root, out["drift_report"], f"shifted {out['shift_sigma']} sigma on {out['drift_feature']}")
 

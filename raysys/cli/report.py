@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import logging
 from pathlib import Path
 from typing import Annotated
 
@@ -10,8 +9,6 @@ import typer
 
 from raysys.cli.common import console, fail
 from raysys.config import PipelineConfig
-
-log = logging.getLogger("raysys")
 
 
 def report(run_dir: Annotated[Path, typer.Argument(help="The run's --root (holds registry/ and runs/).")],
@@ -36,19 +33,11 @@ def report(run_dir: Annotated[Path, typer.Argument(help="The run's --root (holds
 
 
 def write_run_report(cfg: PipelineConfig) -> Path | None:
-    """The report of the run `cfg` describes, at `<root>/report.html` (root: the registry's parent); None,
-    with a warning, when it cannot be written (a report must never fail the run it describes)."""
-    from raysys.report import write_report
+    """Write `<root>/report.html` for the run `cfg` describes and print its path (see
+    `raysys.report.write_run_report`: never raises)."""
+    from raysys.report import write_run_report as write
 
-    if "://" in cfg.registry_uri:
-        log.warning("report: the registry is remote (%s); run `raysys report` against a local copy",
-                    cfg.registry_uri)
-        return None
-    root = Path(cfg.registry_uri).parent
-    try:
-        path = write_report(root, registry=cfg.registry_uri)
-    except Exception as e:  # noqa: BLE001 (reported, not raised: the run itself succeeded)
-        log.warning("report: could not be written: %s", e)
-        return None
-    console.print(f"report: {path}", highlight=False)
+    path = write(cfg.registry_uri)
+    if path is not None:
+        console.print(f"report: {path}", highlight=False)
     return path

@@ -4,6 +4,6 @@ Ray-free: it reads files only."""
 
 from raysys.report.load import RunData, load_run
 from raysys.report.monitor_data import record_monitor_report
-from raysys.report.page import render, write_report
+from raysys.report.page import render, run_root, write_report, write_run_report
 
-__all__ = ["RunData", "load_run", "record_monitor_report", "render", "write_report"]
+__all__ = ["RunData", "load_run", "record_monitor_report", "render", "run_root", "write_report", "write_run_report"]

@@ -68,3 +68,25 @@ def write_report(root: str | Path, out: str | Path | None = None, **where) -> Pa
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(render(data), encoding="utf-8")
     return path
+
+
+def run_root(registry_uri: str) -> Path | None:
+    """The run directory of a run whose registry is `registry_uri` (its parent), None for a remote registry."""
+    return None if "://" in registry_uri else Path(registry_uri).parent
+
+
+def write_run_report(registry_uri: str) -> Path | None:
+    """The report of the run around `registry_uri`, at `<root>/report.html`; None, with a warning, when it
+    cannot be written (a remote registry, or any error: a report must never fail the run it describes)."""
+    import logging
+
+    log = logging.getLogger("raysys")
+    root = run_root(registry_uri)
+    if root is None:
+        log.warning("report: the registry is remote (%s); run `raysys report` against a local copy", registry_uri)
+        return None
+    try:
+        return write_report(root, registry=registry_uri)
+    except Exception as e:  # noqa: BLE001 (reported, not raised: the run itself succeeded)
+        log.warning("report: could not be written: %s", e)
+        return None

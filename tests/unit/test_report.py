@@ -13,7 +13,7 @@ import pyarrow.parquet as pq
 import pytest
 from helpers.report_html import offline_problems, parse_report
 
-from raysys.report import load_run, record_monitor_report, render, write_report
+from raysys.report import load_run, record_monitor_report, render, write_report, write_run_report
 from raysys.report.card import markdown_to_html
 from raysys.report.drift import psi, traffic_psi
 
@@ -175,3 +175,16 @@ def test_the_report_package_does_not_load_ray():
     code = "import sys, raysys.report; print('ray' in sys.modules, 'torch' in sys.modules)"
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
     assert out.stdout.split() == ["False", "False"]
+
+
+def test_the_end_of_run_hook_writes_beside_the_registry_and_never_raises(tmp_path, monkeypatch):
+    root = make_run(tmp_path, monitor=False)
+    assert write_run_report(str(root / "registry")) == root / "report.html"
+    assert "raysys run report" in (root / "report.html").read_text()
+    assert write_run_report("s3://bucket/registry") is None  # remote: nothing to write beside it
+
+    def boom(*a, **k):
+        raise OSError("disk full")
+
+    monkeypatch.setattr("raysys.report.page.write_report", boom)
+    assert write_run_report(str(root / "registry")) is None
