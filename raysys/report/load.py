@@ -57,6 +57,8 @@ class RunData:
     model_name: str | None = None
     teachers: list[ModelVersion] = field(default_factory=list)  # every teacher version, oldest first
     student: ModelVersion | None = None  # the production student (else the newest float student)
+    students: list[ModelVersion] = field(default_factory=list)  # every version of the student model, oldest first
+    registry: str | None = None
     sweep: dict[str, Any] | None = None
     data_quality: dict[str, Any] | None = None
     data_quality_path: str | None = None
@@ -158,16 +160,16 @@ def load_run(root: str | Path, *, registry: str | Path | None = None, snapshot_u
     """Read everything the report shows from the run directory `root`; never raises for a missing part."""
     root = Path(root).expanduser().resolve()
     reg = Path(registry).expanduser().resolve() if registry else root / "registry"
-    data = RunData(root=str(root))
+    data = RunData(root=str(root), registry=str(reg))
     student_name, teacher_name = _model_names(reg)
     data.model_name = student_name
     if teacher_name:
         data.teachers = [_version(reg, teacher_name, v, data.problems) for v in _versions(reg, teacher_name)]
     if student_name:
         versions = _versions(reg, student_name)
+        data.students = [_version(reg, student_name, v, data.problems) for v in versions]
         prod = _production(reg, student_name, versions, data.problems)
-        if prod is not None:
-            data.student = _version(reg, student_name, prod, data.problems)
+        data.student = next((s for s in data.students if s.version == prod), None)
         data.alias_events = alias_events(reg, student_name, data.problems)
     data.sweep = _sweep(root, data.student, data.problems)
     data.data_quality, data.data_quality_path = _data_quality(root, data.student, data.problems)

@@ -4,6 +4,8 @@ traffic), rendered through `raysys report` and read back with html.parser."""
 
 from __future__ import annotations
 
+import json
+
 import pytest
 from helpers.monitor_feed import feed_monitor
 from helpers.report_html import offline_problems, parse_report
@@ -55,3 +57,32 @@ def test_report_of_a_tiny_run(tiny_run, tmp_path):
     assert "ddp" in " ".join(page.plots["training-curves"].texts)
     # two renders of the same run are the same bytes
     assert _render(root, tmp_path / "b.html") == html
+
+
+@pytest.mark.integration
+def test_mlflow_copy_of_a_tiny_run(tiny_run, tmp_path):
+    mlflow = pytest.importorskip("mlflow")
+    root, result = tiny_run
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    r = CliRunner().invoke(app, ["report", str(root), "-o", str(tmp_path / "r.html"), "--mlflow-uri", uri])
+    assert r.exit_code == 0, r.output
+    client = mlflow.MlflowClient(tracking_uri=uri)
+    exp = client.get_experiment_by_name("raysys")
+    runs = client.search_runs([exp.experiment_id], max_results=1000)
+    kinds = [x.data.tags.get("raysys.kind") for x in runs]
+    assert kinds.count("pipeline") == 1 and kinds.count("teacher") == 1 and kinds.count("evaluation") == 1
+    sweep = next(x for x in runs if x.data.tags.get("raysys.kind") == "sweep")
+    trials = [x for x in runs if x.data.tags.get("raysys.kind") == "trial"]
+    assert trials and all(t.data.tags["mlflow.parentRunId"] == sweep.info.run_id for t in trials)
+    # per-epoch validation accuracy of every trial, from Tune's progress.csv
+    assert all(len(client.get_metric_history(t.info.run_id, "val_accuracy")) >= 1 for t in trials)
+    teacher = next(x for x in runs if x.data.tags.get("raysys.kind") == "teacher")
+    epochs = json.loads((root / "registry" / f"{result.model_name}-teacher" / "versions" /
+                         str(result.teacher_version) / "metrics.json").read_text())["epochs"]
+    assert len(client.get_metric_history(teacher.info.run_id, "val_accuracy")) == len(epochs)
+    evaluation = next(x for x in runs if x.data.tags.get("raysys.kind") == "evaluation")
+    assert evaluation.data.metrics["test_accuracy"] == pytest.approx(result.student_metrics["accuracy"])
+    prod = client.get_model_version_by_alias(result.model_name, "production")
+    assert prod.tags["raysys_version"] == str(result.student_version)
+    assert client.get_model_version_by_alias(result.model_name, "candidate").tags["raysys_version"] == str(
+        result.student_version + 1)

@@ -46,13 +46,14 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("serve", ("raysys.config", "raysys.data", "raysys.models", "raysys.registry", "raysys.monitor", "serve")),
     # the HTML report reads files only: core, never Ray (the monitor's own modules would load Ray on import)
     ("raysys.report", CORE + ("raysys.report",)),
+    ("raysys.tracking", CORE + ("raysys.report", "raysys.tracking")),
     ("raysys.workflow", CORE + ENGINES + ("serve",)),
-    ("raysys.jobs", CORE + ENGINES + ("serve", "raysys.workflow", "raysys.report", "raysys.jobs")),
-    ("raysys.cli", CORE + ENGINES + ("serve", "raysys.workflow", "raysys.report", "raysys.cli")),
+    ("raysys.jobs", CORE + ENGINES + ("serve", "raysys.workflow", "raysys.report", "raysys.tracking", "raysys.jobs")),
+    ("raysys.cli", CORE + ENGINES + ("serve", "raysys.workflow", "raysys.report", "raysys.tracking", "raysys.cli")),
 ]
 # the layers that must not import Ray at all
 RAY_FREE = ("raysys.config", "raysys.data", "raysys.models", "raysys.parallel", "raysys.evaluate",
-            "raysys.registry", "raysys.statefile", "raysys.report")
+            "raysys.registry", "raysys.statefile", "raysys.report", "raysys.tracking")
 
 
 def _modules() -> dict[str, Path]:
