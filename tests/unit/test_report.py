@@ -92,3 +92,19 @@ def test_the_end_of_run_hook_writes_beside_the_registry_and_never_raises(tmp_pat
 
     monkeypatch.setattr("raysys.report.page.write_report", boom)
     assert write_run_report(str(root / "registry")) is None
+
+
+def test_renders_in_separate_processes_are_identical(tmp_path):
+    """matplotlib's ids come from svg.hashsalt, not from the process: two interpreters with different hash
+    seeds write the same bytes."""
+    import os
+    import subprocess
+
+    root = make_run(tmp_path / "run")
+    outs = []
+    for seed in ("0", "12345"):
+        out = tmp_path / f"r{seed}.html"
+        subprocess.run([sys.executable, "-m", "raysys.cli", "report", str(root), "-o", str(out)], check=True,
+                       capture_output=True, env={**os.environ, "PYTHONHASHSEED": seed})
+        outs.append(out.read_bytes())
+    assert outs[0] == outs[1]
