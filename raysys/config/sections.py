@@ -416,6 +416,21 @@ class CanaryConfig(_Strict):
         return self.max_s or 3 * self.interval_s * (self.intervals + self.failure_threshold)
 
 
+class TrackingConfig(_Strict):
+    """Experiment tracking in MLflow (the optional extra `pip install raysys[mlflow]`); the raysys registry
+    stays the source of truth, MLflow gets a copy of the runs, metrics and versions from the driver."""
+
+    mlflow: bool = Field(False, description="Log each `raysys run`/`demo` to MLflow (teacher, sweep trials "
+                                            "nested under the sweep, evaluation, registered versions).")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; setting it turns tracking on "
+                                                     "(None: sqlite:///<root>/mlflow.db when `mlflow` is on).")
+    experiment: str = Field("raysys", description="MLflow experiment the runs go under.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mlflow or self.mlflow_uri is not None
+
+
 class PipelineConfig(_Strict):
     """The whole loop: data -> teacher -> distillation -> registry -> serve -> monitor."""
 
@@ -430,6 +445,7 @@ class PipelineConfig(_Strict):
     serve: ServeConfig = Field(default_factory=ServeConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     canary: CanaryConfig = Field(default_factory=CanaryConfig, description="The canary gate of rollouts.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
