@@ -2,9 +2,9 @@
 `interval_s` (`serve.gate`), then promote it or roll it back by itself, naming the check that failed.
 
 Used by `raysys serve canary` (reading the monitor report over HTTP, `http_report_reader`) and by the
-retrain job (reading the monitor actor). The application's rollout lease is held the whole time and renewed
-at every check, so no other rollout interleaves; if this process dies, the lease lapses within
-`3 x interval_s + 10` s and the next rollout command stops the orphaned canary (`serve.rollout.reconcile`);
+retrain job (reading the monitor actor). The application's rollout lease is held the whole time (renewed by
+its heartbeat), so no other rollout interleaves; if this process dies, the lease lapses within 20 s and the
+next rollout command stops the orphaned canary (`serve.rollout.reconcile`);
 if nobody comes, the replicas stop routing to it at its deadline (`canary_deadline` in the user_config).
 """
 
@@ -22,7 +22,7 @@ from urllib.parse import urlsplit
 
 from raysys.config import CanaryConfig
 from serve.gate import Verdict, VersionCounts, evaluate
-from serve.rollout import LEASE_MARGIN_S, RolloutError, ServeAdmin, _resolve, holding
+from serve.rollout import RolloutError, ServeAdmin, _resolve, holding
 
 log = logging.getLogger("raysys")
 DEADLINE_MARGIN_S = 30  # the replicas' deadline outlives the gate's own max_s by this much
@@ -43,11 +43,6 @@ class CanaryResult:
         return {"version": self.version, "stable": self.stable, "promoted": self.promoted, "passed": self.passed,
                 "why": self.why, "seconds": round(self.seconds, 1), "checks": self.checks,
                 "reconciled": self.reconciled}
-
-
-def heartbeat_s(cfg: CanaryConfig) -> float:
-    """How long the lease lasts between two renewals: a dead owner is noticed this long after its death."""
-    return 3 * cfg.interval_s + 10
 
 
 def _judge(cfg: CanaryConfig, read_report: Callable[[], dict], version: int, stable: int,
@@ -81,7 +76,6 @@ def run_canary(admin: ServeAdmin, app_name: str, ref: str | int, cfg: CanaryConf
                                f"{str(e)[:300]}); fix the monitor, or canary by hand with --no-gate") from None
         before = (VersionCounts.from_report(first, version, stable), VersionCounts.from_report(first, stable, version))
         deadline = time.time() + cfg.deadline_s() + DEADLINE_MARGIN_S
-        ro.lease.renew(timeout_s + LEASE_MARGIN_S)
         ro.start_canary(version, cfg.percent, shadow=cfg.shadow, deadline=deadline, gated=True, state=state)
         log.info("canary: v%d %s at %g%% of %r (stable v%d), a check every %gs", version,
                  "shadowing" if cfg.shadow else "serving", cfg.percent, app_name, stable, cfg.interval_s)
@@ -92,7 +86,7 @@ def run_canary(admin: ServeAdmin, app_name: str, ref: str | int, cfg: CanaryConf
         except BaseException as e:
             _stop_quietly(ro, f"the gate's owner failed ({type(e).__name__}: {str(e)[:200]})")
             raise
-        ro.lease.renew(timeout_s + LEASE_MARGIN_S)
+        ro.lease.check()
         if passed and promote:
             ro.promote(alias, why=why)
         else:
@@ -108,9 +102,8 @@ def _watch(cfg: CanaryConfig, ro, read_report, version: int, stable: int, before
     """Check every interval until the gate decides: (passed, why)."""
     passes = failures = 0
     while True:
-        ro.lease.renew(heartbeat_s(cfg))
         sleep(cfg.interval_s)
-        ro.lease.renew(heartbeat_s(cfg))
+        ro.lease.check()  # renewed by its heartbeat; lost (taken over after a stall): stop here
         verdict = _judge(cfg, read_report, version, stable, before)
         elapsed = time.monotonic() - t0
         checks.append({"t_s": round(elapsed, 1), **(verdict.to_dict() if verdict else {"state": "wait",
@@ -133,7 +126,6 @@ def _watch(cfg: CanaryConfig, ro, read_report, version: int, stable: int, before
 
 def _stop_quietly(ro, why: str) -> None:
     try:
-        ro.lease.renew(ro.timeout_s + LEASE_MARGIN_S)
         ro.stop_canary(why)
     except Exception as e:
         log.error("canary: could not stop the canary of %r (%s); the next rollout command or its deadline "

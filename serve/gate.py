@@ -87,12 +87,16 @@ class VersionCounts:
     def refusals(self) -> int:
         return self.errors - self.server_errors + self.compare_rejected
 
+    def timed(self, which: str = "all") -> int:
+        return int(self._hist(which).sum())
+
+    def _hist(self, which: str) -> np.ndarray:
+        return {"all": self.score_hist, "compare": self.compare_hist,
+                "primary": np.maximum(self.score_hist - self.compare_hist, 0)}[which]
+
     def p99(self, which: str = "all") -> float | None:
         """p99 scoring CPU time (ms) over its passes: "all", "compare" (passes for nobody) or "primary"."""
-        counts = {"all": self.score_hist, "compare": self.compare_hist,
-                  "primary": self.score_hist - self.compare_hist}[which]
-        hist = LogHistogram(np.maximum(counts, 0))
-        return hist.quantile(0.99)
+        return LogHistogram(self._hist(which)).quantile(0.99)
 
 
 def _hist(counts: Any) -> np.ndarray:
@@ -132,6 +136,7 @@ class Verdict:
 
 
 MIN_ATTEMPTS = 20  # error ratios are judged from this many requests: 1 failure of 1 is not yet a 100% failure rate
+MIN_TIMED = 100  # a p99 is judged from this many timed requests per version (of fewer, it is their maximum)
 
 
 def _ratio(n: int, d: int) -> float | None:
@@ -152,6 +157,8 @@ def evaluate(cfg: CanaryConfig, cand: VersionCounts, stable: VersionCounts, *, s
     # the same rows: beside a canary, stable re-scores the canary's rows (its compare passes); in shadow mode the
     # candidate scores a copy of rows stable answered (stable's primary passes)
     c99, s99 = cand.p99("all"), stable.p99("primary" if shadow else "compare")
+    if min(cand.timed("all"), stable.timed("primary" if shadow else "compare")) < MIN_TIMED:
+        c99 = s99 = None  # a p99 of a few dozen passes is their maximum: noise
     bound = None if s99 is None else cfg.max_p99_factor * s99 + cfg.p99_slack_ms
     checks.append(Check("latency_p99", None if c99 is None or bound is None else c99 <= bound,
                         f"candidate p99 scoring CPU time {_ms(c99)} against stable's {_ms(s99)} on the same rows "

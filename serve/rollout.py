@@ -4,9 +4,9 @@ config and PUTting it back. Serve hands a changed `user_config` to the running r
 in place; promote and rollback also move the registry alias.
 
 One winner among concurrent rollouts of one application (Serve's PUT is last-writer-wins):
-- a short lease per application (`RolloutLease`, an exclusively created file in the registry) is held from
-  the read of the config to the alias move; a second rollout meanwhile gets a RolloutError at once. A lease
-  whose owner died ends at its expiry (the rollout's timeout plus a margin), never blocks forever;
+- a short lease per application (`RolloutLease`, exclusively created files in the registry, renewed by a
+  heartbeat while its owner lives) is held from the read of the config to the alias move; a second rollout
+  meanwhile gets a RolloutError at once. A lease whose owner died ends within 20 s, never blocks forever;
 - right before its PUT a rollout re-reads the deployed config and refuses when it differs from what it read
   (a compare-and-swap on the whole config, so `serve deploy` or another app's rollout is not overwritten);
 - every change bumps `rollout_generation` in the user_config, so a multi-step caller passes
@@ -28,7 +28,7 @@ from typing import Any
 
 from raysys.registry import Registry
 from serve.contract import DEFAULT_MODEL_NAME, DEPLOYMENT_NAME, parse_user_config
-from serve.rollout_state import LEASE_MARGIN_S, RolloutError, RolloutJournal, RolloutLease  # noqa: F401 (re-exported)
+from serve.rollout_state import RolloutError, RolloutJournal, RolloutLease  # noqa: F401 (re-exported)
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
 # what stops a canary: no candidate, no share, no shadow, no deadline
@@ -144,7 +144,7 @@ def deploy_app(admin: ServeAdmin, app: dict[str, Any], *, timeout_s: float = 300
     Waits until it runs."""
     reg, name = _registry(app)
     app = copy.deepcopy(app)
-    with RolloutLease(reg, name, app["name"], lease_s=timeout_s + LEASE_MARGIN_S):
+    with RolloutLease(reg, name, app["name"]):
         config = admin.config()
         old = next((a for a in config["applications"] if a.get("name") == app["name"]), None)
         gen = ((_deployment(old, DEPLOYMENT_NAME) or {}).get("user_config") or {}).get("rollout_generation", 0) \
@@ -288,11 +288,11 @@ class Rollout:
 
 
 @contextmanager
-def holding(admin: ServeAdmin, app_name: str, *, timeout_s: float = 300, lease_s: float | None = None):
+def holding(admin: ServeAdmin, app_name: str, *, timeout_s: float = 300):
     """The application's rollout lease, held for the `with` block, after `reconcile` has finished or undone
     whatever an earlier rollout left half-done (the result is in `Rollout.reconciled`)."""
     reg, name = _registry(_find_app(admin.config(), app_name))
-    lease = RolloutLease(reg, name, app_name, lease_s=lease_s or timeout_s + LEASE_MARGIN_S).acquire()
+    lease = RolloutLease(reg, name, app_name).acquire()
     try:
         ro = Rollout(admin, app_name, reg, name, lease, timeout_s)
         ro.reconciled = reconcile(ro)

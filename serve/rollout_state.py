@@ -1,9 +1,10 @@
 """What a rollout leaves in the registry so that it can be finished or undone by whoever comes next:
 
 - `RolloutLease`: an exclusive, expiring lease on the rollouts of one application (numbered files, each
-  created exclusively). A gated canary holds it for its whole run and renews it every check (a heartbeat):
-  when its owner dies, the lease ends within `lease_s`, and the next rollout command finds the canary
-  ownerless and ends it.
+  created exclusively), short (`LEASE_S`) and renewed by a heartbeat thread while its owner lives: a step
+  that waits minutes for Serve, or a gated canary that runs for many, keeps it; an owner that dies (SIGKILL,
+  a lost node) stops renewing, the lease ends within `LEASE_S`, and the next rollout command finishes or
+  undoes what it left.
 - `RolloutJournal`: the rollout's phase (`canary`, `promoting`, `rolling_back`, `idle`), its target version,
   alias and deadline, written BEFORE each step that changes what is served, plus the last events (canary
   started, promoted, rolled back, reconciled). A crash between the Serve update and the alias move leaves
@@ -16,13 +17,14 @@ import json
 import os
 import re
 import socket
+import threading
 import time
 import uuid
 from typing import Any
 
 from raysys.registry import Registry
 
-LEASE_MARGIN_S = 60  # a lease outlives the rollout's own timeout by this much
+LEASE_S = 20.0  # a lease nobody renews ends this long after its last renewal
 KEEP_LEASE_FILES = 20
 KEEP_EVENTS = 50
 
@@ -39,14 +41,20 @@ def _app_dir(app_name: str) -> str:
 class RolloutLease:
     """An exclusive, expiring lease on the rollouts of one application, kept as numbered files in the
     registry (`<root>/<model>/rollout-leases/<app>/<n>.json`, each created exclusively, the highest
-    current): taking it creates n+1 while n is released or expired, so two takers cannot both win."""
+    current): taking it creates n+1 while n is released or expired, so two takers cannot both win. While
+    held, a daemon thread renews it every `lease_s / 4` (creating the next file, so a renewal after a
+    takeover fails and the owner learns it lost the lease: `check()` raises)."""
 
-    def __init__(self, reg: Registry, model_name: str, app_name: str, *, lease_s: float):
+    def __init__(self, reg: Registry, model_name: str, app_name: str, *, lease_s: float = LEASE_S):
         self.files = reg.files
         self.dir = reg.files.path(model_name, "rollout-leases", _app_dir(app_name))
         self.app_name, self.lease_s = app_name, lease_s
         self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
         self.number: int | None = None
+        self.lost: str | None = None
+        self._lock = threading.Lock()
+        self._stop = threading.Event()
+        self._beat: threading.Thread | None = None
 
     def _path(self, n: int) -> str:
         return f"{self.dir}/{n:012d}.json"
@@ -76,24 +84,53 @@ class RolloutLease:
         if not self.files.create_exclusive(self._path(n + 1), json.dumps(mine).encode()):
             raise self._busy(self._newest()[1])  # another taker created n+1 first
         self.number = n + 1
-        for f in self.files.files(self.dir):  # old leases are history only: keep the last few for debugging
-            if re.fullmatch(r"\d+\.json", f) and int(f[:-5]) <= self.number - KEEP_LEASE_FILES:
-                self.files.delete_file(self._path(int(f[:-5])))
+        self._prune()
+        self._stop.clear()
+        self._beat = threading.Thread(target=self._heartbeat, name=f"rollout-lease-{self.app_name}", daemon=True)
+        self._beat.start()
         return self
 
-    def renew(self, lease_s: float | None = None) -> None:
-        """Extend the lease to `lease_s` (default: the lease's own) from now, a heartbeat; RolloutError when it
-        was lost meanwhile (it expired and somebody else took it over)."""
-        if self.number is None:
-            raise RolloutError(f"the rollout lease of {self.app_name!r} is not held")
-        now = time.time()
-        mine = {"owner": self.owner, "acquired_at": now, "expires_at": now + (lease_s or self.lease_s),
-                "renewal": True}
-        if not self.files.create_exclusive(self._path(self.number + 1), json.dumps(mine).encode()):
-            self.number = None
-            raise RolloutError(f"lost the rollout lease of {self.app_name!r} (it expired and another rollout took "
-                               "it over); this rollout stops here")
-        self.number += 1
+    def _prune(self) -> None:
+        for f in self.files.files(self.dir):  # old leases are history only: keep the last few for debugging
+            if re.fullmatch(r"\d+\.json", f) and int(f[:-5]) <= (self.number or 0) - KEEP_LEASE_FILES:
+                self.files.delete_file(self._path(int(f[:-5])))
+
+    def _heartbeat(self) -> None:
+        while not self._stop.wait(self.lease_s / 4):
+            try:
+                self.renew()
+            except RolloutError as e:
+                self.lost = str(e)
+                return
+            except Exception:  # storage trouble: try again at the next beat (the lease lasts 4 beats)
+                continue
+
+    def check(self) -> None:
+        """RolloutError when the lease was lost (not renewed in time and taken over): stop the rollout."""
+        if self.lost:
+            raise RolloutError(self.lost)
+
+    def _halt(self) -> None:
+        """Stop renewing without releasing: what an owner that dies does (tests)."""
+        self._stop.set()
+        if self._beat is not None:
+            self._beat.join(timeout=10)
+
+    def renew(self) -> None:
+        """Extend the lease by `lease_s` from now (the heartbeat does this); RolloutError when it was lost
+        meanwhile (it expired and somebody else took it over)."""
+        with self._lock:
+            if self.number is None:
+                raise RolloutError(f"the rollout lease of {self.app_name!r} is not held")
+            now = time.time()
+            mine = {"owner": self.owner, "acquired_at": now, "expires_at": now + self.lease_s, "renewal": True}
+            if not self.files.create_exclusive(self._path(self.number + 1), json.dumps(mine).encode()):
+                self.number = None
+                raise RolloutError(f"lost the rollout lease of {self.app_name!r} (it expired and another rollout "
+                                   "took it over); this rollout stops here")
+            self.number += 1
+            if self.number % KEEP_LEASE_FILES == 0:
+                self._prune()
 
     def holder(self) -> dict[str, Any] | None:
         """The current owner's lease record while somebody holds it (None: free or expired)."""
@@ -103,12 +140,14 @@ class RolloutLease:
         return None
 
     def release(self) -> None:
-        if self.number is None:
-            return
-        done = {"owner": self.owner, "released": True, "released_at": time.time()}
-        # False: the lease had expired and somebody took it over; theirs stands
-        self.files.create_exclusive(self._path(self.number + 1), json.dumps(done).encode())
-        self.number = None
+        self._halt()
+        with self._lock:
+            if self.number is None:
+                return
+            done = {"owner": self.owner, "released": True, "released_at": time.time()}
+            # False: the lease had expired and somebody took it over; theirs stands
+            self.files.create_exclusive(self._path(self.number + 1), json.dumps(done).encode())
+            self.number = None
 
     def __enter__(self) -> RolloutLease:
         return self.acquire()

@@ -43,11 +43,28 @@ class Scorer:
 
     @classmethod
     def from_loaded(cls, loaded: Any) -> Scorer:
-        """From a `raysys.registry.LoadedModel`."""
+        """From a `raysys.registry.LoadedModel`, warmed up."""
         loaded.model.eval()
-        return cls(name=loaded.name, version=int(loaded.version), model=loaded.model, schema=loaded.schema,
-                   preprocessor=loaded.preprocessor, model_spec=dict(loaded.model_spec), metrics=loaded.metrics,
-                   lineage=loaded.lineage, reference_profile=loaded.reference_profile)
+        scorer = cls(name=loaded.name, version=int(loaded.version), model=loaded.model, schema=loaded.schema,
+                     preprocessor=loaded.preprocessor, model_spec=dict(loaded.model_spec), metrics=loaded.metrics,
+                     lineage=loaded.lineage, reference_profile=loaded.reference_profile)
+        scorer.warm_up()
+        return scorer
+
+    def warm_up(self) -> None:
+        """A few forward passes on zeros before the version takes traffic: its first passes (allocations,
+        kernel selection) must not land on users, nor on the timings a canary gate compares."""
+        n_num = self.model_spec.get("num_numeric")
+        if n_num is None:
+            n_num = len(getattr(self.preprocessor, "mean", None) if getattr(self.preprocessor, "mean", None) is not None
+                        else [])
+        x_num = np.zeros((4, n_num), dtype=np.float32)
+        x_cat = np.zeros((4, len(self.schema.categorical)), dtype=np.int64)
+        for _ in range(3):
+            try:
+                self.predict_proba(x_num, x_cat)
+            except Exception:  # a version that cannot score zeros fails on real rows, where it is booked
+                return
 
     @property
     def classes(self) -> list[str]:
@@ -142,7 +159,8 @@ class Agreement:
     agreed: int
 
 
-def score_requests(items: list[tuple], stats: list | None = None) -> list[ScoredRows | RequestError]:
+def score_requests(items: list[tuple], stats: list | None = None, *,
+                   compare_first: bool = False) -> list[ScoredRows | RequestError]:
     """Validate, standardise and score the rows of many requests together: `items` are (scorer, rows,
     prefix[, t0, request_id[, compare]]) with rows as sent (a list of objects) and prefix the key errors are
     named under. Per model version, all rows go through ONE `validate_rows` pass and ONE forward pass, and
@@ -153,17 +171,23 @@ def score_requests(items: list[tuple], stats: list | None = None) -> list[Scored
     are scored again one at a time, so that only the requests it cannot score get a `ScoringError` (a 500
     naming the version); every other version's requests of the batch are answered.
 
-    `compare` (a Scorer, optional): after the answers, that version scores the same rows too, for nobody:
-    shadow traffic, or the stable version beside a canary. Its failures never reach the client. `stats`:
-    when given, gets a `GroupStats` per version pass and an `Agreement` per compared pair of versions."""
+    `compare` (a Scorer, optional): that version scores the same rows too, for nobody: shadow traffic, or
+    the stable version beside a canary. Its failures never reach the client. It runs after the answers, or
+    before them with `compare_first` (the endpoint alternates beside a canary, so that neither version is
+    always the one that meets the rows with warm caches: their timings compare fairly). `stats`: when given,
+    gets a `GroupStats` per version pass and an `Agreement` per compared pair of versions."""
     out: list[ScoredRows | RequestError | None] = [None] * len(items)
+    shadow: list[ScoredRows | RequestError | None] = [None] * len(items)
+    with_compare = [i for i, it in enumerate(items) if len(it) > 5 and it[5] is not None]
+    if compare_first and with_compare:
+        _score_groups(items, with_compare, 5, shadow, stats, compare=True)
     _score_groups(items, range(len(items)), 0, out, stats, compare=False)
-    compared = [i for i, it in enumerate(items) if len(it) > 5 and it[5] is not None and isinstance(out[i], ScoredRows)]
-    if compared:
-        shadow: list[ScoredRows | RequestError | None] = [None] * len(items)
-        _score_groups(items, compared, 5, shadow, stats, compare=True)
-        if stats is not None:
-            _agreements(items, compared, out, shadow, stats)
+    if not compare_first:
+        with_compare = [i for i in with_compare if isinstance(out[i], ScoredRows)]
+        if with_compare:
+            _score_groups(items, with_compare, 5, shadow, stats, compare=True)
+    if stats is not None and with_compare:
+        _agreements(items, [i for i in with_compare if isinstance(out[i], ScoredRows)], out, shadow, stats)
     return out  # type: ignore[return-value]
 
 

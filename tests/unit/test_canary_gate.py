@@ -268,13 +268,15 @@ def test_a_promotion_cut_before_the_serve_update_is_finished_too(world, monkeypa
 def test_a_gated_canary_whose_owner_died_is_stopped_by_the_next_command(world):
     reg, _, _ = world
     admin = FakeAdmin(reg)
-    lease = RolloutLease(reg, MODEL, APP, lease_s=0.5).acquire()  # the owner, which then dies holding it
+    lease = RolloutLease(reg, MODEL, APP, lease_s=0.8).acquire()  # the owner
     ro = rollout.Rollout(admin, APP, reg, MODEL, lease, 30)
     ro.start_canary(2, 30, gated=True, deadline=time.time() + 3600)
-    with pytest.raises(rollout.RolloutError, match="in progress"):  # while its lease lasts
+    time.sleep(1.2)  # its heartbeat keeps the lease past lease_s while it lives
+    with pytest.raises(rollout.RolloutError, match="in progress"):
         rollout.promote(admin, APP)
     assert rollout.status(admin, APP)["in_progress"]
-    time.sleep(0.6)
+    lease._halt()  # it dies holding the lease: no more renewals
+    time.sleep(1.0)
     st = rollout.status(admin, APP)
     assert st["reconciled"] and "stopped renewing the rollout lease" in st["reconciled"][0]
     assert st["reconciled"][0].startswith("stopped the canary of v2:")
