@@ -5,6 +5,7 @@ One `PipelineConfig` holds a section per stage (`sections`); named presets and t
 """
 
 from raysys.config.presets import PRESETS, load_config, preset
+from raysys.config.quality import QUALITY_CHECKS, CheckLevels, QualityConfig
 from raysys.config.sections import (
     FT_ARCH_FIELDS,
     FT_SIZES,
@@ -22,7 +23,7 @@ from raysys.config.sections import (
 )
 
 __all__ = [
-    "FT_ARCH_FIELDS", "FT_SIZES", "PRESETS", "DataConfig", "DistillConfig", "EvaluationConfig", "ModelConfig",
+    "FT_ARCH_FIELDS", "FT_SIZES", "PRESETS", "QUALITY_CHECKS", "CheckLevels", "QualityConfig", "DataConfig", "DistillConfig", "EvaluationConfig", "ModelConfig",
     "MonitorConfig", "ParallelConfig", "PipelineConfig", "ServeAutoscaling", "ServeConfig", "SliceConfig",
     "TrainConfig", "load_config", "preset",
 ]
