@@ -36,14 +36,19 @@ def data_import(
     val_fraction: Annotated[float, typer.Option(help="Share of rows for validation.")] = 0.15,
     test_fraction: Annotated[float, typer.Option(help="Share of rows for test.")] = 0.15,
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    missing: Annotated[str, typer.Option(help="Nulls in a feature: 'impute' (train median / most frequent "
+                                              "category, plus an is-missing indicator for numbers) or 'refuse'.")
+                       ] = "impute",
 ):
     """Bring your own data: infer a schema, split into train/validation/test and write the raysys layout."""
     from raysys.data.byod import import_parquet
 
     schema = guard(import_parquet, source, out, label=label, val_fraction=val_fraction,
-                   test_fraction=test_fraction, seed=seed)
+                   test_fraction=test_fraction, seed=seed, missing=missing)
     console.print(f"imported {source} -> {out}: {len(schema.numeric)} numeric, {len(schema.categorical)} "
-                  f"categorical features, classes {schema.classes}")
+                  f"categorical features, classes {schema.classes}"
+                  + (f"; nullable (imputed): {[f.name for f in schema.features if f.nullable]}"
+                     if any(f.nullable for f in schema.features) else ""))
     console.print(f"train on it with: raysys run --config <file with data: {{root: {out}, source: parquet}}>")
 
 
