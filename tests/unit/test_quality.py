@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import shutil
+from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
@@ -171,3 +172,28 @@ def test_cli_data_check_prints_writes_json_and_exits_2_on_a_refusal(clean_small,
     bad = runner.invoke(app, ["data", "check", str(root), "--config", str(cfg)])
     assert bad.exit_code == 2
     assert "quality.leakage" in bad.output and (root / "data_quality.json").exists()
+
+
+def test_the_pipeline_stage_writes_the_report_puts_it_on_the_card_and_refuses_leaky_data(tmp_path):
+    from raysys.config import preset
+    from raysys.registry.modelcard import build_model_card, render_markdown
+    from raysys.workflow.stages import _quality_lineage, absolute, stage_data, stage_quality
+
+    cfg = absolute(preset("tiny").with_root(tmp_path))
+    cfg.data = cfg.data.model_copy(update=dict(num_train_rows=2000, num_val_rows=400, num_test_rows=400))
+    cfg.quality.label_issues = OFF
+    prep = stage_data(cfg)
+    summary = stage_quality(cfg, prep)
+    assert summary["status"] == "ok" and prep.quality is summary
+    report = json.loads(open(summary["report"]).read())
+    assert summary["report"].startswith(cfg.run_dir) and report["config"]["label_issues"]["warn"] is None
+    assert _quality_lineage(prep)["data_quality"]["status"] == "ok"
+    card = build_model_card(name="m", kind="teacher", schema=prep.schema, data_fingerprint=prep.fingerprint,
+                            metrics={"accuracy": 0.5}, data_quality=summary)
+    md = render_markdown(card)
+    assert card["data"]["quality"]["status"] == "ok" and "## Data quality" in md and "| leakage | 0 |" in md
+    train = read_split(cfg.data.root, "train")
+    _rewrite(Path(cfg.data.root), "test", pa.concat_tables([read_split(cfg.data.root, "test"), train.slice(0, 100)]))
+    prep = stage_data(cfg)
+    with pytest.raises(ValueError, match=r"quality\.leakage: .*test 100/500"):
+        stage_quality(cfg, prep)
