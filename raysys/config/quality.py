@@ -38,7 +38,7 @@ class QualityConfig(_Strict):
         0.01, gt=0, description="Near duplicates: rows equal after rounding every numeric feature to this many "
                                 "training standard deviations (categories equal).")
     num_folds: int = Field(4, ge=2, description="Label issues: folds of the out-of-fold predicted probabilities.")
-    label_model_epochs: int = Field(20, ge=1, description="Label issues: epochs of the small MLP of each fold.")
+    label_model_epochs: int = Field(15, ge=1, description="Label issues: epochs of the small MLP of each fold.")
     outlier_z: float = Field(8.0, gt=0, description="Outliers: robust z (|x - median| / (1.4826 MAD)) beyond "
                                                     "which a numeric value is an outlier.")
     duplicates: CheckLevels = _levels(0.0, None, "Share of a split's rows that repeat an earlier row of the same "

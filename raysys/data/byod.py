@@ -37,8 +37,8 @@ def _nullable_columns(table: pa.Table, label: str, missing: str) -> set[str]:
         if name == label:
             raise SchemaError(name, f"{nulls} rows have no label; drop them before import")
         if missing == "refuse":
-            raise SchemaError(name, f"{nulls} null values; fill or drop them before import (or import with "
-                                    "missing='impute')")
+            raise SchemaError(name, f"{nulls} null values; fill or drop them before import, or let raysys impute "
+                                    "them (missing='impute', `raysys data import --missing impute`)")
         if nulls == table.num_rows:
             raise SchemaError(name, "every value is null; drop the column")
         out.add(name)

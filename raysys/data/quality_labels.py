@@ -20,8 +20,8 @@ from raysys.config.quality import QualityConfig
 from raysys.data.quality_frame import CheckResult, QualityFrame
 
 HIDDEN = 64
-BATCH = 256
-LR = 1e-2
+BATCH = 512
+LR = 2e-2
 
 
 def design_matrix(frame: QualityFrame, split: str) -> np.ndarray:
