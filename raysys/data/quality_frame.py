@@ -12,8 +12,9 @@ from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 
-from raysys.data.dataset import read_split
+from raysys.data.dataset import read_split, split_files
 from raysys.data.schema import DatasetSchema
 from raysys.data.synthetic import SPLITS
 
@@ -77,6 +78,7 @@ def load_frame(root: str | Path, schema: DatasetSchema, *, max_rows: int, seed: 
     lookups = [{c: i for i, c in enumerate(v)} for v in vocab]
     splits = {}
     for s, split in enumerate(SPLITS):
+        schema.check_table(pq.read_schema(split_files(root, split)[0]), where=f"{split} split")
         table = read_split(root, split, [f.name for f in schema.features] + [schema.label])
         total = table.num_rows
         table, index = _sample(table, max_rows, seed + s)

@@ -197,3 +197,12 @@ def test_the_pipeline_stage_writes_the_report_puts_it_on_the_card_and_refuses_le
     prep = stage_data(cfg)
     with pytest.raises(ValueError, match=r"quality\.leakage: .*test 100/500"):
         stage_quality(cfg, prep)
+
+
+def test_a_dataset_that_does_not_match_its_schema_is_a_clear_error(clean_small, tmp_path):
+    root = _copy(clean_small, tmp_path)
+    schema = DatasetSchema.load(root)
+    schema.features.append(FeatureSpec(name="ghost", kind="numeric"))
+    schema.save(root)
+    with pytest.raises(ValueError, match="ghost: column missing from train split"):
+        check_dataset(root, _fast())
