@@ -275,7 +275,8 @@ def slice_metrics(columns: dict[str, np.ndarray], y_true, y_pred, num_classes: i
             arr = np.asarray(col)
             if not np.issubdtype(arr.dtype, np.number):
                 continue
-            qs = np.quantile(arr.astype(np.float64), np.linspace(0, 1, cfg.num_quantile_bins + 1)[1:-1])
+            # nanquantile: a nullable feature's raw nulls (NaN) fall in no numeric slice instead of making NaN edges
+            qs = np.nanquantile(arr.astype(np.float64), np.linspace(0, 1, cfg.num_quantile_bins + 1)[1:-1])
             numeric_feats[feat] = sorted(set(float(q) for q in qs))
     for feat, edges in numeric_feats.items():
         if feat not in columns:

@@ -66,7 +66,7 @@ class ValidatedRequest:
     (what the model wants) and category indices."""
 
     x_num_raw: np.ndarray  # float32 [n, n_num]
-    x_num: np.ndarray  # float32 [n, n_num], standardised
+    x_num: np.ndarray  # float32 [n, n_num + is-missing indicators], standardised
     x_cat: np.ndarray  # int64 [n, n_cat]
     request_id: str | None = None  # the client's id for the request (None: the endpoint makes one)
 
@@ -269,7 +269,8 @@ def rows_to_request(rows: Any, schema: DatasetSchema, preprocessor: Preprocessor
                     prefix: str = "instances") -> ValidatedRequest:
     """Check a list of row objects against the schema and turn it into arrays; RequestError naming the field
     (422: a missing or unknown feature, a wrong type, NaN/infinity, a number out of float32 range, a value
-    absurdly far from the training data, an unknown category)."""
+    absurdly far from the training data, an unknown category, null for a feature the schema does not mark
+    nullable). A null of a nullable feature is imputed as in training (`x_num_raw` holds the imputed value)."""
     try:
         # a float64 above float32's range becomes inf in the cast: caught just below, by field
         with np.errstate(over="ignore", invalid="ignore"):
@@ -278,10 +279,11 @@ def rows_to_request(rows: Any, schema: DatasetSchema, preprocessor: Preprocessor
         raise RequestError(422, e.field, e.message) from None
     except OverflowError:  # a JSON integer too large for a float (math.isfinite(10**400) raises)
         raise _out_of_range(rows, schema, prefix) from None
+    missing = preprocessor.fill_missing(x_num_raw, x_cat)  # JSON nulls of nullable features: imputed here
     if not np.isfinite(x_num_raw).all():
         raise _out_of_range(rows, schema, prefix)
     with np.errstate(over="ignore", invalid="ignore"):
-        x_num = preprocessor.standardize(x_num_raw)
+        x_num = preprocessor.standardize(x_num_raw, missing)
     bad = ~np.isfinite(x_num) | (np.abs(x_num) > MAX_ABS_Z)
     if bad.any():
         r, j = (int(i) for i in np.argwhere(bad)[0])

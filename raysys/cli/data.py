@@ -1,4 +1,4 @@
-"""`raysys data ...`: generate the synthetic dataset or import your own."""
+"""`raysys data ...`: generate the synthetic dataset, import your own, check its quality."""
 
 from __future__ import annotations
 
@@ -7,7 +7,7 @@ from typing import Annotated
 
 import typer
 
-from raysys.cli.common import ConfigFile, Preset, Root, console, guard, pipeline_config
+from raysys.cli.common import ConfigFile, Preset, Root, console, fail, guard, pipeline_config
 
 data_app = typer.Typer(no_args_is_help=True, help="Generate or import datasets.")
 
@@ -36,12 +36,48 @@ def data_import(
     val_fraction: Annotated[float, typer.Option(help="Share of rows for validation.")] = 0.15,
     test_fraction: Annotated[float, typer.Option(help="Share of rows for test.")] = 0.15,
     seed: Annotated[int, typer.Option(help="Seed of the split.")] = 0,
+    missing: Annotated[str, typer.Option(help="Nulls in a feature: 'impute' (train median / most frequent "
+                                              "category, plus an is-missing indicator for numbers) or 'refuse'.")
+                       ] = "impute",
 ):
     """Bring your own data: infer a schema, split into train/validation/test and write the raysys layout."""
     from raysys.data.byod import import_parquet
 
     schema = guard(import_parquet, source, out, label=label, val_fraction=val_fraction,
-                   test_fraction=test_fraction, seed=seed)
+                   test_fraction=test_fraction, seed=seed, missing=missing)
     console.print(f"imported {source} -> {out}: {len(schema.numeric)} numeric, {len(schema.categorical)} "
-                  f"categorical features, classes {schema.classes}")
+                  f"categorical features, classes {schema.classes}"
+                  + (f"; nullable (imputed): {[f.name for f in schema.features if f.nullable]}"
+                     if any(f.nullable for f in schema.features) else ""))
     console.print(f"train on it with: raysys run --config <file with data: {{root: {out}, source: parquet}}>")
+
+
+@data_app.command("check")
+def data_check(
+    dataset: Annotated[Path, typer.Argument(help="Dataset directory (schema.json + train/validation/test).")],
+    preset: Preset = "demo", config: ConfigFile = None,
+    out: Annotated[Path | None, typer.Option(help="Report JSON path (default: DATASET/data_quality.json).")] = None,
+):
+    """Data quality report: duplicates, train/test leakage, class balance, label issues, constant and
+    predictive features, unseen categories, outliers, nulls. Exits 2 when a check refuses the data."""
+    from rich.table import Table
+
+    from raysys.data.quality import REPORT_FILE, check_dataset, refusal_message, table_rows, write_report
+
+    cfg = pipeline_config(preset, config, None)
+    report = guard(check_dataset, dataset, cfg.quality)
+    path = write_report(report, out or dataset / REPORT_FILE)
+    table = Table(title=f"data quality: {dataset} ({report['status']})")
+    for col in ("check", "value", "level", "warn", "refuse", "seconds", "finding"):
+        table.add_column(col, overflow="fold")
+    styles = {"refuse": "bold red", "warn": "yellow"}
+    for row in table_rows(report):
+        table.add_row(*row, style=styles.get(row[2]))
+    console.print(table)
+    for f in report["findings"]:
+        console.print(f"[{styles[f['level']]}]{f['level']}[/] {f['check']}: example rows {f['examples'][:5]}",
+                      highlight=False)
+    console.print(f"report written to {path} ({report['seconds']['total']:.1f}s)")
+    msg = refusal_message(report)
+    if msg:
+        raise fail(msg)

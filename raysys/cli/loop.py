@@ -53,6 +53,7 @@ def train(preset: Preset = "demo", config: ConfigFile = None, root: Root = None,
     setup_logging()
     start_ray(address)
     prep = guard(stages.stage_data, cfg)
+    guard(stages.stage_quality, cfg, prep)
     _, version, metrics = guard(stages.stage_teacher, cfg, prep)
     console.print_json(json.dumps({"teacher_version": version, "test": metrics}))
 
@@ -66,12 +67,13 @@ def distill(preset: Preset = "demo", config: ConfigFile = None, root: Root = Non
                                        "named in the log when it started) instead of a new one.")] = None):
     """Distill the registered teacher with a Ray Tune sweep (ASHA + Optuna by default); register the chosen
     student (production) and its int8 variant (candidate), each with a model card."""
-    from raysys.workflow.stages import load_teacher, stage_data, stage_distill
+    from raysys.workflow.stages import load_teacher, stage_data, stage_distill, stage_quality
 
     cfg = absolute_config(preset, config, root, distill_overrides(search, num_samples))
     setup_logging()
     start_ray(address)
     prep = guard(stage_data, cfg)
+    guard(stage_quality, cfg, prep)  # the teacher's run wrote the report: reused, for the student's card
     model, t_version, t_metrics = guard(load_teacher, cfg, teacher)
     version, metrics, best = guard(stage_distill, cfg, prep, model, t_version, t_metrics, resume_sweep=resume_sweep)
     keys = ("accuracy", "macro_f1", "num_parameters", "teacher_agreement", "teacher_accuracy", "int8_variant")

@@ -5,6 +5,7 @@ One `PipelineConfig` holds a section per stage (`sections`); named presets and t
 """
 
 from raysys.config.presets import PRESETS, load_config, preset
+from raysys.config.quality import QUALITY_CHECKS, CheckLevels, QualityConfig
 from raysys.config.sections import (
     FT_ARCH_FIELDS,
     FT_SIZES,
@@ -24,7 +25,8 @@ from raysys.config.sections import (
 )
 
 __all__ = [
-    "FT_ARCH_FIELDS", "FT_SIZES", "PRESETS", "CanaryConfig", "DataConfig", "DistillConfig", "EvaluationConfig", "ModelConfig",
+    "FT_ARCH_FIELDS", "FT_SIZES", "PRESETS", "QUALITY_CHECKS", "CanaryConfig", "CheckLevels", "DataConfig",
+    "DistillConfig", "EvaluationConfig", "ModelConfig", "QualityConfig",
     "MonitorConfig", "ParallelConfig", "PipelineConfig", "ServeAutoscaling", "ServeConfig", "SliceConfig",
     "TrackingConfig", "TrainConfig", "load_config", "preset",
 ]

@@ -10,6 +10,8 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from raysys.config.quality import QualityConfig
+
 
 class _Strict(BaseModel):
     # forbid unknown keys so a typo in a YAML file is an error, not a silently ignored setting
@@ -439,6 +441,8 @@ class PipelineConfig(_Strict):
     registry_uri: str = Field("runs/registry", description="Registry root: a local path or a pyarrow.fs URI.")
     model_name: str = Field("raysys-student", description="Registry name of the served student.")
     data: DataConfig = Field(default_factory=DataConfig)
+    quality: QualityConfig = Field(default_factory=QualityConfig,
+                                   description="Data quality checks before training: what warns, what refuses.")
     teacher: ModelConfig = Field(default_factory=ModelConfig)
     train: TrainConfig = Field(default_factory=TrainConfig)
     distill: DistillConfig = Field(default_factory=DistillConfig)

@@ -1,7 +1,9 @@
 """Bring your own data: any Parquet file or directory plus a label column -> the raysys dataset layout.
 
 String columns become categorical features (their distinct values in the data are the categories),
-numeric columns numeric features; the label is rewritten as an index into `schema.classes`. Rows are
+numeric columns numeric features; the label is rewritten as an index into `schema.classes`. Nulls stay in the
+data and mark their column nullable (the Preprocessor imputes them, fitted on train), unless the import is asked
+to refuse them. Rows are
 split into train/validation/test by a seeded permutation, so the same seed gives the same split.
 """
 
@@ -19,9 +21,35 @@ import pyarrow.parquet as pq
 from raysys.data.schema import DatasetSchema, SchemaError, infer_schema
 from raysys.data.synthetic import SPLITS
 
+MISSING_POLICIES = ("impute", "refuse")
+
+
+def _nullable_columns(table: pa.Table, label: str, missing: str) -> set[str]:
+    """The feature columns holding nulls; SchemaError for a null label, an all-null column, or any null
+    when `missing` is "refuse"."""
+    if missing not in MISSING_POLICIES:
+        raise ValueError(f"missing: unknown policy {missing!r}; choose one of {list(MISSING_POLICIES)}")
+    out = set()
+    for name in table.column_names:
+        nulls = table.column(name).null_count
+        if not nulls:
+            continue
+        if name == label:
+            raise SchemaError(name, f"{nulls} rows have no label; drop them before import")
+        if missing == "refuse":
+            raise SchemaError(name, f"{nulls} null values; fill or drop them before import, or let raysys impute "
+                                    "them (missing='impute', `raysys data import --missing impute`)")
+        if nulls == table.num_rows:
+            raise SchemaError(name, "every value is null; drop the column")
+        out.add(name)
+    return out
+
 
 def import_parquet(source: str | Path, out: str | Path, *, label: str, val_fraction: float = 0.15,
-                   test_fraction: float = 0.15, seed: int = 0, rows_per_shard: int = 250_000) -> DatasetSchema:
+                   test_fraction: float = 0.15, seed: int = 0, rows_per_shard: int = 250_000,
+                   missing: str = "impute") -> DatasetSchema:
+    """`missing="impute"` keeps nulls in the data and marks their columns nullable in the schema (the
+    Preprocessor imputes them, fitted on train); "refuse" raises SchemaError on the first column with nulls."""
     source, out = Path(source), Path(out)
     if not source.exists():
         raise ValueError(f"source: {str(source)!r} does not exist")
@@ -30,16 +58,14 @@ def import_parquet(source: str | Path, out: str | Path, *, label: str, val_fract
     table = pads.dataset(str(source), format="parquet").to_table()
     if label not in table.column_names:
         raise SchemaError(label, f"label column not found; columns are {table.column_names}")
-    for name in table.column_names:
-        if table.column(name).null_count:
-            raise SchemaError(name, f"{table.column(name).null_count} null values; fill or drop them before import")
+    nullable = _nullable_columns(table, label, missing)
     categories = {}
     for field in table.schema:
         if field.name != label and (pa.types.is_string(field.type) or pa.types.is_large_string(field.type)
                                     or pa.types.is_dictionary(field.type)):
             col = table.column(field.name).cast(pa.string())
             table = table.set_column(table.schema.get_field_index(field.name), field.name, col)
-            categories[field.name] = sorted(pc.unique(col).to_pylist())
+            categories[field.name] = sorted(v for v in pc.unique(col).to_pylist() if v is not None)
     label_values = table.column(label).to_numpy(zero_copy_only=False)
     classes_raw = sorted(set(label_values.tolist()))
     if len(classes_raw) < 2:
@@ -48,7 +74,7 @@ def import_parquet(source: str | Path, out: str | Path, *, label: str, val_fract
     lookup = {c: i for i, c in enumerate(classes_raw)}
     y = np.fromiter((lookup[v] for v in label_values.tolist()), dtype=np.int64, count=len(label_values))
     table = table.set_column(table.schema.get_field_index(label), label, pa.array(y))
-    schema = infer_schema(table.schema, label, categories, classes)
+    schema = infer_schema(table.schema, label, categories, classes, nullable)
 
     n = table.num_rows
     perm = np.random.default_rng(seed).permutation(n)

@@ -14,7 +14,7 @@ from typing import Any, Literal
 
 import numpy as np
 import pyarrow as pa
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, model_serializer, model_validator
 
 SCHEMA_FILE = "schema.json"
 
@@ -34,6 +34,17 @@ class FeatureSpec(BaseModel):
     name: str = Field(description="Column name in the Parquet files and key in request rows.")
     kind: Literal["numeric", "categorical"] = Field(description="numeric (float) or categorical (string).")
     categories: list[str] | None = Field(None, description="Allowed values of a categorical feature.")
+    nullable: bool = Field(False, description="Nulls allowed (in the data and as JSON null in requests): the "
+                                              "Preprocessor imputes them, and a numeric one also feeds the model "
+                                              "an is-missing indicator.")
+
+    @model_serializer(mode="wrap")
+    def _dump(self, handler):
+        # `nullable` is written only when set, so schemas without nulls keep their bytes (and fingerprints)
+        out = handler(self)
+        if not self.nullable:
+            out.pop("nullable", None)
+        return out
 
     @model_validator(mode="after")
     def _check(self) -> FeatureSpec:
@@ -76,6 +87,16 @@ class DatasetSchema(BaseModel):
     @property
     def categorical(self) -> list[FeatureSpec]:
         return [f for f in self.features if f.kind == "categorical"]
+
+    @property
+    def missing_indicators(self) -> list[str]:
+        """Nullable numeric features: each adds an is-missing 0/1 column after the numeric model inputs."""
+        return [f.name for f in self.features if f.kind == "numeric" and f.nullable]
+
+    @property
+    def num_model_numeric(self) -> int:
+        """Width of the model's numeric input: the numeric features, then their is-missing indicators."""
+        return len(self.numeric) + len(self.missing_indicators)
 
     @property
     def num_classes(self) -> int:
@@ -164,7 +185,8 @@ class DatasetSchema(BaseModel):
 
     def rows_to_arrays(self, rows: list[dict[str, Any]], prefix: str = "instances") -> tuple[np.ndarray, np.ndarray]:
         """Validate JSON rows and return raw numeric values (float32 [n, n_num]) and category indices
-        (int64 [n, n_cat]). Raises SchemaError naming the first offending field, e.g. `instances[2].x3`."""
+        (int64 [n, n_cat]). A JSON null of a nullable feature is NaN (numeric) or -1 (categorical), for the
+        Preprocessor to impute. Raises SchemaError naming the first offending field, e.g. `instances[2].x3`."""
         if not isinstance(rows, list):
             raise SchemaError(prefix, "must be a list of objects, one per row")
         if not rows:
@@ -187,6 +209,10 @@ class DatasetSchema(BaseModel):
                 raise SchemaError(f"{where}.{missing[0]}", "missing feature")
             for j, f in enumerate(num):
                 v = row[f.name]
+                if v is None and f.nullable:
+                    x_num[r, j] = np.nan
+                    continue
+                _refuse_null(v, f, where)
                 # bool is an int subclass in Python: reject it explicitly
                 if isinstance(v, bool) or not isinstance(v, (int, float)):
                     raise SchemaError(f"{where}.{f.name}", f"expected a number, got {type(v).__name__}")
@@ -195,6 +221,10 @@ class DatasetSchema(BaseModel):
                 x_num[r, j] = v
             for j, f in enumerate(cat):
                 v = row[f.name]
+                if v is None and f.nullable:
+                    x_cat[r, j] = -1
+                    continue
+                _refuse_null(v, f, where)
                 if not isinstance(v, str):
                     raise SchemaError(f"{where}.{f.name}", f"expected a string category, got {type(v).__name__}")
                 idx = cat_index[j].get(v)
@@ -204,17 +234,26 @@ class DatasetSchema(BaseModel):
         return x_num, x_cat
 
 
+def _refuse_null(v: Any, f: FeatureSpec, where: str) -> None:
+    if v is None:
+        raise SchemaError(f"{where}.{f.name}", "null for a feature that is not nullable; send a "
+                                               + ("number" if f.kind == "numeric" else "category"))
+
+
 def infer_schema(table_schema: pa.Schema, label: str, categories: dict[str, list[str]],
-                 classes: list[str]) -> DatasetSchema:
-    """Build a schema for bring-your-own data: string columns become categorical, numbers numeric."""
+                 classes: list[str], nullable: set[str] | frozenset[str] = frozenset()) -> DatasetSchema:
+    """Build a schema for bring-your-own data: string columns become categorical, numbers numeric; the
+    columns named in `nullable` (those where nulls were seen) are marked nullable."""
     feats = []
     for field in table_schema:
         if field.name == label:
             continue
+        null = field.name in nullable
         if pa.types.is_integer(field.type) or pa.types.is_floating(field.type):
-            feats.append(FeatureSpec(name=field.name, kind="numeric"))
+            feats.append(FeatureSpec(name=field.name, kind="numeric", nullable=null))
         elif pa.types.is_string(field.type) or pa.types.is_large_string(field.type) or pa.types.is_dictionary(field.type):
-            feats.append(FeatureSpec(name=field.name, kind="categorical", categories=categories[field.name]))
+            feats.append(FeatureSpec(name=field.name, kind="categorical", categories=categories[field.name],
+                                     nullable=null))
         else:
             raise SchemaError(field.name, f"unsupported Arrow type {field.type}; use numbers or strings")
     return DatasetSchema(features=feats, label=label, classes=classes)

@@ -33,7 +33,14 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     from raysys.workflow.cluster import dashboard_url, init_ray
-    from raysys.workflow.stages import absolute, load_teacher, stage_data, stage_distill, stage_teacher
+    from raysys.workflow.stages import (
+        absolute,
+        load_teacher,
+        stage_data,
+        stage_distill,
+        stage_quality,
+        stage_teacher,
+    )
 
     try:
         cfg = absolute(job_config(args, distill_overrides(args.search, args.num_samples)))
@@ -43,6 +50,11 @@ def main(argv=None) -> int:
     ctx = init_ray()
     print(f"Ray dashboard: {dashboard_url(ctx)}")
     prep = stage_data(cfg)
+    try:
+        stage_quality(cfg, prep)  # reused when the teacher's run wrote it; on the student's card
+    except ValueError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
     try:
         teacher, t_version, t_metrics = load_teacher(cfg, args.teacher)
     except ValueError as e:

@@ -46,12 +46,13 @@ def main(argv=None) -> int:
         print(f"error: {e}", file=sys.stderr)
         return 2
     from raysys.workflow.cluster import init_ray
-    from raysys.workflow.stages import absolute, stage_data, stage_teacher
+    from raysys.workflow.stages import absolute, stage_data, stage_quality, stage_teacher
 
     cfg = absolute(cfg)
     init_ray()
     prep = stage_data(cfg)
     try:
+        stage_quality(cfg, prep)  # a data quality refusal names the check and rows
         _, version, metrics = stage_teacher(cfg, prep)
     except ValueError as e:  # e.g. the memory budget refusal, naming a strategy and worker count that fit
         print(f"error: {e}", file=sys.stderr)

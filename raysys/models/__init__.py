@@ -27,7 +27,8 @@ def model_spec(schema: DatasetSchema, cfg: ModelConfig, family: str | None = Non
     `cfg.dropout` applies to both families.
     """
     family = family or cfg.family
-    base = {"family": family, "num_numeric": len(schema.numeric), "cardinalities": schema.cardinalities,
+    # nullable numeric features add their is-missing indicators to the numeric input (data.Preprocessor)
+    base = {"family": family, "num_numeric": schema.num_model_numeric, "cardinalities": schema.cardinalities,
             "num_classes": schema.num_classes}
     if family == "mlp":
         if size is not None or arch:

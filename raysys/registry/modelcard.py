@@ -62,9 +62,10 @@ def build_model_card(*, name: str, kind: str, schema: dict[str, Any] | Any, data
                      distillation: dict[str, Any] | None = None, teacher_metrics: dict[str, Any] | None = None,
                      lineage: dict[str, Any] | None = None, quantization: str | None = None,
                      intended_use: str | None = None, limitations: list[str] | None = None,
-                     data_root: str | None = None) -> dict[str, Any]:
+                     data_root: str | None = None, data_quality: dict[str, Any] | None = None) -> dict[str, Any]:
     """A model card as a dict. `metrics` is the test split's `full_evaluation`; `teacher_metrics` the
-    teacher's (for retention); `distillation` the sweep's summary (best config, rule, trials, ...)."""
+    teacher's (for retention); `distillation` the sweep's summary (best config, rule, trials, ...);
+    `data_quality` the data quality report's summary (`raysys.data.quality.card_summary`)."""
     if hasattr(schema, "model_dump"):
         schema = json.loads(schema.model_dump_json())
     head = headline_metrics(metrics)
@@ -91,6 +92,8 @@ def build_model_card(*, name: str, kind: str, schema: dict[str, Any] | Any, data
         lims.append(f"Probabilities are not well calibrated (ECE {ece:.3f}); do not read them as frequencies.")
     lims.append("Scores rows like the training data only: the schema's features, categories and classes. "
                 "Inputs drifting from the training distribution (see the monitor's PSI report) void these figures.")
+    for f in (data_quality or {}).get("findings") or []:
+        lims.append(f"Data quality {f['level']}: {f['check']}: {f['message']}.")
     if quantization:
         lims.append(f"Weights are quantized ({quantization}) at load time; figures are for the quantized model.")
     card = {
@@ -102,7 +105,7 @@ def build_model_card(*, name: str, kind: str, schema: dict[str, Any] | Any, data
             "raysys HTTP endpoint. A distilled student: a small, fast stand-in for the teacher it was "
             "trained from."),
         "data": {"fingerprint": data_fingerprint, "root": data_root, "schema": schema,
-                 "num_test_rows": metrics.get("num_samples")},
+                 "num_test_rows": metrics.get("num_samples"), "quality": data_quality},
         "training": training_config or {},
         "distillation": distillation or {},
         "quantization": quantization,
@@ -127,6 +130,21 @@ def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
 
     return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + [
         "| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
+
+
+def _quality_lines(q: dict[str, Any] | None) -> list[str]:
+    """The card's data quality section: status, findings, every check's value, the report's path."""
+    if not q:
+        return []
+    lines = ["## Data quality", "", f"- status: **{q.get('status')}** (report `{q.get('report')}`)"]
+    if q.get("findings"):
+        lines += [""] + _table(["check", "level", "value", "threshold", "finding"],
+                               [[f["check"], f["level"], f["value"], f["threshold"], f["message"]]
+                                for f in q["findings"]])
+    values = q.get("values") or {}
+    if values:
+        lines += ["", "Checks run (value per check):", ""] + _table(["check", "value"], [[k, v] for k, v in values.items()])
+    return lines + [""]
 
 
 def render_markdown(card: dict[str, Any]) -> str:
@@ -181,6 +199,7 @@ def render_markdown(card: dict[str, Any]) -> str:
         extra = f" categories {f['categories']}" if f.get("categories") else ""
         lines.append(f"- feature `{f['name']}`: {f['kind']}{extra}")
     lines.append("")
+    lines += _quality_lines(data.get("quality"))
     dist = card.get("distillation") or {}
     if dist:
         lines += ["## Distillation", ""]

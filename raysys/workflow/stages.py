@@ -1,4 +1,4 @@
-"""The loop, stage by stage: data -> teacher -> distillation -> evaluation -> registry.
+"""The loop, stage by stage: data -> quality -> teacher -> distillation -> evaluation -> registry.
 
 The `raysys` CLI and the jobs (`raysys.jobs`) both call these functions, so a job on a cluster and the
 local demo run the same code. Each stage logs one line when it starts and one when it ends, with its time
@@ -77,6 +77,7 @@ class Prepared:
     schema: Any
     preprocessor: Any
     fingerprint: str
+    quality: dict | None = None  # the data quality report's card summary (stage_quality), when it ran
 
 
 def stage_data(cfg: PipelineConfig) -> Prepared:
@@ -90,6 +91,34 @@ def stage_data(cfg: PipelineConfig) -> Prepared:
              cfg.data.root, len(schema.features), len(schema.numeric), len(schema.categorical),
              schema.num_classes, data_fp[:12])
     return Prepared(schema, pre, data_fp)
+
+
+def stage_quality(cfg: PipelineConfig, prep: Prepared) -> dict | None:
+    """The data quality report before training (`cfg.quality`), written to
+    `<run_dir>/data_quality/<fingerprint>.json` (reused when the data and the quality config are unchanged);
+    a refusal raises ValueError naming the check and rows. Sets and returns `prep.quality`, the summary the
+    model cards and lineage carry (None when `quality.enabled` is off)."""
+    from raysys.data.quality import card_summary, check_dataset, enforce, write_report
+
+    if not cfg.quality.enabled:
+        return None
+    path = Path(cfg.run_dir) / "data_quality" / f"{prep.fingerprint[:16]}.json"
+    config = json.loads(cfg.quality.model_dump_json())
+    report = json.loads(path.read_text()) if path.exists() else None
+    if report is None or report.get("config") != config:
+        report = check_dataset(cfg.data.root, cfg.quality, prep.schema)
+        write_report(report, path)
+    for f in report["findings"]:
+        log.warning("[quality] %s %s: %s", f["level"], f["check"], f["message"])
+    log.info("[quality] %s: %d finding(s), report %s", report["status"], len(report["findings"]), path)
+    enforce(report)
+    prep.quality = card_summary(report, str(path))
+    return prep.quality
+
+
+def _quality_lineage(prep: Prepared) -> dict:
+    return {"data_quality": {"status": prep.quality["status"], "report": prep.quality["report"]}} \
+        if prep.quality else {}
 
 
 def _test_arrays(cfg: PipelineConfig, prep: Prepared):
@@ -151,10 +180,10 @@ def _register_teacher(cfg: PipelineConfig, prep: Prepared, teacher, model, metri
     from raysys.registry.modelcard import build_model_card
 
     schema = prep.schema
-    lineage = {"data_fingerprint": prep.fingerprint, "checkpoint": teacher.checkpoint_dir}
+    lineage = {"data_fingerprint": prep.fingerprint, "checkpoint": teacher.checkpoint_dir, **_quality_lineage(prep)}
     card = build_model_card(
         name=cfg.model_name + TEACHER_SUFFIX, kind="teacher", schema=schema, data_fingerprint=prep.fingerprint,
-        metrics=metrics, lineage=lineage, data_root=cfg.data.root,
+        metrics=metrics, lineage=lineage, data_root=cfg.data.root, data_quality=prep.quality,
         training_config={**_config_sections(cfg, "teacher", "train"),
                          # per-epoch figures stay in the version's metrics.json
                          "epochs_run": len(teacher.metrics),
@@ -269,7 +298,8 @@ def _card_facts(cfg: PipelineConfig, prep: Prepared, sweep, teacher_version: int
     distillation = {**{k: v for k, v in sweep.summary().items() if k not in ("trials",)},
                     "num_trials": len(sweep.trials)}
     lineage = {"parent_teacher": teacher_ref, "data_fingerprint": prep.fingerprint, "distill": dict(sweep.best_config),
-               "sweep_id": sweep.sweep_id, "sweep_dir": str(sweep.results_dir), **(extra_lineage or {})}
+               "sweep_id": sweep.sweep_id, "sweep_dir": str(sweep.results_dir), **_quality_lineage(prep),
+               **(extra_lineage or {})}
     return _CardFacts(lineage, _config_sections(cfg, "teacher", "train", "distill"), distillation)
 
 
@@ -281,7 +311,8 @@ def _register_student(cfg: PipelineConfig, prep: Prepared, reg, sweep, student, 
     card = build_model_card(name=cfg.model_name, kind="student", schema=prep.schema,
                             data_fingerprint=prep.fingerprint, metrics=ev.metrics,
                             training_config=facts.training_config, distillation=facts.distillation,
-                            teacher_metrics=ev.teacher, lineage=facts.lineage, data_root=cfg.data.root)
+                            teacher_metrics=ev.teacher, lineage=facts.lineage, data_root=cfg.data.root,
+                            data_quality=prep.quality)
     return reg.register(
         cfg.model_name, state_dict=student.state_dict(), model_spec=sweep.student_spec, schema=prep.schema,
         preprocessor=prep.preprocessor,
@@ -305,7 +336,7 @@ def _register_int8(cfg: PipelineConfig, prep: Prepared, reg, sweep, student, ev:
                               data_fingerprint=prep.fingerprint, metrics=q_metrics,
                               training_config=facts.training_config, distillation=facts.distillation,
                               teacher_metrics=ev.teacher, lineage=q_lineage, quantization=DYNAMIC_INT8,
-                              data_root=cfg.data.root)
+                              data_root=cfg.data.root, data_quality=prep.quality)
     q_version = reg.register(
         cfg.model_name, state_dict=student.state_dict(), model_spec={**sweep.student_spec,
                                                                      "quantization": DYNAMIC_INT8},
@@ -325,10 +356,12 @@ def _register_int8(cfg: PipelineConfig, prep: Prepared, reg, sweep, student, ev:
 
 
 def run_pipeline(cfg: PipelineConfig) -> PipelineResult:
-    """Train the teacher, distill, evaluate and register the student as `production`. Needs Ray up."""
+    """Check the data's quality, train the teacher, distill, evaluate and register the student as
+    `production`. Needs Ray up."""
     cfg = absolute(cfg)
     timer = StageTimer()
     prep = timer.run("data", stage_data, cfg)
+    timer.run("quality", stage_quality, cfg, prep)
     teacher, t_version, t_metrics = timer.run("teacher", stage_teacher, cfg, prep)
     s_version, s_metrics, best = timer.run("distill", stage_distill, cfg, prep, teacher, t_version, t_metrics)
     return PipelineResult(
