@@ -286,10 +286,10 @@ def test_a_gated_canary_whose_owner_died_is_stopped_by_the_next_command(world):
 def test_a_canary_past_its_deadline_takes_no_traffic_and_is_stopped(world):
     reg, rows, monitor = world
     admin = FakeAdmin(reg)
-    rollout.canary(admin, APP, 2, 100, deadline_s=0.2)  # by hand, with a deadline
     traffic = Traffic(reg, rows, monitor, admin)
+    rollout.canary(admin, APP, 2, 100, deadline_s=1.5)  # by hand, with a deadline
     assert traffic._versions().route("x")[0].version == 2
-    time.sleep(0.3)
+    time.sleep(1.6)
     assert traffic._versions().route("x") == (traffic.scorers[1], None)  # the replicas stop routing to it
     st = rollout.status(admin, APP)
     assert "deadline" in st["reconciled"][0] and admin.deployed()["candidate_ref"] is None
