@@ -1,9 +1,13 @@
-"""A fake Serve admin for rollout tests without Ray: ServeAdmin's surface over an in-memory config."""
+"""Fakes at the Serve boundary for tests without Ray: ServeAdmin's surface over an in-memory config, the
+request the endpoint's handlers read, and a model that fails on some inputs (a bad candidate)."""
 
 from __future__ import annotations
 
 import copy
+import json
 import threading
+
+import torch
 
 from raysys.registry import Registry
 from serve.contract import DEPLOYMENT_NAME
@@ -49,3 +53,28 @@ class FakeAdmin:
     def deployed(self) -> dict:
         app = next(a for a in self.apps if a["name"] == APP)
         return next(d for d in app["deployments"] if d["name"] == DEPLOYMENT_NAME)["user_config"]
+
+
+class FakeRequest:
+    """What the endpoint's predict handler reads of an HTTP request: headers and the body stream."""
+
+    def __init__(self, payload: dict):
+        self.headers = {}
+        self._body = json.dumps(payload).encode()
+
+    async def stream(self):
+        yield self._body
+
+
+class RaisesOnPositiveFirstFeature(torch.nn.Module):
+    """A model that raises for any row whose first (standardised) numeric value is > 0: a candidate that
+    fails on some inputs only."""
+
+    def __init__(self, inner):
+        super().__init__()
+        self.inner = inner
+
+    def forward(self, x_num, x_cat):
+        if (x_num[:, 0] > 0).any():
+            raise RuntimeError("boom: this version cannot score such rows")
+        return self.inner(x_num, x_cat)

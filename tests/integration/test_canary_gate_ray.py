@@ -65,7 +65,7 @@ def world(tmp_path_factory):
     tmp = tmp_path_factory.mktemp("gate")
     reg, _, rows = make_registry(tmp)  # v1 production, v2 other weights
     v1 = reg.load(MODEL, 1).model.state_dict()
-    versions = {"failing": register_failing_version(reg), "slow": _slow_copy(reg, 1, 60_000)}
+    versions = {"failing": register_failing_version(reg), "slow": _slow_copy(reg, 1, 300_000)}
     biased = {k: v.clone() for k, v in v1.items()}
     biased["head.bias"][0] += 50.0  # always class 0: disagrees with v1 on most rows
     versions["disagrees"] = _register_like(reg, 1, biased, note="always class 0")
@@ -192,8 +192,10 @@ def test_a_promotion_killed_between_serve_and_the_alias_is_finished_by_the_next_
                             timeout=400)
     assert killed.returncode == -signal.SIGKILL, killed.stdout + killed.stderr
     assert _serving(w)["model_version"] == w["v"]["good"] and w["reg"].get_alias(MODEL, "production") == 1
-    st = _terminal(w["home"], "serve", "status", "--app", w["app"], "--address", w["dash"])
-    assert st.returncode == 0 and "moved the registry alias 'production'" in st.stdout, st.stdout + st.stderr
+    # its lease lapses 20 s after its last heartbeat; until then status says a rollout is in progress
+    text = poll(lambda: (o := _terminal(w["home"], "serve", "status", "--app", w["app"], "--address", w["dash"]).stdout)
+                and "reconciled" in o and o, timeout_s=90, interval_s=3, what="status to finish the promotion")
+    assert "moved the registry alias 'production'" in text, text
     assert w["reg"].get_alias(MODEL, "production") == w["v"]["good"] == _serving(w)["model_version"]
     assert _serving(w)["candidate_version"] is None
     back = _terminal(w["home"], "serve", "rollback", "--app", w["app"], "--address", w["dash"])

@@ -15,6 +15,7 @@ import time
 import numpy as np
 import pytest
 import torch
+from helpers.rollout import APP, MODEL, FakeAdmin, FakeRequest, RaisesOnPositiveFirstFeature
 
 from raysys.config import CanaryConfig, DataConfig, ModelConfig
 from raysys.data import Preprocessor, SyntheticTask
@@ -31,7 +32,6 @@ from serve.monitor_link import MonitorBuffer, MonitorLink
 from serve.parsing import RequestIds
 from serve.rollout_state import RolloutJournal, RolloutLease
 from serve.scoring import Agreement, GroupStats, Scorer, score_requests
-from tests.helpers.rollout import APP, MODEL, FakeAdmin
 
 
 @pytest.fixture()
@@ -60,17 +60,6 @@ def world(tmp_path):
     return reg, rows, monitor
 
 
-class _Raises(torch.nn.Module):
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x_num, x_cat):
-        if (x_num[:, 0] > 0).any():
-            raise RuntimeError("boom")
-        return self.inner(x_num, x_cat)
-
-
 class _Always(torch.nn.Module):
     def forward(self, x_num, x_cat):
         raise RuntimeError("boom")
@@ -88,15 +77,6 @@ class _Slow(torch.nn.Module):
         while time.thread_time() < end:
             pass
         return self.inner(x_num, x_cat)
-
-
-class _FakeRequest:
-    def __init__(self, payload: dict):
-        self.headers = {}
-        self._body = json.dumps(payload).encode()
-
-    async def stream(self):
-        yield self._body
 
 
 class Traffic:
@@ -142,7 +122,7 @@ class Traffic:
         return statuses
 
     def _answer(self, rid, row) -> int:
-        return asyncio.run(self.ep.predict_response(_FakeRequest({"instances": [row], "request_id": rid}))).status_code
+        return asyncio.run(self.ep.predict_response(FakeRequest({"instances": [row], "request_id": rid}))).status_code
 
 
 def _gate(**kw) -> CanaryConfig:
@@ -170,7 +150,7 @@ def test_a_candidate_as_good_as_stable_is_promoted(world):
 
 
 def test_a_candidate_that_fails_on_some_inputs_is_rolled_back_naming_the_check(world):
-    result, admin, reg = _run(world, 2, wrap={2: _Raises})
+    result, admin, reg = _run(world, 2, wrap={2: RaisesOnPositiveFirstFeature})
     assert not result.promoted and "server_errors failed" in result.why, result.why
     assert admin.deployed()["candidate_ref"] is None and admin.deployed()["model_ref"] == "production"
     assert reg.get_alias(MODEL, "production") == 1
@@ -194,7 +174,7 @@ def test_a_candidate_that_disagrees_with_stable_is_rolled_back(world):
 def test_shadow_mode_answers_from_stable_and_still_judges_the_candidate(world):
     reg, rows, monitor = world
     admin = FakeAdmin(reg)
-    traffic = Traffic(reg, rows, monitor, admin, wrap={2: _Raises})
+    traffic = Traffic(reg, rows, monitor, admin, wrap={2: RaisesOnPositiveFirstFeature})
     seen = []
 
     def sleep(_):

@@ -11,6 +11,7 @@ import time
 
 import pytest
 import torch
+from helpers.rollout import APP, MODEL, FakeAdmin
 
 from raysys.config import DataConfig, ModelConfig
 from raysys.data import Preprocessor, SyntheticTask
@@ -18,7 +19,6 @@ from raysys.models import build_model, model_spec
 from raysys.registry import Registry
 from serve import rollout
 from serve.contract import DEPLOYMENT_NAME, parse_user_config
-from tests.helpers.rollout import APP, MODEL, FakeAdmin
 
 
 @pytest.fixture()

@@ -11,6 +11,7 @@ import pytest
 import torch
 import yaml
 from helpers import REPO
+from helpers.rollout import FakeRequest, RaisesOnPositiveFirstFeature
 
 from raysys.config import DataConfig, ModelConfig
 from raysys.data import Preprocessor, SyntheticTask
@@ -567,23 +568,9 @@ def test_config_yaml_validates_and_builds(monkeypatch):
 # ----- a failing version fails only its own requests (issue 20) -----
 
 
-class _RaisesOnPositiveFirstFeature(torch.nn.Module):
-    """A model that raises for any row whose first (standardised) numeric value is > 0: a candidate that
-    fails on some inputs only."""
-
-    def __init__(self, inner):
-        super().__init__()
-        self.inner = inner
-
-    def forward(self, x_num, x_cat):
-        if (x_num[:, 0] > 0).any():
-            raise RuntimeError("boom: this version cannot score such rows")
-        return self.inner(x_num, x_cat)
-
-
 def _failing_scorer(schema, pre, version=2) -> Scorer:
     good = _scorer(schema, pre, seed=1, version=version)
-    good.model = _RaisesOnPositiveFirstFeature(good.model)
+    good.model = RaisesOnPositiveFirstFeature(good.model)
     return good
 
 
@@ -636,15 +623,6 @@ def test_a_version_whose_validation_raises_fails_only_its_own_requests(bits):
     assert isinstance(out[1], ScoringError) and out[1].model_version == 3 and out[1].status >= 500
 
 
-class _FakeRequest:
-    def __init__(self, payload: dict):
-        self.headers = {}
-        self._body = json.dumps(payload).encode()
-
-    async def stream(self):
-        yield self._body
-
-
 def _bare_endpoint(versions):
     """A StudentEndpoint object without Ray or a registry: the request path over `versions`, the monitor's
     buffer in place of the actor."""
@@ -682,14 +660,14 @@ def test_errors_latency_and_rows_are_booked_to_the_version_that_failed_or_scored
     sent += [(to[2][3], fine[:2])]
 
     async def run():
-        return [await ep.predict_response(_FakeRequest({"instances": r, "request_id": rid})) for rid, r in sent]
+        return [await ep.predict_response(FakeRequest({"instances": r, "request_id": rid})) for rid, r in sent]
 
     answers = asyncio.run(run())
     assert [a.status_code for a in answers] == [200] * 3 + [500] * 3 + [200]
     for a in answers[3:6]:
         assert json.loads(a.body)["detail"]["model_version"] == 2
     # a request refused before any version was chosen (an unknown key in its body) is the stable version's
-    bad = asyncio.run(ep.predict_response(_FakeRequest({"instances": rows[:1], "nope": 1})))
+    bad = asyncio.run(ep.predict_response(FakeRequest({"instances": rows[:1], "nope": 1})))
     assert bad.status_code == 422
     batches = {b["model_version"]: b for b in ep.monitor.buffer.take()}
     assert batches[2]["errors"] == 3 and batches[2]["request_ids"] == [to[2][3]]
