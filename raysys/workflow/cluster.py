@@ -45,6 +45,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
         return ray.get_runtime_context()
     address = address or os.environ.get("RAY_ADDRESS")
     if address:
+        use_cluster_token()  # a job script run by hand against a token cluster finds the token as the CLI does
         return ray.init(address=address)
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     from serve.ingress import apply_ingress_env

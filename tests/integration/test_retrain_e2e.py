@@ -469,8 +469,11 @@ def test_a_killed_retrain_job_leaves_the_app_serving_exactly_production(retrain_
             cand = reg.get_alias(MODEL, "candidate")
             assert cand > served and reg.get_alias(MODEL, "production") == served
             assert rollout.current_rollout(admin, name)[2]["model_ref"] == cand  # Serve moved, the alias did not
-            st = rollout.status(admin, name)
-            assert any("moved the registry alias 'production'" in line for line in st["reconciled"]), st
+            # the dead job's lease lapses 20 s after its last heartbeat; then the next command finishes its work
+            st = poll(lambda: (s := rollout.status(admin, name))["reconciled"] and s, timeout_s=90, interval_s=2,
+                      what="the next rollout command to finish the promotion")
+            assert any("moved the registry alias 'production'" in line for line in st["reconciled"]), \
+                (st["reconciled"], st["journal"]["events"][-6:], log2.read_text()[-3000:])
             assert reg.get_alias(MODEL, "production") == cand == st["stable_version"]
             poll(lambda: requests.get(f"{url}/healthz", timeout=10).json()["model_version"] == cand,
                  what="the endpoint serving the production alias")
