@@ -12,13 +12,15 @@ of failed checks. Here, per check, on the figures since the canary began (`Canar
 - latency_p99: its p99 scoring time (validation + forward pass, in CPU time of the replica's thread, so that
   preemption on a busy node does not decide; measured on the same rows as stable's where both scored them)
   <= max_p99_factor x stable's + p99_slack_ms;
-- agreement: on rows both scored, the share with the same top class >= min_agreement;
+- agreement: on rows both scored, the share with the same top class >= min_agreement (fails only when the
+  95% Wilson upper bound is below it; in between, the check waits for more rows);
 - accuracy (once both versions have `min_labels` labels from /v1/feedback): candidate accuracy >=
   stable's - max_accuracy_drop.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import asdict, dataclass, field, fields
 from typing import Any
 
@@ -164,7 +166,7 @@ def evaluate(cfg: CanaryConfig, cand: VersionCounts, stable: VersionCounts, *, s
                         f"candidate p99 scoring CPU time {_ms(c99)} against stable's {_ms(s99)} on the same rows "
                         f"(bound {cfg.max_p99_factor:g} x stable + {cfg.p99_slack_ms:g} ms = {_ms(bound)})"))
     agree = cand.agreed / cand.compared if cand.compared else None
-    checks.append(Check("agreement", None if agree is None else agree >= cfg.min_agreement,
+    checks.append(Check("agreement", _agreement_ok(cand, cfg.min_agreement),
                         f"same class as stable on {cand.agreed} of {cand.compared} rows"
                         f"{'' if agree is None else f' ({100 * agree:.1f}%)'}, need >= {100 * cfg.min_agreement:g}%"))
     checks.append(_accuracy_check(cfg, cand, stable))
@@ -179,6 +181,24 @@ def evaluate(cfg: CanaryConfig, cand: VersionCounts, stable: VersionCounts, *, s
                "refusals": cand.refusals, "candidate_p99_ms": c99, "stable_p99_ms": s99, "agreement": agree,
                "candidate_labels": cand.labelled, "stable_labels": stable.labelled}
     return Verdict(state, checks, figures)
+
+
+def wilson_upper(k: int, n: int, z: float = 1.96) -> float:
+    """The upper end of the 95% Wilson interval of a proportion k/n."""
+    p = k / n
+    centre, half = p + z * z / (2 * n), z * math.sqrt(p * (1 - p) / n + z * z / (4 * n * n))
+    return min(1.0, (centre + half) / (1 + z * z / n))
+
+
+def _agreement_ok(cand: VersionCounts, bound: float) -> bool | None:
+    """Pass at or above the bound; fail only when even the 95% upper bound of the agreement is below it (a
+    few dozen rows that happen to disagree more must not roll back a candidate that, like a retrain after a
+    label-rule change, is meant to differ); in between, wait for more rows."""
+    if not cand.compared:
+        return None
+    if cand.agreed / cand.compared >= bound:
+        return True
+    return False if wilson_upper(cand.agreed, cand.compared) < bound else None
 
 
 def _accuracy_check(cfg: CanaryConfig, cand: VersionCounts, stable: VersionCounts) -> Check:

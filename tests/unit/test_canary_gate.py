@@ -323,3 +323,13 @@ def test_the_gate_waits_for_rows_and_judges_ratios_only_on_enough_requests():
     v = evaluate(cfg, bad, stable, shadow=False)
     assert v.state == "fail" and [c.name for c in v.failed] == ["client_errors"]
     assert "client_errors failed" in v.describe()
+
+
+def test_agreement_fails_only_on_evidence():
+    from serve.gate import _agreement_ok, wilson_upper
+
+    assert _agreement_ok(VersionCounts(compared=41, agreed=10), 0.28) is None  # 24% of 41 rows: could be 28%
+    assert _agreement_ok(VersionCounts(compared=400, agreed=80), 0.28) is False  # 20%, at most 24%
+    assert _agreement_ok(VersionCounts(compared=41, agreed=12), 0.28) is True
+    assert _agreement_ok(VersionCounts(), 0.5) is None
+    assert 0.38 < wilson_upper(10, 41) < 0.40 and wilson_upper(0, 300) < 0.02
