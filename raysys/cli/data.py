@@ -41,10 +41,16 @@ def data_import(
                        ] = "impute",
 ):
     """Bring your own data: infer a schema, split into train/validation/test and write the raysys layout."""
+    import warnings
+
     from raysys.data.byod import import_parquet
 
-    schema = guard(import_parquet, source, out, label=label, val_fraction=val_fraction,
-                   test_fraction=test_fraction, seed=seed, missing=missing)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        schema = guard(import_parquet, source, out, label=label, val_fraction=val_fraction,
+                       test_fraction=test_fraction, seed=seed, missing=missing)
+    for w in caught:
+        console.print(f"warning: {w.message}", style="yellow", highlight=False)
     console.print(f"imported {source} -> {out}: {len(schema.numeric)} numeric, {len(schema.categorical)} "
                   f"categorical features, classes {schema.classes}"
                   + (f"; nullable (imputed): {[f.name for f in schema.features if f.nullable]}"

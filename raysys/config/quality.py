@@ -39,6 +39,10 @@ class QualityConfig(_Strict):
                                 "training standard deviations (categories equal).")
     num_folds: int = Field(4, ge=2, description="Label issues: folds of the out-of-fold predicted probabilities.")
     label_model_epochs: int = Field(15, ge=1, description="Label issues: epochs of the small MLP of each fold.")
+    min_rows_to_refuse: int = Field(
+        100, ge=0, description="Smallest split size at which a check may refuse: on a table with a smaller "
+                               "split one or two rows decide a share, so a refusal is a warning that says so "
+                               "(0: refuse at any size).")
     outlier_z: float = Field(8.0, gt=0, description="Outliers: robust z (|x - median| / (1.4826 MAD)) beyond "
                                                     "which a numeric value is an outlier.")
     duplicates: CheckLevels = _levels(0.0, None, "Share of a split's rows that repeat an earlier row of the same "

@@ -10,6 +10,7 @@ split into train/validation/test by a seeded permutation, so the same seed gives
 from __future__ import annotations
 
 import shutil
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -22,6 +23,8 @@ from raysys.data.schema import DatasetSchema, SchemaError, infer_schema
 from raysys.data.synthetic import SPLITS
 
 MISSING_POLICIES = ("impute", "refuse")
+# held-out splits below this many rows weaken the monitor's detector calibration (50 rows) and the test figures
+SMALL_SPLIT_ROWS = 50
 
 
 def _nullable_columns(table: pa.Table, label: str, missing: str) -> set[str]:
@@ -43,6 +46,27 @@ def _nullable_columns(table: pa.Table, label: str, missing: str) -> set[str]:
             raise SchemaError(name, "every value is null; drop the column")
         out.add(name)
     return out
+
+
+def split_sizes(n: int, val_fraction: float, test_fraction: float) -> tuple[int, int]:
+    """(validation rows, test rows) of an `n`-row table: the fractions rounded down, but at least one row each
+    while train keeps at least one; a warning for a held-out split below `SMALL_SPLIT_ROWS` (what it weakens
+    is listed on the model card)."""
+    if n < 3:
+        raise ValueError(f"source: {n} rows; the import needs at least 3 (one each for train, validation and "
+                         "test), and a useful model far more")
+    n_val, n_test = max(1, int(n * val_fraction)), max(1, int(n * test_fraction))
+    while n_val + n_test > n - 1:  # tiny tables: give train a row back, from the larger held-out split
+        if n_val >= n_test:
+            n_val -= 1
+        else:
+            n_test -= 1
+    for name, rows, flag in (("validation", n_val, "--val-fraction"), ("test", n_test, "--test-fraction")):
+        if rows < SMALL_SPLIT_ROWS:
+            warnings.warn(f"{name}: {rows} rows of {n}; below {SMALL_SPLIT_ROWS} rows some parts of the loop are "
+                          f"reduced or skipped (each named on the model card's limitations); raise {flag} or "
+                          "add rows", stacklevel=2)
+    return n_val, n_test
 
 
 def import_parquet(source: str | Path, out: str | Path, *, label: str, val_fraction: float = 0.15,
@@ -78,7 +102,7 @@ def import_parquet(source: str | Path, out: str | Path, *, label: str, val_fract
 
     n = table.num_rows
     perm = np.random.default_rng(seed).permutation(n)
-    n_val, n_test = int(n * val_fraction), int(n * test_fraction)
+    n_val, n_test = split_sizes(n, val_fraction, test_fraction)
     parts = {"validation": perm[:n_val], "test": perm[n_val:n_val + n_test], "train": perm[n_val + n_test:]}
     tmp = out.with_name(out.name + ".tmp")
     if tmp.exists():

@@ -58,6 +58,7 @@ def check_dataset(root: str | Path, cfg: QualityConfig | None = None,
     seconds = {"load": round(time.perf_counter() - t0, 3)}
     checks: dict[str, Any] = {}
     findings = []
+    smallest = min(s.num_rows_total for s in frame.splits.values())
     for name in QUALITY_CHECKS:
         levels = cfg.levels(name)
         if levels.warn is None and levels.refuse is None:
@@ -66,20 +67,31 @@ def check_dataset(root: str | Path, cfg: QualityConfig | None = None,
         t = time.perf_counter()
         res = CHECKS[name](frame, cfg)
         seconds[name] = round(time.perf_counter() - t, 3)
-        level = grade(res.value, levels)
+        level, message, downgraded = _small_table_grade(grade(res.value, levels), res.message, smallest, cfg)
         checks[name] = {"value": _num(res.value), "level": level, "warn": levels.warn, "refuse": levels.refuse,
-                        "message": res.message, "examples": res.examples, "details": res.details,
-                        "seconds": seconds[name]}
+                        "message": message, "examples": res.examples, "details": res.details,
+                        "seconds": seconds[name], **({"downgraded": True} if downgraded else {})}
         if level:
             findings.append({"check": name, "level": level, "value": _num(res.value),
-                             "threshold": levels.refuse if level == "refuse" else levels.warn,
-                             "message": res.message, "examples": res.examples})
+                             "threshold": levels.refuse if level == "refuse" or downgraded else levels.warn,
+                             "message": message, "examples": res.examples,
+                             **({"downgraded": True} if downgraded else {})})
     status = "refuse" if any(f["level"] == "refuse" for f in findings) else "warn" if findings else "ok"
     return {"format": REPORT_FORMAT, "dataset": str(root), "status": status,
             "rows": {k: s.num_rows_total for k, s in frame.splits.items()},
             "rows_checked": {k: len(s) for k, s in frame.splits.items()},
             "findings": findings, "checks": checks, "seconds": {**seconds, "total": round(time.perf_counter() - t0, 3)},
             "config": json.loads(cfg.model_dump_json())}
+
+
+def _small_table_grade(level: str | None, message: str, smallest: int,
+                       cfg: QualityConfig) -> tuple[str | None, str, bool]:
+    """A refusal on a table whose smallest split is below `quality.min_rows_to_refuse` becomes a warning that
+    says why (returns level, message, downgraded)."""
+    if level != "refuse" or smallest >= cfg.min_rows_to_refuse:
+        return level, message, False
+    return "warn", (f"{message} (above the refuse threshold, but the smallest split has {smallest} rows, fewer "
+                    f"than quality.min_rows_to_refuse={cfg.min_rows_to_refuse}: warned instead of refused)"), True
 
 
 def refusal_message(report: dict[str, Any]) -> str | None:
@@ -105,8 +117,10 @@ def card_summary(report: dict[str, Any], path: str | None = None) -> dict[str, A
     """What the model card and the lineage carry: status, the findings (without their example rows) and
     every check's value."""
     return {"status": report["status"], "report": path,
-            "findings": [{k: f[k] for k in ("check", "level", "value", "threshold", "message")}
-                         for f in report["findings"]],
+            "findings": [{k: f[k] for k in ("check", "level", "value", "threshold", "message", "downgraded")
+                          if k in f} for f in report["findings"]],
+            "skipped": {k: c["message"] for k, c in report["checks"].items()
+                        if (c.get("details") or {}).get("skipped")},
             "values": {k: c.get("value") for k, c in report["checks"].items() if c.get("level") != "off"},
             "rows": report["rows"], "seconds": report["seconds"].get("total")}
 

@@ -78,19 +78,31 @@ class Prepared:
     preprocessor: Any
     fingerprint: str
     quality: dict | None = None  # the data quality report's card summary (stage_quality), when it ran
+    plan: Any = None  # small_tables.TablePlan: what the table's size reduces or skips (None: nothing)
 
 
 def stage_data(cfg: PipelineConfig) -> Prepared:
     """Generate (synthetic) or check (your own) the dataset; fit the preprocessor on the train split."""
     from raysys.data import Preprocessor, ensure_dataset, fingerprint
+    from raysys.workflow.small_tables import plan_for_table, split_rows
 
     schema = ensure_dataset(cfg.data)
     pre = Preprocessor.fit_split(schema, cfg.data.root)
     data_fp = fingerprint(cfg.data.root)
-    log.info("[data] %s: %d features (%d numeric, %d categorical), %d classes, fingerprint %s",
+    rows = split_rows(cfg.data.root)
+    log.info("[data] %s: %d features (%d numeric, %d categorical), %d classes, rows %s, fingerprint %s",
              cfg.data.root, len(schema.features), len(schema.numeric), len(schema.categorical),
-             schema.num_classes, data_fp[:12])
-    return Prepared(schema, pre, data_fp)
+             schema.num_classes, rows, data_fp[:12])
+    sl = cfg.distill.evaluation.slices
+    has_slices = bool(schema.categorical and sl.categorical != []) or bool(sl.numeric_bins) or sl.num_quantile_bins > 0
+    return Prepared(schema, pre, data_fp, plan=plan_for_table(cfg, rows, has_slices=has_slices))
+
+
+def size_limitations(prep: Prepared) -> list[str]:
+    """The model card's lines for what the table's size reduced or skipped (evaluation, monitor, quality)."""
+    from raysys.workflow.small_tables import quality_notes
+
+    return (list(prep.plan.notes) if prep.plan is not None else []) + quality_notes(prep.quality)
 
 
 def stage_quality(cfg: PipelineConfig, prep: Prepared) -> dict | None:
@@ -127,14 +139,16 @@ def _test_arrays(cfg: PipelineConfig, prep: Prepared):
     return prep.preprocessor.transform_table(read_split(cfg.data.root, "test"))
 
 
-def _evaluation_kwargs(cfg: PipelineConfig, schema) -> dict:
-    """`full_evaluation`'s settings for a registered version's test-split card (teacher and students alike)."""
+def _evaluation_kwargs(cfg: PipelineConfig, prep: Prepared) -> dict:
+    """`full_evaluation`'s settings for a registered version's test-split card (teacher and students alike);
+    calibration bins and the latency batch reduced to what a small test split holds (`prep.plan`)."""
     from raysys.distill import split_raw_columns
 
-    ev = cfg.distill.evaluation
+    ev, schema, plan = cfg.distill.evaluation, prep.schema, prep.plan
     return dict(class_names=list(schema.classes), raw_columns=split_raw_columns(cfg, schema, "test"),
                 categorical=[f.name for f in schema.categorical], slices=ev.slices,
-                num_calibration_bins=ev.num_calibration_bins, latency_batch_size=ev.latency_batch_size,
+                num_calibration_bins=plan.num_calibration_bins if plan else ev.num_calibration_bins,
+                latency_batch_size=plan.latency_batch_size if plan else ev.latency_batch_size,
                 latency_repeats=ev.latency_repeats)
 
 
@@ -170,7 +184,7 @@ def _evaluate_teacher(cfg: PipelineConfig, prep: Prepared, model) -> dict:
     schema = prep.schema
     x_num, x_cat, y = _test_arrays(cfg, prep)
     with torch_threads(1):  # latency as one serving thread sees it, like the student's card
-        metrics = full_evaluation(model, x_num, x_cat, y, schema.num_classes, **_evaluation_kwargs(cfg, schema))
+        metrics = full_evaluation(model, x_num, x_cat, y, schema.num_classes, **_evaluation_kwargs(cfg, prep))
     metrics["majority_class_accuracy"] = float(np.bincount(y, minlength=schema.num_classes).max() / len(y))
     return metrics
 
@@ -192,7 +206,7 @@ def _register_teacher(cfg: PipelineConfig, prep: Prepared, teacher, model, metri
                       "distilled into the served student (its soft targets train the student). Sized for "
                       "accuracy, not latency: serve the student (see its card)."),
         limitations=[f"Test accuracy {metrics['accuracy']:.3f} against {metrics['majority_class_accuracy']:.3f} "
-                     "for always answering the most common class."])
+                     "for always answering the most common class.", *size_limitations(prep)])
     return Registry(cfg.registry_uri).register(
         cfg.model_name + TEACHER_SUFFIX, state_dict=model.state_dict(), model_spec=teacher.model_spec,
         schema=schema, preprocessor=prep.preprocessor, metrics={"test": metrics, "epochs": teacher.metrics},
@@ -279,11 +293,12 @@ def _evaluate_student(cfg: PipelineConfig, prep: Prepared, student, teacher_mode
     schema, ev = prep.schema, cfg.distill.evaluation
     x_num, x_cat, y = _test_arrays(cfg, prep)
     teacher_logits = predict_logits(teacher_model, x_num, x_cat).numpy()
-    common = {**_evaluation_kwargs(cfg, schema), "teacher_logits": teacher_logits}
+    common = {**_evaluation_kwargs(cfg, prep), "teacher_logits": teacher_logits}
     with torch_threads(1):
         metrics = full_evaluation(student, x_num, x_cat, y, schema.num_classes, **common)
         teacher_eval = full_evaluation(teacher_model, x_num, x_cat, y, schema.num_classes,
-                                       latency_batch_size=ev.latency_batch_size, latency_repeats=ev.latency_repeats)
+                                       latency_batch_size=common["latency_batch_size"],
+                                       latency_repeats=ev.latency_repeats)
         q_model = quantize_dynamic_int8(student) if cfg.distill.quantize else None
         q_metrics = (full_evaluation(q_model, x_num, x_cat, y, schema.num_classes, **common)
                      if q_model is not None else None)
@@ -312,13 +327,14 @@ def _register_student(cfg: PipelineConfig, prep: Prepared, reg, sweep, student, 
                             data_fingerprint=prep.fingerprint, metrics=ev.metrics,
                             training_config=facts.training_config, distillation=facts.distillation,
                             teacher_metrics=ev.teacher, lineage=facts.lineage, data_root=cfg.data.root,
-                            data_quality=prep.quality)
+                            data_quality=prep.quality, limitations=size_limitations(prep))
     return reg.register(
         cfg.model_name, state_dict=student.state_dict(), model_spec=sweep.student_spec, schema=prep.schema,
         preprocessor=prep.preprocessor,
         metrics={"test": ev.metrics, "teacher_test": teacher_metrics, "sweep": sweep.trials},
         config=json.loads(cfg.model_dump_json()), lineage=facts.lineage,
-        reference_profile=monitor_reference(cfg, prep.schema, prep.preprocessor, student), model_card=card,
+        reference_profile=monitor_reference(cfg, prep.schema, prep.preprocessor, student, prep.plan),
+        model_card=card,
     )
 
 
@@ -336,14 +352,16 @@ def _register_int8(cfg: PipelineConfig, prep: Prepared, reg, sweep, student, ev:
                               data_fingerprint=prep.fingerprint, metrics=q_metrics,
                               training_config=facts.training_config, distillation=facts.distillation,
                               teacher_metrics=ev.teacher, lineage=q_lineage, quantization=DYNAMIC_INT8,
-                              data_root=cfg.data.root, data_quality=prep.quality)
+                              data_root=cfg.data.root, data_quality=prep.quality,
+                              limitations=size_limitations(prep))
     q_version = reg.register(
         cfg.model_name, state_dict=student.state_dict(), model_spec={**sweep.student_spec,
                                                                      "quantization": DYNAMIC_INT8},
         schema=prep.schema, preprocessor=prep.preprocessor,
         metrics={"test": q_metrics, "teacher_test": teacher_metrics, "float_test": metrics},
         config=json.loads(cfg.model_dump_json()), lineage=q_lineage,
-        reference_profile=monitor_reference(cfg, prep.schema, prep.preprocessor, ev.int8_model), model_card=q_card,
+        reference_profile=monitor_reference(cfg, prep.schema, prep.preprocessor, ev.int8_model, prep.plan),
+        model_card=q_card,
     )
     reg.set_alias(cfg.model_name, "candidate", q_version)
     log.info("[distill] int8 variant %s:v%d (candidate): test accuracy %.4f (float %.4f)", cfg.model_name,

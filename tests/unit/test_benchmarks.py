@@ -27,3 +27,37 @@ def test_benchmark_script_imports_and_has_a_main(name, monkeypatch):
     monkeypatch.setitem(sys.modules, spec.name, mod)  # dataclasses look their module up there
     spec.loader.exec_module(mod)
     assert callable(getattr(mod, "main", None)), f"benchmarks/{name}.py has no main()"
+
+
+def _load(name: str, monkeypatch):
+    monkeypatch.syspath_prepend(str(BENCH))
+    spec = importlib.util.spec_from_file_location(f"bench_pure_{name}", BENCH / f"{name}.py")
+    mod = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, spec.name, mod)
+    spec.loader.exec_module(mod)
+    return mod
+
+
+def test_real_tables_pure_parts(monkeypatch):
+    """benchmarks/real_tables.py without Ray: table selection, a bundled table's facts, the per-table row and
+    the summary over tables (median and worst student delta, latency ratio, the issue's goals)."""
+    rt = _load("real_tables", monkeypatch)
+    assert len(rt.TABLES) >= 6 and set(rt.parse_tables(None, quick=True)) < set(rt.parse_tables(None, quick=False))
+    assert rt.parse_tables("iris, wine", quick=False) == ["iris", "wine"]
+    with pytest.raises(SystemExit, match="--tables: unknown"):
+        rt.parse_tables("iris,nope", quick=False)
+    frame, label = rt.TABLES["iris"].load()
+    assert rt.describe(frame, label) == {"rows": 150, "numeric": 4, "categorical": 0, "classes": 3,
+                                         "missing_share": 0.0}
+    peers = {"hgb_accuracy": 0.9, "logreg_accuracy": 0.85, "hgb_fit_s": 0.1, "logreg_fit_s": 0.1}
+    lat = {"student_batch1_ms": 0.1, "hgb_batch1_ms": 1.0, "hgb_over_student": 10.0}
+    rows = [rt.table_row("iris", {}, 0.95, 0.88, peers, lat, 1.0, {}, 22),
+            rt.table_row("wine", {}, 0.90, 0.91, peers, {**lat, "hgb_over_student": 4.0}, 1.0, {}, 26),
+            {"table": "digits", "error": "ValueError: x"}]
+    assert rows[0]["teacher_minus_hgb_pts"] == 5.0 and rows[0]["student_minus_hgb_pts"] == -2.0
+    s = rt.summarise(rows)
+    assert s["tables_done"] == 2 and s["tables_failed"] == ["digits"]
+    assert s["median_student_minus_hgb_pts"] == -0.5 and s["worst_student_minus_hgb_pts"] == -2.0
+    assert s["median_latency_ratio_hgb_over_student"] == 7.0
+    assert s["goals"] == {"median_student_delta_ge_-1pt": True, "no_table_below_-3pt": True,
+                          "student_5x_faster_batch1": True}
