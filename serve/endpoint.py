@@ -38,8 +38,14 @@ from serve.contract import (
     DEPLOYMENT_NAME,
     parse_user_config,
 )
-from serve.monitor_link import MONITOR_REPORT_TIMEOUT_S, MonitorBuffer, MonitorLink
-from serve.parsing import RequestError, RequestIds, parse_predict
+from serve.monitor_link import (
+    FEEDBACK_RECHECK_MARGIN_S,
+    MONITOR_REPORT_TIMEOUT_S,
+    FeedbackUnavailable,
+    MonitorBuffer,
+    MonitorLink,
+)
+from serve.parsing import RequestError, RequestIds, feedback_answer, parse_predict
 from serve.routes import build_http_app
 from serve.scoring import ScoredRows, Scorer, format_prediction, route_version, score_requests
 from serve.web import check_auth, guarded, load_api_token, max_body_bytes, read_body_capped
@@ -302,15 +308,26 @@ class StudentEndpoint:
             self.monitor.add_error((routed[0] if routed else self.scorer).version, response.status_code >= 500)
         return response
 
-    def feedback(self, items: list[tuple[str, Any]]) -> int:
-        """Send labels to the monitor; how many were accepted. 503 when monitoring is off or unavailable."""
+    async def feedback(self, items: list[tuple[str, Any]], prefix: str | None = None) -> dict[str, Any]:
+        """Labels for earlier predictions, judged by the monitor per item (`serve.parsing.feedback_answer`:
+        202 with what was accepted and refused, 404 when no id was ever answered, 422 for invalid labels).
+        A prediction of another replica may still wait in that replica's buffer (shipped every
+        monitor.flush_interval_ms), so ids unknown at the first ask are asked about once more after that
+        interval, and only then refused (and counted). 503 when monitoring is off or unavailable."""
         if self.monitor is None:
             raise RequestError(503, None, "monitoring is off for this endpoint; feedback has nowhere to go")
         self.monitor.ensure_started()
-        self.monitor.flush()  # the predictions these labels refer to reach the monitor first
-        if not self.monitor.feedback(items):
-            raise RequestError(503, None, f"monitor unavailable: {self.monitor.last_error}")
-        return len(items)
+        try:
+            verdicts = await self.monitor.feedback_verdicts(items, final=False)
+            unknown = [i for i, v in enumerate(verdicts) if v["verdict"] == "unknown_request_id"]
+            if unknown:
+                await asyncio.sleep(self.monitor.interval_s + FEEDBACK_RECHECK_MARGIN_S)
+                again = await self.monitor.feedback_verdicts([items[i] for i in unknown], final=True)
+                for i, v in zip(unknown, again, strict=True):
+                    verdicts[i] = v
+        except FeedbackUnavailable as e:
+            raise RequestError(503, None, str(e)) from None
+        return feedback_answer(items, verdicts, prefix)
 
     async def monitor_report(self) -> dict[str, Any]:
         """The monitor actor's report, this replica's buffered rows included. 503 when it is off or unavailable."""

@@ -53,6 +53,10 @@ class PredictionLog:
     def pop(self, request_id: str):
         return self._log.pop(request_id, None)
 
+    def get(self, request_id: str):
+        """The entry of `request_id` (None: unknown), left in the log."""
+        return self._log.get(request_id)
+
     def recent_q0(self, max_rows: int) -> np.ndarray:
         """q0 of the latest (at most) `max_rows` unlabelled rows that have one, newest first."""
         out: list[float] = []
@@ -148,6 +152,9 @@ class AccuracyTracker:
         self.labels = 0
         self.unmatched = 0
         self.invalid = 0  # feedback items rejected (unknown class, wrong number of labels)
+        # /v1/feedback items refused for a request id the endpoint never answered (or already labelled, or
+        # evicted from the prediction log): counted once, after the replica's second ask
+        self.refused = 0
 
     def add(self, version: str | None, correct: list[bool]) -> None:
         for c in correct:
@@ -163,16 +170,17 @@ class AccuracyTracker:
             agg[1] += 1
         return {"realised": sum(c for _, c in self.recent) / n if n else None, "labelled_in_window": n,
                 "labels_total": self.labels, "unmatched_labels": self.unmatched, "invalid_labels": self.invalid,
+                "refused_unknown_ids": self.refused,
                 "realised_by_version": {k: a[0] / a[1] for k, a in by_version.items()}}
 
     def state(self) -> dict[str, Any]:
         return {"recent": [[v, c] for v, c in self.recent], "labels": self.labels, "unmatched": self.unmatched,
-                "invalid": self.invalid}
+                "invalid": self.invalid, "refused": self.refused}
 
     def load_state(self, st: dict[str, Any]) -> None:
         self.recent.extend((v, bool(c)) for v, c in st.get("recent", []))
         self.labels, self.unmatched = int(st.get("labels", 0)), int(st.get("unmatched", 0))
-        self.invalid = int(st.get("invalid", 0))
+        self.invalid, self.refused = int(st.get("invalid", 0)), int(st.get("refused", 0))
 
 
 def confidence_estimate(prediction, proba: np.ndarray, recal: OnlineRecalibration, pred_log: PredictionLog,
