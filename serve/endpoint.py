@@ -31,6 +31,7 @@ from ray import serve
 from raysys.config import MonitorConfig, ServeConfig
 from raysys.data.schema import schema_to_dict
 from raysys.registry import Registry
+from serve.apikey import require_api_key
 from serve.contract import (
     DEFAULT_MODEL_NAME,
     DEFAULT_MONITOR_NAME,
@@ -38,6 +39,7 @@ from serve.contract import (
     DEPLOYMENT_NAME,
     parse_user_config,
 )
+from serve.ingress import exposure
 from serve.monitor_link import (
     FEEDBACK_RECHECK_MARGIN_S,
     MONITOR_REPORT_TIMEOUT_S,
@@ -87,13 +89,15 @@ class StudentEndpoint:
                  monitor_name: str = DEFAULT_MONITOR_NAME, monitor_namespace: str = DEFAULT_MONITOR_NAMESPACE,
                  torch_threads: int | None = None, api_token: str | None = None):
         self.serve_cfg = ServeConfig.model_validate(serve_cfg or {})
+        # before anything else: an endpoint reachable beyond loopback without a key must not come up at all
+        self._api_token = load_api_token(api_token)
+        require_api_key(self._api_token, self.serve_cfg.network, exposure(self.serve_cfg.host))
         self.monitor_cfg = MonitorConfig.model_validate(monitor_cfg or {})
         self.model_name = model_name
         self.model_ref: str | int = model_ref
         self.candidate_ref: str | int | None = None
         self.registry = Registry(registry_uri)
         self.torch_threads = _set_torch_threads(torch_threads)
-        self._api_token = load_api_token(api_token)
         self._initialised = False  # the first reconfigure() (at replica start) fails loudly; later ones don't
         self.last_reconfigure_error: str | None = None
         self._request_ids = RequestIds()

@@ -37,7 +37,7 @@ def main(argv=None) -> int:
     from raysys.workflow.stages import run_pipeline
     from raysys.workflow.traffic import exercise_endpoint, format_report
 
-    ctx = init_ray()
+    ctx = init_ray(serving=not args.no_serve)
     print(f"Ray dashboard: {dashboard_url(ctx)}")
     result = run_pipeline(cfg)
     print(json.dumps(result.summary(), indent=2))
