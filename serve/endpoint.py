@@ -91,7 +91,8 @@ class StudentEndpoint:
         self.serve_cfg = ServeConfig.model_validate(serve_cfg or {})
         # before anything else: an endpoint reachable beyond loopback without a key must not come up at all
         self._api_token = load_api_token(api_token)
-        require_api_key(self._api_token, self.serve_cfg.network, exposure(self.serve_cfg.host))
+        if not self._api_token:
+            require_api_key(self._api_token, self.serve_cfg.network, exposure(self.serve_cfg.host))
         self.monitor_cfg = MonitorConfig.model_validate(monitor_cfg or {})
         self.model_name = model_name
         self.model_ref: str | int = model_ref

@@ -18,7 +18,30 @@ from serve.ingress import free_port
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def endpoint_api_key(tmp_path_factory) -> str:
+    """The session's endpoint API key. The shipped ingress (HAProxy, direct ingress) listens beyond loopback,
+    so an endpoint without a key refuses to start: as `raysys demo` does, the key is put in os.environ as
+    RAYSYS_API_TOKEN_FILE (a 0600 file) before any Ray starts here, so the session's local Ray and every
+    `ray start` cluster a test starts (tests/helpers/cluster.py copies os.environ) hand it to their replicas,
+    and raysys's own clients (serve.apikey.client_api_key) send it. The tests' own `requests` calls send it
+    too: every requests.Session starts with `Authorization: Bearer <key>` (a test that wants no key, or
+    another one, passes headers={"Authorization": None} or its own)."""
+    import requests.sessions
+    from requests.structures import CaseInsensitiveDict
+
+    from serve.apikey import client_api_key, ensure_api_key
+
+    ensure_api_key(tmp_path_factory.mktemp("apikey") / "api_key")  # a key already in the environment wins
+    key = client_api_key()
+    default_headers = requests.sessions.default_headers
+    requests.sessions.default_headers = lambda: CaseInsensitiveDict(
+        {**default_headers(), "Authorization": f"Bearer {key}"})
+    yield key
+    requests.sessions.default_headers = default_headers
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(endpoint_api_key):
     import ray
 
     # never join a cluster someone else started: these tests own theirs and stop it by shutting down

@@ -106,3 +106,26 @@ def test_default_key_file_is_found_by_clients_and_its_place_printed(no_key_env, 
     monkeypatch.delenv(API_TOKEN_FILE_ENV)
     assert client_api_key() == key
     assert client_api_key({API_TOKEN_ENV: "explicit"}) == "explicit"
+
+
+def test_shipped_configs_require_a_key():
+    """The RayService gives every pod the key file; cluster.yaml starts every node's Ray with it; the Serve
+    config and the demo default to serve.network: public (a key, or no start beyond loopback)."""
+    import yaml
+    from helpers import REPO
+
+    docs = list(yaml.safe_load_all((REPO / "deploy" / "kuberay" / "rayservice.yaml").read_text()))
+    spec = docs[0]["spec"]["rayClusterConfig"]
+    pods = [spec["headGroupSpec"]["template"]["spec"]] + [g["template"]["spec"] for g in spec["workerGroupSpecs"]]
+    for pod in pods:
+        (c,) = pod["containers"]
+        env = {e["name"]: e.get("value") for e in c["env"]}
+        mounts = {m["mountPath"]: m["name"] for m in c["volumeMounts"]}
+        assert env[API_TOKEN_FILE_ENV] == "/etc/raysys/api_key" and mounts["/etc/raysys"] == "api-key"
+        secret = {v["name"]: v for v in pod["volumes"]}["api-key"]["secret"]
+        assert secret["secretName"] == "raysys-api-key"
+    cluster = (REPO / "cluster.yaml").read_text()
+    assert cluster.count("RAYSYS_API_TOKEN_FILE=$HOME/.raysys/api_key ~/venv/bin/ray start") == 2
+    assert '"~/.raysys/api_key": "~/.raysys/api_key"' in cluster
+    serve_cfg = yaml.safe_load((REPO / "serve" / "config.yaml").read_text())["applications"][0]["args"]["serve_cfg"]
+    assert ServeConfig.model_validate(serve_cfg).network == "public"
