@@ -18,7 +18,7 @@ from helpers.serving import MODEL, kill_monitor, make_registry, poll, serve_http
 
 pytestmark = pytest.mark.integration
 
-NO_KEY = {"Authorization": None}  # drops the session's default header (tests/conftest.py endpoint_api_key)
+NO_KEY = {"Authorization": None}  # sends no key (tests/conftest.py endpoint_api_key adds the session key otherwise)
 
 
 @pytest.fixture(scope="module")
