@@ -92,6 +92,8 @@ def ensure_api_key(path: str | Path | None = None, environ: dict[str, str] | Non
             f.write(secrets.token_urlsafe(32) + "\n")
         created = True
     read_key_file(key_file, "api key file")  # an empty or unreadable file is an error now, not at the replicas
+    if key_file.stat().st_mode & 0o077:
+        log.warning("raysys: %s is readable by other users; chmod 600 it", key_file)
     env[API_TOKEN_FILE_ENV] = str(key_file)
     return key_file, created
 
