@@ -20,8 +20,8 @@ DEFAULT_MONITOR_NAME = "raysys_monitor"
 DEFAULT_MONITOR_NAMESPACE = "raysys"
 
 # rollout_generation: bumped by every `serve.rollout` change (its compare-and-swap); replicas ignore it
-USER_CONFIG_KEYS = ("model_ref", "model_version", "candidate_ref", "canary_percent", "max_batch_size",
-                    "batch_wait_timeout_s", "rollout_generation")
+USER_CONFIG_KEYS = ("model_ref", "model_version", "candidate_ref", "canary_percent", "shadow", "canary_deadline",
+                    "max_batch_size", "batch_wait_timeout_s", "rollout_generation")
 APP_ARG_KEYS = ("registry_uri", "model_name", "model_ref", "serve_cfg", "monitor_cfg", "monitor", "monitor_name",
                 "monitor_namespace", "torch_threads")
 
@@ -63,6 +63,13 @@ def _canary(user_config: dict[str, Any]) -> dict[str, Any]:
     if "canary_percent" in user_config:
         out["canary_percent"] = _number("user_config.canary_percent", user_config["canary_percent"], minimum=0,
                                         maximum=100)
+    if "shadow" in user_config:
+        if not isinstance(user_config["shadow"], bool):
+            raise ValueError(f"user_config.shadow: must be true or false, got {user_config['shadow']!r}")
+        out["shadow"] = user_config["shadow"]
+    if "canary_deadline" in user_config:  # epoch seconds; None: the canary runs until promoted or rolled back
+        d = user_config["canary_deadline"]
+        out["canary_deadline"] = None if d is None else _number("user_config.canary_deadline", d, minimum=0)
     if out.get("canary_percent") and out.get("candidate_ref", "unset") is None:
         raise ValueError("user_config.canary_percent: a canary needs user_config.candidate_ref (alias or version)")
     return out
@@ -84,7 +91,9 @@ def _batching(user_config: dict[str, Any]) -> dict[str, Any]:
 def parse_user_config(user_config: Any) -> dict[str, Any]:
     """Validate a deployment `user_config`: {"model_ref": alias|version} or {"model_version": N} (the stable
     version), optional "candidate_ref" (alias|version|None) + "canary_percent" (0..100: the share of requests
-    the candidate scores), "max_batch_size" and "batch_wait_timeout_s". Returns {"model_ref": ..., ...} (only
+    the candidate scores) + "shadow" (bool: the candidate scores a copy, the stable version answers) +
+    "canary_deadline" (epoch seconds after which the candidate takes no traffic), "max_batch_size" and
+    "batch_wait_timeout_s". Returns {"model_ref": ..., ...} (only
     the keys given). Raises ValueError naming the key."""
     if user_config is None:
         return {}

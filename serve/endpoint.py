@@ -49,7 +49,7 @@ from serve.monitor_link import (
 )
 from serve.parsing import RequestError, RequestIds, feedback_answer, parse_predict
 from serve.routes import build_http_app
-from serve.scoring import ScoredRows, Scorer, format_prediction, route_version, score_requests
+from serve.scoring import ScoredRows, Scorer, format_prediction, in_canary, score_requests
 from serve.web import check_auth, guarded, load_api_token, max_body_bytes, read_body_capped
 
 log = logging.getLogger("ray.serve")
@@ -58,14 +58,25 @@ log = logging.getLogger("ray.serve")
 @dataclass(frozen=True)
 class Versions:
     """What scores requests: the stable version, an optional candidate and the percentage of request ids it
-    takes. Replaced whole on a rollout, so every request sees one consistent state."""
+    takes. Replaced whole on a rollout, so every request sees one consistent state. `shadow`: the candidate
+    scores a copy of its share and the stable version answers. `deadline` (epoch seconds): past it the
+    candidate takes no more traffic, so a canary whose owner died ends on its own."""
 
     stable: Scorer
     candidate: Scorer | None = None
     canary_percent: float = 0.0
+    shadow: bool = False
+    deadline: float | None = None
 
-    def route(self, request_id: str) -> Scorer:
-        return route_version(request_id, self.stable, self.candidate, self.canary_percent)
+    def route(self, request_id: str) -> tuple[Scorer, Scorer | None]:
+        """(the version that answers the request, the version that scores its rows too for comparison)."""
+        cand = self.candidate
+        if cand is None or not in_canary(request_id, self.canary_percent) or self.expired():
+            return self.stable, None
+        return (self.stable, cand) if self.shadow else (cand, self.stable)
+
+    def expired(self) -> bool:
+        return self.deadline is not None and time.time() > self.deadline
 
 
 def _set_torch_threads(threads: int | None) -> int:
@@ -216,7 +227,9 @@ class StudentEndpoint:
         if "candidate_ref" in cfg:
             candidate = None if cfg["candidate_ref"] is None else await self._load_ref(cfg["candidate_ref"])
         percent = cfg.get("canary_percent", old.canary_percent if candidate is not None else 0.0)
-        self.versions = Versions(stable, candidate, percent)
+        shadow = cfg.get("shadow", old.shadow) if candidate is not None else False
+        deadline = cfg.get("canary_deadline", old.deadline) if candidate is not None else None
+        self.versions = Versions(stable, candidate, percent, shadow, deadline)
         self.model_ref = cfg.get("model_ref", self.model_ref)
         self.candidate_ref = cfg.get("candidate_ref", self.candidate_ref)
         if stable is not old.stable:
@@ -226,7 +239,8 @@ class StudentEndpoint:
             if not first:
                 self._point_monitor_at(stable)
         if candidate is not None:
-            log.info("raysys: %s canary v%d takes %.1f%% of requests", self.model_name, candidate.version, percent)
+            log.info("raysys: %s %s v%d takes %.1f%% of requests%s", self.model_name, "shadow" if shadow else "canary",
+                     candidate.version, percent, f" until {time.ctime(deadline)}" if deadline else "")
         if "max_batch_size" in cfg or "batch_wait_timeout_s" in cfg:
             self._set_batching(cfg.get("max_batch_size", self.max_batch_size),
                                cfg.get("batch_wait_timeout_s", self.batch_wait_timeout_s))
@@ -251,16 +265,19 @@ class StudentEndpoint:
         return self._score(items)
 
     def _score(self, items: list[tuple]) -> list[ScoredRows | RequestError]:
-        """Score (scorer, rows, prefix, t0, request_id) items together and hand the monitor the whole batch in
+        """Score (scorer, rows, prefix, t0, request_id, compare) items together and hand the monitor the whole batch in
         one call; a request's latency is from its arrival to its scores."""
         self.batches += 1
         self.batched_requests += len(items)
         self.max_requests_per_batch = max(self.max_requests_per_batch, len(items))
-        out = score_requests(items)
-        if self.monitor is not None:
-            now = time.perf_counter()
-            self.monitor.add_many([(r.x_num_raw, r.x_cat, None, (now - t0) * 1000, scorer.version, r.probs, rid)
-                                   for (scorer, _, _, t0, rid), r in zip(items, out) if isinstance(r, ScoredRows)])
+        if self.monitor is None:
+            return score_requests(items)
+        stats: list = []
+        out = score_requests(items, stats)
+        now = time.perf_counter()
+        self.monitor.add_many([(r.x_num_raw, r.x_cat, None, (now - item[3]) * 1000, item[0].version, r.probs,
+                                item[4]) for item, r in zip(items, out) if isinstance(r, ScoredRows)])
+        self.monitor.add_scoring(stats)
         return out
 
     # ----- request handling (serve.routes calls these) -----
@@ -279,10 +296,10 @@ class StudentEndpoint:
         body = await read_body_capped(request, max_body_bytes(versions.stable.schema, max_rows))
         parsed = parse_predict(body, max_instances=max_rows)
         request_id = parsed.request_id if parsed.request_id is not None else self._request_ids.next()
-        scorer = versions.route(request_id)
+        scorer, compare = versions.route(request_id)
         routed[0] = scorer
         self._start_monitor()
-        item = (scorer, parsed.rows, parsed.prefix, t0, request_id)
+        item = (scorer, parsed.rows, parsed.prefix, t0, request_id, compare)
         if isinstance(parsed.rows, list) and len(parsed.rows) >= self.max_batch_size:
             scored = self._score([item])[0]  # a full batch on its own: waiting for company only adds latency
         else:
@@ -357,11 +374,15 @@ class StudentEndpoint:
         return {"status": "ok", "model_name": self.model_name, "model_version": self.scorer.version,
                 "model_ref": self.model_ref, "replica": self.replica_id,
                 "candidate_version": self.candidate.version if self.candidate else None,
-                "canary_percent": self.canary_percent,
+                "canary_percent": self.canary_percent, **self._canary_state(),
                 "last_reconfigure_error": self.last_reconfigure_error,
                 "batching": {"batches": self.batches, "requests": self.batched_requests,
                              "max_requests_per_batch": self.max_requests_per_batch},
                 "monitor": self.monitor.stats() if self.monitor else None}
+
+    def _canary_state(self) -> dict[str, Any]:
+        v = self.versions
+        return {"shadow": v.shadow, "canary_deadline": v.deadline, "canary_expired": v.expired()}
 
     def readiness(self) -> dict[str, Any]:
         if self.scorer is None:
@@ -373,7 +394,7 @@ class StudentEndpoint:
         info = self.scorer.describe()
         info.update(model_ref=self.model_ref, registry_uri=self.registry.uri,
                     candidate=dict(self.candidate.describe(), ref=self.candidate_ref) if self.candidate else None,
-                    canary_percent=self.canary_percent, last_reconfigure_error=self.last_reconfigure_error,
+                    canary_percent=self.canary_percent, **self._canary_state(), last_reconfigure_error=self.last_reconfigure_error,
                     batching={"max_batch_size": self.max_batch_size, "batch_wait_timeout_s": self.batch_wait_timeout_s},
                     max_instances_per_request=self.serve_cfg.max_instances_per_request,
                     torch_threads=self.torch_threads)

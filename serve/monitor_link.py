@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from raysys.config import MonitorConfig
+from raysys.monitor.versions import VersionFigures
 
 log = logging.getLogger("ray.serve")
 
@@ -52,6 +53,7 @@ class MonitorBuffer:
         self._parts: dict[Any, list[tuple]] = {}
         self._errors: dict[Any, int] = {}
         self._server_errors: dict[Any, int] = {}  # the 5xx among _errors (a canary gate reads these)
+        self._figures = VersionFigures()  # per-version scoring passes and agreement (a canary gate reads these)
         self.rows = 0
         self.rows_dropped = 0
 
@@ -86,12 +88,29 @@ class MonitorBuffer:
             if server:
                 self._server_errors[model_version] = self._server_errors.get(model_version, 0) + 1
 
+    def add_scoring(self, passes: list) -> None:
+        """The `serve.scoring` pass records (GroupStats, Agreement) of one batch."""
+        if passes:
+            with self._lock:
+                self._figures.add_passes(passes)
+
     def take(self) -> list[dict[str, Any]]:
         """Everything buffered, as `record` batches (one per model version); empties the buffer."""
         with self._lock:
             parts, self._parts, self.rows = self._parts, {}, 0
             errors, self._errors = self._errors, {}
             server, self._server_errors = self._server_errors, {}
+            figures = self._figures.take() if self._figures else None
+        out = self._batches(parts, errors, server)
+        if figures:  # rides on the first batch: no extra actor call
+            if not out:
+                out.append({"x_num": np.zeros(0, np.float32), "x_cat": np.zeros(0, np.int64),
+                            "pred": np.zeros(0, np.int64), "latency_ms": [], "model_version": next(iter(figures))})
+            out[0]["version_figures"] = figures
+        return out
+
+    @staticmethod
+    def _batches(parts: dict, errors: dict, server: dict) -> list[dict[str, Any]]:
         out = []
         for version, ps in parts.items():
             batch = {"x_num": np.concatenate([p[0] for p in ps]).astype(np.float32, copy=False),
@@ -179,6 +198,9 @@ class MonitorLink:
 
     def add_error(self, model_version, server: bool = False) -> None:
         self.buffer.add_error(model_version, server)
+
+    def add_scoring(self, passes: list) -> None:
+        self.buffer.add_scoring(passes)
 
     async def feedback_verdicts(self, items: list[tuple[str, Any]], *, final: bool) -> list[dict[str, Any]]:
         """The actor's verdict on each label (`Monitor.feedback_verdicts`), awaited: the client's answer

@@ -9,93 +9,30 @@ One winner among concurrent rollouts of one application (Serve's PUT is last-wri
   whose owner died ends at its expiry (the rollout's timeout plus a margin), never blocks forever;
 - right before its PUT a rollout re-reads the deployed config and refuses when it differs from what it read
   (a compare-and-swap on the whole config, so `serve deploy` or another app's rollout is not overwritten);
-- every change bumps `rollout_generation` in the user_config, so a multi-step caller (the retrain job's
-  canary, then promote) passes `expect_generation` and finds out that somebody else changed the rollout.
+- every change bumps `rollout_generation` in the user_config, so a multi-step caller passes
+  `expect_generation` and finds out that somebody else changed the rollout.
+
+Rollouts that heal: every step writes the application's `RolloutJournal` (phase, target, alias) before it
+changes what is served, and every command first runs `reconcile` under the lease: a promotion or rollback
+whose owner died half-way is finished, a canary past its deadline or whose gated owner died is stopped. The
+gated canary itself (metrics decide promote or rollback) is `serve.canary.run_canary`.
 """
 
 from __future__ import annotations
 
 import copy
-import json
 import os
-import re
-import socket
 import time
-import uuid
-from collections.abc import Callable
+from contextlib import contextmanager
 from typing import Any
 
 from raysys.registry import Registry
 from serve.contract import DEFAULT_MODEL_NAME, DEPLOYMENT_NAME, parse_user_config
+from serve.rollout_state import LEASE_MARGIN_S, RolloutError, RolloutJournal, RolloutLease  # noqa: F401 (re-exported)
 
 DEFAULT_DASHBOARD = "http://127.0.0.1:8265"
-LEASE_MARGIN_S = 60  # a lease outlives the rollout's own timeout by this much
-KEEP_LEASE_FILES = 20
-
-
-class RolloutError(ValueError):
-    """A rollout that cannot be applied (no such app, no canary to promote, another rollout in progress...):
-    the CLI exits 2 with it."""
-
-
-class RolloutLease:
-    """An exclusive, expiring lease on the rollouts of one application, kept as numbered files in the
-    registry (`<root>/<model>/rollout-leases/<app>/<n>.json`, each created exclusively, the highest
-    current): taking it creates n+1 while n is released or expired, so two takers cannot both win."""
-
-    def __init__(self, reg: Registry, model_name: str, app_name: str, *, lease_s: float):
-        self.files = reg.files
-        self.dir = reg.files.path(model_name, "rollout-leases", re.sub(r"[^A-Za-z0-9._-]", "_", app_name) or "_")
-        self.app_name, self.lease_s = app_name, lease_s
-        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
-        self.number: int | None = None
-
-    def _path(self, n: int) -> str:
-        return f"{self.dir}/{n:012d}.json"
-
-    def _newest(self) -> tuple[int, dict]:
-        numbers = sorted(int(f[:-5]) for f in self.files.files(self.dir) if re.fullmatch(r"\d+\.json", f))
-        for n in reversed(numbers):
-            try:
-                return n, json.loads(self.files.read(self._path(n)))
-            except (FileNotFoundError, ValueError):
-                continue
-        return 0, {}
-
-    def _busy(self, state: dict) -> RolloutError:
-        left = max(0.0, float(state.get("expires_at", 0)) - time.time())
-        return RolloutError(f"another rollout of {self.app_name!r} is in progress (owner {state.get('owner')}, "
-                            f"lease ends in {left:.0f}s unless it finishes first); try again when it is done "
-                            "(`raysys serve status` shows what is served)")
-
-    def acquire(self) -> RolloutLease:
-        self.files.fs.create_dir(self.dir, recursive=True)
-        n, state = self._newest()
-        if state and not state.get("released") and float(state.get("expires_at", 0)) > time.time():
-            raise self._busy(state)
-        now = time.time()
-        mine = {"owner": self.owner, "acquired_at": now, "expires_at": now + self.lease_s}
-        if not self.files.create_exclusive(self._path(n + 1), json.dumps(mine).encode()):
-            raise self._busy(self._newest()[1])  # another taker created n+1 first
-        self.number = n + 1
-        for f in self.files.files(self.dir):  # old leases are history only: keep the last few for debugging
-            if re.fullmatch(r"\d+\.json", f) and int(f[:-5]) <= self.number - KEEP_LEASE_FILES:
-                self.files.delete_file(self._path(int(f[:-5])))
-        return self
-
-    def release(self) -> None:
-        if self.number is None:
-            return
-        done = {"owner": self.owner, "released": True, "released_at": time.time()}
-        # False: the lease had expired and somebody took it over; theirs stands
-        self.files.create_exclusive(self._path(self.number + 1), json.dumps(done).encode())
-        self.number = None
-
-    def __enter__(self) -> RolloutLease:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
+# what stops a canary: no candidate, no share, no shadow, no deadline
+NO_CANARY = {"candidate_ref": None, "canary_percent": 0, "shadow": False, "canary_deadline": None}
 
 
 def cluster_dashboard_url() -> str | None:
@@ -202,11 +139,23 @@ def _find_app(config: dict, app_name: str) -> dict:
 
 
 def deploy_app(admin: ServeAdmin, app: dict[str, Any], *, timeout_s: float = 300) -> dict:
-    """Add or replace one application (the others are PUT back unchanged); wait until it runs."""
-    config = admin.config()
-    config["applications"] = [a for a in config["applications"] if a.get("name") != app["name"]] + [app]
-    admin.apply(config)
-    return admin.wait_running(app["name"], _deployment(app, DEPLOYMENT_NAME).get("user_config"), timeout_s)
+    """Add or replace one application (the others are PUT back unchanged) under its rollout lease, so that
+    it never lands in the middle of a canary; its rollout generation continues from the deployed one's.
+    Waits until it runs."""
+    reg, name = _registry(app)
+    app = copy.deepcopy(app)
+    with RolloutLease(reg, name, app["name"], lease_s=timeout_s + LEASE_MARGIN_S):
+        config = admin.config()
+        old = next((a for a in config["applications"] if a.get("name") == app["name"]), None)
+        gen = ((_deployment(old, DEPLOYMENT_NAME) or {}).get("user_config") or {}).get("rollout_generation", 0) \
+            if old else 0
+        user = _deployment(app, DEPLOYMENT_NAME).setdefault("user_config", {})
+        user["rollout_generation"] = int(gen or 0) + 1
+        config["applications"] = [a for a in config["applications"] if a.get("name") != app["name"]] + [app]
+        admin.apply(config)
+        out = admin.wait_running(app["name"], user, timeout_s)
+        RolloutJournal(reg, name, app["name"]).write("idle", event=f"deployed, stable {user.get('model_ref')}")
+        return out
 
 
 def current_rollout(admin: ServeAdmin, app_name: str) -> tuple[dict, dict, dict]:
@@ -250,7 +199,7 @@ def set_user_config(admin: ServeAdmin, app_name: str, changes: dict[str, Any], *
     user.update(changes)
     user["rollout_generation"] = int(user.get("rollout_generation") or 0) + 1
     if not user.get("candidate_ref"):
-        user["candidate_ref"], user["canary_percent"] = None, 0
+        user.update(NO_CANARY)
     try:
         parse_user_config(user)
     except ValueError as e:
@@ -263,75 +212,184 @@ def set_user_config(admin: ServeAdmin, app_name: str, changes: dict[str, Any], *
     return user
 
 
-def _step(admin: ServeAdmin, app_name: str, expect_generation: int | None, timeout_s: float,
-          body: Callable[[tuple, Registry, str], dict]) -> dict:
-    """Run one rollout step under the application's lease, on the config read after taking it."""
-    reg, name = _registry(_find_app(admin.config(), app_name))
-    with RolloutLease(reg, name, app_name, lease_s=timeout_s + LEASE_MARGIN_S):
-        state = current_rollout(admin, app_name)
+def _resolve(reg: Registry, name: str, ref: Any) -> int:
+    return int(reg.resolve(name, ref))
+
+
+class Rollout:
+    """One application's rollout while its lease is held: the admin, the registry and the journal, and
+    what `reconcile` found and did on taking it."""
+
+    def __init__(self, admin: ServeAdmin, app_name: str, reg: Registry, name: str, lease: RolloutLease,
+                 timeout_s: float):
+        self.admin, self.app_name, self.reg, self.name, self.lease = admin, app_name, reg, name, lease
+        self.journal = RolloutJournal(reg, name, app_name)
+        self.timeout_s = timeout_s
+        self.reconciled: list[str] = []
+
+    def state(self, expect_generation: int | None = None) -> tuple:
+        state = current_rollout(self.admin, self.app_name)
         gen = state[2]["rollout_generation"]
         if expect_generation is not None and gen != expect_generation:
-            raise _changed(app_name, f"rollout generation {gen}, expected {expect_generation}")
-        return body(state, reg, name)
+            raise _changed(self.app_name, f"rollout generation {gen}, expected {expect_generation}")
+        return state
+
+    def update(self, changes: dict[str, Any], state: tuple | None = None) -> dict:
+        return set_user_config(self.admin, self.app_name, changes, state=state, timeout_s=self.timeout_s)
+
+    # ----- the steps (each writes the journal BEFORE it changes what is served) -----
+    def start_canary(self, version: int, percent: float, *, shadow: bool = False, deadline: float | None = None,
+                     gated: bool = False, state: tuple | None = None) -> dict:
+        state = state or self.state()
+        if _resolve(self.reg, self.name, state[2]["model_ref"]) == version:
+            raise RolloutError(f"--version: v{version} is already the stable version of {self.app_name!r}")
+        self.journal.write("canary", f"{'shadow' if shadow else 'canary'} of v{version} at {percent:g}%",
+                           version=version, percent=percent, shadow=shadow, deadline=deadline, gated=gated,
+                           owner=self.lease.owner)
+        return self.update({"candidate_ref": version, "canary_percent": percent, "shadow": shadow,
+                            "canary_deadline": deadline}, state)
+
+    def promote(self, alias: str, state: tuple | None = None, why: str = "") -> dict:
+        state = state or self.state()
+        if not state[2].get("candidate_ref"):
+            raise RolloutError(f"application {self.app_name!r} has no canary to promote; start one with "
+                               "`raysys serve canary --version N --percent P`")
+        version = _resolve(self.reg, self.name, state[2]["candidate_ref"])
+        self.journal.write("promoting", f"promoting v{version}", version=version, alias=alias)
+        out = self.update({"model_ref": version, **NO_CANARY}, state)
+        self.reg.set_alias(self.name, alias, version)
+        self.journal.write("idle", f"promoted v{version}{': ' + why if why else ''}", version=version, alias=alias)
+        return out
+
+    def stop_canary(self, why: str, state: tuple | None = None) -> dict:
+        state = state or self.state()
+        version = state[2].get("candidate_ref")
+        out = self.update(dict(NO_CANARY), state)
+        self.journal.write("idle", f"canary of v{version} stopped: {why}", version=version)
+        return out
+
+    def roll_back_stable(self, alias: str, state: tuple | None = None) -> dict:
+        state = state or self.state()
+        current = _resolve(self.reg, self.name, state[2]["model_ref"])
+        history = self.reg.alias_history(self.name, alias)
+        earlier = [v for v in history if v != current]
+        if not earlier:
+            raise RolloutError(f"nothing to roll back to: {self.app_name!r} serves v{current} and the registry alias "
+                               f"{alias!r} has no earlier version (history {history})")
+        target = earlier[-1]
+        self.journal.write("rolling_back", f"rolling back v{current} -> v{target}", version=target, alias=alias)
+        out = self.update({"model_ref": target}, state)
+        if self.reg.get_alias(self.name, alias) == current:
+            self.reg.rollback(self.name, alias)
+        else:
+            self.reg.set_alias(self.name, alias, target)
+        self.journal.write("idle", f"rolled back v{current} -> v{target}", version=target, alias=alias)
+        return out
+
+
+@contextmanager
+def holding(admin: ServeAdmin, app_name: str, *, timeout_s: float = 300, lease_s: float | None = None):
+    """The application's rollout lease, held for the `with` block, after `reconcile` has finished or undone
+    whatever an earlier rollout left half-done (the result is in `Rollout.reconciled`)."""
+    reg, name = _registry(_find_app(admin.config(), app_name))
+    lease = RolloutLease(reg, name, app_name, lease_s=lease_s or timeout_s + LEASE_MARGIN_S).acquire()
+    try:
+        ro = Rollout(admin, app_name, reg, name, lease, timeout_s)
+        ro.reconciled = reconcile(ro)
+        yield ro
+    finally:
+        lease.release()
+
+
+def reconcile(ro: Rollout) -> list[str]:
+    """Finish or undo what an earlier rollout left half-done, as a controller would; returns what it did.
+
+    - phase `promoting`/`rolling_back` (its owner died between the journal and the alias move): Serve is
+      brought to the target version and the alias moved to it;
+    - a canary still live whose deadline passed, or a gated canary whose owner no longer holds the lease
+      (we hold it now, so it stopped renewing: it died): the canary is stopped.
+    """
+    state = ro.state()
+    user, j = state[2], ro.journal.read()
+    phase = j.get("phase", "idle")
+    if phase in ("promoting", "rolling_back"):
+        return _finish(ro, state, phase, int(j["version"]), j.get("alias") or "production")
+    if user.get("candidate_ref"):
+        deadline = user.get("canary_deadline")
+        if deadline is not None and time.time() > float(deadline):
+            why = f"its deadline ({time.ctime(float(deadline))}) passed"
+        elif phase == "canary" and j.get("gated"):
+            why = f"its owner ({j.get('owner')}) stopped renewing the rollout lease (it died or was killed)"
+        else:
+            return []  # a canary started by hand lives until promote or rollback
+        candidate = user["candidate_ref"]
+        ro.stop_canary(f"ended by reconcile: {why}", state)
+        return [f"stopped the canary of v{candidate}: {why}"]
+    if phase == "canary":  # the journal was written but the canary never reached Serve
+        ro.journal.write("idle", "canary never reached Serve (its owner stopped first); nothing to undo")
+    return []
+
+
+def _finish(ro: Rollout, state: tuple, phase: str, target: int, alias: str) -> list[str]:
+    what = "promotion" if phase == "promoting" else "rollback"
+    done = []
+    user = state[2]
+    if _resolve(ro.reg, ro.name, user["model_ref"]) != target or user.get("candidate_ref"):
+        ro.update({"model_ref": target, **NO_CANARY}, state)
+        done.append(f"finished the {what} of v{target} in Serve")
+    if ro.reg.get_alias(ro.name, alias) != target:
+        ro.reg.set_alias(ro.name, alias, target)
+        done.append(f"moved the registry alias {alias!r} to v{target}")
+    ro.journal.write("idle", f"{what} of v{target} finished by reconcile", version=target, alias=alias)
+    return done or [f"the {what} of v{target} had finished; journal closed"]
 
 
 def canary(admin: ServeAdmin, app_name: str, ref: str | int, percent: float, *, timeout_s: float = 300,
-           expect_generation: int | None = None) -> dict:
+           expect_generation: int | None = None, shadow: bool = False, deadline_s: float | None = None) -> dict:
     """Send `percent`% of requests to version/alias `ref` (resolved to a version number now, so a later alias
-    move does not change what runs), the rest to the stable version."""
+    move does not change what runs), the rest to the stable version; `shadow`: the candidate scores a copy
+    and stable answers. `deadline_s`: the replicas stop routing to it after this many seconds. Not gated:
+    it lives until `promote`/`rollback` (see `serve.canary.run_canary` for the gated one)."""
     if not 0 < percent <= 100:
         raise RolloutError(f"--percent: must be in (0, 100], got {percent}")
-
-    def body(state: tuple, reg: Registry, name: str) -> dict:
-        version = reg.resolve(name, ref)
-        if str(reg.resolve(name, state[2]["model_ref"])) == str(version):
-            raise RolloutError(f"--version: v{version} is already the stable version of {app_name!r}")
-        return set_user_config(admin, app_name, {"candidate_ref": version, "canary_percent": percent}, state=state,
-                               timeout_s=timeout_s)
-
-    return _step(admin, app_name, expect_generation, timeout_s, body)
+    with holding(admin, app_name, timeout_s=timeout_s) as ro:
+        state = ro.state(expect_generation)
+        deadline = time.time() + deadline_s if deadline_s else None
+        return ro.start_canary(_resolve(ro.reg, ro.name, ref), percent, shadow=shadow, deadline=deadline, state=state)
 
 
 def promote(admin: ServeAdmin, app_name: str, *, alias: str = "production", timeout_s: float = 300,
             expect_generation: int | None = None) -> dict:
     """The canary's version becomes the stable one for all traffic, and the registry alias moves to it."""
-
-    def body(state: tuple, reg: Registry, name: str) -> dict:
-        user = state[2]
-        if not user.get("candidate_ref"):
-            raise RolloutError(f"application {app_name!r} has no canary to promote; start one with "
-                               "`raysys serve canary --version N --percent P`")
-        version = reg.resolve(name, user["candidate_ref"])
-        out = set_user_config(admin, app_name, {"model_ref": version, "candidate_ref": None, "canary_percent": 0},
-                              state=state, timeout_s=timeout_s)
-        reg.set_alias(name, alias, version)
-        return out
-
-    return _step(admin, app_name, expect_generation, timeout_s, body)
+    with holding(admin, app_name, timeout_s=timeout_s) as ro:
+        return ro.promote(alias, ro.state(expect_generation))
 
 
 def rollback(admin: ServeAdmin, app_name: str, *, alias: str = "production", timeout_s: float = 300,
              expect_generation: int | None = None) -> dict:
     """With a canary running: stop it (all traffic back to the stable version). Without one: go back to the
     version the registry alias pointed at before the current one, and move the alias back."""
+    with holding(admin, app_name, timeout_s=timeout_s) as ro:
+        state = ro.state(expect_generation)
+        if state[2].get("candidate_ref"):
+            return ro.stop_canary("rolled back by hand", state)
+        return ro.roll_back_stable(alias, state)
 
-    def body(state: tuple, reg: Registry, name: str) -> dict:
-        user = state[2]
-        if user.get("candidate_ref"):
-            return set_user_config(admin, app_name, {"candidate_ref": None, "canary_percent": 0}, state=state,
-                                   timeout_s=timeout_s)
-        current = reg.resolve(name, user["model_ref"])
-        history = reg.alias_history(name, alias)
-        earlier = [v for v in history if v != current]
-        if not earlier:
-            raise RolloutError(f"nothing to roll back to: {app_name!r} serves v{current} and the registry alias "
-                               f"{alias!r} has no earlier version (history {history})")
-        target = earlier[-1]
-        out = set_user_config(admin, app_name, {"model_ref": target}, state=state, timeout_s=timeout_s)
-        if reg.get_alias(name, alias) == current:
-            reg.rollback(name, alias)
-        else:
-            reg.set_alias(name, alias, target)
-        return out
 
-    return _step(admin, app_name, expect_generation, timeout_s, body)
+def status(admin: ServeAdmin, app_name: str, *, timeout_s: float = 300) -> dict[str, Any]:
+    """What the application serves, after reconciling a half-done rollout when no rollout is in progress
+    (while one is, its owner's lease is reported and nothing is changed)."""
+    reg, name = _registry(_find_app(admin.config(), app_name))
+    reconciled, busy = [], None
+    try:
+        with holding(admin, app_name, timeout_s=timeout_s) as ro:
+            reconciled = ro.reconciled
+    except RolloutError as e:
+        busy = str(e)
+    _, _, user = current_rollout(admin, app_name)
+    app = (admin.details().get("applications") or {}).get(app_name, {})
+    stable = _resolve(reg, name, user["model_ref"])
+    production = reg.get_alias(name, "production")
+    return {"app": app_name, "status": app.get("status"), "user_config": user, "stable_version": stable,
+            "production_alias": production, "reconciled": reconciled, "in_progress": busy,
+            "journal": RolloutJournal(reg, name, app_name).read()}

@@ -9,6 +9,7 @@ touches this module only.
 from __future__ import annotations
 
 import logging
+import time
 import zlib
 from dataclasses import dataclass, field
 from typing import Any
@@ -70,16 +71,20 @@ class Scorer:
                 "has_reference_profile": self.reference_profile is not None}
 
 
-def route_version(request_id: str, stable: Scorer, candidate: Scorer | None, percent: float) -> Scorer:
-    """The version that scores a request: the candidate for `percent`% of request ids (a hash, so a retried
-    request with the same id gets the same version), else the stable one."""
-    if candidate is None or percent <= 0:
-        return stable
+def in_canary(request_id: str, percent: float) -> bool:
+    """Whether a request id falls in the `percent`% the candidate takes (a hash of the id, so a retried
+    request with the same id gets the same version)."""
+    if percent <= 0:
+        return False
     if percent >= 100:
-        return candidate
+        return True
     # surrogatepass: an id that is not valid UTF-8 text is refused at parsing, but routing must never raise
-    bucket = zlib.crc32(request_id.encode("utf-8", "surrogatepass")) % 10_000
-    return candidate if bucket < percent * 100 else stable
+    return zlib.crc32(request_id.encode("utf-8", "surrogatepass")) % 10_000 < percent * 100
+
+
+def route_version(request_id: str, stable: Scorer, candidate: Scorer | None, percent: float) -> Scorer:
+    """The version that scores a request: the candidate for `percent`% of request ids, else the stable one."""
+    return candidate if candidate is not None and in_canary(request_id, percent) else stable
 
 
 class ScoringError(RequestError):
@@ -107,21 +112,70 @@ class ScoredRows:
     probs: np.ndarray  # float64 [n, C]
 
 
-def score_requests(items: list[tuple]) -> list[ScoredRows | RequestError]:
+@dataclass
+class GroupStats:
+    """One version's pass over some requests of a batch, for the per-version figures a canary gate reads:
+    `ms` is the wall time of its validation + forward pass (every request of the group waited for it) and
+    `cpu_ms` the CPU time this thread spent on it (the version's own cost: preemption by other processes on a
+    busy node does not inflate it, so two versions' passes compare fairly),
+    `failed` the requests it could not score (raised), `rejected` those whose rows it refused (4xx).
+    `compare`: a pass whose answers went to nobody (shadow traffic, or the stable version re-scoring a
+    canary's rows to measure agreement)."""
+
+    version: int
+    requests: int
+    rows: int
+    ms: float
+    cpu_ms: float = 0.0
+    failed: int = 0
+    rejected: int = 0
+    compare: bool = False
+
+
+@dataclass
+class Agreement:
+    """Rows that `version` answered and `other` scored too (compare), and on how many their top classes agree."""
+
+    version: int
+    other: int
+    rows: int
+    agreed: int
+
+
+def score_requests(items: list[tuple], stats: list | None = None) -> list[ScoredRows | RequestError]:
     """Validate, standardise and score the rows of many requests together: `items` are (scorer, rows,
-    prefix, ...) with rows as sent (a list of objects) and prefix the key errors are named under (further
-    fields are ignored). Per model version, all rows go through ONE `validate_rows` pass and ONE forward
-    pass, and are split back. A request with a bad row gets its own RequestError naming its field (as
+    prefix[, t0, request_id[, compare]]) with rows as sent (a list of objects) and prefix the key errors are
+    named under. Per model version, all rows go through ONE `validate_rows` pass and ONE forward pass, and
+    are split back. A request with a bad row gets its own RequestError naming its field (as
     `validate_request` would); the others are still scored.
 
     Versions are isolated: when one raises (a candidate whose weights or schema do not fit), its requests
     are scored again one at a time, so that only the requests it cannot score get a `ScoringError` (a 500
-    naming the version); every other version's requests of the batch are answered."""
+    naming the version); every other version's requests of the batch are answered.
+
+    `compare` (a Scorer, optional): after the answers, that version scores the same rows too, for nobody:
+    shadow traffic, or the stable version beside a canary. Its failures never reach the client. `stats`:
+    when given, gets a `GroupStats` per version pass and an `Agreement` per compared pair of versions."""
     out: list[ScoredRows | RequestError | None] = [None] * len(items)
+    _score_groups(items, range(len(items)), 0, out, stats, compare=False)
+    compared = [i for i, it in enumerate(items) if len(it) > 5 and it[5] is not None and isinstance(out[i], ScoredRows)]
+    if compared:
+        shadow: list[ScoredRows | RequestError | None] = [None] * len(items)
+        _score_groups(items, compared, 5, shadow, stats, compare=True)
+        if stats is not None:
+            _agreements(items, compared, out, shadow, stats)
+    return out  # type: ignore[return-value]
+
+
+def _score_groups(items: list[tuple], which, slot: int, out: list, stats: list | None, *, compare: bool) -> None:
+    """Score the requests `which` of `items` by the scorer in position `slot` of each item, one group per
+    version, into `out`; a version that raises is retried request by request (see `score_requests`)."""
     groups: dict[int, tuple[Scorer, list[int]]] = {}
-    for i, item in enumerate(items):
-        groups.setdefault(id(item[0]), (item[0], []))[1].append(i)
+    for i in which:
+        scorer = items[i][slot]
+        groups.setdefault(id(scorer), (scorer, []))[1].append(i)
     for scorer, idx in groups.values():
+        t0, c0 = time.perf_counter(), time.thread_time()
         try:
             _score_group(scorer, items, idx, out)
         except Exception as e:
@@ -136,7 +190,25 @@ def score_requests(items: list[tuple]) -> list[ScoredRows | RequestError]:
                     _score_group(scorer, items, [i], out)
                 except Exception:
                     out[i] = ScoringError(scorer)
-    return out  # type: ignore[return-value]
+        if stats is not None:
+            answers = [out[i] for i in idx]
+            stats.append(GroupStats(
+                scorer.version, len(idx), sum(len(a.x_cat) for a in answers if isinstance(a, ScoredRows)),
+                (time.perf_counter() - t0) * 1000, (time.thread_time() - c0) * 1000, failed=sum(isinstance(a, ScoringError) for a in answers),
+                rejected=sum(isinstance(a, RequestError) and not isinstance(a, ScoringError) for a in answers),
+                compare=compare))
+
+
+def _agreements(items: list[tuple], compared: list[int], out: list, shadow: list, stats: list) -> None:
+    pairs: dict[tuple[int, int], list[int]] = {}
+    for i in compared:
+        mine, theirs = out[i], shadow[i]
+        if isinstance(theirs, ScoredRows):
+            key = (items[i][0].version, items[i][5].version)
+            agg = pairs.setdefault(key, [0, 0])
+            agg[0] += len(mine.probs)
+            agg[1] += int((mine.probs.argmax(1) == theirs.probs.argmax(1)).sum())
+    stats.extend(Agreement(v, other, rows, agreed) for (v, other), (rows, agreed) in pairs.items())
 
 
 def _score_group(scorer: Scorer, items: list[tuple], idx: list[int], out: list) -> None:

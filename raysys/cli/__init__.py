@@ -11,7 +11,7 @@ from typing import Annotated
 
 import typer
 
-from raysys.cli import loop
+from raysys.cli import loop, report
 from raysys.cli.common import VERBOSE, console, setup_logging, wait_forever
 from raysys.cli.data import data_app
 from raysys.cli.monitor import monitor
@@ -29,6 +29,7 @@ app.command("distill")(loop.distill)
 app.command("run")(loop.run)
 app.command("monitor")(monitor)
 app.command("demo")(loop.demo)
+app.command("report")(report.report)
 
 
 @app.callback()

@@ -23,6 +23,7 @@ from raysys.cli.common import (
     start_ray,
     wait_forever,
 )
+from raysys.cli.report import write_run_report
 from raysys.config import PipelineConfig
 from raysys.workflow.overrides import TEACHER_FAMILIES, TEACHER_SIZES, distill_overrides, train_overrides
 
@@ -80,14 +81,15 @@ def distill(preset: Preset = "demo", config: ConfigFile = None, root: Root = Non
 
 
 def run(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, address: Address = None):
-    """Data -> teacher -> distillation -> registry, without serving."""
-    from raysys.workflow.stages import run_pipeline
+    """Data -> teacher -> distillation -> registry, without serving; then the HTML report (`raysys report`)."""
+    from raysys.workflow.stages import absolute, run_pipeline
 
     cfg = pipeline_config(preset, config, root)
     setup_logging()
     start_ray(address)
     result = guard(run_pipeline, cfg)
     console.print_json(json.dumps(result.summary()))
+    write_run_report(absolute(cfg))
 
 
 def demo(preset: Preset = "demo", config: ConfigFile = None,
@@ -113,7 +115,10 @@ def demo(preset: Preset = "demo", config: ConfigFile = None,
     console.rule("pipeline")
     console.print_json(json.dumps(result.summary()))
     url = guard(serve_endpoint, cfg, port)
-    _print_traffic_reports(exercise_endpoint(cfg, url))
+    traffic = exercise_endpoint(cfg, url)
+    _print_traffic_reports(traffic)
+    _record_monitor_reports(cfg, traffic)
+    write_run_report(cfg)
     console.print(f"loop completed in {time.perf_counter() - t0:.0f}s")
     console.print(f"Ray dashboard: [bold]{dashboard_url(ctx)}[/]   HTTP endpoint: [bold]{url}[/]")
     example = json.dumps({"instances": _one_row(cfg)})
@@ -140,6 +145,19 @@ def _remove_earlier_runs(cfg: PipelineConfig) -> None:
     for d in (cfg.run_dir, cfg.registry_uri):
         if "://" not in d and Path(d).exists():
             shutil.rmtree(d)
+    if "://" not in cfg.registry_uri:  # the monitor reports of earlier demos belong to their (deleted) models
+        from raysys.report.monitor_data import REPORTS_FILE
+
+        (Path(cfg.registry_uri).parent / REPORTS_FILE).unlink(missing_ok=True)
+
+
+def _record_monitor_reports(cfg: PipelineConfig, out: dict) -> None:
+    """Keep the monitor's report after each traffic phase beside the run, for the HTML report's time series."""
+    from raysys.report import record_monitor_report, run_root
+
+    if (root := run_root(cfg.registry_uri)) is not None:
+        record_monitor_report(root, out["normal_report"], "normal traffic")
+        record_monitor_report(root, out["drift_report"], f"shifted {out['shift_sigma']} sigma on {out['drift_feature']}")
 
 
 def _print_traffic_reports(out: dict) -> None:

@@ -18,6 +18,7 @@ from raysys.cli.common import (
     fail,
     find_cluster_token,
     guard,
+    pipeline_config,
     setup_logging,
     start_ray,
     wait_forever,
@@ -92,15 +93,88 @@ def _rollout(fn, *args, **kwargs) -> dict:
     return user
 
 
+Pct = Annotated[float | None, typer.Option("--percent", help="Share of requests the candidate takes, 0-100 "
+                                                           "(default: canary.percent of the config, 10).")]
+
+
 @serve_app.command("canary")
 def serve_canary(version: Annotated[str, typer.Option(help="Candidate version or alias (e.g. 4, candidate).")],
-                 percent: Annotated[float, typer.Option(help="Share of requests the candidate scores, 0-100.")],
-                 app_name: AppName = "raysys", address: Dashboard = None):
-    """Send PERCENT% of requests to a candidate version, the rest to the stable one (in place, no restart)."""
+                 percent: Pct = None, app_name: AppName = "raysys", address: Dashboard = None,
+                 gate: Annotated[bool, typer.Option(help="Watch the candidate's live figures and promote or roll "
+                                                         "it back by itself (--no-gate: start it and return).")] = True,
+                 shadow: Annotated[bool, typer.Option(help="The candidate scores a copy; users get stable's "
+                                                           "answers.")] = False,
+                 promote: Annotated[bool, typer.Option(help="Promote when the gate passes (--no-promote: stop "
+                                                            "the canary after the verdict either way).")] = True,
+                 config: ConfigFile = None,
+                 interval_s: Annotated[float | None, typer.Option(help="Seconds between checks.")] = None,
+                 intervals: Annotated[int | None, typer.Option(help="Passing checks needed to promote.")] = None,
+                 min_rows: Annotated[int | None, typer.Option(help="Rows before a check counts.")] = None,
+                 min_agreement: Annotated[float | None, typer.Option(
+                     help="Share of rows where candidate and stable must agree (lower it for a candidate "
+                          "retrained after the labels' rule changed).")] = None,
+                 endpoint: Annotated[str | None, typer.Option(help="The endpoint's base URL, where the gate reads "
+                                                                   "/v1/monitor (default: found through Serve).")] = None,
+                 alias: Annotated[str, typer.Option(help="Registry alias a promotion moves.")] = "production"):
+    """Send PERCENT% of requests to a candidate version, the rest to the stable one (in place, no restart),
+    behind the metric gate of the config's `canary:` section: at every check the candidate needs enough
+    rows, a non-5xx ratio >= 99%, no more refused requests than stable, p99 scoring time within 2x stable's,
+    >= 75% agreement with stable and (once labels arrive) accuracy within 2 points of stable's. It is
+    promoted after `intervals` passing checks and rolled back after `failure_threshold` failed ones, naming
+    the check; exit 0 when promoted, 1 when rolled back."""
     from serve.rollout import canary
 
     ref: str | int = int(version) if version.isdigit() else version
-    _rollout(canary, app_name, ref, percent, address=address)
+    if not gate:
+        cfg = _gate_config(config, percent, shadow, None, None, None, None)
+        _rollout(canary, app_name, ref, cfg.percent, address=address, shadow=cfg.shadow)
+        return
+    cfg = _gate_config(config, percent, shadow, interval_s, intervals, min_rows, min_agreement)
+    result = _gated(app_name, ref, cfg, address, endpoint, promote, alias)
+    raise typer.Exit(0 if result.passed else 1)
+
+
+def _gate_config(config, percent, shadow, interval_s, intervals, min_rows, min_agreement):
+    from pydantic import ValidationError
+
+    from raysys.config import CanaryConfig
+
+    base = pipeline_config("demo", config, None).canary if config else CanaryConfig()
+    given = {"percent": percent, "interval_s": interval_s, "intervals": intervals, "min_rows": min_rows,
+             "min_agreement": min_agreement}
+    changes = {k: v for k, v in given.items() if v is not None}
+    if shadow:
+        changes["shadow"] = True
+    try:
+        return CanaryConfig.model_validate({**base.model_dump(), **changes})
+    except ValidationError as e:
+        err = e.errors()[0]
+        raise fail(f"--{str(err['loc'][0]).replace('_', '-')}: {err['msg']} (got {err.get('input')!r})") from None
+
+
+def _gated(app_name, ref, cfg, address, endpoint, promote, alias):
+    from serve.canary import endpoint_url, http_report_reader, run_canary
+    from serve.rollout import ServeAdmin
+    from serve.web import load_api_token
+
+    def on_check(n, verdict):
+        if verdict is None:
+            console.print(f"check {n}: waiting (no monitor report)", highlight=False)
+        else:
+            console.print(f"check {n}: {verdict.state}: {verdict.describe()}", highlight=False)
+
+    def run():
+        find_cluster_token()
+        admin = ServeAdmin(address)
+        reader = http_report_reader(endpoint or endpoint_url(admin, app_name), load_api_token())
+        return run_canary(admin, app_name, ref, cfg, reader, alias=alias, promote=promote, on_check=on_check)
+
+    result = guard(run)
+    for line in result.reconciled:
+        console.print(f"reconciled first: {line}", highlight=False)
+    verdict = "promoted" if result.promoted else ("passed (not promoted)" if result.passed else "rolled back")
+    console.print(f"v{result.version} {verdict} after {result.seconds:.0f}s: {result.why}", highlight=False)
+    return result
 
 
 @serve_app.command("promote")
@@ -133,15 +207,25 @@ def serve_env():
 
 @serve_app.command("status")
 def serve_status(app_name: AppName = "raysys", address: Dashboard = None):
-    """The application's state and the versions it serves."""
-    from serve.rollout import ServeAdmin, current_rollout
+    """The application's state and the versions it serves; first finishes or undoes a rollout that an
+    earlier command or job left half-done (a promotion cut before the alias moved, an orphaned canary)."""
+    from serve.rollout import ServeAdmin, status
 
     def run():
         find_cluster_token()
-        admin = ServeAdmin(address)
-        _, app_conf, user = current_rollout(admin, app_name)
-        return (admin.details().get("applications") or {}).get(app_name, {}), user
+        return status(ServeAdmin(address), app_name)
 
-    details, user = guard(run)
-    console.print(f"{app_name}: {details.get('status')}  stable {user.get('model_ref')}  canary "
-                  f"{user.get('candidate_ref') or 'none'} at {user.get('canary_percent', 0):g}%", highlight=False)
+    st = guard(run)
+    user = st["user_config"]
+    for line in st["reconciled"]:
+        console.print(f"reconciled: {line}", highlight=False)
+    if st["in_progress"]:
+        console.print(st["in_progress"], highlight=False)
+    mode = "shadow" if user.get("shadow") else "canary"
+    console.print(f"{app_name}: {st['status']}  stable v{st['stable_version']} ({user.get('model_ref')})  {mode} "
+                  f"{user.get('candidate_ref') or 'none'} at {user.get('canary_percent', 0):g}%  production alias "
+                  f"v{st['production_alias']}", highlight=False)
+    if st["production_alias"] != st["stable_version"] and not st["in_progress"]:
+        console.print(f"note: the registry alias 'production' (v{st['production_alias']}) is not the version served "
+                      f"(v{st['stable_version']}); `raysys serve canary --version {st['production_alias']}` rolls it "
+                      "out", highlight=False)

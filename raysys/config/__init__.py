@@ -8,6 +8,7 @@ from raysys.config.presets import PRESETS, load_config, preset
 from raysys.config.sections import (
     FT_ARCH_FIELDS,
     FT_SIZES,
+    CanaryConfig,
     DataConfig,
     DistillConfig,
     EvaluationConfig,
@@ -18,11 +19,12 @@ from raysys.config.sections import (
     ServeAutoscaling,
     ServeConfig,
     SliceConfig,
+    TrackingConfig,
     TrainConfig,
 )
 
 __all__ = [
-    "FT_ARCH_FIELDS", "FT_SIZES", "PRESETS", "DataConfig", "DistillConfig", "EvaluationConfig", "ModelConfig",
+    "FT_ARCH_FIELDS", "FT_SIZES", "PRESETS", "CanaryConfig", "DataConfig", "DistillConfig", "EvaluationConfig", "ModelConfig",
     "MonitorConfig", "ParallelConfig", "PipelineConfig", "ServeAutoscaling", "ServeConfig", "SliceConfig",
-    "TrainConfig", "load_config", "preset",
+    "TrackingConfig", "TrainConfig", "load_config", "preset",
 ]

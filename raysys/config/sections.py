@@ -389,6 +389,54 @@ class MonitorConfig(_Strict):
     retrain_args: list[str] = Field(default_factory=list, description="Extra arguments for jobs/retrain.py.")
 
 
+class CanaryConfig(_Strict):
+    """The metric gate a canary must pass before promotion (`raysys serve canary`, the retrain job): checked
+    every `interval_s` on the candidate's figures since the canary began, against the stable version's over
+    the same time; `intervals` passing checks promote it, `failure_threshold` failed ones roll it back."""
+
+    percent: float = Field(10.0, gt=0, le=100, description="Share of request ids the candidate takes (0-100].")
+    shadow: bool = Field(False, description="Shadow mode: the candidate scores a copy of its share of requests and "
+                                            "the stable version answers them all (users never see the candidate).")
+    interval_s: float = Field(10.0, gt=0, description="Seconds between two checks.")
+    intervals: int = Field(3, ge=1, description="Passing checks (with enough rows) needed to promote.")
+    failure_threshold: int = Field(2, ge=1, description="Failed checks that roll the candidate back.")
+    max_s: float | None = Field(
+        None, gt=0, description="Give up (roll back) when the gate has not decided by then (default: 3 x "
+                                "interval_s x (intervals + failure_threshold)); also the canary's deadline, past "
+                                "which replicas stop routing to it even if nobody ends it.")
+    min_rows: int = Field(200, ge=1, description="Rows the candidate must have scored before a check counts.")
+    min_success_ratio: float = Field(0.99, gt=0, le=1,
+                                     description="Candidate requests not failed by the server (non-5xx) / all.")
+    max_client_error_increase: float = Field(
+        0.01, ge=0, le=1, description="The candidate's share of refused (4xx) requests may exceed stable's by this "
+                                      "much (a schema the clients do not match shows up here).")
+    max_p99_factor: float = Field(2.0, ge=1, description="Candidate p99 scoring time <= this x stable's (+ slack).")
+    p99_slack_ms: float = Field(0.1, ge=0, description="Absolute slack on the p99 bound (sub-ms timings are noisy).")
+    min_agreement: float = Field(0.75, ge=0, le=1,
+                                 description="Share of rows where candidate and stable predict the same class.")
+    min_labels: int = Field(50, ge=1, description="Labels per version (via /v1/feedback) before accuracy is judged.")
+    max_accuracy_drop: float = Field(0.02, ge=0, le=1,
+                                     description="Candidate live accuracy may trail stable's by at most this.")
+
+    def deadline_s(self) -> float:
+        return self.max_s or 3 * self.interval_s * (self.intervals + self.failure_threshold)
+
+
+class TrackingConfig(_Strict):
+    """Experiment tracking in MLflow (the optional extra `pip install raysys[mlflow]`); the raysys registry
+    stays the source of truth, MLflow gets a copy of the runs, metrics and versions from the driver."""
+
+    mlflow: bool = Field(False, description="Log each `raysys run`/`demo` to MLflow (teacher, sweep trials "
+                                            "nested under the sweep, evaluation, registered versions).")
+    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; setting it turns tracking on "
+                                                     "(None: sqlite:///<root>/mlflow.db when `mlflow` is on).")
+    experiment: str = Field("raysys", description="MLflow experiment the runs go under.")
+
+    @property
+    def enabled(self) -> bool:
+        return self.mlflow or self.mlflow_uri is not None
+
+
 class PipelineConfig(_Strict):
     """The whole loop: data -> teacher -> distillation -> registry -> serve -> monitor."""
 
@@ -402,6 +450,8 @@ class PipelineConfig(_Strict):
     distill: DistillConfig = Field(default_factory=DistillConfig)
     serve: ServeConfig = Field(default_factory=ServeConfig)
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
+    canary: CanaryConfig = Field(default_factory=CanaryConfig, description="The canary gate of rollouts.")
+    tracking: TrackingConfig = Field(default_factory=TrackingConfig)
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:

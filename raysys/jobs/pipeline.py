@@ -3,8 +3,8 @@
     ray job submit --working-dir . -- python jobs/pipeline.py --preset demo
 
 Runs data -> teacher (Ray Train) -> distillation (Ray Tune) -> registry -> Ray Serve endpoint -> normal and
-drifted traffic -> monitor report, on the cluster the job was submitted to. The endpoint keeps serving after
-the job ends. `--root` must be storage every node can reach (a shared filesystem on multi-node clusters);
+drifted traffic -> monitor report, on the cluster the job was submitted to, and writes the HTML report
+(`<root>/report.html`, see `raysys report`). The endpoint keeps serving after the job ends. `--root` must be storage every node can reach (a shared filesystem on multi-node clusters);
 it defaults to $RAYSYS_ROOT or ~/raysys, outside the job's temporary working directory.
 """
 
@@ -40,7 +40,11 @@ def main(argv=None) -> int:
 
     ctx = init_ray(serving=not args.no_serve)
     print(f"Ray dashboard: {dashboard_url(ctx)}")
+    from raysys.report import record_monitor_report, run_root, write_run_report
+
     result = run_pipeline(cfg)
+    if args.no_serve:
+        print(f"report: {write_run_report(cfg.registry_uri)}")
     print(json.dumps(result.summary(), indent=2))
     if args.no_serve:
         return 0
@@ -56,7 +60,12 @@ def main(argv=None) -> int:
     print(f"monitor after traffic shifted {out['shift_sigma']} sigma on {out['drift_feature']}:\n"
           + format_report(out["drift_report"]))
     print(f"bad request -> HTTP {out['bad_request']['status']}: {json.dumps(out['bad_request']['body'])}")
-    print(json.dumps({"endpoint": url, "dashboard": dashboard_url(ctx), **result.summary(),
+    if (root := run_root(cfg.registry_uri)) is not None:
+        record_monitor_report(root, out["normal_report"], "normal traffic")
+        record_monitor_report(root, out["drift_report"], f"shifted {out['shift_sigma']} sigma")
+    report = write_run_report(cfg.registry_uri)
+    print(json.dumps({"endpoint": url, "dashboard": dashboard_url(ctx), "report": str(report) if report else None,
+                      **result.summary(),
                       "alerts": out["drift_report"].get("alerts")}))
     return 0
 

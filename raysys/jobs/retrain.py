@@ -10,9 +10,10 @@ split can join the train split); retrains the teacher on it with Ray Train (`--s
 the latest registered teacher instead), distills the student with Ray Tune and registers it with alias
 `candidate`. Only a candidate more than `--min-improvement` more accurate than the served version
 (`--served-version`, else alias `production`) on the holdout goes on: to a canary of `--canary-percent` of
-requests for `--canary-s` seconds in the Serve application serving this model (`--app`, or found through
-Serve's REST API), then promotion if the canary scored `--canary-min-rows` rows without a failed request;
-with no application the `production` alias alone moves.
+requests in the Serve application serving this model (`--app`, or found through Serve's REST API), behind the
+config's metric gate (`canary:` in the config: rows, non-5xx ratio, p99 against stable, agreement, live
+accuracy, over several checks; `--canary-*` flags override it), which promotes it or rolls it back naming the
+failed check; with no application the `production` alias alone moves.
 
 The decision and its figures go to `decision.json` beside the dataset and, as one JSON object, to the last
 line of stdout. A retrain that cannot run (no traffic, too few labels, features dropped from the traffic)
@@ -54,17 +55,20 @@ def parse_args(argv=None) -> argparse.Namespace:
                    help="holdout accuracy the candidate must beat production by to be promoted (default 0)")
     p.add_argument("--app", default=None, help="Serve application to canary in (default: the one serving "
                    "this model from this registry, if any)")
-    p.add_argument("--canary-percent", type=float, default=10.0, help="share of requests the canary gets")
-    p.add_argument("--canary-s", type=float, default=60.0, help="how long the canary runs before promotion")
-    p.add_argument("--canary-min-rows", type=int, default=1,
-                   help="rows the canary must have scored to be promoted (default 1: a candidate that never "
-                        "served, e.g. one the replicas failed to load, is not promoted)")
+    p.add_argument("--canary-percent", type=float, default=None,
+                   help="share of requests the canary gets (default: canary.percent, 10)")
+    p.add_argument("--canary-s", type=float, default=None, help="how long the gate watches before it can promote: "
+                   "canary.intervals checks spread over it (default: canary.interval_s x canary.intervals, 30)")
+    p.add_argument("--canary-min-rows", type=int, default=None,
+                   help="rows the candidate must have scored before a check counts (default: canary.min_rows, 200)")
+    p.add_argument("--canary-shadow", action="store_true",
+                   help="shadow mode: the candidate scores a copy of its share, users get stable's answers")
     p.add_argument("--seed", type=int, default=0, help="seed of the split and of --base-rows sampling")
     args = p.parse_args(argv)
     if not 0 < args.holdout_fraction < 1 or not 0 < args.val_fraction < 1 \
             or args.holdout_fraction + args.val_fraction >= 1:
         p.error("--holdout-fraction and --val-fraction: each in (0, 1), together below 1")
-    if not 0 < args.canary_percent <= 100:
+    if args.canary_percent is not None and not 0 < args.canary_percent <= 100:
         p.error("--canary-percent: must be in (0, 100]")
     return args
 

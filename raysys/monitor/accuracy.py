@@ -152,6 +152,7 @@ class AccuracyTracker:
         self.labels = 0
         self.unmatched = 0
         self.invalid = 0  # feedback items rejected (unknown class, wrong number of labels)
+        self.totals: dict[str, list[int]] = {}  # version -> [labelled rows, correct], since start (canary gates)
         # /v1/feedback items refused for a request id the endpoint never answered (or already labelled, or
         # evicted from the prediction log): counted once, after the replica's second ask
         self.refused = 0
@@ -160,6 +161,9 @@ class AccuracyTracker:
         for c in correct:
             self.recent.append((version, bool(c)))
         self.labels += len(correct)
+        tot = self.totals.setdefault(str(version), [0, 0])
+        tot[0] += len(correct)
+        tot[1] += sum(bool(c) for c in correct)
 
     def summary(self) -> dict[str, Any]:
         n = len(self.recent)
@@ -171,16 +175,18 @@ class AccuracyTracker:
         return {"realised": sum(c for _, c in self.recent) / n if n else None, "labelled_in_window": n,
                 "labels_total": self.labels, "unmatched_labels": self.unmatched, "invalid_labels": self.invalid,
                 "refused_unknown_ids": self.refused,
-                "realised_by_version": {k: a[0] / a[1] for k, a in by_version.items()}}
+                "realised_by_version": {k: a[0] / a[1] for k, a in by_version.items()},
+                "labelled_by_version": {k: {"labelled": t[0], "correct": t[1]} for k, t in self.totals.items()}}
 
     def state(self) -> dict[str, Any]:
         return {"recent": [[v, c] for v, c in self.recent], "labels": self.labels, "unmatched": self.unmatched,
-                "invalid": self.invalid, "refused": self.refused}
+                "invalid": self.invalid, "refused": self.refused, "totals": self.totals}
 
     def load_state(self, st: dict[str, Any]) -> None:
         self.recent.extend((v, bool(c)) for v, c in st.get("recent", []))
         self.labels, self.unmatched = int(st.get("labels", 0)), int(st.get("unmatched", 0))
         self.invalid, self.refused = int(st.get("invalid", 0)), int(st.get("refused", 0))
+        self.totals = {str(k): [int(t[0]), int(t[1])] for k, t in (st.get("totals") or {}).items()}
 
 
 def confidence_estimate(prediction, proba: np.ndarray, recal: OnlineRecalibration, pred_log: PredictionLog,

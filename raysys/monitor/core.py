@@ -43,6 +43,7 @@ from raysys.monitor.online import detector_for, is_current, score_rows, threshol
 from raysys.monitor.profile import ReferenceProfile
 from raysys.monitor.store import RecentTraffic, SnapshotStore
 from raysys.monitor.trigger import RetrainTrigger
+from raysys.monitor.versions import VersionFigures
 from raysys.monitor.window import LiveWindow
 
 log = logging.getLogger("raysys")
@@ -142,6 +143,7 @@ class Monitor:
             self.detector.alarms = self.detector.rows = 0
         self.pred_log = PredictionLog(self.cfg.prediction_log_size)
         self.accuracy = AccuracyTracker(self.cfg.feedback_window)
+        self.figures = VersionFigures()
         self.recal = OnlineRecalibration(self.cfg.feedback_window, self.cfg.recalibration_prior_rows,
                                          self.cfg.recalibration_bins)
         self.alert_events: list[dict[str, Any]] = []
@@ -170,6 +172,8 @@ class Monitor:
         errors = int(batch.get("errors") or 0)
         now = self._clock()
         self.counts.add_requests(b.key, b.latency, b.n, errors, now, int(batch.get("server_errors") or 0))
+        if batch.get("version_figures"):
+            self.figures.merge(batch["version_figures"])
         if self.recent is not None and b.n:
             self.recent.add_rows(self.profile, b, batch.get("request_ids"), per_request)
         metrics = self._dashboard()
@@ -405,6 +409,7 @@ class Monitor:
             "requests_per_s": req_s, "rows_per_s": rows_s, "error_rate": err_rate,
             "errors_by_version": dict(c.errors_by_version),
             "server_errors_by_version": dict(c.server_errors_by_version),
+            "version_figures": self.figures.summary(),
             "accuracy": acc,
             "alert_events": list(self.alert_events[-20:]),
             "retrain": self.retrain.summary(),
@@ -429,6 +434,7 @@ class Monitor:
             **self.counts.state(),
             "detector": self.detector.state() if self.detector is not None else None,
             "accuracy": self.accuracy.state(), "recalibration": self.recal.state(),
+            "version_figures": self.figures.state(),
             "pred_log": self.pred_log.state()[-SNAPSHOT_PREDICTION_LOG:],
             "alert_events": self.alert_events, "window_alerting": self._window_alerting,
             "retrain": self.retrain.state(),
@@ -455,6 +461,7 @@ class Monitor:
         if self.detector is not None and st.get("detector"):
             self.detector.load_state(st["detector"])
         self.accuracy.load_state(st["accuracy"])
+        self.figures.load_state(st.get("version_figures") or {})
         self.recal.load_state(st.get("recalibration", []))
         self.pred_log.load_state(st["pred_log"])
         self.alert_events = list(st.get("alert_events", []))

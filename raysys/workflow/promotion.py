@@ -12,13 +12,31 @@ from raysys.workflow.labelled_traffic import RetrainError
 log = logging.getLogger("raysys")
 
 
-def holdout_accuracy(reg, name: str, version: int, holdout) -> float:
-    """Accuracy of registered `version` on the raw holdout rows (through its own preprocessor)."""
+def holdout_predictions(reg, name: str, version: int, holdout):
+    """(predicted classes, labels) of registered `version` on the raw holdout rows (its own preprocessor)."""
     from raysys.models import predict_logits
 
     loaded = reg.load(name, version)
     x_num, x_cat, y = loaded.preprocessor.transform_table(holdout)
-    return float((predict_logits(loaded.model, x_num, x_cat).argmax(1).numpy() == y).mean())
+    return predict_logits(loaded.model, x_num, x_cat).argmax(1).numpy(), y
+
+
+def holdout_accuracy(reg, name: str, version: int, holdout) -> float:
+    """Accuracy of registered `version` on the raw holdout rows (through its own preprocessor)."""
+    pred, y = holdout_predictions(reg, name, version, holdout)
+    return float((pred == y).mean())
+
+
+AGREEMENT_TOLERANCE = 0.15  # live agreement may fall this far below the holdout's before the gate objects
+
+
+def expected_agreement(reg, name: str, candidate: int, served: int, holdout) -> float:
+    """How often the candidate and the served version predict the same class on the holdout: a retrain after
+    the labels' rule changed is SUPPOSED to disagree with production, so the canary gate expects live
+    agreement near this, not near 1 (far below it means the live inputs are not what the holdout was)."""
+    a, _ = holdout_predictions(reg, name, candidate, holdout)
+    b, _ = holdout_predictions(reg, name, served, holdout)
+    return float((a == b).mean())
 
 
 def judge(candidate_acc: float, production_acc: float | None, min_improvement: float) -> tuple[bool, str]:
@@ -53,63 +71,45 @@ def find_app(admin, registry_uri: str, model_name: str, app: str | None) -> dict
     return None
 
 
-def _monitor_counts(app: dict, version: int) -> tuple[int, int] | None:
-    """(rows predicted, requests failed) for `version` so far, from the application's monitor actor."""
+def monitor_reader(app: dict):
+    """A callable returning the report of the monitor actor the application ships its traffic to (None when
+    the application runs without the monitor)."""
     import ray
 
     args = app.get("args") or {}
     if args.get("monitor") is False:
         return None
-    try:
-        handle = ray.get_actor(args.get("monitor_name") or "raysys_monitor",
-                               namespace=args.get("monitor_namespace") or "raysys")
-        rep = ray.get(handle.report.remote(), timeout=30)
-    except Exception as e:
-        log.warning("retrain: cannot read the monitor during the canary: %s", e)
-        return None
-    return int(rep["predictions_by_version"].get(str(version), 0)), int(rep["errors_by_version"].get(str(version), 0))
+    name, namespace = args.get("monitor_name") or "raysys_monitor", args.get("monitor_namespace") or "raysys"
+
+    def read() -> dict:
+        return ray.get(ray.get_actor(name, namespace=namespace).report.remote(), timeout=30)
+
+    return read
 
 
-def canary_then_decide(admin, app: dict, version: int, wins: bool, why: str, percent: float, seconds: float,
-                       min_rows: int) -> tuple[bool, str, dict[str, Any]]:
-    """Canary `version` in `app` for `seconds`, then promote it (when it `wins`, scored at least `min_rows`
-    rows and failed no request) or stop the canary. Returns (promoted, why, canary figures). A rollout that
-    fails half-way is undone (`serve.rollout.rollback`) before the error goes up."""
+def canary_then_decide(admin, app: dict, version: int, why: str, gate, *, reader=None,
+                       sleep=time.sleep) -> tuple[bool, str, dict[str, Any]]:
+    """Canary `version` in `app` behind the metric gate (`serve.canary.run_canary`, `gate` a CanaryConfig):
+    promoted when the gate passes, rolled back (naming the failed check) when it fails. Returns (promoted,
+    why, canary figures). Without the monitor the gate cannot judge, so the candidate is not promoted."""
     from serve import rollout
+    from serve.canary import run_canary
 
     name = app["name"]
-    before = _monitor_counts(app, version) or (0, 0)
-    t0 = time.monotonic()
+    read = reader or monitor_reader(app)
+    if read is None:
+        return False, (f"the application {name!r} runs without the monitor, so the canary gate cannot judge "
+                       f"v{version}; it stays the candidate ({why})"), {"app": name, "skipped": "no monitor"}
     try:
-        # the generation this job wrote: promote/rollback below refuse if somebody changed the rollout since
-        gen = rollout.canary(admin, name, version, percent)["rollout_generation"]
+        result = run_canary(admin, name, version, gate, read, sleep=sleep)
     except rollout.RolloutError as e:
-        raise RetrainError(f"the canary of v{version} in {name!r} could not start ({e}); it stays the "
-                           "candidate") from None
-    try:
-        log.info("retrain: canary v%d at %g%% of %r for %.0fs", version, percent, name, seconds)
-        time.sleep(seconds)
-        after = _monitor_counts(app, version)
-        canary: dict[str, Any] = {"app": name, "percent": percent, "seconds": round(time.monotonic() - t0, 1)}
-        if after is not None:
-            canary.update(rows=after[0] - before[0], errors=after[1] - before[1])
-        if canary.get("errors"):
-            wins, why = False, f"the canary failed {canary['errors']} requests; {why}"
-        elif after is not None and canary["rows"] < min_rows:
-            wins, why = False, (f"the canary scored {canary['rows']} rows in {canary['seconds']}s (--canary-min-rows "
-                                f"{min_rows}: no traffic, or the replicas could not load v{version}; see /healthz); "
-                                f"{why}")
-        if wins:
-            rollout.promote(admin, name, expect_generation=gen)
-            log.info("retrain: promoted v%d in %r and the registry's production alias: %s", version, name, why)
-        else:
-            # with a canary running: stops it, all traffic back to the stable one
-            rollout.rollback(admin, name, expect_generation=gen)
-            log.warning("retrain: canary of v%d stopped, it stays the candidate: %s", version, why)
-        return wins, why, canary
-    except BaseException:
-        try:
-            rollout.rollback(admin, name, expect_generation=gen)
-        except Exception as e:
-            log.error("retrain: could not undo the rollout in %r: %s", name, e)
-        raise
+        raise RetrainError(f"the canary of v{version} in {name!r} could not run ({e}); it stays the candidate") \
+            from None
+    canary = {"app": name, "percent": gate.percent, "shadow": gate.shadow, **result.to_dict()}
+    last = (result.checks[-1].get("figures") or {}) if result.checks else {}
+    canary.update(rows=last.get("candidate_rows", 0), errors=last.get("failures", 0))
+    if result.promoted:
+        log.info("retrain: promoted v%d in %r and the registry's production alias: %s", version, name, result.why)
+        return True, f"{why}; canary: {result.why}", canary
+    log.warning("retrain: canary of v%d rolled back, it stays the candidate: %s", version, result.why)
+    return False, f"canary rolled back: {result.why} (holdout: {why})", canary

@@ -33,7 +33,14 @@ from typing import Any
 
 from raysys.config import PipelineConfig
 from raysys.workflow.labelled_traffic import RetrainError, base_rows, wait_for_labelled_traffic, write_dataset
-from raysys.workflow.promotion import canary_then_decide, find_app, holdout_accuracy, judge
+from raysys.workflow.promotion import (
+    AGREEMENT_TOLERANCE,
+    canary_then_decide,
+    expected_agreement,
+    find_app,
+    holdout_accuracy,
+    judge,
+)
 from raysys.workflow.stages import StageTimer
 
 log = logging.getLogger("raysys")
@@ -82,11 +89,13 @@ def retrain(cfg: PipelineConfig, args) -> dict[str, Any]:
     prod_acc = holdout_accuracy(reg, cfg.model_name, served.version, holdout)
     wins, why = judge(cand_acc, prod_acc, args.min_improvement)
     log.info("retrain: %s", why)
-    promoted, why, canary = _canary_then_promote(cfg, args, reg, cand.version, wins, why, timer)
+    agreement = expected_agreement(reg, cfg.model_name, cand.version, served.version, holdout)
+    gate = canary_gate(cfg, args, agreement)
+    promoted, why, canary = _canary_then_promote(cfg, args, reg, cand.version, wins, why, timer, gate)
     decision = {"model": cfg.model_name, "candidate_version": cand.version, "student_version": cand.student_version,
                 "alias": "candidate", "promoted": promoted, "why": why, "reason": args.reason,
                 "holdout": {"rows": holdout.num_rows, "candidate_accuracy": cand_acc, "production_accuracy": prod_acc,
-                            "production_version": served.version},
+                            "production_version": served.version, "agreement": agreement},
                 "canary": canary, "data": {"root": str(data.root), "fingerprint": cand.fingerprint,
                                            "split_rows": data.counts, **data.info},
                 "teacher_version": cand.teacher_version, "best_distill_config": cand.best,
@@ -181,7 +190,7 @@ def _train_candidate(cfg: PipelineConfig, args, reg, schema, data: _Dataset, tim
 
 
 def _canary_then_promote(cfg: PipelineConfig, args, reg, candidate: int, wins: bool, why: str,
-                         timer: StageTimer) -> tuple[bool, str, dict[str, Any]]:
+                         timer: StageTimer, gate) -> tuple[bool, str, dict[str, Any]]:
     """(promoted, why, canary figures): a winner is canaried in the application serving the model, or,
     with none, only the registry's production alias moves to it."""
     from serve.rollout import ServeAdmin, cluster_dashboard_url
@@ -195,10 +204,40 @@ def _canary_then_promote(cfg: PipelineConfig, args, reg, candidate: int, wins: b
             return False, why, canary
         reg.set_alias(cfg.model_name, "production", candidate)
         return True, why + "; no endpoint to canary in, so only the registry's production alias moved", canary
+    _reconcile(ServeAdmin(dashboard), app["name"])
     if not wins:
         return False, why, {"skipped": "the candidate lost on the holdout"}
-    return timer.run("canary", canary_then_decide, ServeAdmin(dashboard), app, candidate, wins, why,
-                     args.canary_percent, args.canary_s, args.canary_min_rows)
+    return timer.run("canary", canary_then_decide, ServeAdmin(dashboard), app, candidate, why, gate)
+
+
+def _reconcile(admin, app_name: str) -> None:
+    """Finish or undo what an earlier rollout of the application left half-done (a killed job's canary)."""
+    from serve import rollout
+
+    try:
+        done = rollout.status(admin, app_name)["reconciled"]
+    except Exception as e:
+        log.warning("retrain: could not check %r for a half-done rollout: %s", app_name, e)
+        return
+    for line in done:
+        log.warning("retrain: %r had a half-done rollout: %s", app_name, line)
+
+
+def canary_gate(cfg: PipelineConfig, args, holdout_agreement: float | None = None) -> Any:
+    """The config's canary gate with the job's --canary-* flags applied; its agreement bound no higher than
+    the candidate's agreement with production on the holdout allows (see `expected_agreement`)."""
+    changes: dict[str, Any] = {}
+    if holdout_agreement is not None:
+        changes["min_agreement"] = min(cfg.canary.min_agreement, max(0.0, holdout_agreement - AGREEMENT_TOLERANCE))
+    if args.canary_percent is not None:
+        changes["percent"] = args.canary_percent
+    if args.canary_min_rows is not None:
+        changes["min_rows"] = args.canary_min_rows
+    if args.canary_shadow:
+        changes["shadow"] = True
+    if args.canary_s is not None:  # the canary's length: its checks spread over it
+        changes["interval_s"] = args.canary_s / cfg.canary.intervals
+    return cfg.canary.model_validate({**cfg.canary.model_dump(), **changes})
 
 
 def _serving_app(dashboard: str | None, registry_uri: str, model_name: str, app: str | None) -> dict | None:

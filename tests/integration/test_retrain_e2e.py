@@ -14,6 +14,10 @@ promotes it.
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
 import time
 import uuid
@@ -117,41 +121,39 @@ def test_the_job_refuses_traffic_it_cannot_train_on(small_world, tmp_path):
     assert not promotion.judge(0.9, None, 0.0)[0]
 
 
-def test_the_canary_promotes_only_a_winner_that_served_without_errors(monkeypatch):
-    """canary_then_decide with the rollout calls faked: promote a winner whose canary scored rows without a
-    failed request; stop the canary (rollback) for one that failed requests, scored nothing, or crashed."""
+def test_the_canary_decision_follows_the_metric_gate(monkeypatch):
+    """canary_then_decide over `serve.canary.run_canary` (the gate itself is tested in
+    tests/unit/test_canary_gate.py): the gate's verdict is the decision, its failed check is in `why`; no
+    monitor means no gate, so no promotion; a rollout that cannot start leaves the candidate a candidate."""
+    from raysys.config import CanaryConfig
+    from raysys.workflow.labelled_traffic import RetrainError
+    from serve import canary as gated
     from serve import rollout as serving
 
-    job = promotion
-    calls = []
-    # the job passes the rollout generation its canary wrote to promote/rollback (their compare-and-swap)
-    monkeypatch.setattr(serving, "canary", lambda admin, app, v, pct: calls.append(("canary", v, pct))
-                        or {"rollout_generation": 5})
-    monkeypatch.setattr(serving, "promote", lambda admin, app, expect_generation: calls.append(("promote",))
-                        if expect_generation == 5 else None)
-    monkeypatch.setattr(serving, "rollback", lambda admin, app, expect_generation: calls.append(("rollback",))
-                        if expect_generation == 5 else None)
     app = {"name": "app", "args": {}}
+    figures = {"figures": {"candidate_rows": 300, "failures": 4}}
 
-    def run(counts, wins=True):
-        calls.clear()
-        seq = iter(counts)
-        monkeypatch.setattr(job, "_monitor_counts", lambda app, v: next(seq))
-        return job.canary_then_decide(None, app, 7, wins, "better", 10.0, 0.0, min_rows=1)
+    def fake(passed):
+        return lambda admin, name, v, gate, read, **kw: gated.CanaryResult(
+            v, 1, passed, passed, "gate passed 3 checks" if passed else "gate failed 2 checks: server_errors failed: x",
+            1.0, [figures])
 
-    promoted, why, canary = run([(100, 0), (130, 0)])
-    assert promoted and why == "better" and canary["rows"] == 30 and canary["errors"] == 0
-    assert calls == [("canary", 7, 10.0), ("promote",)]
-    promoted, why, canary = run([(100, 0), (130, 2)])
-    assert not promoted and "the canary failed 2 requests" in why and calls[-1] == ("rollback",)
-    promoted, why, _ = run([(100, 0), (100, 0)])
-    assert not promoted and "scored 0 rows" in why and calls[-1] == ("rollback",)
-    promoted, why, _ = run([None, None])  # no monitor to ask: the holdout decides
-    assert promoted and calls[-1] == ("promote",)
-    monkeypatch.setattr(serving, "promote", lambda admin, app, **kw: (_ for _ in ()).throw(RuntimeError("boom")))
-    with pytest.raises(RuntimeError, match="boom"):
-        run([(0, 0), (5, 0)])
-    assert calls[-1] == ("rollback",)  # a rollout that fails half-way is undone
+    monkeypatch.setattr(gated, "run_canary", fake(True))
+    promoted, why, canary = promotion.canary_then_decide(None, app, 7, "better", CanaryConfig(), reader=dict)
+    assert promoted and "gate passed" in why and canary["rows"] == 300 and canary["errors"] == 4
+    monkeypatch.setattr(gated, "run_canary", fake(False))
+    promoted, why, canary = promotion.canary_then_decide(None, app, 7, "better", CanaryConfig(), reader=dict)
+    assert not promoted and "server_errors failed" in why and not canary["promoted"]
+    promoted, why, _ = promotion.canary_then_decide(None, {"name": "app", "args": {"monitor": False}}, 7, "better",
+                                                    CanaryConfig())
+    assert not promoted and "without the monitor" in why
+
+    def busy(*a, **k):
+        raise serving.RolloutError("another rollout of 'app' is in progress")
+
+    monkeypatch.setattr(gated, "run_canary", busy)
+    with pytest.raises(RetrainError, match="could not run .*in progress"):
+        promotion.canary_then_decide(None, app, 7, "better", CanaryConfig(), reader=dict)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -254,7 +256,7 @@ def test_drift_alert_retrains_registers_canaries_and_promotes_a_candidate(retrai
         traffic_uri=str(traffic), traffic_flush_interval_s=1.0,
         retrain_args=["--preset", "tiny", "--config", str(config_file), "--root", str(tmp_path / "root"),
                       "--registry-uri", reg.uri, "--model-name", MODEL, "--min-labelled-rows", str(n),
-                      "--label-wait-s", "180", "--canary-percent", "50", "--canary-s", "3"])
+                      "--label-wait-s", "180", "--canary-percent", "50", "--canary-s", "3", "--canary-min-rows", "10"])
     app = app_config(cfg)
     app["args"]["monitor_name"] = monitor
     url = f"http://127.0.0.1:{http_port}/{name}"
@@ -366,3 +368,112 @@ def test_drift_alert_retrains_registers_canaries_and_promotes_a_candidate(retrai
             ray.kill(ray.get_actor(monitor, namespace=MONITOR_NAMESPACE), no_restart=True)
         except ValueError:
             pass
+
+
+def _labelled_traffic(reg, task, schema, traffic: Path, n: int) -> list[dict]:
+    """What the monitor writes under `monitor.traffic_uri` for `n` drifted rows whose labels follow a new rule
+    (classes 0 and 1 swapped), written by a real (Ray-free) Monitor; returns the rows."""
+    prod = reg.load(MODEL, reg.get_alias(MODEL, "production"))
+    table = task.sample(n, [11, 6], DriftSpec(covariate={"x1": 1.5}))
+    pre = prod.preprocessor
+    x_num, (_, x_cat, y) = pre.raw_numeric(table), pre.transform_table(table)
+    mon = Monitor(prod.reference_profile, schema.model_dump(), {"traffic_uri": str(traffic)}, model_version=1)
+    ids = [f"t{i}" for i in range(n)]
+    mon.record({"x_num": x_num, "x_cat": x_cat, "pred": np.zeros(n, dtype=np.int64), "latency_ms": [1.0] * n,
+                "request_ids": ids})
+    swapped = [{0: 1, 1: 0}.get(int(v), int(v)) for v in y]
+    assert mon.record_feedback_batch(list(zip(ids, swapped)))["matched"] == n
+    mon._flush_recent(force=True)
+    return table.drop_columns([schema.label]).to_pylist()
+
+
+def _retrain_process(args: list[str], log: Path, *, kill_at_production_alias: bool = False) -> subprocess.Popen:
+    """The retrain job's entrypoint as a driver process of the session cluster (what `ray job submit -- python
+    jobs/retrain.py` runs), in its own process group; optionally SIGKILLing itself the moment it would move
+    the `production` alias (after the Serve update)."""
+    import ray
+
+    patch = ("from raysys.registry import Registry\n"
+             "_move = Registry.set_alias\n"
+             "def set_alias(self, name, alias, version, *a, **k):\n"
+             "    if alias == 'production':\n"
+             "        os.kill(os.getpid(), signal.SIGKILL)\n"
+             "    return _move(self, name, alias, version, *a, **k)\n"
+             "Registry.set_alias = set_alias\n") if kill_at_production_alias else ""
+    code = f"import os, signal, sys\n{patch}from raysys.jobs.retrain import main\nsys.exit(main(sys.argv[1:]))\n"
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    with open(log, "w") as out:  # a file, not a pipe: nobody reads the job's output until it ends
+        return subprocess.Popen([sys.executable, "-c", code, *args], env=env, stdout=out, stderr=subprocess.STDOUT,
+                                start_new_session=True)
+
+
+@pytest.mark.integration
+def test_a_killed_retrain_job_leaves_the_app_serving_exactly_production(retrain_registry, http_port, tmp_path):
+    """SIGKILL the retrain job (1) while its canary runs, (2) between the Serve update of its promotion and
+    the alias move. The next rollout command (`serve.rollout.status`, what `raysys serve status` runs) leaves
+    the app serving exactly the `production` alias, with no canary live."""
+    from ray import serve
+
+    from raysys.config import preset
+    from serve import rollout
+    from serve.contract import app_config
+
+    reg, task, schema = retrain_registry
+    dash = rollout.cluster_dashboard_url()
+    traffic = tmp_path / "traffic"
+    rows = _labelled_traffic(reg, task, schema, traffic, 1000)
+    config_file = tmp_path / "retrain.yaml"
+    config_file.write_text(yaml.safe_dump(RETRAIN_CONFIG))
+    name = f"killed-{uuid.uuid4().hex[:6]}"
+    cfg = preset("tiny").with_root(tmp_path / "root")
+    cfg.registry_uri, cfg.model_name = reg.uri, MODEL
+    cfg.serve.port, cfg.serve.app_name, cfg.serve.route_prefix = http_port, name, f"/{name}"
+    cfg.serve.num_replicas = 1
+    app = app_config(cfg, model_ref=reg.get_alias(MODEL, "production"))
+    app["args"]["monitor_name"] = f"raysys_monitor_{name}"
+    admin = rollout.ServeAdmin(dash)
+    rollout.deploy_app(admin, app)
+    url = f"http://127.0.0.1:{http_port}/{name}"
+    base = ["--preset", "tiny", "--config", str(config_file), "--root", str(tmp_path / "root"), "--registry-uri",
+            reg.uri, "--model-name", MODEL, "--traffic-uri", str(traffic), "--min-labelled-rows", "1000",
+            "--label-wait-s", "30", "--app", name, "--canary-percent", "50"]
+    served = reg.get_alias(MODEL, "production")
+    try:
+        with Trickle(url, rows):
+            # (1) a canary that never decides (too few rows for the gate), killed while it is live
+            log1, log2 = tmp_path / "job1.log", tmp_path / "job2.log"
+            job = _retrain_process([*base, "--canary-s", "6", "--canary-min-rows", "1000000"], log1)
+            try:
+                poll(lambda: job.poll() is not None or requests.get(f"{url}/healthz", timeout=10).json()[
+                    "candidate_version"], timeout_s=JOB_TIMEOUT_S, interval_s=0.5, what="the job's canary")
+                assert job.poll() is None, log1.read_text()[-4000:]
+            finally:
+                os.killpg(job.pid, signal.SIGKILL)
+                job.wait(60)
+            assert requests.get(f"{url}/healthz", timeout=10).json()["candidate_version"]  # orphaned, still live
+            st = poll(lambda: (s := rollout.status(admin, name))["reconciled"] and s, timeout_s=90, interval_s=2,
+                      what="the next rollout command to end the orphaned canary")
+            assert "stopped renewing the rollout lease" in st["reconciled"][0], st
+            health = requests.get(f"{url}/healthz", timeout=10).json()
+            assert health["candidate_version"] is None and health["model_version"] == served
+            assert reg.get_alias(MODEL, "production") == served
+
+            # (2) a canary that passes, killed between the Serve update of its promotion and the alias move
+            job = _retrain_process([*base, "--canary-s", "3", "--canary-min-rows", "20"], log2,
+                                   kill_at_production_alias=True)
+            try:
+                assert job.wait(JOB_TIMEOUT_S) == -signal.SIGKILL, log2.read_text()[-4000:]
+            finally:
+                if job.poll() is None:
+                    os.killpg(job.pid, signal.SIGKILL)
+            cand = reg.get_alias(MODEL, "candidate")
+            assert cand > served and reg.get_alias(MODEL, "production") == served
+            assert rollout.current_rollout(admin, name)[2]["model_ref"] == cand  # Serve moved, the alias did not
+            st = rollout.status(admin, name)
+            assert any("moved the registry alias 'production'" in line for line in st["reconciled"]), st
+            assert reg.get_alias(MODEL, "production") == cand == st["stable_version"]
+            poll(lambda: requests.get(f"{url}/healthz", timeout=10).json()["model_version"] == cand,
+                 what="the endpoint serving the production alias")
+            assert requests.get(f"{url}/healthz", timeout=10).json()["candidate_version"] is None
+    finally:
+        serve.delete(name)

@@ -69,14 +69,14 @@ def test_rollout_commands_find_the_demo_clusters_token(demo_cluster, tmp_path):
     assert refused.returncode != 0 and "oken" in refused.stdout + refused.stderr, refused.stdout + refused.stderr
 
     common = ["--app", app, "--address", dash]
-    steps = [("status",), ("canary", "--version", "2", "--percent", "50"), ("status",), ("promote",),
+    steps = [("status",), ("canary", "--version", "2", "--percent", "50", "--no-gate"), ("status",), ("promote",),
              ("rollback",), ("status",)]
     for step in steps:
         out = _second_terminal(home, "serve", *step, *common)
         assert out.returncode == 0, (step, out.stdout + out.stderr)
         assert "Token authentication" not in out.stdout + out.stderr
-        if step == ("canary", "--version", "2", "--percent", "50"):
+        if step[0] == "canary":
             assert "canary 2 at 50%" in out.stdout, out.stdout
-    assert "RUNNING" in out.stdout and "stable 1" in out.stdout, out.stdout  # promoted to 2, rolled back to 1
+    assert "RUNNING" in out.stdout and "stable v1" in out.stdout, out.stdout  # promoted to 2, rolled back to 1
     assert reg.get_alias(MODEL, "production") == 1 and reg.alias_history(MODEL, "production") == [1]
     assert requests.post(f"{url}/v1/predict", json={"instances": rows[:1]}, timeout=30).json()["model_version"] == 1

@@ -209,7 +209,7 @@ def test_canary_promote_rollback_under_load_fails_no_request(registry, http_port
     try:
         with Load(url, rows, workers=4) as load:
             load.wait_for(40)
-            out = _cli("canary", "--version", "2", "--percent", "50", *common)
+            out = _cli("canary", "--version", "2", "--percent", "50", "--no-gate", *common)
             assert out.returncode == 0, out.stdout + out.stderr
             t = time.monotonic()
             poll(lambda: {v for _, _, v in load.since(t)} >= {1, 2}, what="both versions answering")
@@ -392,7 +392,8 @@ def test_two_concurrent_canaries_one_wins(registry, http_port, tmp_path):
         t.start()
         assert in_put.wait(120), result
         try:
-            out = _cli("canary", "--version", "2", "--percent", "30", "--app", cfg.serve.app_name, "--address", dash)
+            out = _cli("canary", "--version", "2", "--percent", "30", "--no-gate", "--app", cfg.serve.app_name,
+                       "--address", dash)
         finally:
             second_done.set()
         t.join(300)
@@ -400,7 +401,7 @@ def test_two_concurrent_canaries_one_wins(registry, http_port, tmp_path):
         assert "another rollout" in out.stdout and "in progress" in out.stdout, out.stdout
         assert "error" not in result and result["user"]["canary_percent"] == 100, result
         deployed = rollout.current_rollout(rollout.ServeAdmin(dash), cfg.serve.app_name)[2]
-        assert deployed == result["user"] and deployed["rollout_generation"] == 1
+        assert deployed == result["user"] and deployed["rollout_generation"] == 2  # deploy 1, canary 2
         app = serve.status().applications[cfg.serve.app_name]
         assert app.status == "RUNNING" and DEPLOYMENT_NAME in app.deployments
         with Load(url, rows, workers=2) as load:

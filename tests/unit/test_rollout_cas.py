@@ -4,7 +4,6 @@ the read and the PUT is refused; a dead owner's lease ends at its expiry."""
 
 from __future__ import annotations
 
-import copy
 import json
 import os
 import threading
@@ -19,9 +18,7 @@ from raysys.models import build_model, model_spec
 from raysys.registry import Registry
 from serve import rollout
 from serve.contract import DEPLOYMENT_NAME, parse_user_config
-
-MODEL = "student"
-APP = "raysys"
+from tests.helpers.rollout import APP, MODEL, FakeAdmin
 
 
 @pytest.fixture()
@@ -39,44 +36,6 @@ def reg(tmp_path):
                    preprocessor=pre, metrics={}, config={}, lineage={})
     r.set_alias(MODEL, "production", 1)
     return r
-
-
-class FakeAdmin:
-    """ServeAdmin's surface over an in-memory config; `on_apply(n)` runs before the n-th PUT lands and
-    `on_config(n)` before the n-th read is answered (to interleave rollouts deterministically)."""
-
-    def __init__(self, reg: Registry, other_apps: list | None = None):
-        self.apps = [{"name": APP, "args": {"registry_uri": reg.uri, "model_name": MODEL},
-                      "deployments": [{"name": DEPLOYMENT_NAME, "user_config": {
-                          "model_ref": "production", "candidate_ref": None, "canary_percent": 0}}]},
-                     *(other_apps or [])]
-        self.lock = threading.Lock()
-        self.puts: list[dict] = []
-        self.reads = 0
-        self.on_apply = lambda n: None
-        self.on_config = lambda n: None
-
-    def config(self) -> dict:
-        self.reads += 1
-        self.on_config(self.reads)
-        with self.lock:
-            return {"applications": copy.deepcopy(self.apps), "_imperative": []}
-
-    def details(self) -> dict:
-        return {"applications": {a["name"]: {"status": "RUNNING", "deployed_app_config": a} for a in self.apps}}
-
-    def apply(self, config: dict) -> None:
-        self.on_apply(len(self.puts) + 1)
-        with self.lock:
-            self.apps = copy.deepcopy([a for a in config["applications"]])
-            self.puts.append(copy.deepcopy(self.deployed()))
-
-    def wait_running(self, app_name, user_config=None, timeout_s=300) -> dict:
-        return {}
-
-    def deployed(self) -> dict:
-        app = next(a for a in self.apps if a["name"] == APP)
-        return next(d for d in app["deployments"] if d["name"] == DEPLOYMENT_NAME)["user_config"]
 
 
 def test_two_concurrent_canaries_exactly_one_wins(reg):
@@ -120,7 +79,8 @@ def test_config_changed_between_read_and_put_is_refused(reg):
     admin = FakeAdmin(reg, other_apps=[other])
 
     def someone_else_puts(n: int) -> None:  # a writer that is not raysys (serve deploy) changes another app
-        if n == 3:
+        # reads: finding the app, reconcile's, the canary's own, then the compare right before its PUT
+        if n == 4:
             admin.apps[1]["deployments"][0]["user_config"] = {"model_ref": 2}
 
     admin.on_config = someone_else_puts
@@ -169,7 +129,7 @@ def test_cli_exits_2_when_another_rollout_holds_the_app(reg, monkeypatch):
     res = CliRunner().invoke(app, ["serve", "canary", "--version", "2", "--percent", "10"])
     assert res.exit_code == 2 and "in progress" in res.output, res.output
     lease.release()
-    res = CliRunner().invoke(app, ["serve", "canary", "--version", "2", "--percent", "10"])
+    res = CliRunner().invoke(app, ["serve", "canary", "--version", "2", "--percent", "10", "--no-gate"])
     assert res.exit_code == 0, res.output
     assert admin.deployed()["candidate_ref"] == 2
 

@@ -677,7 +677,7 @@ def test_errors_latency_and_rows_are_booked_to_the_version_that_failed_or_scored
     versions = Versions(stable, cand, 50.0)
     ep = _bare_endpoint(versions)
     boom, fine = _split_by_first_feature(schema, pre, rows)
-    to = {v: [f"id-{i}" for i in range(400) if versions.route(f"id-{i}").version == v][:6] for v in (1, 2)}
+    to = {v: [f"id-{i}" for i in range(400) if versions.route(f"id-{i}")[0].version == v][:6] for v in (1, 2)}
     sent = [(to[1][i], boom[i:i + 1]) for i in range(3)] + [(to[2][i], boom[i:i + 1]) for i in range(3)]
     sent += [(to[2][3], fine[:2])]
 

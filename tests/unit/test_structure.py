@@ -44,13 +44,16 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
                         "raysys.statefile", "raysys.distill")),
     ("raysys.monitor", ("raysys.config", "raysys.data", "raysys.monitor")),
     ("serve", ("raysys.config", "raysys.data", "raysys.models", "raysys.registry", "raysys.monitor", "serve")),
+    # the HTML report reads files only: core, never Ray (the monitor's own modules would load Ray on import)
+    ("raysys.report", CORE + ("raysys.report",)),
+    ("raysys.tracking", CORE + ("raysys.report", "raysys.tracking")),
     ("raysys.workflow", CORE + ENGINES + ("serve",)),
-    ("raysys.jobs", CORE + ENGINES + ("serve", "raysys.workflow", "raysys.jobs")),
-    ("raysys.cli", CORE + ENGINES + ("serve", "raysys.workflow", "raysys.cli")),
+    ("raysys.jobs", CORE + ENGINES + ("serve", "raysys.workflow", "raysys.report", "raysys.tracking", "raysys.jobs")),
+    ("raysys.cli", CORE + ENGINES + ("serve", "raysys.workflow", "raysys.report", "raysys.tracking", "raysys.cli")),
 ]
 # the layers that must not import Ray at all
 RAY_FREE = ("raysys.config", "raysys.data", "raysys.models", "raysys.parallel", "raysys.evaluate",
-            "raysys.registry", "raysys.statefile")
+            "raysys.registry", "raysys.statefile", "raysys.report", "raysys.tracking")
 
 
 def _modules() -> dict[str, Path]:
@@ -215,6 +218,7 @@ def test_ray_free_layers_do_not_import_ray():
     # every Serve replica loads models through the registry: it must not drag in the sweep stack
     ("raysys.registry", ("ray.tune", "raysys.distill", "raysys.train")),
     ("raysys.models", ("ray", "raysys.parallel")),
+    ("raysys.report", ("ray", "torch", "raysys.monitor", "raysys.train", "raysys.distill")),
 ])
 def test_importing_a_layer_does_not_load_the_layers_above(module, must_not_load):
     code = f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"
