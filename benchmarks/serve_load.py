@@ -37,6 +37,7 @@ import json
 import logging
 import os
 import platform
+import secrets
 import statistics
 import subprocess
 import sys
@@ -88,6 +89,10 @@ def make_registry(root: Path, seed: int = 0):
 async def _load(url: str, bodies: list[bytes], concurrency: int, duration_s: float, warmup_s: float) -> dict:
     import aiohttp
 
+    from serve.apikey import auth_headers
+
+    # the endpoint needs its key (the plain server ignores it): both get the same headers
+    headers = {"content-type": "application/json", **auth_headers()}
     latencies: list[float] = []
     total = [0]
     codes: Counter = Counter()
@@ -108,7 +113,7 @@ async def _load(url: str, bodies: list[bytes], concurrency: int, duration_s: flo
                 body = bodies[k % len(bodies)]
                 k += concurrency
                 try:
-                    async with session.post(url, data=body, headers={"content-type": "application/json"}) as r:
+                    async with session.post(url, data=body, headers=headers) as r:
                         await r.read()
                         status = r.status
                 except Exception as e:  # a refused/reset connection is a failed request, counted
@@ -225,6 +230,7 @@ def main() -> int:
     import ray
     from ray import serve
 
+    from serve.apikey import API_TOKEN_ENV
     from serve.app import build_app
     from serve.ingress import apply_ingress_env, free_port, serve_start
 
@@ -233,6 +239,8 @@ def main() -> int:
     serve_port = args.port or free_port()
     plain_port = free_port()
     env = apply_ingress_env()  # the shipped default, as raysys.workflow.cluster.init_ray applies it
+    # HAProxy binds all interfaces, so the endpoint refuses to start without a key: a scratch one for this run
+    os.environ.setdefault(API_TOKEN_ENV, secrets.token_urlsafe(32))
     ray.init(address="local", num_cpus=4, include_dashboard=False, log_to_driver=False)
     serve_start("127.0.0.1", serve_port)
     results: dict = {}

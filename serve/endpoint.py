@@ -31,6 +31,7 @@ from ray import serve
 from raysys.config import MonitorConfig, ServeConfig
 from raysys.data.schema import schema_to_dict
 from raysys.registry import Registry
+from serve.apikey import require_api_key
 from serve.contract import (
     DEFAULT_MODEL_NAME,
     DEFAULT_MONITOR_NAME,
@@ -38,8 +39,15 @@ from serve.contract import (
     DEPLOYMENT_NAME,
     parse_user_config,
 )
-from serve.monitor_link import MONITOR_REPORT_TIMEOUT_S, MonitorBuffer, MonitorLink
-from serve.parsing import RequestError, RequestIds, parse_predict
+from serve.ingress import exposure
+from serve.monitor_link import (
+    FEEDBACK_RECHECK_MARGIN_S,
+    MONITOR_REPORT_TIMEOUT_S,
+    FeedbackUnavailable,
+    MonitorBuffer,
+    MonitorLink,
+)
+from serve.parsing import RequestError, RequestIds, feedback_answer, parse_predict
 from serve.routes import build_http_app
 from serve.scoring import ScoredRows, Scorer, format_prediction, in_canary, score_requests
 from serve.web import check_auth, guarded, load_api_token, max_body_bytes, read_body_capped
@@ -92,13 +100,16 @@ class StudentEndpoint:
                  monitor_name: str = DEFAULT_MONITOR_NAME, monitor_namespace: str = DEFAULT_MONITOR_NAMESPACE,
                  torch_threads: int | None = None, api_token: str | None = None):
         self.serve_cfg = ServeConfig.model_validate(serve_cfg or {})
+        # before anything else: an endpoint reachable beyond loopback without a key must not come up at all
+        self._api_token = load_api_token(api_token)
+        if not self._api_token:
+            require_api_key(self._api_token, self.serve_cfg.network, exposure(self.serve_cfg.host))
         self.monitor_cfg = MonitorConfig.model_validate(monitor_cfg or {})
         self.model_name = model_name
         self.model_ref: str | int = model_ref
         self.candidate_ref: str | int | None = None
         self.registry = Registry(registry_uri)
         self.torch_threads = _set_torch_threads(torch_threads)
-        self._api_token = load_api_token(api_token)
         self._initialised = False  # the first reconfigure() (at replica start) fails loudly; later ones don't
         self.last_reconfigure_error: str | None = None
         self._request_ids = RequestIds()
@@ -320,15 +331,26 @@ class StudentEndpoint:
             self.monitor.add_error((routed[0] if routed else self.scorer).version, response.status_code >= 500)
         return response
 
-    def feedback(self, items: list[tuple[str, Any]]) -> int:
-        """Send labels to the monitor; how many were accepted. 503 when monitoring is off or unavailable."""
+    async def feedback(self, items: list[tuple[str, Any]], prefix: str | None = None) -> dict[str, Any]:
+        """Labels for earlier predictions, judged by the monitor per item (`serve.parsing.feedback_answer`:
+        202 with what was accepted and refused, 404 when no id was ever answered, 422 for invalid labels).
+        A prediction of another replica may still wait in that replica's buffer (shipped every
+        monitor.flush_interval_ms), so ids unknown at the first ask are asked about once more after that
+        interval, and only then refused (and counted). 503 when monitoring is off or unavailable."""
         if self.monitor is None:
             raise RequestError(503, None, "monitoring is off for this endpoint; feedback has nowhere to go")
         self.monitor.ensure_started()
-        self.monitor.flush()  # the predictions these labels refer to reach the monitor first
-        if not self.monitor.feedback(items):
-            raise RequestError(503, None, f"monitor unavailable: {self.monitor.last_error}")
-        return len(items)
+        try:
+            verdicts = await self.monitor.feedback_verdicts(items, final=False)
+            unknown = [i for i, v in enumerate(verdicts) if v["verdict"] == "unknown_request_id"]
+            if unknown:
+                await asyncio.sleep(self.monitor.interval_s + FEEDBACK_RECHECK_MARGIN_S)
+                again = await self.monitor.feedback_verdicts([items[i] for i in unknown], final=True)
+                for i, v in zip(unknown, again, strict=True):
+                    verdicts[i] = v
+        except FeedbackUnavailable as e:
+            raise RequestError(503, None, str(e)) from None
+        return feedback_answer(items, verdicts, prefix)
 
     async def monitor_report(self) -> dict[str, Any]:
         """The monitor actor's report, this replica's buffered rows included. 503 when it is off or unavailable."""

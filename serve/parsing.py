@@ -391,6 +391,32 @@ def parse_feedback(body: bytes | str | Any) -> list[tuple[str, Any]]:
     """A `/v1/feedback` body -> [(request_id, label)]: {"request_id": ..., "label": ...} or
     {"feedback": [{"request_id": ..., "label": ...}, ...]}; a label is a class name or index, or a list of
     them for a request of several rows. 422 naming the field otherwise."""
+    return parse_feedback_body(body)[0]
+
+
+def parse_feedback_body(body: bytes | str | Any) -> tuple[list[tuple[str, Any]], str | None]:
+    """`parse_feedback`, and the key its items' errors are named under ("feedback", or None for a body
+    that is one item)."""
     payload = parse_json_body(body) if isinstance(body, (bytes, bytearray, str)) else body
     items, prefix = _feedback_items(payload)
-    return [_feedback_item(item, i, prefix) for i, item in enumerate(items)]
+    return [_feedback_item(item, i, prefix) for i, item in enumerate(items)], prefix
+
+
+def feedback_answer(items: list[tuple[str, Any]], verdicts: list[dict[str, Any]], prefix: str | None
+                    ) -> dict[str, Any]:
+    """The `/v1/feedback` answer from the monitor's verdict per item (`Monitor.feedback_verdicts`): when any
+    label was accepted, {"accepted": n, "refused": [{"index", "request_id", "reason", "message"}]} (a 202);
+    otherwise a RequestError naming the first refused item's field: 422 for an invalid label, 404 when
+    every request id was unknown (never answered by this endpoint, already labelled, or too old)."""
+    refused = [{"index": i, "request_id": rid, "reason": v["verdict"], "message": v.get("message")}
+               for i, ((rid, _), v) in enumerate(zip(items, verdicts, strict=True)) if v["verdict"] != "accepted"]
+    accepted = len(items) - len(refused)
+    if accepted:
+        return {"accepted": accepted, "refused": refused}
+    where = (lambda i: f"{prefix}[{i}].") if prefix else (lambda i: "")
+    invalid = [r for r in refused if r["reason"] == "invalid_label"]
+    if invalid:
+        raise RequestError(422, f"{where(invalid[0]['index'])}label", invalid[0]["message"])
+    first = refused[0]
+    raise RequestError(404, f"{where(first['index'])}request_id",
+                       f"refused: {first['message']}; send labels only for request ids this endpoint answered")

@@ -14,7 +14,11 @@ HTTP API (under the application's route prefix):
                        500 {"detail": {..., "model_version": N}} when version N (a canary) failed to score it;
                        a request id, feature name or value that is not UTF-8 text (lone surrogate) is a 422.
     POST /v1/feedback  {"request_id": "...", "label": "<class>"} (or {"feedback": [{...}, ...]}): delayed labels,
-                       joined by the monitor to the logged predictions (202; 503 when monitoring is off)
+                       joined by the monitor to the logged predictions; always needs the key when one is set.
+                       -> 202 {"accepted": n, "refused": [{"index", "request_id", "reason", "message"}]} when any
+                       was accepted; 404 naming request_id when every id is unknown (never answered by this
+                       endpoint, already labelled, or too old: refused and counted, accuracy.refused_unknown_ids);
+                       422 naming the field for an invalid label; 503 when monitoring is off
     GET  /v1/model     name, version, schema, metrics, lineage, model spec, the canary if any
     GET  /v1/monitor   the monitor actor's full report (503 when monitoring is off or the actor is unreachable)
     GET  /healthz      liveness and the version being served (never needs the key)
@@ -28,7 +32,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
-from serve.parsing import MAX_FEEDBACK_ITEMS, parse_feedback
+from serve.parsing import MAX_FEEDBACK_ITEMS, parse_feedback_body
 from serve.web import BODY_BYTES_SLACK, guarded, json_response, read_body_capped, to_jsonable
 
 FEEDBACK_MAX_BODY_BYTES = MAX_FEEDBACK_ITEMS * 512 + BODY_BYTES_SLACK
@@ -90,8 +94,8 @@ def build_http_app(endpoint: Any) -> FastAPI:
         """Delayed labels for earlier predictions, joined by request id."""
         async def run() -> Response:
             endpoint.check_auth(request)
-            items = parse_feedback(await read_body_capped(request, FEEDBACK_MAX_BODY_BYTES))
-            return json_response(202, {"accepted": endpoint.feedback(items)})
+            items, prefix = parse_feedback_body(await read_body_capped(request, FEEDBACK_MAX_BODY_BYTES))
+            return json_response(202, await endpoint.feedback(items, prefix))
 
         return await guarded(run())
 

@@ -1,9 +1,9 @@
 """HTTP concerns of the endpoint, framework-light: the API key (auth), the body-size cap, JSON responses
 and the guard that turns exceptions into them.
 
-Ray's token auth does not cover the Serve HTTP port: when the proxy must listen beyond 127.0.0.1, set
-`RAYSYS_API_TOKEN` (or `RAYSYS_API_TOKEN_FILE`, a mounted secret) in the replicas' environment, and
-clients send `Authorization: Bearer <key>` or `X-API-Key: <key>` to /v1/*.
+Ray's token auth does not cover the Serve HTTP port: the replicas read their key (`serve.apikey`:
+`RAYSYS_API_TOKEN`, or `RAYSYS_API_TOKEN_FILE`, a mounted secret) and refuse to start without one when they
+listen beyond loopback; clients send `Authorization: Bearer <key>` or `X-API-Key: <key>` to /v1/*.
 """
 
 from __future__ import annotations
@@ -12,20 +12,17 @@ import hmac
 import json
 import logging
 import math
-import os
-from pathlib import Path
 from typing import Any
 
 import numpy as np
 from fastapi.responses import Response
 
 from raysys.data.schema import DatasetSchema
+from serve.apikey import API_TOKEN_ENV, API_TOKEN_FILE_ENV, load_api_token  # noqa: F401 (re-exported)
 from serve.parsing import RequestError
 
 log = logging.getLogger("ray.serve")
 
-API_TOKEN_ENV = "RAYSYS_API_TOKEN"
-API_TOKEN_FILE_ENV = "RAYSYS_API_TOKEN_FILE"
 # generous upper bound on the JSON size of one value (`"a_long_feature_name": -1.2345678901234567e-05, `
 # is ~45 bytes); bodies larger than rows x features x this are refused before they are parsed
 BODY_BYTES_PER_VALUE = 256
@@ -47,28 +44,6 @@ def check_auth(authorization: str | None, token: str | None, api_key: str | None
         return
     raise RequestError(401, "authorization", "missing or wrong API key; send 'Authorization: Bearer <key>' or "
                                              "'X-API-Key: <key>'")
-
-
-def load_api_token(explicit: str | None = None, environ: dict[str, str] | None = None) -> str | None:
-    """The endpoint's API key: `explicit`, else $RAYSYS_API_TOKEN, else the first line of the file named by
-    $RAYSYS_API_TOKEN_FILE (a mounted secret). None: no auth. A named file that is missing or empty is an
-    error (ValueError), never a silently open endpoint."""
-    env = os.environ if environ is None else environ
-    if explicit:
-        return explicit
-    if env.get(API_TOKEN_ENV):
-        return env[API_TOKEN_ENV]
-    path = env.get(API_TOKEN_FILE_ENV)
-    if not path:
-        return None
-    try:
-        lines = Path(path).read_text().strip().splitlines()
-        token = lines[0].strip() if lines else ""
-    except OSError as e:
-        raise ValueError(f"{API_TOKEN_FILE_ENV}={path}: cannot read the API key file ({e.strerror})") from None
-    if not token:
-        raise ValueError(f"{API_TOKEN_FILE_ENV}={path}: the API key file is empty")
-    return token
 
 
 # ----- the body -----

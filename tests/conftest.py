@@ -18,7 +18,35 @@ from serve.ingress import free_port
 
 
 @pytest.fixture(scope="session")
-def ray_cluster():
+def endpoint_api_key(tmp_path_factory) -> str:
+    """The session's endpoint API key. The shipped ingress (HAProxy, direct ingress) listens beyond loopback,
+    so an endpoint without a key refuses to start: as `raysys demo` does, the key is put in os.environ as
+    RAYSYS_API_TOKEN_FILE (a 0600 file) before any Ray starts here, so the session's local Ray and every
+    `ray start` cluster a test starts (tests/helpers/cluster.py copies os.environ) hand it to their replicas,
+    and raysys's own clients (serve.apikey.client_api_key) send it. The tests' own `requests` calls to an
+    endpoint route (a path with /v1/) send it too, as `Authorization: Bearer <key>`, unless they pass an
+    Authorization or X-API-Key header of their own (headers={"Authorization": None}: none at all)."""
+    import requests
+
+    from serve.apikey import client_api_key, ensure_api_key
+
+    ensure_api_key(tmp_path_factory.mktemp("apikey") / "api_key")  # a key already in the environment wins
+    key = client_api_key()
+    request = requests.Session.request
+
+    def with_key(self, method, url, *args, headers=None, **kwargs):
+        given = {k.lower() for k in {**self.headers, **(headers or {})}}
+        if "/v1/" in str(url) and not given & {"authorization", "x-api-key"}:
+            headers = {**(headers or {}), "Authorization": f"Bearer {key}"}
+        return request(self, method, url, *args, headers=headers, **kwargs)
+
+    requests.Session.request = with_key
+    yield key
+    requests.Session.request = request
+
+
+@pytest.fixture(scope="session")
+def ray_cluster(endpoint_api_key):
     import ray
 
     # never join a cluster someone else started: these tests own theirs and stop it by shutting down

@@ -72,12 +72,14 @@ def find_cluster_token() -> None:
     use_cluster_token()
 
 
-def start_ray(address: str | None):
+def start_ray(address: str | None, *, serving: bool = False):
+    """Join `address` or start an embedded local Ray (`serving`: one that will run the endpoint, so it gets
+    an API key, see `raysys.workflow.cluster.init_ray`)."""
     from raysys.workflow.cluster import dashboard_url, init_ray
 
     if address or os.environ.get("RAY_ADDRESS"):  # joining a running cluster: use its token
         find_cluster_token()
-    ctx = init_ray(address)
+    ctx = init_ray(address, serving=serving)
     url = dashboard_url(ctx)
     console.print(f"Ray dashboard: [bold]{url or 'not available'}[/]")
     return ctx

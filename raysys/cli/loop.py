@@ -112,7 +112,7 @@ def demo(preset: Preset = "demo", config: ConfigFile = None,
         _remove_earlier_runs(cfg)
     setup_logging()
     t0 = time.perf_counter()
-    ctx = start_ray(address)
+    ctx = start_ray(address, serving=True)
     result = guard(run_pipeline, cfg)
     console.rule("pipeline")
     console.print_json(json.dumps(result.summary()))
@@ -124,10 +124,21 @@ def demo(preset: Preset = "demo", config: ConfigFile = None,
     console.print(f"loop completed in {time.perf_counter() - t0:.0f}s")
     console.print(f"Ray dashboard: [bold]{dashboard_url(ctx)}[/]   HTTP endpoint: [bold]{url}[/]")
     example = json.dumps({"instances": _one_row(cfg)})
-    console.print(f"try: curl -X POST {url}/v1/predict -H 'content-type: application/json' -d '{example}'",
-                  highlight=False, soft_wrap=True)
+    console.print(f"try: curl -X POST {url}/v1/predict -H 'content-type: application/json'{_auth_flag()} "
+                  f"-d '{example}'", highlight=False, soft_wrap=True)
     if not exit_ and not os.environ.get("CI"):
         wait_forever()
+
+
+def _auth_flag() -> str:
+    """The curl flag that sends the endpoint's key, when this process knows where it is."""
+    from serve.apikey import API_TOKEN_ENV, API_TOKEN_FILE_ENV
+
+    if os.environ.get(API_TOKEN_ENV):
+        return f' -H "Authorization: Bearer ${API_TOKEN_ENV}"'
+    if os.environ.get(API_TOKEN_FILE_ENV):
+        return f' -H "Authorization: Bearer $(cat {os.environ[API_TOKEN_FILE_ENV]})"'
+    return ""
 
 
 def _remove_earlier_runs(cfg: PipelineConfig) -> None:

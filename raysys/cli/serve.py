@@ -41,7 +41,22 @@ def serve_endpoint(cfg: PipelineConfig, port: int | None) -> str:
         cfg.serve.port = port
     url = deploy(cfg)
     console.print(f"HTTP endpoint: [bold]{url}[/]  (POST {url}/v1/predict, GET {url}/v1/monitor)")
+    console.print(api_key_note(url), highlight=False, soft_wrap=True)
     return url
+
+
+def api_key_note(url: str) -> str:
+    """Where the endpoint's key is and how to send it, as far as this process knows."""
+    import os
+
+    from serve.apikey import API_TOKEN_ENV, API_TOKEN_FILE_ENV, key_usage
+
+    if os.environ.get(API_TOKEN_ENV):
+        return f"API key: ${API_TOKEN_ENV} (send 'Authorization: Bearer <key>' with every /v1/* request)"
+    if os.environ.get(API_TOKEN_FILE_ENV):
+        return key_usage(os.environ[API_TOKEN_FILE_ENV], url)
+    return (f"API key: whatever the cluster's replicas read from ${API_TOKEN_ENV} / ${API_TOKEN_FILE_ENV} (they "
+            f"refuse to start without one when they listen beyond loopback, unless serve.network: private)")
 
 
 @serve_app.command("deploy")
@@ -52,7 +67,7 @@ def serve_deploy(preset: Preset = "demo", config: ConfigFile = None, root: Root 
     that `canary`, `promote` and `rollback` can update it in place)."""
     cfg = absolute_config(preset, config, root)
     setup_logging()
-    start_ray(address)
+    start_ray(address, serving=True)
     guard(serve_endpoint, cfg, port)
     if not detach:
         wait_forever()

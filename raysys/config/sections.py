@@ -312,6 +312,12 @@ class ServeConfig(_Strict):
 
     host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds.")
     port: int = Field(8000, ge=1, le=65535, description="Port of the Serve HTTP proxy.")
+    network: Literal["public", "private"] = Field(
+        "public", description="Who can reach the endpoint's ports. 'public' (default): without an API key "
+                              "(RAYSYS_API_TOKEN / RAYSYS_API_TOKEN_FILE) a replica refuses to start when it listens "
+                              "beyond loopback (serve.host, or the HAProxy / direct-ingress ports, which bind all "
+                              "interfaces). 'private': only trusted hosts reach them, so no key is needed (a key, "
+                              "when set, is still required of every /v1/* request).")
     app_name: str = Field("raysys", description="Serve application name.")
     route_prefix: str = Field("/", description="Route prefix of the application.")
     num_replicas: int = Field(

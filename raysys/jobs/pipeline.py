@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 
 from raysys.jobs.common import job_config, job_parser
@@ -37,7 +38,7 @@ def main(argv=None) -> int:
     from raysys.workflow.stages import run_pipeline
     from raysys.workflow.traffic import exercise_endpoint, format_report
 
-    ctx = init_ray()
+    ctx = init_ray(serving=not args.no_serve)
     print(f"Ray dashboard: {dashboard_url(ctx)}")
     from raysys.report import record_monitor_report, run_root, write_run_report
 
@@ -47,10 +48,13 @@ def main(argv=None) -> int:
     print(json.dumps(result.summary(), indent=2))
     if args.no_serve:
         return 0
+    from serve.apikey import API_TOKEN_FILE_ENV, key_usage
     from serve.app import deploy
 
     url = deploy(cfg)
     print(f"HTTP endpoint: {url}")
+    if os.environ.get(API_TOKEN_FILE_ENV):
+        print(key_usage(os.environ[API_TOKEN_FILE_ENV], url))
     out = exercise_endpoint(cfg, url)
     print("monitor after normal traffic:\n" + format_report(out["normal_report"]))
     print(f"monitor after traffic shifted {out['shift_sigma']} sigma on {out['drift_feature']}:\n"

@@ -53,6 +53,10 @@ class PredictionLog:
     def pop(self, request_id: str):
         return self._log.pop(request_id, None)
 
+    def get(self, request_id: str):
+        """The entry of `request_id` (None: unknown), left in the log."""
+        return self._log.get(request_id)
+
     def recent_q0(self, max_rows: int) -> np.ndarray:
         """q0 of the latest (at most) `max_rows` unlabelled rows that have one, newest first."""
         out: list[float] = []
@@ -149,6 +153,9 @@ class AccuracyTracker:
         self.unmatched = 0
         self.invalid = 0  # feedback items rejected (unknown class, wrong number of labels)
         self.totals: dict[str, list[int]] = {}  # version -> [labelled rows, correct], since start (canary gates)
+        # /v1/feedback items refused for a request id the endpoint never answered (or already labelled, or
+        # evicted from the prediction log): counted once, after the replica's second ask
+        self.refused = 0
 
     def add(self, version: str | None, correct: list[bool]) -> None:
         for c in correct:
@@ -167,17 +174,18 @@ class AccuracyTracker:
             agg[1] += 1
         return {"realised": sum(c for _, c in self.recent) / n if n else None, "labelled_in_window": n,
                 "labels_total": self.labels, "unmatched_labels": self.unmatched, "invalid_labels": self.invalid,
+                "refused_unknown_ids": self.refused,
                 "realised_by_version": {k: a[0] / a[1] for k, a in by_version.items()},
                 "labelled_by_version": {k: {"labelled": t[0], "correct": t[1]} for k, t in self.totals.items()}}
 
     def state(self) -> dict[str, Any]:
         return {"recent": [[v, c] for v, c in self.recent], "labels": self.labels, "unmatched": self.unmatched,
-                "invalid": self.invalid, "totals": self.totals}
+                "invalid": self.invalid, "refused": self.refused, "totals": self.totals}
 
     def load_state(self, st: dict[str, Any]) -> None:
         self.recent.extend((v, bool(c)) for v, c in st.get("recent", []))
         self.labels, self.unmatched = int(st.get("labels", 0)), int(st.get("unmatched", 0))
-        self.invalid = int(st.get("invalid", 0))
+        self.invalid, self.refused = int(st.get("invalid", 0)), int(st.get("refused", 0))
         self.totals = {str(k): [int(t[0]), int(t[1])] for k, t in (st.get("totals") or {}).items()}
 
 

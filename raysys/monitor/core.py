@@ -8,7 +8,8 @@ Serving replicas send `record(batch)`. Per batch the monitor
 - feeds every row to the online detector (`raysys.monitor.online`), whose threshold was calibrated at
   registration to `monitor.ert` rows between false alarms;
 - counts requests, rows, errors and latencies per model version (`RequestCounters`);
-- logs predictions by request_id so `record_feedback(request_id, label)` can join delayed labels; the joined
+- logs predictions by request_id so delayed labels can join them (`feedback_verdicts` for `/v1/feedback`,
+  which refuses ids it never logged, `record_feedback` for fire-and-forget callers); the joined
   labels give the realised accuracy and re-fit, online, the confidence map behind the accuracy estimate of
   the traffic still waiting for its labels (`raysys.monitor.accuracy`).
 
@@ -217,22 +218,28 @@ class Monitor:
     # ----- feedback -----
     def record_feedback(self, request_id: str, label: Any) -> dict[str, Any]:
         """A delayed label for a logged request: a class name or index (a list of them for a request of
-        several rows). Returns whether it matched a logged prediction and whether that was correct."""
-        entry = self.pred_log.pop(str(request_id))
+        several rows). Returns whether it matched a logged prediction and whether that was correct. An
+        invalid label (ValueError) leaves the prediction logged, so a corrected label can still join."""
+        entry = self.pred_log.get(str(request_id))
         if entry is None:
             self.accuracy.unmatched += 1
             return {"request_id": request_id, "matched": False}
+        return self._join(str(request_id), label, entry)
+
+    def _join(self, request_id: str, label: Any, entry: tuple) -> dict[str, Any]:
+        """Join a label to its logged prediction (validated first: ValueError leaves the log alone)."""
         version, preds, q0 = entry
         labels = label if isinstance(label, (list, tuple)) else [label]
         if len(labels) != len(preds):
             raise ValueError(f"feedback: request {request_id} had {len(preds)} rows, got {len(labels)} labels")
         idx = [self._class_index(lab) for lab in labels]
+        self.pred_log.pop(request_id)
         correct = [p == y for p, y in zip(preds, idx)]
         self.accuracy.add(version, correct)
         if q0 is not None:
             self.recal.add(q0, correct)
         if self.recent is not None:
-            self.recent.add_labels(str(request_id), preds, idx, version)
+            self.recent.add_labels(request_id, preds, idx, version)
         return {"request_id": request_id, "matched": True, "correct": correct}
 
     def _class_index(self, label: Any) -> int:
@@ -246,9 +253,10 @@ class Monitor:
         raise ValueError(f"feedback.label: must be a class name or index, got {label!r}")
 
     def record_feedback_batch(self, items: list[tuple[str, Any]]) -> dict[str, int]:
-        """Labels from `/v1/feedback` (sent fire-and-forget, so nobody sees an exception): an invalid item
-        (unknown class, wrong number of labels) is counted (`accuracy.invalid_labels`) and logged, and the
-        rest of the batch still joins."""
+        """Labels sent fire-and-forget (nobody sees an exception): an invalid item (unknown class, wrong
+        number of labels) is counted (`accuracy.invalid_labels`) and logged, an unknown id is counted
+        (`accuracy.unmatched_labels`), and the rest of the batch still joins. `/v1/feedback` itself asks
+        `feedback_verdicts` and answers the client."""
         matched = invalid = 0
         for rid, label in items:
             try:
@@ -258,10 +266,37 @@ class Monitor:
                 self.accuracy.invalid += 1
                 if invalid == 1:
                     log.warning("raysys monitor: invalid feedback for request %s: %s", rid, e)
+        self._labels_written()
+        return {"received": len(items), "matched": matched, "invalid": invalid}
+
+    def feedback_verdicts(self, items: list[tuple[str, Any]], final: bool = True) -> list[dict[str, Any]]:
+        """`/v1/feedback`'s join, answered per item: {"verdict": "accepted" | "unknown_request_id" |
+        "invalid_label", "message": ...}. Accepted labels join at once; an invalid one is counted
+        (`accuracy.invalid_labels`). An id with no logged prediction is left alone unless `final`: its
+        prediction may still sit in another replica's buffer, so the replica asks again after a flush
+        interval, and only that final ask refuses it and counts it, once (`accuracy.refused_unknown_ids`)."""
+        out: list[dict[str, Any]] = []
+        for rid, label in items:
+            entry = self.pred_log.get(str(rid))
+            if entry is None:
+                self.accuracy.refused += int(final)
+                out.append({"verdict": "unknown_request_id", "message": "no prediction with this request id is "
+                            "waiting for a label: never answered by this endpoint, already labelled, or older than "
+                            f"the latest monitor.prediction_log_size={self.cfg.prediction_log_size} requests"})
+                continue
+            try:
+                self._join(str(rid), label, entry)
+                out.append({"verdict": "accepted"})
+            except ValueError as e:
+                self.accuracy.invalid += 1
+                out.append({"verdict": "invalid_label", "message": str(e).split(": ", 1)[-1]})
+        self._labels_written()
+        return out
+
+    def _labels_written(self) -> None:
         if self.recent is not None:
             self.recent.write_labels(self.profile.classes)
         self._flush_recent()
-        return {"received": len(items), "matched": matched, "invalid": invalid}
 
     def _flush_recent(self, force: bool = False) -> None:
         """Write buffered traffic and labels to storage every `traffic_flush_interval_s` (or now, `force`)."""

@@ -2,9 +2,12 @@
 
 from __future__ import annotations
 
+import logging
 import os
 from pathlib import Path
 from typing import Any
+
+log = logging.getLogger("raysys")
 
 
 def use_cluster_token() -> bool:
@@ -32,12 +35,15 @@ def use_cluster_token() -> bool:
     return True
 
 
-def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True):
+def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True,
+             serving: bool = False):
     """Connect to `address` (or RAY_ADDRESS) when given ("auto" joins the cluster `ray start` made on this
     machine); otherwise start an embedded local Ray, even when another cluster runs here.
 
     The local cluster gets more logical CPUs than cores: Tune's trial drivers and Ray Train's workers
-    reserve CPUs while mostly waiting on each other. Token auth stays on (Ray 2.60's default).
+    reserve CPUs while mostly waiting on each other. Token auth stays on (Ray 2.60's default). `serving`: the
+    local Ray will run the endpoint, so it gets an API key (`serve.apikey.ensure_api_key`: the one the
+    environment names, else ~/.raysys/api_key, generated once) in its processes' environment.
     """
     import ray
 
@@ -51,7 +57,19 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
     from serve.ingress import apply_ingress_env
 
     apply_ingress_env()  # Serve's fast HAProxy ingress: read by the processes the local Ray starts
+    if serving:
+        _provide_api_key()
     return ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1")
+
+
+def _provide_api_key() -> None:
+    """The endpoint's key into os.environ before the local Ray starts (its replicas inherit it)."""
+    from serve.apikey import ensure_api_key
+
+    key_file, created = ensure_api_key()
+    if key_file is not None:
+        log.info("raysys: %s the endpoint's API key at %s (mode 0600); clients send it as 'Authorization: Bearer "
+                 "<key>'", "generated" if created else "using", key_file)
 
 
 def dashboard_url(ctx: Any) -> str | None:

@@ -1,5 +1,6 @@
 """The demo's client of the HTTP endpoint: request rows (normal or shifted), sending them, reading the
-monitor's report back, and a short text summary of that report."""
+monitor's report back, and a short text summary of that report. Requests carry the endpoint's API key where
+`serve.apikey.client_api_key` finds one ($RAYSYS_API_TOKEN, $RAYSYS_API_TOKEN_FILE, ~/.raysys/api_key)."""
 
 from __future__ import annotations
 
@@ -46,9 +47,12 @@ def send_traffic(url: str, rows: list[dict], *, batch_size: int = 20, timeout_s:
     """POST `rows` to `<url>/v1/predict` in batches; return counts of responses by status and latencies."""
     import requests
 
+    from serve.apikey import auth_headers
+
     statuses: dict[int, int] = {}
     latencies = []
     with requests.Session() as s:
+        s.headers.update(auth_headers())
         for i in range(0, len(rows), batch_size):
             t0 = time.perf_counter()
             r = s.post(f"{url}/v1/predict", json={"instances": rows[i:i + batch_size]}, timeout=timeout_s)
@@ -64,10 +68,13 @@ def wait_for_monitor(url: str, min_rows: int, timeout_s: float = 30.0) -> dict:
     """Poll `/v1/monitor` until it has seen `min_rows` rows (reporting is fire-and-forget, so it lags)."""
     import requests
 
+    from serve.apikey import auth_headers
+
+    headers = auth_headers()
     deadline = time.monotonic() + timeout_s
     report: dict = {}
     while time.monotonic() < deadline:
-        r = requests.get(f"{url}/v1/monitor", timeout=10)
+        r = requests.get(f"{url}/v1/monitor", headers=headers, timeout=10)
         if r.status_code == 200:
             report = r.json()
             if report.get("rows_seen", 0) >= min_rows:
@@ -105,15 +112,18 @@ def exercise_endpoint(cfg: PipelineConfig, url: str, *, shift_sigma: float = 1.5
     each; also one bad request to show the 422. Returns both reports and the traffic counts."""
     import requests
 
+    from serve.apikey import auth_headers
+
+    headers = auth_headers()
     n = cfg.monitor.window_size
     feat = drift_feature(cfg)
     out: dict[str, Any] = {"drift_feature": feat, "shift_sigma": shift_sigma}
     bad = traffic_rows(cfg, 1, seed=7)
     bad[0]["no_such_feature"] = 1.0
-    r = requests.post(f"{url}/v1/predict", json={"instances": bad}, timeout=30)
+    r = requests.post(f"{url}/v1/predict", json={"instances": bad}, headers=headers, timeout=30)
     out["bad_request"] = {"status": r.status_code, "body": r.json() if r.content else None}
 
-    before = requests.get(f"{url}/v1/monitor", timeout=10).json().get("rows_seen", 0)
+    before = requests.get(f"{url}/v1/monitor", headers=headers, timeout=10).json().get("rows_seen", 0)
     out["normal_traffic"] = send_traffic(url, traffic_rows(cfg, n, seed=1))
     out["normal_report"] = wait_for_monitor(url, before + n)
     log.info("[traffic] %d normal rows sent, alerts: %s", n, out["normal_report"].get("alerts"))
