@@ -153,9 +153,9 @@ def _gate_config(config, percent, shadow, interval_s, intervals, min_rows, min_a
 
 
 def _gated(app_name, ref, cfg, address, endpoint, promote, alias):
+    from serve.apikey import client_api_key
     from serve.canary import endpoint_url, http_report_reader, run_canary
     from serve.rollout import ServeAdmin
-    from serve.web import load_api_token
 
     def on_check(n, verdict):
         if verdict is None:
@@ -166,7 +166,7 @@ def _gated(app_name, ref, cfg, address, endpoint, promote, alias):
     def run():
         find_cluster_token()
         admin = ServeAdmin(address)
-        reader = http_report_reader(endpoint or endpoint_url(admin, app_name), load_api_token())
+        reader = http_report_reader(endpoint or endpoint_url(admin, app_name), client_api_key())
         return run_canary(admin, app_name, ref, cfg, reader, alias=alias, promote=promote, on_check=on_check)
 
     result = guard(run)

@@ -263,6 +263,8 @@ def test_drift_alert_retrains_registers_canaries_and_promotes_a_candidate(retrai
     job_id = None
     t0 = time.perf_counter()
     deploy_app(ServeAdmin(dash), app)
+    # RUNNING in Serve before HAProxy routes to it: on a loaded box its reload can lag (a 404 from HAProxy)
+    poll(lambda: requests.get(f"{url}/healthz", timeout=30).status_code == 200, what="HAProxy routing to the app")
     print(f"\n[retrain-e2e] deployed {name} in {time.perf_counter() - t0:.1f}s")
     try:
         with requests.Session() as s:
