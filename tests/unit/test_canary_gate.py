@@ -333,3 +333,22 @@ def test_agreement_fails_only_on_evidence():
     assert _agreement_ok(VersionCounts(compared=41, agreed=12), 0.28) is True
     assert _agreement_ok(VersionCounts(), 0.5) is None
     assert 0.38 < wilson_upper(10, 41) < 0.40 and wilson_upper(0, 300) < 0.02
+
+
+@pytest.mark.parametrize("wrap,check", [({2: RaisesOnPositiveFirstFeature}, "server_errors"),
+                                        ({2: lambda m: _Slow(m, 0.004)}, "latency_p99"), ({}, "agreement")])
+def test_the_retrain_jobs_canary_step_rolls_a_bad_candidate_back_naming_the_check(world, wrap, check):
+    """The retrain job's decision (`raysys.workflow.promotion.canary_then_decide`, what the job runs after
+    the holdout judged its candidate better) over the same gate: a candidate that fails on some inputs, is
+    slower, or disagrees with stable stays a candidate, and the decision names the check."""
+    from raysys.workflow.promotion import canary_then_decide
+
+    reg, rows, monitor = world
+    admin = FakeAdmin(reg)
+    traffic = Traffic(reg, rows, monitor, admin, wrap)
+    version = 2 if wrap else 3
+    promoted, why, canary = canary_then_decide(admin, admin.apps[0], version, "beats production", _gate(),
+                                               reader=monitor.report, sleep=lambda s: traffic.send(120))
+    assert not promoted and f"{check} failed" in why and "beats production" in why, why
+    assert canary["rows"] > 0 and not canary["promoted"]
+    assert admin.deployed()["candidate_ref"] is None and reg.get_alias(MODEL, "production") == 1
