@@ -226,3 +226,12 @@ def test_importing_a_layer_does_not_load_the_layers_above(module, must_not_load)
     loaded = set(json.loads(out.stdout.strip().splitlines()[-1]))
     bad = sorted(m for m in loaded for p in must_not_load if m == p or m.startswith(p + "."))
     assert not bad, f"import {module} loads {bad}"
+
+
+def test_test_file_names_are_unique_across_tiers():
+    # tests/ has no __init__.py: pytest imports each test file by its basename, so a unit and an integration
+    # test of one name make collection fail ("import file mismatch") on a fresh clone
+    names = defaultdict(list)
+    for f in (REPO / "tests").rglob("test_*.py"):
+        names[f.name].append(str(f.relative_to(REPO)))
+    assert not {n: p for n, p in names.items() if len(p) > 1}
