@@ -49,9 +49,9 @@ def test_report_of_a_tiny_run(tiny_run, tmp_path):
     texts = {t for p in page.plots.values() for t in p.texts}
     assert AXIS_LABELS <= texts, sorted(AXIS_LABELS - texts)
     assert not offline_problems(html, page), offline_problems(html, page)
-    # the stages this run had are all there; only the data check (not part of this run) is not available
-    assert "not available" in page.sections["data-quality"]
-    for key in ("training", "sweep", "evaluation", "slices", "model-card", "monitoring"):
+    # the stages this run had are all there, the data quality check (a pipeline stage) included
+    assert "data_quality" in page.sections["data-quality"] and "status" in page.sections["data-quality"]
+    for key in ("data-quality", "training", "sweep", "evaluation", "slices", "model-card", "monitoring"):
         assert "not available:" not in page.sections[key], (key, page.sections[key][:400])
     assert f"{result.model_name}:v{result.student_version}" in page.sections["model-card"]
     assert "ddp" in " ".join(page.plots["training-curves"].texts)
