@@ -410,7 +410,7 @@ def _retrain_process(args: list[str], log: Path, *, kill_at_production_alias: bo
 
 
 @pytest.mark.integration
-def test_a_killed_retrain_job_leaves_the_app_serving_exactly_production(retrain_registry, http_port, tmp_path):
+def test_a_killed_retrain_job_leaves_the_app_serving_exactly_production(http_port, tmp_path):
     """SIGKILL the retrain job (1) while its canary runs, (2) between the Serve update of its promotion and
     the alias move. The next rollout command (`serve.rollout.status`, what `raysys serve status` runs) leaves
     the app serving exactly the `production` alias, with no canary live."""
@@ -420,7 +420,8 @@ def test_a_killed_retrain_job_leaves_the_app_serving_exactly_production(retrain_
     from serve import rollout
     from serve.contract import app_config
 
-    reg, task, schema = retrain_registry
+    # a registry of its own: the e2e test above promotes a candidate that already fits the new label rule
+    reg, task, schema = train_student_registry(tmp_path / "registry")
     dash = rollout.cluster_dashboard_url()
     traffic = tmp_path / "traffic"
     rows = _labelled_traffic(reg, task, schema, traffic, 1000)
