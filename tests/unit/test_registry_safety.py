@@ -18,7 +18,7 @@ from raysys.registry.files import RegistryFiles, shown
 
 NAME = "student"
 # each a ValueError naming the field; none may reach the filesystem
-BAD_NAMES = ["..", ".", "../x", "../../etc/passwd", "x/../..", "%2e%2e", "%2e%2e%2fx", "..%2f..", "a%2fb", "a#b",
+BAD_NAMES = ["../../outside", "..%2f..%2foutside", "..", ".", "../x", "../../etc/passwd", "x/../..", "%2e%2e", "%2e%2e%2fx", "..%2f..", "a%2fb", "a#b",
              "#", "x#/../..", "a\x00b", "\x00", "/etc", "/etc/passwd", "..\\x", "a\\b", "C:\\x", "\u2025",
              "\uff0e\uff0e", "\u2024\u2024/x", "x\n", "\n", " x", "x y", "", "a" * 129, "a" * 10_000, ".hidden",
              "-x", "ﬁle", "x\u0000", "~", "~root"]
@@ -46,7 +46,8 @@ def _register(reg: Registry, bits, name: str = NAME, seed: int = 0) -> int:
 
 @pytest.fixture
 def reg_and_sentinel(tmp_path, task_bits):
-    """A registry with one version and an alias, beside files outside its root that look like registry state."""
+    """A registry with one version and an alias, beside files outside its root that look like registry state:
+    without the checks, name '../../outside' would list, resolve and read them."""
     outside = tmp_path / "outside"
     for rel in ("versions/1/manifest.json", "aliases/production/000000000001.json", "aliases/production.json",
                 "x/versions/1/manifest.json"):
