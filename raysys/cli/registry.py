@@ -87,7 +87,7 @@ def registry_rollback(alias: Annotated[str, typer.Option(help="Alias to move bac
     """Move an alias (default production) back to the version it pointed at before the current one."""
     reg, default_name = _registry(preset, config, root)
     model = name or default_name
-    before = reg.get_alias(model, alias)
+    before = guard(reg.get_alias, model, alias)  # an invalid name or alias exits 2 with the rule
     target = guard(reg.rollback, model, alias)
     console.print(f"{model}: {alias} v{before} -> v{target}  (history {reg.alias_history(model, alias)})",
                   highlight=False)

@@ -25,12 +25,12 @@ import uuid
 from collections.abc import Callable
 from typing import Any
 
-from raysys.registry.files import RegistryFiles, as_version, check_name, json_bytes, utc_now
+from raysys.registry.files import RegistryFiles, as_version, check_name, is_name, json_bytes, utc_now
 
 MAX_ALIAS_HISTORY = 100
 KEEP_GENERATIONS = 200  # older state files are pruned; a mover would have to stall for this many moves to notice
 MAX_MOVE_TRIES = 200  # a mover that loses this many races in a row gives up with an error, never silently
-_GENERATION_RE = re.compile(r"^(\d+)\.json$")
+_GENERATION_RE = re.compile(r"([0-9]+)\.json", re.ASCII)
 
 
 class AliasStore:
@@ -40,13 +40,15 @@ class AliasStore:
         self.files = files
 
     def _dir(self, name: str, alias: str | None = None) -> str:
-        return self.files.path(name, "aliases", *([alias] if alias else []))
+        # every method passes through here (or `_legacy_path`): names are checked before any path is built
+        check_name("model name", name)
+        return self.files.path(name, "aliases", *([check_name("alias", alias)] if alias is not None else []))
 
     def _legacy_path(self, name: str, alias: str) -> str:
-        return self.files.path(name, "aliases", f"{alias}.json")
+        return self.files.path(check_name("model name", name), "aliases", f"{check_name('alias', alias)}.json")
 
     def _generations(self, name: str, alias: str) -> list[int]:
-        found = (_GENERATION_RE.match(fn) for fn in self.files.files(self._dir(name, alias)))
+        found = (_GENERATION_RE.fullmatch(fn) for fn in self.files.files(self._dir(name, alias)))
         return sorted(int(m.group(1)) for m in found if m)
 
     def _current(self, name: str, alias: str) -> tuple[int, dict[str, Any]]:
@@ -98,6 +100,7 @@ class AliasStore:
         root = self._dir(name)
         names = set(self.files.subdirs(root)) | {fn[: -len(".json")] for fn in self.files.files(root)
                                                  if fn.endswith(".json")}
+        names = {a for a in names if is_name(a)}  # a stray file or directory is not an alias
         out = {}
         for alias in names:
             version = self.get(name, alias)

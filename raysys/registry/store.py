@@ -1,12 +1,17 @@
 """`Registry`: register, resolve and load immutable model versions; aliases point at them.
 
 A version is immutable. `register` writes every file under `versions/.tmp-<uuid>/` and renames that
-directory to `versions/<N>` (N = highest existing + 1). POSIX `rename` of a directory onto an existing,
+directory to `versions/<N>` (N = highest existing + 1), each file and the directory fsynced before the rename
+(`RegistryFiles.publish_dir`). A register that fails part-way (a full disk) removes its temporary directory:
+no version appears and the number stays free. POSIX `rename` of a directory onto an existing,
 non-empty one fails, so two writers racing for the same N cannot overwrite each other: the loser
 retries with N+1. Object stores have no directory rename; there the files are written straight into
 `versions/<N>/` with `manifest.json` last, and a version counts only once its manifest exists (that
 path checks for a free N first but cannot exclude a concurrent writer on the same N: register from one
-process per model name on object storage).
+process per model name on object storage; a failed write there removes its partial `versions/<N>/`).
+
+Every public method validates the model name, alias and version ref it is given (`check_name`, `check_ref`)
+before touching the filesystem, reads included: a name can never resolve to a path outside the root.
 
 Quantized variants store float weights plus `"quantization": "dynamic_int8"` in `model.json`; `load`
 quantizes them again (raysys.models.quantize), so no packed or pickled tensors are ever stored.
@@ -32,9 +37,10 @@ from raysys.registry.aliases import AliasStore
 from raysys.registry.files import (
     RegistryFiles,
     as_dict,
-    as_version,
     check_name,
-    is_version_ref,
+    check_ref,
+    fsync_dir,
+    is_name,
     json_bytes,
     utc_now,
 )
@@ -103,12 +109,14 @@ class Registry:
         return self.files.path(name, "versions", version)
 
     def _numeric_version_dirs(self, name: str) -> list[int]:
-        return sorted(int(d) for d in self.files.subdirs(self.files.path(name, "versions")) if d.isdigit())
+        dirs = self.files.subdirs(self.files.path(check_name("model name", name), "versions"))
+        return sorted(int(d) for d in dirs if d.isascii() and d.isdigit())
 
     # ----- listing -----
     def list_models(self) -> list[str]:
-        """Names that have at least one directory of versions."""
-        return sorted(d for d in self.files.subdirs(self.root) if self.files.is_dir(self.files.path(d, "versions")))
+        """Valid names with at least one complete version (a directory whose name breaks the rules, or a model
+        whose only register failed part-way, is not listed)."""
+        return sorted(d for d in self.files.subdirs(self.root) if is_name(d) and self.list_versions(d))
 
     def list_versions(self, name: str) -> list[int]:
         """Complete versions (those with a manifest), ascending."""
@@ -160,7 +168,7 @@ class Registry:
         num_parameters = int(sum(t.numel() for t in tensors.values()))
         files[MANIFEST_FILE] = json_bytes(build_manifest(name, lin["created_at"], num_parameters, files))
         versions_dir = self.files.path(name, "versions")
-        self.files.fs.create_dir(versions_dir, recursive=True)
+        self.files.make_dir(versions_dir, recursive=True)
         if self.files.atomic_dir_rename:
             return self._commit_by_rename(name, versions_dir, files)
         return self._commit_in_place(name, versions_dir, files)
@@ -168,7 +176,7 @@ class Registry:
     def _commit_by_rename(self, name: str, versions_dir: str, files: dict[str, bytes]) -> int:
         fs = self.files
         tmp = f"{versions_dir}/.tmp-{uuid.uuid4().hex}"
-        fs.fs.create_dir(tmp)
+        fs.make_dir(tmp)
         try:
             for fn, data in files.items():
                 fs.write(f"{tmp}/{fn}", data)
@@ -178,19 +186,20 @@ class Registry:
                 target = f"{versions_dir}/{version}"
                 if not fs.exists(target):
                     try:
-                        fs.fs.move(tmp, target)
-                        return version
+                        fs.publish_dir(tmp, target)
                     except OSError:
                         # another writer took `version` between the check and the rename (the rename
                         # refuses a non-empty target); anything else is a real error
                         if not fs.exists(target):
                             raise
+                    else:
+                        fsync_dir(versions_dir)  # the new name survives a crash
+                        return version
                 version += 1
             raise RuntimeError(f"register: could not claim a version number for {name!r} after "
                                f"{_MAX_RENAME_TRIES} tries")
         finally:
-            if fs.exists(tmp):
-                fs.fs.delete_dir(tmp)
+            fs.discard(tmp)  # gone after a successful rename; after a failure, the partial files with it
 
     def _commit_in_place(self, name: str, versions_dir: str, files: dict[str, bytes]) -> int:
         existing = self._numeric_version_dirs(name)
@@ -198,11 +207,15 @@ class Registry:
         while self.files.exists(f"{versions_dir}/{version}"):
             version += 1
         target = f"{versions_dir}/{version}"
-        self.files.fs.create_dir(target)
-        for fn, data in files.items():
-            if fn != MANIFEST_FILE:
-                self.files.write(f"{target}/{fn}", data)
-        self.files.write(f"{target}/{MANIFEST_FILE}", files[MANIFEST_FILE])  # last: the commit marker
+        self.files.make_dir(target)
+        try:
+            for fn, data in files.items():
+                if fn != MANIFEST_FILE:
+                    self.files.write(f"{target}/{fn}", data)
+            self.files.write(f"{target}/{MANIFEST_FILE}", files[MANIFEST_FILE])  # last: the commit marker
+        except BaseException:
+            self.files.discard(target)  # no manifest was written, so nothing saw this version
+            raise
         return version
 
     # ----- aliases (raysys.registry.aliases) -----
@@ -233,18 +246,20 @@ class Registry:
 
     # ----- resolve -----
     def resolve(self, name: str, ref: str | int) -> int:
-        """An alias name, "latest", or a version ("3", "v3", 3) -> an existing version number."""
+        """An alias name, "latest", or a version ("3", "v3", 3) -> an existing version number. ValueError naming
+        the field for an invalid name or ref (checked before any file is read), or one that does not exist."""
+        check_name("model name", name)
+        ref = check_ref(ref)
         versions = self.list_versions(name)
         if not versions:
             raise ValueError(f"registry: no model named {name!r} under {self.uri}; models are {self.list_models()}")
-        if is_version_ref(ref):
-            v = as_version(ref)
-            if v in versions:
-                return v
-        elif str(ref) == "latest":
+        if isinstance(ref, int):
+            if ref in versions:
+                return ref
+        elif ref == "latest":
             return versions[-1]
         else:
-            v = self.get_alias(name, str(ref))
+            v = self.get_alias(name, ref)
             if v is not None and v in versions:
                 return v
         raise ValueError(f"registry: {name!r} has no version or alias {ref!r}; versions are {versions}, "
