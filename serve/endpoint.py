@@ -39,7 +39,7 @@ from serve.contract import (
     DEPLOYMENT_NAME,
     parse_user_config,
 )
-from serve.ingress import exposure
+from serve.ingress import exposure, server_timeout_warning
 from serve.monitor_link import (
     FEEDBACK_RECHECK_MARGIN_S,
     MONITOR_REPORT_TIMEOUT_S,
@@ -50,7 +50,7 @@ from serve.monitor_link import (
 from serve.parsing import RequestError, RequestIds, feedback_answer, parse_predict
 from serve.routes import build_http_app
 from serve.scoring import ScoredRows, Scorer, format_prediction, in_canary, score_requests
-from serve.web import check_auth, guarded, load_api_token, max_body_bytes, read_body_capped
+from serve.web import InFlightLimit, check_auth, guarded, load_api_token, max_body_bytes, read_body_capped
 
 log = logging.getLogger("ray.serve")
 
@@ -105,6 +105,10 @@ class StudentEndpoint:
         if not self._api_token:
             require_api_key(self._api_token, self.serve_cfg.network, exposure(self.serve_cfg.host))
         self.monitor_cfg = MonitorConfig.model_validate(monitor_cfg or {})
+        if warning := server_timeout_warning(self.serve_cfg.request_timeout_s):
+            log.warning("raysys: %s", warning)
+        self.monitor_requests = InFlightLimit("/v1/monitor + /v1/feedback", self.serve_cfg.max_ongoing_monitor_requests,
+                                              self.serve_cfg.retry_after_s)
         self.model_name = model_name
         self.model_ref: str | int = model_ref
         self.candidate_ref: str | int | None = None
@@ -379,7 +383,8 @@ class StudentEndpoint:
                 "last_reconfigure_error": self.last_reconfigure_error,
                 "batching": {"batches": self.batches, "requests": self.batched_requests,
                              "max_requests_per_batch": self.max_requests_per_batch},
-                "monitor": self.monitor.stats() if self.monitor else None}
+                "monitor": self.monitor.stats() if self.monitor else None,
+                "monitor_requests": self.monitor_requests.stats()}
 
     def _canary_state(self) -> dict[str, Any]:
         v = self.versions

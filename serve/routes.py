@@ -18,9 +18,12 @@ HTTP API (under the application's route prefix):
                        -> 202 {"accepted": n, "refused": [{"index", "request_id", "reason", "message"}]} when any
                        was accepted; 404 naming request_id when every id is unknown (never answered by this
                        endpoint, already labelled, or too old: refused and counted, accuracy.refused_unknown_ids);
-                       422 naming the field for an invalid label; 503 when monitoring is off
+                       422 naming the field for an invalid label; 503 when monitoring is off, or (with
+                       Retry-After) when serve.max_ongoing_monitor_requests /v1/feedback + /v1/monitor requests
+                       are already in progress on the replica
     GET  /v1/model     name, version, schema, metrics, lineage, model spec, the canary if any
-    GET  /v1/monitor   the monitor actor's full report (503 when monitoring is off or the actor is unreachable)
+    GET  /v1/monitor   the monitor actor's full report (503 when monitoring is off or the actor is unreachable;
+                       503 + Retry-After past serve.max_ongoing_monitor_requests, as for /v1/feedback)
     GET  /healthz      liveness and the version being served (never needs the key)
     GET  /readyz       a model is loaded (never needs the key; load balancers probe it)
 """
@@ -94,8 +97,9 @@ def build_http_app(endpoint: Any) -> FastAPI:
         """Delayed labels for earlier predictions, joined by request id."""
         async def run() -> Response:
             endpoint.check_auth(request)
-            items, prefix = parse_feedback_body(await read_body_capped(request, FEEDBACK_MAX_BODY_BYTES))
-            return json_response(202, await endpoint.feedback(items, prefix))
+            with endpoint.monitor_requests.hold():
+                items, prefix = parse_feedback_body(await read_body_capped(request, FEEDBACK_MAX_BODY_BYTES))
+                return json_response(202, await endpoint.feedback(items, prefix))
 
         return await guarded(run())
 
@@ -121,7 +125,8 @@ def build_http_app(endpoint: Any) -> FastAPI:
     async def monitor_report(request: Request) -> Response:
         async def run() -> Response:
             endpoint.check_auth(request)
-            return json_response(200, to_jsonable(await endpoint.monitor_report()))
+            with endpoint.monitor_requests.hold():
+                return json_response(200, to_jsonable(await endpoint.monitor_report()))
 
         return await guarded(run())
 

@@ -12,6 +12,7 @@ import hmac
 import json
 import logging
 import math
+from contextlib import contextmanager
 from typing import Any
 
 import numpy as np
@@ -44,6 +45,47 @@ def check_auth(authorization: str | None, token: str | None, api_key: str | None
         return
     raise RequestError(401, "authorization", "missing or wrong API key; send 'Authorization: Bearer <key>' or "
                                              "'X-API-Key: <key>'")
+
+
+# ----- overload -----
+
+
+class Overloaded(RequestError):
+    """A 503 sent with Retry-After: the replica has enough of this kind of work in flight."""
+
+    def __init__(self, message: str, retry_after_s: float):
+        super().__init__(503, None, message)
+        self.retry_after_s = retry_after_s
+
+
+class InFlightLimit:
+    """At most `limit` requests of one kind in flight in a replica; one more is refused at once (Overloaded:
+    503 + Retry-After) instead of waiting, so a flood of it cannot take the slots (Serve's
+    max_ongoing_requests, shared by every route) that /v1/predict needs, nor pile calls onto the monitor
+    actor. Counted without a lock: the routes that use it are coroutines on the replica's one event loop, and
+    nothing awaits between the check and the count."""
+
+    def __init__(self, what: str, limit: int, retry_after_s: float):
+        if limit < 1:
+            raise ValueError(f"{what}: the limit must be >= 1, got {limit}")
+        self.what, self.limit, self.retry_after_s = what, int(limit), float(retry_after_s)
+        self.in_flight = self.peak = self.refused = 0
+
+    @contextmanager
+    def hold(self):
+        if self.in_flight >= self.limit:
+            self.refused += 1
+            raise Overloaded(f"{self.limit} {self.what} requests already in progress on this replica; retry after "
+                             f"{self.retry_after_s:g}s", self.retry_after_s)
+        self.in_flight += 1
+        self.peak = max(self.peak, self.in_flight)
+        try:
+            yield
+        finally:
+            self.in_flight -= 1
+
+    def stats(self) -> dict[str, int]:
+        return {"limit": self.limit, "in_flight": self.in_flight, "peak": self.peak, "refused": self.refused}
 
 
 # ----- the body -----
@@ -93,6 +135,8 @@ def json_response(status: int, obj: Any, headers: dict[str, str] | None = None) 
 
 def error_response(err: RequestError) -> Response:
     headers = {"WWW-Authenticate": "Bearer"} if err.status == 401 else None
+    if isinstance(err, Overloaded):
+        headers = {"Retry-After": str(math.ceil(err.retry_after_s))}  # delta-seconds: a whole number
     return json_response(err.status, err.body(), headers)
 
 

@@ -338,6 +338,10 @@ class ServeConfig(_Strict):
         512, ge=-1, description="Requests waiting for a replica beyond max_ongoing_requests; more get 503 with "
                                 "Retry-After (-1: unbounded, never refuse).")
     retry_after_s: float = Field(1.0, ge=0, description="Retry-After (seconds) sent with an overload 503.")
+    max_ongoing_monitor_requests: int = Field(
+        8, ge=1, description="/v1/monitor and /v1/feedback requests (each awaits the monitor actor) a replica works "
+                             "on at once; one more gets 503 + Retry-After at once, so a flood of them never takes "
+                             "the max_ongoing_requests slots /v1/predict needs.")
     request_timeout_s: float = Field(
         10.0, gt=0, description="A /v1/predict request not answered within this gets 504 instead of hanging.")
     access_log: bool = Field(

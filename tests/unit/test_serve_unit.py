@@ -402,8 +402,9 @@ def test_ingress_env_modes(monkeypatch):
     assert "RAY_SERVE_HAPROXY_STATS_PORT" not in env
     # one HAProxy thread, and no per-request metric log lines parsed in Python (serve_load: CPU per request)
     assert env["RAY_SERVE_HAPROXY_NBTHREAD"] == "1" and env["RAY_SERVE_HAPROXY_METRICS_ENABLED"] == "0"
-    # retry what a dead replica dropped, and hold each request whole so that HAProxy can (a second config line)
-    retry_on, option = env["RAY_SERVE_HAPROXY_RETRY_ON"].split("\n")
+    # retry what a dead replica dropped, and hold each request whole so that HAProxy can (a second config line;
+    # the timeout lines after it: tests/unit/test_ingress_limits.py)
+    retry_on, option, *_ = env["RAY_SERVE_HAPROXY_RETRY_ON"].split("\n")
     assert retry_on.split() == ["conn-failure", "empty-response", "junk-response"]
     assert option.split() == ["option", "http-buffer-request"]
     private = serving.ingress_env(private_ports=True)
