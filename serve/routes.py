@@ -23,6 +23,7 @@ HTTP API (under the application's route prefix):
     GET  /v1/monitor   the monitor actor's full report (503 when monitoring is off or the actor is unreachable)
     GET  /healthz      liveness and the version being served (never needs the key)
     GET  /readyz       a model is loaded (never needs the key; load balancers probe it)
+    GET  /openapi.json, /docs   the OpenAPI document of all the above, from the served model's schema (serve.openapi)
 """
 
 from __future__ import annotations
@@ -32,6 +33,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from serve.openapi import api_document, numeric_bounds
 from serve.parsing import MAX_FEEDBACK_ITEMS, parse_feedback_body
 from serve.web import BODY_BYTES_SLACK, guarded, json_response, read_body_capped, to_jsonable
 
@@ -125,4 +127,27 @@ def build_http_app(endpoint: Any) -> FastAPI:
 
         return await guarded(run())
 
+    install_openapi(app, endpoint)
     return app
+
+
+def install_openapi(app: FastAPI, endpoint: Any) -> None:
+    """/openapi.json (and /docs) from `serve.openapi.api_document`: the bodies and responses of the model being
+    served, remade when a rollout replaces the served versions (the routes read raw bodies, so FastAPI alone
+    would declare none)."""
+    base = FastAPI.openapi(app)  # paths and summaries from the routes above; computed once
+    cache: dict[str, Any] = {}
+
+    def openapi() -> dict[str, Any]:
+        versions = endpoint.versions
+        if cache.get("versions") is not versions:
+            schema = versions.stable.schema
+            held = [s for s in (versions.stable, versions.candidate) if s is not None
+                    and [f.name for f in s.schema.numeric] == [f.name for f in schema.numeric]]
+            bounds = numeric_bounds([s.preprocessor for s in held], len(schema.numeric))
+            cache.update(versions=versions, doc=api_document(
+                base, schema, max_instances=endpoint.serve_cfg.max_instances_per_request,
+                auth=endpoint.auth_required, bounds=bounds))
+        return cache["doc"]
+
+    app.openapi = openapi
