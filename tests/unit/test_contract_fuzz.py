@@ -37,7 +37,7 @@ WRONG_KEY = {"Authorization": "Bearer not-the-key", "X-API-Key": "not-the-key"}
 CHECKS = [not_a_server_error, negative_data_rejection, response_schema_conformance]
 # examples asked per (operation, mode) with the key, and per /v1/* operation with a wrong key; hypothesis stops
 # early where an operation has fewer distinct cases (/healthz has one), so the total is counted, not assumed
-EXAMPLES_BODY, EXAMPLES_GET, EXAMPLES_WRONG_KEY = 300, 60, 40
+EXAMPLES_BODY, EXAMPLES_GET, EXAMPLES_WRONG_KEY = 250, 60, 40
 MIN_CASES = 1000
 
 
