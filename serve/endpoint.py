@@ -286,6 +286,11 @@ class StudentEndpoint:
         return out
 
     # ----- request handling (serve.routes calls these) -----
+    @property
+    def auth_required(self) -> bool:
+        """Whether /v1/* needs the API key (one is configured)."""
+        return bool(self._api_token)
+
     def check_auth(self, request: Any) -> None:
         check_auth(request.headers.get("authorization"), self._api_token, request.headers.get("x-api-key"))
 

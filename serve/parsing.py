@@ -214,7 +214,14 @@ def check_payload_text(payload: dict[str, Any]) -> None:
             _check_row_text(values, f"data[{r}]", [str(n) for n in names])
 
 
+def integral(value: Any) -> Any:
+    """A float with no fraction (1.0) as the int it is: JSON, and the OpenAPI document's `integer`, do not
+    tell 1 from 1.0. Anything else unchanged."""
+    return int(value) if isinstance(value, float) and value.is_integer() else value
+
+
 def check_request_id(value: Any, where: str = "request_id") -> str:
+    value = integral(value)
     if isinstance(value, bool) or not isinstance(value, (str, int)) or not str(value).strip():
         raise RequestError(422, where, "must be a non-empty string (or an integer)")
     value = str(value)
@@ -382,6 +389,7 @@ def _feedback_item(item: Any, i: int, prefix: str | None) -> tuple[str, Any]:
     if "label" not in item:
         raise RequestError(422, f"{where}label", "missing; a class name or index")
     label = item["label"]
+    label = [integral(v) for v in label] if isinstance(label, list) else integral(label)
     if not (_label_ok(label) or (isinstance(label, list) and label and all(_label_ok(v) for v in label))):
         raise RequestError(422, f"{where}label", "must be a class name or index (or a list of them)")
     return check_request_id(item["request_id"], f"{where}request_id"), label

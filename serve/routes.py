@@ -26,6 +26,7 @@ HTTP API (under the application's route prefix):
                        503 + Retry-After past serve.max_ongoing_monitor_requests, as for /v1/feedback)
     GET  /healthz      liveness and the version being served (never needs the key)
     GET  /readyz       a model is loaded (never needs the key; load balancers probe it)
+    GET  /openapi.json, /docs   the OpenAPI document of all the above, from the served model's schema (serve.openapi)
 """
 
 from __future__ import annotations
@@ -35,6 +36,7 @@ from typing import Any
 from fastapi import FastAPI, Request
 from fastapi.responses import Response
 
+from serve.openapi import api_document, numeric_bounds
 from serve.parsing import MAX_FEEDBACK_ITEMS, parse_feedback_body
 from serve.web import BODY_BYTES_SLACK, guarded, json_response, read_body_capped, to_jsonable
 
@@ -130,4 +132,27 @@ def build_http_app(endpoint: Any) -> FastAPI:
 
         return await guarded(run())
 
+    install_openapi(app, endpoint)
     return app
+
+
+def install_openapi(app: FastAPI, endpoint: Any) -> None:
+    """/openapi.json (and /docs) from `serve.openapi.api_document`: the bodies and responses of the model being
+    served, remade when a rollout replaces the served versions (the routes read raw bodies, so FastAPI alone
+    would declare none)."""
+    base = FastAPI.openapi(app)  # paths and summaries from the routes above; computed once
+    cache: dict[str, Any] = {}
+
+    def openapi() -> dict[str, Any]:
+        versions = endpoint.versions
+        if cache.get("versions") is not versions:
+            schema = versions.stable.schema
+            held = [s for s in (versions.stable, versions.candidate) if s is not None
+                    and [f.name for f in s.schema.numeric] == [f.name for f in schema.numeric]]
+            bounds = numeric_bounds([s.preprocessor for s in held], len(schema.numeric))
+            cache.update(versions=versions, doc=api_document(
+                base, schema, max_instances=endpoint.serve_cfg.max_instances_per_request,
+                auth=endpoint.auth_required, bounds=bounds))
+        return cache["doc"]
+
+    app.openapi = openapi

@@ -319,6 +319,27 @@ def test_load_api_token_from_env_or_file(tmp_path):
         load_api_token(None, {"RAYSYS_API_TOKEN_FILE": str(tmp_path / "missing")})
 
 
+def test_an_integral_number_is_an_integer_for_request_ids_and_labels(bits):
+    """JSON (and the OpenAPI document's `integer`) does not tell 1 from 1.0: a request id or label index sent
+    as 1.0 is the integer 1 (schemathesis sent `"request_id": 1000000.0` and `"label": 1.0`, both refused).
+    A number with a fraction is still refused."""
+    from serve.parsing import parse_feedback, parse_predict
+
+    schema, pre, rows = bits
+    for sent, rid in ((1000000.0, "1000000"), (7, "7"), (-3.0, "-3")):
+        assert parse_predict({"instances": rows[:1], "request_id": sent}, max_instances=1).request_id == rid
+    assert parse_feedback({"request_id": 5.0, "label": 1.0}) == [("5", 1)]
+    assert parse_feedback({"feedback": [{"request_id": "a", "label": [0.0, 2, "x"]}]}) == [("a", [0, 2, "x"])]
+    for bad in (1.5, float(10**130)):
+        with pytest.raises(RequestError) as e:
+            parse_predict({"instances": rows[:1], "request_id": bad}, max_instances=1)
+        assert (e.value.status, e.value.field) == (422, "request_id")
+    for bad in (1.5, -1.0, [0.5]):
+        with pytest.raises(RequestError) as e:
+            parse_feedback({"request_id": "a", "label": bad})
+        assert (e.value.status, e.value.field) == (422, "label")
+
+
 def test_column_form_equals_row_form(bits):
     schema, pre, rows = bits
     names = [f.name for f in schema.features]
