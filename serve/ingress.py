@@ -173,7 +173,12 @@ def ingress_env(*, private_ports: bool = False, request_timeout_s: float | None 
            # no per-request metric log lines from HAProxy to Serve's HAProxyManager actor, which parsed each one
            # in Python (0.05 ms of CPU per request, ~8% of the whole endpoint's). Request counts and latencies
            # still reach the dashboard from the replicas (serve_deployment_*) and the raysys monitor.
-           "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0"}
+           "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
+           # a dead HAProxy process is found by the controller's proxy health check (HAProxyManager.check_health
+           # asks whether its process runs) after 3 failed checks: Ray's 10 s period left an ingress down ~32 s
+           # (benchmarks/chaos.py, haproxy scenario); every 2 s it is ~6 s. One cheap actor call per node.
+           "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2",
+           "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "5"}
     if private_ports:
         env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
         env["RAY_SERVE_HAPROXY_METRICS_PORT"] = str(free_port())

@@ -134,6 +134,9 @@ class TrainConfig(_Strict):
         "estimate exceeds it is refused before training, naming one that fits.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one torch process each).")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves.")
+    resources_per_worker: dict[str, float] = Field(
+        default_factory=dict, description="Other Ray resources each worker reserves beside its CPUs, e.g. "
+        "{'memory': 4e9} or a custom node resource {'trainer_node': 1} that places the ranks on labelled nodes.")
     threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker.")
     worker_niceness: int | None = Field(
         0, ge=-20, le=19, description="Nice value the training workers set on all their threads. Ray starts worker "
@@ -158,6 +161,16 @@ class TrainConfig(_Strict):
         "the controller has taken its previous one, so epochs shorter than this wait for it every epoch. "
         "An explicit RAY_TRAIN_HEALTH_CHECK_INTERVAL_S in the driver's environment wins.")
     seed: int = Field(0, description="Seed of model init and shuffling.")
+
+    @field_validator("resources_per_worker")
+    @classmethod
+    def _resources(cls, v: dict[str, float]) -> dict[str, float]:
+        if "CPU" in v:
+            raise ValueError("train.resources_per_worker: set the CPUs with train.cpus_per_worker, not a 'CPU' key")
+        bad = {k: a for k, a in v.items() if a < 0}
+        if bad:
+            raise ValueError(f"train.resources_per_worker: amounts must be >= 0, got {bad}")
+        return v
 
     @model_validator(mode="after")
     def _degrees(self) -> TrainConfig:

@@ -181,7 +181,8 @@ class Monitor:
             metrics.record_batch(b.key, b.n, b.latency, errors, len(alarms))
         # window tests, gauges, accuracy alerts and snapshots every few seconds, not per batch
         if now - self._last_tick >= GAUGE_INTERVAL_S:
-            self._tick()
+            self._refresh()
+        self._maybe_snapshot(now)
         return {"alarms": alarms}
 
     def _add_rows(self, b: RecordBatch) -> list[dict[str, Any]]:
@@ -341,9 +342,10 @@ class Monitor:
         self._accuracy_alerting = bool(low)
 
     # ----- the periodic work: window tests, alerts, gauges, storage -----
-    def _tick(self) -> None:
-        self._refresh()
-        if self.store is not None and self._clock() - self._last_snapshot >= self.cfg.snapshot_interval_s:
+    def _maybe_snapshot(self, now: float) -> None:
+        """On its own clock: a report() refreshes the window tests (and so `_last_tick`), never the snapshot's
+        due time, so a dashboard polling /v1/monitor cannot starve the snapshots."""
+        if self.store is not None and now - self._last_snapshot >= self.cfg.snapshot_interval_s:
             self.snapshot()
 
     def _refresh(self) -> tuple[dict[str, Any], dict[str, Any]]:

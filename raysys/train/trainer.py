@@ -240,7 +240,7 @@ def _torch_trainer(cfg: PipelineConfig, wc: WorkerConfig, storage: str, hooks: L
         loop,
         train_loop_config=wc.model_dump(mode="json"),
         scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=False,
-                                     resources_per_worker={"CPU": cfg.train.cpus_per_worker}),
+                                     resources_per_worker=_worker_resources(cfg.train)),
         torch_config=TorchConfig(timeout_s=cfg.train.timeout_s),
         run_config=RunConfig(
             name=wc.run_name,
@@ -252,6 +252,11 @@ def _torch_trainer(cfg: PipelineConfig, wc: WorkerConfig, storage: str, hooks: L
         ),
         datasets={split: _read_split(cfg.data.root, split) for split in ("train", "validation")},
     )
+
+
+def _worker_resources(tc) -> dict[str, float]:
+    """What each Ray Train worker reserves: `train.cpus_per_worker` CPUs and `train.resources_per_worker`."""
+    return {"CPU": tc.cpus_per_worker, **tc.resources_per_worker}
 
 
 def _teacher_result(result, name: str) -> TeacherResult:

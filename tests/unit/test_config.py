@@ -135,3 +135,16 @@ def test_verbose_flag_sets_debug_logs(tmp_path, flag, level):
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert proc.stdout.strip().splitlines()[-1] == level
+
+
+def test_train_resources_per_worker_reach_the_scaling_config_and_bad_ones_name_the_field():
+    from raysys.config import TrainConfig
+    from raysys.train.trainer import _worker_resources
+
+    tc = TrainConfig(cpus_per_worker=0.5, resources_per_worker={"trainer_node": 1})
+    assert _worker_resources(tc) == {"CPU": 0.5, "trainer_node": 1}
+    assert _worker_resources(TrainConfig()) == {"CPU": 1.0}
+    with pytest.raises(ValueError, match="train.resources_per_worker: set the CPUs with train.cpus_per_worker"):
+        TrainConfig(resources_per_worker={"CPU": 2})
+    with pytest.raises(ValueError, match="train.resources_per_worker: amounts must be >= 0"):
+        TrainConfig(resources_per_worker={"trainer_node": -1})

@@ -489,3 +489,19 @@ def test_feedback_batch_skips_invalid_labels_and_joins_the_rest(world):
     assert out == {"received": 4, "matched": 1, "invalid": 2}
     acc = mon.report()["accuracy"]
     assert acc["labels_total"] == 1 and acc["invalid_labels"] == 2 and acc["unmatched_labels"] == 1
+
+
+def test_snapshots_keep_coming_while_a_dashboard_polls_the_report(world, tmp_path):
+    """A client reading /v1/monitor more often than the gauge interval must not starve the snapshots (a report
+    refreshed the tick clock, so record() never reached the snapshot and a crash lost everything)."""
+    task, schema, arrays, prof = world
+    now = [0.0]
+    mon = Monitor(prof.to_dict(), schema.model_dump(), {"window_size": 500, "snapshot_uri": str(tmp_path / "snap"),
+                                                        "snapshot_interval_s": 10.0}, clock=lambda: now[0])
+    x, c, _, p = arrays(60, 5)
+    for i in range(30):  # 30 s of traffic, one report every second
+        now[0] += 1.0
+        mon.record({"x_num": x[i:i + 2], "x_cat": c[i:i + 2], "proba": p[i:i + 2], "latency_ms": [1.0, 1.0]})
+        mon.report()
+    again = Monitor(prof.to_dict(), schema.model_dump(), {"window_size": 500, "snapshot_uri": str(tmp_path / "snap")})
+    assert again.restored and again.report()["rows_seen"] >= 40

@@ -1,0 +1,197 @@
+"""Soak: the shipped endpoint at a steady rate for minutes, with delayed labels and a drift, watching what
+creeps: errors, tail latency, and the memory of every process raysys runs.
+
+One Ray node (`ray.cluster_utils.Cluster` head, benchmarks/_chaos_rig.py) serves 2 replicas behind HAProxy with
+the monitor storing traffic as Parquet; an open-loop load (`--rate` requests/s, each with a request id, labelled
+through /v1/feedback every second) runs for `--duration-s`, its rows shifted by `--shift` standard units from
+40% of the run on (the monitor must alarm, and keep its buffers bounded while it does). Every `--sample-s` the
+resident memory of each replica, the monitor, Serve's controller, the HAProxy manager and HAProxy is read from
+/proc.
+
+Goals (issue 21): zero errors; the p99 of every later bucket within 1.25x of the first bucket's (buckets of
+`--bucket-s`, 60 s by default); memory flat (the slope of each process's RSS over the run after its first 20%,
+MB/min, reported); the monitor's window, prediction log and stored traffic bounded; events dropped counted.
+
+    python benchmarks/soak.py                      # 5 minutes
+    python benchmarks/soak.py --duration-s 30 --bucket-s 10   # the test mode
+
+The last stdout line is one JSON object.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import shutil
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from _chaos_load import OpenLoad  # noqa: E402
+from _chaos_rig import ChaosRig  # noqa: E402
+
+ROLES = {"ServeReplica": "replica", "Monitor": "monitor", "ServeController": "controller",
+         "HAProxyManager": "haproxy_manager"}
+
+
+def rss_mb(pid: int) -> float | None:
+    try:
+        for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        return None
+    return None
+
+
+class MemorySampler:
+    """Every `every_s`, the RSS of each raysys process of the rig, keyed by role and PID."""
+
+    def __init__(self, rig: ChaosRig, every_s: float):
+        self.rig, self.every_s = rig, every_s
+        self.samples: dict[str, list[tuple[float, float]]] = {}
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True, name="soak-memory")
+
+    def _procs(self) -> dict[str, int]:
+        out = {}
+        for a in self.rig.actors(""):
+            role = next((r for prefix, r in ROLES.items() if a.class_name.startswith(prefix)), None)
+            if role is not None and a.pid:
+                out[f"{role}:{a.pid}"] = a.pid
+        for pid in self.rig.haproxy_pids():
+            out[f"haproxy:{pid}"] = pid
+        return out
+
+    def _run(self) -> None:
+        while not self._stop.is_set():
+            t = time.monotonic()
+            try:
+                for key, pid in self._procs().items():
+                    mb = rss_mb(pid)
+                    if mb is not None:
+                        self.samples.setdefault(key, []).append((t, mb))
+            except Exception:  # the state API may time out on a busy box: skip the sample
+                pass
+            self._stop.wait(self.every_s)
+
+    def __enter__(self) -> MemorySampler:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join(timeout=30)
+
+    def summary(self, t0: float, t1: float) -> dict:
+        """Per process: RSS at the first and last sample, and the least-squares slope (MB/min) over the samples
+        after the first 20% of the run (start-up allocations excluded)."""
+        out = {}
+        cut = t0 + 0.2 * (t1 - t0)
+        for key, pts in sorted(self.samples.items()):
+            late = [(t, m) for t, m in pts if t >= cut]
+            out[key] = {"first_mb": round(pts[0][1], 1), "last_mb": round(pts[-1][1], 1),
+                        "samples": len(pts), "slope_mb_per_min": _slope(late)}
+        return out
+
+
+def _slope(pts: list[tuple[float, float]]) -> float | None:
+    if len(pts) < 3:
+        return None
+    n = len(pts)
+    mt = sum(t for t, _ in pts) / n
+    mm = sum(m for _, m in pts) / n
+    var = sum((t - mt) ** 2 for t, _ in pts)
+    return round(60 * sum((t - mt) * (m - mm) for t, m in pts) / var, 3) if var else None
+
+
+def p99_by_bucket(load: OpenLoad, bucket_s: float) -> list[float | None]:
+    t0 = load.t0
+    n = max(1, int((load.t1 - t0) // bucket_s))
+    return [OpenLoad.summary(load.between(t0 + i * bucket_s, t0 + (i + 1) * bucket_s))["p99_ms"] for i in range(n)]
+
+
+def shifted(rows: list[dict], numeric: list[str], shift: float) -> list[dict]:
+    return [{k: (v + shift if k in numeric and isinstance(v, (int, float)) else v) for k, v in r.items()}
+            for r in rows]
+
+
+def run(root: Path, *, duration_s: float, rate: float, bucket_s: float, sample_s: float, shift: float,
+        log=print) -> dict:
+    with ChaosRig(root, workers=False, rows_per_file=2000) as rig:
+        url = rig.deploy()
+        numeric = [f.name for f in rig.schema.numeric]
+        log(f"soak: {url}, {rate}/s for {duration_s:.0f} s, shift {shift} from {0.4 * duration_s:.0f} s")
+        with MemorySampler(rig, sample_s) as mem, \
+                OpenLoad(url, rig.rows, headers=rig.headers(), rate=rate, feedback_every_s=1.0) as load:
+            time.sleep(0.4 * duration_s)
+            load.set_rows(shifted(rig.rows, numeric, shift))
+            time.sleep(0.6 * duration_s)
+        report = rig.monitor_report(timeout_s=30)
+        replicas = _replica_link_stats(rig)
+        total = OpenLoad.summary(load.records)
+        p99s = p99_by_bucket(load, bucket_s)
+        memory = mem.summary(load.t0, load.t1)
+    cfg = rig.monitor_cfg
+    later = [p for p in p99s[1:] if p is not None]
+    bounds = {"window_rows": report["window_rows"], "window_size": report["window_size"],
+              "traffic_files_kept": (report.get("traffic") or {}).get("files_kept"),
+              "traffic_max_files": cfg.traffic_max_files,
+              "prediction_log_size": cfg.prediction_log_size}
+    bounds["bounded"] = (bounds["window_rows"] <= bounds["window_size"]
+                         and (bounds["traffic_files_kept"] or 0) <= bounds["traffic_max_files"])
+    return {"benchmark": "soak", "duration_s": round(load.t1 - load.t0, 1), "rate_per_s": rate, **total,
+            "skipped_ticks": load.skipped, "feedback_answers": dict(load.feedback),
+            "p99_ms_by_bucket": p99s, "bucket_s": bucket_s,
+            "p99_ratio_worst_to_first": round(max(later) / p99s[0], 3) if later and p99s[0] else None,
+            "memory": memory,
+            "max_slope_mb_per_min": max((m["slope_mb_per_min"] or 0.0) for m in memory.values()) if memory else None,
+            "monitor": {"rows_seen": report["rows_seen"], "drift_detected": report["drift_detected"],
+                        "labelled": (report.get("accuracy") or {}).get("labelled"), **bounds},
+            "dropped": {"replica_rows_dropped": sum(r.get("rows_dropped", 0) for r in replicas.values()),
+                        "replicas_seen": len(replicas)}}
+
+
+def _replica_link_stats(rig: ChaosRig, tries: int = 20) -> dict[str, dict]:
+    """Each replica's monitor-link counters (rows sent / buffered / dropped), from /healthz (HAProxy spreads
+    the probes over the replicas)."""
+    import requests
+
+    out = {}
+    for _ in range(tries):
+        h = requests.get(f"{rig.url}/healthz", timeout=10).json()
+        out[h["replica"]] = h.get("monitor") or {}
+        if len(out) >= rig.num_replicas:
+            break
+    return out
+
+
+def main(argv=None) -> int:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--duration-s", type=float, default=300.0, help="seconds of load (default 300)")
+    p.add_argument("--rate", type=float, default=40.0, help="requests per second")
+    p.add_argument("--bucket-s", type=float, default=60.0, help="p99 buckets (the first is the baseline)")
+    p.add_argument("--sample-s", type=float, default=5.0, help="seconds between memory samples")
+    p.add_argument("--shift", type=float, default=1.5, help="shift of the numeric features from 40%% of the run")
+    p.add_argument("--root", default=None, help="working directory (default: a temp dir, removed at the end)")
+    a = p.parse_args(argv)
+    if a.duration_s < 2 * a.bucket_s:
+        p.error("--duration-s: at least two --bucket-s buckets (the first is the baseline)")
+    root = Path(a.root) if a.root else Path(tempfile.mkdtemp(prefix="raysys-soak-"))
+    try:
+        out = run(root, duration_s=a.duration_s, rate=a.rate, bucket_s=a.bucket_s, sample_s=a.sample_s,
+                  shift=a.shift, log=lambda m: print(m, file=sys.stderr, flush=True))
+    finally:
+        if not a.root:
+            shutil.rmtree(root, ignore_errors=True)
+    print(json.dumps(out))
+    ok = out["requests_failed"] == 0 and out["monitor"]["bounded"]
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,27 @@
+"""Tier 3: the soak benchmark's test mode (benchmarks/soak.py, 30 s): the shipped endpoint under a steady load
+with delayed labels and a drift from 40% of the run: no request fails, the monitor sees the drift and keeps its
+window and stored traffic bounded, no monitoring row is dropped, and every raysys process's memory is sampled.
+(The p99 and memory-slope goals are the benchmark's figures, not asserted here: tests never time things.)"""
+
+from __future__ import annotations
+
+import pytest
+from helpers.scripts import run_benchmark
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.mark.timeout(600)
+def test_soak_holds_without_errors_or_unbounded_buffers(tmp_path, endpoint_api_key):
+    out = run_benchmark("soak.py", "--duration-s", "30", "--bucket-s", "10", "--rate", "30", "--root",
+                        str(tmp_path), timeout_s=540)
+    assert out["requests_sent"] >= 30 * 25 and out["requests_failed"] == 0, out
+    assert set(out["feedback_answers"]) == {"202"}, out["feedback_answers"]
+    mon = out["monitor"]
+    assert mon["bounded"] and mon["window_rows"] <= mon["window_size"], mon
+    assert mon["drift_detected"] and mon["rows_seen"] >= out["requests_sent"] * 0.9, mon
+    assert mon["labelled"], mon
+    assert out["dropped"]["replica_rows_dropped"] == 0 and out["dropped"]["replicas_seen"] == 2, out["dropped"]
+    roles = {k.split(":")[0] for k in out["memory"]}
+    assert {"replica", "monitor", "controller", "haproxy"} <= roles, roles
+    assert all(m["samples"] >= 3 for m in out["memory"].values() if m["first_mb"] > 0), out["memory"]
