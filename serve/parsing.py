@@ -295,8 +295,9 @@ def rows_to_request(rows: Any, schema: DatasetSchema, preprocessor: Preprocessor
     if bad.any():
         r, j = (int(i) for i in np.argwhere(bad)[0])
         f = schema.numeric[j]
+        value = "value" if f.sensitive else f"value {float(x_num_raw[r, j]):.6g}"  # a sensitive one is never echoed
         raise RequestError(422, f"{prefix}[{r}].{f.name}",
-                           f"value {float(x_num_raw[r, j]):.6g} is more than {MAX_ABS_Z:.0e} training standard "
+                           f"{value} is more than {MAX_ABS_Z:.0e} training standard "
                            f"deviations from the training mean (mean {float(preprocessor.mean[j]):.6g}, "
                            f"std {float(preprocessor.std[j]):.6g})")
     return ValidatedRequest(x_num_raw, x_num, x_cat)

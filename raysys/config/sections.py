@@ -400,7 +400,12 @@ class MonitorConfig(_Strict):
         60.0, gt=0, description="Write buffered recent traffic and joined labels (<traffic_uri>/labels) at least "
         "this often, so that a retrain job reads what came in; an alert writes them at once.")
     traffic_drop_columns: list[str] = Field(default_factory=list, description="Columns never written (PII).")
-    traffic_hash_columns: list[str] = Field(default_factory=list, description="Columns written as a salted hash.")
+    traffic_hash_columns: list[str] = Field(
+        default_factory=list, description="Columns written as an HMAC-SHA256 keyed by the deployment's secret salt "
+        "(RAYSYS_TRAFFIC_SALT, RAYSYS_TRAFFIC_SALT_FILE, else generated once at <traffic_uri>/_traffic_salt).")
+    traffic_sensitive: Literal["hash", "drop"] = Field(
+        "hash", description="Features the schema marks `sensitive`: written hashed (as traffic_hash_columns) or not "
+        "at all; never raw. Either way a retrain on recent traffic cannot use them.")
     on_drift: Literal["alert", "retrain"] = Field(
         "alert", description="'retrain' submits jobs/retrain.py through the Ray Jobs API on a confirmed alert.")
     retrain_cooldown_s: float = Field(3600.0, ge=0, description="Seconds between two retrain submissions.")

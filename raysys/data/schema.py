@@ -37,13 +37,20 @@ class FeatureSpec(BaseModel):
     nullable: bool = Field(False, description="Nulls allowed (in the data and as JSON null in requests): the "
                                               "Preprocessor imputes them, and a numeric one also feeds the model "
                                               "an is-missing indicator.")
+    sensitive: bool = Field(False, strict=True,
+                            description="The column holds personal or secret data: the monitor's stored traffic "
+                                        "never holds its raw values (hashed with the deployment's secret salt, "
+                                        "or dropped: monitor.traffic_sensitive), and no error message or log "
+                                        "line shows them.")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        # `nullable` is written only when set, so schemas without nulls keep their bytes (and fingerprints)
+        # `nullable` and `sensitive` are written only when set, so schemas without them keep their bytes (and
+        # fingerprints)
         out = handler(self)
-        if not self.nullable:
-            out.pop("nullable", None)
+        for flag in ("nullable", "sensitive"):
+            if not getattr(self, flag):
+                out.pop(flag, None)
         return out
 
     @model_validator(mode="after")
@@ -97,6 +104,11 @@ class DatasetSchema(BaseModel):
     def num_model_numeric(self) -> int:
         """Width of the model's numeric input: the numeric features, then their is-missing indicators."""
         return len(self.numeric) + len(self.missing_indicators)
+
+    @property
+    def sensitive(self) -> list[str]:
+        """Names of the features marked sensitive (their raw values are never stored with traffic or shown)."""
+        return [f.name for f in self.features if f.sensitive]
 
     @property
     def num_classes(self) -> int:
@@ -229,6 +241,9 @@ class DatasetSchema(BaseModel):
                     raise SchemaError(f"{where}.{f.name}", f"expected a string category, got {type(v).__name__}")
                 idx = cat_index[j].get(v)
                 if idx is None:
+                    if f.sensitive:  # neither the value nor the categories are echoed (nor logged with it)
+                        raise SchemaError(f"{where}.{f.name}", "unknown category (not shown: the feature is "
+                                                               "sensitive); the allowed ones are in the schema")
                     raise SchemaError(f"{where}.{f.name}", f"unknown category {v!r}; allowed: {f.categories}")
                 x_cat[r, j] = idx
         return x_num, x_cat

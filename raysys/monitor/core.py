@@ -17,7 +17,8 @@ A confirmed drift (an online alarm, or the window tests' dataset-level decision)
 records an alert and, with `monitor.on_drift: retrain`, submits the retrain job (one in flight, with a
 cooldown). With `monitor.snapshot_uri` the state is snapshotted to storage and restored when the monitor
 restarts; with `monitor.traffic_uri` recent traffic and its joined labels are written as rotated Parquet
-(`RecentTraffic`), which is what the retrain job trains and judges the candidate on.
+(`RecentTraffic`), which is what the retrain job trains and judges the candidate on; the raw values of features
+the schema marks `sensitive` are never written there (hashed with the deployment's secret salt, or dropped).
 """
 
 from __future__ import annotations
@@ -105,10 +106,15 @@ class Monitor:
                     model_version: str | int | None = None) -> None:
         """Compare against a new reference (a new model version); clears the windows and counters."""
         prof = ReferenceProfile.from_dict(profile)
+        # without a schema, features that were sensitive stay so: a profile alone never un-protects a column
+        sensitive = self.recent.sensitive & set(prof.feature_names) if self.recent is not None else frozenset()
         if schema is not None:
             schema_obj = schema if isinstance(schema, DatasetSchema) else DatasetSchema.model_validate(schema)
             prof.check_schema(schema_obj)
+            sensitive = frozenset(f.name for f in schema_obj.features if f.sensitive)
         self.profile = prof
+        if self.recent is not None:  # the schema says which raw values must never be stored
+            self.recent.sensitive = sensitive
         self.profile_hash = hashlib.sha256(json.dumps(prof.to_dict(), sort_keys=True).encode()).hexdigest()[:16]
         self.model_version = None if model_version is None else str(model_version)
         self.num_classes = len(prof.classes) or None
@@ -415,7 +421,7 @@ class Monitor:
             "accuracy": acc,
             "alert_events": list(self.alert_events[-20:]),
             "retrain": self.retrain.summary(),
-            "traffic": self.recent.traffic.stats() if self.recent else None,
+            "traffic": self.recent.stats() if self.recent else None,
             "labels": self.recent.labels.stats() if self.recent else None,
             "snapshot": {"uri": self.store.dir if self.store else None, "restored": self.restored},
             "uptime_s": self._clock() - c.started,

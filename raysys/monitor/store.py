@@ -1,10 +1,10 @@
 """Monitor persistence on `pyarrow.fs` (a local dir or object storage): state snapshots (JSON + npz, never
 pickle, written atomically), and recent traffic with its joined labels as rotated, bounded Parquet files
-(what a retrain job trains and judges the candidate on)."""
+(what a retrain job trains and judges the candidate on). Identifiers and sensitive columns in the traffic are
+hashed with the deployment's secret salt (`raysys.monitor.salt`)."""
 
 from __future__ import annotations
 
-import hashlib
 import io
 import json
 import logging
@@ -17,6 +17,8 @@ import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from pyarrow import fs as pafs
+
+from raysys.monitor.salt import hash_value, load_traffic_salt
 
 log = logging.getLogger("raysys")
 
@@ -92,33 +94,37 @@ class SnapshotStore:
         return st, arrays
 
 
-def hash_value(value: Any, salt: str) -> str:
-    return hashlib.sha256(f"{salt}:{value}".encode()).hexdigest()[:16]
-
-
 class TrafficWriter:
     """Recent traffic as Parquet: rows buffered in memory, written `rows_per_file` at a time to
     `<uri>/part-<ms>-<id>.parquet`; only the newest `max_files` files are kept. Columns named in
-    `drop_columns` are never written; those in `hash_columns` are written as a salted sha256 prefix."""
+    `drop_columns` are never written; those in `hash_columns` are written as `hash_value(v, salt)` (HMAC-SHA256
+    keyed by the deployment's secret salt, 16 hex characters): hashing needs a salt, there is no default one."""
 
     def __init__(self, uri: str, *, rows_per_file: int, max_files: int, drop_columns=(), hash_columns=(),
-                 salt: str = "raysys"):
+                 salt: str | bytes | None = None):
         self.fs, self.root = _fs(uri)
         self.fs.create_dir(self.root, recursive=True)
         self.rows_per_file, self.max_files = int(rows_per_file), int(max_files)
-        self.drop, self.hash, self.salt = set(drop_columns), set(hash_columns), salt
+        self.drop, self.hash = set(drop_columns), set(hash_columns)
+        self._salt = salt
         self._parts: list[pa.Table] = []
         self.rows_buffered = 0
         self.files_written = 0
         self.rows_written = 0
 
-    def add(self, columns: dict[str, Any]) -> None:
+    def __repr__(self) -> str:  # never the salt
+        return f"TrafficWriter({self.root!r}, drop={sorted(self.drop)}, hash={sorted(self.hash)})"
+
+    def add(self, columns: dict[str, Any], *, drop=(), hash=()) -> None:  # noqa: A002 (mirrors hash_columns)
+        """Buffer a table of columns; `drop` and `hash` add to the writer's own drop/hash columns for these."""
         cols = {}
         for k, v in columns.items():
-            if k in self.drop:
+            if k in self.drop or k in drop:
                 continue
-            if k in self.hash:
-                v = [hash_value(x, self.salt) for x in (v.tolist() if isinstance(v, np.ndarray) else v)]
+            if k in self.hash or k in hash:
+                if not self._salt:
+                    raise ValueError(f"TrafficWriter: column {k!r} is to be hashed but the writer has no salt")
+                v = [hash_value(x, self._salt) for x in (v.tolist() if isinstance(v, np.ndarray) else v)]
             cols[k] = v
         table = pa.table(cols)
         self._parts.append(table)
@@ -160,15 +166,22 @@ class TrafficWriter:
 
 class RecentTraffic:
     """The monitor's recent traffic under `traffic_uri` and the labels joined to it under
-    `<traffic_uri>/labels` (request_id, row, label), with the same rotation and PII rules. Written every
-    `flush_interval_s` (or at once, `flush(force=True)`); storage trouble is logged, never raised into ingest.
+    `<traffic_uri>/labels` (request_id, row, label), with the same rotation and PII rules, and one salt (so
+    hashed request ids still join). Features the schema marks `sensitive` are hashed (`traffic_sensitive:
+    hash`) or dropped (`drop`), never written raw. Written every `flush_interval_s` (or at once,
+    `flush(force=True)`); storage trouble is logged, never raised into ingest.
     """
 
-    def __init__(self, cfg, clock: Callable[[], float]):
+    def __init__(self, cfg, clock: Callable[[], float], environ=None):
+        fs, root = _fs(cfg.traffic_uri)
+        fs.create_dir(root, recursive=True)
+        salt, self.salt_from = load_traffic_salt(fs, root, environ)
         opts = dict(rows_per_file=cfg.traffic_rows_per_file, max_files=cfg.traffic_max_files,
-                    drop_columns=cfg.traffic_drop_columns, hash_columns=cfg.traffic_hash_columns)
+                    drop_columns=cfg.traffic_drop_columns, hash_columns=cfg.traffic_hash_columns, salt=salt)
         self.traffic = TrafficWriter(cfg.traffic_uri, **opts)
         self.labels = TrafficWriter(labels_uri(self.traffic.root), **opts)
+        self.sensitive_mode = cfg.traffic_sensitive
+        self.sensitive: frozenset[str] = frozenset()  # the served schema's sensitive features (Monitor.set_profile)
         self.flush_interval_s = cfg.traffic_flush_interval_s
         self._clock = clock
         self._last_flush = clock()
@@ -190,7 +203,13 @@ class RecentTraffic:
         cols["prediction"] = cls[batch.pred].tolist()
         if batch.proba is not None:
             cols["confidence"] = batch.proba.max(1)
-        self.traffic.add(cols)
+        protect = {"drop": self.sensitive} if self.sensitive_mode == "drop" else {"hash": self.sensitive}
+        self.traffic.add(cols, **protect)
+
+    def stats(self) -> dict[str, Any]:
+        """The traffic writer's figures, the sensitive columns and where the salt came from (never the salt)."""
+        return {**self.traffic.stats(), "sensitive_columns": sorted(self.sensitive),
+                "sensitive_stored_as": self.sensitive_mode, "salt_from": self.salt_from}
 
     def add_labels(self, request_id: str, preds, labels: list[int], version) -> None:
         now = time.time()

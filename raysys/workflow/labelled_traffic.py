@@ -66,6 +66,11 @@ def read_labelled_traffic(traffic_uri: str, labels_uri: str, schema) -> tuple[An
             raise RetrainError(f"the recent traffic at {traffic_uri} has no {col!r} column, so labels cannot be "
                                f"joined to it; keep request_id out of monitor.traffic_drop_columns")
     names = [f.name for f in schema.features]
+    sensitive = [f.name for f in schema.features if f.sensitive]
+    if sensitive:
+        raise RetrainError(f"features {sensitive} are marked sensitive in the schema, so the recent traffic holds "
+                           "only their salted hashes (or nothing: monitor.traffic_sensitive); a model cannot be "
+                           "retrained on it. Retrain from a dataset that holds them (`raysys run`)")
     missing = [n for n in names if n not in traffic.column_names]
     if missing:
         raise RetrainError(f"the recent traffic lacks features {missing} (monitor.traffic_drop_columns?); "
