@@ -30,6 +30,7 @@ from serve.monitor_link import MonitorBuffer, MonitorLink
 from serve.parsing import RequestIds
 from serve.routes import build_http_app
 from serve.scoring import Scorer
+from serve.web import InFlightLimit
 
 KEY = "fuzz-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -103,6 +104,7 @@ def _endpoint(monkeypatch):
     ep.last_reconfigure_error, ep.torch_threads = None, 1
     ep._request_ids, ep.max_batch_size, ep.batch_wait_timeout_s = RequestIds(), 64, 0.0
     ep.batches = ep.batched_requests = ep.max_requests_per_batch = 0
+    ep.monitor_requests = InFlightLimit("/v1/monitor + /v1/feedback", 8, 1.0)
     ep.monitor = MonitorLink(lambda: _MonitorHandle(mon), interval_s=0.0, buffer=MonitorBuffer())
     ep._monitor_sync_task, ep._monitor_synced = "not started", True
 
