@@ -90,7 +90,7 @@ def _monitor_state(before: dict, after: dict) -> dict:
 
 
 class Training:
-    """The tiny preset's teacher trained in a thread on the rig's train_slot nodes (2 ranks, one per node,
+    """The tiny preset's teacher trained with zero3 in a thread on the rig's train_slot nodes (2 ranks, one per node,
     `max_failures` retries), with `WorkerEvents` writing each rank's PID and epoch/step events so that a kill
     lands mid-epoch and the epochs redone can be counted."""
 
@@ -100,8 +100,11 @@ class Training:
         from raysys.train.testing import WorkerEvents
 
         self.cfg = preset("tiny").with_root(rig.root / "train")
+        # zero3 (FSDP2, sharded DCP checkpoints): each rank writes its own shard, so a resume needs every
+        # node's shard of the last checkpoint (storage is this machine's disk, shared by the nodes)
         self.cfg.train = self.cfg.train.model_copy(update=dict(
-            num_epochs=epochs, max_failures=3, cpus_per_worker=0.5, resources_per_worker={"train_slot": 1}))
+            strategy="zero3", num_epochs=epochs, max_failures=3, cpus_per_worker=0.5,
+            resources_per_worker={"train_slot": 1}))
         self.schema = ensure_dataset(self.cfg.data)
         self.pre = Preprocessor.fit_split(self.schema, self.cfg.data.root)
         self.events_dir = rig.root / f"events-{name}"

@@ -151,7 +151,8 @@ def run(root: Path, *, duration_s: float, rate: float, bucket_s: float, sample_s
             "memory": memory,
             "max_slope_mb_per_min": max((m["slope_mb_per_min"] or 0.0) for m in memory.values()) if memory else None,
             "monitor": {"rows_seen": report["rows_seen"], "drift_detected": report["drift_detected"],
-                        "labelled": (report.get("accuracy") or {}).get("labelled"), **bounds},
+                        "labels_total": (report.get("accuracy") or {}).get("labels_total"),
+                        "unmatched_labels": (report.get("accuracy") or {}).get("unmatched_labels"), **bounds},
             "dropped": {"replica_rows_dropped": sum(r.get("rows_dropped", 0) for r in replicas.values()),
                         "replicas_seen": len(replicas)}}
 

@@ -12,9 +12,15 @@ from __future__ import annotations
 import os
 
 import pytest
+from hypothesis import settings
 
 from raysys.config import preset
 from serve.ingress import free_port
+
+# every hypothesis test: no example database (no .hypothesis/ in the checkout, which `ray job submit
+# --working-dir` would upload) and no per-example deadline (the box is shared and busy)
+settings.register_profile("raysys", database=None, deadline=None)
+settings.load_profile("raysys")
 
 
 @pytest.fixture(scope="session")

@@ -77,11 +77,17 @@ class RetrainTrigger:
     alert at least `SUBMIT_RETRY_S` later submits again."""
 
     SUBMIT_RETRY_S = 30.0
+    # an error Ray asks the client to retry ("No available agent to submit job, please try again later": the
+    # node's job agent is not up yet or busy) is retried within the same submission, these many seconds apart;
+    # an alert fires once per drift episode, so "a later alert" may never come while the drift persists
+    TRANSIENT_WAITS_S = (2.0, 4.0, 8.0, 16.0)
+    TRANSIENT_MARKS = ("try again later", "No available agent")
 
     def __init__(self, *, enabled: bool, cooldown_s: float, args: list[str], address: str | None = None,
                  submit: Callable[..., str] | None = None, status: Callable[[str], str] | None = None,
                  message: Callable[[str], str | None] | None = None, metadata: dict[str, str] | None = None,
-                 clock: Callable[[], float] = time.time, poll_s: float | None = 2.0):
+                 clock: Callable[[], float] = time.time, poll_s: float | None = 2.0,
+                 sleep: Callable[[float], None] = time.sleep):
         self.enabled = enabled
         self.cooldown_s = float(cooldown_s)
         self.args = list(args)
@@ -91,7 +97,7 @@ class RetrainTrigger:
             self._submit, self._status = default_submit(address)
             self._message = message or default_message(address)
         self.metadata = dict(metadata or {})
-        self._clock = clock
+        self._clock, self._sleep = clock, sleep
         self.poll_s = poll_s
         self.job_id: str | None = None
         self.last_submit: float | None = None
@@ -157,6 +163,18 @@ class RetrainTrigger:
                 continue
             self._record_status(job_id, st)
 
+    def _submit_retrying(self, entry: str, metadata: dict[str, str]) -> str:
+        """`_submit`, retried after the TRANSIENT_WAITS_S when Ray says to try again later."""
+        for wait in (*self.TRANSIENT_WAITS_S, None):
+            try:
+                return self._submit(entry, metadata)
+            except Exception as e:
+                if wait is None or not any(m in str(e) for m in self.TRANSIENT_MARKS):
+                    raise
+                log.warning("raysys monitor: retrain submission: %s; retrying in %.0fs", e, wait)
+                self._sleep(wait)
+        raise AssertionError("unreachable")
+
     def maybe_submit(self, reason: str, extra_args: list[str], *, background: bool = True) -> dict[str, Any]:
         """Submit unless disabled, a job is in flight, or within the cooldown. Returns what happened."""
         with self._lock:
@@ -178,7 +196,7 @@ class RetrainTrigger:
 
             def run():
                 try:
-                    job = self._submit(entry, {**self.metadata, "raysys_reason": reason[:200]})
+                    job = self._submit_retrying(entry, {**self.metadata, "raysys_reason": reason[:200]})
                     with self._lock:
                         # the cooldown starts with a job that runs; concurrent calls meanwhile see the
                         # submission in progress (`_thread`) or hold the lock (foreground)

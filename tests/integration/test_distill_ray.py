@@ -142,23 +142,24 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tiny_cfg, ca
     exp = Path(_storage_path(cfg.run_dir)) / "distill-killed"
     killed: dict = {}
 
-    def trial_pids() -> list[int]:  # Ray titles an actor process `ray::<class>`; a Tune function trial: ImplicitFunc
-        pids = []
-        for proc in Path("/proc").iterdir():
-            try:
-                if proc.name.isdigit() and (proc / "cmdline").read_bytes().startswith(b"ray::ImplicitFunc"):
-                    pids.append(int(proc.name))
-            except OSError:  # gone meanwhile
-                pass
-        return pids
+    def reporting_pid() -> int | None:
+        """The PID the trial itself wrote in its latest result (never another Ray's or an earlier test's actor)."""
+        for f in exp.glob("*/result.json"):
+            lines = f.read_text().splitlines()
+            if lines:
+                try:
+                    return int(json.loads(lines[-1])["pid"])
+                except (ValueError, KeyError):  # a line being written
+                    return None
+        return None
 
     def kill_after_a_checkpoint():
         deadline = time.monotonic() + 120
         while time.monotonic() < deadline:
-            pids = trial_pids()
-            if len(pids) == 1 and len(list(exp.glob("*/checkpoint_*/meta.json"))) >= 3:  # written as it reports
-                os.kill(pids[0], signal.SIGKILL)
-                killed.update(pid=pids[0])
+            pid = reporting_pid()
+            if pid is not None and len(list(exp.glob("*/checkpoint_*/meta.json"))) >= 3:  # written as it reports
+                os.kill(pid, signal.SIGKILL)
+                killed.update(pid=pid)
                 return
             time.sleep(0.02)
 

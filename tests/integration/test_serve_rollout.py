@@ -51,6 +51,11 @@ def _deploy(reg, name: str, serve_cfg: dict | None = None, env: dict | None = No
     if env:
         options["ray_actor_options"] = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", **env}}}
     serve.run(StudentEndpoint.options(**options).bind(**kwargs), name=name, route_prefix=f"/{name}")
+    # RUNNING in Serve before HAProxy routes to it: on a loaded box its reload lags (a plain-text 404 meanwhile)
+    from ray.serve.context import _get_global_client
+
+    url = f"http://127.0.0.1:{_get_global_client().http_config.port}/{name}"
+    poll(lambda: requests.get(f"{url}/healthz", timeout=30).status_code == 200, what="HAProxy routing to the app")
 
 
 def _app(http_port: int, prefix: str):

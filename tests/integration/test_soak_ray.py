@@ -20,7 +20,7 @@ def test_soak_holds_without_errors_or_unbounded_buffers(tmp_path, endpoint_api_k
     mon = out["monitor"]
     assert mon["bounded"] and mon["window_rows"] <= mon["window_size"], mon
     assert mon["drift_detected"] and mon["rows_seen"] >= out["requests_sent"] * 0.9, mon
-    assert mon["labelled"], mon
+    assert mon["labels_total"] >= out["requests_sent"] * 0.5, mon  # the answered ids came back labelled
     assert out["dropped"]["replica_rows_dropped"] == 0 and out["dropped"]["replicas_seen"] == 2, out["dropped"]
     roles = {k.split(":")[0] for k in out["memory"]}
     assert {"replica", "monitor", "controller", "haproxy"} <= roles, roles

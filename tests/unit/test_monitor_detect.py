@@ -328,15 +328,14 @@ def test_failed_retrain_submission_retries_instead_of_starting_the_cooldown():
     def submit(entry, meta):
         calls.append(entry)
         if len(calls) == 1:
-            raise RuntimeError("Request failed with status code 500: No available agent to submit job, "
-                               "please try again later.")
+            raise RuntimeError("Request failed with status code 403: submitting jobs is not allowed here")
         return "job-2"
 
     trig = RetrainTrigger(enabled=True, cooldown_s=3600, args=[], submit=submit, status=lambda j: "RUNNING",
                           clock=lambda: clock["t"], poll_s=None)
     first = trig.maybe_submit("drift", [], background=False)
-    assert not first["submitted"] and "No available agent" in first["why"]
-    assert trig.summary()["last_submit"] is None and "No available agent" in trig.summary()["last_error"]
+    assert not first["submitted"] and "not allowed" in first["why"]
+    assert trig.summary()["last_submit"] is None and "not allowed" in trig.summary()["last_error"]
     clock["t"] += 5
     soon = trig.maybe_submit("drift", [], background=False)
     assert not soon["submitted"] and "retry" in soon["why"] and len(calls) == 1
@@ -505,3 +504,27 @@ def test_snapshots_keep_coming_while_a_dashboard_polls_the_report(world, tmp_pat
         mon.report()
     again = Monitor(prof.to_dict(), schema.model_dump(), {"window_size": 500, "snapshot_uri": str(tmp_path / "snap")})
     assert again.restored and again.report()["rows_seen"] >= 40
+
+
+def test_a_submission_ray_asks_to_retry_is_retried_within_the_same_alert():
+    """"No available agent ... please try again later" (the node's job agent is busy or not up yet) must not wait
+    for a later alert: a persistent drift raises its alert once, so a retrain would never be submitted."""
+    calls, slept = [], []
+
+    def submit(entry, meta):
+        calls.append(entry)
+        if len(calls) <= 2:
+            raise RuntimeError("Request failed with status code 500: No available agent to submit job, "
+                               "please try again later.")
+        return "job-3"
+
+    trig = RetrainTrigger(enabled=True, cooldown_s=3600, args=[], submit=submit, status=lambda j: "RUNNING",
+                          poll_s=None, sleep=slept.append)
+    out = trig.maybe_submit("drift", [], background=False)
+    assert out["submitted"] and len(calls) == 3 and slept == list(RetrainTrigger.TRANSIENT_WAITS_S[:2])
+    assert trig.summary()["job_in_flight"] == "job-3"
+    # and it gives up after its waits, leaving the 30 s rule for the next alert
+    always = RetrainTrigger(enabled=True, cooldown_s=3600, args=[], poll_s=None, sleep=slept.append,
+                            submit=lambda e, m: (_ for _ in ()).throw(RuntimeError("No available agent")),
+                            status=lambda j: "RUNNING")
+    assert not always.maybe_submit("drift", [], background=False)["submitted"]
