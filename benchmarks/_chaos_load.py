@@ -5,9 +5,11 @@ own asyncio loop in a thread, with aiohttp.
 /v1/predict is a pure function of its body, so a request that got no answer, a 502/503/504 or a response cut
 after its headers is retried as any client of an idempotent API would: at most `retries` times with
 exponential backoff (`retry_wait_s`, doubling, at most 2 s apart: ~12 s in all with the defaults, which
-covers an ingress restart). One more answer means "not ready": a restarted HAProxy answers a plain-text 404
-(`Path '...' not found`) from its default backend until Serve has sent it the route table (Ray 2.60; ~4 s
-here), while raysys's own 404s are JSON; it is retried too and counted in `ingress_not_ready`.
+covers an ingress restart). Two more answers come from the ingress itself, never from raysys (whose errors are
+JSON): a restarted HAProxy answers a plain-text 404 (`Path '...' not found`) from its default backend until
+Serve has sent it the route table (Ray 2.60; ~4 s here), and a plain-text 500 (Ray's HAProxy config rewrites
+its own 502/503/504, "no server available", to 500) while no replica is up; both are retried too and counted
+in `ingress_not_ready`.
 
 Every request is recorded: when it left, when it ended, its final status, how many tries it took, and whether
 any try was cut after its headers (counted apart: the point past which no proxy can retry)."""
@@ -41,7 +43,7 @@ class OpenLoad:
     outstanding: past that a tick is skipped and counted in `skipped`)."""
 
     def __init__(self, url: str, rows: list[dict], *, headers: dict | None = None, rate: float = 25.0,
-                 timeout_s: float = 10.0, retries: int = 8, retry_wait_s: float = 0.25, max_in_flight: int = 200,
+                 timeout_s: float = 10.0, retries: int = 8, retry_wait_s: float = 0.25, max_in_flight: int = 1000,
                  feedback_every_s: float | None = None):
         """`feedback_every_s`: each request carries a request id, and every that many seconds the answered ids
         are labelled through /v1/feedback (the predicted class as the label), as a client with delayed
@@ -72,7 +74,10 @@ class OpenLoad:
     async def _main(self) -> None:
         in_flight: set[asyncio.Task] = set()
         timeout = aiohttp.ClientTimeout(total=self.timeout_s)
-        async with aiohttp.ClientSession(timeout=timeout, headers=self.headers) as session:
+        # as many connections as requests in flight: aiohttp's default pool of 100 would queue requests in the
+        # client while an outage holds them in their retries, and the client's queue would count as latency
+        connector = aiohttp.TCPConnector(limit=self.max_in_flight)
+        async with aiohttp.ClientSession(timeout=timeout, headers=self.headers, connector=connector) as session:
             labeller = asyncio.create_task(self._label(session)) if self.feedback_every_s else None
             k, start = 0, time.monotonic()
             while not self._stop.is_set():
@@ -129,10 +134,10 @@ class OpenLoad:
                     if status in RETRYABLE:
                         retry = True
                         self.errors[f"{status}"] += 1
-                    elif status == 404 and not r.content_type.endswith("json"):
+                    elif status in (404, 500) and not r.content_type.endswith("json"):
                         not_ready += 1
                         retry = True
-                        self.errors["404 (ingress without routes)"] += 1
+                        self.errors[f"{status} (from the ingress, not raysys)"] += 1
             except (aiohttp.ClientError, TimeoutError) as e:
                 status, retry = "no-response", True
                 self.errors[f"{type(e).__name__}"] += 1

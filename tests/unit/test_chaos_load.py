@@ -26,7 +26,8 @@ def bench(monkeypatch):
 
 class Script(BaseHTTPRequestHandler):
     """Answers /v1/predict by the request's row: {"mode": "flaky"} fails twice (503, then a plain 404) and then
-    answers; {"mode": "json404"} is a raysys 404; anything else a 200. Feedback is taken with 202."""
+    answers; "ingress500" once with HAProxy's plain 500; "json404" / "app500" are raysys's own JSON errors;
+    anything else a 200. Feedback is taken with 202."""
 
     seen: dict = {}
 
@@ -53,6 +54,10 @@ class Script(BaseHTTPRequestHandler):
             return self._send(404, b"Path '/x' not found.", "text/plain")
         if mode == "json404":
             return self._send(404, b'{"detail": "nope"}', "application/json")
+        if mode == "ingress500" and n == 1:  # Ray's HAProxy errorfile: no server available
+            return self._send(500, b"Internal Server Error", "text/plain")
+        if mode == "app500":
+            return self._send(500, b'{"detail": {"model_version": 2}}', "application/json")
         return self._send(200, json.dumps({"predictions": ["a"]}).encode(), "application/json")
 
 
@@ -63,21 +68,24 @@ def test_open_load_retries_what_is_safe_and_counts_the_rest(bench):
     threading.Thread(target=server.serve_forever, daemon=True).start()
     url = f"http://127.0.0.1:{server.server_address[1]}"
     try:
-        rows = [{"mode": "ok"}, {"mode": "flaky"}, {"mode": "json404"}]
+        rows = [{"mode": "ok"}, {"mode": "flaky"}, {"mode": "json404"}, {"mode": "ingress500"}, {"mode": "app500"}]
         with load_mod.OpenLoad(url, rows, rate=30, retry_wait_s=0.01, feedback_every_s=0.2) as load:
             time.sleep(1.5)
         time.sleep(0.3)
     finally:
         server.shutdown()
     recs = load.records
-    by_mode = {m: [r for i, r in enumerate(sorted(recs, key=lambda r: r.sent)) if i % 3 == k]
-               for k, m in enumerate(["ok", "flaky", "json404"])}
+    modes = ["ok", "flaky", "json404", "ingress500", "app500"]
+    by_mode = {m: [r for i, r in enumerate(sorted(recs, key=lambda r: r.sent)) if i % len(modes) == k]
+               for k, m in enumerate(modes)}
     assert all(r.status == 200 and r.tries == 1 for r in by_mode["ok"])
     assert all(r.status == 200 and r.tries == 3 and r.not_ready == 1 for r in by_mode["flaky"])
-    assert all(r.status == 404 and r.tries == 1 for r in by_mode["json404"])  # never retried
+    assert all(r.status == 404 and r.tries == 1 for r in by_mode["json404"])  # raysys's own answer: not retried
+    assert all(r.status == 200 and r.tries == 2 and r.not_ready == 1 for r in by_mode["ingress500"])
+    assert all(r.status == 500 and r.tries == 1 for r in by_mode["app500"])  # a version failed: not retried
     s = load_mod.OpenLoad.summary(recs)
-    assert s["requests_failed"] == len(by_mode["json404"]) and s["failed_by_status"] == {"404": s["requests_failed"]}
-    assert s["retried"] == len(by_mode["flaky"]) and s["ingress_not_ready"] == len(by_mode["flaky"])
+    assert s["failed_by_status"] == {"404": len(by_mode["json404"]), "500": len(by_mode["app500"])}
+    assert s["retried"] == s["ingress_not_ready"] == len(by_mode["flaky"]) + len(by_mode["ingress500"])
     # the answered requests were labelled with their predicted class, through /v1/feedback
     assert Script.seen["feedback"] and all(f["label"] == "a" for f in Script.seen["feedback"])
     assert set(load.feedback) == {"202"}
