@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.raysys-installed
 PYTEST_ARGS ?=
 
-.PHONY: demo test lint clean install
+.PHONY: demo test lint clean install image image-gpu
 
 install: $(STAMP)
 
@@ -27,3 +27,12 @@ lint: $(STAMP)
 
 clean:
 	rm -rf runs .pytest_cache .ruff_cache
+
+# the image the KubeRay manifests and cluster.yaml name (tag = the project's version); needs docker and a registry
+IMAGE ?= ghcr.io/raysys/raysys:0.1.0
+image:
+	docker build -f deploy/docker/Dockerfile -t $(IMAGE) .
+
+image-gpu:
+	docker build -f deploy/docker/Dockerfile --build-arg BASE_IMAGE=rayproject/ray:2.60.0-py311-gpu \
+		--build-arg TORCH_INDEX=https://pypi.org/simple -t $(IMAGE)-gpu .

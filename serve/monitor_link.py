@@ -158,6 +158,8 @@ class MonitorLink:
         self._next_try = 0.0
         self._pending: deque = deque()
         self.rows_sent = 0
+        self._metrics: Any = None  # raysys_monitor_rows_dropped_total, made on the first flush inside a replica
+        self._metrics_checked = False
         self._task: asyncio.Task | None = None
         self._wake: asyncio.Event | None = None
         self._lock = threading.Lock()
@@ -243,6 +245,24 @@ class MonitorLink:
     def flush(self) -> int:
         """Send everything buffered (fire-and-forget). Returns the rows sent; drops them when the monitor
         is unavailable or too far behind."""
+        try:
+            return self._flush()
+        finally:
+            self._export_dropped()
+
+    def _export_dropped(self) -> None:
+        if not self._metrics_checked:
+            self._metrics_checked = True
+            try:
+                from raysys.monitor.metrics import link_metrics
+
+                self._metrics = link_metrics()
+            except Exception as e:  # metrics are a view: never let them break the link
+                log.warning("raysys monitor: no dropped-rows metric: %s", e)
+        if self._metrics is not None:
+            self._metrics.export(self.buffer.rows_dropped)
+
+    def _flush(self) -> int:
         batches = self.buffer.take()
         if not batches:
             return 0

@@ -88,13 +88,18 @@ class Monitor:
         self.retrain = RetrainTrigger(enabled=self.cfg.on_drift == "retrain", cooldown_s=self.cfg.retrain_cooldown_s,
                                       args=list(self.cfg.retrain_args), address=self.cfg.retrain_address,
                                       submit=retrain_submit, status=retrain_status,
-                                      metadata={"raysys_monitor": snapshot_key})
+                                      metadata={"raysys_monitor": snapshot_key}, on_end=self._retrain_ended)
         self.store = SnapshotStore(self.cfg.snapshot_uri, snapshot_key) if self.cfg.snapshot_uri else None
         self.recent = RecentTraffic(self.cfg, clock) if self.cfg.traffic_uri else None
         self.restored = False
         self.set_profile(profile, schema, model_version)
         if self.store is not None:
             self.restored = self._restore()
+
+    def _retrain_ended(self, status: str) -> None:
+        metrics = self._dashboard()
+        if metrics is not None:
+            metrics.retrain_ended(status)
 
     @property
     def traffic(self):

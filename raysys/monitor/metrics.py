@@ -72,6 +72,9 @@ class DashboardMetrics:
                                  description="Confidence-based accuracy estimate of the traffic whose labels have "
                                              "not arrived."),
             "alerts": Counter("raysys_alerts_total", description="Alerts raised.", tag_keys=("kind",)),
+            # status: SUCCEEDED / FAILED / STOPPED (how a submitted job ended) or SUBMIT_FAILED (no job ran)
+            "retrain": Counter("raysys_retrain_jobs_total", description="Retrain jobs by how they ended.",
+                               tag_keys=("status",)),
         }
 
     def record_batch(self, key: str, rows: int, latency: np.ndarray, errors: int, alarms: int) -> None:
@@ -90,6 +93,9 @@ class DashboardMetrics:
 
     def alert(self, kind: str) -> None:
         self.m["alerts"].inc(1, tags={"kind": kind})
+
+    def retrain_ended(self, status: str) -> None:
+        self.m["retrain"].inc(1, tags={"status": status})
 
     def set_gauges(self, window: dict[str, Any], acc: dict[str, Any], detector, latency_hist: dict[str, Any],
                    rates: tuple[float, float, float]) -> None:
@@ -126,3 +132,27 @@ class DashboardMetrics:
             if d["max_score"] is not None:
                 m["det_score"].set(d["max_score"])
             m["det_threshold"].set(detector.threshold)
+
+
+class LinkMetrics:
+    """A Serve replica's side of the monitor link: rows it dropped instead of shipping (buffer full, monitor
+    unavailable or too far behind). Exported as a delta of the link's own running count."""
+
+    def __init__(self):
+        from ray.util.metrics import Counter
+
+        self.dropped = Counter("raysys_monitor_rows_dropped_total",
+                               description="Traffic rows a replica dropped instead of sending to the monitor.")
+        self._exported = 0
+
+    def export(self, rows_dropped: int) -> None:
+        if rows_dropped > self._exported:
+            self.dropped.inc(rows_dropped - self._exported)
+            self._exported = rows_dropped
+
+
+def link_metrics() -> LinkMetrics | None:
+    """The replica's link metrics when called inside a Ray actor (a Serve replica), else None."""
+    if ray.is_initialized() and ray.get_runtime_context().get_actor_id() is not None:
+        return LinkMetrics()
+    return None

@@ -87,7 +87,7 @@ class RetrainTrigger:
                  submit: Callable[..., str] | None = None, status: Callable[[str], str] | None = None,
                  message: Callable[[str], str | None] | None = None, metadata: dict[str, str] | None = None,
                  clock: Callable[[], float] = time.time, poll_s: float | None = 2.0,
-                 sleep: Callable[[float], None] = time.sleep):
+                 sleep: Callable[[float], None] = time.sleep, on_end: Callable[[str], None] | None = None):
         self.enabled = enabled
         self.cooldown_s = float(cooldown_s)
         self.args = list(args)
@@ -98,6 +98,8 @@ class RetrainTrigger:
             self._message = message or default_message(address)
         self.metadata = dict(metadata or {})
         self._clock, self._sleep = clock, sleep
+        # called with how each job ended (a TERMINAL status) or "SUBMIT_FAILED" (the dashboard's counter)
+        self._on_end = on_end
         self.poll_s = poll_s
         self.job_id: str | None = None
         self.last_submit: float | None = None
@@ -116,6 +118,13 @@ class RetrainTrigger:
         script = importlib.util.find_spec(RETRAIN_JOB).origin
         return " ".join(shlex.quote(a) for a in [sys.executable, str(script), *self.args, *extra])
 
+    def _ended(self, status: str) -> None:
+        if self._on_end is not None:
+            try:
+                self._on_end(status)
+            except Exception as e:  # a metric must never stop the trigger
+                log.warning("raysys monitor: retrain on_end callback failed: %s", e)
+
     def _record_status(self, job_id: str, st: str) -> None:
         with self._lock:
             for j in self.jobs:
@@ -131,6 +140,7 @@ class RetrainTrigger:
                         level = logging.INFO if st == "SUCCEEDED" else logging.ERROR
                         log.log(level, "raysys monitor: retrain job %s %s%s", job_id, st,
                                 f": {j['message']}" if j.get("message") else "")
+                        self._ended(st)
             if st in TERMINAL and self.job_id == job_id:
                 self.job_id = None
 
@@ -208,6 +218,7 @@ class RetrainTrigger:
                         self.last_failed = now
                         self.last_error = f"submit: {type(e).__name__}: {e}"
                     outcome.update(submitted=False, why=self.last_error)
+                    self._ended("SUBMIT_FAILED")
                     log.error("raysys monitor: retrain submission failed (a later alert retries, from %.0fs on): %s",
                               self.SUBMIT_RETRY_S, e)
                     return

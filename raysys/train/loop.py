@@ -45,6 +45,7 @@ from raysys.parallel import (
 )
 from raysys.parallel.memory import gather_rank_memory, memory_metrics, rank_memory
 from raysys.train.checkpoint import read_meta, restore_checkpoint, save_checkpoint
+from raysys.train.metrics import train_metrics
 from raysys.train.process import report_poll_interval_s, setup_worker_process
 from raysys.train.schedule import decoupled_weight_decay, lr_at, set_lr
 from raysys.train.shard import ShardCache
@@ -192,6 +193,7 @@ class TeacherWorker:
         self.train_shard = ShardCache(ray.train.get_dataset_shard("train"), cache_bytes)
         self.val_shard = ShardCache(ray.train.get_dataset_shard("validation"), cache_bytes)
         self.elapsed_before, self.run_start = self.progress.elapsed_before, time.perf_counter()
+        self.dashboard = train_metrics(rank)
 
     def run(self) -> None:
         for epoch in range(self.progress.start_epoch, self.train.num_epochs):
@@ -203,6 +205,8 @@ class TeacherWorker:
             metrics = {**self.epoch_metrics(epoch, train_sums, val_sums, train_s), **mem}
             self.progress.history.append(metrics)
             self.log_epoch(metrics)
+            if self.dashboard is not None:
+                self.dashboard.record_epoch(self.wc.run_name, metrics)
             self.report(epoch, metrics)
             self.hooks.on_reported(epoch)
 
