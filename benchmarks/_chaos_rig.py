@@ -97,10 +97,11 @@ class ChaosRig:
         apply_ingress_env()
         os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
         self.dashboard = f"http://127.0.0.1:{free_port()}"
+        self.metrics_port = free_port()  # the head's Prometheus endpoint (what a scrape config names)
         head = {"replica_slot": 1} if self.workers else {"replica_slot": self.num_replicas, "monitor_node": 1}
         self.cluster = Cluster(initialize_head=True, head_node_args=dict(
             num_cpus=2 if self.workers else 4, resources=head, include_dashboard=True, dashboard_host="127.0.0.1",
-            dashboard_port=int(self.dashboard.rsplit(":", 1)[1])))
+            dashboard_port=int(self.dashboard.rsplit(":", 1)[1]), metrics_export_port=self.metrics_port))
         if self.workers:
             self.w1 = self.cluster.add_node(num_cpus=2, resources=dict(W1_RESOURCES))
             self.w2 = self.cluster.add_node(num_cpus=2, resources={"train_slot": 1})
@@ -192,6 +193,19 @@ class ChaosRig:
         """The HAProxy processes of this cluster: the children of its HAProxyManager actor."""
         return [p for a in self.actors("HAProxyManager") for p in children(a.pid)
                 if Path(f"/proc/{p}/comm").read_text().strip() == "haproxy"]
+
+    def scrape(self) -> dict[str, list[str]]:
+        """The `ray_raysys_*` series the head node exports to Prometheus now, each with its label names."""
+        import re
+
+        import requests
+
+        text = requests.get(f"http://127.0.0.1:{self.metrics_port}/metrics", timeout=10).text
+        out: dict[str, set] = {}
+        for m in re.finditer(r"^(ray_raysys_[a-zA-Z0-9_]+)(?:\{([^}]*)\})? ", text, re.M):
+            labels = {kv.split("=", 1)[0] for kv in (m.group(2) or "").split(",") if "=" in kv}
+            out.setdefault(m.group(1), set()).update(labels)
+        return {k: sorted(v) for k, v in sorted(out.items())}
 
     def monitor_report(self, timeout_s: float = 10) -> dict:
         import ray

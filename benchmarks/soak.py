@@ -132,6 +132,8 @@ def run(root: Path, *, duration_s: float, rate: float, bucket_s: float, sample_s
             load.set_rows(shifted(rig.rows, numeric, shift))
             time.sleep(0.6 * duration_s)
         report = rig.monitor_report(timeout_s=30)
+        # what Prometheus would scrape (Ray exports actor metrics every few seconds)
+        series = _poll_series(rig)
         replicas = _replica_link_stats(rig)
         total = OpenLoad.summary(load.records)
         p99s = p99_by_bucket(load, bucket_s)
@@ -153,8 +155,24 @@ def run(root: Path, *, duration_s: float, rate: float, bucket_s: float, sample_s
             "monitor": {"rows_seen": report["rows_seen"], "drift_detected": report["drift_detected"],
                         "labels_total": (report.get("accuracy") or {}).get("labels_total"),
                         "unmatched_labels": (report.get("accuracy") or {}).get("unmatched_labels"), **bounds},
+            "metrics_series": series,
             "dropped": {"replica_rows_dropped": sum(r.get("rows_dropped", 0) for r in replicas.values()),
                         "replicas_seen": len(replicas)}}
+
+
+def _poll_series(rig: ChaosRig, timeout_s: float = 60) -> dict[str, list[str]]:
+    """The head's exported raysys series, once the replicas' and the monitor's have arrived."""
+    deadline, got = time.monotonic() + timeout_s, {}
+    while time.monotonic() < deadline:
+        try:
+            got = rig.scrape()
+        except Exception:  # the agent's endpoint may not answer yet
+            got = {}
+        if any("requests_total" in k for k in got) and any("drift_psi" in k for k in got):
+            time.sleep(6)  # one more export round, for series recorded later than these
+            return rig.scrape()
+        time.sleep(2)
+    return got
 
 
 def _replica_link_stats(rig: ChaosRig, tries: int = 20) -> dict[str, dict]:

@@ -6,6 +6,7 @@ window and stored traffic bounded, no monitoring row is dropped, and every raysy
 from __future__ import annotations
 
 import pytest
+from helpers.observability import alert_rules, panel_queries, used_labels
 from helpers.scripts import run_benchmark
 
 pytestmark = pytest.mark.integration
@@ -25,3 +26,18 @@ def test_soak_holds_without_errors_or_unbounded_buffers(tmp_path, endpoint_api_k
     roles = {k.split(":")[0] for k in out["memory"]}
     assert {"replica", "monitor", "controller", "haproxy"} <= roles, roles
     assert all(m["samples"] >= 3 for m in out["memory"].values() if m["first_mb"] > 0), out["memory"]
+    # what Prometheus scrapes from the head after this traffic: the names and labels the shipped alert rules and
+    # Grafana panels use (deploy/prometheus, deploy/grafana) exist as exported (the `ray_` prefix, counters'
+    # `_total`, histograms' `_bucket` + `le`)
+    live = {name: set(labels) for name, labels in out["metrics_series"].items()}
+    assert {"ray_raysys_requests_total", "ray_raysys_predictions_total", "ray_raysys_request_latency_ms_bucket",
+            "ray_raysys_drift_psi", "ray_raysys_drift_feature_drifted", "ray_raysys_alerts_total",
+            "ray_raysys_accuracy_realised"} <= set(live), sorted(live)
+    queries = [r["expr"] for r in alert_rules()] + [q for q, _ in panel_queries()]
+    checked = 0
+    for expr in queries:
+        for series, labels in used_labels(expr).items():
+            if series in live:  # recorded in this run (no errors, training or retrain job here)
+                assert labels <= live[series], (expr, series, sorted(labels - live[series]))
+                checked += 1
+    assert checked >= 10, checked
