@@ -4,7 +4,7 @@ own asyncio loop in a thread, with aiohttp.
 
 /v1/predict is a pure function of its body, so a request that got no answer, a 502/503/504 or a response cut
 after its headers is retried as any client of an idempotent API would: at most `retries` times with
-exponential backoff (`retry_wait_s`, doubling, at most 2 s apart: ~12 s in all with the defaults, which
+exponential backoff (`retry_wait_s`, doubling, at most 2 s apart: ~16 s in all with the defaults, which
 covers an ingress restart). Two more answers come from the ingress itself, never from raysys (whose errors are
 JSON): a restarted HAProxy answers a plain-text 404 (`Path '...' not found`) from its default backend until
 Serve has sent it the route table (Ray 2.60; ~4 s here), and a plain-text 500 (Ray's HAProxy config rewrites
@@ -43,7 +43,7 @@ class OpenLoad:
     outstanding: past that a tick is skipped and counted in `skipped`)."""
 
     def __init__(self, url: str, rows: list[dict], *, headers: dict | None = None, rate: float = 25.0,
-                 timeout_s: float = 10.0, retries: int = 8, retry_wait_s: float = 0.25, max_in_flight: int = 1000,
+                 timeout_s: float = 10.0, retries: int = 10, retry_wait_s: float = 0.25, max_in_flight: int = 1000,
                  feedback_every_s: float | None = None):
         """`feedback_every_s`: each request carries a request id, and every that many seconds the answered ids
         are labelled through /v1/feedback (the predicted class as the label), as a client with delayed

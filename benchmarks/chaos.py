@@ -109,7 +109,7 @@ def main(argv=None) -> int:
     p.add_argument("--short", action="store_true", help="test mode: 4-epoch training, 12 s of random kills")
     p.add_argument("--rate", type=float, default=25.0, help="requests per second of the steady load")
     p.add_argument("--random-s", type=float, default=None, help="seconds of random kills (default 60; short 12)")
-    p.add_argument("--every-s", type=float, default=3.0, help="seconds between random kills")
+    p.add_argument("--every-s", type=float, default=5.0, help="seconds between random kills")
     p.add_argument("--epochs", type=int, default=None, help="teacher epochs (>= 4: a kill in epoch 1 and 2; default 6)")
     p.add_argument("--root", default=None, help="working directory (default: a temp dir, removed at the end)")
     a = p.parse_args(argv)

@@ -176,8 +176,8 @@ def ingress_env(*, private_ports: bool = False, request_timeout_s: float | None 
            "RAY_SERVE_HAPROXY_METRICS_ENABLED": "0",
            # a dead HAProxy process is found by the controller's proxy health check (HAProxyManager.check_health
            # asks whether its process runs) after 3 failed checks: Ray's 10 s period left an ingress down ~32 s
-           # (benchmarks/chaos.py, haproxy scenario); every 2 s it is ~6 s. One cheap actor call per node.
-           "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "2",
+           # (benchmarks/chaos.py, haproxy scenario), 2 s ~9 s. Every second: one cheap actor call per node.
+           "RAY_SERVE_PROXY_HEALTH_CHECK_PERIOD_S": "1",
            "RAY_SERVE_PROXY_HEALTH_CHECK_TIMEOUT_S": "5"}
     if private_ports:
         env["RAY_SERVE_HAPROXY_STATS_PORT"] = str(free_port())
