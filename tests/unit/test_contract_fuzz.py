@@ -9,28 +9,22 @@ fake actor handle, so /v1/feedback and /v1/monitor answer as on a cluster."""
 
 from __future__ import annotations
 
-import concurrent.futures
 import json
 
 import numpy as np
 import pytest
 import schemathesis
-import torch
+from helpers.endpoint import bare_endpoint
 from hypothesis import HealthCheck, Phase, given, settings
 from schemathesis import GenerationMode
 from schemathesis.checks import not_a_server_error
 from schemathesis.specs.openapi.checks import negative_data_rejection, response_schema_conformance
 
-from raysys.config import ModelConfig, ServeConfig
 from raysys.data import Preprocessor
 from raysys.data.schema import DatasetSchema, FeatureSpec
-from raysys.models import build_model, model_spec
 from raysys.monitor import Monitor, ReferenceProfile
-from serve.monitor_link import MonitorBuffer, MonitorLink
-from serve.parsing import RequestIds
 from serve.routes import build_http_app
 from serve.scoring import Scorer
-from serve.web import InFlightLimit
 
 KEY = "fuzz-key-0123456789abcdef"
 AUTH = {"Authorization": f"Bearer {KEY}"}
@@ -50,74 +44,17 @@ def _schema() -> DatasetSchema:
         FeatureSpec(name="c1", kind="categorical", categories=["u", "v"], nullable=True)])
 
 
-class _Ref:
-    def __init__(self, value):
-        self._f = concurrent.futures.Future()
-        self._f.set_result(value)
-
-    def future(self):
-        return self._f
-
-
-class _Method:
-    def __init__(self, fn, awaited: bool):
-        self.fn, self.awaited = fn, awaited
-
-    def remote(self, *args):
-        out = self.fn(*args)
-        return _Ref(out) if self.awaited else None
-
-
-class _MonitorHandle:
-    """The monitor actor as a replica's MonitorLink sees it, over one plain Monitor (calls run in order)."""
-
-    def __init__(self, mon: Monitor):
-        self.record = _Method(mon.record, False)
-        self.feedback_verdicts = _Method(mon.feedback_verdicts, True)
-        self.report = _Method(mon.report, True)
-        self.set_profile = _Method(mon.set_profile, False)
-
-
 def _endpoint(monkeypatch):
-    """A StudentEndpoint without Ray or a registry: a real student and preprocessor, the API key set, and the
-    monitor link over a plain Monitor."""
-    from serve import endpoint as endpoint_mod
-    from serve.endpoint import StudentEndpoint, Versions
-
+    """A StudentEndpoint without Ray or a registry (tests/helpers/endpoint.py) over a schema with nullable
+    features, its monitor link over a plain Monitor."""
     schema = _schema()
     rng = np.random.default_rng(0)
     pre = Preprocessor(schema, [0.5, -2.0, 100.0], [1.5, 0.25, 40.0], fill={"x1": -2.0, "c1": "u"})
-    torch.manual_seed(0)
-    model = build_model(model_spec(schema, ModelConfig(hidden_dims=[16], embed_dim=3))).eval()
-    scorer = Scorer(name="student", version=1, model=model, schema=schema, preprocessor=pre)
     x_num = rng.normal(size=(200, 3)) * pre.std + pre.mean
     x_cat = np.stack([rng.integers(0, 3, 200), rng.integers(0, 2, 200)], 1)
     prof = ReferenceProfile.from_arrays(schema, x_num, x_cat, num_bins=5, pred=rng.integers(0, 3, 200))
     mon = Monitor(prof.to_dict(), schema.model_dump(), {"window_size": 100, "min_rows": 10}, model_version=1)
-    # an unknown id is asked about once more after a flush interval: no waiting here
-    monkeypatch.setattr(endpoint_mod, "FEEDBACK_RECHECK_MARGIN_S", 0.0)
-
-    cls = next(c for c in StudentEndpoint.func_or_class.__mro__ if "_predict" in vars(c))
-    ep = cls.__new__(cls)
-    ep.serve_cfg, ep.versions, ep._api_token = ServeConfig(max_instances_per_request=50), Versions(scorer), KEY
-    ep.model_name, ep.model_ref, ep.candidate_ref, ep.replica_id = "student", "production", None, None
-    ep.last_reconfigure_error, ep.torch_threads = None, 1
-    ep._request_ids, ep.max_batch_size, ep.batch_wait_timeout_s = RequestIds(), 64, 0.0
-    ep.batches = ep.batched_requests = ep.max_requests_per_batch = 0
-    ep.monitor_requests = InFlightLimit("/v1/monitor + /v1/feedback", 8, 1.0)
-    ep.monitor = MonitorLink(lambda: _MonitorHandle(mon), interval_s=0.0, buffer=MonitorBuffer())
-    ep._monitor_sync_task, ep._monitor_synced = "not started", True
-
-    class _Registry:
-        uri = "memory://fuzz"
-
-    ep.registry = _Registry()
-
-    async def one(item):  # @serve.batch needs a replica: score each request on its own
-        return ep._score([item])[0]
-
-    ep._score_batched = one
-    return ep, mon
+    return bare_endpoint(monkeypatch, schema, pre, mon, KEY, registry_uri="memory://fuzz"), mon
 
 
 @pytest.fixture()

@@ -5,10 +5,10 @@ counted once; the endpoint asks again for ids another replica may still hold in 
 from __future__ import annotations
 
 import asyncio
-import concurrent.futures
 
 import numpy as np
 import pytest
+from helpers.endpoint import MonitorHandle
 
 from raysys.config import DataConfig
 from raysys.data import Preprocessor, SyntheticTask
@@ -91,34 +91,6 @@ def test_feedback_answer_202_404_422():
     assert e.value.status == 404 and e.value.field == "request_id"
 
 
-class _Ref:
-    def __init__(self, value):
-        self._f = concurrent.futures.Future()
-        self._f.set_result(value)
-
-    def future(self):
-        return self._f
-
-
-class _Method:
-    def __init__(self, fn, calls: list, name: str):
-        self.fn, self.calls, self.name = fn, calls, name
-
-    def remote(self, *args):
-        self.calls.append((self.name, args))
-        out = self.fn(*args)
-        return _Ref(out) if self.name == "feedback_verdicts" else None
-
-
-class _Handle:
-    """What a replica's MonitorLink sees of the actor: `.record.remote`, `.feedback_verdicts.remote`, run
-    in order on one plain Monitor (as Ray runs one caller's calls to an actor)."""
-
-    def __init__(self, mon: Monitor, calls: list):
-        self.record = _Method(mon.record, calls, "record")
-        self.feedback_verdicts = _Method(mon.feedback_verdicts, calls, "feedback_verdicts")
-
-
 def _endpoint_with(link: MonitorLink):
     from serve.endpoint import StudentEndpoint
 
@@ -131,7 +103,7 @@ def _endpoint_with(link: MonitorLink):
 def test_endpoint_asks_again_for_ids_another_replica_still_buffers(small):
     _, arrays, _ = small
     mon, calls = _monitor(small), []
-    links = [MonitorLink(lambda: _Handle(mon, calls), interval_s=0.05, buffer=MonitorBuffer()) for _ in range(2)]
+    links = [MonitorLink(lambda: MonitorHandle(mon, calls), interval_s=0.05, buffer=MonitorBuffer()) for _ in range(2)]
     here, other = links
     x, c, y, p = arrays(2, 9)
     here.add(x[:1], c[:1], None, 1.0, 1, proba=p[:1], request_id="mine")

@@ -10,7 +10,6 @@ differently), kept across monitor restarts (hashes still join), keyed with HMAC-
 
 from __future__ import annotations
 
-import concurrent.futures
 import hashlib
 import hmac
 import json
@@ -21,22 +20,18 @@ import stat
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-import torch
 from fastapi.testclient import TestClient
+from helpers.endpoint import bare_endpoint
 from pydantic import ValidationError
 
-from raysys.config import ModelConfig, ServeConfig
+from raysys.config import ModelConfig
 from raysys.data import Preprocessor
 from raysys.data.schema import DatasetSchema, FeatureSpec, schema_to_dict
 from raysys.models import build_model, model_spec
 from raysys.monitor import Monitor, ReferenceProfile
 from raysys.monitor.salt import SALT_FILE, TRAFFIC_SALT_ENV, TRAFFIC_SALT_FILE_ENV, hash_value
 from raysys.monitor.store import hash_value as store_hash_value
-from serve.monitor_link import MonitorBuffer, MonitorLink
-from serve.parsing import RequestIds
 from serve.routes import build_http_app
-from serve.scoring import Scorer
-from serve.web import InFlightLimit
 
 KEY = "api-key-marker-3f9c2a7be1d04c55"
 RAY_TOKEN = "ray-token-marker-8d1e6b40a2f7c933"
@@ -80,64 +75,8 @@ def _monitor(tmp_path, schema, pre, traffic="traffic", **cfg) -> Monitor:
                     "snapshot_uri": str(tmp_path / "snap"), **cfg}, model_version=1)
 
 
-class _Ref:
-    def __init__(self, value):
-        self._f = concurrent.futures.Future()
-        self._f.set_result(value)
-
-    def future(self):
-        return self._f
-
-
-class _Method:
-    def __init__(self, fn, awaited: bool):
-        self.fn, self.awaited = fn, awaited
-
-    def remote(self, *args):
-        out = self.fn(*args)
-        return _Ref(out) if self.awaited else None
-
-
-class _MonitorHandle:
-    """The monitor actor as a replica's MonitorLink sees it, over one plain Monitor (calls run in order)."""
-
-    def __init__(self, mon: Monitor):
-        self.record = _Method(mon.record, False)
-        self.feedback_verdicts = _Method(mon.feedback_verdicts, True)
-        self.report = _Method(mon.report, True)
-        self.set_profile = _Method(mon.set_profile, False)
-
-
 def _endpoint(monkeypatch, mon: Monitor, schema: DatasetSchema, pre: Preprocessor):
-    """A StudentEndpoint without Ray or a registry (as tests/unit/test_contract_fuzz.py builds it)."""
-    from serve import endpoint as endpoint_mod
-    from serve.endpoint import StudentEndpoint, Versions
-
-    torch.manual_seed(0)
-    model = build_model(model_spec(schema, ModelConfig(hidden_dims=[16], embed_dim=3))).eval()
-    scorer = Scorer(name="student", version=1, model=model, schema=schema, preprocessor=pre)
-    monkeypatch.setattr(endpoint_mod, "FEEDBACK_RECHECK_MARGIN_S", 0.0)
-    cls = next(c for c in StudentEndpoint.func_or_class.__mro__ if "_predict" in vars(c))
-    ep = cls.__new__(cls)
-    ep.serve_cfg, ep.versions, ep._api_token = ServeConfig(max_instances_per_request=50), Versions(scorer), KEY
-    ep.model_name, ep.model_ref, ep.candidate_ref, ep.replica_id = "student", "production", None, None
-    ep.last_reconfigure_error, ep.torch_threads = None, 1
-    ep._request_ids, ep.max_batch_size, ep.batch_wait_timeout_s = RequestIds(), 64, 0.0
-    ep.batches = ep.batched_requests = ep.max_requests_per_batch = 0
-    ep.monitor_requests = InFlightLimit("/v1/monitor + /v1/feedback", 8, 1.0)
-    ep.monitor = MonitorLink(lambda: _MonitorHandle(mon), interval_s=0.0, buffer=MonitorBuffer())
-    ep._monitor_sync_task, ep._monitor_synced = "not started", True
-
-    class _Registry:
-        uri = "memory://privacy"
-
-    ep.registry = _Registry()
-
-    async def one(item):  # @serve.batch needs a replica: score each request on its own
-        return ep._score([item])[0]
-
-    ep._score_batched = one
-    return ep
+    return bare_endpoint(monkeypatch, schema, pre, mon, KEY, registry_uri="memory://privacy")
 
 
 class _Capture(logging.Handler):
