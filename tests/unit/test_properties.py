@@ -13,6 +13,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers.spyfs import SpyFS
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -263,26 +264,6 @@ def test_a_path_component_is_refused_or_stays_one_level_under_the_root(part, tmp
     assert _inside(files.root, path) and os.path.dirname(path) == files.root
 
 
-class _RecordingFS:
-    """A pyarrow filesystem that records every path it is asked about (FileSelector: its base_dir)."""
-
-    def __init__(self, fs):
-        self._fs, self.paths = fs, []
-
-    def __getattr__(self, attr):
-        real = getattr(self._fs, attr)
-        if not callable(real):
-            return real
-
-        def call(*args, **kwargs):
-            for a in args:
-                for item in a if isinstance(a, list) else [a]:
-                    if isinstance(item, str) or hasattr(item, "base_dir"):
-                        self.paths.append(getattr(item, "base_dir", item))
-            return real(*args, **kwargs)
-        return call
-
-
 @pytest.fixture(scope="module")
 def small_registry(tmp_path_factory):
     reg = Registry(tmp_path_factory.mktemp("propreg") / "reg")
@@ -291,7 +272,7 @@ def small_registry(tmp_path_factory):
     reg.register("student", state_dict=build_model(spec).state_dict(), model_spec=spec, schema=SCHEMA,
                  preprocessor=PRE, metrics={}, config={}, lineage={})
     reg.set_alias("student", "production", 1)
-    reg.files.fs = _RecordingFS(reg.files.fs)
+    reg.files.fs = SpyFS(reg.files.fs)
     return reg
 
 

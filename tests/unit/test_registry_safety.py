@@ -9,6 +9,7 @@ import os
 import numpy as np
 import pytest
 import torch
+from helpers.spyfs import SpyFS
 
 from raysys.config import DataConfig, ModelConfig
 from raysys.data import Preprocessor, SyntheticTask
@@ -80,25 +81,6 @@ def _readers(reg: Registry, name, alias="production", ref="latest"):
     }
 
 
-class _SpyFS:
-    """A pyarrow filesystem that records every path it is asked about."""
-
-    def __init__(self, fs):
-        self._fs, self.paths = fs, []
-
-    def __getattr__(self, attr):
-        real = getattr(self._fs, attr)
-        if not callable(real):
-            return real
-
-        def call(*args, **kwargs):
-            for a in args:
-                items = a if isinstance(a, list) else [a]
-                self.paths += [getattr(i, "base_dir", i) for i in items if isinstance(i, str) or hasattr(i, "base_dir")]
-            return real(*args, **kwargs)
-        return call
-
-
 def _inside(root: str, path: str) -> bool:
     return os.path.normpath(path) == path and path.startswith(root + "/") and "\x00" not in path
 
@@ -106,7 +88,7 @@ def _inside(root: str, path: str) -> bool:
 def test_bad_names_are_refused_on_every_path_and_touch_nothing_outside(reg_and_sentinel, monkeypatch):
     reg, tmp = reg_and_sentinel
     before = _snapshot(tmp)
-    spy = reg.files.fs = _SpyFS(reg.files.fs)
+    spy = reg.files.fs = SpyFS(reg.files.fs)
     seen: list[str] = []
     for bad in BAD_NAMES:
         seen += spy.paths
