@@ -8,7 +8,6 @@ Measure, Manage; NIST AI 100-1, 2023).
 
 from __future__ import annotations
 
-import math
 import time
 from typing import Any
 
@@ -27,7 +26,7 @@ CHECKS: dict[str, tuple[tuple[str, ...], str]] = {
     "membership_auc": (("membership", "auc"), "membership-inference AUC, train vs held-out rows"),
     "equalized_odds_gap": (("fairness", "equalized_odds_gap"), "largest TPR/FPR gap between protected groups"),
     "selection_rate_gap": (("fairness", "selection_rate_gap"), "largest selection-rate gap between protected groups"),
-    "dp_epsilon": (("privacy", "epsilon"), "DP-SGD epsilon at the configured delta (inf without DP-SGD)"),
+    "dp_epsilon": (("privacy", "epsilon"), "DP-SGD epsilon at the configured delta (none: trained without)"),
 }
 
 
@@ -61,7 +60,7 @@ def trust_figures(model: nn.Module, cfg: GovernanceConfig, *, test: tuple, train
     mia = membership_report(model, train_s, test_s)
     seconds["membership"] = round(time.perf_counter() - t0, 3)
     out: dict[str, Any] = {"robustness": rob, "membership": mia,
-                           "privacy": privacy or {"dp_sgd": False, "epsilon": math.inf}}
+                           "privacy": privacy or {"dp_sgd": False, "epsilon": None}}
     if protected and raw_columns is not None:
         t0 = time.perf_counter()
         from raysys.models import predict_logits
@@ -87,10 +86,12 @@ def run_checks(trust: dict[str, Any], cfg: GovernanceConfig) -> list[dict[str, A
     """One entry per check whose figure exists: value, threshold (None: not enforced), passed."""
     out = []
     for name, (path, what) in CHECKS.items():
-        value = _figure(trust, path)
-        if value is None:
+        value, bound = _figure(trust, path), getattr(cfg.thresholds, name)
+        if value is None and not (name == "dp_epsilon" and bound is not None and "privacy" in trust):
             continue
-        bound = getattr(cfg.thresholds, name)
+        if value is None:  # a bound on epsilon and no DP-SGD: no guarantee at all
+            out.append({"check": name, "what": what, "value": None, "threshold": bound, "passed": False})
+            continue
         out.append({"check": name, "what": what, "value": value, "threshold": bound,
                     "passed": bound is None or not value > bound})
     return out
