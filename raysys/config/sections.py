@@ -177,6 +177,10 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _degrees(self) -> TrainConfig:
+        if self.dp is not None and self.strategy != "ddp":  # the rule of raysys.trust.dp.check_strategy
+            raise ValueError(f"train.dp: DP-SGD needs each row's own gradient, so it supports single-process and "
+                             f"data-parallel training only (train.strategy: ddp), not {self.strategy!r}, which "
+                             "shards or splits the parameters or the batch; set train.strategy: ddp or remove dp")
         p, n = self.parallel, self.num_workers
         if p is not None and (p.dp, p.tp, p.pp) != (None, None, None):
             # the same rule as raysys.parallel.ParallelDims (config imports no torch)
@@ -472,6 +476,11 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
+        for where, dp in (("train.dp", self.train.dp), ("distill.dp", self.distill.dp)):
+            if dp is not None:  # refused, never silently trained without privacy
+                raise ValueError(f"{where}: the Ray Train teacher loop and the Tune student trials do not apply "
+                                 "DP-SGD yet; DP-SGD runs in raysys.trust.dp.train_dp (benchmarks/trust.py). "
+                                 f"Remove {where} to run the pipeline")
         if self.train.batch_size < self.train.num_workers:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be at least train.num_workers "
