@@ -102,12 +102,15 @@ def train_dp(model: nn.Module, x_num, x_cat, y, dp: DPConfig, *, epochs: int, ba
     engine = opacus.PrivacyEngine(accountant="rdp")
     model.train()
     _offsets_as_attributes(model)
+    pmodel = None
     try:
         pmodel, popt, ploader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
                                                     noise_multiplier=dp.noise_multiplier,
                                                     max_grad_norm=dp.max_grad_norm, poisson_sampling=True)
         steps = _epochs(pmodel, popt, ploader, epochs, soft_targets is not None, temperature, alpha)
     finally:
+        if pmodel is not None:  # Opacus's hooks stay on the modules otherwise: later backward passes would fail
+            pmodel._close()
         _offsets_as_attributes(model, back=True)
     model.eval()
     acct = {"dp_sgd": True, "epsilon": float(engine.get_epsilon(dp.delta)), "delta": dp.delta,
