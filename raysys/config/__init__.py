@@ -4,6 +4,7 @@ One `PipelineConfig` holds a section per stage (`sections`); named presets and t
 `presets`. Import everything from here: `from raysys.config import PipelineConfig, load_config`.
 """
 
+from raysys.config.governance import DPConfig, GovernanceConfig, TrustThresholds
 from raysys.config.presets import PRESETS, load_config, preset
 from raysys.config.quality import QUALITY_CHECKS, CheckLevels, QualityConfig
 from raysys.config.sections import (
@@ -26,7 +27,7 @@ from raysys.config.sections import (
 
 __all__ = [
     "FT_ARCH_FIELDS", "FT_SIZES", "PRESETS", "QUALITY_CHECKS", "CanaryConfig", "CheckLevels", "DataConfig",
-    "DistillConfig", "EvaluationConfig", "ModelConfig", "QualityConfig",
+    "DPConfig", "DistillConfig", "EvaluationConfig", "GovernanceConfig", "ModelConfig", "QualityConfig",
     "MonitorConfig", "ParallelConfig", "PipelineConfig", "ServeAutoscaling", "ServeConfig", "SliceConfig",
-    "TrackingConfig", "TrainConfig", "load_config", "preset",
+    "TrackingConfig", "TrainConfig", "TrustThresholds", "load_config", "preset",
 ]

@@ -10,7 +10,9 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from raysys.config.governance import DPConfig, GovernanceConfig
 from raysys.config.quality import QualityConfig
+from raysys.config.tracking import TrackingConfig
 
 
 class _Strict(BaseModel):
@@ -161,6 +163,7 @@ class TrainConfig(_Strict):
         "the controller has taken its previous one, so epochs shorter than this wait for it every epoch. "
         "An explicit RAY_TRAIN_HEALTH_CHECK_INTERVAL_S in the driver's environment wins.")
     seed: int = Field(0, description="Seed of model init and shuffling.")
+    dp: DPConfig | None = Field(None, description="Train the teacher with DP-SGD (Opacus); None: off.")
 
     @field_validator("resources_per_worker")
     @classmethod
@@ -174,6 +177,10 @@ class TrainConfig(_Strict):
 
     @model_validator(mode="after")
     def _degrees(self) -> TrainConfig:
+        if self.dp is not None and self.strategy != "ddp":  # the rule of raysys.trust.dp.check_strategy
+            raise ValueError(f"train.dp: DP-SGD needs each row's own gradient, so it supports single-process and "
+                             f"data-parallel training only (train.strategy: ddp), not {self.strategy!r}, which "
+                             "shards or splits the parameters or the batch; set train.strategy: ddp or remove dp")
         p, n = self.parallel, self.num_workers
         if p is not None and (p.dp, p.tp, p.pp) != (None, None, None):
             # the same rule as raysys.parallel.ParallelDims (config imports no torch)
@@ -268,6 +275,7 @@ class DistillConfig(_Strict):
     quantize: bool = Field(True, description="Also register a dynamic-int8 variant of the chosen student.")
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig, description="Student evaluation.")
     seed: int = Field(0, description="Seed of student init, shuffling and the search.")
+    dp: DPConfig | None = Field(None, description="Train the students with DP-SGD (Opacus); None: off.")
 
     @field_validator("temperatures")
     @classmethod
@@ -446,21 +454,6 @@ class CanaryConfig(_Strict):
         return self.max_s or 3 * self.interval_s * (self.intervals + self.failure_threshold)
 
 
-class TrackingConfig(_Strict):
-    """Experiment tracking in MLflow (the optional extra `pip install raysys[mlflow]`); the raysys registry
-    stays the source of truth, MLflow gets a copy of the runs, metrics and versions from the driver."""
-
-    mlflow: bool = Field(False, description="Log each `raysys run`/`demo` to MLflow (teacher, sweep trials "
-                                            "nested under the sweep, evaluation, registered versions).")
-    mlflow_uri: str | None = Field(None, description="MLflow tracking URI; setting it turns tracking on "
-                                                     "(None: sqlite:///<root>/mlflow.db when `mlflow` is on).")
-    experiment: str = Field("raysys", description="MLflow experiment the runs go under.")
-
-    @property
-    def enabled(self) -> bool:
-        return self.mlflow or self.mlflow_uri is not None
-
-
 class PipelineConfig(_Strict):
     """The whole loop: data -> teacher -> distillation -> registry -> serve -> monitor."""
 
@@ -478,9 +471,16 @@ class PipelineConfig(_Strict):
     monitor: MonitorConfig = Field(default_factory=MonitorConfig)
     canary: CanaryConfig = Field(default_factory=CanaryConfig, description="The canary gate of rollouts.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
+    governance: GovernanceConfig = Field(default_factory=GovernanceConfig,
+                                         description="Trust checks on the model cards, their promotion bounds, uses.")
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
+        for where, dp in (("train.dp", self.train.dp), ("distill.dp", self.distill.dp)):
+            if dp is not None:  # refused, never silently trained without privacy
+                raise ValueError(f"{where}: the Ray Train teacher loop and the Tune student trials do not apply "
+                                 "DP-SGD yet; DP-SGD runs in raysys.trust.dp.train_dp (benchmarks/trust.py). "
+                                 f"Remove {where} to run the pipeline")
         if self.train.batch_size < self.train.num_workers:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be at least train.num_workers "

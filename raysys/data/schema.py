@@ -42,13 +42,17 @@ class FeatureSpec(BaseModel):
                                         "never holds its raw values (hashed with the deployment's secret salt, "
                                         "or dropped: monitor.traffic_sensitive), and no error message or log "
                                         "line shows them.")
+    protected: bool = Field(False, strict=True,
+                            description="A protected attribute (fairness slices): the model card reports accuracy, "
+                                        "selection rate and equalized-odds gaps per group of this column (per "
+                                        "category, or per quartile of a numeric one).")
 
     @model_serializer(mode="wrap")
     def _dump(self, handler):
-        # `nullable` and `sensitive` are written only when set, so schemas without them keep their bytes (and
+        # `nullable`, `sensitive` and `protected` are written only when set, so schemas without them keep their bytes (and
         # fingerprints)
         out = handler(self)
-        for flag in ("nullable", "sensitive"):
+        for flag in ("nullable", "sensitive", "protected"):
             if not getattr(self, flag):
                 out.pop(flag, None)
         return out
@@ -109,6 +113,11 @@ class DatasetSchema(BaseModel):
     def sensitive(self) -> list[str]:
         """Names of the features marked sensitive (their raw values are never stored with traffic or shown)."""
         return [f.name for f in self.features if f.sensitive]
+
+    @property
+    def protected(self) -> list[str]:
+        """Names of the features marked protected (per-group fairness metrics on the model card)."""
+        return [f.name for f in self.features if f.protected]
 
     @property
     def num_classes(self) -> int:

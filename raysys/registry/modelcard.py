@@ -14,6 +14,8 @@ from pathlib import Path
 from typing import Any
 
 import raysys
+from raysys.registry.trustcard import governance_limitations, governance_lines
+from raysys.registry.trustcard import md_table as _table
 
 CARD_FORMAT = 1
 
@@ -62,10 +64,12 @@ def build_model_card(*, name: str, kind: str, schema: dict[str, Any] | Any, data
                      distillation: dict[str, Any] | None = None, teacher_metrics: dict[str, Any] | None = None,
                      lineage: dict[str, Any] | None = None, quantization: str | None = None,
                      intended_use: str | None = None, limitations: list[str] | None = None,
-                     data_root: str | None = None, data_quality: dict[str, Any] | None = None) -> dict[str, Any]:
+                     data_root: str | None = None, data_quality: dict[str, Any] | None = None,
+                     governance: dict[str, Any] | None = None) -> dict[str, Any]:
     """A model card as a dict. `metrics` is the test split's `full_evaluation`; `teacher_metrics` the
     teacher's (for retention); `distillation` the sweep's summary (best config, rule, trials, ...);
-    `data_quality` the data quality report's summary (`raysys.data.quality.card_summary`)."""
+    `data_quality` the data quality report's summary (`raysys.data.quality.card_summary`); `governance` the
+    trust figures, checks and NIST AI RMF view (`raysys.trust.governance_section`)."""
     if hasattr(schema, "model_dump"):
         schema = json.loads(schema.model_dump_json())
     head = headline_metrics(metrics)
@@ -94,6 +98,7 @@ def build_model_card(*, name: str, kind: str, schema: dict[str, Any] | Any, data
                 "Inputs drifting from the training distribution (see the monitor's PSI report) void these figures.")
     for f in (data_quality or {}).get("findings") or []:
         lims.append(f"Data quality {f['level']}: {f['check']}: {f['message']}.")
+    lims += governance_limitations(governance)
     if quantization:
         lims.append(f"Weights are quantized ({quantization}) at load time; figures are for the quantized model.")
     card = {
@@ -117,19 +122,9 @@ def build_model_card(*, name: str, kind: str, schema: dict[str, Any] | Any, data
         "limitations": lims,
         "lineage": {"code_version": code_version(), **(lineage or {})},
     }
+    if governance:
+        card["governance"] = governance
     return card
-
-
-def _table(headers: list[str], rows: list[list[Any]]) -> list[str]:
-    def cell(v: Any) -> str:
-        if v is None:
-            return ""
-        if isinstance(v, float):
-            return f"{v:.4g}"
-        return str(v).replace("|", "/")
-
-    return ["| " + " | ".join(headers) + " |", "|" + "---|" * len(headers)] + [
-        "| " + " | ".join(cell(c) for c in r) + " |" for r in rows]
 
 
 def _quality_lines(q: dict[str, Any] | None) -> list[str]:
@@ -190,6 +185,7 @@ def render_markdown(card: dict[str, Any]) -> str:
             [[s["slice"], s["num_rows"], s["accuracy"], s["macro_f1"], "WORST" if s.get("worst") else ""]
              for s in sl["slices"]])
         lines.append("")
+    lines += governance_lines(card.get("governance"))
     lines += ["## Limitations", ""] + [f"- {x}" for x in card.get("limitations") or []] + [""]
     data = card.get("data") or {}
     schema = data.get("schema") or {}

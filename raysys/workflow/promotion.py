@@ -51,6 +51,20 @@ def judge(candidate_acc: float, production_acc: float | None, min_improvement: f
                    f"by more than {min_improvement:g} ({gain:+.4f}); production keeps serving")
 
 
+def governance_gate(reg, name: str, version: int, wins: bool, why: str) -> tuple[bool, str, list[dict]]:
+    """(wins, why, failed checks): a candidate whose model card shows a trust check failing beyond its
+    `governance.thresholds` bound is not promoted, whatever its holdout accuracy."""
+    from raysys.trust import failed_checks
+
+    _, card, _ = reg.model_card(name, version)
+    failed = failed_checks(card)
+    if not failed:
+        return wins, why, []
+    names = "; ".join(f"{c['check']} = {c['value']} above {c['threshold']}" for c in failed)
+    return False, (f"v{version}'s model card fails trust check(s) {names} (governance.thresholds), so it is not "
+                   f"promoted and stays the candidate (holdout: {why})"), failed
+
+
 def find_app(admin, registry_uri: str, model_name: str, app: str | None) -> dict | None:
     """The declaratively deployed Serve application serving `model_name` from `registry_uri` (or `app`)."""
     from serve.contract import resolve_registry_uri

@@ -11,7 +11,8 @@
    registered one), the student distilled with Ray Tune and registered with alias `candidate` (never
    `production`), through the same stages as the first training;
 4. the judgement (`promotion`): only a candidate more than `min_improvement` more accurate than the served
-   version on the holdout goes on;
+   version on the holdout, whose model card shows no trust check failing beyond its `governance.thresholds`
+   bound (robustness, membership inference, protected-group gaps, DP epsilon), goes on;
 5. the canary in the Serve application that serves this model from this registry, then promotion (the
    endpoint's stable version and the `production` alias) or the canary stopped; with no application the
    `production` alias alone moves.
@@ -38,6 +39,7 @@ from raysys.workflow.promotion import (
     canary_then_decide,
     expected_agreement,
     find_app,
+    governance_gate,
     holdout_accuracy,
     judge,
 )
@@ -88,6 +90,7 @@ def retrain(cfg: PipelineConfig, args) -> dict[str, Any]:
     cand_acc = holdout_accuracy(reg, cfg.model_name, cand.version, holdout)
     prod_acc = holdout_accuracy(reg, cfg.model_name, served.version, holdout)
     wins, why = judge(cand_acc, prod_acc, args.min_improvement)
+    wins, why, failed = governance_gate(reg, cfg.model_name, cand.version, wins, why)
     log.info("retrain: %s", why)
     agreement = expected_agreement(reg, cfg.model_name, cand.version, served.version, holdout)
     gate = canary_gate(cfg, args, agreement)
@@ -96,7 +99,7 @@ def retrain(cfg: PipelineConfig, args) -> dict[str, Any]:
                 "alias": "candidate", "promoted": promoted, "why": why, "reason": args.reason,
                 "holdout": {"rows": holdout.num_rows, "candidate_accuracy": cand_acc, "production_accuracy": prod_acc,
                             "production_version": served.version, "agreement": agreement},
-                "canary": canary, "data": {"root": str(data.root), "fingerprint": cand.fingerprint,
+                "failed_trust_checks": failed, "canary": canary, "data": {"root": str(data.root), "fingerprint": cand.fingerprint,
                                            "split_rows": data.counts, **data.info},
                 "teacher_version": cand.teacher_version, "best_distill_config": cand.best,
                 "test_accuracy": cand.metrics.get("accuracy"), "stage_seconds": timer.times}

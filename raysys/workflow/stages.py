@@ -165,12 +165,13 @@ def stage_teacher(cfg: PipelineConfig, prep: Prepared) -> tuple[Any, int, dict]:
     Returns (model, registry version, test metrics)."""
     from raysys.models import build_model
     from raysys.train import train_teacher
+    from raysys.workflow.trust_stage import privacy_of
 
     teacher = train_teacher(cfg, prep.schema, prep.preprocessor)
     model = build_model(teacher.model_spec)
     model.load_state_dict(teacher.state_dict())
     model.eval()
-    metrics = _evaluate_teacher(cfg, prep, model)
+    metrics = _evaluate_teacher(cfg, prep, model, privacy_of(teacher.metrics))
     version = _register_teacher(cfg, prep, teacher, model, metrics)
     log.info("[teacher] test accuracy %.4f (majority class %.4f), %d parameters, registered as %s%s:v%d",
              metrics["accuracy"], metrics["majority_class_accuracy"], metrics["num_parameters"],
@@ -178,26 +179,30 @@ def stage_teacher(cfg: PipelineConfig, prep: Prepared) -> tuple[Any, int, dict]:
     return model, version, metrics
 
 
-def _evaluate_teacher(cfg: PipelineConfig, prep: Prepared, model) -> dict:
+def _evaluate_teacher(cfg: PipelineConfig, prep: Prepared, model, privacy: dict | None = None) -> dict:
     from raysys.evaluate import full_evaluation, torch_threads
+    from raysys.workflow.trust_stage import model_trust
 
     schema = prep.schema
     x_num, x_cat, y = _test_arrays(cfg, prep)
     with torch_threads(1):  # latency as one serving thread sees it, like the student's card
         metrics = full_evaluation(model, x_num, x_cat, y, schema.num_classes, **_evaluation_kwargs(cfg, prep))
     metrics["majority_class_accuracy"] = float(np.bincount(y, minlength=schema.num_classes).max() / len(y))
+    metrics["trust"] = model_trust(cfg, prep, model, (x_num, x_cat, y), privacy=privacy, who="teacher")
     return metrics
 
 
 def _register_teacher(cfg: PipelineConfig, prep: Prepared, teacher, model, metrics: dict) -> int:
     from raysys.registry import Registry
     from raysys.registry.modelcard import build_model_card
+    from raysys.workflow.trust_stage import governance
 
     schema = prep.schema
     lineage = {"data_fingerprint": prep.fingerprint, "checkpoint": teacher.checkpoint_dir, **_quality_lineage(prep)}
     card = build_model_card(
         name=cfg.model_name + TEACHER_SUFFIX, kind="teacher", schema=schema, data_fingerprint=prep.fingerprint,
         metrics=metrics, lineage=lineage, data_root=cfg.data.root, data_quality=prep.quality,
+        governance=governance(cfg, prep, metrics.get("trust")),
         training_config={**_config_sections(cfg, "teacher", "train"),
                          # per-epoch figures stay in the version's metrics.json
                          "epochs_run": len(teacher.metrics),
@@ -259,7 +264,7 @@ def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_ve
     sweep = run_sweep(cfg, prep.schema, prep.preprocessor, teacher_model, run_name=resume_sweep,
                       resume=resume_sweep is not None)
     student = _best_student(sweep)
-    ev = _evaluate_student(cfg, prep, student, teacher_model, teacher_metrics)
+    ev = _evaluate_student(cfg, prep, student, teacher_model, teacher_metrics, getattr(sweep, "privacy", None))
     facts = _card_facts(cfg, prep, sweep, teacher_version, lineage)
     reg = Registry(cfg.registry_uri)
     version = _register_student(cfg, prep, reg, sweep, student, ev, teacher_metrics, facts)
@@ -283,12 +288,13 @@ def _best_student(sweep):
 
 
 def _evaluate_student(cfg: PipelineConfig, prep: Prepared, student, teacher_model,
-                      teacher_metrics: dict) -> _StudentEvaluation:
+                      teacher_metrics: dict, privacy: dict | None = None) -> _StudentEvaluation:
     """The student, its int8 variant (when `distill.quantize`) and the teacher on the test split, latency
     measured on one thread for each, as one serving replica thread sees it."""
     from raysys.evaluate import full_evaluation, torch_threads
     from raysys.models import predict_logits
     from raysys.models.quantize import quantize_dynamic_int8
+    from raysys.workflow.trust_stage import model_trust
 
     schema, ev = prep.schema, cfg.distill.evaluation
     x_num, x_cat, y = _test_arrays(cfg, prep)
@@ -302,6 +308,11 @@ def _evaluate_student(cfg: PipelineConfig, prep: Prepared, student, teacher_mode
         q_model = quantize_dynamic_int8(student) if cfg.distill.quantize else None
         q_metrics = (full_evaluation(q_model, x_num, x_cat, y, schema.num_classes, **common)
                      if q_model is not None else None)
+    test = (x_num, x_cat, y)
+    metrics["trust"] = model_trust(cfg, prep, student, test, privacy=privacy, who="student")
+    if q_metrics is not None:
+        q_metrics["trust"] = model_trust(cfg, prep, q_model, test, attack_model=student, privacy=privacy,
+                                         who="student-int8")
     teacher_cmp = {**teacher_metrics, "accuracy": teacher_eval["accuracy"],
                    "num_parameters": teacher_eval["num_parameters"], "latency": teacher_eval.get("latency")}
     return _StudentEvaluation(metrics, teacher_cmp, q_model, q_metrics)
@@ -322,9 +333,12 @@ def _register_student(cfg: PipelineConfig, prep: Prepared, reg, sweep, student, 
                       teacher_metrics: dict, facts: _CardFacts) -> int:
     from raysys.registry.modelcard import build_model_card
     from raysys.workflow.reference import monitor_reference
+    from raysys.workflow.trust_stage import governance
 
     card = build_model_card(name=cfg.model_name, kind="student", schema=prep.schema,
                             data_fingerprint=prep.fingerprint, metrics=ev.metrics,
+                            governance=governance(cfg, prep, ev.metrics.get("trust"), teacher_metrics.get("trust")),
+                            intended_use=cfg.governance.intended_use,
                             training_config=facts.training_config, distillation=facts.distillation,
                             teacher_metrics=ev.teacher, lineage=facts.lineage, data_root=cfg.data.root,
                             data_quality=prep.quality, limitations=size_limitations(prep))
@@ -345,11 +359,14 @@ def _register_int8(cfg: PipelineConfig, prep: Prepared, reg, sweep, student, ev:
     from raysys.models.quantize import DYNAMIC_INT8
     from raysys.registry.modelcard import build_model_card
     from raysys.workflow.reference import monitor_reference
+    from raysys.workflow.trust_stage import governance
 
     metrics, q_metrics = ev.metrics, ev.int8_metrics
     q_lineage = {**facts.lineage, "quantized_from": f"{cfg.model_name}:v{float_version}"}
     q_card = build_model_card(name=cfg.model_name, kind="student-int8", schema=prep.schema,
                               data_fingerprint=prep.fingerprint, metrics=q_metrics,
+                              governance=governance(cfg, prep, q_metrics.get("trust"), teacher_metrics.get("trust")),
+                              intended_use=cfg.governance.intended_use,
                               training_config=facts.training_config, distillation=facts.distillation,
                               teacher_metrics=ev.teacher, lineage=q_lineage, quantization=DYNAMIC_INT8,
                               data_root=cfg.data.root, data_quality=prep.quality,

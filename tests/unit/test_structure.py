@@ -27,7 +27,7 @@ MAX_FUNCTION_LINES = 80
 # Who may import whom (first match wins; a module prefix names a module and its submodules). Third-party
 # imports are not restricted here except Ray where the layer must not touch it (RAY_FREE).
 CORE = ("raysys.config", "raysys.data", "raysys.models", "raysys.parallel", "raysys.evaluate", "raysys.registry",
-        "raysys.statefile", "raysys.sigint")
+        "raysys.statefile", "raysys.sigint", "raysys.trust")
 ENGINES = ("raysys.train", "raysys.distill", "raysys.monitor")
 LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("raysys.sigint", ()),
@@ -38,6 +38,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("raysys.parallel", ("raysys.parallel",)),
     ("raysys.evaluate", ("raysys.config", "raysys.models")),
     ("raysys.registry", ("raysys.data", "raysys.models", "raysys.registry")),
+    ("raysys.trust", ("raysys.config", "raysys.models", "raysys.trust")),
     ("raysys.train", ("raysys.config", "raysys.data", "raysys.models", "raysys.parallel", "raysys.sigint",
                       "raysys.statefile", "raysys.train")),
     ("raysys.distill", ("raysys.config", "raysys.data", "raysys.models", "raysys.evaluate", "raysys.sigint",
@@ -53,7 +54,7 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
 ]
 # the layers that must not import Ray at all
 RAY_FREE = ("raysys.config", "raysys.data", "raysys.models", "raysys.parallel", "raysys.evaluate",
-            "raysys.registry", "raysys.statefile", "raysys.report", "raysys.tracking")
+            "raysys.registry", "raysys.statefile", "raysys.report", "raysys.tracking", "raysys.trust")
 
 
 def _modules() -> dict[str, Path]:

@@ -1,0 +1,63 @@
+"""The evaluation stage's trust figures (`raysys.trust`) for a registered version: robustness on the test split,
+membership inference of train against test rows, protected-group metrics, and the card's governance section
+(NIST AI RMF Map / Measure / Manage) with the checks against `governance.thresholds`."""
+
+from __future__ import annotations
+
+import logging
+from typing import Any
+
+from raysys.config import PipelineConfig
+
+log = logging.getLogger("raysys")
+
+
+def _train_arrays(cfg: PipelineConfig, prep) -> tuple:
+    from raysys.data import read_split
+
+    return prep.preprocessor.transform_table(read_split(cfg.data.root, "train"))
+
+
+def model_trust(cfg: PipelineConfig, prep, model, test: tuple, *, attack_model=None, privacy: dict | None = None,
+                who: str = "model") -> dict[str, Any] | None:
+    """`trust_figures` of `model` on the split arrays (None when `governance.enabled` is off). `attack_model`: the
+    float twin whose gradients attack a model without them (dynamic int8)."""
+    from raysys.distill import split_raw_columns
+    from raysys.trust import trust_figures
+
+    gov, schema = cfg.governance, prep.schema
+    if not gov.enabled:
+        return None
+    protected = schema.protected
+    fig = trust_figures(model, gov, test=test, train=_train_arrays(cfg, prep), num_classes=schema.num_classes,
+                        cardinalities=schema.cardinalities, num_perturbed=len(schema.numeric),
+                        raw_columns=split_raw_columns(cfg, schema, "test") if protected else None,
+                        protected=protected, attack_model=attack_model, privacy=privacy)
+    rob, mia = fig["robustness"], fig["membership"]
+    log.info("[trust] %s: accuracy %.4f clean, %.4f under PGD at epsilon %g, %.4f with %g of categories flipped; "
+             "membership-inference AUC %.3f (%s s)", who, rob["clean_accuracy"], rob["accuracy_at_epsilon"],
+             rob["epsilon"], rob["accuracy_at_flip_rate"], rob["flip_rate"], mia["auc"], fig["seconds"])
+    return fig
+
+
+def governance(cfg: PipelineConfig, prep, trust: dict | None, teacher_trust: dict | None = None) -> dict | None:
+    """The card's governance section (None without trust figures); logs the checks that fail."""
+    from raysys.trust import governance_section
+
+    if trust is None:
+        return None
+    sec = governance_section(cfg.governance, trust, teacher_trust=teacher_trust, sensitive=prep.schema.sensitive,
+                             protected=prep.schema.protected,
+                             data_quality_status=(prep.quality or {}).get("status"))
+    for c in sec["checks"]:
+        if not c["passed"]:
+            log.warning("[trust] check %s failed: %s above its bound %s", c["check"], c["value"], c["threshold"])
+    return sec
+
+
+def privacy_of(result_metrics: Any) -> dict | None:
+    """The DP-SGD accounting a training run reported (None: trained without DP-SGD)."""
+    if isinstance(result_metrics, list):  # per-epoch metrics: the last epoch's accounting
+        result_metrics = result_metrics[-1] if result_metrics else {}
+    dp = (result_metrics or {}).get("dp") if isinstance(result_metrics, dict) else None
+    return {"dp_sgd": True, **dp} if dp else None
