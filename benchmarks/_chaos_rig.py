@@ -17,6 +17,7 @@ import os
 import signal
 import sys
 import time
+from contextlib import contextmanager
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[1]
@@ -26,6 +27,21 @@ sys.path.insert(0, str(REPO / "tests"))
 APP = "chaos"
 MONITOR = "chaos_monitor"
 W1_RESOURCES = {"replica_slot": 1, "train_slot": 1, "monitor_node": 1}
+
+
+@contextmanager
+def stdout_to_stderr():
+    """Send everything written to file descriptor 1 (Ray's driver prints, e.g. a raylet's "(raylet) Task ...
+    failed" line at shutdown) to stderr meanwhile, so that the benchmark's JSON stays its last stdout line."""
+    sys.stdout.flush()
+    saved = os.dup(1)
+    os.dup2(2, 1)
+    try:
+        yield
+    finally:
+        sys.stdout.flush()
+        os.dup2(saved, 1)
+        os.close(saved)
 
 
 def poll(fn, timeout_s: float, what: str, interval_s: float = 0.2):
@@ -105,6 +121,9 @@ class ChaosRig:
         if self.workers:
             self.w1 = self.cluster.add_node(num_cpus=2, resources=dict(W1_RESOURCES))
             self.w2 = self.cluster.add_node(num_cpus=2, resources={"train_slot": 1})
+        # every "auto" lookup in this process (Ray's state API, a library's own ray.init) must find THIS
+        # cluster: with another Ray on the machine, Ray picks the most recently started one
+        os.environ["RAY_ADDRESS"] = self.cluster.address
         ray.init(address=self.cluster.address, log_to_driver=False,
                  runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
         return self
@@ -119,6 +138,7 @@ class ChaosRig:
         except Exception:
             pass
         ray.shutdown()
+        os.environ.pop("RAY_ADDRESS", None)
         if self.cluster is not None:
             self.cluster.shutdown()
         Path("/tmp/ray/ray_current_cluster").unlink(missing_ok=True)  # Cluster wrote it; it names a dead cluster now
@@ -175,7 +195,8 @@ class ChaosRig:
     def actors(self, prefix: str) -> list:
         from ray.util.state import list_actors
 
-        return [a for a in list_actors(filters=[("state", "=", "ALIVE")], limit=1000)
+        # the address named: the harness must never see (and so never kill) another cluster's actors
+        return [a for a in list_actors(address=self.dashboard, filters=[("state", "=", "ALIVE")], limit=1000)
                 if a.class_name.startswith(prefix)]
 
     def replicas(self) -> list:

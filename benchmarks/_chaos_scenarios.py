@@ -129,6 +129,21 @@ class Training:
         poll(lambda: all(sum(e["event"] == "step" and e["epoch"] == epoch for e in self.events(r)) >= steps
                          for r in (0, 1)), RECOVERY_TIMEOUT_S, f"training in epoch {epoch}")
 
+    def wait_mid_current_epoch(self, steps: int) -> int:
+        """Until both ranks are `steps` steps into the epoch rank 0 runs now, that epoch not the last (so that
+        a kill leaves an epoch to resume into); returns it."""
+        last = self.cfg.train.num_epochs - 1
+
+        def ready():
+            starts = [e["epoch"] for e in self.events(0) if e["event"] == "epoch_start"]
+            if not starts or starts[-1] >= last:
+                return None
+            ep = starts[-1]
+            return all(sum(e["event"] == "step" and e["epoch"] == ep for e in self.events(r)) >= steps
+                       for r in (0, 1)) and ep + 1
+
+        return poll(ready, RECOVERY_TIMEOUT_S, "training mid-epoch, before its last epoch") - 1
+
     def pid(self, rank: int) -> int:
         return int((self.events_dir / f"pid-rank{rank}").read_text())
 
@@ -175,11 +190,11 @@ def kill_train_worker(rig: ChaosRig, tr: Training) -> dict:
 
 
 def remove_node(rig: ChaosRig, tr: Training) -> dict:
-    """Remove worker node w1 (a training rank, a replica and the monitor on it) at once, mid-epoch 2 of the
-    training the previous scenario broke, and bring a replacement node (as an autoscaler would); back when
+    """Remove worker node w1 (a training rank, a replica and the monitor on it) at once, mid-epoch (the epoch
+    the training the previous scenario broke runs now, not its last), and bring a replacement node (as an autoscaler would); back when
     the replicas, the monitor (restored) and training (resumed) all are. Training then runs to its end."""
     w1 = rig.w1.node_id
-    tr.wait_mid_epoch(2, steps=3)
+    tr.wait_mid_current_epoch(steps=3)
     placed = {"replica": any(a.node_id == w1 for a in rig.replicas()),
               "monitor": any(a.node_id == w1 for a in rig.actors("Monitor")),
               "train_rank": any(a.node_id == w1 for a in rig.actors("RayTrainWorker"))}

@@ -32,7 +32,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 import _chaos_scenarios as sc  # noqa: E402
 from _chaos_load import OpenLoad  # noqa: E402
-from _chaos_rig import ChaosRig, tree_digest  # noqa: E402
+from _chaos_rig import ChaosRig, stdout_to_stderr, tree_digest  # noqa: E402
 
 
 def run(root: Path, *, rate: float, random_s: float, every_s: float, epochs: int, step_delay_s: float,
@@ -110,18 +110,19 @@ def main(argv=None) -> int:
     p.add_argument("--rate", type=float, default=25.0, help="requests per second of the steady load")
     p.add_argument("--random-s", type=float, default=None, help="seconds of random kills (default 60; short 12)")
     p.add_argument("--every-s", type=float, default=5.0, help="seconds between random kills")
-    p.add_argument("--epochs", type=int, default=None, help="teacher epochs (>= 4: a kill in epoch 1 and 2; default 6)")
+    p.add_argument("--epochs", type=int, default=None, help="teacher epochs (>= 4: a kill in epoch 1 and a later one; default 6)")
     p.add_argument("--root", default=None, help="working directory (default: a temp dir, removed at the end)")
     a = p.parse_args(argv)
     logging.basicConfig(level=logging.WARNING)
     random_s = a.random_s if a.random_s is not None else (12.0 if a.short else 60.0)
     epochs = a.epochs or (4 if a.short else 6)
     if epochs < 4:
-        p.error("--epochs: at least 4 (a rank is killed in epoch 1 and its node removed in epoch 2)")
+        p.error("--epochs: at least 4 (a rank is killed in epoch 1, its node removed in a later epoch)")
     root = Path(a.root) if a.root else Path(tempfile.mkdtemp(prefix="raysys-chaos-"))
     try:
-        out = run(root, rate=a.rate, random_s=random_s, every_s=a.every_s, epochs=epochs,
-                  step_delay_s=0.05, settle_s=2.0, log=lambda m: print(m, file=sys.stderr, flush=True))
+        with stdout_to_stderr():
+            out = run(root, rate=a.rate, random_s=random_s, every_s=a.every_s, epochs=epochs,
+                      step_delay_s=0.05, settle_s=2.0, log=lambda m: print(m, file=sys.stderr, flush=True))
     finally:
         if not a.root:
             shutil.rmtree(root, ignore_errors=True)

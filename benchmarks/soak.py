@@ -32,7 +32,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _chaos_load import OpenLoad  # noqa: E402
-from _chaos_rig import ChaosRig  # noqa: E402
+from _chaos_rig import ChaosRig, stdout_to_stderr  # noqa: E402
 
 ROLES = {"ServeReplica": "replica", "Monitor": "monitor", "ServeController": "controller",
          "HAProxyManager": "haproxy_manager"}
@@ -202,8 +202,9 @@ def main(argv=None) -> int:
         p.error("--duration-s: at least two --bucket-s buckets (the first is the baseline)")
     root = Path(a.root) if a.root else Path(tempfile.mkdtemp(prefix="raysys-soak-"))
     try:
-        out = run(root, duration_s=a.duration_s, rate=a.rate, bucket_s=a.bucket_s, sample_s=a.sample_s,
-                  shift=a.shift, log=lambda m: print(m, file=sys.stderr, flush=True))
+        with stdout_to_stderr():
+            out = run(root, duration_s=a.duration_s, rate=a.rate, bucket_s=a.bucket_s, sample_s=a.sample_s,
+                      shift=a.shift, log=lambda m: print(m, file=sys.stderr, flush=True))
     finally:
         if not a.root:
             shutil.rmtree(root, ignore_errors=True)

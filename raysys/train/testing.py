@@ -1,4 +1,4 @@
-"""Loop hooks for tests: watch the workers (PIDs, per-step events, a per-step delay) or break one on purpose.
+"""Loop hooks for tests and the chaos benchmark: watch the workers (PIDs, per-step events, a per-step delay).
 
 Pass one to `train_teacher(..., hooks=...)`: it is pickled to every worker with the loop function, and
 each worker calls it at the points of `raysys.train.loop.LoopHooks`. Production code never builds these.
@@ -13,10 +13,6 @@ from pathlib import Path
 from typing import Any
 
 from raysys.train.loop import NoHooks
-
-
-class InjectedFailure(RuntimeError):
-    """Raised by `FailAtEpoch`."""
 
 
 class WorkerEvents(NoHooks):
@@ -49,26 +45,3 @@ class WorkerEvents(NoHooks):
 
     def on_reported(self, epoch: int) -> None:
         self._event(event="reported", epoch=epoch)
-
-
-class FailAtEpoch(NoHooks):
-    """The last rank raises `InjectedFailure` at the start of epoch `epoch`. With a `marker` path it fails only
-    while that file does not exist (it creates it), so a retry gets through."""
-
-    def __init__(self, epoch: int, marker: str | Path | None = None):
-        self.epoch = epoch
-        self.marker = Path(marker).resolve() if marker is not None else None
-        self.last_rank = False
-        self.rank = 0
-
-    def on_worker_start(self, rank: int, world: int) -> None:
-        self.rank, self.last_rank = rank, rank == world - 1
-
-    def on_epoch_start(self, epoch: int, resumes: int) -> None:
-        if epoch != self.epoch or not self.last_rank:
-            return
-        if self.marker is not None:
-            if self.marker.exists():
-                return
-            self.marker.write_text(f"failed at epoch {epoch} on rank {self.rank}\n")
-        raise InjectedFailure(f"injected failure at epoch {epoch} on rank {self.rank} (FailAtEpoch)")

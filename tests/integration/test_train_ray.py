@@ -1,4 +1,5 @@
-"""Tier 3: teacher training on the session's local Ray cluster (2 Ray Train workers, gloo DDP)."""
+"""Tier 3: teacher training on the session's local Ray cluster (2 Ray Train workers, gloo DDP). A worker killed
+mid-epoch resuming from its last checkpoint: tests/integration/test_chaos_ray.py (zero3 ranks on two nodes)."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from raysys.data import Preprocessor, ensure_dataset, read_split
 from raysys.models import predict_logits
 from raysys.train import TeacherResult, train_teacher
 from raysys.train.checkpoint import META_FILE, MODEL_FILE, read_meta
-from raysys.train.testing import FailAtEpoch
 
 pytestmark = pytest.mark.integration
 
@@ -60,28 +60,8 @@ def test_train_teacher_tiny(ray_cluster, tiny_cfg):
     acc = float((predict_logits(model, x_num, x_cat).argmax(1).numpy() == y).mean())
     assert acc == pytest.approx(final, abs=1.5 / len(y))
 
-
-@pytest.mark.timeout(300)
-def test_worker_failure_resumes_from_checkpoint(ray_cluster, tiny_cfg, tmp_path):
-    cfg = tiny_cfg
-    cfg.train.num_epochs = 4
-    cfg.train.max_failures = 1
-    schema, pre = _data(cfg)
-    marker = tmp_path / "failed-once"
-    # the last rank raises at the start of epoch 2 on the first attempt only (the marker records it)
-    res = train_teacher(cfg, schema, pre, run_name="teacher-resume", hooks=FailAtEpoch(2, marker))
-
-    assert marker.exists()
-    assert [m["epoch"] for m in res.metrics] == [0, 1, 2, 3]
-    # epochs 0-1 ran in the first attempt; the retry restored epoch 1's checkpoint and ran 2-3 only
-    # (a restart from scratch would have recorded resumes == 0 for every epoch)
-    assert [m["resumes"] for m in res.metrics] == [0, 0, 1, 1]
-    assert res.metrics[2]["elapsed_s"] > res.metrics[1]["elapsed_s"]
-    assert read_meta(res.checkpoint_dir)["global_step"] > 0
-
     # resume=True on a finished run trains nothing and returns the stored result
     again = train_teacher(cfg, schema, pre, run_name=res.run_name, resume=True)
-    assert again.run_name == res.run_name
-    assert again.metrics == res.metrics
+    assert again.run_name == res.run_name and again.metrics == res.metrics
     assert (again.state_dict()["head.weight"] == res.state_dict()["head.weight"]).all()
     assert META_FILE in os.listdir(again.checkpoint_dir)
