@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -16,7 +17,14 @@ from rich.logging import RichHandler
 
 from raysys.config import PipelineConfig, load_config
 
-console = Console()
+
+def _console_width() -> int | None:
+    """None (the terminal's width) on a terminal; otherwise 160 columns unless COLUMNS says: Rich's default of 80
+    for a pipe or CI log wraps each log line (time, level, message) over two to four lines."""
+    return None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+
+
+console = Console(width=_console_width())
 
 Preset = Annotated[str, typer.Option("--preset", help="Preset to start from: tiny, demo or large.")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file overriding the preset.")]
@@ -72,14 +80,15 @@ def find_cluster_token() -> None:
     use_cluster_token()
 
 
-def start_ray(address: str | None, *, serving: bool = False):
+def start_ray(address: str | None, *, serving: bool = False, quiet: bool = False):
     """Join `address` or start an embedded local Ray (`serving`: one that will run the endpoint, so it gets
-    an API key, see `raysys.workflow.cluster.init_ray`)."""
+    an API key, see `raysys.workflow.cluster.init_ray`). `quiet` (the loop's commands, unless `--verbose`): the
+    console keeps raysys's own lines, Ray's workers' output stays in its logs (`quiet_ray_console`)."""
     from raysys.workflow.cluster import dashboard_url, init_ray
 
     if address or os.environ.get("RAY_ADDRESS"):  # joining a running cluster: use its token
         find_cluster_token()
-    ctx = init_ray(address, serving=serving)
+    ctx = init_ray(address, serving=serving, quiet=quiet and not VERBOSE["on"])
     url = dashboard_url(ctx)
     console.print(f"Ray dashboard: [bold]{url or 'not available'}[/]")
     return ctx

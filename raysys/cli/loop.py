@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -23,9 +24,12 @@ from raysys.cli.common import (
     start_ray,
     wait_forever,
 )
+from raysys.cli.progress import progress_extra, stage_progress
 from raysys.cli.report import write_run_report
 from raysys.config import PipelineConfig
 from raysys.workflow.overrides import TEACHER_FAMILIES, TEACHER_SIZES, distill_overrides, train_overrides
+
+log = logging.getLogger("raysys")
 
 
 def train(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, address: Address = None,
@@ -88,8 +92,9 @@ def run(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, a
 
     cfg = pipeline_config(preset, config, root)
     setup_logging()
-    start_ray(address)
-    result = guard(run_pipeline, cfg)
+    start_ray(address, quiet=True)
+    with stage_progress(console):
+        result = guard(run_pipeline, cfg)
     console.print_json(json.dumps(result.summary()))
     write_run_report(absolute(cfg))
 
@@ -112,11 +117,15 @@ def demo(preset: Preset = "demo", config: ConfigFile = None,
         _remove_earlier_runs(cfg)
     setup_logging()
     t0 = time.perf_counter()
-    ctx = start_ray(address, serving=True)
-    result = guard(run_pipeline, cfg)
+    ctx = start_ray(address, serving=True, quiet=True)
+    with stage_progress(console):
+        result = guard(run_pipeline, cfg)
     console.rule("pipeline")
     console.print_json(json.dumps(result.summary()))
-    url = guard(serve_endpoint, cfg, port)
+    with stage_progress(console):
+        log.info("[serve] deploying the endpoint", extra=progress_extra("serve", "start"))
+        url = guard(serve_endpoint, cfg, port)
+        log.info("[serve] up at %s", url, extra=progress_extra("serve", "done"))
     traffic = exercise_endpoint(cfg, url)
     _print_traffic_reports(traffic)
     _record_monitor_reports(cfg, traffic)
