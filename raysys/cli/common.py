@@ -34,9 +34,24 @@ Address = Annotated[str | None, typer.Option("--address", help="Ray cluster addr
 VERBOSE = {"on": False}  # set by `raysys --verbose`, read when a command sets up logging
 
 
-def setup_logging() -> None:
+def setup_logging(log_file: str | Path | None = None) -> None:
+    """INFO (DEBUG with --verbose) to the console. With `log_file` (the loop's commands, not --verbose) the whole
+    log goes to that file and the console shows the stage lines, warnings and a progress line now and then
+    (`raysys.cli.progress.ConsoleFilter`)."""
+    handler = RichHandler(console=console, show_path=False, markup=False)
+    handlers: list[logging.Handler] = [handler]
+    if log_file is not None and "://" not in str(log_file) and not VERBOSE["on"]:
+        from raysys.cli.progress import ConsoleFilter
+
+        path = Path(log_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(path)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(ConsoleFilter())
+        handlers.append(to_file)
+        console.print(f"full log: {path}", highlight=False)
     logging.basicConfig(level=logging.DEBUG if VERBOSE["on"] else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False, markup=False)], force=True)
+                        handlers=handlers, force=True)
 
 
 def fail(msg: str, code: int = 2) -> typer.Exit:

@@ -30,6 +30,7 @@ from raysys.config import PipelineConfig
 from raysys.workflow.overrides import TEACHER_FAMILIES, TEACHER_SIZES, distill_overrides, train_overrides
 
 log = logging.getLogger("raysys")
+LOG_FILE = "raysys.log"  # under run_dir: the whole log of `raysys run`/`demo` (the console shows stage lines)
 
 
 def train(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, address: Address = None,
@@ -91,7 +92,7 @@ def run(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, a
     from raysys.workflow.stages import absolute, run_pipeline
 
     cfg = pipeline_config(preset, config, root)
-    setup_logging()
+    setup_logging(Path(cfg.run_dir) / LOG_FILE)
     start_ray(address, quiet=True)
     with stage_progress(console):
         result = guard(run_pipeline, cfg)
@@ -115,13 +116,13 @@ def demo(preset: Preset = "demo", config: ConfigFile = None,
     cfg = absolute_config(preset, config, root)
     if fresh:
         _remove_earlier_runs(cfg)
-    setup_logging()
+    setup_logging(Path(cfg.run_dir) / LOG_FILE)
     t0 = time.perf_counter()
     ctx = start_ray(address, serving=True, quiet=True)
     with stage_progress(console):
         result = guard(run_pipeline, cfg)
     console.rule("pipeline")
-    console.print_json(json.dumps(result.summary()))
+    console.print_json(json.dumps(result.summary()), indent=None)
     with stage_progress(console):
         log.info("[serve] deploying the endpoint", extra=progress_extra("serve", "start"))
         url = guard(serve_endpoint, cfg, port)
@@ -175,9 +176,9 @@ def _print_traffic_reports(out: dict) -> None:
     from raysys.workflow.traffic import format_report
 
     console.rule("monitor after normal traffic")
-    console.print(format_report(out["normal_report"]), highlight=False)
+    console.print(format_report(out["normal_report"], columns=4), highlight=False)
     console.rule(f"monitor after traffic shifted {out['shift_sigma']} sigma on {out['drift_feature']}")
-    console.print(format_report(out["drift_report"]), highlight=False)
+    console.print(format_report(out["drift_report"], columns=4), highlight=False)
     console.rule("summary")
     console.print(f"bad request -> HTTP {out['bad_request']['status']}: {json.dumps(out['bad_request']['body'])}",
                   highlight=False)

@@ -14,6 +14,7 @@ A record's `raysys_progress`: `{"task": name, "event": "start" | "advance" | "do
 from __future__ import annotations
 
 import logging
+import time
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import Any
@@ -35,6 +36,29 @@ LOGGER = "raysys"  # every emitter logs under it: raysys (stages), raysys.train.
 def progress_extra(task: str, event: str, completed: int = 0, total: int | None = None) -> dict[str, Any]:
     """The `extra=` of a log record that reports progress (what the emitters write, spelled once for tests)."""
     return {PROGRESS_KEY: {"task": task, "event": event, "completed": completed, "total": total}}
+
+
+class ConsoleFilter(logging.Filter):
+    """What a quiet console (`raysys run`/`demo` with a log file, not `--verbose`) shows of the log: the stage
+    lines (logger `raysys`), every warning, and of the progress records (teacher epochs, sweep trials) the first
+    of each task and then at most one every `every_s` seconds. Everything goes to the log file."""
+
+    def __init__(self, every_s: float = 60.0):
+        super().__init__()
+        self.every_s = every_s
+        self.last: dict[str, float] = {}
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.levelno >= logging.WARNING or record.name == LOGGER:
+            return True
+        info = getattr(record, PROGRESS_KEY, None)
+        if not isinstance(info, dict):
+            return False
+        task, now = str(info.get("task")), time.monotonic()
+        if task in self.last and now - self.last[task] < self.every_s:
+            return False
+        self.last[task] = now
+        return True
 
 
 class ProgressHandler(logging.Handler):

@@ -39,17 +39,34 @@ def use_cluster_token() -> bool:
 QUIET_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.serve")
 
 
-def quiet_ray_console() -> dict[str, Any]:
+def quiet_ray_console(*, serving: bool = False) -> dict[str, Any]:
     """Keep a CLI console to raysys's own lines (`raysys demo`/`run`, not `--verbose`): returns the `ray.init`
     options that stop the workers' output from being forwarded to this console (their logs stay in Ray's session
     dir and on the dashboard; an error still reaches the driver as the exception it raises) and lower Ray's
     driver-side INFO chatter; turns off Ray Data's progress bars (logged line by line when stdout is not a
-    terminal) and its INFO lines, here and in the processes the local Ray starts later (environment). Ray
+    terminal) and its INFO lines, here and in the processes the local Ray starts later (environment); `serving`:
+    Serve's driver-side INFO lines too (the CLI prints the endpoint's address itself). Ray
     Train's LoggingConfig and Tune's verbosity are already quiet (raysys.train.trainer, distill.sweep.tuner)."""
+    import warnings
+
     os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
     os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # read each time Ray Data (re)configures its loggers
+    # Tune's new console output prints the experiment's header and paths even at verbose=0; the classic
+    # reporter prints nothing at 0 (distill.sweep.tuner asks for 0 unless --verbose)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
     for name in (*QUIET_LOGGERS, "ray.data"):
         logging.getLogger(name).setLevel(logging.ERROR if name == "ray.data" else logging.WARNING)
+    if serving:  # Serve sets its driver logger to INFO when first imported: import it first, then lower it
+        import ray.serve  # noqa: F401
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    try:  # the sweep's search: optuna sets its own logger's level when it first logs, so ask it
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data\..*")  # actor pool sizing hints
     try:
         from ray.data import DataContext
 
@@ -77,7 +94,7 @@ def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboa
     if ray.is_initialized():
         return ray.get_runtime_context()
     address = address or os.environ.get("RAY_ADDRESS")
-    options = quiet_ray_console() if quiet else {}
+    options = quiet_ray_console(serving=serving) if quiet else {}
     if address:
         use_cluster_token()  # a job script run by hand against a token cluster finds the token as the CLI does
         return ray.init(address=address, **options)

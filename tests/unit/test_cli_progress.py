@@ -85,8 +85,11 @@ def test_the_epoch_watcher_skips_a_missing_or_torn_snapshot(tmp_path, caplog):
 
 @pytest.fixture
 def restore_ray_logging(monkeypatch):
-    for var in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DATA_LOG_LEVEL"):
-        monkeypatch.delenv(var, raising=False)
+    import optuna
+
+    for var in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DATA_LOG_LEVEL", "RAY_AIR_NEW_OUTPUT"):
+        monkeypatch.delenv(var, raising=False)  # set again by the code under test: undone after the test
+    verbosity = optuna.logging.get_verbosity()
     names = ("ray", "ray.train", "ray.tune", "ray.serve", "ray.data")
     levels = {n: logging.getLogger(n).level for n in names}
     from ray.data import DataContext
@@ -97,6 +100,7 @@ def restore_ray_logging(monkeypatch):
     for n, lvl in levels.items():
         logging.getLogger(n).setLevel(lvl)
     ctx.enable_progress_bars, ctx.enable_operator_progress_bars = bars
+    optuna.logging.set_verbosity(verbosity)
 
 
 def test_the_quiet_console_settings(restore_ray_logging):
@@ -106,8 +110,12 @@ def test_the_quiet_console_settings(restore_ray_logging):
 
     from raysys.workflow.cluster import quiet_ray_console
 
-    assert quiet_ray_console() == {"log_to_driver": False, "logging_level": logging.WARNING}
+    assert quiet_ray_console(serving=True) == {"log_to_driver": False, "logging_level": logging.WARNING}
     assert os.environ["RAY_DATA_DISABLE_PROGRESS_BARS"] == "1" and os.environ["RAY_DATA_LOG_LEVEL"] == "ERROR"
+    assert os.environ["RAY_AIR_NEW_OUTPUT"] == "0"  # Tune's classic reporter: silent at verbose=0
+    import optuna
+
+    assert optuna.logging.get_verbosity() == optuna.logging.WARNING
     ctx = DataContext.get_current()
     assert not ctx.enable_progress_bars and not ctx.enable_operator_progress_bars
     assert {n: logging.getLogger(n).level for n in ("ray", "ray.train", "ray.tune", "ray.serve", "ray.data")} == {
@@ -134,3 +142,58 @@ def test_the_loop_commands_start_ray_quiet_unless_verbose(restore_ray_logging, m
     from raysys.train import trainer
 
     assert 'LoggingConfig(log_level="WARNING")' in open(trainer.__file__).read()
+
+
+def test_the_quiet_console_shows_stage_lines_warnings_and_a_progress_line_now_and_then():
+    from raysys.cli.progress import ConsoleFilter
+
+    f = ConsoleFilter(every_s=30.0)
+
+    def rec(name: str, level: int = logging.INFO, **extra) -> logging.LogRecord:
+        r = logging.LogRecord(name, level, __file__, 1, "msg", None, None)
+        r.__dict__.update(extra)
+        return r
+
+    assert f.filter(rec("raysys"))  # a stage line
+    assert f.filter(rec("ray.tune", logging.WARNING)) and f.filter(rec("raysys.train.trainer", logging.ERROR))
+    assert not f.filter(rec("raysys.distill.sweep.run"))  # detail: the log file only
+    epoch = progress_extra("teacher", "advance", 1, 8)
+    assert f.filter(rec("raysys.train.progress", **epoch))  # the first of a task shows
+    assert not f.filter(rec("raysys.train.progress", **epoch))  # then at most one per every_s
+    assert f.filter(rec("raysys.distill.sweep.progress", **progress_extra("distill", "advance", 1, 16)))
+    f.last["teacher"] -= 31
+    assert f.filter(rec("raysys.train.progress", **epoch))
+
+
+def test_with_a_log_file_the_console_is_filtered_and_the_file_gets_everything(tmp_path, monkeypatch):
+    from raysys.cli import common
+    from raysys.cli.progress import ConsoleFilter
+
+    monkeypatch.setitem(common.VERBOSE, "on", False)
+    root = logging.getLogger()
+    saved = (root.handlers[:], root.level)
+    try:
+        common.setup_logging(tmp_path / "runs" / "raysys.log")
+        console_handler, file_handler = root.handlers
+        assert any(isinstance(f, ConsoleFilter) for f in console_handler.filters)
+        logging.getLogger("raysys.distill.sweep.run").info("detail line")
+        file_handler.flush()
+        assert "detail line" in (tmp_path / "runs" / "raysys.log").read_text()
+        monkeypatch.setitem(common.VERBOSE, "on", True)  # --verbose: everything on the console, no file
+        common.setup_logging(tmp_path / "other.log")
+        assert len(root.handlers) == 1 and not root.handlers[0].filters
+    finally:
+        for h in root.handlers:
+            h.close()
+        root.handlers[:], _ = saved
+        root.setLevel(saved[1])
+
+
+def test_the_demo_prints_the_monitor_report_four_features_a_line():
+    from raysys.workflow.traffic import format_report
+
+    report = {"rows_seen": 10, "window_rows": 10, "model_version": 1, "latency_ms": {"p50": 1.0, "p99": 2.0},
+              "features": {f"x{i}": {"psi": 0.01 * i, "drifted": i == 0} for i in range(11)}, "alerts": ["x0"]}
+    lines = format_report(report, columns=4).splitlines()
+    assert len(lines) == 2 + 3 + 1 and "DRIFT" in lines[2] and lines[-1] == "alerts: x0"
+    assert len(format_report(report).splitlines()) == 2 + 11 + 1  # `raysys monitor` and the jobs: one a line
