@@ -92,7 +92,7 @@ def run(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, a
     from raysys.workflow.stages import absolute, run_pipeline
 
     cfg = pipeline_config(preset, config, root)
-    setup_logging(Path(cfg.run_dir) / LOG_FILE)
+    setup_logging(_log_file(cfg))
     start_ray(address, quiet=True)
     with stage_progress(console):
         result = guard(run_pipeline, cfg)
@@ -116,7 +116,7 @@ def demo(preset: Preset = "demo", config: ConfigFile = None,
     cfg = absolute_config(preset, config, root)
     if fresh:
         _remove_earlier_runs(cfg)
-    setup_logging(Path(cfg.run_dir) / LOG_FILE)
+    setup_logging(_log_file(cfg))
     t0 = time.perf_counter()
     ctx = start_ray(address, serving=True, quiet=True)
     with stage_progress(console):
@@ -138,6 +138,11 @@ def demo(preset: Preset = "demo", config: ConfigFile = None,
                   f"-d '{example}'", highlight=False, soft_wrap=True)
     if not exit_ and not os.environ.get("CI"):
         wait_forever()
+
+
+def _log_file(cfg: PipelineConfig) -> Path | None:
+    """Where `run`/`demo` keep their whole log (None for a remote run_dir: then the console gets all of it)."""
+    return None if "://" in cfg.run_dir else Path(cfg.run_dir) / LOG_FILE
 
 
 def _auth_flag() -> str:
