@@ -88,7 +88,8 @@ def restore_ray_logging(monkeypatch):
     import optuna
 
     for var in ("RAY_DATA_DISABLE_PROGRESS_BARS", "RAY_DATA_LOG_LEVEL", "RAY_AIR_NEW_OUTPUT"):
-        monkeypatch.delenv(var, raising=False)  # set again by the code under test: undone after the test
+        monkeypatch.setenv(var, "")  # records the original state (absent or not): restored after the test
+        monkeypatch.delenv(var)  # the code under test sets it again
     verbosity = optuna.logging.get_verbosity()
     names = ("ray", "ray.train", "ray.tune", "ray.serve", "ray.data")
     levels = {n: logging.getLogger(n).level for n in names}
