@@ -198,3 +198,25 @@ def test_the_demo_prints_the_monitor_report_four_features_a_line():
     lines = format_report(report, columns=4).splitlines()
     assert len(lines) == 2 + 3 + 1 and "DRIFT" in lines[2] and lines[-1] == "alerts: x0"
     assert len(format_report(report).splitlines()) == 2 + 11 + 1  # `raysys monitor` and the jobs: one a line
+
+
+def test_a_jobs_last_stdout_line_stays_its_json(tmp_path):
+    """The jobs log as `raysys.jobs.common` sets it up (stderr) and print JSON last: the progress records (stage
+    lines, the epoch watcher, joined before fit() returns) never land on stdout nor after the JSON."""
+    import subprocess
+    import sys
+
+    _snapshot(tmp_path / "teacher", 1)
+    code = ("import json, logging\n"
+            "logging.basicConfig(level=logging.INFO, format='%(asctime)s %(name)s %(message)s')\n"
+            "from raysys.train.progress import EpochWatcher\n"
+            "from raysys.workflow.stages import StageTimer\n"
+            f"w = EpochWatcher({str(tmp_path)!r}, 'teacher', 3, interval_s=0.01)\n"
+            "w.seen = -1\n"
+            "with w:\n"
+            "    StageTimer().run('teacher', lambda: None)\n"
+            "print(json.dumps({'ok': True}))\n")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert proc.stdout.strip().splitlines() == ['{"ok": true}']
+    assert "[teacher] started" in proc.stderr and "teacher: epoch 2/3 reported" in proc.stderr
