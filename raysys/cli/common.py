@@ -6,6 +6,7 @@ from __future__ import annotations
 import logging
 import os
 import signal
+import sys
 import time
 from pathlib import Path
 from typing import Annotated
@@ -16,7 +17,14 @@ from rich.logging import RichHandler
 
 from raysys.config import PipelineConfig, load_config
 
-console = Console()
+
+def _console_width() -> int | None:
+    """None (the terminal's width) on a terminal; otherwise 160 columns unless COLUMNS says: Rich's default of 80
+    for a pipe or CI log wraps each log line (time, level, message) over two to four lines."""
+    return None if sys.stdout.isatty() or os.environ.get("COLUMNS") else 160
+
+
+console = Console(width=_console_width())
 
 Preset = Annotated[str, typer.Option("--preset", help="Preset to start from: tiny, demo or large.")]
 ConfigFile = Annotated[Path | None, typer.Option("--config", "-c", help="YAML file overriding the preset.")]
@@ -26,9 +34,24 @@ Address = Annotated[str | None, typer.Option("--address", help="Ray cluster addr
 VERBOSE = {"on": False}  # set by `raysys --verbose`, read when a command sets up logging
 
 
-def setup_logging() -> None:
+def setup_logging(log_file: str | Path | None = None) -> None:
+    """INFO (DEBUG with --verbose) to the console. With `log_file` (the loop's commands, not --verbose) the whole
+    log goes to that file and the console shows the stage lines, warnings and a progress line now and then
+    (`raysys.cli.progress.ConsoleFilter`)."""
+    handler = RichHandler(console=console, show_path=False, markup=False)
+    handlers: list[logging.Handler] = [handler]
+    if log_file is not None and "://" not in str(log_file) and not VERBOSE["on"]:
+        from raysys.cli.progress import ConsoleFilter
+
+        path = Path(log_file)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        to_file = logging.FileHandler(path)
+        to_file.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(name)s: %(message)s"))
+        handler.addFilter(ConsoleFilter())
+        handlers.append(to_file)
+        console.print(f"full log: {path}", highlight=False)
     logging.basicConfig(level=logging.DEBUG if VERBOSE["on"] else logging.INFO, format="%(message)s",
-                        handlers=[RichHandler(console=console, show_path=False, markup=False)], force=True)
+                        handlers=handlers, force=True)
 
 
 def fail(msg: str, code: int = 2) -> typer.Exit:
@@ -72,14 +95,15 @@ def find_cluster_token() -> None:
     use_cluster_token()
 
 
-def start_ray(address: str | None, *, serving: bool = False):
+def start_ray(address: str | None, *, serving: bool = False, quiet: bool = False):
     """Join `address` or start an embedded local Ray (`serving`: one that will run the endpoint, so it gets
-    an API key, see `raysys.workflow.cluster.init_ray`)."""
+    an API key, see `raysys.workflow.cluster.init_ray`). `quiet` (the loop's commands, unless `--verbose`): the
+    console keeps raysys's own lines, Ray's workers' output stays in its logs (`quiet_ray_console`)."""
     from raysys.workflow.cluster import dashboard_url, init_ray
 
     if address or os.environ.get("RAY_ADDRESS"):  # joining a running cluster: use its token
         find_cluster_token()
-    ctx = init_ray(address, serving=serving)
+    ctx = init_ray(address, serving=serving, quiet=quiet and not VERBOSE["on"])
     url = dashboard_url(ctx)
     console.print(f"Ray dashboard: [bold]{url or 'not available'}[/]")
     return ctx

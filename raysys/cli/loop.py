@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import logging
 import os
 import time
 from pathlib import Path
@@ -23,9 +24,13 @@ from raysys.cli.common import (
     start_ray,
     wait_forever,
 )
+from raysys.cli.progress import progress_extra, stage_progress
 from raysys.cli.report import write_run_report
 from raysys.config import PipelineConfig
 from raysys.workflow.overrides import TEACHER_FAMILIES, TEACHER_SIZES, distill_overrides, train_overrides
+
+log = logging.getLogger("raysys")
+LOG_FILE = "raysys.log"  # under run_dir: the whole log of `raysys run`/`demo` (the console shows stage lines)
 
 
 def train(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, address: Address = None,
@@ -87,9 +92,10 @@ def run(preset: Preset = "demo", config: ConfigFile = None, root: Root = None, a
     from raysys.workflow.stages import absolute, run_pipeline
 
     cfg = pipeline_config(preset, config, root)
-    setup_logging()
-    start_ray(address)
-    result = guard(run_pipeline, cfg)
+    setup_logging(_log_file(cfg))
+    start_ray(address, quiet=True)
+    with stage_progress(console):
+        result = guard(run_pipeline, cfg)
     console.print_json(json.dumps(result.summary()))
     write_run_report(absolute(cfg))
 
@@ -110,13 +116,17 @@ def demo(preset: Preset = "demo", config: ConfigFile = None,
     cfg = absolute_config(preset, config, root)
     if fresh:
         _remove_earlier_runs(cfg)
-    setup_logging()
+    setup_logging(_log_file(cfg))
     t0 = time.perf_counter()
-    ctx = start_ray(address, serving=True)
-    result = guard(run_pipeline, cfg)
+    ctx = start_ray(address, serving=True, quiet=True)
+    with stage_progress(console):
+        result = guard(run_pipeline, cfg)
     console.rule("pipeline")
-    console.print_json(json.dumps(result.summary()))
-    url = guard(serve_endpoint, cfg, port)
+    console.print_json(json.dumps(result.summary()), indent=None)
+    with stage_progress(console):
+        log.info("[serve] deploying the endpoint", extra=progress_extra("serve", "start"))
+        url = guard(serve_endpoint, cfg, port)
+        log.info("[serve] up at %s", url, extra=progress_extra("serve", "done"))
     traffic = exercise_endpoint(cfg, url)
     _print_traffic_reports(traffic)
     _record_monitor_reports(cfg, traffic)
@@ -128,6 +138,11 @@ def demo(preset: Preset = "demo", config: ConfigFile = None,
                   f"-d '{example}'", highlight=False, soft_wrap=True)
     if not exit_ and not os.environ.get("CI"):
         wait_forever()
+
+
+def _log_file(cfg: PipelineConfig) -> Path | None:
+    """Where `run`/`demo` keep their whole log (None for a remote run_dir: then the console gets all of it)."""
+    return None if "://" in cfg.run_dir else Path(cfg.run_dir) / LOG_FILE
 
 
 def _auth_flag() -> str:
@@ -166,9 +181,9 @@ def _print_traffic_reports(out: dict) -> None:
     from raysys.workflow.traffic import format_report
 
     console.rule("monitor after normal traffic")
-    console.print(format_report(out["normal_report"]), highlight=False)
+    console.print(format_report(out["normal_report"], columns=4), highlight=False)
     console.rule(f"monitor after traffic shifted {out['shift_sigma']} sigma on {out['drift_feature']}")
-    console.print(format_report(out["drift_report"]), highlight=False)
+    console.print(format_report(out["drift_report"], columns=4), highlight=False)
     console.rule("summary")
     console.print(f"bad request -> HTTP {out['bad_request']['status']}: {json.dumps(out['bad_request']['body'])}",
                   highlight=False)

@@ -8,7 +8,7 @@ from typing import Annotated
 import typer
 from rich.table import Table
 
-from raysys.cli.common import ConfigFile, Preset, Root, absolute_config, console, guard
+from raysys.cli.common import ConfigFile, Preset, Root, absolute_config, console, fail, guard
 
 registry_app = typer.Typer(no_args_is_help=True, help="Inspect the model registry and move aliases.")
 
@@ -91,3 +91,31 @@ def registry_rollback(alias: Annotated[str, typer.Option(help="Alias to move bac
     target = guard(reg.rollback, model, alias)
     console.print(f"{model}: {alias} v{before} -> v{target}  (history {reg.alias_history(model, alias)})",
                   highlight=False)
+
+
+@registry_app.command("export")
+def registry_export(ref: Annotated[str, typer.Argument(help="Version number or alias to export.")] = "production",
+                    mlflow: Annotated[bool, typer.Option(
+                        "--mlflow", help="As an MLflow pyfunc model (needs raysys[mlflow]).")] = False,
+                    mlflow_uri: Annotated[str | None, typer.Option(
+                        "--mlflow-uri", help="MLflow tracking URI (implies --mlflow; default tracking.mlflow_uri, "
+                                             "else sqlite:///<root>/mlflow.db).")] = None,
+                    experiment: Annotated[str | None, typer.Option(
+                        help="MLflow experiment of the export run (default tracking.experiment).")] = None,
+                    name: ModelName = None,
+                    preset: Preset = "demo", config: ConfigFile = None, root: Root = None):
+    """Export a version as an MLflow model loadable with `mlflow.pyfunc.load_model` (models from code: safetensors
+    weights + JSON spec, schema and preprocessor, no pickle), registered under the model's name with the
+    version's aliases. The raysys registry stays the source of truth: exporting again reuses the MLflow version."""
+    if not (mlflow or mlflow_uri):
+        raise fail("export: name the target format: --mlflow (or --mlflow-uri URI)")
+    from raysys.tracking.mlflow_export import export_version
+
+    cfg = absolute_config(preset, config, root)
+    model = name or cfg.model_name
+    got = guard(export_version, cfg.registry_uri, model, ref, mlflow_uri or cfg.tracking.mlflow_uri,
+                experiment=experiment or cfg.tracking.experiment)
+    console.print(f"{model} v{got['version']} -> MLflow {got['uri']}: {got['model_uri']}"
+                  + (f"  aliases: {', '.join(got['aliases'])}" if got["aliases"] else ""), highlight=False,
+                  soft_wrap=True)
+    console.print(f"load it: mlflow.pyfunc.load_model('{got['model_uri']}')", highlight=False, soft_wrap=True)

@@ -329,6 +329,15 @@ class Registry:
             quantization=split_spec(spec)[1],
         )
 
+    def version_files(self, name: str, ref: str | int = "production") -> tuple[int, dict[str, bytes]]:
+        """`(version, {file name: bytes})`: the manifest and every file it lists, each checked against its sha256
+        (what an export copies; nothing is built or unpickled)."""
+        version = self.resolve(name, ref)
+        manifest = self._manifest(name, version)
+        files = {fn: self._read_verified(name, version, manifest, fn) for fn in manifest["files"]}
+        files[MANIFEST_FILE] = self.files.read(f"{self._version_dir(name, version)}/{MANIFEST_FILE}")
+        return version, files
+
     def describe(self, name: str, ref: str | int = "latest") -> dict[str, Any]:
         """What `raysys registry show` prints: version, aliases, lineage, metrics, spec and files.
 

@@ -141,8 +141,10 @@ def _register(client, data: RunData, versions: list[ModelVersion], run_id: str |
         name = mv.name
         if not client.search_registered_models(filter_string=f"name = '{name}'"):
             client.create_registered_model(name, description="copied from the raysys registry (source of truth)")
-        known = {v.tags.get("raysys_version"): v.version
-                 for v in client.search_model_versions(filter_string=f"name = '{name}'")}
+        # a version `raysys registry export --mlflow` made (a loadable pyfunc) wins over a directory copy
+        found = sorted(client.search_model_versions(filter_string=f"name = '{name}'"),
+                       key=lambda v: (v.tags.get("raysys_format") == "pyfunc", -int(v.version)))
+        known = {v.tags.get("raysys_version"): v.version for v in found}
         if str(mv.version) not in known:
             source = (Path(data.registry) / name / "versions" / str(mv.version)).resolve().as_uri()
             created = client.create_model_version(name, source=source, run_id=run_id,

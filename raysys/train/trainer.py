@@ -51,6 +51,7 @@ from raysys.sigint import keep_sigint_handler
 from raysys.train.checkpoint import META_FILE, is_checkpoint_dir, load_model_state, read_meta
 from raysys.train.loop import LoopHooks, train_loop_per_worker
 from raysys.train.process import report_poll_interval
+from raysys.train.progress import EpochWatcher
 from raysys.train.worker_config import WorkerConfig, parallel_dims, worker_config
 
 logger = logging.getLogger(__name__)
@@ -223,7 +224,8 @@ def train_teacher(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Prep
     trainer = _torch_trainer(cfg, wc, storage, hooks)
     logger.info("teacher: training %s on %d workers x %g CPUs, %d epochs, run %s/%s", wc.model_spec["family"],
                 cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.num_epochs, storage, name)
-    with report_poll_interval(cfg.train.report_poll_interval_s), keep_sigint_handler():
+    with (report_poll_interval(cfg.train.report_poll_interval_s), keep_sigint_handler(),
+          EpochWatcher(storage, name, cfg.train.num_epochs)):
         result = trainer.fit()
     return _teacher_result(result, name)
 

@@ -35,31 +35,77 @@ def use_cluster_token() -> bool:
     return True
 
 
+# Ray's own loggers on this (driver) process that `quiet_ray_console` lowers to WARNING
+QUIET_LOGGERS = ("ray", "ray.train", "ray.tune", "ray.serve")
+
+
+def quiet_ray_console(*, serving: bool = False) -> dict[str, Any]:
+    """Keep a CLI console to raysys's own lines (`raysys demo`/`run`, not `--verbose`): returns the `ray.init`
+    options that stop the workers' output from being forwarded to this console (their logs stay in Ray's session
+    dir and on the dashboard; an error still reaches the driver as the exception it raises) and lower Ray's
+    driver-side INFO chatter; turns off Ray Data's progress bars (logged line by line when stdout is not a
+    terminal) and its INFO lines, here and in the processes the local Ray starts later (environment); `serving`:
+    Serve's driver-side INFO lines too (the CLI prints the endpoint's address itself). Ray
+    Train's LoggingConfig and Tune's verbosity are already quiet (raysys.train.trainer, distill.sweep.tuner)."""
+    import warnings
+
+    os.environ.setdefault("RAY_DATA_DISABLE_PROGRESS_BARS", "1")
+    os.environ.setdefault("RAY_DATA_LOG_LEVEL", "ERROR")  # read each time Ray Data (re)configures its loggers
+    # Tune's new console output prints the experiment's header and paths even at verbose=0; the classic
+    # reporter prints nothing at 0 (distill.sweep.tuner asks for 0 unless --verbose)
+    os.environ.setdefault("RAY_AIR_NEW_OUTPUT", "0")
+    for name in (*QUIET_LOGGERS, "ray.data"):
+        logging.getLogger(name).setLevel(logging.ERROR if name == "ray.data" else logging.WARNING)
+    if serving:  # Serve sets its driver logger to INFO when first imported: import it first, then lower it
+        import ray.serve  # noqa: F401
+
+        logging.getLogger("ray.serve").setLevel(logging.WARNING)
+    try:  # the sweep's search: optuna sets its own logger's level when it first logs, so ask it
+        import optuna
+
+        optuna.logging.set_verbosity(optuna.logging.WARNING)
+    except ImportError:
+        pass
+    warnings.filterwarnings("ignore", category=UserWarning, module=r"ray\.data\..*")  # actor pool sizing hints
+    try:
+        from ray.data import DataContext
+
+        ctx = DataContext.get_current()  # datasets made from here on carry it to their workers
+        ctx.enable_progress_bars = False
+        ctx.enable_operator_progress_bars = False
+    except ImportError:  # ray[data] not installed: nothing of it to quiet
+        pass
+    return {"log_to_driver": False, "logging_level": logging.WARNING}
+
+
 def init_ray(address: str | None = None, *, num_cpus: int | None = None, dashboard: bool = True,
-             serving: bool = False):
+             serving: bool = False, quiet: bool = False):
     """Connect to `address` (or RAY_ADDRESS) when given ("auto" joins the cluster `ray start` made on this
     machine); otherwise start an embedded local Ray, even when another cluster runs here.
 
     The local cluster gets more logical CPUs than cores: Tune's trial drivers and Ray Train's workers
     reserve CPUs while mostly waiting on each other. Token auth stays on (Ray 2.60's default). `serving`: the
     local Ray will run the endpoint, so it gets an API key (`serve.apikey.ensure_api_key`: the one the
-    environment names, else ~/.raysys/api_key, generated once) in its processes' environment.
+    environment names, else ~/.raysys/api_key, generated once) in its processes' environment. `quiet`: see
+    `quiet_ray_console`.
     """
     import ray
 
     if ray.is_initialized():
         return ray.get_runtime_context()
     address = address or os.environ.get("RAY_ADDRESS")
+    options = quiet_ray_console(serving=serving) if quiet else {}
     if address:
         use_cluster_token()  # a job script run by hand against a token cluster finds the token as the CLI does
-        return ray.init(address=address)
+        return ray.init(address=address, **options)
     cpus = num_cpus or max(4, os.cpu_count() or 1)
     from serve.ingress import apply_ingress_env
 
     apply_ingress_env()  # Serve's fast HAProxy ingress: read by the processes the local Ray starts
     if serving:
         _provide_api_key()
-    return ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1")
+    return ray.init(address="local", num_cpus=cpus, include_dashboard=dashboard, dashboard_host="127.0.0.1",
+                    **options)
 
 
 def _provide_api_key() -> None:

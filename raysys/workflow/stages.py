@@ -28,12 +28,17 @@ class StageTimer:
     times: dict[str, float] = field(default_factory=dict)
 
     def run(self, name: str, fn, *args, **kwargs):
-        log.info("[%s] started", name)
+        log.info("[%s] started", name, extra=progress(name, "start"))
         t0 = time.perf_counter()
         out = fn(*args, **kwargs)
         self.times[name] = round(time.perf_counter() - t0, 2)
-        log.info("[%s] done in %.1fs", name, self.times[name])
+        log.info("[%s] done in %.1fs", name, self.times[name], extra=progress(name, "done"))
         return out
+
+
+def progress(task: str, event: str, completed: int = 0, total: int | None = None) -> dict:
+    """A log record's `extra=` that the CLI's progress bars read (raysys.cli.progress); plain lines elsewhere."""
+    return {"raysys_progress": {"task": task, "event": event, "completed": completed, "total": total}}
 
 
 @dataclass
@@ -264,6 +269,8 @@ def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_ve
     sweep = run_sweep(cfg, prep.schema, prep.preprocessor, teacher_model, run_name=resume_sweep,
                       resume=resume_sweep is not None)
     student = _best_student(sweep)
+    log.info("[register] evaluating the chosen student on the test split, then registering it",
+             extra=progress("register", "start"))
     ev = _evaluate_student(cfg, prep, student, teacher_model, teacher_metrics, getattr(sweep, "privacy", None))
     facts = _card_facts(cfg, prep, sweep, teacher_version, lineage)
     reg = Registry(cfg.registry_uri)
@@ -275,6 +282,7 @@ def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_ve
     if ev.int8_model is not None:
         ev.metrics["int8_variant"] = _register_int8(cfg, prep, reg, sweep, student, ev, teacher_metrics, facts,
                                                     version)
+    log.info("[register] done: %s:v%d", cfg.model_name, version, extra=progress("register", "done"))
     return version, ev.metrics, dict(sweep.best_config)
 
 

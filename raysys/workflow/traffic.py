@@ -90,8 +90,8 @@ def drift_feature(cfg: PipelineConfig) -> str:
     return DatasetSchema.load(cfg.data.root).numeric[0].name
 
 
-def format_report(report: dict) -> str:
-    """A short human-readable drift/latency summary of a monitor report."""
+def format_report(report: dict, columns: int = 1) -> str:
+    """A short human-readable drift/latency summary of a monitor report (`columns` features per line)."""
     lines = [f"rows seen {report.get('rows_seen')}  window {report.get('window_rows')}  "
              f"model v{report.get('model_version')}"]
     lat = report.get("latency_ms") or {}
@@ -99,9 +99,10 @@ def format_report(report: dict) -> str:
         lines.append("latency ms  " + "  ".join(f"{k} {v:.2f}" for k, v in lat.items()
                                                 if k.startswith("p") and v is not None))
     feats = report.get("features") or {}
-    for name, st in feats.items():
-        flag = "DRIFT" if st.get("drifted") else "ok"
-        lines.append(f"  {name:<12} PSI {st.get('psi', float('nan')):7.3f}  {flag}")
+    cells = [f"  {name:<12} PSI {st.get('psi', float('nan')):7.3f}  {'DRIFT' if st.get('drifted') else 'ok':<5}"
+             for name, st in feats.items()]
+    for i in range(0, len(cells), max(1, columns)):
+        lines.append("".join(cells[i:i + max(1, columns)]).rstrip())
     alerts = report.get("alerts") or []
     lines.append(f"alerts: {', '.join(a if isinstance(a, str) else a.get('feature', str(a)) for a in alerts) or 'none'}")
     return "\n".join(lines)

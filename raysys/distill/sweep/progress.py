@@ -1,5 +1,5 @@
 """The sweep's console progress: one log line per finished (or retried) trial and a status line at most
-every `every_s` seconds, in place of Tune's console tables (a result table per trial: ~20 lines each,
+every `every_s` seconds (the first at once), in place of Tune's console tables (a result table per trial: ~20 lines each,
 thousands for a real sweep)."""
 
 from __future__ import annotations
@@ -17,7 +17,8 @@ log = logging.getLogger(__name__)
 class SweepProgress(Callback):
     def __init__(self, total: int, num_epochs: int, max_failures: int, every_s: float = 30.0):
         self.total, self.num_epochs, self.max_failures, self.every_s = total, num_epochs, max_failures, every_s
-        self.t0 = self.last = time.monotonic()
+        self.t0 = time.monotonic()
+        self.last = self.t0 - every_s  # the first step logs the status line: the sweep's size, at once
         self.best: dict[str, float] = {}  # trial id -> best val_accuracy so far
 
     @staticmethod
@@ -38,7 +39,11 @@ class SweepProgress(Callback):
         log.info("distill: trial %d/%d %s %s after %d/%d epochs, best val_accuracy %s (sweep best %s; %.0fs) "
                  "[%s]", self._done(trials, trial), self.total, trial.trial_id, how, self._epochs(trial),
                  self.num_epochs, "-" if acc is None else f"{acc:.4f}", self._best(), time.monotonic() - self.t0,
-                 conf)
+                 conf, extra=self._progress(self._done(trials, trial)))
+
+    def _progress(self, done: int) -> dict:
+        """`extra=` for the CLI's progress bar of the distill stage (raysys.cli.progress): trials done."""
+        return {"raysys_progress": {"task": "distill", "event": "advance", "completed": done, "total": self.total}}
 
     def on_trial_result(self, iteration, trials, trial, result, **info) -> None:
         if result.get(METRIC) is not None:
@@ -61,4 +66,5 @@ class SweepProgress(Callback):
             self.last = now
             running = sum(t.status == "RUNNING" for t in trials)
             log.info("distill: %d/%d trials done, %d running; sweep best val_accuracy %s (%.0fs)",
-                     self._done(trials), self.total, running, self._best(), now - self.t0)
+                     self._done(trials), self.total, running, self._best(), now - self.t0,
+                     extra=self._progress(self._done(trials)))
