@@ -125,7 +125,7 @@ class ChaosRig:
         # cluster: with another Ray on the machine, Ray picks the most recently started one
         os.environ["RAY_ADDRESS"] = self.cluster.address
         ray.init(address=self.cluster.address, log_to_driver=False,
-                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+                 runtime_env={"env_vars": {"OMP_NUM_THREADS": "1", "RAY_ADDRESS": self.cluster.address}})
         return self
 
     def __exit__(self, *exc) -> None:
