@@ -121,8 +121,11 @@ def main(argv=None) -> int:
     root = Path(a.root) if a.root else Path(tempfile.mkdtemp(prefix="raysys-chaos-"))
     try:
         with stdout_to_stderr():
+            # 0.2 s per step: ~5 s epochs, so that the node scenario, which starts a few seconds after the
+            # rank's kill, still finds an epoch before the last to break (0.05 s epochs of ~1 s were all over
+            # by then on a quiet machine, and the scenario timed out waiting for one)
             out = run(root, rate=a.rate, random_s=random_s, every_s=a.every_s, epochs=epochs,
-                      step_delay_s=0.05, settle_s=2.0, log=lambda m: print(m, file=sys.stderr, flush=True))
+                      step_delay_s=0.2, settle_s=2.0, log=lambda m: print(m, file=sys.stderr, flush=True))
     finally:
         if not a.root:
             shutil.rmtree(root, ignore_errors=True)
