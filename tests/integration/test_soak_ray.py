@@ -25,7 +25,9 @@ def test_soak_holds_without_errors_or_unbounded_buffers(tmp_path, endpoint_api_k
     assert out["dropped"]["replica_rows_dropped"] == 0 and out["dropped"]["replicas_seen"] == 2, out["dropped"]
     roles = {k.split(":")[0] for k in out["memory"]}
     assert {"replica", "monitor", "controller", "haproxy"} <= roles, roles
-    assert all(m["samples"] >= 3 for m in out["memory"].values() if m["first_mb"] > 0), out["memory"]
+    # each role sampled through the run (a process that replaced another, e.g. HAProxy after a reload, has fewer)
+    for role in ("replica", "monitor", "controller", "haproxy"):
+        assert max(m["samples"] for k, m in out["memory"].items() if k.startswith(role + ":")) >= 3, out["memory"]
     # what Prometheus scrapes from the head after this traffic: the names and labels the shipped alert rules and
     # Grafana panels use (deploy/prometheus, deploy/grafana) exist as exported (the `ray_` prefix, counters'
     # `_total`, histograms' `_bucket` + `le`)
