@@ -2,23 +2,30 @@
 
     .venv/bin/python benchmarks/drift.py            # ~5 min on 2 cores
     .venv/bin/python benchmarks/drift.py --quick    # smaller, for a smoke run
+    .venv/bin/python benchmarks/drift.py --no-ray --no-evidently   # no local Ray, no Evidently venv
 
 Streams come from the synthetic generator (`SyntheticTask` + `DriftSpec`) with 50 features (45 numeric,
-5 categorical of 5 levels) and 4 classes; an MLP (256-128, trained here on 400k generated rows, ~20 s,
+5 categorical of 5 levels; x41:x42 and x43:x44 correlated pairs, x39 and x40 outside the rule) and 4 classes; an MLP (256-128, trained here on 400k generated rows, ~20 s,
 ~0.91 accurate) supplies the predicted probabilities. The reference profile is built from 20k undrifted rows; the
 online detector is calibrated by bootstrap from 10k held-out rows to ERT = 10,000 rows.
 
 Measured, in the same run:
 - no-drift run lengths (>= 200 alarms, the detector restarting after each) -> ert_ratio = mean / ERT, and
   which chart raised them (`details.ert.alarms_by_chart`: the split of the false-alarm budget);
-- median detection delay (rows after the change; 200 undrifted rows precede it) per scenario, and for the
-  class-prior flip the floor set by this student's probabilities: the median delay of a CUSUM that knows
-  the new priors, alone at the same ERT (`details.prior_flip_oracle`), and the detector's own prior chart
-  (which does not know which class moved) alone at that ERT (`...prior_flip_oracle.direction_unknown`);
+- median detection delay (rows after the change; 200 undrifted rows precede it) per scenario: mean shifts
+  of 1 / 0.5 / 0.25 sigma, a class-prior flip, c1's frequencies reversed (`categorical_shift`), x7 growing
+  from 0 to 1 sigma over 1,000 rows (`ramp`), the correlation of x43:x44 flipping from 0.6 to -0.6 with
+  both marginals unchanged (`joint_shift`), and x40, outside the label rule, moving by 1 sigma
+  (`neutral_shift`: drift that costs no accuracy, `details.accuracy.neutral_shift`);
+- beside each of prior_flip, categorical_shift, ramp and joint_shift an oracle that KNOWS the change, alone
+  at the same ERT (its own threshold simulated on undrifted streams; `_drift_oracles.py`), and
+  `delay_over_oracle` = the detector's median delay / the oracle's; for the prior flip also the
+  detector's own prior chart alone (`details.oracles.prior_flip.direction_unknown`);
 - eval_ms: one window evaluation (1k window x 50 features against a 10k-row reference profile: PSI, JS,
   KS on the binned CDF, chi-squared, BH) beside scipy.stats.ks_2samp over the same 45 numeric columns
   against the 10k reference rows, and whether both give the same drifted/undrifted verdicts (BH, alpha);
-- ingest_rows_per_s: rows per second one MonitorActor takes through `record.remote` (a local Ray);
+- ingest_rows_per_s: rows per second one MonitorActor takes through `record.remote` (a local Ray;
+  `--no-ray` skips it and starts no Ray: null);
 - request_overhead_p50_ms: what a request pays for monitoring (MonitorLink.add into the replica buffer);
 - reference_bytes: the profile's JSON size;
 - accuracy: realised vs the confidence-based estimate on undrifted and label-shifted traffic.
