@@ -2,23 +2,30 @@
 
     .venv/bin/python benchmarks/drift.py            # ~5 min on 2 cores
     .venv/bin/python benchmarks/drift.py --quick    # smaller, for a smoke run
+    .venv/bin/python benchmarks/drift.py --no-ray --no-evidently   # no local Ray, no Evidently venv
 
 Streams come from the synthetic generator (`SyntheticTask` + `DriftSpec`) with 50 features (45 numeric,
-5 categorical of 5 levels) and 4 classes; an MLP (256-128, trained here on 400k generated rows, ~20 s,
+5 categorical of 5 levels; x41:x42 and x43:x44 correlated pairs, x39 and x40 outside the rule) and 4 classes; an MLP (256-128, trained here on 400k generated rows, ~20 s,
 ~0.91 accurate) supplies the predicted probabilities. The reference profile is built from 20k undrifted rows; the
 online detector is calibrated by bootstrap from 10k held-out rows to ERT = 10,000 rows.
 
 Measured, in the same run:
 - no-drift run lengths (>= 200 alarms, the detector restarting after each) -> ert_ratio = mean / ERT, and
   which chart raised them (`details.ert.alarms_by_chart`: the split of the false-alarm budget);
-- median detection delay (rows after the change; 200 undrifted rows precede it) per scenario, and for the
-  class-prior flip the floor set by this student's probabilities: the median delay of a CUSUM that knows
-  the new priors, alone at the same ERT (`details.prior_flip_oracle`), and the detector's own prior chart
-  (which does not know which class moved) alone at that ERT (`...prior_flip_oracle.direction_unknown`);
+- median detection delay (rows after the change; 200 undrifted rows precede it) per scenario: mean shifts
+  of 1 / 0.5 / 0.25 sigma, a class-prior flip, c1's frequencies reversed (`categorical_shift`), x7 growing
+  from 0 to 1 sigma over 1,000 rows (`ramp`), the correlation of x43:x44 flipping from 0.6 to -0.6 with
+  both marginals unchanged (`joint_shift`), and x40, outside the label rule, moving by 1 sigma
+  (`neutral_shift`: drift that costs no accuracy, `details.accuracy.neutral_shift`);
+- beside each of prior_flip, categorical_shift, ramp and joint_shift an oracle that KNOWS the change, alone
+  at the same ERT (its own threshold simulated on undrifted streams; `_drift_oracles.py`), and
+  `delay_over_oracle` = the detector's median delay / the oracle's; for the prior flip also the
+  detector's own prior chart alone (`details.oracles.prior_flip.direction_unknown`);
 - eval_ms: one window evaluation (1k window x 50 features against a 10k-row reference profile: PSI, JS,
   KS on the binned CDF, chi-squared, BH) beside scipy.stats.ks_2samp over the same 45 numeric columns
   against the 10k reference rows, and whether both give the same drifted/undrifted verdicts (BH, alpha);
-- ingest_rows_per_s: rows per second one MonitorActor takes through `record.remote` (a local Ray);
+- ingest_rows_per_s: rows per second one MonitorActor takes through `record.remote` (a local Ray;
+  `--no-ray` skips it and starts no Ray: null);
 - request_overhead_p50_ms: what a request pays for monitoring (MonitorLink.add into the replica buffer);
 - reference_bytes: the profile's JSON size;
 - accuracy: realised vs the confidence-based estimate on undrifted and label-shifted traffic.
@@ -53,16 +60,23 @@ from raysys.monitor.online import detector_for, score_rows  # noqa: E402
 from raysys.monitor.profile import ReferenceProfile  # noqa: E402
 from raysys.monitor.stats import adjust_pvalues  # noqa: E402
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import _drift_oracles as oracles  # noqa: E402
+
 ERT = 10_000
 PRE_CHANGE = 200
 N_NUM, N_CAT, N_CATEGORIES, N_CLASSES = 45, 5, 5, 4
 MODEL_TRAIN_ROWS, MODEL_HIDDEN = 400_000, (256, 128)
+# x41:x42 and x43:x44 are drawn with correlation PAIR_RHO (what `joint_shift` flips); x39 and x40 do not enter
+# the label rule (what `neutral_shift` moves)
+N_PAIRS, PAIR_RHO, N_NUISANCE = 2, 0.6, 2
 
 
 class World:
     def __init__(self, seed: int = 0):
         self.cfg = DataConfig(num_numeric=N_NUM, num_categorical=N_CAT, num_categories=N_CATEGORIES,
-                              num_classes=N_CLASSES, seed=seed)
+                              num_classes=N_CLASSES, seed=seed, correlated_pairs=N_PAIRS,
+                              pair_correlation=PAIR_RHO, nuisance_features=N_NUISANCE)
         self.task = SyntheticTask(self.cfg)
         self.schema = self.task.schema()
         self.ident = Preprocessor(self.schema, [0.0] * N_NUM, [1.0] * N_NUM)
@@ -107,7 +121,10 @@ class World:
         return x_num, x_cat, y, proba
 
 
-def scenario_specs(world: World) -> dict[str, object]:
+JOINT_PAIR = ("x43", "x44")
+
+
+def scenario_specs(world: World) -> dict[str, DriftSpec]:
     rev = world.task.cat_probs[1][::-1]
     cats = world.task.categories[1]
     others = {c: 0.1 for c in world.task.classes[1:]}
@@ -116,20 +133,15 @@ def scenario_specs(world: World) -> dict[str, object]:
         "sigma05_1of50": DriftSpec(covariate={"x7": 0.5}),
         "sigma025_5of50": DriftSpec(covariate={f"x{i}": 0.25 for i in range(5, 10)}),
         "prior_flip": DriftSpec(label_priors={world.task.classes[0]: 0.7, **others}),
+        # c1's frequencies reversed (KL 0.055 nats a row)
         "categorical_shift": DriftSpec(categorical={"c1": {c: float(p) for c, p in zip(cats, rev)}}),
-        "ramp": "ramp",  # x7 drifts linearly from 0 to 1 sigma over 1000 rows, then stays
+        # x7 drifts linearly from 0 to 1 sigma over 1000 rows, then stays
+        "ramp": DriftSpec(covariate={"x7": 1.0}, ramp_rows=1000),
+        # the correlation of x43 and x44 flips from 0.6 to -0.6; both marginals unchanged
+        "joint_shift": DriftSpec(correlation={":".join(JOINT_PAIR): -PAIR_RHO}),
+        # x40 (outside the label rule) moves by 1 sigma: drift, but not a loss of accuracy
+        "neutral_shift": DriftSpec(covariate={f"x{N_NUM - 2 * N_PAIRS - 1}": 1.0}),
     }
-
-
-def drifted_rows(world: World, spec, n: int, seed):
-    if spec != "ramp":
-        return world.arrays(n, seed, spec)
-    parts = []
-    block = 50
-    for b in range(n // block):
-        shift = min(1.0, (b + 0.5) * block / 1000.0)
-        parts.append(world.arrays(block, [*seed, b], DriftSpec(covariate={"x7": shift})))
-    return tuple(np.concatenate([p[i] for p in parts]) for i in range(4))
 
 
 def run_detector(profile, S: np.ndarray, batch: int = 500) -> list[int]:
@@ -170,65 +182,17 @@ def measure_ert(world: World, profile, min_alarms: int, max_rows: int) -> dict:
 def measure_delays(world: World, profile, reps: int) -> dict:
     out = {}
     for name, spec in scenario_specs(world).items():
-        n_after = 2000 if name in ("sigma025_5of50", "ramp", "sigma05_1of50") else 800
+        n_after = 2000 if name in ("sigma025_5of50", "ramp", "sigma05_1of50", "categorical_shift") else 800
         delays = []
         for r in range(reps):
             a = world.arrays(PRE_CHANGE, [7, r])
-            b = drifted_rows(world, spec, n_after, [8, r, len(name)])
+            b = world.arrays(n_after, [8, r, len(name)], spec)
             x_num, x_cat, _, proba = (np.concatenate([a[i], b[i]]) for i in range(4))
             alarm_rows = run_detector(profile, score_rows(profile, x_num, x_cat, proba))
             after = [x - PRE_CHANGE for x in alarm_rows if x >= PRE_CHANGE]
             delays.append(after[0] + 1 if after else n_after + 1)  # censored at the stream's end
         out[name] = {"median": float(np.median(delays)), "p90": float(np.percentile(delays, 90)),
                      "missed": int(sum(d > n_after for d in delays)), "reps": reps}
-    return out
-
-
-def _alone_at_ert(l0: np.ndarray, l1: np.ndarray, reps: int, seed: int = 0) -> dict:
-    """A max-of-CUSUMs chart over increment columns l [rows, J], alone at ERT: the threshold from 64
-    bootstrapped undrifted runs of 4 ERT rows (mean run length = rows watched / alarms, censored
-    exponential), then the delays of `reps` runs on the drifted pool from a fresh start."""
-    rng = np.random.default_rng(seed)
-
-    def chart(pool, n):
-        c = np.cumsum(pool[rng.integers(0, len(pool), n)], 0)
-        return (c - np.minimum(np.minimum.accumulate(c, 0), 0)).max(1)
-
-    n0 = 4 * ERT
-    runmax = np.stack([np.maximum.accumulate(chart(l0, n0)) for _ in range(64)])
-    hs = np.arange(4.0, 16.0, 0.05)
-    rl = np.stack([np.searchsorted(r, hs, side="right") for r in runmax])  # [runs, h]: alarm row (0-based)
-    arl = np.minimum(rl + 1, n0).sum(0) / np.maximum((rl < n0).sum(0), 1)
-    h = float(np.interp(np.log(ERT), np.log(np.maximum.accumulate(arl)), hs))
-    d = []
-    for _ in range(reps):
-        over = np.flatnonzero(chart(l1, 1000) > h)
-        d.append(over[0] + 1 if len(over) else 1001)
-    return {"threshold": h, "median_delay": float(np.median(d))}
-
-
-def measure_prior_flip_oracle(world: World, profile, reps: int = 400) -> dict:
-    """The best any detector watching this model's probabilities can do on the prior flip: a CUSUM that
-    KNOWS the new priors (log-likelihood ratio log sum_k pi'_k / pi_k p_k(x)), its threshold set by
-    simulation to the same ERT with nothing else to watch. Its median delay is the floor for
-    `delay_median.prior_flip` with this student (a better model moves it, the monitor cannot).
-    `direction_unknown`: the detector's own `prior` chart (one CUSUM per class and odds multiplier, their
-    maximum) alone at the same ERT: the floor for a chart that does not know WHICH class moved; the gap
-    to the oracle is the price of not knowing (about ln K nats of threshold), the gap from it to
-    `delay_median.prior_flip` the share of the false-alarm budget the other charts take."""
-    spec = scenario_specs(world)["prior_flip"]
-    pri = np.array([spec.label_priors.get(c, 0.0) for c in world.task.classes])
-    pi = profile.prediction.mean
-    w = pri / pri.sum() / pi
-    _, _, _, p0 = world.arrays(50_000, [0, 4])
-    _, _, _, p1 = world.arrays(20_000, [0, 5], spec)
-    l0, l1 = np.log(p0 @ w)[:, None], np.log(p1 @ w)[:, None]
-    out = {"kl_per_row": float(l1.mean()), **_alone_at_ert(l0, l1, reps)}
-    ms = (profile.detector or {}).get("charts", {}).get("prior") or []
-    if ms:
-        def grid(p):
-            return np.concatenate([np.log1p((m - 1) * p) - np.log1p((m - 1) * pi) for m in ms], 1)
-        out["direction_unknown"] = {"odds_multipliers": list(ms), **_alone_at_ert(grid(p0), grid(p1), reps)}
     return out
 
 
@@ -361,11 +325,26 @@ def measure_request_overhead(world: World, n: int = 20_000) -> dict:
             "flush_2048_rows_ms_off_path": take_ms, "fill_ms": (tt - t0) * 1000}
 
 
+def measure_oracles(world: World, profile, delays: dict, quick: bool) -> dict:
+    """Each new scenario's oracle at the same ERT (see `_drift_oracles`), and the detector's median delay
+    over the oracle's."""
+    sc = scenario_specs(world)
+    reps = 100 if quick else 400
+    out = {"prior_flip": oracles.prior_flip_oracle(world, profile, sc["prior_flip"], ERT, reps),
+           "categorical_shift": oracles.categorical_oracle(world, "c1", sc["categorical_shift"], ERT, reps),
+           "ramp": oracles.ramp_oracle_for(world, profile, "x7", sc["ramp"], ERT, reps=20 if quick else 40),
+           "joint_shift": oracles.joint_oracle(world, profile, JOINT_PAIR, PAIR_RHO, sc["joint_shift"], ERT, reps)}
+    for name, o in out.items():
+        o["delay_over_oracle"] = round(delays[name]["median"] / o["median_delay"], 3)
+    return out
+
+
 def measure_accuracy(world: World, profile) -> dict:
     out = {}
     pr = profile.prediction
-    for name, spec in {"undrifted": None, "prior_flip": scenario_specs(world)["prior_flip"],
-                       "sigma1_1of50": scenario_specs(world)["sigma1_1of50"]}.items():
+    sc = scenario_specs(world)
+    for name, spec in {"undrifted": None, "prior_flip": sc["prior_flip"], "sigma1_1of50": sc["sigma1_1of50"],
+                       "neutral_shift": sc["neutral_shift"], "joint_shift": sc["joint_shift"]}.items():
         _, _, y, proba = world.arrays(5000, [0, 555, len(name)], spec)
         out[name] = {"realised": float((proba.argmax(1) == y).mean()),
                      "estimated": float(pr.estimate_accuracy(proba))}
@@ -379,6 +358,7 @@ def main(argv=None) -> int:
     ap.add_argument("--quick", action="store_true", help="fewer runs (smoke test; figures are noisier)")
     ap.add_argument("--calibration-rows", type=int, default=None)
     ap.add_argument("--no-evidently", action="store_true", help="skip the Evidently peer (needs a venv + network once)")
+    ap.add_argument("--no-ray", action="store_true", help="skip the actor ingest measurement (starts no Ray)")
     args = ap.parse_args(argv)
     torch.set_num_threads(1)
     quick = args.quick
@@ -403,13 +383,19 @@ def main(argv=None) -> int:
     print("accuracy:", json.dumps(acc), flush=True)
     delays = measure_delays(world, profile, reps=12 if quick else 40)
     print("delays:", json.dumps(delays), flush=True)
-    oracle = measure_prior_flip_oracle(world, profile)
-    print("prior-flip oracle:", json.dumps(oracle), flush=True)
+    oracle = measure_oracles(world, profile, delays, quick)
+    print("oracles:", json.dumps(oracle), flush=True)
     ert = measure_ert(world, profile, min_alarms=30 if quick else 200, max_rows=400_000 if quick else 2_600_000)
     print("ert:", json.dumps(ert), flush=True)
-    ingest = measure_ingest(world, profile, batches=30 if quick else 100)
+    if args.no_ray:
+        ingest = {"ingest_rows_per_s": None, "skipped": "--no-ray"}
+        ray_version = None
+    else:
+        import ray
+
+        ingest = measure_ingest(world, profile, batches=30 if quick else 100)
+        ray_version = ray.__version__
     print("ingest:", json.dumps(ingest), flush=True)
-    import ray
     import scipy
 
     ev = eval_res.pop("evidently", None) or {}
@@ -424,19 +410,20 @@ def main(argv=None) -> int:
         "speedup_vs_evidently": (round(ev["seconds_median"] * 1000 / eval_res["eval_ms"], 1)
                                  if "seconds_median" in ev else None),
         "evidently": ev if ev else "not measured: --no-evidently",
-        "ingest_rows_per_s": round(ingest["ingest_rows_per_s"]),
+        "delay_over_oracle": {k: v["delay_over_oracle"] for k, v in oracle.items()},
+        "ingest_rows_per_s": ingest["ingest_rows_per_s"] and round(ingest["ingest_rows_per_s"]),
         "reference_bytes": reference_bytes,
         "request_overhead_p50_ms": round(overhead["request_overhead_p50_ms"], 4),
         "details": {"model": {"hidden_dims": list(MODEL_HIDDEN), "train_rows": MODEL_TRAIN_ROWS,
                               "train_s": round(world.train_s, 1)},
                     "ert": ert, "delays": delays, "eval": eval_res, "ingest": ingest, "overhead": overhead,
-                    "accuracy": acc, "prior_flip_oracle": oracle, "detector": {k: profile.detector[k] for k in ("threshold", "extrapolated",
+                    "accuracy": acc, "oracles": oracle, "detector": {k: profile.detector[k] for k in ("threshold", "extrapolated",
                                                                                   "calibration", "charts")},
                     "profile_build_and_calibration_s": round(build_s, 1)},
         "setup": {"features": {"numeric": N_NUM, "categorical": N_CAT}, "classes": N_CLASSES,
                   "reference_rows": 20_000, "holdout_rows": 10_000, "pre_change_rows": PRE_CHANGE,
                   "quick": quick, "cpus": os.cpu_count(), "python": platform.python_version(),
-                  "numpy": np.__version__, "scipy": scipy.__version__, "ray": ray.__version__,
+                  "numpy": np.__version__, "scipy": scipy.__version__, "ray": ray_version,
                   "torch": torch.__version__, "seconds": round(time.perf_counter() - t_all, 1)},
     }
     print(json.dumps(result))

@@ -36,6 +36,14 @@ class DataConfig(_Strict):
     num_classes: int = Field(4, ge=2, description="Label classes (synthetic).")
     num_shards: int = Field(4, ge=1, description="Parquet files per split (synthetic).")
     label_noise: float = Field(0.03, ge=0.0, lt=0.5, description="Fraction of labels resampled at random.")
+    correlated_pairs: int = Field(
+        0, ge=0, description="Synthetic: pairs of numeric features drawn jointly normal with `pair_correlation` "
+        "(the last 2*k numeric features: x[n-2k] with x[n-2k+1], ...); a DriftSpec can flip their correlation "
+        "with the marginals unchanged. 0: every numeric feature independent (the rule and rows of older seeds).")
+    pair_correlation: float = Field(0.6, gt=-1, lt=1, description="Correlation of each `correlated_pairs` pair.")
+    nuisance_features: int = Field(
+        0, ge=0, description="Synthetic: the last k numeric features before the correlated pairs do not enter the "
+        "label rule (a shift of one moves the inputs, not the accuracy).")
     seed: int = Field(0, description="Seed of the generator: same seed, same rule and same rows.")
 
 
@@ -416,6 +424,10 @@ class MonitorConfig(_Strict):
         "at all; never raw. Either way a retrain on recent traffic cannot use them.")
     on_drift: Literal["alert", "retrain"] = Field(
         "alert", description="'retrain' submits jobs/retrain.py through the Ray Jobs API on a confirmed alert.")
+    retrain_when: Literal["drift", "accuracy_drop"] = Field(
+        "drift", description="With on_drift 'retrain': 'drift' retrains on any confirmed alert; 'accuracy_drop' "
+        "only when the accuracy is lost: realised (labels) or estimated (confidence, no labels) below the reference "
+        "by `accuracy_drop`. Drift that costs no accuracy is then reported (alerts), not retrained on.")
     retrain_cooldown_s: float = Field(3600.0, ge=0, description="Seconds between two retrain submissions.")
     retrain_address: str | None = Field(None, description="Ray Jobs API address (None: RAY_ADDRESS or local).")
     retrain_args: list[str] = Field(default_factory=list, description="Extra arguments for jobs/retrain.py.")

@@ -5,8 +5,14 @@ numeric features and one-hot categories, plus pairwise interactions (z0*z1, sin(
 slope on z3). A linear model cannot represent it, so capacity matters: see tests/unit/test_data.py.
 
 `DriftSpec` shifts a stream without touching the rule P(y | x): covariate shift moves named numeric
-features by a number of their standard deviations or replaces a categorical feature's frequencies;
-label shift resamples rows to new class priors (P(x | y) kept).
+features by a number of their standard deviations (at once, or growing linearly over `ramp_rows` rows)
+or replaces a categorical feature's frequencies; a joint shift sets the correlation of a pair of numeric
+features with both marginals unchanged; label shift resamples rows to new class priors (P(x | y) kept).
+
+Options of `DataConfig` (all off by default, so older seeds keep their rule and rows): `correlated_pairs`
+draws the last 2k numeric features as k jointly normal pairs with correlation `pair_correlation` (what a
+joint shift can flip); `nuisance_features` takes the k numeric features before them out of the rule (a
+shift of one is drift that costs the model no accuracy).
 """
 
 from __future__ import annotations
@@ -40,6 +46,14 @@ class DriftSpec(BaseModel):
     label_priors: dict[str, float] | None = Field(
         None, description="Class name -> new prior weight (renormalised); rows are resampled to match."
     )
+    correlation: dict[str, float] = Field(
+        default_factory=dict, description="'xa:xb' (two numeric features) -> their new correlation; xb is redrawn "
+        "as r*xa + sqrt(1-r^2)*noise in standard units, so both marginals stay as they were."
+    )
+    ramp_rows: int | None = Field(
+        None, ge=1, description="Covariate shifts grow linearly: row i of the sample gets min(1, (i+1)/ramp_rows) "
+        "of each shift in `covariate` (a slow drift from the first row)."
+    )
 
 
 class SyntheticTask:
@@ -59,6 +73,15 @@ class SyntheticTask:
         self.cat_probs = [rng.dirichlet(np.full(cfg.num_categories, 2.0)) for _ in range(n_cat)]
         d = n_num + n_cat * cfg.num_categories
         self.w1 = rng.normal(0, 2.0 / np.sqrt(d), (d, _HIDDEN))
+        # the options draw nothing from rng: with them off, the rule and the rows are those of older versions
+        k_pairs, k_nuis = cfg.correlated_pairs, cfg.nuisance_features
+        first_pair = n_num - 2 * k_pairs
+        if first_pair - k_nuis < 4:  # x0..x3 carry the rule's interaction terms
+            raise ValueError(f"data: {k_pairs} correlated pairs and {k_nuis} nuisance features need at least "
+                             f"{2 * k_pairs + k_nuis + 4} numeric features, got {n_num}")
+        self.pairs = [(first_pair + 2 * i, first_pair + 2 * i + 1) for i in range(k_pairs)]
+        self.nuisance = list(range(first_pair - k_nuis, first_pair))
+        self.w1[self.nuisance] = 0.0
         self.b1 = rng.normal(0, 0.5, _HIDDEN)
         self.w2 = rng.normal(0, 3.0 / np.sqrt(_HIDDEN), (_HIDDEN, k))
         self.a_inter = rng.normal(0, 1.0, k)
@@ -78,6 +101,11 @@ class SyntheticTask:
 
     def _draw_latent(self, rng: np.random.Generator, n: int, drift: DriftSpec | None):
         z = rng.standard_normal((n, len(self.num_names)))
+        corr = {(a, b): self.cfg.pair_correlation for a, b in self.pairs}
+        if drift:
+            corr.update(self._correlation_drift(drift.correlation))
+        for (a, b), r in corr.items():
+            z[:, b] = r * z[:, a] + np.sqrt(1.0 - r * r) * z[:, b]
         cats = np.empty((n, len(self.cat_names)), dtype=np.int64)
         for j, name in enumerate(self.cat_names):
             p = self.cat_probs[j]
@@ -85,11 +113,28 @@ class SyntheticTask:
                 p = self._category_probs(name, drift.categorical[name], j)
             cats[:, j] = rng.choice(len(p), size=n, p=p)
         if drift:
+            ramp = 1.0 if drift.ramp_rows is None else np.minimum(1.0, np.arange(1, n + 1) / drift.ramp_rows)
             for name, shift in drift.covariate.items():
                 if name not in self.num_names:
                     raise ValueError(f"drift.covariate: {name!r} is not a numeric feature; choose from {self.num_names}")
-                z[:, self.num_names.index(name)] += shift
+                z[:, self.num_names.index(name)] += shift * ramp
         return z, cats
+
+    def _correlation_drift(self, spec: dict[str, float]) -> dict[tuple[int, int], float]:
+        out = {}
+        for key, r in spec.items():
+            names = key.split(":")
+            if len(names) != 2 or any(x not in self.num_names for x in names) or names[0] == names[1]:
+                raise ValueError(f"drift.correlation: {key!r} is not 'xa:xb', two numeric features")
+            if not -1.0 < r < 1.0:
+                raise ValueError(f"drift.correlation.{key}: a correlation must be in (-1, 1), got {r}")
+            a, b = (self.num_names.index(x) for x in names)
+            others = [p for p in self.pairs if b in p and p != (a, b)] + [p for p in self.pairs if p[1] == a]
+            if others:
+                raise ValueError(f"drift.correlation.{key}: {names[1]} or {names[0]} is already in the correlated "
+                                 f"pair {others[0]}; flip that pair instead")
+            out[(a, b)] = float(r)
+        return out
 
     def _category_probs(self, name: str, freqs: dict[str, float], j: int) -> np.ndarray:
         unknown = set(freqs) - set(self.categories[j])
@@ -129,6 +174,8 @@ class SyntheticTask:
             if pri.sum() <= 0 or (pri < 0).any():
                 raise ValueError("drift.label_priors: weights must be >= 0 with a positive sum")
             pri /= pri.sum()
+            if drift.ramp_rows is not None:
+                raise ValueError("drift.ramp_rows: a ramp needs rows in stream order, label_priors resamples them")
             # draw a pool, then take rows per class in the new proportions (P(x | y) is unchanged)
             want = rng.multinomial(n, pri)
             pool_n = int(n * 4 / max(pri[pri > 0].min() * self.cfg.num_classes, 0.05)) + 1000

@@ -15,7 +15,9 @@ Serving replicas send `record(batch)`. Per batch the monitor
 
 A confirmed drift (an online alarm, or the window tests' dataset-level decision) or an accuracy drop
 records an alert and, with `monitor.on_drift: retrain`, submits the retrain job (one in flight, with a
-cooldown). With `monitor.snapshot_uri` the state is snapshotted to storage and restored when the monitor
+cooldown); with `monitor.retrain_when: accuracy_drop` a drift alert only records, and the job is submitted
+when the accuracy is lost: realised from labels, or estimated from the window's confidences (an
+`estimated_accuracy` alert), so drift the model takes in its stride is reported but never retrained on. With `monitor.snapshot_uri` the state is snapshotted to storage and restored when the monitor
 restarts; with `monitor.traffic_uri` recent traffic and its joined labels are written as rotated Parquet
 (`RecentTraffic`), which is what the retrain job trains and judges the candidate on; the raw values of features
 the schema marks `sensitive` are never written there (hashed with the deployment's secret salt, or dropped).
@@ -160,6 +162,7 @@ class Monitor:
         self.alert_events: list[dict[str, Any]] = []
         self._window_alerting = False
         self._accuracy_alerting = False
+        self._estimate_alerting = False
         self._last_tick = -math.inf
 
     def _dashboard(self) -> Any:
@@ -327,7 +330,12 @@ class Monitor:
         if self.recent is not None and self.retrain.enabled:
             self._flush_recent(force=True)  # what the job reads: everything up to the alert
             retrain_args += ["--traffic-uri", self.recent.traffic.root, "--labels-uri", self.recent.labels.root]
-        event["retrain"] = self.retrain.maybe_submit(message, retrain_args)
+        if kind in ("online", "window") and self.cfg.retrain_when == "accuracy_drop":
+            event["retrain"] = {"submitted": False, "why": "monitor.retrain_when is 'accuracy_drop': drift alone is "
+                                "reported; a retrain waits for the realised or estimated accuracy to fall by "
+                                f"{self.cfg.accuracy_drop}"}
+        else:
+            event["retrain"] = self.retrain.maybe_submit(message, retrain_args)
         self.alert_events.append(event)
         del self.alert_events[:-MAX_ALERTS]
         metrics = self._dashboard()
@@ -351,6 +359,14 @@ class Monitor:
             self._alert("accuracy", f"realised accuracy {realised:.3f} is below the reference {ref:.3f} "
                                     f"- {self.cfg.accuracy_drop}")
         self._accuracy_alerting = bool(low)
+        est = acc.get("estimated")
+        est_low = (self.cfg.retrain_when == "accuracy_drop" and ref is not None and est is not None
+                   and acc.get("estimated_rows", 0) >= self.cfg.min_rows and est < ref - self.cfg.accuracy_drop)
+        if est_low and not self._estimate_alerting:
+            self._alert("estimated_accuracy", f"estimated accuracy {est:.3f} (confidence-based, "
+                                              f"{acc['estimated_rows']} rows) is below the reference {ref:.3f} "
+                                              f"- {self.cfg.accuracy_drop}")
+        self._estimate_alerting = bool(est_low)
 
     # ----- the periodic work: window tests, alerts, gauges, storage -----
     def _maybe_snapshot(self, now: float) -> None:

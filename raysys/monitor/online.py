@@ -2,7 +2,7 @@
 
 Each row becomes one score vector: the normal scores of its numeric features under the reference
 (`ReferenceProfile.numeric_scores`, N(0, 1) per column when nothing drifted), the one-hots of its
-categories and the model's predicted probabilities. Five kinds of chart watch that stream:
+categories and the model's predicted probabilities. Eight kinds of chart watch that stream:
 
 - `cusum`: per numeric feature and direction, Page's CUSUM of the log-likelihood ratio of a mean shift of
   `d` reference sigmas (d in `charts["cusum"]`, by default 0.5 and 1): S <- max(0, S + d*z - d^2/2).
@@ -20,6 +20,19 @@ categories and the model's predicted probabilities. Five kinds of chart watch th
   the increment log(q_{t-1}(x_t) / p(x_t)) is a valid log-likelihood ratio under the null (q_{t-1} does
   not look at x_t; Lorden & Pollak 2005) and approaches the full multinomial KL whatever the new
   frequencies are.
+- `trend@lambda` (`raysys.monitor.shapes`): per numeric feature, the double-exponential trend filter
+  2 E1 - E2 of its normal scores, squared over its exact null variance, the chart their maximum: a slow
+  ramp (0 -> 1 sigma over 1,000 rows) has grown past a CUSUM's step before that CUSUM sees it; the filter's
+  signal-to-noise on such a ramp is within 2% of the matched (known-start) filter's at lambda = 0.003.
+- `catrev@j` (`raysys.monitor.shapes`): per categorical feature j, a CUSUM against a FIXED alternative, its
+  reference frequencies turned over (the schema's order reversed): free of the adaptive chart's learning
+  cost on exactly that shift, negative drift on any other. One chart per feature, each with its own null
+  tail (a rare category's reversal jumps by several nats; inside one maximum it would set every other
+  feature's threshold).
+- `joint` (`raysys.monitor.pairs`): per pair of numeric features the reference shows correlated (found on
+  the calibration rows, stored in the spec as `pairs`), CUSUMs of the bivariate-normal log-likelihood
+  ratio of the normal scores' correlation moving from rho to -rho and to 0: a correlation that flips with
+  both marginals unchanged, which no per-feature chart or window test can see.
 - `prior`: black-box shift detection on the predicted probabilities: the CUSUM of the log-likelihood
   ratio of a label-prior shift, which for a calibrated model is log sum_k (pi'_k / pi_k) p_k(x), one per
   class k with pi' = that class's odds multiplied by m (m in `charts["prior"]`), the chart their maximum.
@@ -49,8 +62,12 @@ an alarm the detector restarts, so the ERT is also the expected number of rows b
 The weights split that one false-alarm budget. With equal weights the numeric `cusum` and `sum` charts
 took ~80% of the false alarms on the benchmark and the `prior` chart 12%; its signal is one number a row,
 and each nat it gives up costs it ~4 rows while a 0.5 sigma feature shift loses ~8 of its ~90 (the
-numeric targets have room), so `prior` gets most of the budget (~75% of the alarms) and `pred` a few
-percent.
+numeric targets have room), so `prior` got most of the budget. The ramp's delay grows only with the cube
+root of the threshold, so `trend` needs a large share to come near its oracle: weights prior 12, trend
+16, pred 4, catrev 2 per feature (5 features: 10), the rest 1; on the benchmark (ERT 10k, 45 numeric and 5
+categorical features; 210 false alarms in 2M rows, details.ert.alarms_by_chart) `prior` raised 41% of
+the false alarms, `trend` 31%, the `catrev` charts 16%, `cusum` 5%, `joint` 3%, `pred` and `sum` 2% each.
+The 0.25 sigma (5 of 50 features) delay pays for it: 170 rows, from 158.5 with the v3 split.
 
 Everything is vectorised over the rows of a batch: the EWMAs run in C (`scipy.signal.lfilter`), and a
 CUSUM is S_t = C_t - min(-S_0, min_{s<=t} C_s) with C the cumulative sum of its increments (Lindley's
@@ -68,10 +85,14 @@ import numpy as np
 from scipy.signal import lfilter
 from scipy.special import chdtrc
 
-SPEC_VERSION = 3  # detector specs calibrated for these charts
-# specs this code still runs as calibrated: version 2 had the adaptive prior alternatives (`pred`) inside the
-# `prior` chart's maximum and equal budget weights; older ones must be recalibrated
-READABLE_SPEC_VERSIONS = (2, 3)
+from raysys.monitor.pairs import ALTERNATIVES, correlated_pairs, pair_increments
+from raysys.monitor.shapes import reversed_alternative_llr, trend_variance
+
+SPEC_VERSION = 4  # detector specs calibrated for these charts
+# specs this code still runs as calibrated: version 3 had no `joint` chart (nor `pairs`); version 2 also had
+# the adaptive prior alternatives (`pred`) inside the `prior` chart's maximum and equal budget weights; older
+# ones must be recalibrated
+READABLE_SPEC_VERSIONS = (2, 3, 4)
 DEFAULT_CHARTS: dict[str, tuple[float, ...]] = {
     "cusum": (0.5, 1.0),  # numeric: mean shifts (reference sigmas) the per-feature CUSUMs are tuned to
     "spread": (0.25,),  # numeric: per-feature CUSUMs summed with a sparsity prior (Mei 2010; Xie & Siegmund 2013)
@@ -79,11 +100,14 @@ DEFAULT_CHARTS: dict[str, tuple[float, ...]] = {
     "cat": (0.01,),  # categorical: EWMA constant of the adaptive alternative's frequencies
     "prior": (6.0,),  # predictions: odds multiplier(s) of one class (a class becoming much more frequent)
     "pred": (0.03,),  # predictions: EWMA constant of the adaptive alternative prior
+    "joint": ALTERNATIVES,  # correlated numeric pairs: alternative correlations as multiples of the reference's
+    "trend": (0.003,),  # numeric: EWMA constants of the per-feature trend filters (slow ramps)
+    "catrev": (1.0,),  # categorical: weights of the reversed frequencies in the fixed alternatives
 }
 # each chart kind's share of the false-alarm budget (relative; a kind left out has 1): the alarm score is
 # max_k (score_k + log w_k), so chart k alarms at w_k times the others' per-row tail probability (see the
 # module docstring for the split)
-DEFAULT_WEIGHTS: dict[str, float] = {"prior": 12.0, "pred": 4.0}
+DEFAULT_WEIGHTS: dict[str, float] = {"prior": 12.0, "pred": 4.0, "trend": 16.0, "catrev": 2.0}
 ADAPT_WEIGHT = 0.9  # adaptive alternatives: share of the estimate (the rest is the reference: bounded loss)
 MIN_P = 1e-300
 TAIL_Q = 0.99  # each chart's null tail is fitted above this per-row quantile ...
@@ -122,7 +146,7 @@ class OnlineDetector:
                  charts: dict[str, Any] | None = None, feature_names: list[str] | None = None,
                  norm: dict[str, Any] | None = None, cat_props: list[np.ndarray] | None = None,
                  pred_mean: np.ndarray | None = None, weights: dict[str, float] | None = None,
-                 version: int = SPEC_VERSION):
+                 version: int = SPEC_VERSION, pairs: list[list[float]] | None = None):
         if version not in READABLE_SPEC_VERSIONS:
             raise ValueError(f"online detector: spec version {version!r} is not one of {READABLE_SPEC_VERSIONS}")
         self.version = int(version)
@@ -141,11 +165,14 @@ class OnlineDetector:
         for k in DEFAULT_CHARTS:
             ch.setdefault(k, ())
         if not self.n_num:
-            ch["cusum"], ch["sum"], ch["spread"] = (), (), ()
+            ch["cusum"], ch["sum"], ch["spread"], ch["trend"] = (), (), (), ()
         if not self.cat_sizes:
-            ch["cat"] = ()
+            ch["cat"], ch["catrev"] = (), ()
         if not self.n_pred:
             ch["prior"], ch["pred"] = (), ()
+        self.pairs = [[int(i), int(j), float(r)] for i, j, r in (pairs or []) if max(i, j) < self.n_num]
+        if not self.pairs:
+            ch["joint"] = ()
         self.charts = ch
         self.width = self.n_num + sum(self.cat_sizes) + self.n_pred
         self.feature_names = feature_names
@@ -165,6 +192,9 @@ class OnlineDetector:
         self._n_spread = 2 * len(ch["spread"]) * self.n_num
         self._n_prior = len(ch["prior"]) * self.n_pred + len(ch["pred"])
         self._n_catc = len(ch["cat"]) * len(self.cat_sizes)
+        self._n_joint = len(ch["joint"]) * len(self.pairs)
+        self._n_catrev = len(ch["catrev"]) * len(self.cat_sizes)
+        self._rev_llr = [reversed_alternative_llr(self.cat_p, self.cat_sizes, w) for w in ch["catrev"]]
         self.reset()
         self.alarms = 0
         self.rows = 0
@@ -174,7 +204,11 @@ class OnlineDetector:
         self.ewma = {f"sum@{lam:g}": np.zeros(self.n_num) for lam in self.charts["sum"]}
         self.ewma.update({f"cat@{lam:g}": self.cat_p.copy() for lam in self.charts["cat"]})
         self.ewma.update({f"pred@{lam:g}": self.pred_mean.copy() for lam in self.charts["pred"]})
-        self.cusum = {"cusum": np.zeros(self._n_cus), "spread": np.zeros(self._n_spread), "cat": np.zeros(self._n_catc), "prior": np.zeros(self._n_prior)}
+        for lam in self.charts["trend"]:
+            self.ewma[f"trend@{lam:g}"] = np.zeros(self.n_num)
+            self.ewma[f"trend2@{lam:g}"] = np.zeros(self.n_num)
+        self.cusum = {"cusum": np.zeros(self._n_cus), "spread": np.zeros(self._n_spread), "cat": np.zeros(self._n_catc), "prior": np.zeros(self._n_prior), "joint": np.zeros(self._n_joint),
+                      "catrev": np.zeros(self._n_catrev)}
         self.last_scores: dict[str, float] = {}
 
     # ----- state (JSON-able, for snapshots) -----
@@ -232,6 +266,24 @@ class OnlineDetector:
                 incs.append(np.add.reduceat(H * np.log(q / self.cat_p), self._cat_off, axis=1))
             carry["cat"] = cs = _cusum(np.concatenate(incs, 1), self.cusum["cat"])
             charts["cat"] = cs.max(1)
+        for lam in ch["trend"]:
+            k1, k2 = f"trend@{lam:g}", f"trend2@{lam:g}"
+            carry[k1] = e1 = _ewma(Z, lam, self.ewma[k1])
+            carry[k2] = e2 = _ewma(e1, lam, self.ewma[k2])
+            f = 2 * e1 - e2
+            charts[k1] = np.einsum("ij,ij->ij", f, f).max(1) / trend_variance(lam, t)
+        if ch["catrev"]:
+            H = S[:, nn:nn + len(self.cat_p)]
+            inc = np.concatenate([np.add.reduceat(H * llr, self._cat_off, axis=1) for llr in self._rev_llr], 1)
+            carry["catrev"] = cs = _cusum(inc, self.cusum["catrev"])
+            # one chart per feature (its own null tail): a rare category's reversal makes jumps of several
+            # nats, a tail that would set the threshold of every other feature's smooth CUSUM in a maximum
+            nf = len(self.cat_sizes)
+            for j in range(nf):
+                charts[f"catrev@{j}"] = cs[:, j::nf].max(1)
+        if ch["joint"]:
+            carry["joint"] = cs = _cusum(pair_increments(Z, self.pairs, ch["joint"]), self.cusum["joint"])
+            charts["joint"] = cs.max(1)
         if ch["prior"] or ch["pred"]:
             P = S[:, self.width - self.n_pred:]
             pi = self.pred_mean
@@ -317,6 +369,16 @@ class OnlineDetector:
         if kind == "cat":
             s = self.cusum["cat"].reshape(-1, len(self.cat_sizes)).max(0)
             return [self._name(self.n_num + int(np.argmax(s)))]
+        if kind == "trend":
+            lam = chart.split("@")[1]
+            f = np.abs(2 * self.ewma[f"trend@{lam}"] - self.ewma[f"trend2@{lam}"])
+            order = [int(j) for j in np.argsort(-f)[:top]]
+            return [self._name(j) for j in order if f[j] >= 0.5 * f[order[0]]]
+        if kind == "catrev":
+            return [self._name(self.n_num + int(chart.split("@")[1]))]
+        if kind == "joint":
+            i, j, _ = self.pairs[int(np.argmax(self.cusum["joint"])) // len(self.charts["joint"])]
+            return [self._name(i), self._name(j)]
         return ["_prediction"]
 
     def describe(self) -> dict[str, Any]:
@@ -369,7 +431,7 @@ def detector_for(profile, threshold: float | None = None) -> OnlineDetector:
                           threshold=threshold, charts=spec.get("charts"), feature_names=profile.feature_names,
                           norm=spec.get("norm"), cat_props=[c.ref_props for c in profile.categorical],
                           pred_mean=None if profile.prediction is None else profile.prediction.mean,
-                          weights=spec.get("weights"), version=version)
+                          weights=spec.get("weights"), version=version, pairs=spec.get("pairs"))
 
 
 def threshold_for_ert(detector_spec: dict[str, Any], ert: float) -> tuple[float, bool]:
@@ -414,6 +476,7 @@ def calibrate_detector(profile, x_num: np.ndarray, x_cat: np.ndarray, proba: np.
     # pool removes that noise
     n_num = len(profile.numeric)
     S_ref[:, :n_num] -= S_ref[:, :n_num].mean(0)
+    pairs = correlated_pairs(S_ref[:, :n_num])  # the `joint` chart's pairs and their reference correlations
     rng = np.random.default_rng(seed)
     L = int(run_rows or min(max(ert, 1000), 50_000))
     runs = max(20, math.ceil(num_rows / L))
@@ -421,7 +484,7 @@ def calibrate_detector(profile, x_num: np.ndarray, x_cat: np.ndarray, proba: np.
                          0 if profile.prediction is None else len(profile.prediction.mean), charts=charts,
                          cat_props=[c.ref_props for c in profile.categorical],
                          pred_mean=None if profile.prediction is None else profile.prediction.mean,
-                         weights=DEFAULT_WEIGHTS if weights is None else weights)
+                         weights=DEFAULT_WEIGHTS if weights is None else weights, pairs=pairs)
     # pass 1: each chart's per-row null tail (the charts' nulls differ in shape - a max of CUSUMs, a
     # chi-squared of EWMAs - and a rare category or a non-Gaussian feature bends them further; an
     # exponential tail fitted above the 99th percentile puts them on one scale)
@@ -452,7 +515,7 @@ def calibrate_detector(profile, x_num: np.ndarray, x_cat: np.ndarray, proba: np.
         exposure = float(np.minimum(rl + 1, L).sum())
         table.append([float(h), exposure / max(events, 1), events])
     spec = {"version": SPEC_VERSION, "charts": {k: list(v) for k, v in det.charts.items()}, "norm": norm,
-            "weights": dict(det.weights), "ert": float(ert), "table": table,
+            "weights": dict(det.weights), "pairs": det.pairs, "ert": float(ert), "table": table,
             "calibration": {"rows": runs * L, "runs": runs, "run_rows": L, "source_rows": n_ref, "seed": seed}}
     spec["threshold"], spec["extrapolated"] = threshold_for_ert(spec, ert)
     spec["calibration"]["seconds"] = round(time.perf_counter() - t0, 2)

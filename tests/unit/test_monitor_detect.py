@@ -74,7 +74,8 @@ def test_online_detector_calibrated_and_detects(world):
     task, schema, arrays, prof = world
     spec = prof.detector
     assert spec["threshold"] > 0 and not spec["extrapolated"] and spec["calibration"]["rows"] >= 60_000
-    assert set(spec["norm"]) == {"cusum", "spread", "sum@0.01", "cat", "prior", "pred@0.03"} and spec["version"] == 3
+    assert set(spec["norm"]) == {"cusum", "spread", "sum@0.01", "cat", "prior", "pred@0.03", "trend@0.003", "catrev@0",
+                                 "catrev@1"} and spec["version"] == 4
     assert spec["weights"] == DEFAULT_WEIGHTS and spec["charts"]["prior"] == [6.0]
     # a lower ERT needs a lower threshold, read from the same table
     assert threshold_for_ert(spec, 200)[0] < spec["threshold"]
@@ -88,7 +89,7 @@ def test_online_detector_calibrated_and_detects(world):
     x, c, _, p = arrays(400, 32, DriftSpec(covariate={"x4": 1.5}))
     alarms = det.update(score_rows(prof, x, c, p))
     assert alarms and alarms[0]["row"] < 100 and "x4" in alarms[0]["features"]
-    assert alarms[0]["chart"] in ("cusum", "spread", "sum@0.01")
+    assert alarms[0]["chart"] in ("cusum", "spread", "sum@0.01", "trend@0.003")
     st = det.state()
     again = detector_for(prof)
     again.load_state(json.loads(json.dumps(st)))
@@ -153,7 +154,9 @@ def test_adaptive_and_prior_increments_are_likelihood_ratios(world):
     cats = schema.categorical[1].categories
     x, c, _, p = arrays(3000, 36, DriftSpec(categorical={"c1": {cats[0]: 1.0, cats[1]: 1.0}}))
     alarms = det.update(score_rows(prof, x, c, p))
-    assert alarms and alarms[0]["features"] == ["c1"] and alarms[0]["chart"] == "cat"
+    # (at ERT 500 a false alarm on another feature may come first)
+    on_c1 = [a for a in alarms if a["features"] == ["c1"]]
+    assert on_c1 and on_c1[0]["chart"] == "cat" and len(on_c1) >= len(alarms) // 2, alarms
 
 
 def _alarm_rows(prof, arrays, n, seeds, drift=None):
@@ -181,7 +184,8 @@ def test_budget_weights_split_the_false_alarms(world):
         alarms = detector_for(pr).update(score_rows(pr, x, c, p))
         assert 40 <= len(alarms) <= 160, (name, len(alarms))  # 80 expected at ERT 500
         share[name] = sum(a["chart"] == "prior" for a in alarms) / len(alarms)
-    assert share["weighted"] > max(0.6, share["equal"] + 0.1), share
+    # (the `trend` and `catrev` charts take their share too: prior ~45% of the false alarms, not ~75%)
+    assert share["weighted"] > max(0.35, share["equal"] + 0.15), share
     flip = DriftSpec(label_priors={c: (0.8 if i == 2 else 0.1) for i, c in enumerate(schema.classes)})
     rows, charts = _alarm_rows(prof, arrays, 600, [[35, r] for r in range(10)], flip)
     assert np.median(rows) < 25 and charts.count("prior") >= 9, (rows, charts)
