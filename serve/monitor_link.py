@@ -138,6 +138,9 @@ class MonitorBuffer:
         return out
 
 
+MIN_FLUSH_INTERVAL_S = 0.01  # monitor.flush_interval_ms >= 10
+
+
 class MonitorLink:
     """The replica's side of monitoring: acquires the named monitor actor, ships buffered rows with
     `record.remote` (never awaited on the request path), keeps at most `max_pending` calls in flight,
@@ -147,6 +150,10 @@ class MonitorLink:
     def __init__(self, make_handle, *, interval_s: float = MONITOR_FLUSH_INTERVAL_S,
                  flush_rows: int = MONITOR_FLUSH_ROWS, max_pending: int = MONITOR_MAX_PENDING,
                  retry_s: float = MONITOR_RETRY_S, buffer: MonitorBuffer | None = None):
+        if not interval_s >= MIN_FLUSH_INTERVAL_S:  # also NaN
+            raise ValueError(f"monitor link: interval_s={interval_s!r} must be >= {MIN_FLUSH_INTERVAL_S} s (the "
+                             "flusher waits this long between flushes; 0 would busy-loop the replica's event loop); "
+                             "set monitor.flush_interval_ms >= 10")
         self._make_handle = make_handle
         self.interval_s = interval_s
         self.flush_rows = flush_rows

@@ -404,8 +404,8 @@ class MonitorConfig(_Strict):
         10, ge=1, description="Accuracy estimate: most confidence bins of the online re-fit (>= 50 labels per bin).")
     flush_rows: int = Field(2048, ge=1, description="Replica: ship buffered rows to the monitor at this many.")
     flush_interval_ms: float = Field(
-        1000.0, gt=0, description="Replica: ship buffered rows at least this often (each ship is an actor call costing "
-                                  "the replica milliseconds of CPU: every 0.2 s cost ~6% of throughput under load).")
+        1000.0, ge=10, description="Replica: ship buffered rows at least this often, >= 10 ms (each ship is an actor call "
+                                   "costing the replica milliseconds of CPU: every 0.2 s cost ~6% of throughput under load).")
     max_buffer_rows: int = Field(50_000, ge=1, description="Replica: rows beyond this are dropped (and counted).")
     snapshot_uri: str | None = Field(None, description="pyarrow.fs URI/dir for monitor snapshots (None: off).")
     snapshot_interval_s: float = Field(30.0, gt=0, description="Seconds between monitor snapshots.")

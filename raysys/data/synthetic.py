@@ -76,7 +76,7 @@ class SyntheticTask:
         # the options draw nothing from rng: with them off, the rule and the rows are those of older versions
         k_pairs, k_nuis = cfg.correlated_pairs, cfg.nuisance_features
         first_pair = n_num - 2 * k_pairs
-        if first_pair - k_nuis < 4:  # x0..x3 carry the rule's interaction terms
+        if (k_pairs or k_nuis) and first_pair - k_nuis < 4:  # x0..x3 carry the rule's interaction terms
             raise ValueError(f"data: {k_pairs} correlated pairs and {k_nuis} nuisance features need at least "
                              f"{2 * k_pairs + k_nuis + 4} numeric features, got {n_num}")
         self.pairs = [(first_pair + 2 * i, first_pair + 2 * i + 1) for i in range(k_pairs)]

@@ -67,7 +67,7 @@ def bare_endpoint(monkeypatch, schema, pre, mon: Monitor | None, key: str, *, re
     ep._request_ids, ep.max_batch_size, ep.batch_wait_timeout_s = RequestIds(), 64, 0.0
     ep.batches = ep.batched_requests = ep.max_requests_per_batch = 0
     ep.monitor_requests = InFlightLimit("/v1/monitor + /v1/feedback", 8, 1.0)
-    ep.monitor = (MonitorLink(lambda: MonitorHandle(mon), interval_s=0.0, buffer=MonitorBuffer())
+    ep.monitor = (MonitorLink(lambda: MonitorHandle(mon), interval_s=0.05, buffer=MonitorBuffer())
                   if mon is not None else None)
     ep._monitor_sync_task, ep._monitor_synced = "not started", True
 

@@ -192,3 +192,15 @@ def test_import_parquet_bring_your_own(tmp_path):
         import_parquet(src, tmp_path / "ds", label="churn")
     with pytest.raises(SchemaError, match="label column not found"):
         import_parquet(src, tmp_path / "ds2", label="nope")
+
+
+def test_a_task_with_few_numeric_features_still_samples_when_the_pair_options_are_off():
+    """The correlated-pair and nuisance options need room beside x0..x3; with them off, any width works (a
+    3-feature task raised on the check meant for them)."""
+    from raysys.config import DataConfig
+    from raysys.data import SyntheticTask
+
+    task = SyntheticTask(DataConfig(num_numeric=3, num_categorical=1))
+    assert task.sample(10, [1]).num_rows == 10
+    with pytest.raises(ValueError, match="correlated pairs"):
+        SyntheticTask(DataConfig(num_numeric=5, correlated_pairs=1))

@@ -757,3 +757,16 @@ def test_generated_request_ids_are_unguessable():
         assert sum(x != y for x, y in zip(a, b)) >= 16, (a, b)
     # no position is fixed across the ids of one generator (a prefix, a version nibble or a counter's high digits)
     assert all(len({i[p] for i in ids}) > 1 for p in range(32))
+
+
+def test_a_monitor_link_refuses_a_flush_interval_that_would_spin():
+    """A flusher waiting 0 s between flushes busy-loops its event loop (a test helper's link did, eating one of
+    CI's two cores for the whole integration tier): the link and the config refuse it, naming the field."""
+    from raysys.config import MonitorConfig
+
+    for bad in (0.0, -1.0, 0.001):
+        with pytest.raises(ValueError, match="interval_s"):
+            MonitorLink(lambda: None, interval_s=bad)
+    with pytest.raises(ValueError, match="flush_interval_ms"):
+        MonitorConfig(flush_interval_ms=1)
+    assert MonitorLink(lambda: None, interval_s=0.01).interval_s == 0.01
