@@ -69,3 +69,29 @@ def train_student_registry(root, *, epochs: int = 15) -> tuple[Registry, Synthet
                  reference_profile=profile.to_dict())
     reg.set_alias(MODEL, "production", 1)
     return reg, task, schema
+
+
+def stand_in_world(cfg: DataConfig, *, ert: float):
+    """A synthetic task read through an identity preprocessor, and a stand-in "model" whose predicted
+    probabilities are a noisy one-hot of the label (informative but imperfect, and whose accuracy does not
+    depend on the inputs; `temperature` > 1 makes it less confident, as a shift that costs accuracy does).
+    Returns (task, schema, arrays(n, seed, drift=None, temperature=1.0) -> (x_num, x_cat, y, proba), a
+    reference profile calibrated at `ert`)."""
+    task = SyntheticTask(cfg)
+    schema = task.schema()
+    ident = Preprocessor(schema, [0.0] * cfg.num_numeric, [1.0] * cfg.num_numeric)
+    k = cfg.num_classes
+
+    def arrays(n, seed, drift=None, temperature=1.0):
+        x_num, x_cat, y = ident.transform_table(task.sample(n, seed, drift))
+        rng = np.random.default_rng(seed if isinstance(seed, int) else seed[-1])
+        logits = (2.0 * np.eye(k)[y] + rng.normal(0, 1.0, (n, k))) / temperature
+        proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
+        return x_num, x_cat, y, proba
+
+    x, c, y, p = arrays(8000, 1)
+    xh, ch, yh, ph = arrays(4000, 2)
+    prof = ReferenceProfile.from_arrays(schema, x, c, num_bins=10, pred=p.argmax(1))
+    prof.add_predictions(ph, yh)
+    prof.calibrate(xh, ch, ph, ert=ert, num_rows=60_000)
+    return task, schema, arrays, prof

@@ -8,10 +8,11 @@ import json
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
+from helpers.worlds import stand_in_world
 from scipy.stats import ks_2samp
 
 from raysys.config import DataConfig, MonitorConfig
-from raysys.data import DriftSpec, Preprocessor, SyntheticTask
+from raysys.data import DriftSpec
 from raysys.monitor import LogHistogram, Monitor, ReferenceProfile, WindowTester, adjust_pvalues, detector_for
 from raysys.monitor.online import DEFAULT_WEIGHTS, _cusum, score_rows, threshold_for_ert
 from raysys.monitor.stats import jensen_shannon, psi
@@ -20,24 +21,8 @@ from raysys.monitor.trigger import RetrainTrigger
 
 @pytest.fixture(scope="module")
 def world():
-    task = SyntheticTask(DataConfig(num_numeric=6, num_categorical=2, num_categories=4, num_classes=3, seed=4))
-    schema = task.schema()
-    ident = Preprocessor(schema, [0.0] * 6, [1.0] * 6)
-
-    def arrays(n, seed, drift=None):
-        x_num, x_cat, y = ident.transform_table(task.sample(n, seed, drift))
-        # a stand-in "model": noisy one-hot of the label, so predictions are informative but imperfect
-        rng = np.random.default_rng(seed if isinstance(seed, int) else seed[-1])
-        logits = 2.0 * np.eye(3)[y] + rng.normal(0, 1.0, (n, 3))
-        proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-        return x_num, x_cat, y, proba
-
-    x, c, y, p = arrays(8000, 1)
-    xh, ch, yh, ph = arrays(4000, 2)
-    prof = ReferenceProfile.from_arrays(schema, x, c, num_bins=10, pred=p.argmax(1))
-    prof.add_predictions(ph, yh)
-    prof.calibrate(xh, ch, ph, ert=500, num_rows=60_000)
-    return task, schema, arrays, prof
+    return stand_in_world(DataConfig(num_numeric=6, num_categorical=2, num_categories=4, num_classes=3, seed=4),
+                          ert=500)
 
 
 def test_adjust_pvalues():

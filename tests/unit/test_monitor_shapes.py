@@ -8,10 +8,11 @@ import json
 
 import numpy as np
 import pytest
+from helpers.worlds import stand_in_world
 
 from raysys.config import DataConfig
-from raysys.data import DriftSpec, Preprocessor, SyntheticTask
-from raysys.monitor import Monitor, ReferenceProfile, WindowTester, detector_for
+from raysys.data import DriftSpec
+from raysys.monitor import Monitor, WindowTester, detector_for
 from raysys.monitor.online import READABLE_SPEC_VERSIONS, SPEC_VERSION, score_rows
 from raysys.monitor.pairs import correlated_pairs, pair_increments
 
@@ -21,26 +22,8 @@ ERT = 500
 @pytest.fixture(scope="module")
 def world():
     # x4 stays out of the label rule (nuisance); x5:x6 are drawn with correlation 0.6
-    task = SyntheticTask(DataConfig(num_numeric=7, num_categorical=2, num_categories=4, num_classes=3, seed=5,
-                                    correlated_pairs=1, pair_correlation=0.6, nuisance_features=1))
-    schema = task.schema()
-    ident = Preprocessor(schema, [0.0] * 7, [1.0] * 7)
-
-    def arrays(n, seed, drift=None, temperature=1.0):
-        x_num, x_cat, y = ident.transform_table(task.sample(n, seed, drift))
-        # a stand-in "model" that sees the label through noise: its accuracy does not depend on the inputs
-        # (`temperature` > 1: a less confident model, as a shift that costs accuracy makes it)
-        rng = np.random.default_rng(seed if isinstance(seed, int) else seed[-1])
-        logits = (2.0 * np.eye(3)[y] + rng.normal(0, 1.0, (n, 3))) / temperature
-        proba = np.exp(logits) / np.exp(logits).sum(1, keepdims=True)
-        return x_num, x_cat, y, proba
-
-    x, c, y, p = arrays(8000, 1)
-    xh, ch, yh, ph = arrays(4000, 2)
-    prof = ReferenceProfile.from_arrays(schema, x, c, num_bins=10, pred=p.argmax(1))
-    prof.add_predictions(ph, yh)
-    prof.calibrate(xh, ch, ph, ert=ERT, num_rows=60_000)
-    return task, schema, arrays, prof
+    return stand_in_world(DataConfig(num_numeric=7, num_categorical=2, num_categories=4, num_classes=3, seed=5,
+                                     correlated_pairs=1, pair_correlation=0.6, nuisance_features=1), ert=ERT)
 
 
 def test_generator_flips_a_correlation_and_keeps_the_marginals(world):
