@@ -5,6 +5,7 @@ One `PipelineConfig` holds a section per stage (`sections`); named presets and t
 """
 
 from raysys.config.governance import DPConfig, GovernanceConfig, TrustThresholds
+from raysys.config.monitoring import MonitorConfig
 from raysys.config.presets import PRESETS, load_config, preset
 from raysys.config.quality import QUALITY_CHECKS, CheckLevels, QualityConfig
 from raysys.config.sections import (
@@ -15,7 +16,6 @@ from raysys.config.sections import (
     DistillConfig,
     EvaluationConfig,
     ModelConfig,
-    MonitorConfig,
     ParallelConfig,
     PipelineConfig,
     ServeAutoscaling,

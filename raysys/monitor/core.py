@@ -40,12 +40,13 @@ from raysys.config import MonitorConfig
 from raysys.data.schema import DatasetSchema
 from raysys.monitor.accuracy import AccuracyTracker, OnlineRecalibration, PredictionLog, confidence_estimate
 from raysys.monitor.batch import RecordBatch, parse_batch, request_rows, text_request_ids
+from raysys.monitor.calibrate import threshold_for_ert
 from raysys.monitor.drift import WindowTester
 from raysys.monitor.latency import RequestCounters
-from raysys.monitor.online import detector_for, is_current, score_rows, threshold_for_ert
+from raysys.monitor.online import detector_for, is_current, score_rows
 from raysys.monitor.profile import ReferenceProfile
 from raysys.monitor.store import RecentTraffic, SnapshotStore
-from raysys.monitor.trigger import RetrainTrigger
+from raysys.monitor.trigger import RetrainTrigger, held_back
 from raysys.monitor.versions import VersionFigures
 from raysys.monitor.window import LiveWindow
 
@@ -330,12 +331,7 @@ class Monitor:
         if self.recent is not None and self.retrain.enabled:
             self._flush_recent(force=True)  # what the job reads: everything up to the alert
             retrain_args += ["--traffic-uri", self.recent.traffic.root, "--labels-uri", self.recent.labels.root]
-        if kind in ("online", "window") and self.cfg.retrain_when == "accuracy_drop":
-            event["retrain"] = {"submitted": False, "why": "monitor.retrain_when is 'accuracy_drop': drift alone is "
-                                "reported; a retrain waits for the realised or estimated accuracy to fall by "
-                                f"{self.cfg.accuracy_drop}"}
-        else:
-            event["retrain"] = self.retrain.maybe_submit(message, retrain_args)
+        event["retrain"] = held_back(kind, self.cfg) or self.retrain.maybe_submit(message, retrain_args)
         self.alert_events.append(event)
         del self.alert_events[:-MAX_ALERTS]
         metrics = self._dashboard()

@@ -355,7 +355,7 @@ class ReferenceProfile:
         """Calibrate the online detector's alarm threshold to `ert` (expected rows between false alarms)
         by bootstrap: streams resampled from these (held-out) reference rows run through the detector and
         the threshold is read off the simulated run lengths. Stores and returns `self.detector`."""
-        from raysys.monitor.online import calibrate_detector
+        from raysys.monitor.calibrate import calibrate_detector
 
         self.detector = calibrate_detector(self, x_num, x_cat, proba, ert=ert, num_rows=num_rows, seed=seed,
                                            **detector_kw)

@@ -67,6 +67,18 @@ def default_message(address: str | None) -> Callable[[str], str | None]:
     return message
 
 
+DRIFT_ALERT_KINDS = ("online", "window")
+
+
+def held_back(kind: str, monitor_cfg) -> dict | None:
+    """The retrain answer for an alert that `monitor.retrain_when` keeps from submitting a job (a drift alert
+    under 'accuracy_drop'), else None."""
+    if kind in DRIFT_ALERT_KINDS and monitor_cfg.retrain_when == "accuracy_drop":
+        return {"submitted": False, "why": "monitor.retrain_when is 'accuracy_drop': drift alone is reported; a "
+                f"retrain waits for the realised or estimated accuracy to fall by {monitor_cfg.accuracy_drop}"}
+    return None
+
+
 class RetrainTrigger:
     """Submits the retrain job on an alert unless disabled, a job is in flight, or within the cooldown.
 

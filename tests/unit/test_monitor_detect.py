@@ -14,7 +14,8 @@ from scipy.stats import ks_2samp
 from raysys.config import DataConfig, MonitorConfig
 from raysys.data import DriftSpec
 from raysys.monitor import LogHistogram, Monitor, ReferenceProfile, WindowTester, adjust_pvalues, detector_for
-from raysys.monitor.online import DEFAULT_WEIGHTS, _cusum, score_rows, threshold_for_ert
+from raysys.monitor.calibrate import threshold_for_ert
+from raysys.monitor.online import DEFAULT_WEIGHTS, _cusum, score_rows
 from raysys.monitor.stats import jensen_shannon, psi
 from raysys.monitor.trigger import RetrainTrigger
 
