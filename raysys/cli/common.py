@@ -38,9 +38,11 @@ def setup_logging(log_file: str | Path | None = None) -> None:
     """INFO (DEBUG with --verbose) to the console. With `log_file` (the loop's commands, not --verbose) the whole
     log goes to that file and the console shows the stage lines, warnings and a progress line now and then
     (`raysys.cli.progress.ConsoleFilter`)."""
-    handler = RichHandler(console=console, show_path=False, markup=False)
+    quiet = log_file is not None and "://" not in str(log_file) and not VERBOSE["on"]
+    # a quiet console leaves the times to the file and keeps its width for the messages
+    handler = RichHandler(console=console, show_path=False, markup=False, show_time=not quiet)
     handlers: list[logging.Handler] = [handler]
-    if log_file is not None and "://" not in str(log_file) and not VERBOSE["on"]:
+    if quiet:
         from raysys.cli.progress import ConsoleFilter
 
         path = Path(log_file)

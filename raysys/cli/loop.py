@@ -178,12 +178,13 @@ def _record_monitor_reports(cfg: PipelineConfig, out: dict) -> None:
 
 
 def _print_traffic_reports(out: dict) -> None:
-    from raysys.workflow.traffic import format_report
+    from raysys.workflow.traffic import REPORT_CELL_WIDTH, format_report
 
     console.rule("monitor after normal traffic")
-    console.print(format_report(out["normal_report"], columns=4), highlight=False)
+    columns = max(1, console.width // REPORT_CELL_WIDTH)
+    console.print(format_report(out["normal_report"], columns, flagged_only=True), highlight=False)
     console.rule(f"monitor after traffic shifted {out['shift_sigma']} sigma on {out['drift_feature']}")
-    console.print(format_report(out["drift_report"], columns=4), highlight=False)
+    console.print(format_report(out["drift_report"], columns, flagged_only=True), highlight=False)
     console.rule("summary")
     console.print(f"bad request -> HTTP {out['bad_request']['status']}: {json.dumps(out['bad_request']['body'])}",
                   highlight=False)

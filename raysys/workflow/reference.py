@@ -9,6 +9,8 @@ import numpy as np
 from raysys.config import PipelineConfig
 
 log = logging.getLogger("raysys")
+# figures behind a stage result: in the run's log file, not on the quiet console (raysys.cli.progress.ConsoleFilter)
+details = logging.getLogger("raysys.details")
 
 
 def _held_out(cfg: PipelineConfig, preprocessor, splits: tuple[str, ...]):
@@ -48,7 +50,7 @@ def monitor_reference(cfg: PipelineConfig, schema, preprocessor, model, plan=Non
         log.warning("[distill] monitor reference: online detector not calibrated: %s", plan.detector_skipped)
         return {**prof.to_dict(), "detector_skipped": plan.detector_skipped}
     prof.calibrate(raw_num, vx_cat, v_proba, ert=cfg.monitor.ert, num_rows=cfg.monitor.calibration_rows)
-    log.info("[distill] monitor reference: online detector threshold %.2f for ERT %d rows on %s (%.1fs)",
+    details.info("[distill] monitor reference: online detector threshold %.2f for ERT %d rows on %s (%.1fs)",
              prof.detector["threshold"], cfg.monitor.ert, "+".join(splits),
              prof.detector["calibration"]["seconds"])
     return prof.to_dict()

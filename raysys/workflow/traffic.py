@@ -90,8 +90,12 @@ def drift_feature(cfg: PipelineConfig) -> str:
     return DatasetSchema.load(cfg.data.root).numeric[0].name
 
 
-def format_report(report: dict, columns: int = 1) -> str:
-    """A short human-readable drift/latency summary of a monitor report (`columns` features per line)."""
+REPORT_CELL_WIDTH = 33  # one feature's cell in format_report
+
+
+def format_report(report: dict, columns: int = 1, *, flagged_only: bool = False) -> str:
+    """A short human-readable drift/latency summary of a monitor report (`columns` features per line;
+    `flagged_only`: list only the drifted features, and the others in one line with their largest PSI)."""
     lines = [f"rows seen {report.get('rows_seen')}  window {report.get('window_rows')}  "
              f"model v{report.get('model_version')}"]
     lat = report.get("latency_ms") or {}
@@ -99,6 +103,13 @@ def format_report(report: dict, columns: int = 1) -> str:
         lines.append("latency ms  " + "  ".join(f"{k} {v:.2f}" for k, v in lat.items()
                                                 if k.startswith("p") and v is not None))
     feats = report.get("features") or {}
+    if flagged_only:
+        calm = {name: st for name, st in feats.items() if not st.get("drifted")}
+        feats = {name: st for name, st in feats.items() if st.get("drifted")}
+        if calm:
+            top = max(calm, key=lambda name: calm[name].get("psi") or 0.0)
+            lines.append(f"  {len(calm)} {'other ' if feats else ''}feature(s) ok, largest PSI "
+                         f"{calm[top].get('psi') or 0.0:.3f} ({top})")
     cells = [f"  {name:<12} PSI {st.get('psi', float('nan')):7.3f}  {'DRIFT' if st.get('drifted') else 'ok':<5}"
              for name, st in feats.items()]
     for i in range(0, len(cells), max(1, columns)):

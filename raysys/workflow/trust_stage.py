@@ -10,6 +10,8 @@ from typing import Any
 from raysys.config import PipelineConfig
 
 log = logging.getLogger("raysys")
+# figures behind a stage result: in the run's log file, not on the quiet console (raysys.cli.progress.ConsoleFilter)
+details = logging.getLogger("raysys.details")
 
 
 def _train_arrays(cfg: PipelineConfig, prep) -> tuple:
@@ -34,7 +36,7 @@ def model_trust(cfg: PipelineConfig, prep, model, test: tuple, *, attack_model=N
                         raw_columns=split_raw_columns(cfg, schema, "test") if protected else None,
                         protected=protected, attack_model=attack_model, privacy=privacy)
     rob, mia = fig["robustness"], fig["membership"]
-    log.info("[trust] %s: accuracy %.4f clean, %.4f under PGD at epsilon %g, %.4f with %g of categories flipped; "
+    details.info("[trust] %s: accuracy %.4f clean, %.4f under PGD at epsilon %g, %.4f with %g of categories flipped; "
              "membership-inference AUC %.3f (%s s)", who, rob["clean_accuracy"], rob["accuracy_at_epsilon"],
              rob["epsilon"], rob["accuracy_at_flip_rate"], rob["flip_rate"], mia["auc"], fig["seconds"])
     return fig

@@ -23,7 +23,7 @@ def test_demo_runs_the_loop_and_its_console_is_short(tmp_path):
     port, root, home = free_port(), tmp_path / "runs", tmp_path / "home"
     home.mkdir()
     env = {k: v for k, v in os.environ.items() if not k.startswith("RAY_")}
-    env.update(HOME=str(home), CI="true", COLUMNS="120")
+    env.update(HOME=str(home), CI="true", COLUMNS="100")  # a common terminal width
     proc = subprocess.Popen([str(BIN / "raysys"), "demo", "--preset", "tiny", "--root", str(root), "--port",
                              str(port), "--exit"], env=env, cwd=str(tmp_path), stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True, start_new_session=True)

@@ -94,7 +94,7 @@ def test_job_submit_runs_the_loop_with_token_auth(token_cluster, tmp_path):
 
     # the endpoint the job deployed keeps serving after the job ended
     url = summary["endpoint"]
-    assert url.startswith(f"http://127.0.0.1:{serve_port}/")
+    assert url == f"http://127.0.0.1:{serve_port}", url  # the tiny preset serves at the root
     r = requests.get(f"{url}/healthz", timeout=10)
     assert r.status_code == 200 and r.json()["model_version"] == student == 1
     rows = traffic_rows(cfg, 3, seed=11)
