@@ -17,6 +17,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from raysys.monitor.online import _cusum
+
 
 def _threshold(runmax: np.ndarray, ert: float, hs: np.ndarray) -> float:
     n0 = runmax.shape[1]
@@ -33,8 +35,7 @@ def alone_at_ert(l0: np.ndarray, l1: np.ndarray, reps: int, ert: float, seed: in
     rng = np.random.default_rng(seed)
 
     def chart(pool, n):
-        c = np.cumsum(pool[rng.integers(0, len(pool), n)], 0)
-        return (c - np.minimum(np.minimum.accumulate(c, 0), 0)).max(1)
+        return _cusum(pool[rng.integers(0, len(pool), n)], np.zeros(pool.shape[1])).max(1)
 
     n0 = int(4 * ert)
     runmax = np.stack([np.maximum.accumulate(chart(l0, n0)) for _ in range(runs)])

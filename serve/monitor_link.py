@@ -21,6 +21,7 @@ from typing import Any
 import numpy as np
 
 from raysys.config import MonitorConfig
+from raysys.config.monitoring import MIN_FLUSH_INTERVAL_MS
 from raysys.monitor.versions import VersionFigures
 
 log = logging.getLogger("ray.serve")
@@ -138,7 +139,7 @@ class MonitorBuffer:
         return out
 
 
-MIN_FLUSH_INTERVAL_S = 0.01  # monitor.flush_interval_ms >= 10
+MIN_FLUSH_INTERVAL_S = MIN_FLUSH_INTERVAL_MS / 1000
 
 
 class MonitorLink:
@@ -153,7 +154,7 @@ class MonitorLink:
         if not interval_s >= MIN_FLUSH_INTERVAL_S:  # also NaN
             raise ValueError(f"monitor link: interval_s={interval_s!r} must be >= {MIN_FLUSH_INTERVAL_S} s (the "
                              "flusher waits this long between flushes; 0 would busy-loop the replica's event loop); "
-                             "set monitor.flush_interval_ms >= 10")
+                             f"set monitor.flush_interval_ms >= {MIN_FLUSH_INTERVAL_MS}")
         self._make_handle = make_handle
         self.interval_s = interval_s
         self.flush_rows = flush_rows

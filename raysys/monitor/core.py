@@ -17,8 +17,9 @@ A confirmed drift (an online alarm, or the window tests' dataset-level decision)
 records an alert and, with `monitor.on_drift: retrain`, submits the retrain job (one in flight, with a
 cooldown); with `monitor.retrain_when: accuracy_drop` a drift alert only records, and the job is submitted
 when the accuracy is lost: realised from labels, or estimated from the window's confidences (an
-`estimated_accuracy` alert), so drift the model takes in its stride is reported but never retrained on. With `monitor.snapshot_uri` the state is snapshotted to storage and restored when the monitor
-restarts; with `monitor.traffic_uri` recent traffic and its joined labels are written as rotated Parquet
+`estimated_accuracy` alert), so drift the model takes in its stride is reported but never retrained on.
+With `monitor.snapshot_uri` the state is snapshotted to storage and restored when the monitor restarts;
+with `monitor.traffic_uri` recent traffic and its joined labels are written as rotated Parquet
 (`RecentTraffic`), which is what the retrain job trains and judges the candidate on; the raw values of features
 the schema marks `sensitive` are never written there (hashed with the deployment's secret salt, or dropped).
 """

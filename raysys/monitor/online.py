@@ -205,8 +205,9 @@ class OnlineDetector:
         for lam in self.charts["trend"]:
             self.ewma[f"trend@{lam:g}"] = np.zeros(self.n_num)
             self.ewma[f"trend2@{lam:g}"] = np.zeros(self.n_num)
-        self.cusum = {"cusum": np.zeros(self._n_cus), "spread": np.zeros(self._n_spread), "cat": np.zeros(self._n_catc), "prior": np.zeros(self._n_prior), "joint": np.zeros(self._n_joint),
-                      "catrev": np.zeros(self._n_catrev)}
+        self.cusum = {"cusum": np.zeros(self._n_cus), "spread": np.zeros(self._n_spread),
+                      "cat": np.zeros(self._n_catc), "prior": np.zeros(self._n_prior),
+                      "joint": np.zeros(self._n_joint), "catrev": np.zeros(self._n_catrev)}
         self.last_scores: dict[str, float] = {}
 
     # ----- state (JSON-able, for snapshots) -----
@@ -254,8 +255,8 @@ class OnlineDetector:
             carry[key] = e = _ewma(Z, lam, self.ewma[key])
             v = lam / (2 - lam) * (1 - (1 - lam) ** (2 * t))
             charts[key] = _neglog_chi2_sf(nn, np.einsum("ij,ij->i", e, e) / v)
+        H = S[:, nn:nn + len(self.cat_p)]  # the categories' one-hots
         if ch["cat"]:
-            H = S[:, nn:nn + len(self.cat_p)]  # one-hots
             incs = []
             for lam in ch["cat"]:
                 key = f"cat@{lam:g}"
@@ -269,9 +270,8 @@ class OnlineDetector:
             carry[k1] = e1 = _ewma(Z, lam, self.ewma[k1])
             carry[k2] = e2 = _ewma(e1, lam, self.ewma[k2])
             f = 2 * e1 - e2
-            charts[k1] = np.einsum("ij,ij->ij", f, f).max(1) / trend_variance(lam, t)
+            charts[k1] = np.square(f).max(1) / trend_variance(lam, t)
         if ch["catrev"]:
-            H = S[:, nn:nn + len(self.cat_p)]
             inc = np.concatenate([np.add.reduceat(H * llr, self._cat_off, axis=1) for llr in self._rev_llr], 1)
             carry["catrev"] = cs = _cusum(inc, self.cusum["catrev"])
             # one chart per feature (its own null tail): a rare category's reversal makes jumps of several

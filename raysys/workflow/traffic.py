@@ -90,7 +90,11 @@ def drift_feature(cfg: PipelineConfig) -> str:
     return DatasetSchema.load(cfg.data.root).numeric[0].name
 
 
-REPORT_CELL_WIDTH = 33  # one feature's cell in format_report
+def _report_cell(name: str, st: dict) -> str:
+    return f"  {name:<12} PSI {st.get('psi', float('nan')):7.3f}  {'DRIFT' if st.get('drifted') else 'ok':<5}"
+
+
+REPORT_CELL_WIDTH = len(_report_cell("", {}))  # one feature's cell in format_report (a short name's)
 
 
 def format_report(report: dict, columns: int = 1, *, flagged_only: bool = False) -> str:
@@ -110,8 +114,7 @@ def format_report(report: dict, columns: int = 1, *, flagged_only: bool = False)
             top = max(calm, key=lambda name: calm[name].get("psi") or 0.0)
             lines.append(f"  {len(calm)} {'other ' if feats else ''}feature(s) ok, largest PSI "
                          f"{calm[top].get('psi') or 0.0:.3f} ({top})")
-    cells = [f"  {name:<12} PSI {st.get('psi', float('nan')):7.3f}  {'DRIFT' if st.get('drifted') else 'ok':<5}"
-             for name, st in feats.items()]
+    cells = [_report_cell(name, st) for name, st in feats.items()]
     for i in range(0, len(cells), max(1, columns)):
         lines.append("".join(cells[i:i + max(1, columns)]).rstrip())
     alerts = report.get("alerts") or []

@@ -20,9 +20,11 @@ def _leak_log(request):
     Serve apps, one JSON line a test."""
     yield
     path = os.environ.get("RAYSYS_LEAK_LOG")
+    if not path:
+        return
     import ray
 
-    if not path or not ray.is_initialized():
+    if not ray.is_initialized():
         return
     from collections import Counter
 
