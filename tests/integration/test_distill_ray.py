@@ -128,47 +128,30 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tiny_cfg, ca
     import logging
     import os
     import signal
-    import threading
-    import time
 
-    from raysys.distill.sweep.tuner import storage_path as _storage_path
+    from ray import tune
 
-    epochs = 150  # ~0.03 s each on the tiny data: seconds of run in which to kill it
+    epochs, kill_at = 150, 10
     cfg = tiny_cfg
     cfg.distill = cfg.distill.model_copy(update=dict(
         search="grid", temperatures=[2.0], alphas=[0.5], scheduler="fifo", num_epochs=epochs,
         max_concurrent_trials=1, max_trial_failures=1))
     schema, pre, teacher = _teacher(cfg, num_epochs=1)
-    exp = Path(_storage_path(cfg.run_dir)) / "distill-killed"
     killed: dict = {}
 
-    def reporting_pid() -> int | None:
-        """The PID the trial itself wrote in its latest result (never another Ray's or an earlier test's actor)."""
-        for f in exp.glob("*/result.json"):
-            lines = f.read_text().splitlines()
-            if lines:
-                try:
-                    return int(json.loads(lines[-1])["pid"])
-                except (ValueError, KeyError):  # a line being written
-                    return None
-        return None
+    class KillTheTrialProcess(tune.Callback):
+        """Runs in this driver as each result arrives. The trial waits in `report` until Tune has taken its
+        result, so the kill lands at epoch `kill_at`, not at whatever epoch a poller happens to see."""
 
-    def kill_after_a_checkpoint():
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            pid = reporting_pid()
-            if pid is not None and len(list(exp.glob("*/checkpoint_*/meta.json"))) >= 3:  # written as it reports
-                os.kill(pid, signal.SIGKILL)
-                killed.update(pid=pid)
-                return
-            time.sleep(0.02)
+        def on_trial_result(self, iteration, trials, trial, result, **info):
+            if not killed and result["epoch"] >= kill_at:
+                assert any(Path(trial.path).glob("checkpoint_*/meta.json")), "no checkpoint yet to go on from"
+                os.kill(result["pid"], signal.SIGKILL)  # the PID Tune recorded for this trial's own process
+                killed.update(pid=result["pid"], epoch=result["epoch"])
 
-    killer = threading.Thread(target=kill_after_a_checkpoint, daemon=True)
-    killer.start()
     with caplog.at_level(logging.INFO, logger="raysys.distill.sweep"):
-        res = run_sweep(cfg, schema, pre, teacher, run_name="distill-killed")
-    killer.join(timeout=5)
-    assert killed, "the trial ended before it could be killed: raise `epochs`"
+        res = run_sweep(cfg, schema, pre, teacher, run_name="distill-killed", callbacks=[KillTheTrialProcess()])
+    assert killed and killed["epoch"] < epochs, killed
     (trial,) = res.trials
     assert trial["error"] is None and trial["epochs_run"] == epochs, trial
     rows = [json.loads(line) for line in Path(trial["path"], "result.json").read_text().splitlines()]
@@ -176,7 +159,8 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tiny_cfg, ca
     retried = [r for r in rows if r["pid"] != killed["pid"]]
     # the retry went on after a checkpointed epoch, not from 1, and Tune's iteration count agrees with it
     checkpointed = {json.loads(m.read_text())["metrics"]["epoch"] for m in Path(trial["path"]).glob("checkpoint_*/meta.json")}
-    assert retried[0]["epoch"] > 1 and retried[0]["epoch"] - 1 in checkpointed, (retried[0]["epoch"], checkpointed)
+    assert 1 < retried[0]["epoch"] <= killed["epoch"] + 1 and retried[0]["epoch"] - 1 in checkpointed, \
+        (retried[0]["epoch"], killed, checkpointed)
     assert retried[-1]["epoch"] == epochs
     assert all(r["training_iteration"] == r["epoch"] for r in retried)
     # the progress log says so: the retry, then the trial's end

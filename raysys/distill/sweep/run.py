@@ -6,6 +6,7 @@ import logging
 import time
 import warnings
 from dataclasses import dataclass
+from collections.abc import Sequence
 from typing import Any
 
 from torch import nn
@@ -85,7 +86,7 @@ def _log_start(cfg: PipelineConfig, plan: _Plan, data: StudentData, teacher_val_
              dc.scheduler if dc.scheduler == "fifo" else f"asha ({dc.asha_variant})", plan.concurrency)
 
 
-def _tune(cfg: PipelineConfig, plan: _Plan, data: StudentData, resume: bool):
+def _tune(cfg: PipelineConfig, plan: _Plan, data: StudentData, resume: bool, callbacks: Sequence = ()):
     """Run (or go on with) the trials; Tune's ResultGrid."""
     from ray import tune
 
@@ -104,7 +105,8 @@ def _tune(cfg: PipelineConfig, plan: _Plan, data: StudentData, resume: bool):
     else:
         log.info("distill: sweep %s; if it is interrupted, `raysys distill --resume-sweep %s` goes on with it",
                  plan.run_name, plan.run_name)
-        tuner = new_tuner(cfg, trainable, plan.scheduler, plan.concurrency, plan.total_trials, plan.run_name)
+        tuner = new_tuner(cfg, trainable, plan.scheduler, plan.concurrency, plan.total_trials, plan.run_name,
+                          callbacks)
     with keep_sigint_handler(), warnings.catch_warnings():
         # a retried or resumed trial replays the epochs after its checkpoint; Optuna keeps the values it was
         # told first and warns about every replayed step
@@ -135,7 +137,7 @@ def _choose(cfg: PipelineConfig, plan: _Plan, trials: list[dict[str, Any]], cand
 
 
 def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preprocessor, teacher_model: nn.Module,
-              *, run_name: str | None = None, resume: bool = False) -> SweepResult:
+              *, run_name: str | None = None, resume: bool = False, callbacks: Sequence = ()) -> SweepResult:
     """Distil `teacher_model` into students with Ray Tune (see raysys.distill.sweep for modes and the rule).
 
     Starts a local Ray when none is connected. Raises RuntimeError when every trial failed; a partial
@@ -145,6 +147,8 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
     and the search continues from Tune's saved experiment state (Tune's own files, snapshotted about every
     10 s), promotion ASHA from its rungs saved with it (`asha.SchedulerState`; Tune's stopping ASHA starts
     afresh). The sweep keeps the search space and trial count it was started with; run it with the same config.
+    `callbacks`: more Tune callbacks for a new sweep (an experiment logger, say), run in this driver beside
+    raysys's progress log; a resumed sweep keeps those it was started with (Tune's saved state).
     """
     import ray
 
@@ -159,7 +163,7 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
     teacher_val_acc = float((t_val.argmax(1) == data.val_y).mean())
     plan = _plan(cfg, run_name, base_spec, hints)
     _log_start(cfg, plan, data, teacher_val_acc)
-    grid = _tune(cfg, plan, data, resume)
+    grid = _tune(cfg, plan, data, resume, callbacks)
 
     trials, candidates = collect_trials(grid, base_spec, data.val_x_num, data.val_x_cat, cfg.distill.evaluation,
                                         cfg.distill.num_epochs)

@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import logging
 import os
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -133,7 +134,8 @@ def _pause_callbacks(scheduler) -> list:
     return [KeepResultsOnPause(scheduler), SchedulerState(scheduler)] if isinstance(scheduler, PromotionASHA) else []
 
 
-def new_tuner(cfg: PipelineConfig, trainable, scheduler, concurrency: int, total_trials: int, run_name: str):
+def new_tuner(cfg: PipelineConfig, trainable, scheduler, concurrency: int, total_trials: int, run_name: str,
+              callbacks: Sequence = ()):
     from ray import tune
     from ray.tune.search import ConcurrencyLimiter, Searcher
 
@@ -156,7 +158,8 @@ def new_tuner(cfg: PipelineConfig, trainable, scheduler, concurrency: int, total
             name=run_name, storage_path=storage_path(cfg.run_dir),
             # progress as one log line per trial (see progress.py); Tune's own tables with --verbose (DEBUG)
             verbose=1 if log.isEnabledFor(logging.DEBUG) else 0,
-            callbacks=[SweepProgress(total_trials, dc.num_epochs, dc.max_trial_failures), *_pause_callbacks(scheduler)],
+            callbacks=[SweepProgress(total_trials, dc.num_epochs, dc.max_trial_failures), *_pause_callbacks(scheduler),
+                       *callbacks],
             # a failed trial (lost node, killed process) is retried from its latest checkpoint
             failure_config=tune.FailureConfig(max_failures=dc.max_trial_failures),
             # trials checkpoint only on improvement (see trial.py), so all are kept: few and small
