@@ -5,8 +5,8 @@ from __future__ import annotations
 import logging
 import time
 import warnings
-from dataclasses import dataclass
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 from torch import nn
