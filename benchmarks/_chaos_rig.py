@@ -90,12 +90,16 @@ def sigkill(pid: int) -> None:
 
 
 class ChaosRig:
-    def __init__(self, root: Path, *, num_replicas: int = 2, workers: bool = True, rows_per_file: int | None = None):
+    def __init__(self, root: Path, *, num_replicas: int = 2, workers: bool = True, rows_per_file: int | None = None,
+                 train_slots: int = 1, spread: bool = False):
         """`workers=False`: the head alone, holding every slot (benchmarks/soak.py). `rows_per_file`: store the
-        monitor's traffic as Parquet under the root (monitor.traffic_uri), this many rows a file."""
+        monitor's traffic as Parquet under the root (monitor.traffic_uri), this many rows a file.
+        `train_slots`: training ranks each worker node takes. `spread`: the replicas are placed by Serve's
+        `max_replicas_per_node=1` (serve.max_replicas_per_node), not by `replica_slot`."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.num_replicas, self.workers, self.rows_per_file = num_replicas, workers, rows_per_file
+        self.train_slots, self.spread = train_slots, spread
         self.cluster = None
 
     # ----- the cluster -----
@@ -119,8 +123,8 @@ class ChaosRig:
             num_cpus=2 if self.workers else 4, resources=head, include_dashboard=True, dashboard_host="127.0.0.1",
             dashboard_port=int(self.dashboard.rsplit(":", 1)[1]), metrics_export_port=self.metrics_port))
         if self.workers:
-            self.w1 = self.cluster.add_node(num_cpus=2, resources=dict(W1_RESOURCES))
-            self.w2 = self.cluster.add_node(num_cpus=2, resources={"train_slot": 1})
+            self.w1 = self.cluster.add_node(num_cpus=2, resources={**W1_RESOURCES, "train_slot": self.train_slots})
+            self.w2 = self.cluster.add_node(num_cpus=2, resources={"train_slot": self.train_slots})
         # every "auto" lookup in this process (Ray's state API, a library's own ray.init) must find THIS
         # cluster: with another Ray on the machine, Ray picks the most recently started one
         os.environ["RAY_ADDRESS"] = self.cluster.address
@@ -165,7 +169,8 @@ class ChaosRig:
         cfg.registry_uri, cfg.model_name = self.reg.uri, MODEL
         self.http = free_port()
         cfg.serve = cfg.serve.model_copy(update=dict(app_name=APP, route_prefix=f"/{APP}", port=self.http,
-                                                     num_replicas=self.num_replicas))
+                                                     num_replicas=self.num_replicas,
+                                                     max_replicas_per_node=1 if self.spread else None))
         mon = dict(snapshot_uri=str(self.root / "monitor-snapshots"), snapshot_interval_s=1.0)
         if self.rows_per_file:
             mon.update(traffic_uri=str(self.root / "traffic"), traffic_rows_per_file=self.rows_per_file)
@@ -173,7 +178,8 @@ class ChaosRig:
         self.monitor_cfg = cfg.monitor
         app = app_config(cfg)
         app["args"]["monitor_name"] = MONITOR
-        app["deployments"][0]["ray_actor_options"] = {"resources": {"replica_slot": 1}}
+        if not self.spread:
+            app["deployments"][0]["ray_actor_options"] = {"resources": {"replica_slot": 1}}
         # the monitor the replicas would create, created first so that it lives on w1 (the node with
         # `monitor_node`; after w1's loss, on its replacement), with the very arguments the replicas pass
         loaded = self.reg.load(MODEL, "production")

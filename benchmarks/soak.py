@@ -88,14 +88,19 @@ class MemorySampler:
         self._thread.join(timeout=30)
 
     def summary(self, t0: float, t1: float) -> dict:
-        """Per process: RSS at the first and last sample, and the least-squares slope (MB/min) over the samples
-        after the first 20% of the run (start-up allocations excluded)."""
+        """Per process: RSS at the first and last sample, the least-squares slope (MB/min) over the samples
+        after the first 20% of the run (start-up allocations excluded), the slope over the last half alone
+        (a warm-up that settles shows there as a smaller slope; a leak keeps its slope), and the RSS at each
+        quarter of the run."""
         out = {}
-        cut = t0 + 0.2 * (t1 - t0)
+        cut, half = t0 + 0.2 * (t1 - t0), t0 + 0.5 * (t1 - t0)
         for key, pts in sorted(self.samples.items()):
             late = [(t, m) for t, m in pts if t >= cut]
+            quarters = [next((round(m, 1) for t, m in pts if t >= t0 + q * (t1 - t0)), None) for q in (0.25, 0.5, 0.75)]
             out[key] = {"first_mb": round(pts[0][1], 1), "last_mb": round(pts[-1][1], 1),
-                        "samples": len(pts), "slope_mb_per_min": _slope(late)}
+                        "samples": len(pts), "slope_mb_per_min": _slope(late),
+                        "slope_last_half_mb_per_min": _slope([(t, m) for t, m in pts if t >= half]),
+                        "mb_at_quarters": quarters}
         return out
 
 

@@ -165,10 +165,12 @@ def parse_app_args(args: dict[str, Any] | None) -> dict[str, Any]:
 
 
 def replica_options(scfg: ServeConfig) -> dict[str, Any]:
-    """`num_replicas`, or `autoscaling_config` when serve.autoscaling is set."""
-    if scfg.autoscaling is not None:
-        return {"autoscaling_config": scfg.autoscaling.model_dump()}
-    return {"num_replicas": scfg.num_replicas}
+    """`num_replicas`, or `autoscaling_config` when serve.autoscaling is set; `max_replicas_per_node` when set."""
+    out = ({"autoscaling_config": scfg.autoscaling.model_dump()} if scfg.autoscaling is not None
+           else {"num_replicas": scfg.num_replicas})
+    if scfg.max_replicas_per_node is not None:
+        out["max_replicas_per_node"] = scfg.max_replicas_per_node
+    return out
 
 
 def deployment_options(scfg: ServeConfig) -> dict[str, Any]:

@@ -67,3 +67,8 @@ class MonitorConfig(_Strict):
     retrain_cooldown_s: float = Field(3600.0, ge=0, description="Seconds between two retrain submissions.")
     retrain_address: str | None = Field(None, description="Ray Jobs API address (None: RAY_ADDRESS or local).")
     retrain_args: list[str] = Field(default_factory=list, description="Extra arguments for jobs/retrain.py.")
+    retrain_resources: dict[str, float] = Field(
+        default_factory=dict, description="Ray resources the retrain job's driver reserves (the Jobs API's "
+        "entrypoint_resources), e.g. {'retrain_node': 1} with that custom resource on a worker node: the job then "
+        "runs there, not on the head, which a real cluster keeps for Ray's own processes. {}: wherever the Jobs "
+        "API puts it (the head).")

@@ -356,6 +356,10 @@ class ServeConfig(_Strict):
     autoscaling: ServeAutoscaling | None = Field(
         None, description="Scale replicas with load between min_replicas and max_replicas instead of a fixed "
                           "num_replicas.")
+    max_replicas_per_node: int | None = Field(
+        None, ge=1, description="At most this many replicas of the endpoint on one node (Serve's "
+                                "max_replicas_per_node): 1 spreads them over nodes, so that a lost node costs one "
+                                "replica, not all. None: Serve packs them where it finds room.")
     max_batch_size: int = Field(64, ge=1, description="@serve.batch max_batch_size.")
     batch_wait_timeout_s: float = Field(
         0.0, ge=0, description="@serve.batch batch_wait_timeout_s: how long a batch waits for more requests once it "

@@ -91,6 +91,7 @@ class Monitor:
         self.snapshot_key = snapshot_key
         self.retrain = RetrainTrigger(enabled=self.cfg.on_drift == "retrain", cooldown_s=self.cfg.retrain_cooldown_s,
                                       args=list(self.cfg.retrain_args), address=self.cfg.retrain_address,
+                                      resources=dict(self.cfg.retrain_resources),
                                       submit=retrain_submit, status=retrain_status,
                                       metadata={"raysys_monitor": snapshot_key}, on_end=self._retrain_ended)
         self.store = SnapshotStore(self.cfg.snapshot_uri, snapshot_key) if self.cfg.snapshot_uri else None

@@ -46,11 +46,14 @@ def _client(address: str | None):
     return JobSubmissionClient(addr)
 
 
-def default_submit(address: str | None) -> tuple[Callable[..., str], Callable[[str], str]]:
-    """(submit(entrypoint, metadata) -> job id, status(job id) -> str) over JobSubmissionClient."""
+def default_submit(address: str | None, resources: dict[str, float] | None = None,
+                   ) -> tuple[Callable[..., str], Callable[[str], str]]:
+    """(submit(entrypoint, metadata) -> job id, status(job id) -> str) over JobSubmissionClient; the job's
+    driver reserves `resources` (monitor.retrain_resources), which places it on a node that has them."""
 
     def submit(entrypoint: str, metadata: dict[str, str]) -> str:
-        return _client(address).submit_job(entrypoint=entrypoint, metadata=metadata)
+        return _client(address).submit_job(entrypoint=entrypoint, metadata=metadata,
+                                           entrypoint_resources=dict(resources) if resources else None)
 
     def status(job_id: str) -> str:
         return str(_client(address).get_job_status(job_id)).split(".")[-1]
@@ -96,6 +99,7 @@ class RetrainTrigger:
     TRANSIENT_MARKS = ("try again later", "No available agent")
 
     def __init__(self, *, enabled: bool, cooldown_s: float, args: list[str], address: str | None = None,
+                 resources: dict[str, float] | None = None,
                  submit: Callable[..., str] | None = None, status: Callable[[str], str] | None = None,
                  message: Callable[[str], str | None] | None = None, metadata: dict[str, str] | None = None,
                  clock: Callable[[], float] = time.time, poll_s: float | None = 2.0,
@@ -106,7 +110,7 @@ class RetrainTrigger:
         if submit is not None:
             self._submit, self._status, self._message = submit, status, message
         else:
-            self._submit, self._status = default_submit(address)
+            self._submit, self._status = default_submit(address, resources)
             self._message = message or default_message(address)
         self.metadata = dict(metadata or {})
         self._clock, self._sleep = clock, sleep

@@ -173,6 +173,18 @@ def restore_progress(pm: ParallelModel, wc: WorkerConfig, checkpoint, rank: int,
     return progress
 
 
+def rank_nodes(world: int) -> list[str]:
+    """The Ray node ID of every rank, by rank (collective): where the ranks of a multi-node run landed."""
+    import ray
+
+    mine = ray.get_runtime_context().get_node_id()
+    if world == 1:
+        return [mine]
+    out: list = [None] * world
+    dist.all_gather_object(out, mine)
+    return [str(x) for x in out]
+
+
 class TeacherWorker:
     """One rank's run: its model, data shards and progress, and the steps of an epoch."""
 
@@ -194,6 +206,7 @@ class TeacherWorker:
         self.val_shard = ShardCache(ray.train.get_dataset_shard("validation"), cache_bytes)
         self.elapsed_before, self.run_start = self.progress.elapsed_before, time.perf_counter()
         self.dashboard = train_metrics(rank)
+        self.rank_nodes = rank_nodes(world)
 
     def run(self) -> None:
         for epoch in range(self.progress.start_epoch, self.train.num_epochs):
@@ -272,6 +285,7 @@ class TeacherWorker:
             "resumes": self.progress.resumes,
             "strategy": self.pm.strategy,
             "world_size": self.world,
+            "rank_nodes": self.rank_nodes,  # each rank's Ray node ID (they move when a lost node's ranks restart)
             "report_poll_interval_s": report_poll_interval_s(),
         }
 

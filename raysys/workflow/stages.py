@@ -17,6 +17,7 @@ from typing import Any
 import numpy as np
 
 from raysys.config import PipelineConfig
+from raysys.workflow.reach import check_nodes_reach
 
 log = logging.getLogger("raysys")
 
@@ -172,6 +173,8 @@ def stage_teacher(cfg: PipelineConfig, prep: Prepared) -> tuple[Any, int, dict]:
     from raysys.train import train_teacher
     from raysys.workflow.trust_stage import privacy_of
 
+    # Ray Train's workers read the splits and write checkpoints, on whatever node they land
+    check_nodes_reach({"run_dir": cfg.run_dir}, {"data.root": cfg.data.root})
     teacher = train_teacher(cfg, prep.schema, prep.preprocessor)
     model = build_model(teacher.model_spec)
     model.load_state_dict(teacher.state_dict())
@@ -266,6 +269,8 @@ def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_ve
     from raysys.distill import run_sweep
     from raysys.registry import Registry
 
+    # Ray Data's tasks write the soft targets under data.root, Tune's trials their checkpoints under run_dir
+    check_nodes_reach({"run_dir": cfg.run_dir, "data.root": cfg.data.root})
     sweep = run_sweep(cfg, prep.schema, prep.preprocessor, teacher_model, run_name=resume_sweep,
                       resume=resume_sweep is not None)
     student = _best_student(sweep)

@@ -39,4 +39,6 @@ def _leak_log(request):
         apps = [repr(e)]
     with open(path, "a") as f:
         f.write(json.dumps({"test": request.node.nodeid, "actors": actors, "apps": apps,
+                            "cpu_free": ray.available_resources().get("CPU", 0.0),
+                            "cpu_total": ray.cluster_resources().get("CPU", 0.0),
                             "load": os.getloadavg()[0]}) + "\n")

@@ -128,6 +128,7 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tiny_cfg, ca
     import logging
     import os
     import signal
+    import time
 
     from ray import tune
 
@@ -152,6 +153,13 @@ def test_a_killed_trial_is_retried_from_its_checkpoint(ray_cluster, tiny_cfg, ca
     with caplog.at_level(logging.INFO, logger="raysys.distill.sweep"):
         res = run_sweep(cfg, schema, pre, teacher, run_name="distill-killed", callbacks=[KillTheTrialProcess()])
     assert killed and killed["epoch"] < epochs, killed
+    # the killed process's CPU comes back to the cluster (the rest of the session's tests need it)
+    import ray
+
+    deadline = time.monotonic() + 30
+    while ray.available_resources().get("CPU", 0) < ray.cluster_resources()["CPU"] and time.monotonic() < deadline:
+        time.sleep(0.5)
+    assert ray.available_resources().get("CPU", 0) == ray.cluster_resources()["CPU"], ray.available_resources()
     (trial,) = res.trials
     assert trial["error"] is None and trial["epochs_run"] == epochs, trial
     rows = [json.loads(line) for line in Path(trial["path"], "result.json").read_text().splitlines()]

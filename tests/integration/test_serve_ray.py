@@ -179,8 +179,10 @@ def test_monitor_down_never_fails_a_request(registry, http_port):
     reg, _, rows = registry
     name = f"serve-nomon-{uuid.uuid4().hex[:6]}"
     monitor = f"raysys_monitor_{name}"
-    serve.run(build_app({"registry_uri": reg.uri, "model_name": MODEL, "monitor_name": monitor}), name=name,
-              route_prefix=f"/{name}")
+    # one replica: the module's app holds two of the session's 4 CPUs; needing the last two as well would wait
+    # on any CPU another test's process has not handed back yet
+    serve.run(build_app({"registry_uri": reg.uri, "model_name": MODEL, "monitor_name": monitor,
+                         "serve_cfg": {"num_replicas": 1}}), name=name, route_prefix=f"/{name}")
     url = f"http://127.0.0.1:{http_port}/{name}"
     try:
         assert requests.post(f"{url}/v1/predict", json={"instances": rows[:2]}, timeout=30).status_code == 200

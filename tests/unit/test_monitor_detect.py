@@ -281,6 +281,26 @@ def test_feedback_accuracy_and_estimate(world):
     assert abs(acc["estimated"] - realised) < 0.06 and acc["unmatched_labels"] == 1
 
 
+def test_the_retrain_job_reserves_the_configured_resources(monkeypatch):
+    # monitor.retrain_resources reach the Jobs API as entrypoint_resources (the boundary faked: a real cluster
+    # placing the driver is in tests/integration); none configured sends none
+    from raysys.monitor import trigger
+
+    calls = []
+
+    class Jobs:
+        def submit_job(self, **kw):
+            calls.append(kw)
+            return "raysys-job-1"
+
+    monkeypatch.setattr(trigger, "_client", lambda address: Jobs())
+    for resources, expected in (({"retrain_node": 1.0}, {"retrain_node": 1.0}), ({}, None)):
+        cfg = MonitorConfig(on_drift="retrain", retrain_resources=resources)
+        trig = RetrainTrigger(enabled=True, cooldown_s=0, args=[], resources=cfg.retrain_resources, poll_s=None)
+        assert trig.maybe_submit("drift", [], background=False)["submitted"]
+        assert calls[-1]["entrypoint_resources"] == expected and "retrain.py" in calls[-1]["entrypoint"]
+
+
 def test_alert_submits_one_retrain_with_cooldown(world):
     task, schema, arrays, prof = world
     submitted, status = [], {"s": "RUNNING"}

@@ -412,6 +412,14 @@ def test_deployment_options_come_from_serve_config():
     assert auto == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 64.0}}
     with pytest.raises(ValueError, match="max_replicas"):
         ServeConfig(autoscaling={"min_replicas": 3, "max_replicas": 2})
+    # spread over nodes: Serve's own option, in the deployment Serve validates
+    spread = replica_options(ServeConfig(max_replicas_per_node=1))
+    assert spread == {"num_replicas": 2, "max_replicas_per_node": 1}
+    from ray.serve.schema import DeploymentSchema
+
+    assert DeploymentSchema(name="d", **spread).max_replicas_per_node == 1
+    with pytest.raises(ValueError, match="max_replicas_per_node"):
+        ServeConfig(max_replicas_per_node=0)
 
 
 def test_ingress_env_modes(monkeypatch):
