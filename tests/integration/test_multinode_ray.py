@@ -6,32 +6,14 @@ error when a node cannot reach the storage it was given."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers.scripts import run_script
 
 pytestmark = pytest.mark.integration
 
 SCRIPT = Path(__file__).resolve().parents[1] / "helpers" / "multinode.py"
-
-
-def _run_script(root: Path, timeout_s: float) -> dict:
-    proc = subprocess.Popen([sys.executable, str(SCRIPT), str(root)], stdout=subprocess.PIPE, stderr=subprocess.PIPE,
-                            text=True, start_new_session=True)
-    try:
-        stdout, stderr = proc.communicate(timeout=timeout_s)
-    finally:
-        if proc.poll() is None:  # past its time: the script and every Ray process it started
-            os.killpg(proc.pid, signal.SIGKILL)
-            proc.wait()
-    lines = stdout.strip().splitlines()
-    assert proc.returncode == 0 and lines, f"multinode.py exited {proc.returncode}; stderr:\n{stderr[-4000:]}"
-    return json.loads(lines[-1])
 
 
 @pytest.mark.timeout(900)
@@ -40,7 +22,7 @@ def test_the_stack_on_three_nodes(ray_cluster, tmp_path):
     from raysys.data import Preprocessor, ensure_dataset
     from raysys.train import train_teacher
 
-    out = _run_script(tmp_path / "multi", timeout_s=840)
+    out = run_script(SCRIPT, str(tmp_path / "multi"), timeout_s=840, expect_exit=0)
     nodes = out["nodes"]
     workers = {nodes["w1"], nodes["w2"]}
 
