@@ -57,12 +57,6 @@ def _probe(path: str, name: str, digest: str, write: bool) -> str | None:
         return f"{type(e).__name__}: {e}"
 
 
-def _nodes() -> list[dict[str, Any]]:
-    import ray
-
-    return [n for n in ray.nodes() if n.get("Alive")]
-
-
 def check_nodes_reach(stores: dict[str, str], data: dict[str, str] | None = None, *,
                       timeout_s: float = 120.0) -> None:
     """`stores`: {config field: path or URI} that workers write (a marker is written there and read back,
@@ -74,7 +68,7 @@ def check_nodes_reach(stores: dict[str, str], data: dict[str, str] | None = None
     import ray
     from ray.util.scheduling_strategies import NodeAffinitySchedulingStrategy
 
-    nodes = _nodes()
+    nodes: list[dict[str, Any]] = [n for n in ray.nodes() if n.get("Alive")]
     here = ray.get_runtime_context().get_node_id()
     if all(n["NodeID"] == here for n in nodes):
         return
@@ -97,9 +91,10 @@ def check_nodes_reach(stores: dict[str, str], data: dict[str, str] | None = None
             name = "schema.json"
             with fs.open_input_stream(f"{root.rstrip('/')}/{name}") as f:
                 token = f.read()
+        digest = hashlib.sha256(token).hexdigest()
         try:
             refs = [probe.options(scheduling_strategy=NodeAffinitySchedulingStrategy(n["NodeID"], soft=False))
-                    .remote(path, name, hashlib.sha256(token).hexdigest(), write) for n in nodes]
+                    .remote(path, name, digest, write) for n in nodes]
             errors = ray.get(refs, timeout=timeout_s)
         finally:
             if marker:
