@@ -16,7 +16,9 @@ from __future__ import annotations
 import importlib.util
 import math
 import os
+import random
 import socket
+from pathlib import Path
 
 from raysys.config import ServeConfig
 from serve.apikey import LOOPBACK_HOSTS
@@ -189,11 +191,37 @@ def ingress_env(*, private_ports: bool = False, request_timeout_s: float | None 
     return env
 
 
+# Ports a server binds later are chosen below the kernel's ephemeral range: a port the kernel hands out (bind to
+# port 0) may go to any outgoing connection's source port before the server binds it (CI: HAProxy started minutes
+# after its metrics port was chosen found it taken, "Address already in use"). Above Ray's worker ports
+# (min/max_worker_port, 10002-19999 by default), which Ray binds on its own.
+_LISTEN_PORTS_LOW = 20000
+_chosen: set[int] = set()  # ports this process already handed out: never twice
+
+
+def _ephemeral_low() -> int:
+    try:
+        return int(Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split()[0])
+    except (OSError, ValueError, IndexError):
+        return 32768  # Linux's default
+
+
 def free_port() -> int:
-    """A TCP port free now on every interface (for a server that binds it soon after)."""
-    with socket.socket() as sock:
-        sock.bind(("", 0))
-        return sock.getsockname()[1]
+    """A TCP port free now on every interface, for a server that binds it later: outside the kernel's ephemeral
+    range (so no outgoing connection takes it meanwhile) and never one this process returned before."""
+    high = max(_ephemeral_low(), _LISTEN_PORTS_LOW + 1000)
+    for _ in range(200):
+        port = random.randrange(_LISTEN_PORTS_LOW, high)
+        if port in _chosen:
+            continue
+        with socket.socket() as sock:
+            try:
+                sock.bind(("", port))
+            except OSError:
+                continue
+        _chosen.add(port)
+        return port
+    raise RuntimeError(f"no free TCP port in {_LISTEN_PORTS_LOW}-{high - 1} after 200 tries")
 
 
 def apply_ingress_env(*, private_ports: bool = True, request_timeout_s: float | None = None) -> dict[str, str]:

@@ -224,3 +224,14 @@ def test_private_haproxy_ports_are_never_inherited_from_another_raysys_process(c
     clean_env.delenv(ingress.PRIVATE_PORTS_OWNER_ENV)
     clean_env.setenv("RAY_SERVE_HAPROXY_STATS_PORT", "18404")
     assert ingress.apply_ingress_env()["RAY_SERVE_HAPROXY_STATS_PORT"] == "18404"
+
+
+def test_private_ports_lie_outside_the_ephemeral_range_and_never_repeat():
+    """CI (stop 32): HAProxy, started minutes after its metrics port was chosen, found it taken by some
+    connection's source port. A port chosen for a later server is never one the kernel hands to connections."""
+    low, high = (int(v) for v in Path("/proc/sys/net/ipv4/ip_local_port_range").read_text().split())
+    ports = [ingress.free_port() for _ in range(50)]
+    ports += [int(ingress.ingress_env(private_ports=True)[v]) for v in ingress._PRIVATE_PORT_VARS]
+    assert not [p for p in ports if low <= p <= high]
+    assert len(set(ports)) == len(ports)
+    assert min(ports) >= 20000  # above Ray's worker ports (10002-19999)
