@@ -191,6 +191,9 @@ class TrainConfig(_Strict):
                              f"data-parallel training only (train.strategy: ddp), not {self.strategy!r}, which "
                              "shards or splits the parameters or the batch; set train.strategy: ddp or remove dp")
         p, n = self.parallel, self.num_workers
+        if self.dp is not None and p is not None and ((p.tp or 1) > 1 or (p.pp or 1) > 1):
+            raise ValueError("train.dp: DP-SGD runs on plain data parallel only, but train.parallel asks for "
+                             f"tp={p.tp or 1}, pp={p.pp or 1}; remove train.parallel or dp")
         if p is not None and (p.dp, p.tp, p.pp) != (None, None, None):
             # the same rule as raysys.parallel.ParallelDims (config imports no torch)
             tp, pp = p.tp or 1, p.pp or 1
@@ -321,6 +324,18 @@ class DistillConfig(_Strict):
             raise ValueError("must be a non-empty list of positive integers, e.g. [16, 32, 64]")
         return v
 
+    @model_validator(mode="after")
+    def _private(self) -> DistillConfig:
+        # DP-SGD bounds each training row's influence through its own clipped gradient; these add gradient that
+        # comes from other training rows (MUNGE rows are made of them) or from parameters Opacus does not clip
+        if self.dp is not None and self.transfer_multiplier > 0:
+            raise ValueError("distill.dp: MUNGE transfer rows are made from the training rows, so DP-SGD's guarantee "
+                             "would not cover them; set distill.transfer_multiplier: 0 or remove distill.dp")
+        if self.dp is not None and self.hint_weight > 0:
+            raise ValueError("distill.dp: the hint loss trains a regressor outside DP-SGD's per-row clipping; set "
+                             "distill.hint_weight: 0 or remove distill.dp")
+        return self
+
 
 class ServeAutoscaling(_Strict):
     """Serve autoscaling of the endpoint deployment (Serve's `autoscaling_config`)."""
@@ -438,11 +453,6 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
-        for where, dp in (("train.dp", self.train.dp), ("distill.dp", self.distill.dp)):
-            if dp is not None:  # refused, never silently trained without privacy
-                raise ValueError(f"{where}: the Ray Train teacher loop and the Tune student trials do not apply "
-                                 "DP-SGD yet; DP-SGD runs in raysys.trust.dp.train_dp (benchmarks/trust.py). "
-                                 f"Remove {where} to run the pipeline")
         if self.train.batch_size < self.train.num_workers:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be at least train.num_workers "

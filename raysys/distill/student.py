@@ -20,6 +20,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from raysys.config import DPConfig
 from raysys.distill.kd import IGNORE_INDEX, HiddenCapture, check_kd_args, hint_loss, kd_loss, supports_hint
 from raysys.distill.student_data import StudentData
 from raysys.models import build_model, predict_logits
@@ -90,6 +91,7 @@ class _Settings:
     weight_decay: float
     seed: int
     hint_weight: float
+    dp: DPConfig | None = None  # DP-SGD (raysys.trust.dp): Poisson batches, per-row clipping, noise
 
 
 def _settings(config: dict[str, Any], data: StudentData) -> _Settings:
@@ -112,8 +114,15 @@ def _settings(config: dict[str, Any], data: StudentData) -> _Settings:
     hint_weight = float(config.get("hint_weight", 0.0) or 0.0)
     if hint_weight < 0:
         raise ValueError(f"hint_weight: must be >= 0 (got {hint_weight})")
+    dp = DPConfig.model_validate(config["dp"]) if config.get("dp") else None
+    if dp is not None and hint_weight > 0:
+        raise ValueError("dp: the hint loss trains a regressor outside DP-SGD's per-row clipping; set hint_weight "
+                         "to 0 or remove dp")
+    if dp is not None and alpha > 0 and data.num_transfer:
+        raise ValueError("dp: transfer rows are made from the training rows, so DP-SGD's guarantee would not cover "
+                         "them; train without transfer rows or remove dp")
     return _Settings(spec, temperature, alpha, num_epochs, batch_size, lr, float(config.get("weight_decay", 1e-4)),
-                     seed, hint_weight)
+                     seed, hint_weight, dp)
 
 
 def _hint_regressor(model: nn.Module, data: StudentData) -> nn.Linear:
@@ -139,6 +148,13 @@ class _StudentRun:
         if self.regressor is not None:
             params += list(self.regressor.parameters())
         self.opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
+        self.runner = self.model  # what runs the batches: the model, under Opacus's hooks with DP-SGD
+        self.dp_rate = min(s.batch_size, len(data.y)) / len(data.y)  # DP-SGD's Poisson sampling rate
+        if s.dp is not None:
+            from raysys.trust.dp import private_training
+
+            self.runner, self.opt = private_training(self.model, self.opt, s.dp,
+                                                     expected_batch_size=self.dp_rate * len(data.y))
         self.hints = _view(data.teacher_hints) if self.regressor is not None else None
         if teacher is not None:
             teacher.eval()
@@ -196,33 +212,52 @@ class _StudentRun:
         xb_num, xb_cat, yb, t_batch = self._batch(idx, tidx)
         if self.regressor is not None:
             with HiddenCapture(self.model) as cap:
-                logits = self.model(xb_num, xb_cat)
+                logits = self.runner(xb_num, xb_cat)
             loss, soft, hard = kd_loss(logits, t_batch, yb, s.temperature, s.alpha, return_components=True)
             # hints exist for the labeled rows only
             loss = loss + s.hint_weight * hint_loss(cap.value[:len(idx)], self.hints[idx], self.regressor)
         else:
-            logits = self.model(xb_num, xb_cat)
+            logits = self.runner(xb_num, xb_cat)
             loss, soft, hard = kd_loss(logits, t_batch, yb, s.temperature, s.alpha, return_components=True)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
         return loss.item(), soft.item(), hard.item()
 
+    def _batches(self):
+        """(labeled rows, transfer rows or None) of each step of an epoch: a shuffled pass, or DP-SGD's Poisson
+        batches (each row with probability dp_rate, round(n / batch) steps: one pass expected)."""
+        n, bs = self.n, self.s.batch_size
+        if self.s.dp is not None:
+            from raysys.trust.dp import poisson_rows, steps_per_epoch
+
+            for _ in range(steps_per_epoch(n, bs)):
+                yield torch.from_numpy(poisson_rows(n, self.dp_rate, self.rng)), None
+            return
+        perm = torch.from_numpy(self.rng.permutation(n))
+        t_perm = torch.from_numpy(self.t_rng.permutation(self.nt)) if self.nt else None
+        for step, i in enumerate(range(0, n, bs)):
+            yield perm[i:i + bs], t_perm[step * self.per_step:(step + 1) * self.per_step] if self.nt else None
+
     def train_epoch(self, epoch: int) -> dict[str, Any]:
         """One pass over the labeled rows (and the transfer rows), then validation; the epoch's metrics."""
         self.model.train()
-        n, bs = self.n, self.s.batch_size
-        perm = torch.from_numpy(self.rng.permutation(n))
-        t_perm = torch.from_numpy(self.t_rng.permutation(self.nt)) if self.nt else None
         tot = soft_tot = hard_tot = 0.0
-        for step, i in enumerate(range(0, n, bs)):
-            idx = perm[i:i + bs]
-            tidx = t_perm[step * self.per_step:(step + 1) * self.per_step] if self.nt else None
+        seen = steps = 0
+        for idx, tidx in self._batches():
+            steps += 1
             loss, soft, hard = self._step(idx, tidx)
-            tot, soft_tot, hard_tot = tot + loss * len(idx), soft_tot + soft * len(idx), hard_tot + hard * len(idx)
+            if len(idx):  # an empty DP-SGD batch (a noise-only step) has a nan mean loss
+                tot, soft_tot, hard_tot = tot + loss * len(idx), soft_tot + soft * len(idx), hard_tot + hard * len(idx)
+                seen += len(idx)
         val_acc, val_loss = _validate(self.model, self.data)
-        metrics = {"epoch": epoch, "train_loss": tot / n, "train_soft": soft_tot / n, "train_hard": hard_tot / n,
-                   "val_loss": val_loss, "val_accuracy": val_acc}
+        seen = max(seen, 1)
+        metrics = {"epoch": epoch, "train_loss": tot / seen, "train_soft": soft_tot / seen,
+                   "train_hard": hard_tot / seen, "val_loss": val_loss, "val_accuracy": val_acc}
+        if self.s.dp is not None:
+            from raysys.trust.dp import dp_accounting
+
+            metrics["dp"] = dp_accounting(self.s.dp, sample_rate=self.dp_rate, steps=epoch * steps, epochs=epoch)
         if not math.isfinite(metrics["train_loss"]):
             raise FloatingPointError(f"student loss diverged at epoch {epoch} ({metrics['train_loss']}); lower lr")
         return metrics

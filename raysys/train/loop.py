@@ -46,6 +46,7 @@ from raysys.parallel import (
 from raysys.parallel.memory import gather_rank_memory, memory_metrics, rank_memory
 from raysys.train.checkpoint import read_meta, restore_checkpoint, save_checkpoint
 from raysys.train.metrics import train_metrics
+from raysys.train.private import PoissonBatches, private_model
 from raysys.train.process import report_poll_interval_s, setup_worker_process
 from raysys.train.schedule import decoupled_weight_decay, lr_at, set_lr
 from raysys.train.shard import ShardCache
@@ -135,6 +136,12 @@ class Progress:
 def build_parallel_model(wc: WorkerConfig, world: int) -> ParallelModel:
     scfg = strategy_config(wc.train)
     dims = parallel_dims(wc.train, world)
+    if wc.train.dp is not None:  # DP-SGD: plain data parallel through Opacus (the config refuses the rest)
+        torch.manual_seed(wc.train.seed)
+        module = build_model(wc.model_spec)
+        runner, optimizer = private_model(module, build_optimizer(module, scfg), wc.train, world)
+        return ParallelModel(model=runner, optimizer=optimizer, state_module=module, dims=dims,
+                             strategy=scfg.strategy, share_groups=[], loss_weight=1.0, lockstep=False)
     mesh = dims.build_mesh(DEVICE_TYPE)
     torch.manual_seed(wc.train.seed)  # same init on every rank (DDP and FSDP also broadcast rank 0's weights)
     model = parallelize(build_model(wc.model_spec), dims, scfg, mesh=mesh)
@@ -199,11 +206,15 @@ class TeacherWorker:
         self.pre = wc.build_preprocessor()
         self.pm = build_parallel_model(wc, world)
         self.progress = restore_progress(self.pm, wc, ray.train.get_checkpoint(), rank, world)
-        # AdamW's decay, but only on >= 2-D non-embedding weights (a step pre-hook; the optimizer's own is 0)
-        decoupled_weight_decay(unwrap(self.pm.state_module), self.pm.optimizer, self.train.weight_decay)
+        # AdamW's decay, but only on >= 2-D non-embedding weights (a step pre-hook; the optimizer's own is 0), on
+        # the optimizer that steps (DP-SGD's runs no hooks of its own: its inner AdamW does)
+        decoupled_weight_decay(unwrap(self.pm.state_module),
+                               getattr(self.pm.optimizer, "original_optimizer", self.pm.optimizer),
+                               self.train.weight_decay)
         cache_bytes = self.train.cache_shard_mb * 2**20
         self.train_shard = ShardCache(ray.train.get_dataset_shard("train"), cache_bytes)
         self.val_shard = ShardCache(ray.train.get_dataset_shard("validation"), cache_bytes)
+        self.poisson = PoissonBatches(self.train_shard, self.train, world) if self.train.dp is not None else None
         self.elapsed_before, self.run_start = self.progress.elapsed_before, time.perf_counter()
         self.dashboard = train_metrics(rank)
         self.rank_nodes = rank_nodes(world)
@@ -238,7 +249,9 @@ class TeacherWorker:
             dist.barrier()
         t0 = time.perf_counter()
         loss_sum, n_train = 0.0, 0.0
-        for batch in self.train_shard.batches(self.local_batch, shuffle_seed=seed):
+        batches = (self.poisson.batches(seed) if self.poisson is not None
+                   else self.train_shard.batches(self.local_batch, shuffle_seed=seed))
+        for batch in batches:
             x_num, x_cat, y = self._shared(*to_tensors(*self.pre.transform_batch(batch)))
             set_lr(pm.optimizer, lr_at(self.progress.global_step, self.wc.total_steps, self.train.lr,
                                        self.train.lr_schedule, self.train.warmup_fraction))
@@ -248,7 +261,7 @@ class TeacherWorker:
                 loss = pm.runner.train_step(pm.optimizer, x_num, x_cat, y) or 0.0
             else:
                 loss = train_step(pm.model, pm.optimizer, x_num, x_cat, y)
-            loss_sum += loss * len(y) * pm.loss_weight
+            loss_sum += loss * len(y) * pm.loss_weight if len(y) else 0.0  # an empty DP-SGD batch's mean is nan
             n_train += len(y) * pm.loss_weight
             self.progress.global_step += 1
             self.hooks.on_step(epoch, self.progress.global_step)
@@ -263,7 +276,8 @@ class TeacherWorker:
             batches = pad_to_common_count(list(batches), pm.model)
         for group in pm.share_groups:
             batches = [gather_batch(group, *b) for b in batches]
-        sums = pipeline_eval_sums(pm.runner, batches) if pm.runner is not None else evaluate_sums(pm.model, batches)
+        sums = (pipeline_eval_sums(pm.runner, batches) if pm.runner is not None
+                else evaluate_sums(pm.state_module, batches))  # state_module: the model without DP-SGD's hooks
         return tuple(s * pm.loss_weight for s in sums)
 
     def epoch_metrics(self, epoch: int, train_sums: tuple[float, float], val_sums: tuple[float, float, float],
@@ -287,6 +301,8 @@ class TeacherWorker:
             "world_size": self.world,
             "rank_nodes": self.rank_nodes,  # each rank's Ray node ID (they move when a lost node's ranks restart)
             "report_poll_interval_s": report_poll_interval_s(),
+            # DP-SGD's epsilon so far (raysys.workflow.trust_stage.privacy_of puts the last one on the card)
+            **({"dp": self.poisson.accounting(self.progress.global_step, epoch + 1)} if self.poisson else {}),
         }
 
     def log_epoch(self, metrics: dict[str, Any]) -> None:

@@ -43,6 +43,20 @@ class ShardCache:
         if parts:
             self.cols = {c: np.concatenate([p[c] for p in parts]) for c in parts[0]}
 
+    def load(self, field: str) -> int:
+        """Read the whole shard into memory (a no-op once cached); returns its rows. ValueError naming `field`
+        when it does not fit in `max_bytes`."""
+        if self.cols is None and not sum(1 for _ in self.batches(4096)):  # the whole pass: it fills the cache
+            raise ValueError(f"{field}: this worker's shard of the training split is empty; use fewer workers")
+        if self.cols is None:
+            raise ValueError(f"{field}: needs this worker's whole shard in memory, but it is over train.cache_shard_mb "
+                             f"({self.max_bytes / 2**20:g} MB); raise train.cache_shard_mb or add workers")
+        return len(next(iter(self.cols.values())))
+
+    def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
+        """The cached rows `idx` (after `load`)."""
+        return {c: v[idx] for c, v in self.cols.items()}
+
     def _cached_batches(self, batch_size: int, shuffle_seed: int | None):
         n = len(next(iter(self.cols.values())))
         order = np.random.default_rng(shuffle_seed).permutation(n) if shuffle_seed is not None else None

@@ -8,10 +8,16 @@ its RDP accountant (Mironov, CSF 2017; the subsampled Gaussian bound of Mironov,
 Strategies: DP-SGD needs every row's own gradient before any reduction, so it works for one process and for
 data parallel (Opacus's `DifferentiallyPrivateDistributedDataParallel`), not for strategies that shard or split
 parameters or batches (ZeRO, FSDP, pipeline, tensor): `check_strategy` refuses those.
+
+Two ways in: `train_dp` trains a model in one call (benchmarks/trust.py); the pieces `private_training`,
+`poisson_rows` and `dp_accounting` let a loop of its own (the Ray Train teacher loop, a Tune student trial) run
+DP-SGD step by step, with the accounting recomputed from the step count (so a resumed run reports the same
+epsilon as an uninterrupted one).
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import Any
 
 import numpy as np
@@ -74,64 +80,89 @@ def _offsets_as_attributes(model: nn.Module, back: bool = False) -> None:
                 m.__dict__["offsets"] = off
 
 
-class _Rows(torch.utils.data.Dataset):
-    def __init__(self, *arrays: np.ndarray):
-        self.arrays = [torch.as_tensor(np.asarray(a)) for a in arrays]
+def private_training(model: nn.Module, optimizer: torch.optim.Optimizer, dp: DPConfig, *,
+                     expected_batch_size: float, distributed: bool = False):
+    """(what runs the batches: `model` under Opacus's per-sample gradient hooks, the optimizer that steps it with
+    DP-SGD). Each `step()` clips every row's gradient to `dp.max_grad_norm`, adds Gaussian noise of std
+    `noise_multiplier * max_grad_norm` to their sum and divides by `expected_batch_size` (this process's expected
+    rows per step; its loss must be a mean over its rows). `distributed`: data parallel over the default process
+    group (Opacus's DPDDP: weights broadcast from rank 0; its optimizer adds the noise on rank 0 only and
+    all-reduces the sums, so the global step equals one process's on the union of the batches). `optimizer` must be
+    built over `model`'s parameters; step-pre hooks belong on it (Opacus's optimizer runs none of its own)."""
+    opacus = _opacus()
+    from opacus.distributed import DifferentiallyPrivateDistributedDataParallel as DPDDP
+    from opacus.optimizers import DistributedDPOptimizer, DPOptimizer
 
-    def __len__(self) -> int:
-        return len(self.arrays[0])
+    # torch warns on every first backward that the hooks fire for module outputs only: the inputs are data, which
+    # never require gradients here, so that is always the case and says nothing
+    warnings.filterwarnings("ignore", message="Full backward hook is firing when gradients are computed with "
+                                              "respect to module outputs")
+    _offsets_as_attributes(model)  # Opacus checks for buffers when it wraps, only then
+    try:
+        runner = opacus.GradSampleModule(DPDDP(model) if distributed else model, batch_first=True,
+                                         loss_reduction="mean")
+    finally:
+        _offsets_as_attributes(model, back=True)
+    cls = DistributedDPOptimizer if distributed else DPOptimizer
+    return runner, cls(optimizer, noise_multiplier=dp.noise_multiplier, max_grad_norm=dp.max_grad_norm,
+                       expected_batch_size=expected_batch_size, loss_reduction="mean")
 
-    def __getitem__(self, i: int):
-        return tuple(a[i] for a in self.arrays)
+
+def poisson_rows(n: int, rate: float, rng: np.random.Generator) -> np.ndarray:
+    """The indices of one DP-SGD step's batch: each of `n` rows independently with probability `rate` (Poisson
+    subsampling, what the accounting assumes; a batch may be empty and still takes a noise-only step)."""
+    return np.flatnonzero(rng.random(n) < rate)
+
+
+def steps_per_epoch(rows: int, batch_size: int) -> int:
+    """Poisson steps that make one expected pass over `rows` at an expected batch of `batch_size`."""
+    return max(1, round(rows / batch_size))
+
+
+def dp_accounting(dp: DPConfig, *, sample_rate: float, steps: int, epochs: int) -> dict[str, Any]:
+    """Epsilon at `dp.delta` after `steps` DP-SGD steps at `sample_rate` (Opacus's RDP accountant), with what it
+    was computed from: what the model card and `privacy_of` read."""
+    from opacus.accountants import RDPAccountant
+
+    _opacus()
+    acc = RDPAccountant()
+    acc.history = [(dp.noise_multiplier, sample_rate, steps)] if steps else []
+    return {"dp_sgd": True, "epsilon": float(acc.get_epsilon(dp.delta)) if steps else 0.0, "delta": dp.delta,
+            "noise_multiplier": dp.noise_multiplier, "max_grad_norm": dp.max_grad_norm, "steps": steps,
+            "sample_rate": sample_rate, "epochs": epochs, "accountant": "rdp (opacus)"}
 
 
 def train_dp(model: nn.Module, x_num, x_cat, y, dp: DPConfig, *, epochs: int, batch_size: int, lr: float,
              seed: int = 0, soft_targets=None, temperature: float = 2.0, alpha: float = 0.5
              ) -> tuple[nn.Module, dict[str, Any]]:
-    """Train `model` with DP-SGD (Adam on the privatized gradients) and return (the plain trained model, the
-    accounting: epsilon at delta, noise, clip, steps, sample rate). With `soft_targets` (the teacher's logits per
-    row) the loss is the distillation loss alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE, per row,
-    so clipping bounds each row's whole contribution. The teacher's logits are a function of the training rows:
-    the guarantee covers the student's use of them, not the teacher's own training."""
-    opacus = _opacus()
+    """Train `model` with DP-SGD (Adam on the privatized gradients, Poisson batches of expected size
+    `batch_size`) and return (the plain trained model, `dp_accounting`). With `soft_targets` (the teacher's logits
+    per row) the loss is the distillation loss alpha * T^2 * KL(teacher_T || student_T) + (1 - alpha) * CE, per
+    row, so clipping bounds each row's whole contribution. The teacher's logits are a function of the training
+    rows: the guarantee covers the student's use of them, not the teacher's own training."""
     torch.manual_seed(seed)
-    arrays = [x_num, x_cat, y] + ([soft_targets] if soft_targets is not None else [])
-    loader = torch.utils.data.DataLoader(_Rows(*arrays), batch_size=batch_size,
-                                         generator=torch.Generator().manual_seed(seed))
-    opt = torch.optim.Adam(model.parameters(), lr=lr)
-    engine = opacus.PrivacyEngine(accountant="rdp")
+    rng = np.random.default_rng(seed)
+    arrays = [torch.as_tensor(np.asarray(a)) for a in (x_num, x_cat, y)]
+    soft = torch.as_tensor(np.asarray(soft_targets)).float() if soft_targets is not None else None
+    n = len(arrays[2])
+    rate, steps = batch_size / n, steps_per_epoch(n, batch_size)
     model.train()
-    _offsets_as_attributes(model)
-    pmodel = None
+    runner, opt = private_training(model, torch.optim.Adam(model.parameters(), lr=lr), dp,
+                                   expected_batch_size=batch_size)
     try:
-        pmodel, popt, ploader = engine.make_private(module=model, optimizer=opt, data_loader=loader,
-                                                    noise_multiplier=dp.noise_multiplier,
-                                                    max_grad_norm=dp.max_grad_norm, poisson_sampling=True)
-        steps = _epochs(pmodel, popt, ploader, epochs, soft_targets is not None, temperature, alpha)
-    finally:
-        if pmodel is not None:  # Opacus's hooks stay on the modules otherwise: later backward passes would fail
-            pmodel._close()
-        _offsets_as_attributes(model, back=True)
-    model.eval()
-    acct = {"dp_sgd": True, "epsilon": float(engine.get_epsilon(dp.delta)), "delta": dp.delta,
-            "noise_multiplier": dp.noise_multiplier, "max_grad_norm": dp.max_grad_norm, "steps": steps,
-            "sample_rate": batch_size / len(loader.dataset), "epochs": epochs, "accountant": "rdp (opacus)"}
-    return model, acct
-
-
-def _epochs(pmodel, popt, ploader, epochs: int, distill: bool, t: float, alpha: float) -> int:
-    steps = 0
-    for _ in range(epochs):
-        for batch in ploader:
-            # an empty Poisson batch still takes a (noise-only) step: the accounting counts every step
-            popt.zero_grad()
-            logits = pmodel(batch[0].float(), batch[1].long())
-            loss = F.cross_entropy(logits, batch[2].long())
-            if distill:
-                soft = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(batch[3].float() / t, 1),
-                                log_target=True, reduction="batchmean") * t * t
-                loss = alpha * soft + (1 - alpha) * loss
+        for _ in range(epochs * steps):
+            idx = torch.from_numpy(poisson_rows(n, rate, rng))
+            opt.zero_grad()
+            logits = runner(arrays[0][idx].float(), arrays[1][idx].long())
+            loss = F.cross_entropy(logits, arrays[2][idx].long())
+            if soft is not None:
+                t = temperature
+                kd = F.kl_div(F.log_softmax(logits / t, 1), F.log_softmax(soft[idx] / t, 1), log_target=True,
+                              reduction="batchmean") * t * t
+                loss = alpha * kd + (1 - alpha) * loss
             loss.backward()
-            popt.step()
-            steps += 1
-    return steps
+            opt.step()
+    finally:
+        runner._close()  # Opacus's hooks stay on the modules otherwise: later backward passes would fail
+    model.eval()
+    return model, dp_accounting(dp, sample_rate=rate, steps=epochs * steps, epochs=epochs)

@@ -1,10 +1,13 @@
-"""Tier 3: the HTML report of a real `tiny` run (Ray Train teacher, Tune sweep, registry), plus monitor data
+"""Tier 3: the HTML report of a real `tiny` run (Ray Train teacher, Tune sweep, registry; both trained with DP-SGD
+when Opacus is installed, and `raysys registry show` printing their epsilon), plus monitor data
 from the production student's Monitor (normal then shifted traffic, delayed labels, a snapshot, stored
 traffic), rendered through `raysys report` and read back with html.parser."""
 
 from __future__ import annotations
 
+import importlib.util
 import json
+import re
 
 import pytest
 from helpers.monitor_feed import feed_monitor
@@ -26,6 +29,9 @@ AXIS_LABELS = {"epoch", "loss (cross-entropy)", "validation accuracy", "student 
 def tiny_run(ray_cluster, tmp_path_factory):
     root = tmp_path_factory.mktemp("report-run")
     cfg = absolute(preset("tiny").with_root(root))
+    if importlib.util.find_spec("opacus"):  # a governed run: teacher and students trained with DP-SGD (issue 23)
+        cfg = cfg.model_validate({**cfg.model_dump(), "train": {**cfg.train.model_dump(), "dp": {}},
+                                  "distill": {**cfg.distill.model_dump(), "dp": {"noise_multiplier": 0.8}}})
     result = run_pipeline(cfg)
     feed_monitor(root, model_name=cfg.model_name)
     return root, result
@@ -86,3 +92,23 @@ def test_mlflow_copy_of_a_tiny_run(tiny_run, tmp_path):
     assert prod.tags["raysys_version"] == str(result.student_version)
     assert client.get_model_version_by_alias(result.model_name, "candidate").tags["raysys_version"] == str(
         result.student_version + 1)
+
+
+@pytest.mark.integration
+def test_registry_show_prints_the_dp_sgd_accounting_of_teacher_and_student(tiny_run):
+    pytest.importorskip("opacus")
+    root, result = tiny_run
+    r = CliRunner().invoke(app, ["registry", "show", "production", "--preset", "tiny", "--name", result.model_name,
+                                 "--root", str(root)])
+    assert r.exit_code == 0, r.output
+    out = " ".join(r.output.split())
+    # the student's privacy lines: its own epsilon, what the whole sweep spent on the same rows, the teacher's
+    mine = out[out.index("#### Privacy"):]
+    assert re.search(r"- this model: membership-inference AUC [0-9.]+ .*?; DP-SGD epsilon [0-9.]+ at delta 1e-05 "
+                     r"\(noise 0\.8, clip 1\.0\); the sweep's \d+ trials together: epsilon at most [0-9.]+", mine), mine
+    assert re.search(r"- teacher: membership-inference AUC .*?; DP-SGD epsilon [0-9.]+ at delta 1e-05 \(noise 1\.0",
+                     mine), mine
+    assert "trained without DP-SGD" not in out, mine
+    t = CliRunner().invoke(app, ["registry", "show", "latest", "--preset", "tiny", "--name",
+                                 f"{result.model_name}-teacher", "--root", str(root)])
+    assert t.exit_code == 0 and "DP-SGD epsilon" in t.output, t.output[-3000:]

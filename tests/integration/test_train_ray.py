@@ -65,3 +65,39 @@ def test_train_teacher_tiny(ray_cluster, tiny_cfg):
     assert again.run_name == res.run_name and again.metrics == res.metrics
     assert (again.state_dict()["head.weight"] == res.state_dict()["head.weight"]).all()
     assert META_FILE in os.listdir(again.checkpoint_dir)
+
+
+@pytest.mark.timeout(420)
+def test_a_dp_sgd_teacher_on_two_ranks_reports_epsilon_and_resumes_with_its_accounting(ray_cluster, tiny_cfg):
+    """`train.dp` in the Ray Train loop: two ranks of Poisson batches over the whole split (round(rows / batch)
+    steps an epoch), epsilon per epoch from the accountant, learning through the noise; a resume continues the
+    step count, so the accounting of the 3rd epoch is that of 3 epochs of steps."""
+    pytest.importorskip("opacus")
+    from raysys.config import DPConfig
+    from raysys.trust.dp import dp_accounting, steps_per_epoch
+
+    cfg = tiny_cfg
+    cfg.train.dp = DPConfig(noise_multiplier=0.7, max_grad_norm=1.0)
+    cfg.train.num_epochs = 2
+    schema, pre = _data(cfg)
+    first = train_teacher(cfg, schema, pre, run_name="teacher-dp")
+    rows = round(cfg.train.batch_size / first.metrics[0]["dp"]["sample_rate"])  # every rank's rows together
+    assert abs(rows - len(read_split(cfg.data.root, "train"))) <= cfg.train.num_workers  # equal split drops < world
+    per_epoch = steps_per_epoch(rows, cfg.train.batch_size)
+    assert [m["dp"]["steps"] for m in first.metrics] == [per_epoch, 2 * per_epoch]
+    assert 0 < first.metrics[0]["dp"]["epsilon"] < first.metrics[1]["dp"]["epsilon"]
+
+    cfg.train.num_epochs = 3
+    again = train_teacher(cfg, schema, pre, run_name="teacher-dp", resume=True)
+    assert [m["resumes"] for m in again.metrics] == [0, 0, 1]
+    last = again.metrics[-1]["dp"]
+    assert last == dp_accounting(cfg.train.dp, sample_rate=last["sample_rate"], steps=3 * per_epoch, epochs=3)
+    val = read_split(cfg.data.root, "validation")
+    y = pre.transform_table(val)[2]
+    majority = np.bincount(y).max() / len(y)
+    assert again.metrics[-1]["val_accuracy"] > majority + 0.1  # it learns through the clipping and noise
+    # what the registry gets: the plain model's weights (no Opacus wrapper names), which predict as reported
+    model = again.load_model()
+    x_num, x_cat, y = pre.transform_table(val)
+    acc = float((predict_logits(model, x_num, x_cat).argmax(1).numpy() == y).mean())
+    assert acc == pytest.approx(again.metrics[-1]["val_accuracy"], abs=0.02)

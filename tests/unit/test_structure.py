@@ -39,10 +39,11 @@ LAYERS: list[tuple[str, tuple[str, ...]]] = [
     ("raysys.evaluate", ("raysys.config", "raysys.models")),
     ("raysys.registry", ("raysys.data", "raysys.models", "raysys.registry")),
     ("raysys.trust", ("raysys.config", "raysys.models", "raysys.trust")),
+    # raysys.trust.dp: DP-SGD's per-row clipping and accounting, for the teacher loop and the student trials
     ("raysys.train", ("raysys.config", "raysys.data", "raysys.models", "raysys.parallel", "raysys.sigint",
-                      "raysys.statefile", "raysys.train")),
+                      "raysys.statefile", "raysys.trust.dp", "raysys.train")),
     ("raysys.distill", ("raysys.config", "raysys.data", "raysys.models", "raysys.evaluate", "raysys.sigint",
-                        "raysys.statefile", "raysys.distill")),
+                        "raysys.statefile", "raysys.trust.dp", "raysys.distill")),
     ("raysys.monitor", ("raysys.config", "raysys.data", "raysys.monitor")),
     ("serve", ("raysys.config", "raysys.data", "raysys.models", "raysys.registry", "raysys.monitor", "serve")),
     # the HTML report reads files only: core, never Ray (the monitor's own modules would load Ray on import)

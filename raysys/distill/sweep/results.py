@@ -65,6 +65,7 @@ class SweepResult:
     wall_seconds: float = 0.0
     max_concurrent_trials: int = 0
     summary_files: dict[str, str] = field(default_factory=dict)
+    privacy: dict[str, Any] | None = None  # DP-SGD (distill.dp): `sweep_privacy`; None without it
 
     def summary(self) -> dict[str, Any]:
         """Everything but the weights, as JSON-serialisable values."""
@@ -77,7 +78,7 @@ class SweepResult:
             "pareto": list(self.pareto), "trials": [dict(t) for t in self.trials],
             "results_dir": self.results_dir, "soft_targets": dict(self.soft_targets),
             "wall_seconds": self.wall_seconds, "max_concurrent_trials": self.max_concurrent_trials,
-            "summary_files": dict(self.summary_files),
+            "summary_files": dict(self.summary_files), "privacy": self.privacy,
         }
 
 
@@ -101,10 +102,31 @@ def _trial_row(result, spec: dict[str, Any], num_epochs: int) -> dict[str, Any]:
         "epochs_run": int(last.get("epoch", 0)),
         "error": None if result.error is None else repr(result.error)[:500], "path": result.path,
         "best_val_accuracy": None, "best_epoch": None, "latency_ms_per_row": None,
-        "pareto": False, "chosen": False,
+        "pareto": False, "chosen": False, "dp_epsilon": (dp_of(metrics) or {}).get("epsilon"),
     }
     row["stopped_early"] = result.error is None and row["epochs_run"] < num_epochs
     return row
+
+
+def dp_of(metrics: dict[str, Any]) -> dict[str, Any] | None:
+    """The DP-SGD accounting in a trial's reported metrics (`fit_student`'s `dp`; Tune may hand it back flattened
+    as `dp/<key>`), or None."""
+    if isinstance(metrics.get("dp"), dict):
+        return dict(metrics["dp"])
+    return {k[3:]: v for k, v in metrics.items() if k.startswith("dp/")} or None
+
+
+def sweep_privacy(chosen_metrics: dict[str, Any], trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The chosen student's DP-SGD accounting (at its chosen epoch) and what the whole sweep spent: every trial
+    trained on the same rows, so by basic composition the released student's guarantee over the sweep is at
+    most the sum of every trial's epsilon, at the sum of their deltas. None without DP-SGD."""
+    dp = dp_of(chosen_metrics)
+    if not dp:
+        return None
+    spent = [float(t["dp_epsilon"]) for t in trials if t.get("dp_epsilon") is not None]
+    return {**dp, "sweep_trials": len(spent), "epsilon_sweep_bound": sum(spent),
+            "delta_sweep_bound": float(dp["delta"]) * len(spent),
+            "covers": "the chosen trial's own training; across the sweep's trials at most epsilon_sweep_bound"}
 
 
 def collect_trials(grid, base_spec: dict[str, Any], val_x_num, val_x_cat, evaluation, num_epochs: int

@@ -22,6 +22,7 @@ from raysys.distill.sweep.results import (
     collect_trials,
     pareto_front,
     select_student,
+    sweep_privacy,
     write_summaries,
 )
 from raysys.distill.sweep.trial import METRIC, distill_trial
@@ -93,6 +94,7 @@ def _tune(cfg: PipelineConfig, plan: _Plan, data: StudentData, resume: bool, cal
     dc = cfg.distill
     fixed = {"student_spec": plan.base_spec, "num_epochs": dc.num_epochs, "batch_size": dc.batch_size,
              "seed": dc.seed, "hint_weight": dc.hint_weight if plan.hints else 0.0,
+             "dp": dc.dp.model_dump() if dc.dp is not None else None,
              # a trial paused at a rung goes on from that epoch's checkpoint when promoted
              "checkpoint_epochs": list(getattr(plan.scheduler, "rungs", []))}
     trainable = tune.with_resources(tune.with_parameters(distill_trial, data=data, fixed=fixed), {"cpu": 1})
@@ -132,6 +134,7 @@ def _choose(cfg: PipelineConfig, plan: _Plan, trials: list[dict[str, Any]], cand
         best_checkpoint_path=best.checkpoint.path, teacher_val_accuracy=teacher_val_acc, scheduler=dc.scheduler,
         search=dc.search, sweep_id=plan.run_name, selection_rule=rule,
         pareto=[str(r["trial_id"]) for r in rows if r["pareto"]], max_concurrent_trials=plan.concurrency,
+        privacy=sweep_privacy(best.metrics, trials),
     )
     return res, best
 
