@@ -3,7 +3,7 @@ machine (each its own raylet, object store and worker processes), with custom re
 
     head  replica_slot            Serve's controller, the HAProxy ingress (proxy_location HeadOnly), a replica
     w1    replica_slot, train_slot, monitor_node (the monitor)   <- the node the node-loss scenario removes
-    w2    train_slot
+    w2    train_slot, job_node      (a retrain job's driver, placed by monitor.retrain_resources)
 
 A replacement node (`add_worker`) carries what w1 carried, as an autoscaler would bring one. The endpoint is
 the shipped one (serve.app, HAProxy + direct ingress, API key) deployed through Serve's REST API like
@@ -91,15 +91,16 @@ def sigkill(pid: int) -> None:
 
 class ChaosRig:
     def __init__(self, root: Path, *, num_replicas: int = 2, workers: bool = True, rows_per_file: int | None = None,
-                 train_slots: int = 1, spread: bool = False):
+                 train_slots: int = 1, spread: bool = False, monitor: dict | None = None):
         """`workers=False`: the head alone, holding every slot (benchmarks/soak.py). `rows_per_file`: store the
         monitor's traffic as Parquet under the root (monitor.traffic_uri), this many rows a file.
         `train_slots`: training ranks each worker node takes. `spread`: the replicas are placed by Serve's
-        `max_replicas_per_node=1` (serve.max_replicas_per_node), not by `replica_slot`."""
+        `max_replicas_per_node=1` (serve.max_replicas_per_node), not by `replica_slot`. `monitor`: more
+        `monitor:` settings for the endpoint (e.g. on_drift: retrain)."""
         self.root = Path(root)
         self.root.mkdir(parents=True, exist_ok=True)
         self.num_replicas, self.workers, self.rows_per_file = num_replicas, workers, rows_per_file
-        self.train_slots, self.spread = train_slots, spread
+        self.train_slots, self.spread, self.monitor_extra = train_slots, spread, dict(monitor or {})
         self.cluster = None
 
     # ----- the cluster -----
@@ -121,10 +122,11 @@ class ChaosRig:
         head = {"replica_slot": 1} if self.workers else {"replica_slot": self.num_replicas, "monitor_node": 1}
         self.cluster = Cluster(initialize_head=True, head_node_args=dict(
             num_cpus=2 if self.workers else 4, resources=head, include_dashboard=True, dashboard_host="127.0.0.1",
-            dashboard_port=int(self.dashboard.rsplit(":", 1)[1]), metrics_export_port=self.metrics_port))
+            dashboard_port=int(self.dashboard.rsplit(":", 1)[1]), metrics_export_port=self.metrics_port,
+            dashboard_agent_listen_port=free_port()))
         if self.workers:
-            self.w1 = self.cluster.add_node(num_cpus=2, resources={**W1_RESOURCES, "train_slot": self.train_slots})
-            self.w2 = self.cluster.add_node(num_cpus=2, resources={"train_slot": self.train_slots})
+            self.w1 = self.add_node(resources={**W1_RESOURCES, "train_slot": self.train_slots})
+            self.w2 = self.add_node(resources={"train_slot": self.train_slots, "job_node": 1})
         # every "auto" lookup in this process (Ray's state API, a library's own ray.init) must find THIS
         # cluster: with another Ray on the machine, Ray picks the most recently started one
         os.environ["RAY_ADDRESS"] = self.cluster.address
@@ -147,9 +149,17 @@ class ChaosRig:
             self.cluster.shutdown()
         Path("/tmp/ray/ray_current_cluster").unlink(missing_ok=True)  # Cluster wrote it; it names a dead cluster now
 
+    def add_node(self, resources: dict):
+        """A worker node of 2 CPUs. Each node's dashboard agent gets its own port: on one machine they would
+        all take Ray's default 52365 (so would the session's cluster beside a test's), and the Jobs API, which
+        submits through the head's agent, answers "No available agent" when the head's lost that race."""
+        from serve.ingress import free_port
+
+        return self.cluster.add_node(num_cpus=2, resources=resources, dashboard_agent_listen_port=free_port())
+
     def add_worker(self):
         """A node like w1 (as an autoscaler brings one after a node loss)."""
-        return self.cluster.add_node(num_cpus=2, resources=dict(W1_RESOURCES))
+        return self.add_node(dict(W1_RESOURCES))
 
     # ----- the endpoint -----
     def deploy(self) -> str:
@@ -174,7 +184,7 @@ class ChaosRig:
         mon = dict(snapshot_uri=str(self.root / "monitor-snapshots"), snapshot_interval_s=1.0)
         if self.rows_per_file:
             mon.update(traffic_uri=str(self.root / "traffic"), traffic_rows_per_file=self.rows_per_file)
-        cfg.monitor = cfg.monitor.model_copy(update=mon)
+        cfg.monitor = cfg.monitor.model_validate({**cfg.monitor.model_dump(), **mon, **self.monitor_extra})
         self.monitor_cfg = cfg.monitor
         app = app_config(cfg)
         app["args"]["monitor_name"] = MONITOR

@@ -6,13 +6,11 @@ ranks still hold identical weights (the noise is added once and all-reduced, not
 from __future__ import annotations
 
 import datetime
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers.dist import exit_rank, toy_batches
+from helpers.dist import exit_rank, spawn_ranks, toy_batches
 from safetensors.torch import load_file, save_file
 from serve.ingress import free_port
 
@@ -65,13 +63,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_data_parallel_dp_sgd_is_one_step_on_the_union_with_the_noise_added_once(tmp_path):
-    ctx = mp.spawn(_rank_main, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 90
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-rank gloo DP-SGD run did not finish in 90 s")
+    spawn_ranks(_rank_main, (free_port(), str(tmp_path)), WORLD, 90, "2-rank gloo DP-SGD run")
     ranks = [load_file(str(tmp_path / f"rank{r}.safetensors")) for r in range(WORLD)]
     for k in ranks[0]:
         assert torch.equal(ranks[0][k], ranks[1][k]), k  # lockstep, also with real noise

@@ -12,15 +12,13 @@ averaged by all-reduce or reduce-scatter instead of summed in one process).
 from __future__ import annotations
 
 import datetime
-import time
 import warnings
 from pathlib import Path
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
-from helpers.dist import exit_rank, toy_batches
+from helpers.dist import exit_rank, spawn_ranks, toy_batches
 from safetensors.torch import load_file, save_file
 
 from raysys.models import build_model
@@ -152,13 +150,7 @@ def mode_dir(out: Path) -> Path:
 
 
 def _spawn(world: int, out_dir: Path, mode: str, limit_s: float = 60.0) -> None:
-    ctx = mp.spawn(_rank_main, args=(world, free_port(), str(out_dir), mode), nprocs=world, join=False)
-    deadline = time.monotonic() + limit_s
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world}-rank gloo run ({mode}) did not finish in {limit_s:.0f} s")
+    spawn_ranks(_rank_main, (world, free_port(), str(out_dir), mode), world, limit_s, f"{world}-rank gloo run ({mode})")
 
 
 def _reference(steps: int):

@@ -14,17 +14,15 @@ microbatch means averaged, partial sums all-reduced).
 from __future__ import annotations
 
 import datetime
-import time
 import traceback
 from types import SimpleNamespace
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 import torch.nn.functional as F
 from serve.ingress import free_port
-from helpers.dist import exit_rank, toy_batches
+from helpers.dist import exit_rank, spawn_ranks, toy_batches
 from safetensors.torch import load_file, save_file
 
 from raysys.models import build_model
@@ -186,13 +184,7 @@ def _rank_main(rank: int, world: int, port: int, cases: dict, out_dir: str) -> N
 
 
 def _spawn(world: int, cases: dict, out_dir: str, limit_s: float) -> None:
-    ctx = mp.spawn(_rank_main, args=(world, free_port(), cases, out_dir), nprocs=world, join=False)
-    deadline = time.monotonic() + limit_s
-    while not ctx.join(timeout=2):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail(f"{world}-rank gloo job did not finish in {limit_s:.0f} s")
+    spawn_ranks(_rank_main, (world, free_port(), cases, out_dir), world, limit_s, f"{world}-rank gloo job")
 
 
 def _reference(spec_name: str) -> tuple[dict[str, torch.Tensor], list[float], torch.Tensor]:

@@ -4,14 +4,12 @@ as one process training on the full batches (the loop's own `train_step` on both
 from __future__ import annotations
 
 import datetime
-import time
 
 import pytest
 import torch
 import torch.distributed as dist
-import torch.multiprocessing as mp
 from serve.ingress import free_port
-from helpers.dist import exit_rank, toy_batches
+from helpers.dist import exit_rank, spawn_ranks, toy_batches
 from safetensors.torch import load_file, save_file
 
 from raysys.models import build_model
@@ -59,13 +57,7 @@ def _rank_main(rank: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.timeout(120)
 def test_ddp_matches_single_process(tmp_path):
-    ctx = mp.spawn(_rank_main, args=(free_port(), str(tmp_path)), nprocs=WORLD, join=False)
-    deadline = time.monotonic() + 90
-    while not ctx.join(timeout=5):
-        if time.monotonic() > deadline:
-            for p in ctx.processes:
-                p.kill()
-            pytest.fail("2-rank gloo DDP run did not finish in 90 s")
+    spawn_ranks(_rank_main, (free_port(), str(tmp_path)), WORLD, 90, "2-rank gloo DDP run")
 
     torch.manual_seed(0)
     ref = build_model(SPEC)

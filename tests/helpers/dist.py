@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import os
 import sys
+import time
 from typing import NoReturn
 
+import pytest
 import torch
+import torch.multiprocessing as mp
 
 NUM_NUMERIC, CARDINALITIES, NUM_CLASSES = 6, (4, 3), 4
 
@@ -29,3 +32,15 @@ def exit_rank() -> NoReturn:
     sys.stdout.flush()
     sys.stderr.flush()
     os._exit(0)
+
+
+def spawn_ranks(fn, args: tuple, world: int, limit_s: float, what: str) -> None:
+    """Run `fn(rank, *args)` on `world` spawned processes and wait for them (a rank's exception is raised here);
+    past `limit_s` every rank is killed and the test fails naming `what`."""
+    ctx = mp.spawn(fn, args=args, nprocs=world, join=False)
+    deadline = time.monotonic() + limit_s
+    while not ctx.join(timeout=2):
+        if time.monotonic() > deadline:
+            for p in ctx.processes:
+                p.kill()
+            pytest.fail(f"{what} did not finish in {limit_s:.0f} s")

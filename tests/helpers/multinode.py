@@ -7,6 +7,10 @@ filesystem at the storage path. Prints one JSON object last:
   `rank_nodes` and its losses;
 - `serving`: two replicas placed by `serve.max_replicas_per_node=1`, their nodes, and the statuses of
   requests through the ingress; the monitor actor's node and the rows it counted;
+- `retrain`: the closed loop from worker nodes: drifted traffic makes the monitor (on w1) raise a window alert
+  that submits `jobs/retrain.py` with `monitor.retrain_resources` = {job_node: 1} (w2 only); the job joins the
+  labels sent after the alert, trains a teacher (Ray Train) and students (Tune), canaries the candidate in the
+  endpoint under a trickle of requests and promotes it: the job's status and node, and the version served after;
 - `storage`: a node started in its own mount namespace with an empty tmpfs over the run root (a worker
   whose "shared" path is its own local disk), and what `raysys.jobs.train_teacher` said on that cluster.
 """
@@ -65,6 +69,90 @@ def _serving(rig: ChaosRig) -> dict:
             "monitor_node": monitor[0].node_id if monitor else None, "monitor_rows_seen": rows}
 
 
+DRIFTED_ROWS = 1000
+
+
+def monitor_settings(root: Path) -> dict:
+    """The endpoint's monitor: window tests over the last 300 rows that retrain on drift, the job's
+    driver placed on w2 (`job_node`)."""
+    import yaml
+
+    from helpers.serving import MODEL
+    from helpers.worlds import RETRAIN_CONFIG
+
+    root.mkdir(parents=True, exist_ok=True)
+    (root / "retrain.yaml").write_text(yaml.safe_dump(RETRAIN_CONFIG))
+    return {"window_size": 300, "min_rows": 100, "alpha": 0.001, "min_labels": 100,
+            "on_drift": "retrain", "retrain_cooldown_s": 3600, "traffic_flush_interval_s": 1.0,
+            # the canary's trickle must not rotate the labelled rows out before the job has read them
+            "traffic_max_files": 400,
+            "retrain_resources": {"job_node": 1},
+            "retrain_args": ["--preset", "tiny", "--config", str(root / "retrain.yaml"), "--root",
+                             str(root / "retrain"), "--registry-uri", str(root / "registry"), "--model-name",
+                             MODEL, "--min-labelled-rows", str(DRIFTED_ROWS - 50),
+                             "--label-wait-s", "180", "--canary-percent", "50", "--canary-s", "3",
+                             "--canary-min-rows", "10"]}
+
+
+def _retrain(rig: ChaosRig) -> dict:
+    import threading
+
+    import requests
+    from ray.job_submission import JobSubmissionClient
+
+    from helpers.serving import MODEL, predict_rows, send_feedback
+    from helpers.worlds import SMALL_TASK, sample_rows
+    from raysys.data import DriftSpec
+    from raysys.data.synthetic import SyntheticTask
+
+    task = SyntheticTask(SMALL_TASK)  # the task the rig's registry was sampled from
+    rows, labels = sample_rows(task, task.schema(), DRIFTED_ROWS, [11, 6], DriftSpec(covariate={"x1": 2.0}))
+    labels = [{0: 1, 1: 0}.get(v, v) for v in labels]  # and the rule changed: the candidate must learn it
+    with requests.Session() as s:
+        s.headers.update(rig.headers())
+        ids, _ = predict_rows(s, rig.url, rows, "drift", size=50)
+        rep = poll(lambda: (r := rig.monitor_report()) and (r["retrain"]["jobs"] or r["retrain"]["last_error"]) and r,
+                   120, "the monitor's retrain submission")
+        out = {"alerts": [e["kind"] for e in rep["alert_events"]], "submit_error": rep["retrain"]["last_error"],
+               "job_id": rep["retrain"]["jobs"][0]["job_id"] if rep["retrain"]["jobs"] else None}
+        if out["job_id"] is None:
+            return out
+        send_feedback(s, rig.url, ids, labels, size=50)  # the labels come after the alert; the job waits for them
+        jobs, stop, answers = JobSubmissionClient(rig.dashboard), threading.Event(), []
+
+        def trickle() -> None:  # requests for the canary to judge, on a session of its own
+            with requests.Session() as t:
+                t.headers.update(rig.headers())
+                while not stop.is_set():
+                    try:
+                        r = t.post(f"{rig.url}/v1/predict", json={"instances": [rows[len(answers) % len(rows)]]},
+                                   timeout=30)
+                        answers.append(r.status_code)
+                    except requests.RequestException as e:
+                        answers.append(type(e).__name__)
+                    stop.wait(0.05)
+
+        thread = threading.Thread(target=trickle, daemon=True)
+        thread.start()
+        try:
+            status = poll(lambda: (st := str(jobs.get_job_status(out["job_id"])).split(".")[-1]) in
+                          ("SUCCEEDED", "FAILED", "STOPPED") and st, 420, "the retrain job", interval_s=2)
+        finally:
+            stop.set()
+            thread.join(timeout=60)
+        production = rig.reg.get_alias(MODEL, "production")
+        served = poll(lambda: (v := s.get(f"{rig.url}/healthz", timeout=10).json()["model_version"]) == production
+                      and v, 120, "the endpoint serving production")
+        logs = jobs.get_job_logs(out["job_id"])
+        decision = next((json.loads(x) for x in reversed(logs.splitlines()) if x.startswith("{")), {})
+        out.update(status=status, driver_node=jobs.get_job_info(out["job_id"]).driver_node_id,
+                   decision={k: decision.get(k) for k in ("promoted", "why", "holdout", "canary")},
+                   production_version=production, served_version=served, requests_during_job=len(answers),
+                   failed_during_job=[a for a in answers if a != 200],
+                   logs_tail="" if status == "SUCCEEDED" else logs[-4000:])
+        return out
+
+
 def _storage(rig: ChaosRig, root: Path) -> dict:
     """A node whose view of `root` is an empty tmpfs (its own mount namespace), then the train job."""
     from ray._private.services import get_node_ip_address
@@ -97,10 +185,12 @@ def _storage(rig: ChaosRig, root: Path) -> dict:
 def main(root: Path) -> dict:
     t0 = time.monotonic()
     out: dict = {}
-    with stdout_to_stderr(), ChaosRig(root, num_replicas=2, rows_per_file=50, train_slots=2, spread=True) as rig:
+    with stdout_to_stderr(), ChaosRig(root, num_replicas=2, rows_per_file=50, train_slots=2, spread=True,
+                                      monitor=monitor_settings(root)) as rig:
         out["nodes"] = {"head": rig.cluster.head_node.node_id, "w1": rig.w1.node_id, "w2": rig.w2.node_id}
         out["training"] = _training(rig, root / "train")
         out["serving"] = _serving(rig)
+        out["retrain"] = _retrain(rig)
         out["storage"] = _storage(rig, root / "unshared")
     out["seconds"] = round(time.monotonic() - t0, 1)
     return out

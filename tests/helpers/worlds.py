@@ -13,6 +13,18 @@ from raysys.models import build_model, model_spec, predict_logits
 from raysys.monitor.profile import ReferenceProfile
 from raysys.registry import Registry
 
+# what the retrain job trains with: seconds per stage on a busy 2-core box
+RETRAIN_CONFIG = {
+    "teacher": {"hidden_dims": [32, 32], "embed_dim": 3},
+    "train": {"num_workers": 1, "num_epochs": 6, "batch_size": 64, "timeout_s": 60},
+    "distill": {"student": {"hidden_dims": [16], "embed_dim": 3}, "search": "grid", "temperatures": [2.0],
+                "alphas": [0.5], "num_epochs": 15, "batch_size": 64, "scheduler": "fifo",
+                "max_concurrent_trials": 1, "soft_target_actors": 1, "quantize": False,
+                "evaluation": {"latency_repeats": 5}},
+    "monitor": {"calibration_rows": 10_000},
+}
+
+
 SMALL_TASK = DataConfig(num_numeric=4, num_categorical=2, num_categories=3, num_classes=3, seed=11)
 
 

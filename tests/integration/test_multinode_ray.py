@@ -1,8 +1,9 @@
 """Tier 3: the stack on several nodes (tests/helpers/multinode.py, its own `ray.cluster_utils.Cluster` of a head
 and two worker nodes, run as its own process beside the session's cluster): training ranks on both worker
 nodes and the same losses as the same run on one node (the session's), replicas spread by
-`serve.max_replicas_per_node` answering through the ingress, the monitor on a worker node, and the clear
-error when a node cannot reach the storage it was given."""
+`serve.max_replicas_per_node` answering through the ingress, the monitor on a worker node, a drift alert's
+retrain job run on a worker node from submission to promotion, and the clear error when a node cannot reach
+the storage it was given."""
 
 from __future__ import annotations
 
@@ -16,13 +17,13 @@ pytestmark = pytest.mark.integration
 SCRIPT = Path(__file__).resolve().parents[1] / "helpers" / "multinode.py"
 
 
-@pytest.mark.timeout(900)
+@pytest.mark.timeout(1200)
 def test_the_stack_on_three_nodes(ray_cluster, tmp_path):
     from raysys.config import preset
     from raysys.data import Preprocessor, ensure_dataset
     from raysys.train import train_teacher
 
-    out = run_script(SCRIPT, str(tmp_path / "multi"), timeout_s=840, expect_exit=0)
+    out = run_script(SCRIPT, str(tmp_path / "multi"), timeout_s=1140, expect_exit=0)
     nodes = out["nodes"]
     workers = {nodes["w1"], nodes["w2"]}
 
@@ -48,6 +49,17 @@ def test_the_stack_on_three_nodes(ray_cluster, tmp_path):
     assert sv["statuses"] == [200] * 40, sv["statuses"]
     # the monitor lives on w1 (not the head) and counted every row the replicas on both nodes sent it
     assert sv["monitor_node"] == nodes["w1"] and sv["monitor_rows_seen"] >= 40, sv
+
+    # the closed loop from worker nodes: the monitor on w1 raised a window alert and submitted the retrain job,
+    # whose driver ran on w2 (monitor.retrain_resources); it trained, canaried and promoted with every request
+    # answered meanwhile, and the endpoint now serves the promoted version
+    rt = out["retrain"]
+    assert "window" in rt["alerts"] and rt["job_id"], rt
+    assert rt["status"] == "SUCCEEDED", rt["logs_tail"]
+    assert rt["driver_node"] == nodes["w2"], (rt["driver_node"], nodes)
+    assert rt["decision"]["promoted"], rt["decision"]
+    assert rt["production_version"] > 2 and rt["served_version"] == rt["production_version"], rt
+    assert rt["requests_during_job"] > 0 and rt["failed_during_job"] == [], rt
 
     # a node whose "shared" path is its own disk: the job stops before training with the field, node and fix
     st = out["storage"]

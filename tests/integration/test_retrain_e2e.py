@@ -28,7 +28,7 @@ import pytest
 import requests
 import yaml
 from helpers.serving import MODEL, monitor_report, poll, predict_rows, send_feedback, serve_http_port
-from helpers.worlds import sample_rows, small_task_world, train_student_registry
+from helpers.worlds import RETRAIN_CONFIG, sample_rows, small_task_world, train_student_registry
 
 from raysys.data import DriftSpec, fingerprint
 from raysys.monitor.core import Monitor
@@ -168,18 +168,6 @@ def http_port(request, ray_cluster):
 @pytest.fixture(scope="module")
 def retrain_registry(tmp_path_factory):
     return train_student_registry(tmp_path_factory.mktemp("retrain_e2e") / "registry")
-
-
-# what the retrain job trains with: seconds per stage on a busy 2-core box
-RETRAIN_CONFIG = {
-    "teacher": {"hidden_dims": [32, 32], "embed_dim": 3},
-    "train": {"num_workers": 1, "num_epochs": 6, "batch_size": 64, "timeout_s": 60},
-    "distill": {"student": {"hidden_dims": [16], "embed_dim": 3}, "search": "grid", "temperatures": [2.0],
-                "alphas": [0.5], "num_epochs": 15, "batch_size": 64, "scheduler": "fifo",
-                "max_concurrent_trials": 1, "soft_target_actors": 1, "quantize": False,
-                "evaluation": {"latency_repeats": 5}},
-    "monitor": {"calibration_rows": 10_000},
-}
 
 
 class Trickle:
@@ -468,8 +456,9 @@ def test_a_killed_retrain_job_leaves_the_app_serving_exactly_production(http_por
             assert health["candidate_version"] is None and health["model_version"] == served
             assert reg.get_alias(MODEL, "production") == served
 
-            # (2) a canary that passes, killed between the Serve update of its promotion and the alias move
-            job = _retrain_process([*base, "--canary-s", "3", "--canary-min-rows", "20"], log2,
+            # (2) a canary that passes, killed between the Serve update of its promotion and the alias move; it
+            # distils from the teacher job (1) registered (--skip-teacher: what is tested here comes after training)
+            job = _retrain_process([*base, "--canary-s", "3", "--canary-min-rows", "20", "--skip-teacher"], log2,
                                    kill_at_production_alias=True)
             try:
                 assert job.wait(JOB_TIMEOUT_S) == -signal.SIGKILL, log2.read_text()[-4000:]
