@@ -197,6 +197,7 @@ def ingress_env(*, private_ports: bool = False, request_timeout_s: float | None 
 # (min/max_worker_port, 10002-19999 by default), which Ray binds on its own.
 _LISTEN_PORTS_LOW = 20000
 _chosen: set[int] = set()  # ports this process already handed out: never twice
+_random = random.SystemRandom()  # not the global generator: a process that seeds it would repeat another's ports
 
 
 def _ephemeral_low() -> int:
@@ -211,7 +212,7 @@ def free_port() -> int:
     range (so no outgoing connection takes it meanwhile) and never one this process returned before."""
     high = max(_ephemeral_low(), _LISTEN_PORTS_LOW + 1000)
     for _ in range(200):
-        port = random.randrange(_LISTEN_PORTS_LOW, high)
+        port = _random.randrange(_LISTEN_PORTS_LOW, high)
         if port in _chosen:
             continue
         with socket.socket() as sock:

@@ -336,6 +336,11 @@ class DistillConfig(_Strict):
                              "distill.hint_weight: 0 or remove distill.dp")
         return self
 
+    @property
+    def uses_teacher_logits(self) -> bool:
+        """Whether some trial's loss reads the teacher's logits (alpha > 0 somewhere in the search)."""
+        return any(a > 0 for a in self.alphas) if self.search == "grid" else self.alpha_range[1] > 0
+
 
 class ServeAutoscaling(_Strict):
     """Serve autoscaling of the endpoint deployment (Serve's `autoscaling_config`)."""
@@ -453,12 +458,29 @@ class PipelineConfig(_Strict):
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:
+        self._check_private()
         if self.train.batch_size < self.train.num_workers:
             raise ValueError(
                 f"train.batch_size ({self.train.batch_size}) must be at least train.num_workers "
                 f"({self.train.num_workers}): each worker needs a non-empty share of the batch"
             )
         return self
+
+    def _check_private(self) -> None:
+        """What DP-SGD (train.dp, distill.dp) cannot cover is refused, naming the field and the fix."""
+        for where, dp, model in (("train.dp", self.train.dp, self.teacher), ("distill.dp", self.distill.dp,
+                                                                             self.distill.student)):
+            if dp is not None and model.family != "mlp":  # Opacus has no per-row gradient for its tokenizer
+                raise ValueError(f"{where}: DP-SGD supports the mlp family only, not {model.family!r}; set "
+                                 f"{'teacher' if where == 'train.dp' else 'distill.student'}.family: mlp or remove "
+                                 f"{where}")
+        if self.distill.dp is not None and self.train.dp is None and self.distill.uses_teacher_logits:
+            # one training row moves the teacher, and through it every row's soft target: per-row clipping of the
+            # student's gradient then bounds nothing
+            raise ValueError("distill.dp: the students learn from the teacher's logits on the training rows "
+                             "(alpha > 0), so their guarantee needs a teacher trained with DP-SGD too: set train.dp, "
+                             "or no distillation (distill.alphas: [0.0] with search: grid, alpha_range: [0.0, 0.0] "
+                             "otherwise)")
 
     def with_root(self, root: str | Path) -> PipelineConfig:
         """The same config with data, runs and registry under `root` (tests and demos use a temp dir)."""

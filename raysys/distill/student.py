@@ -114,7 +114,7 @@ def _settings(config: dict[str, Any], data: StudentData) -> _Settings:
     hint_weight = float(config.get("hint_weight", 0.0) or 0.0)
     if hint_weight < 0:
         raise ValueError(f"hint_weight: must be >= 0 (got {hint_weight})")
-    dp = DPConfig.model_validate(config["dp"]) if config.get("dp") else None
+    dp = DPConfig.model_validate(config["dp"]) if config.get("dp") is not None else None
     if dp is not None and hint_weight > 0:
         raise ValueError("dp: the hint loss trains a regressor outside DP-SGD's per-row clipping; set hint_weight "
                          "to 0 or remove dp")
@@ -176,6 +176,10 @@ class _StudentRun:
         done = int(resume["epoch"])
         if not 0 <= done <= self.s.num_epochs:
             raise ValueError(f"resume.epoch: {done} is outside this run's 0..{self.s.num_epochs} epochs (num_epochs)")
+        now = None if self.s.dp is None else {**self.s.dp.model_dump(), "batch_size": self.s.batch_size}
+        if resume.get("dp") != now:  # epsilon counts every step at the current settings: the saved ones must match
+            raise ValueError(f"dp: cannot resume a trial trained with DP-SGD settings {resume.get('dp')} under "
+                             f"{now}; epsilon would not cover its first epochs; resume with the same dp and batch_size")
         self.model.load_state_dict(resume["weights"])
         self.opt.load_state_dict(resume["optimizer"])
         self.rng.bit_generator.state = resume["rng"]
@@ -188,6 +192,7 @@ class _StudentRun:
 
     def resumable(self, epoch: int) -> dict[str, Any]:
         return {"epoch": epoch, "optimizer": self.opt.state_dict(), "rng": self.rng.bit_generator.state,
+                "dp": None if self.s.dp is None else {**self.s.dp.model_dump(), "batch_size": self.s.batch_size},
                 "transfer_rng": self.t_rng.bit_generator.state if self.nt else None,
                 "torch_rng": torch.get_rng_state(),
                 "regressor": self.regressor.state_dict() if self.regressor is not None else None}

@@ -66,9 +66,12 @@ def _privacy_lines(who: str, trust: dict[str, Any]) -> list[str]:
     p = trust.get("privacy") or {}
     dp = (f"DP-SGD epsilon {p['epsilon']:.3g} at delta {p.get('delta'):g} (noise {p.get('noise_multiplier')}, "
           f"clip {p.get('max_grad_norm')})") if p.get("dp_sgd") else "trained without DP-SGD (no epsilon)"
-    if p.get("epsilon_sweep_bound") is not None:  # a student chosen among DP-SGD trials on the same rows
-        dp += (f"; the sweep's {p['sweep_trials']} trials together: epsilon at most {p['epsilon_sweep_bound']:.3g} "
-               f"at delta {p['delta_sweep_bound']:g} (basic composition)")
+    if p.get("sweep_trials") is not None:  # a student chosen among DP-SGD trials on the same rows
+        parts = [f"this trial alone {p['trial_epsilon']:.3g}",
+                 f"the sweep's {p['sweep_trials']} trials composed {p['sweep_epsilon']:.3g}"]
+        if p.get("teacher_epsilon") is not None:
+            parts.append(f"the teacher alone {p['teacher_epsilon']:.3g}")
+        dp += f"; epsilon composes ({p.get('accountant', 'rdp')}): {', '.join(parts)}"
     return [line + f"; {dp}"]
 
 

@@ -7,7 +7,8 @@ optional test hooks), builds the `ParallelDims` mesh, applies `train.strategy` w
 the decoupled weight decay moved to a step pre-hook over >= 2-D non-embedding weights, and per epoch:
 
 1. trains on this rank's shard of "train" (per-worker batch = global batch / world size; DDP averages
-   gradients, so this is one optimizer step on the global batch), the lr of every step set from the
+   gradients, so this is one optimizer step on the global batch; with `train.dp`, DP-SGD's Poisson batches of
+   expected global size train.batch_size instead: raysys.train.private), the lr of every step set from the
    global step (stateless, so a resume continues the curve);
 2. validates on this rank's shard of "validation" and all-reduces the sums, so every rank reports the
    global loss and accuracy (Ray Train's `streaming_split(equal=True)` drops up to world_size - 1 rows so
@@ -46,7 +47,7 @@ from raysys.parallel import (
 from raysys.parallel.memory import gather_rank_memory, memory_metrics, rank_memory
 from raysys.train.checkpoint import read_meta, restore_checkpoint, save_checkpoint
 from raysys.train.metrics import train_metrics
-from raysys.train.private import PoissonBatches, private_model
+from raysys.train.private import PoissonBatches, check_resumable_privacy, private_model, private_settings
 from raysys.train.process import report_poll_interval_s, setup_worker_process
 from raysys.train.schedule import decoupled_weight_decay, lr_at, set_lr
 from raysys.train.shard import ShardCache
@@ -166,6 +167,7 @@ def restore_progress(pm: ParallelModel, wc: WorkerConfig, checkpoint, rank: int,
             raise ValueError(
                 f"teacher: cannot resume from {checkpoint.path}: it holds a model with spec {saved_spec}, "
                 f"but the config asks for {wc.model_spec}; train from scratch (resume=False) or use another run_name")
+        check_resumable_privacy(read_meta(ckpt_dir)["extra"].get("dp"), wc.train, checkpoint.path)
         meta = restore_checkpoint(ckpt_dir, pm.state_module, pm.optimizer)
     # the config's hyperparameters win over the checkpoint's (equal after a failure; a deliberate resume may
     # change them): the lr is set from the schedule before every step, the weight decay by its hook
@@ -277,7 +279,7 @@ class TeacherWorker:
         for group in pm.share_groups:
             batches = [gather_batch(group, *b) for b in batches]
         sums = (pipeline_eval_sums(pm.runner, batches) if pm.runner is not None
-                else evaluate_sums(pm.state_module, batches))  # state_module: the model without DP-SGD's hooks
+                else evaluate_sums(pm.state_module, batches))  # the plain module (DP-SGD's hooks idle under no_grad)
         return tuple(s * pm.loss_weight for s in sums)
 
     def epoch_metrics(self, epoch: int, train_sums: tuple[float, float], val_sums: tuple[float, float, float],
@@ -320,7 +322,8 @@ class TeacherWorker:
         dims = self.pm.dims
         extra = {"resumes": self.progress.resumes, "schema": self.wc.dataset_schema.model_dump(mode="json"),
                  "preprocessor": self.wc.preprocessor, "run_name": self.wc.run_name, "world_size": self.world,
-                 "strategy": self.pm.strategy, "parallel": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp}}
+                 "strategy": self.pm.strategy, "parallel": {"dp": dims.dp, "tp": dims.tp, "pp": dims.pp},
+                 "dp": private_settings(self.train)}  # what a resume must keep for the epsilon to stay true
         with tempfile.TemporaryDirectory(prefix="raysys-ckpt-") as tmp:
             wrote = save_checkpoint(tmp, self.pm.state_module, self.pm.optimizer, epoch=epoch,
                                     global_step=self.progress.global_step, model_spec=self.wc.model_spec,

@@ -30,6 +30,25 @@ def private_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer, trai
                             distributed=world > 1)
 
 
+def private_settings(train: TrainConfig) -> dict[str, Any] | None:
+    """What the accounting of a run's steps rests on (saved in each checkpoint): DP-SGD's settings and the batch
+    size (with the rows, the sampling rate). None without DP-SGD."""
+    return None if train.dp is None else {**train.dp.model_dump(), "batch_size": train.batch_size}
+
+
+def check_resumable_privacy(saved: dict[str, Any] | None, train: TrainConfig, path: str) -> None:
+    """ValueError when resuming from the checkpoint at `path` would make the reported epsilon untrue: epsilon is
+    recomputed from the step count at the current settings, so the steps already taken must have run under the
+    same ones (a run without DP-SGD, or a sharded strategy's, has none)."""
+    now = private_settings(train)
+    if now is None or saved == now:
+        return
+    was = "without DP-SGD" if saved is None else f"with DP-SGD settings {saved}"
+    raise ValueError(f"train.dp: cannot resume from {path}: its epochs were trained {was}, and the epsilon of the "
+                     f"resumed run counts every step at the current settings {now}; resume with the same train.dp "
+                     "and train.batch_size, or train from scratch (resume=False or another run_name)")
+
+
 class PoissonBatches:
     """One rank's DP-SGD batches over its whole shard (read into memory once; collective: sums the row counts)."""
 

@@ -41,7 +41,7 @@ import pyarrow.fs
 import torch
 from torch import nn
 
-from raysys.config import PipelineConfig
+from raysys.config import PipelineConfig, TrainConfig
 from raysys.data.dataset import Preprocessor, split_files
 from raysys.data.schema import DatasetSchema
 from raysys.models import build_model, model_spec
@@ -50,6 +50,7 @@ from raysys.parallel.memory import MemoryEstimate, check_memory_budget
 from raysys.sigint import keep_sigint_handler
 from raysys.train.checkpoint import META_FILE, is_checkpoint_dir, load_model_state, read_meta
 from raysys.train.loop import LoopHooks, train_loop_per_worker
+from raysys.train.private import check_resumable_privacy
 from raysys.train.process import report_poll_interval
 from raysys.train.progress import EpochWatcher
 from raysys.train.worker_config import WorkerConfig, parallel_dims, worker_config
@@ -122,9 +123,10 @@ def choose_run_name(storage: str, run_name: str, *, resume: bool) -> str:
     return candidate
 
 
-def _check_resumable(storage: str, name: str, spec: dict[str, Any]) -> None:
-    """Fail fast on the driver when resuming a run whose checkpoints hold another architecture
-    (in the workers the same check would be retried `train.max_failures` times first)."""
+def _check_resumable(storage: str, name: str, spec: dict[str, Any], train: TrainConfig | None = None) -> None:
+    """Fail fast on the driver when resuming a run whose checkpoints hold another architecture, or were trained
+    under other DP-SGD settings than `train`'s (in the workers the same checks would be retried
+    `train.max_failures` times first)."""
     fs, base = pyarrow.fs.FileSystem.from_uri(storage)
     run = f"{base.rstrip('/')}/{name}"
     infos = fs.get_file_info(pyarrow.fs.FileSelector(run, allow_not_found=True))
@@ -134,9 +136,12 @@ def _check_resumable(storage: str, name: str, spec: dict[str, Any]) -> None:
         return
     try:
         with fs.open_input_stream(f"{ckpts[-1]}/{META_FILE}") as f:
-            saved = json.loads(f.read().decode())["model_spec"]
+            meta = json.loads(f.read().decode())
+        saved = meta["model_spec"]
     except (FileNotFoundError, OSError, KeyError, ValueError):
         return  # incomplete checkpoint: Ray resumes from the one its snapshot names, the loop re-checks
+    if train is not None:
+        check_resumable_privacy((meta.get("extra") or {}).get("dp"), train, f"{run}/{ckpts[-1].rsplit('/', 1)[-1]}")
     if saved != spec:
         raise ValueError(f"resume: run {name!r} under {storage} was trained with model spec {saved}, but the "
                          f"config gives {spec} (teacher.*); use resume=False or another run_name")
@@ -220,7 +225,7 @@ def train_teacher(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Prep
     name = choose_run_name(storage, run_name, resume=resume)
     wc = worker_config(cfg, schema, preprocessor, name)
     if resume:
-        _check_resumable(storage, name, wc.model_spec)
+        _check_resumable(storage, name, wc.model_spec, cfg.train)
     trainer = _torch_trainer(cfg, wc, storage, hooks)
     logger.info("teacher: training %s on %d workers x %g CPUs, %d epochs, run %s/%s", wc.model_spec["family"],
                 cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.num_epochs, storage, name)

@@ -1,9 +1,9 @@
-"""DP-SGD (Abadi et al., CCS 2016) for a raysys model through Opacus (`pip install raysys[dp]`), single process.
+"""DP-SGD (Abadi et al., CCS 2016) for a raysys model through Opacus (`pip install raysys[dp]`).
 
-Opacus's `PrivacyEngine.make_private` wraps the model (per-sample gradients by hooks), the optimizer (clip each
-row's gradient to `max_grad_norm`, add N(0, (noise_multiplier * max_grad_norm)^2) to the sum) and the data
-loader (Poisson sampling with rate batch_size / rows, which the accounting assumes). Epsilon at `delta` comes from
-its RDP accountant (Mironov, CSF 2017; the subsampled Gaussian bound of Mironov, Talwar and Zhang, 2019).
+Opacus computes each row's gradient by hooks (`GradSampleModule`), its optimizer clips every row's gradient to
+`max_grad_norm` and adds N(0, (noise_multiplier * max_grad_norm)^2) to their sum; batches are Poisson samples
+(each row with probability q), which the accounting assumes. Epsilon at `delta` comes from Opacus's RDP
+accountant (Mironov, CSF 2017; the subsampled Gaussian bound of Mironov, Talwar and Zhang, 2019).
 
 Strategies: DP-SGD needs every row's own gradient before any reduction, so it works for one process and for
 data parallel (Opacus's `DifferentiallyPrivateDistributedDataParallel`), not for strategies that shard or split
@@ -12,7 +12,13 @@ parameters or batches (ZeRO, FSDP, pipeline, tensor): `check_strategy` refuses t
 Two ways in: `train_dp` trains a model in one call (benchmarks/trust.py); the pieces `private_training`,
 `poisson_rows` and `dp_accounting` let a loop of its own (the Ray Train teacher loop, a Tune student trial) run
 DP-SGD step by step, with the accounting recomputed from the step count (so a resumed run reports the same
-epsilon as an uninterrupted one).
+epsilon as an uninterrupted one). `composed_epsilon` composes several runs on the same rows (a sweep's trials and
+the teacher whose logits they learn from) in RDP, which is tighter than adding their epsilons.
+
+What epsilon covers: the weights, given the preprocessing (its means, deviations and fill values are fitted on the
+training rows without noise, as are the per-epoch training losses reported). The Poisson draws and the noise come
+from the run's seeded generators, so runs are reproducible and resumable; the guarantee assumes the seed is kept
+secret like the data.
 """
 
 from __future__ import annotations
@@ -119,15 +125,22 @@ def steps_per_epoch(rows: int, batch_size: int) -> int:
     return max(1, round(rows / batch_size))
 
 
-def dp_accounting(dp: DPConfig, *, sample_rate: float, steps: int, epochs: int) -> dict[str, Any]:
-    """Epsilon at `dp.delta` after `steps` DP-SGD steps at `sample_rate` (Opacus's RDP accountant), with what it
-    was computed from: what the model card and `privacy_of` read."""
+def composed_epsilon(parts: list[tuple[float, float, int]], delta: float) -> float:
+    """Epsilon at `delta` of several DP-SGD runs on the same rows, each (noise_multiplier, sample_rate, steps),
+    composed in RDP (Opacus's accountant)."""
     from opacus.accountants import RDPAccountant
 
     _opacus()
     acc = RDPAccountant()
-    acc.history = [(dp.noise_multiplier, sample_rate, steps)] if steps else []
-    return {"dp_sgd": True, "epsilon": float(acc.get_epsilon(dp.delta)) if steps else 0.0, "delta": dp.delta,
+    acc.history = [(float(s), float(q), int(n)) for s, q, n in parts if n]
+    return float(acc.get_epsilon(delta)) if acc.history else 0.0
+
+
+def dp_accounting(dp: DPConfig, *, sample_rate: float, steps: int, epochs: int) -> dict[str, Any]:
+    """Epsilon at `dp.delta` after `steps` DP-SGD steps at `sample_rate` (Opacus's RDP accountant), with what it
+    was computed from: what the model card and `privacy_of` read."""
+    return {"dp_sgd": True, "epsilon": composed_epsilon([(dp.noise_multiplier, sample_rate, steps)], dp.delta),
+            "delta": dp.delta,
             "noise_multiplier": dp.noise_multiplier, "max_grad_norm": dp.max_grad_norm, "steps": steps,
             "sample_rate": sample_rate, "epochs": epochs, "accountant": "rdp (opacus)"}
 
@@ -145,6 +158,7 @@ def train_dp(model: nn.Module, x_num, x_cat, y, dp: DPConfig, *, epochs: int, ba
     arrays = [torch.as_tensor(np.asarray(a)) for a in (x_num, x_cat, y)]
     soft = torch.as_tensor(np.asarray(soft_targets)).float() if soft_targets is not None else None
     n = len(arrays[2])
+    batch_size = min(batch_size, n)
     rate, steps = batch_size / n, steps_per_epoch(n, batch_size)
     model.train()
     runner, opt = private_training(model, torch.optim.Adam(model.parameters(), lr=lr), dp,

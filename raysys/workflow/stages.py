@@ -197,6 +197,7 @@ def _evaluate_teacher(cfg: PipelineConfig, prep: Prepared, model, privacy: dict 
         metrics = full_evaluation(model, x_num, x_cat, y, schema.num_classes, **_evaluation_kwargs(cfg, prep))
     metrics["majority_class_accuracy"] = float(np.bincount(y, minlength=schema.num_classes).max() / len(y))
     metrics["trust"] = model_trust(cfg, prep, model, (x_num, x_cat, y), privacy=privacy, who="teacher")
+    metrics["privacy"] = privacy  # DP-SGD's accounting (None: trained without), what a private student composes
     return metrics
 
 
@@ -268,7 +269,9 @@ def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_ve
     """
     from raysys.distill import run_sweep
     from raysys.registry import Registry
+    from raysys.workflow.trust_stage import check_private_teacher, student_privacy
 
+    check_private_teacher(cfg, teacher_metrics, teacher_version)
     # Ray Data's tasks write the soft targets under data.root, Tune's trials their checkpoints under run_dir
     check_nodes_reach({"run_dir": cfg.run_dir, "data.root": cfg.data.root})
     sweep = run_sweep(cfg, prep.schema, prep.preprocessor, teacher_model, run_name=resume_sweep,
@@ -276,7 +279,8 @@ def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_ve
     student = _best_student(sweep)
     log.info("[register] evaluating the chosen student on the test split, then registering it",
              extra=progress("register", "start"))
-    ev = _evaluate_student(cfg, prep, student, teacher_model, teacher_metrics, getattr(sweep, "privacy", None))
+    privacy = student_privacy(cfg, sweep.privacy, teacher_metrics.get("privacy"))
+    ev = _evaluate_student(cfg, prep, student, teacher_model, teacher_metrics, privacy)
     facts = _card_facts(cfg, prep, sweep, teacher_version, lineage)
     reg = Registry(cfg.registry_uri)
     version = _register_student(cfg, prep, reg, sweep, student, ev, teacher_metrics, facts)

@@ -63,3 +63,33 @@ def privacy_of(result_metrics: Any) -> dict | None:
         result_metrics = result_metrics[-1] if result_metrics else {}
     dp = (result_metrics or {}).get("dp") if isinstance(result_metrics, dict) else None
     return {"dp_sgd": True, **dp} if dp else None
+
+
+def check_private_teacher(cfg: PipelineConfig, teacher_metrics: dict, teacher_version: int) -> None:
+    """ValueError when students are to be trained with DP-SGD from the logits of a teacher trained without it
+    (the config refuses that pairing up front; a retrain job's --skip-teacher brings a registered teacher)."""
+    if cfg.distill.dp is None or not cfg.distill.uses_teacher_logits:
+        return
+    if not (teacher_metrics.get("privacy") or {}).get("dp_sgd"):
+        raise ValueError(f"distill.dp: the teacher (version {teacher_version}) was trained without DP-SGD, and the "
+                         "students learn from its logits on the training rows, so their epsilon would bound nothing; "
+                         "train the teacher with train.dp, or train the students without distillation (alpha 0)")
+
+
+def student_privacy(cfg: PipelineConfig, sweep_privacy: dict | None, teacher_privacy: dict | None) -> dict | None:
+    """The chosen student's DP-SGD accounting for its card: `epsilon` composes (RDP, at distill.dp.delta) every
+    trial of the sweep with the teacher whose logits they learnt from; `trial_epsilon`, `sweep_epsilon` and
+    `teacher_epsilon` are the parts. None without DP-SGD."""
+    from raysys.trust.dp import composed_epsilon
+
+    if not sweep_privacy:
+        return None
+    out = {**sweep_privacy, "sweep_epsilon": sweep_privacy["epsilon"]}
+    parts = [tuple(p) for p in sweep_privacy.get("parts", [])]
+    if cfg.distill.uses_teacher_logits and (teacher_privacy or {}).get("dp_sgd"):
+        t = teacher_privacy
+        parts.append((float(t["noise_multiplier"]), float(t["sample_rate"]), int(t["steps"])))
+        out["teacher_epsilon"] = t["epsilon"]
+        out["epsilon"] = composed_epsilon(parts, float(sweep_privacy["delta"]))
+        out["accountant"] = "rdp (opacus), the teacher and every trial of the sweep composed"
+    return out

@@ -105,7 +105,9 @@ def test_registry_show_prints_the_dp_sgd_accounting_of_teacher_and_student(tiny_
     # the student's privacy lines: its own epsilon, what the whole sweep spent on the same rows, the teacher's
     mine = out[out.index("#### Privacy"):]
     assert re.search(r"- this model: membership-inference AUC [0-9.]+ .*?; DP-SGD epsilon [0-9.]+ at delta 1e-05 "
-                     r"\(noise 0\.8, clip 1\.0\); the sweep's \d+ trials together: epsilon at most [0-9.]+", mine), mine
+                     r"\(noise 0\.8, clip 1\.0\); epsilon composes \(rdp \(opacus\), the teacher and every trial of "
+                     r"the sweep composed\): this trial alone [0-9.]+, the sweep's \d+ trials composed [0-9.]+, the "
+                     r"teacher alone [0-9.]+", mine), mine
     assert re.search(r"- teacher: membership-inference AUC .*?; DP-SGD epsilon [0-9.]+ at delta 1e-05 \(noise 1\.0",
                      mine), mine
     assert "trained without DP-SGD" not in out, mine

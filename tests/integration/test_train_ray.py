@@ -88,6 +88,11 @@ def test_a_dp_sgd_teacher_on_two_ranks_reports_epsilon_and_resumes_with_its_acco
     assert 0 < first.metrics[0]["dp"]["epsilon"] < first.metrics[1]["dp"]["epsilon"]
 
     cfg.train.num_epochs = 3
+    # a resume under other DP-SGD settings is refused on the driver: its epsilon would not cover the first epochs
+    cfg.train.dp = DPConfig(noise_multiplier=2.0, max_grad_norm=1.0)
+    with pytest.raises(ValueError, match="train.dp: cannot resume from .*trained with DP-SGD settings"):
+        train_teacher(cfg, schema, pre, run_name="teacher-dp", resume=True)
+    cfg.train.dp = DPConfig(noise_multiplier=0.7, max_grad_norm=1.0)
     again = train_teacher(cfg, schema, pre, run_name="teacher-dp", resume=True)
     assert [m["resumes"] for m in again.metrics] == [0, 0, 1]
     last = again.metrics[-1]["dp"]

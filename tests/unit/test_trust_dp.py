@@ -31,6 +31,12 @@ def test_strategies_dp_sgd_cannot_run_under_are_refused():
         PipelineConfig.model_validate({"distill": {"dp": {}, "transfer_multiplier": 1.0}})
     with pytest.raises(ValueError, match="distill.dp: the hint loss.*hint_weight: 0"):
         PipelineConfig.model_validate({"distill": {"dp": {}, "hint_weight": 0.5}})
+    # private students learning from a teacher's logits need a private teacher (or no distillation)
+    with pytest.raises(ValueError, match="distill.dp: the students learn from the teacher's logits.*set train.dp"):
+        PipelineConfig.model_validate({"distill": {"dp": {}}})
+    assert PipelineConfig.model_validate({"distill": {"dp": {}, "search": "grid", "alphas": [0.0]}}).train.dp is None
+    with pytest.raises(ValueError, match="train.dp: DP-SGD supports the mlp family only.*teacher.family: mlp"):
+        PipelineConfig.model_validate({"train": {"dp": {}}, "teacher": {"family": "ft_transformer"}})
 
 
 def test_dp_sgd_trains_reports_epsilon_and_keeps_the_state_dict():
@@ -113,3 +119,33 @@ def test_a_student_trains_with_dp_sgd_reports_epsilon_each_epoch_and_resumes_exa
         assert torch.equal(resumed.state_dict[k], v), k
     with pytest.raises(ValueError, match="dp: the hint loss"):
         fit_student({**config, "hint_weight": 0.5}, data)
+    # a resume under other DP settings would report an epsilon that does not cover the epochs already trained
+    with pytest.raises(ValueError, match="dp: cannot resume a trial trained with DP-SGD settings"):
+        fit_student({**config, "dp": {**dp, "noise_multiplier": 2.0}}, data,
+                    resume={**load_state(tmp_path / "resume.safetensors"), "weights": saved["weights"]})
+
+
+def test_a_private_students_epsilon_composes_every_trial_and_the_teacher():
+    """The card's epsilon of a student chosen from a DP-SGD sweep is that of every trial (all trained on the same
+    rows; the last epoch's steps, not the chosen epoch's) and of the private teacher whose logits they learnt,
+    composed in RDP: above each part, below their sum."""
+    pytest.importorskip("opacus")
+    from raysys.distill.sweep.results import Candidate, sweep_privacy
+    from raysys.trust.dp import dp_accounting
+    from raysys.workflow.trust_stage import student_privacy
+
+    dp = DPConfig(noise_multiplier=1.0)
+    acct = [dp_accounting(dp, sample_rate=0.01, steps=n, epochs=n // 100) for n in (400, 1000, 1000)]
+    trials = [{"dp_epsilon": a["epsilon"], "dp_steps": a["steps"], "epochs_run": a["epochs"]} for a in acct]
+    best_epoch = dp_accounting(dp, sample_rate=0.01, steps=300, epochs=3)  # its checkpoint, 7 epochs before its end
+    sweep = sweep_privacy(Candidate(trials[1], None, {"dp": best_epoch}, {}), trials)
+    assert sweep["trial_epsilon"] == acct[1]["epsilon"] and sweep["steps"] == 1000  # every step it took
+    assert max(a["epsilon"] for a in acct) < sweep["epsilon"] < sum(a["epsilon"] for a in acct)
+    teacher = dp_accounting(DPConfig(noise_multiplier=1.0), sample_rate=0.02, steps=500, epochs=10)
+    cfg = PipelineConfig.model_validate({"train": {"dp": {}}, "distill": {"dp": {}}})
+    card = student_privacy(cfg, sweep, teacher)
+    assert card["teacher_epsilon"] == teacher["epsilon"] and card["sweep_epsilon"] == sweep["epsilon"]
+    assert max(sweep["epsilon"], teacher["epsilon"]) < card["epsilon"] < sweep["epsilon"] + teacher["epsilon"]
+    no_kd = PipelineConfig.model_validate({"distill": {"dp": {}, "search": "grid", "alphas": [0.0]}})
+    assert student_privacy(no_kd, sweep, None)["epsilon"] == sweep["epsilon"]  # the teacher taught nothing
+    assert student_privacy(cfg, None, teacher) is None

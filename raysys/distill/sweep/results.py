@@ -103,6 +103,7 @@ def _trial_row(result, spec: dict[str, Any], num_epochs: int) -> dict[str, Any]:
         "error": None if result.error is None else repr(result.error)[:500], "path": result.path,
         "best_val_accuracy": None, "best_epoch": None, "latency_ms_per_row": None,
         "pareto": False, "chosen": False, "dp_epsilon": (dp_of(metrics) or {}).get("epsilon"),
+        "dp_steps": (dp_of(metrics) or {}).get("steps"),  # DP-SGD steps the trial took, all of them
     }
     row["stopped_early"] = result.error is None and row["epochs_run"] < num_epochs
     return row
@@ -116,17 +117,23 @@ def dp_of(metrics: dict[str, Any]) -> dict[str, Any] | None:
     return {k[3:]: v for k, v in metrics.items() if k.startswith("dp/")} or None
 
 
-def sweep_privacy(chosen_metrics: dict[str, Any], trials: list[dict[str, Any]]) -> dict[str, Any] | None:
-    """The chosen student's DP-SGD accounting (at its chosen epoch) and what the whole sweep spent: every trial
-    trained on the same rows, so by basic composition the released student's guarantee over the sweep is at
-    most the sum of every trial's epsilon, at the sum of their deltas. None without DP-SGD."""
-    dp = dp_of(chosen_metrics)
+def sweep_privacy(chosen: Candidate, trials: list[dict[str, Any]]) -> dict[str, Any] | None:
+    """The chosen student's DP-SGD accounting, None without DP-SGD. Its weights come from its best epoch, but the
+    epochs it trained after that chose that epoch, so its own epsilon is the one of every step it took; and every
+    trial of the sweep trained on the same rows, so the released student's guarantee is that of all trials
+    composed (RDP, `raysys.trust.dp.composed_epsilon`): `epsilon`. `parts` lists each trial's (noise, rate,
+    steps) for composing further (with the teacher's, `raysys.workflow.stages`)."""
+    from raysys.trust.dp import composed_epsilon
+
+    dp = dp_of(chosen.metrics)
     if not dp:
         return None
-    spent = [float(t["dp_epsilon"]) for t in trials if t.get("dp_epsilon") is not None]
-    return {**dp, "sweep_trials": len(spent), "epsilon_sweep_bound": sum(spent),
-            "delta_sweep_bound": float(dp["delta"]) * len(spent),
-            "covers": "the chosen trial's own training; across the sweep's trials at most epsilon_sweep_bound"}
+    parts = [(float(dp["noise_multiplier"]), float(dp["sample_rate"]), int(t["dp_steps"]))
+             for t in trials if t.get("dp_steps")]
+    row = chosen.row
+    return {**dp, "trial_epsilon": row["dp_epsilon"], "steps": row["dp_steps"], "epochs": row["epochs_run"],
+            "sweep_trials": len(parts), "epsilon": composed_epsilon(parts, float(dp["delta"])), "parts": parts,
+            "accountant": "rdp (opacus), every trial of the sweep composed"}
 
 
 def collect_trials(grid, base_spec: dict[str, Any], val_x_num, val_x_cat, evaluation, num_epochs: int

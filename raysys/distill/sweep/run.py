@@ -134,7 +134,7 @@ def _choose(cfg: PipelineConfig, plan: _Plan, trials: list[dict[str, Any]], cand
         best_checkpoint_path=best.checkpoint.path, teacher_val_accuracy=teacher_val_acc, scheduler=dc.scheduler,
         search=dc.search, sweep_id=plan.run_name, selection_rule=rule,
         pareto=[str(r["trial_id"]) for r in rows if r["pareto"]], max_concurrent_trials=plan.concurrency,
-        privacy=sweep_privacy(best.metrics, trials),
+        privacy=sweep_privacy(best, trials),
     )
     return res, best
 
