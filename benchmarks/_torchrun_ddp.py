@@ -3,9 +3,12 @@
 
 The same job as `raysys.train.loop` without Ray: the same Parquet training split held in memory, a
 contiguous equal share of rows per rank, a shuffled per-rank order each epoch, the same
-`Preprocessor.transform_batch` per batch, the same model, AdamW and `train_step`, DDP over gloo with one
-intra-op thread. samples/s of an epoch = global rows / the slowest rank's training-loop time (the loop's
-own definition). Rank 0 writes {"samples_per_s": [per epoch], ...} as JSON to --out.
+`Preprocessor.transform_batch` per batch, the same model, AdamW and `train_step`, over gloo with one
+intra-op thread, wrapped by `--strategy`: ddp (DDP), or zero1 / zero2 / zero3 through the very
+`raysys.parallel.parallelize` + `build_optimizer` the Ray Train loop calls (ZeRO-1's partitioned AdamW, FSDP2's
+wrapping), so that a strategy's ratio to its peer is what Ray costs, not what the strategy costs. samples/s of an
+epoch = global rows / the slowest rank's training-loop time (the loop's own definition). Rank 0 writes
+{"samples_per_s": [per epoch], ...} as JSON to --out.
 
 `peer_loop` is the loop itself, for any caller that has set up the process group: train_env.py also runs
 it inside a Ray Train `TorchTrainer`, and `--in-thread` runs it in a non-main thread as Ray Train does.
@@ -36,8 +39,28 @@ def _context_switches() -> int | None:
         return None
 
 
+def _wrapped(spec: dict, strategy: str, lr: float, weight_decay: float, world: int):
+    """(model, optimizer) for `strategy`, built as raysys.train.loop builds them."""
+    import torch
+
+    from raysys.models import build_model
+    from raysys.parallel import ParallelDims, StrategyConfig, apply_ddp, build_optimizer, parallelize
+
+    torch.manual_seed(0)
+    if strategy == "ddp":
+        model = apply_ddp(build_model(spec))
+        return model, torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
+    # the options raysys.train.worker_config.strategy_config passes with the default TrainConfig
+    cfg = StrategyConfig(strategy, lr=lr, weight_decay=weight_decay, options=(("zero1_partition", "even"),))
+    dims = ParallelDims.for_strategy(strategy, world)
+    mesh = dims.build_mesh("cpu")
+    model = parallelize(build_model(spec), dims, cfg, mesh=mesh)
+    return model, build_optimizer(model, cfg, mesh=mesh)
+
+
 def peer_loop(root: str, spec: dict, *, epochs: int = 4, batch_size: int = 256, lr: float = 2e-3,
-              weight_decay: float = 1e-4, threads: int = 1, step_times: bool = False) -> dict | None:
+              weight_decay: float = 1e-4, threads: int = 1, step_times: bool = False,
+              strategy: str = "ddp") -> dict | None:
     """Train under the current (gloo) process group. Returns rank 0's record (None on other ranks):
     `samples_per_s` per epoch; with `step_times`, percentiles of every step's time (us) after epoch 0 and
     the machine's context switches per second over those epochs."""
@@ -47,8 +70,6 @@ def peer_loop(root: str, spec: dict, *, epochs: int = 4, batch_size: int = 256, 
 
     from raysys.data import Preprocessor, read_split
     from raysys.data.schema import DatasetSchema
-    from raysys.models import build_model
-    from raysys.parallel import apply_ddp
     from raysys.train.steps import to_tensors, train_step
 
     torch.set_num_threads(threads)
@@ -61,10 +82,8 @@ def peer_loop(root: str, spec: dict, *, epochs: int = 4, batch_size: int = 256, 
     cols = {c: table.column(c).to_numpy(zero_copy_only=False)[rank * share:(rank + 1) * share]
             for c in table.column_names}
     local_batch = batch_size // world
-    torch.manual_seed(0)
-    model = apply_ddp(build_model(spec))
+    model, opt = _wrapped(spec, strategy, lr, weight_decay, world)
     _KEEP.append(model)
-    opt = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=weight_decay)
     rates, steps_us = [], []
     cs0 = t_cs0 = None
     for epoch in range(epochs):
@@ -91,7 +110,8 @@ def peer_loop(root: str, spec: dict, *, epochs: int = 4, batch_size: int = 256, 
     cs1, t_cs1 = _context_switches(), time.perf_counter()
     if rank != 0:
         return None
-    out: dict = {"samples_per_s": rates, "world": world, "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
+    out: dict = {"samples_per_s": rates, "world": world, "strategy": strategy,
+                 "omp_num_threads": os.environ.get("OMP_NUM_THREADS")}
     if step_times and steps_us:
         s = np.asarray(steps_us)
         out["step_us"] = {"p10": float(np.percentile(s, 10)), "p50": float(np.percentile(s, 50)),
@@ -122,6 +142,7 @@ def main() -> int:
     ap.add_argument("--lr", type=float, default=2e-3)
     ap.add_argument("--weight-decay", type=float, default=1e-4)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--strategy", default="ddp", choices=("ddp", "zero1", "zero2", "zero3"))
     ap.add_argument("--step-times", action="store_true", help="also record per-step times and context switches")
     ap.add_argument("--in-thread", action="store_true", help="run the loop in a non-main thread (as Ray Train does)")
     ap.add_argument("--out", required=True)
@@ -133,7 +154,7 @@ def main() -> int:
 
     dist.init_process_group("gloo")
     kw = dict(epochs=args.epochs, batch_size=args.batch_size, lr=args.lr, weight_decay=args.weight_decay,
-              threads=args.threads, step_times=args.step_times)
+              threads=args.threads, step_times=args.step_times, strategy=args.strategy)
     result: list = []
     if args.in_thread:
         th = threading.Thread(target=lambda: result.append(peer_loop(args.root, json.loads(args.spec), **kw)))

@@ -6,7 +6,10 @@ the monitor storing traffic as Parquet; an open-loop load (`--rate` requests/s, 
 through /v1/feedback every second) runs for `--duration-s`, its rows shifted by `--shift` standard units from
 40% of the run on (the monitor must alarm, and keep its buffers bounded while it does). Every `--sample-s` the
 resident memory of each replica, the monitor, Serve's controller, the HAProxy manager and HAProxy is read from
-/proc.
+/proc; every 15 s each replica also reports its memory by layer from inside (serve.memprobe: anonymous and file
+RSS, bytes malloc has handed out and holds free, Python's blocks and objects), and at the end glibc's
+`malloc_trim` shows how much of its RSS the allocator merely kept (`replica_memory_layers`): RSS that grows while
+malloc's in-use bytes and Python's objects stay flat is the allocator's, not a leak.
 
 Goals (issue 21): zero errors; the p99 of every later bucket within 1.25x of the first bucket's (buckets of
 `--bucket-s`, 60 s by default); memory flat (the slope of each process's RSS over the run after its first 20%,
@@ -14,6 +17,7 @@ MB/min, reported); the monitor's window, prediction log and stored traffic bound
 
     python benchmarks/soak.py                      # 5 minutes
     python benchmarks/soak.py --duration-s 30 --bucket-s 10   # the test mode
+    python benchmarks/soak.py --malloc-arena-max 2            # fewer glibc arenas in every Ray process
 
 The last stdout line is one JSON object.
 """
@@ -22,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import shutil
 import sys
 import tempfile
@@ -32,7 +37,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _chaos_load import OpenLoad  # noqa: E402
-from _chaos_rig import ChaosRig, stdout_to_stderr  # noqa: E402
+from _chaos_rig import APP, ChaosRig, stdout_to_stderr  # noqa: E402
 
 ROLES = {"ServeReplica": "replica", "Monitor": "monitor", "ServeController": "controller",
          "HAProxyManager": "haproxy_manager"}
@@ -49,11 +54,14 @@ def rss_mb(pid: int) -> float | None:
 
 
 class MemorySampler:
-    """Every `every_s`, the RSS of each raysys process of the rig, keyed by role and PID."""
+    """Every `every_s`, the RSS of each raysys process of the rig, keyed by role and PID; every `probe_every_s`,
+    each replica's memory by layer from inside it (serve.memprobe through a Serve handle)."""
 
-    def __init__(self, rig: ChaosRig, every_s: float):
-        self.rig, self.every_s = rig, every_s
+    def __init__(self, rig: ChaosRig, every_s: float, probe_every_s: float = 15.0):
+        self.rig, self.every_s, self.probe_every_s = rig, every_s, probe_every_s
         self.samples: dict[str, list[tuple[float, float]]] = {}
+        self.probes: dict[str, list[tuple[float, dict]]] = {}
+        self._next_probe = 0.0
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, daemon=True, name="soak-memory")
 
@@ -77,6 +85,13 @@ class MemorySampler:
                         self.samples.setdefault(key, []).append((t, mb))
             except Exception:  # the state API may time out on a busy box: skip the sample
                 pass
+            if t >= self._next_probe:
+                self._next_probe = t + self.probe_every_s
+                try:
+                    for rid, rep in probe_replicas(self.rig).items():
+                        self.probes.setdefault(rid, []).append((t, rep))
+                except Exception:  # a replica busy past the timeout: the next probe
+                    pass
             self._stop.wait(self.every_s)
 
     def __enter__(self) -> MemorySampler:
@@ -102,6 +117,43 @@ class MemorySampler:
                         "slope_last_half_mb_per_min": _slope([(t, m) for t, m in pts if t >= half]),
                         "mb_at_quarters": quarters}
         return out
+
+
+PROBED = ("rss_mb", "rss_anon_mb", "malloc_in_use_mb", "malloc_free_mb", "py_blocks", "gc_objects")
+
+
+def probe_replicas(rig: ChaosRig, trim: bool = False, calls: int = 8) -> dict[str, dict]:
+    """One memory report per replica, by replica id (Serve's router spreads the concurrent calls)."""
+    from ray import serve
+
+    from serve.contract import DEPLOYMENT_NAME
+
+    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP)
+    out: dict[str, dict] = {}
+    for rep in [r.result(timeout_s=30) for r in [handle.memory.remote(trim) for _ in range(calls)]]:
+        old = out.get(rep["replica"])
+        if old is None or (trim and (rep.get("trimmed_mb") or 0) > (old.get("trimmed_mb") or 0)):
+            out[rep["replica"]] = rep
+    return out
+
+
+def probe_summary(probes: dict[str, list[tuple[float, dict]]], t0: float, t1: float,
+                  trimmed: dict[str, dict]) -> dict:
+    """Per replica and layer: the value at the first probe after 20% of the run, at the last, and the slope per
+    minute over those probes (Python's counts per minute, MB/min otherwise); then what `malloc_trim` gave back
+    at the end and the RSS after it."""
+    cut, out = t0 + 0.2 * (t1 - t0), {}
+    for rid, pts in sorted(probes.items()):
+        late = [(t, r) for t, r in pts if t >= cut] or pts
+        layers = {}
+        for k in PROBED:
+            series = [(t, r[k]) for t, r in late if r.get(k) is not None]
+            if series:
+                layers[k] = {"first": series[0][1], "last": series[-1][1], "slope_per_min": _slope(series)}
+        end = trimmed.get(rid) or {}
+        out[rid] = {"probes": len(pts), **layers, "trimmed_mb_at_end": end.get("trimmed_mb"),
+                    "rss_mb_after_trim": end.get("rss_mb")}
+    return out
 
 
 def _slope(pts: list[tuple[float, float]]) -> float | None:
@@ -140,6 +192,7 @@ def run(root: Path, *, duration_s: float, rate: float, bucket_s: float, sample_s
         # what Prometheus would scrape (Ray exports actor metrics every few seconds)
         series = _poll_series(rig)
         replicas = _replica_link_stats(rig)
+        trimmed = probe_replicas(rig, trim=True)
         total = OpenLoad.summary(load.records)
         p99s = p99_by_bucket(load, bucket_s)
         memory = mem.summary(load.t0, load.t1)
@@ -157,6 +210,7 @@ def run(root: Path, *, duration_s: float, rate: float, bucket_s: float, sample_s
             "p99_ratio_worst_to_first": round(max(later) / p99s[0], 3) if later and p99s[0] else None,
             "memory": memory,
             "max_slope_mb_per_min": max((m["slope_mb_per_min"] or 0.0) for m in memory.values()) if memory else None,
+            "replica_memory_layers": probe_summary(mem.probes, load.t0, load.t1, trimmed),
             "monitor": {"rows_seen": report["rows_seen"], "drift_detected": report["drift_detected"],
                         "labels_total": (report.get("accuracy") or {}).get("labels_total"),
                         "unmatched_labels": (report.get("accuracy") or {}).get("unmatched_labels"), **bounds},
@@ -201,10 +255,14 @@ def main(argv=None) -> int:
     p.add_argument("--bucket-s", type=float, default=60.0, help="p99 buckets (the first is the baseline)")
     p.add_argument("--sample-s", type=float, default=5.0, help="seconds between memory samples")
     p.add_argument("--shift", type=float, default=1.5, help="shift of the numeric features from 40%% of the run")
+    p.add_argument("--malloc-arena-max", type=int, default=None,
+                   help="glibc's MALLOC_ARENA_MAX for every Ray process of the rig (default: glibc's, 8 per core)")
     p.add_argument("--root", default=None, help="working directory (default: a temp dir, removed at the end)")
     a = p.parse_args(argv)
     if a.duration_s < 2 * a.bucket_s:
         p.error("--duration-s: at least two --bucket-s buckets (the first is the baseline)")
+    if a.malloc_arena_max is not None:
+        os.environ["MALLOC_ARENA_MAX"] = str(a.malloc_arena_max)  # the raylet and its workers inherit it
     root = Path(a.root) if a.root else Path(tempfile.mkdtemp(prefix="raysys-soak-"))
     try:
         with stdout_to_stderr():

@@ -1,11 +1,13 @@
-"""samples/s of raysys teacher training (ddp, zero1, zero3 on Ray Train) against plain `torchrun` DDP on the
-same model, data, batch and threads, in the same run.
+"""samples/s of raysys teacher training (ddp, zero1, zero3 on Ray Train) against plain `torchrun` on the same
+model, data, batch and threads, in the same run: against torchrun DDP, and against torchrun running the same
+strategy (the same ZeRO-1 partitioned AdamW, the same FSDP2 wrapping: `raysys.parallel` without Ray), so that
+what Ray costs is told apart from what a strategy costs.
 
     .venv/bin/python benchmarks/train_scaling.py [--workers 2] [--epochs 5] [--repeats 4] [--preset demo]
         [--train-rows 150000] [--strategies ddp,zero1,zero3] [--niceness-ab]
 
-Each repeat runs, in turn, torchrun DDP (benchmarks/_torchrun_ddp.py) and `raysys.train.train_teacher` with
-each strategy, every one with `--workers` processes x 1 intra-op thread (OMP_NUM_THREADS=1) on a local Ray
+Each repeat runs, in turn, torchrun DDP (benchmarks/_torchrun_ddp.py), `raysys.train.train_teacher` with
+each strategy, and torchrun with each strategy other than ddp (`--strategy`), every one with `--workers` processes x 1 intra-op thread (OMP_NUM_THREADS=1) on a local Ray
 started with 2 x workers logical CPUs. Throughput is the training loop's own samples/s per epoch (global
 rows / slowest rank's loop time, data iteration and preprocessing included); the first epoch of every run
 is warm-up and dropped. The job is the demo teacher on the demo schema with 150k training rows (~2.5 s ddp
@@ -18,7 +20,8 @@ odd ones, the whole sequence reversed (ABBA: ddp is next to torchrun in every re
 shared machine's speed over the minutes of a run falls on both sides of a pair. Per repeat, ratio = median
 samples/s of the raysys strategy's epochs / median of torchrun's epochs in that repeat (1.0 = as fast as
 plain torch); `ratio_vs_torchrun` is the median of the per-repeat ratios (`ratio_per_repeat` lists them),
-`pooled_ratio_vs_torchrun` the ratio of the medians over all repeats' epochs. `--niceness-ab` adds
+`pooled_ratio_vs_torchrun` the ratio of the medians over all repeats' epochs; `ratio_vs_same_strategy_torchrun`
+the median per-repeat ratio to torchrun running the same strategy (ddp's is its ratio to torchrun DDP). `--niceness-ab` adds
 `ddp_ray_niceness15`: raysys ddp with train.worker_niceness=None (Ray's worker niceness 15 kept), the before
 of the renice fix. Last line: one JSON object.
 """
@@ -93,18 +96,26 @@ def main(argv=None) -> int:
     t_start = time.time()
     load_start = os.getloadavg()[0]
 
-    def torchrun(r: int) -> None:
-        out = tmp / f"torchrun-{r}.json"
+    same = [s for s in strategies if s != "ddp"]  # torchrun peers running raysys's own strategy code
+    for s in same:
+        rates[f"torchrun_{s}"] = []
+    same_per_repeat: dict[str, list[float]] = {s: [] for s in same}
+
+    def torchrun(r: int, strategy: str = "ddp") -> None:
+        out = tmp / f"torchrun-{strategy}-{r}.json"
         got = run_peer(args.workers, cfg.data.root, spec, out, "--epochs", str(args.epochs),
                        "--batch-size", str(cfg.train.batch_size), "--lr", str(cfg.train.lr),
-                       "--weight-decay", str(cfg.train.weight_decay), "--threads", "1")["samples_per_s"][1:]
-        rates["torchrun_ddp"] += got
-        peer_per_repeat.append(statistics.median(got))
-        print(f"repeat {r}: torchrun ddp {statistics.median(got):8.0f} samples/s", flush=True)
+                       "--weight-decay", str(cfg.train.weight_decay), "--threads", "1",
+                       "--strategy", strategy)["samples_per_s"][1:]
+        rates[f"torchrun_{strategy}"] += got
+        (peer_per_repeat if strategy == "ddp" else same_per_repeat[strategy]).append(statistics.median(got))
+        print(f"repeat {r}: torchrun {strategy:5s} {statistics.median(got):8.0f} samples/s", flush=True)
 
     for r in range(args.repeats):
         if r % 2 == 0:
             torchrun(r)
+            for s in same:
+                torchrun(r, s)
         for s in (runs if r % 2 == 0 else runs[::-1]):
             c = cfg.model_copy(deep=True)
             c.train.strategy = "ddp" if s == NICE15 else s
@@ -117,6 +128,8 @@ def main(argv=None) -> int:
             print(f"repeat {r}: raysys {s:5s}  {statistics.median(got):8.0f} samples/s "
                   f"(val_accuracy {res.metrics[-1]['val_accuracy']:.3f})", flush=True)
         if r % 2 == 1:
+            for s in same[::-1]:
+                torchrun(r, s)
             torchrun(r)
     ray.shutdown()
     med = {k: statistics.median(v) for k, v in rates.items()}
@@ -125,6 +138,12 @@ def main(argv=None) -> int:
         "ratio_vs_torchrun": {s: round(statistics.median(a / b for a, b in zip(per_repeat[s], peer_per_repeat)), 3)
                               for s in runs},
         "ratio_per_repeat": {s: [round(a / b, 3) for a, b in zip(per_repeat[s], peer_per_repeat)] for s in runs},
+        "ratio_vs_same_strategy_torchrun": {
+            s: round(statistics.median(a / b for a, b in zip(per_repeat[s], same_per_repeat.get(s, peer_per_repeat))), 3)
+            for s in strategies},
+        "same_strategy_ratio_per_repeat": {
+            s: [round(a / b, 3) for a, b in zip(per_repeat[s], same_per_repeat.get(s, peer_per_repeat))]
+            for s in strategies},
         "pooled_ratio_vs_torchrun": {s: round(med[s] / med["torchrun_ddp"], 3) for s in runs},
         "samples_per_s_median": {k: round(v, 1) for k, v in med.items()},
         "samples_per_s_all": {k: [round(x, 1) for x in v] for k, v in rates.items()},
@@ -133,7 +152,8 @@ def main(argv=None) -> int:
                   "ray_num_cpus": 2 * args.workers, "preset": args.preset, "train_rows": cfg.data.num_train_rows,
                   "global_batch": cfg.train.batch_size, "epochs_per_run": args.epochs, "warmup_epochs_dropped": 1,
                   "repeats": args.repeats,
-                  "order": "ABBA (even repeats: torchrun, then the strategies; odd: the reverse)",
+                  "order": "ABBA (even repeats: torchrun ddp, torchrun per strategy, then raysys's strategies; odd: "
+                           "the reverse)",
                   "model_spec": spec, "num_parameters": num_parameters(build_model(spec)),
                   "backend": "gloo", "machine_cpus": os.cpu_count(), "load_avg_1m_at_end": os.getloadavg()[0],
                   "ray": ray.__version__, "torch": torch.__version__, "python": platform.python_version(),

@@ -40,6 +40,7 @@ from serve.contract import (
     parse_user_config,
 )
 from serve.ingress import exposure, server_timeout_warning
+from serve.memprobe import memory_report
 from serve.monitor_link import (
     FEEDBACK_RECHECK_MARGIN_S,
     MONITOR_REPORT_TIMEOUT_S,
@@ -410,6 +411,10 @@ class StudentEndpoint:
                     max_instances_per_request=self.serve_cfg.max_instances_per_request,
                     torch_threads=self.torch_threads)
         return info
+
+    def memory(self, trim: bool = False) -> dict[str, Any]:
+        """This replica's memory by layer (serve.memprobe), through a handle only: benchmarks/soak.py."""
+        return {"replica": self.replica_id, **memory_report(trim=trim)}
 
     def check_health(self) -> None:
         # called by Serve every few seconds; a replica without a model is unhealthy

@@ -24,10 +24,11 @@ from raysys.config.sections import (
     TrackingConfig,
     TrainConfig,
 )
+from raysys.config.sizing import SizingConfig
 
 __all__ = [
     "FT_ARCH_FIELDS", "FT_SIZES", "PRESETS", "QUALITY_CHECKS", "CanaryConfig", "CheckLevels", "DataConfig",
     "DPConfig", "DistillConfig", "EvaluationConfig", "GovernanceConfig", "ModelConfig", "QualityConfig",
-    "MonitorConfig", "ParallelConfig", "PipelineConfig", "ServeAutoscaling", "ServeConfig", "SliceConfig",
+    "MonitorConfig", "ParallelConfig", "PipelineConfig", "ServeAutoscaling", "ServeConfig", "SizingConfig", "SliceConfig",
     "TrackingConfig", "TrainConfig", "TrustThresholds", "load_config", "preset",
 ]

@@ -13,6 +13,7 @@ from pydantic import BaseModel, ConfigDict, Field, field_validator, model_valida
 from raysys.config.governance import DPConfig, GovernanceConfig
 from raysys.config.monitoring import MonitorConfig
 from raysys.config.quality import QualityConfig
+from raysys.config.sizing import SizingConfig
 from raysys.config.tracking import TrackingConfig
 
 
@@ -455,6 +456,8 @@ class PipelineConfig(_Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig)
     governance: GovernanceConfig = Field(default_factory=GovernanceConfig,
                                          description="Trust checks on the model cards, their promotion bounds, uses.")
+    sizing: SizingConfig = Field(default_factory=SizingConfig,
+                                 description="Batch sizes and epochs that follow a small table's size.")
 
     @model_validator(mode="after")
     def _check(self) -> PipelineConfig:

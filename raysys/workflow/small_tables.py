@@ -1,5 +1,6 @@
 """What a small table changes in the loop: parts that need more rows than a split has are reduced or skipped,
-each with a line for the model card's limitations, never a failed run after training.
+and training is sized to the rows (`sizing:`), each with a line for the model card's limitations, never a
+failed run after training.
 
 `plan_for_table(cfg, rows)` is pure (split row counts in, decisions and notes out); `stage_data` computes it
 once, and the evaluation, the monitor reference and the cards read it from there.
@@ -35,12 +36,14 @@ class TablePlan:
     calibrate_detector: bool = True
     detector_skipped: str | None = None  # why the online detector is not calibrated, when it is not
     notes: list[str] = field(default_factory=list)  # one line per reduction, for the model cards
+    # sized training settings per config section, e.g. {"train": {"batch_size": 16, "num_epochs": 86}}
+    training: dict[str, dict[str, int]] = field(default_factory=dict)
 
     def to_dict(self) -> dict:
         return {"rows": dict(self.rows), "num_calibration_bins": self.num_calibration_bins,
                 "latency_batch_size": self.latency_batch_size, "reference_splits": list(self.reference_splits),
                 "calibrate_detector": self.calibrate_detector, "detector_skipped": self.detector_skipped,
-                "notes": list(self.notes)}
+                "training": {k: dict(v) for k, v in self.training.items()}, "notes": list(self.notes)}
 
 
 def split_rows(root: str) -> dict[str, int]:
@@ -115,15 +118,54 @@ def _plan_reference(plan: TablePlan, n_val: int, n_test: int) -> None:
 
 
 def _plan_training(cfg: PipelineConfig, plan: TablePlan, n_train: int) -> None:
-    """Training is not changed (the settings are the user's); the card says when a batch holds the whole
-    training split, so that a weak model on a small table is read for what it is."""
-    for what, batch, epochs in (("teacher", cfg.train.batch_size, cfg.train.num_epochs),
-                                ("student", cfg.distill.batch_size, cfg.distill.num_epochs)):
-        steps = -(-n_train // batch) if n_train else 0
-        if steps <= 1:
+    """The teacher's and the students' batch and epochs sized to a small training split (`cfg.sizing`, see
+    `raysys.config.sizing`); with sizing off, the card still says when a batch holds the whole split."""
+    for section, what in (("train", "teacher"), ("distill", "student")):
+        sec = getattr(cfg, section)
+        batch, epochs = sec.batch_size, sec.num_epochs
+        new_batch, new_epochs = sized_training(cfg, section, n_train)
+        if (new_batch, new_epochs) != (batch, epochs):
+            plan.training[section] = {"batch_size": new_batch, "num_epochs": new_epochs}
+            steps = -(-n_train // new_batch) * new_epochs
+            plan.notes.append(f"The {what} trained with batch {new_batch} for {new_epochs} epochs ({steps} optimizer "
+                              f"steps) instead of {section}.batch_size={batch} for {section}.num_epochs={epochs}: "
+                              f"the training split has {n_train} rows (sizing.enabled: false keeps the configured "
+                              "values).")
+        elif n_train and -(-n_train // batch) <= 1:
             plan.notes.append(f"The {what} took one optimizer step per epoch ({epochs} in all): its batch size "
-                              f"{batch} holds all {n_train} training rows; lower "
-                              f"{'train' if what == 'teacher' else 'distill'}.batch_size for a small table.")
+                              f"{batch} holds all {n_train} training rows; lower {section}.batch_size for a small "
+                              "table.")
+
+
+def sized_training(cfg: PipelineConfig, section: str, n_train: int) -> tuple[int, int]:
+    """(batch_size, num_epochs) for `section` ('train' or 'distill') on a training split of `n_train` rows: the
+    configured ones unless `cfg.sizing` resizes them (a split of fewer than `batches_per_epoch` batches: the batch
+    halved down to 1/`batches_per_epoch` of the rows, not below `min_batch`; then epochs raised to reach
+    `min_steps` steps, at most `max_epochs`). DP-SGD runs and pipeline/tensor-parallel teachers (whose batch
+    splits into micro-batches or must fill each rank) keep their batch; DP-SGD runs their epochs too."""
+    sz, sec = cfg.sizing, getattr(cfg, section)
+    batch, epochs = sec.batch_size, sec.num_epochs
+    if not sz.enabled or n_train <= 0 or sec.dp is not None or n_train >= sz.batches_per_epoch * batch:
+        return batch, epochs
+    fixed_batch = section == "train" and (cfg.train.strategy in ("pipeline", "tensor") or cfg.train.parallel)
+    if not fixed_batch:
+        floor = max(sz.min_batch, cfg.train.num_workers if section == "train" else 1)
+        cap = 1 << max(0, (n_train // sz.batches_per_epoch).bit_length() - 1)  # a power of two <= rows / batches
+        batch = min(batch, max(floor, cap))
+    steps_per_epoch = -(-n_train // batch)
+    if steps_per_epoch * epochs < sz.min_steps:
+        epochs = max(epochs, min(sz.max_epochs, -(-sz.min_steps // steps_per_epoch)))
+    return batch, epochs
+
+
+def sized(cfg: PipelineConfig, plan: TablePlan | None) -> PipelineConfig:
+    """`cfg` with the plan's sized training settings (the teacher's and the students' stages train with it)."""
+    if plan is None or not plan.training:
+        return cfg
+    cfg = cfg.model_copy(deep=True)
+    for section, update in plan.training.items():
+        setattr(cfg, section, getattr(cfg, section).model_copy(update=update))
+    return cfg
 
 
 def quality_notes(summary: dict | None) -> list[str]:

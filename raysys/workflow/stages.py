@@ -171,8 +171,10 @@ def stage_teacher(cfg: PipelineConfig, prep: Prepared) -> tuple[Any, int, dict]:
     Returns (model, registry version, test metrics)."""
     from raysys.models import build_model
     from raysys.train import train_teacher
+    from raysys.workflow.small_tables import sized
     from raysys.workflow.trust_stage import privacy_of
 
+    cfg = sized(cfg, prep.plan)  # batch and epochs sized to a small table (cfg.sizing), as the card says
     # Ray Train's workers read the splits and write checkpoints, on whatever node they land
     check_nodes_reach({"run_dir": cfg.run_dir}, {"data.root": cfg.data.root})
     teacher = train_teacher(cfg, prep.schema, prep.preprocessor)
@@ -269,8 +271,10 @@ def stage_distill(cfg: PipelineConfig, prep: Prepared, teacher_model, teacher_ve
     """
     from raysys.distill import run_sweep
     from raysys.registry import Registry
+    from raysys.workflow.small_tables import sized
     from raysys.workflow.trust_stage import check_private_teacher, student_privacy
 
+    cfg = sized(cfg, prep.plan)
     check_private_teacher(cfg, teacher_metrics, teacher_version)
     # Ray Data's tasks write the soft targets under data.root, Tune's trials their checkpoints under run_dir
     check_nodes_reach({"run_dir": cfg.run_dir, "data.root": cfg.data.root})

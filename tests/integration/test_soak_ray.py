@@ -28,6 +28,12 @@ def test_soak_holds_without_errors_or_unbounded_buffers(tmp_path, endpoint_api_k
     # each role sampled through the run (a process that replaced another, e.g. HAProxy after a reload, has fewer)
     for role in ("replica", "monitor", "controller", "haproxy"):
         assert max(m["samples"] for k, m in out["memory"].items() if k.startswith(role + ":")) >= 3, out["memory"]
+    # each replica's memory by layer, read inside it through a Serve handle, and what malloc_trim gave back
+    layers = out["replica_memory_layers"]
+    assert len(layers) == 2, layers
+    for rep in layers.values():
+        assert rep["probes"] >= 1 and rep["rss_mb"]["last"] > rep["malloc_in_use_mb"]["last"] > 0, rep
+        assert rep["py_blocks"]["last"] > 0 and rep["trimmed_mb_at_end"] is not None, rep
     # what Prometheus scrapes from the head after this traffic: the names and labels the shipped alert rules and
     # Grafana panels use (deploy/prometheus, deploy/grafana) exist as exported (the `ray_` prefix, counters'
     # `_total`, histograms' `_bucket` + `le`)

@@ -78,10 +78,41 @@ def test_plan_skips_the_detector_and_reduces_evaluation_on_iris():
     assert plan.num_calibration_bins == 2 and plan.latency_batch_size == 22
     text = " ".join(plan.notes)
     assert "Online drift detector not calibrated" in text and "Test metrics rest on 22 rows" in text
-    assert "teacher took one optimizer step per epoch" in text and "lower train.batch_size" in text
+    assert ("The teacher trained with batch 16 for 86 epochs (602 optimizer steps) instead of train.batch_size=256 "
+            "for train.num_epochs=6: the training split has 106 rows") in text
+    assert plan.training == {"train": {"batch_size": 16, "num_epochs": 86},
+                             "distill": {"batch_size": 16, "num_epochs": 86}}
     assert "No slice is named weakest" not in text  # no slices at all on an all-numeric table
     assert "No slice is named weakest" in " ".join(plan_for_table(preset("tiny"), plan.rows).notes)
     assert plan.to_dict()["detector_skipped"] == plan.detector_skipped
+
+
+def test_sizing_follows_the_table_and_leaves_what_it_must_alone():
+    from raysys.config import DPConfig
+    from raysys.workflow.small_tables import sized, sized_training
+
+    cfg = preset("tiny")  # train 256 x 6 epochs, distill 256 x 4
+    assert sized_training(cfg, "train", 6000) == (256, 6)  # 23 batches an epoch: a table it was made for
+    assert sized_training(cfg, "train", 1257) == (64, 30)  # digits: 20 steps an epoch, 600 steps
+    assert sized_training(cfg, "distill", 398) == (16, 24)  # breast_cancer
+    assert sized_training(cfg, "train", 3) == (16, 200)  # at most sizing.max_epochs
+    cfg.sizing.min_steps = 50
+    assert sized_training(cfg, "train", 106) == (16, 8)  # epochs raised only when short of min_steps
+    off = preset("tiny")
+    off.sizing.enabled = False
+    assert sized_training(off, "train", 106) == (256, 6)
+    private = preset("tiny")
+    private.distill.dp = DPConfig(noise_multiplier=1.0)
+    assert sized_training(private, "distill", 106) == (256, 4)  # the batch and epochs set epsilon
+    pipe = preset("tiny")
+    pipe.train.strategy = "pipeline"
+    assert sized_training(pipe, "train", 106)[0] == 256  # micro-batches split this batch: kept
+    plan = plan_for_table(preset("tiny"), {"train": 106, "validation": 22, "test": 22})
+    trained = sized(preset("tiny"), plan)
+    assert (trained.train.batch_size, trained.train.num_epochs, trained.distill.num_epochs) == (16, 86, 86)
+    assert trained.train.lr == preset("tiny").train.lr  # nothing else moved
+    notes = " ".join(plan_for_table(off, {"train": 106, "validation": 22, "test": 22}).notes)
+    assert "teacher took one optimizer step per epoch" in notes and "lower train.batch_size" in notes
 
 
 def test_plan_with_one_held_out_row_has_no_prediction_reference():

@@ -1,0 +1,33 @@
+"""serve.memprobe: the layers of this process's memory move as the memory does (the soak benchmark reads them
+inside each replica to tell a leak from an allocator that keeps freed pages)."""
+
+from __future__ import annotations
+
+import pytest
+
+from serve.memprobe import malloc_stats, memory_report
+
+pytestmark = pytest.mark.skipif(malloc_stats() is None, reason="needs glibc >= 2.33 (mallinfo2)")
+
+
+def test_a_held_allocation_shows_in_rss_and_in_mallocs_in_use_bytes():
+    before = memory_report()
+    held = bytearray(64 * 1024 * 1024)  # one mmap'd block, touched so that it is resident
+    held[::4096] = b"x" * len(held[::4096])
+    during = memory_report()
+    assert during["malloc_in_use_mb"] - before["malloc_in_use_mb"] >= 60, (before, during)
+    assert during["rss_anon_mb"] - before["rss_anon_mb"] >= 60, (before, during)
+    del held
+    assert memory_report()["malloc_in_use_mb"] - before["malloc_in_use_mb"] < 4
+
+
+def test_trim_gives_back_what_was_freed_but_kept_and_python_holds_none_of_it():
+    before = memory_report()
+    chunks = [bytearray(2000) for _ in range(40_000)]  # ~80 MB of small mallocs, kept in the heap when freed
+    del chunks
+    kept = memory_report()
+    assert kept["malloc_free_mb"] - before["malloc_free_mb"] >= 40, (before, kept)
+    assert abs(kept["py_blocks"] - before["py_blocks"]) < 10_000, (before, kept)
+    trimmed = memory_report(trim=True)
+    assert trimmed["trimmed_mb"] >= 40, trimmed
+    assert set(trimmed) >= {"rss_mb", "rss_file_mb", "malloc_arena_mb", "gc_objects", "threads"}
