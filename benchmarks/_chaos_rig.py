@@ -112,6 +112,8 @@ class ChaosRig:
         from serve.ingress import apply_ingress_env, free_port
 
         os.environ.pop("RAY_ADDRESS", None)
+        # three nodes start on one machine: a busy box can take longer than Ray's 30 s for a GCS to bind
+        os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
         if not (os.environ.get(API_TOKEN_ENV) or os.environ.get(API_TOKEN_FILE_ENV)):
             ensure_api_key(self.root / "api_key")
         self.api_key = client_api_key()

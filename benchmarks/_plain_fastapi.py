@@ -7,8 +7,8 @@ same validation code and one torch thread, like a replica.
 
 import json
 import os
+import secrets
 import sys
-import uuid
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
@@ -35,7 +35,7 @@ async def predict(request: Request) -> Response:
     except RequestError as e:
         return error_response(e)
     out = format_prediction(scorer, scorer.predict_proba(req.x_num, req.x_cat))
-    out["request_id"] = req.request_id or uuid.uuid4().hex
+    out["request_id"] = req.request_id or secrets.token_hex(16)  # as the endpoint makes one
     return Response(json.dumps(out, separators=(",", ":")), media_type="application/json")
 
 

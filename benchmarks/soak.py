@@ -122,15 +122,35 @@ class MemorySampler:
 PROBED = ("rss_mb", "rss_anon_mb", "malloc_in_use_mb", "malloc_free_mb", "py_blocks", "gc_objects")
 
 
+_LOOP: list = []  # one event loop, in its own thread, for every probe (Serve caches the handle it makes)
+
+
+def _probe_loop():
+    import asyncio
+
+    if not _LOOP:
+        loop = asyncio.new_event_loop()
+        threading.Thread(target=loop.run_forever, daemon=True, name="soak-probe-loop").start()
+        _LOOP.append(loop)
+    return _LOOP[0]
+
+
 def probe_replicas(rig: ChaosRig, trim: bool = False, calls: int = 8) -> dict[str, dict]:
-    """One memory report per replica, by replica id (Serve's router spreads the concurrent calls)."""
+    """One memory report per replica, by replica id (Serve's router spreads the concurrent calls). raysys runs
+    Serve throughput-optimized, whose handles route inside the caller's event loop: the calls run in one loop
+    kept for the whole run (the handle Serve caches is bound to it)."""
+    import asyncio
+
     from ray import serve
 
     from serve.contract import DEPLOYMENT_NAME
 
-    handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP)
+    async def calls_now() -> list[dict]:
+        handle = serve.get_deployment_handle(DEPLOYMENT_NAME, app_name=APP)
+        return await asyncio.gather(*[handle.memory.remote(trim) for _ in range(calls)])
+
     out: dict[str, dict] = {}
-    for rep in [r.result(timeout_s=30) for r in [handle.memory.remote(trim) for _ in range(calls)]]:
+    for rep in asyncio.run_coroutine_threadsafe(calls_now(), _probe_loop()).result(timeout=30):
         old = out.get(rep["replica"])
         if old is None or (trim and (rep.get("trimmed_mb") or 0) > (old.get("trimmed_mb") or 0)):
             out[rep["replica"]] = rep

@@ -17,6 +17,11 @@ from hypothesis import settings
 from raysys.config import preset
 from serve.ingress import free_port
 
+# Ray waits 30 s for a new head's GCS to bind its port; on a loaded 2-core box (a chaos script's three nodes
+# starting beside the session's cluster) it took longer, and the cluster failed to start ("Timed out waiting for
+# file .../gcs_server_port_..."). Every Ray started here and in the scripts the tests run inherits this.
+os.environ.setdefault("RAY_gcs_server_port_wait_time_s", "120")
+
 # every hypothesis test: no example database (no .hypothesis/ in the checkout, which `ray job submit
 # --working-dir` would upload) and no per-example deadline (the box is shared and busy)
 settings.register_profile("raysys", database=None, deadline=None)

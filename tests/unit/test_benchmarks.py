@@ -61,3 +61,27 @@ def test_real_tables_pure_parts(monkeypatch):
     assert s["median_latency_ratio_hgb_over_student"] == 7.0
     assert s["goals"] == {"median_student_delta_ge_-1pt": True, "no_table_below_-3pt": True,
                           "student_5x_faster_batch1": True}
+
+
+def test_serve_load_ratios_pair_rounds_and_pick_the_best_peer(monkeypatch):
+    """benchmarks/serve_load.py's figures without servers: per-round ratios (medians), the peer with the most
+    throughput, the one with the least CPU per request, and the open loop's least p99."""
+    sl = _load("serve_load", monkeypatch)
+
+    def pt(rps, p99, cpu):
+        return {"rps": rps, "p50_ms": p99 / 3, "p99_ms": p99, "server_cpu_ms_per_request": cpu,
+                "server_cpu_cores": 1.0, "non_2xx": 0}
+
+    rounds = [{"raysys": pt(100, 10, 0.6), "uvicorn": pt(200, 5, 0.4), "gunicorn": pt(150, 4, 0.3)},
+              {"raysys": pt(120, 10, 0.6), "uvicorn": pt(200, 5, 0.4), "gunicorn": pt(100, 4, 0.3)},
+              {"raysys": pt(110, 10, 0.6), "uvicorn": pt(220, 5, 0.4), "gunicorn": pt(110, 4, 0.3)}]
+    lvl = sl.per_level(rounds)
+    assert lvl["raysys"]["rps"] == 110 and lvl["uvicorn"]["rps"] == 200 and lvl["non_2xx"] == 0
+    assert lvl["vs_uvicorn"]["throughput_ratio"] == 0.5  # median of 0.5, 0.6, 0.5
+    assert lvl["vs_gunicorn"]["throughput_ratio"] == 1.0  # median of 0.667, 1.2, 1.0
+    opened = {"raysys": {"p99_ms": 8.0}, "uvicorn": {"p99_ms": 4.0}, "gunicorn": {"p99_ms": 16.0}}
+    h = sl.headline(lvl, opened)
+    assert h["best_peer"] == "uvicorn" and h["c32_throughput_ratio_vs_best_peer"] == 0.5
+    assert h["c32_p99_ratio_vs_best_peer"] == 2.0
+    assert h["cpu_per_request_peer"] == "gunicorn" and h["cpu_per_request_ratio"] == 2.0
+    assert h["open_loop_peer"] == "uvicorn" and h["open_loop_p99_ratio"] == 2.0

@@ -23,11 +23,15 @@ def test_a_held_allocation_shows_in_rss_and_in_mallocs_in_use_bytes():
 
 def test_trim_gives_back_what_was_freed_but_kept_and_python_holds_none_of_it():
     before = memory_report()
-    chunks = [bytearray(2000) for _ in range(40_000)]  # ~80 MB of small mallocs, kept in the heap when freed
-    del chunks
+    # 16 kB blocks freed between small live ones: holes malloc keeps (they cannot fold into the heap's top and
+    # be returned on their own) until malloc_trim hands their whole pages back to the kernel
+    pairs = [(bytearray(16 * 1024), bytearray(600)) for _ in range(5000)]
+    kept_small = [small for _, small in pairs]
+    del pairs
     kept = memory_report()
     assert kept["malloc_free_mb"] - before["malloc_free_mb"] >= 40, (before, kept)
-    assert abs(kept["py_blocks"] - before["py_blocks"]) < 10_000, (before, kept)
+    assert abs(kept["py_blocks"] - before["py_blocks"]) < 20_000, (before, kept)
     trimmed = memory_report(trim=True)
-    assert trimmed["trimmed_mb"] >= 40, trimmed
+    assert trimmed["trimmed_mb"] >= 30, trimmed
     assert set(trimmed) >= {"rss_mb", "rss_file_mb", "malloc_arena_mb", "gc_objects", "threads"}
+    del kept_small
