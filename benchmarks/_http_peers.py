@@ -29,13 +29,16 @@ def _env(reg, model: str) -> dict:
 
 
 def peer_command(name: str, port: int, workers: int) -> list[str]:
-    py = sys.executable
+    # the app by its file's folder, not as `benchmarks._plain_fastapi`: Opacus installs a top-level package
+    # named `benchmarks`, which shadows this folder
+    py, here = sys.executable, str(ROOT / "benchmarks")
     if name == "uvicorn":
-        return [py, "-m", "uvicorn", "benchmarks._plain_fastapi:app", "--host", "127.0.0.1", "--port", str(port),
-                "--log-level", "warning", "--no-access-log"]
+        return [py, "-m", "uvicorn", "_plain_fastapi:app", "--app-dir", here, "--host", "127.0.0.1",
+                "--port", str(port), "--log-level", "warning", "--no-access-log"]
     if name == "gunicorn":
-        return [py, "-m", "gunicorn", "benchmarks._plain_fastapi:app", "-k", "uvicorn.workers.UvicornWorker",
-                "-w", str(workers), "-b", f"127.0.0.1:{port}", "--log-level", "warning"]
+        return [py, "-m", "gunicorn", "_plain_fastapi:app", "--pythonpath", here, "-k",
+                "uvicorn.workers.UvicornWorker", "-w", str(workers), "-b", f"127.0.0.1:{port}", "--log-level",
+                "warning"]
     if name == "litserve":
         return [py, str(ROOT / "benchmarks" / "_litserve_peer.py"), "--port", str(port), "--workers", str(workers)]
     raise ValueError(f"peer: unknown {name!r}; choose from {PEERS}")

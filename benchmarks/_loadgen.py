@@ -99,9 +99,12 @@ def wrk_point(url: str, bodies: Bodies, concurrency: int, duration_s: float, *, 
             "duration_s": round(secs, 2), "generator": "wrk"}
 
 
-def hey_point(url: str, bodies: Bodies, rate: float, duration_s: float, *, workers: int = 8,
+def hey_point(url: str, bodies: Bodies, rate: float, duration_s: float, *, workers: int | None = None,
               cpus: str | None = None) -> dict:
-    """One open-loop point at `rate` requests/s offered (hey: `workers` workers x rate/workers each)."""
+    """One open-loop point at `rate` requests/s offered (hey: `workers` workers x rate/workers each). hey's
+    worker waits for its answer before its next request, so each worker offers at most 1/latency: by default one
+    worker per 20 requests/s (50 ms a request before the offered rate falls short)."""
+    workers = workers or max(8, -(-int(rate) // 20))
     per_worker = max(1, round(rate / workers))
     cmd = ["hey", "-z", f"{duration_s:g}s", "-c", str(workers), "-q", str(per_worker), "-m", "POST",
            "-T", "application/json", "-D", str(bodies.first), "-o", "csv", "-t", "10"]

@@ -2,7 +2,7 @@
 one FastAPI route, each request validated and scored on its own (no batching) with the same student, the
 same validation code and one torch thread, like a replica.
 
-    RAYSYS_BENCH_REGISTRY=... RAYSYS_BENCH_MODEL=... uvicorn benchmarks._plain_fastapi:app --port 8001
+    RAYSYS_BENCH_REGISTRY=... RAYSYS_BENCH_MODEL=... uvicorn _plain_fastapi:app --app-dir benchmarks --port 8001
 """
 
 import json
