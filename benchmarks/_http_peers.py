@@ -63,13 +63,13 @@ def start_peer(name: str, reg, model: str, port: int, workers: int, cpus: str | 
                             stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
 
 
-def wait_ready(proc: subprocess.Popen, url: str, body: bytes, headers: dict, timeout_s: float = 120) -> None:
+def wait_ready(proc: subprocess.Popen | None, url: str, body: bytes, headers: dict, timeout_s: float = 120) -> None:
     """Until a real prediction answers 200 (LitServe's workers load the model after its HTTP server is up)."""
     import requests
 
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if proc.poll() is not None:
+        if proc is not None and proc.poll() is not None:
             raise RuntimeError(f"{url}: the server exited ({proc.returncode}): {proc.stderr.read()[-3000:]!r}")
         try:
             if requests.post(url, data=body, headers=headers, timeout=5).status_code == 200:

@@ -236,7 +236,7 @@ def run_layout(layout: str, reg, bodies, args, log) -> dict:
                                  "monitor_name": f"bench_monitor_{name}", "serve_cfg": json.loads(args.serve_cfg)}),
                       name=name, route_prefix=f"/{name}")
             url = f"{base}/{name}"
-            wait_ready_ray(url, bodies)
+            wait_ready(None, f"{url}/v1/predict", bodies.raw[0], bodies.headers)
             return url
 
         url = deploy(True, "mon_on")
@@ -271,21 +271,6 @@ def run_layout(layout: str, reg, bodies, args, log) -> dict:
             serve.shutdown()
         finally:
             ray.shutdown()
-
-
-def wait_ready_ray(url: str, bodies) -> None:
-    import requests
-
-    deadline = time.monotonic() + 120
-    while time.monotonic() < deadline:
-        try:
-            if requests.post(f"{url}/v1/predict", data=bodies.raw[0], headers=bodies.headers,
-                             timeout=5).status_code == 200:
-                return
-        except requests.RequestException:
-            pass
-        time.sleep(0.5)
-    raise RuntimeError(f"{url} did not answer within 120 s")
 
 
 def main() -> int:
