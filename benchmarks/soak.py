@@ -18,6 +18,7 @@ MB/min, reported); the monitor's window, prediction log and stored traffic bound
     python benchmarks/soak.py                      # 5 minutes
     python benchmarks/soak.py --duration-s 30 --bucket-s 10   # the test mode
     python benchmarks/soak.py --malloc-arena-max 2            # fewer glibc arenas in every Ray process
+                                                              # (the replicas have 2 anyway: serve.malloc_arena_max)
 
 The last stdout line is one JSON object.
 """
@@ -171,7 +172,8 @@ def probe_summary(probes: dict[str, list[tuple[float, dict]]], t0: float, t1: fl
             if series:
                 layers[k] = {"first": series[0][1], "last": series[-1][1], "slope_per_min": _slope(series)}
         end = trimmed.get(rid) or {}
-        out[rid] = {"probes": len(pts), **layers, "trimmed_mb_at_end": end.get("trimmed_mb"),
+        out[rid] = {"probes": len(pts), **layers, "malloc_arena_max": pts[-1][1].get("malloc_arena_max"),
+                    "trimmed_mb_at_end": end.get("trimmed_mb"),
                     "rss_mb_after_trim": end.get("rss_mb")}
     return out
 

@@ -182,13 +182,23 @@ def deployment_options(scfg: ServeConfig) -> dict[str, Any]:
         "max_queued_requests": scfg.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": scfg.retry_after_s},
         "logging_config": {"enable_access_log": scfg.access_log},
+        **({"ray_actor_options": {"runtime_env": {"env_vars": env}}} if (env := replica_env(scfg)) else {}),
     }
+
+
+def replica_env(scfg: ServeConfig) -> dict[str, str]:
+    """Environment variables each replica's process must start with, from ServeConfig: glibc reads
+    MALLOC_ARENA_MAX once, when the process starts, so it goes in a runtime_env (Ray sets it before the replica's
+    process runs). `deployment_options` puts it in the deployment's ray_actor_options (apps built in Python);
+    `app_config` in the application's runtime_env as well, which Serve merges into every deployment's env_vars
+    even where a config file gives the deployment ray_actor_options of its own (which replace the former)."""
+    return {} if scfg.malloc_arena_max is None else {"MALLOC_ARENA_MAX": str(scfg.malloc_arena_max)}
 
 
 def app_config(cfg: Any, *, model_ref: str | int = "production", monitor: bool = True) -> dict[str, Any]:
     """The Serve application config (a `serve deploy` YAML's `applications:` entry) for a PipelineConfig: the
     same application `serve/config.yaml` describes, with the registry path made absolute."""
-    return {
+    app = {
         "name": cfg.serve.app_name,
         "route_prefix": cfg.serve.route_prefix,
         "import_path": IMPORT_PATH,
@@ -198,3 +208,6 @@ def app_config(cfg: Any, *, model_ref: str | int = "production", monitor: bool =
         "deployments": [{"name": DEPLOYMENT_NAME, **replica_options(cfg.serve),
                          "user_config": {"model_ref": model_ref, "candidate_ref": None, "canary_percent": 0}}],
     }
+    if env := replica_env(cfg.serve):
+        app["runtime_env"] = {"env_vars": env}
+    return app

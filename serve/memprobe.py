@@ -18,6 +18,7 @@ from __future__ import annotations
 import ctypes
 import ctypes.util
 import gc
+import os
 import sys
 import threading
 from pathlib import Path
@@ -81,5 +82,7 @@ def memory_report(trim: bool = False) -> dict[str, Any]:
     out.update(_status_mb())
     out.update(malloc_stats() or {})
     out.update(py_blocks=sys.getallocatedblocks(), gc_objects=len(gc.get_objects()),
-               threads=threading.active_count())
+               threads=threading.active_count(),
+               # what glibc read when this process started (serve.malloc_arena_max puts it in a replica's env)
+               malloc_arena_max=os.environ.get("MALLOC_ARENA_MAX"))
     return out

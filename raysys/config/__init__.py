@@ -11,19 +11,17 @@ from raysys.config.quality import QUALITY_CHECKS, CheckLevels, QualityConfig
 from raysys.config.sections import (
     FT_ARCH_FIELDS,
     FT_SIZES,
-    CanaryConfig,
     DataConfig,
     DistillConfig,
     EvaluationConfig,
     ModelConfig,
     ParallelConfig,
     PipelineConfig,
-    ServeAutoscaling,
-    ServeConfig,
     SliceConfig,
     TrackingConfig,
     TrainConfig,
 )
+from raysys.config.serving import CanaryConfig, ServeAutoscaling, ServeConfig
 from raysys.config.sizing import SizingConfig
 
 __all__ = [

@@ -49,7 +49,8 @@ def _deploy(reg, name: str, serve_cfg: dict | None = None, env: dict | None = No
     scfg = ServeConfig.model_validate(kwargs["serve_cfg"])
     options = {**replica_options(scfg), **deployment_options(scfg)}
     if env:
-        options["ray_actor_options"] = {"runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1", **env}}}
+        actor = options.setdefault("ray_actor_options", {}).setdefault("runtime_env", {})
+        actor["env_vars"] = {**actor.get("env_vars", {}), "OMP_NUM_THREADS": "1", **env}
     serve.run(StudentEndpoint.options(**options).bind(**kwargs), name=name, route_prefix=f"/{name}")
     # RUNNING in Serve before HAProxy routes to it: on a loaded box its reload lags (a plain-text 404 meanwhile)
     from ray.serve.context import _get_global_client

@@ -34,6 +34,8 @@ def test_soak_holds_without_errors_or_unbounded_buffers(tmp_path, endpoint_api_k
     for rep in layers.values():
         assert rep["probes"] >= 1 and rep["rss_mb"]["last"] > rep["malloc_in_use_mb"]["last"] > 0, rep
         assert rep["py_blocks"]["last"] > 0 and rep["trimmed_mb_at_end"] is not None, rep
+        # serve.malloc_arena_max (default 2) reached the replica's process through its runtime_env
+        assert rep["malloc_arena_max"] == "2", rep
     # what Prometheus scrapes from the head after this traffic: the names and labels the shipped alert rules and
     # Grafana panels use (deploy/prometheus, deploy/grafana) exist as exported (the `ray_` prefix, counters'
     # `_total`, histograms' `_bucket` + `le`)

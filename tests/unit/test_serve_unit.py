@@ -407,6 +407,12 @@ def test_deployment_options_come_from_serve_config():
     opts = deployment_options(ServeConfig(max_ongoing_requests=3, max_queued_requests=-1, access_log=True))
     assert (opts["max_ongoing_requests"], opts["max_queued_requests"]) == (3, -1)
     assert opts["logging_config"]["enable_access_log"] is True
+    # glibc's arenas: in the replica's runtime_env (read when its process starts), or not set at all
+    assert opts["ray_actor_options"] == {"runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "2"}}}
+    assert "ray_actor_options" not in deployment_options(ServeConfig(malloc_arena_max=None))
+    with pytest.raises(ValueError, match="malloc_arena_max"):
+        ServeConfig(malloc_arena_max=0)
+
     assert replica_options(ServeConfig()) == {"num_replicas": 2}
     auto = replica_options(ServeConfig(autoscaling={"min_replicas": 1, "max_replicas": 3}))
     assert auto == {"autoscaling_config": {"min_replicas": 1, "max_replicas": 3, "target_ongoing_requests": 64.0}}
@@ -420,6 +426,29 @@ def test_deployment_options_come_from_serve_config():
     assert DeploymentSchema(name="d", **spread).max_replicas_per_node == 1
     with pytest.raises(ValueError, match="max_replicas_per_node"):
         ServeConfig(max_replicas_per_node=0)
+
+
+def test_the_app_config_carries_the_replicas_environment_past_a_deployments_own_actor_options():
+    """A Serve config whose deployment sets ray_actor_options (resources, num_cpus) replaces the ones the app
+    builder gave: the application's runtime_env, which Serve merges into every deployment's env_vars, keeps
+    MALLOC_ARENA_MAX in the replicas' environment."""
+    from ray.serve._private.utils import override_runtime_envs_except_env_vars
+    from ray.serve.schema import ServeApplicationSchema
+
+    from raysys.config import preset
+    from serve.contract import app_config
+
+    cfg = preset("tiny")
+    app = app_config(cfg)
+    assert app["runtime_env"] == {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
+    app["deployments"][0]["ray_actor_options"] = {"resources": {"replica_slot": 1},
+                                                  "runtime_env": {"env_vars": {"OMP_NUM_THREADS": "1"}}}
+    assert ServeApplicationSchema.parse_obj(app).runtime_env == app["runtime_env"]  # what Serve accepts
+    merged = override_runtime_envs_except_env_vars(app["runtime_env"],
+                                                   app["deployments"][0]["ray_actor_options"]["runtime_env"])
+    assert merged["env_vars"] == {"MALLOC_ARENA_MAX": "2", "OMP_NUM_THREADS": "1"}
+    cfg.serve.malloc_arena_max = None
+    assert "runtime_env" not in app_config(cfg)
 
 
 def test_ingress_env_modes(monkeypatch):
