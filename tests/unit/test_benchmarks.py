@@ -85,3 +85,17 @@ def test_serve_load_ratios_pair_rounds_and_pick_the_best_peer(monkeypatch):
     assert h["c32_p99_ratio_vs_best_peer"] == 2.0
     assert h["cpu_per_request_peer"] == "gunicorn" and h["cpu_per_request_ratio"] == 2.0
     assert h["open_loop_peer"] == "uvicorn" and h["open_loop_p99_ratio"] == 2.0
+
+
+def test_soak_memory_is_flat_only_when_every_process_is(monkeypatch):
+    """benchmarks/soak.py's verdict over its per-process slopes (the last half of the run): one process over the
+    bound names itself and makes the whole not flat; no slope at all is no verdict of flatness."""
+    soak = _load("soak", monkeypatch)
+    bound = soak.FLAT_MB_PER_MIN
+    mem = {"replica:1": {"slope_last_half_mb_per_min": 0.08}, "monitor:2": {"slope_last_half_mb_per_min": 0.06},
+           "haproxy:3": {"slope_last_half_mb_per_min": None}}
+    assert soak.memory_verdict(mem) == {"memory_flat": True, "memory_not_flat": [], "memory_flat_mb_per_min": bound}
+    mem["replica:4"] = {"slope_last_half_mb_per_min": bound * 4}
+    out = soak.memory_verdict(mem)
+    assert out["memory_flat"] is False and out["memory_not_flat"] == ["replica:4"]
+    assert soak.memory_verdict({"haproxy:3": {"slope_last_half_mb_per_min": None}})["memory_flat"] is False
