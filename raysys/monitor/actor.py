@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import ray
 
+from raysys.config import MonitorConfig
 from raysys.monitor.core import Monitor
 from raysys.monitor.metrics import dashboard_metrics
 
@@ -28,5 +29,18 @@ def get_or_create_monitor(name: str = "raysys_monitor", namespace: str = "raysys
     """
     init_kwargs.setdefault("snapshot_key", f"{namespace}-{name}")
     init_kwargs.setdefault("metrics", dashboard_metrics)
+    options = monitor_actor_options(actor_options, init_kwargs.get("monitor_cfg"))
     return MonitorActor.options(name=name, namespace=namespace, get_if_exists=True, lifetime="detached",
-                                **MONITOR_ACTOR_OPTIONS, **(actor_options or {})).remote(**init_kwargs)
+                                **options).remote(**init_kwargs)
+
+
+def monitor_actor_options(actor_options: dict | None, monitor_cfg: dict | None) -> dict:
+    """MONITOR_ACTOR_OPTIONS, then `actor_options`, with monitor.malloc_arena_max in the runtime_env's env_vars
+    (glibc reads it when the actor's process starts; a value the caller's env_vars set wins)."""
+    options = {**MONITOR_ACTOR_OPTIONS, **(actor_options or {})}
+    arenas = MonitorConfig.model_validate(monitor_cfg or {}).malloc_arena_max
+    if arenas is not None:
+        runtime_env = dict(options.get("runtime_env") or {})
+        runtime_env["env_vars"] = {"MALLOC_ARENA_MAX": str(arenas), **(runtime_env.get("env_vars") or {})}
+        options["runtime_env"] = runtime_env
+    return options

@@ -513,3 +513,19 @@ def test_server_errors_are_counted_per_version_apart_from_client_errors(task):
     again = Monitor(prof, schema, MonitorConfig(window_size=100), model_version="1", clock=FakeClock(1000.0))
     again.counts.load_state(mon.counts.state(), np.zeros((0, 1)))
     assert again.report()["server_errors_by_version"] == {"2": 4}
+
+
+def test_the_monitor_actor_starts_with_the_configured_malloc_arenas():
+    """monitor.malloc_arena_max reaches the actor's runtime_env (read by glibc when its process starts), beside the
+    caller's own actor options and env vars (which win); None leaves glibc's default."""
+    from raysys.monitor.actor import MONITOR_ACTOR_OPTIONS, monitor_actor_options
+
+    opts = monitor_actor_options({"resources": {"monitor_node": 1}}, MonitorConfig().model_dump())
+    assert opts["runtime_env"] == {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
+    assert opts["resources"] == {"monitor_node": 1} and opts["max_restarts"] == MONITOR_ACTOR_OPTIONS["max_restarts"]
+    mine = monitor_actor_options({"runtime_env": {"env_vars": {"MALLOC_ARENA_MAX": "4", "X": "1"}}},
+                                 MonitorConfig(malloc_arena_max=3))
+    assert mine["runtime_env"]["env_vars"] == {"MALLOC_ARENA_MAX": "4", "X": "1"}
+    assert "runtime_env" not in monitor_actor_options(None, {"malloc_arena_max": None})
+    with pytest.raises(ValueError, match="malloc_arena_max"):
+        monitor_actor_options(None, {"malloc_arena_max": 0})
