@@ -8,14 +8,12 @@ A threshold is a bound on one number the model card shows; the check fails when 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import Field, field_validator
+
+from raysys.config.strict import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DPConfig(_Strict):
+class DPConfig(Strict):
     """DP-SGD (Abadi et al., 2016) through Opacus: per-sample gradients clipped to `max_grad_norm`, Gaussian noise
     of std `noise_multiplier * max_grad_norm` added to their sum, epsilon at `delta` from Opacus's RDP
     accountant. Single process or data parallel (`train.strategy: ddp`) only; `pip install raysys[dp]`."""
@@ -25,7 +23,7 @@ class DPConfig(_Strict):
     delta: float = Field(1e-5, gt=0, lt=1, description="delta of the (epsilon, delta) guarantee reported.")
 
 
-class TrustThresholds(_Strict):
+class TrustThresholds(Strict):
     """Bounds on the trust figures of the model card (a value strictly above its bound fails the check)."""
 
     robustness_drop: float | None = Field(
@@ -47,7 +45,7 @@ class TrustThresholds(_Strict):
                                 "epsilon infinity and fails a set bound.")
 
 
-class GovernanceConfig(_Strict):
+class GovernanceConfig(Strict):
     """Trust checks on every registered version's card, and the uses the card states (NIST AI RMF Map)."""
 
     enabled: bool = Field(True, description="Measure robustness, membership inference and protected-group metrics "

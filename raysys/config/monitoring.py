@@ -5,16 +5,15 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from raysys.config.strict import Strict
 
 MIN_FLUSH_INTERVAL_MS = 10  # a replica's monitor flusher waits this long at the least (0 would busy-loop it)
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-
-class MonitorConfig(_Strict):
+class MonitorConfig(Strict):
     """Live monitoring: drift (window tests + a calibrated online detector), latency, accuracy, alerts."""
 
     window_size: int = Field(1000, ge=10, description="Rows in the sliding window the window tests use.")

@@ -8,25 +8,23 @@ so that the synthetic data (`SyntheticTask`, with its 3% label noise) raises no 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
 
-
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+from raysys.config.strict import Strict
 
 
 def _levels(warn: float | None, refuse: float | None, what: str):
     return Field(default_factory=lambda: CheckLevels(warn=warn, refuse=refuse), description=what)
 
 
-class CheckLevels(_Strict):
+class CheckLevels(Strict):
     """Thresholds of one check (the value it measures must be strictly above a threshold to fire)."""
 
     warn: float | None = Field(None, description="Warn when the check's value is above this (None: never warn).")
     refuse: float | None = Field(None, description="Refuse to train when the value is above this (None: never).")
 
 
-class QualityConfig(_Strict):
+class QualityConfig(Strict):
     """Data quality report before training (`raysys data check`, and the pipeline's `quality` stage)."""
 
     enabled: bool = Field(True, description="Run the report as a stage before training (refusals stop the run).")

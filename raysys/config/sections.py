@@ -8,22 +8,18 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import Field, field_validator, model_validator
 
 from raysys.config.governance import DPConfig, GovernanceConfig
 from raysys.config.monitoring import MonitorConfig
 from raysys.config.quality import QualityConfig
 from raysys.config.serving import CanaryConfig, ServeConfig
 from raysys.config.sizing import SizingConfig
+from raysys.config.strict import Strict
 from raysys.config.tracking import TrackingConfig
 
 
-class _Strict(BaseModel):
-    # forbid unknown keys so a typo in a YAML file is an error, not a silently ignored setting
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class DataConfig(_Strict):
+class DataConfig(Strict):
     """Where the data lives and, for the synthetic generator, what it looks like."""
 
     root: str = Field("runs/data", description="Dataset directory (schema.json + train/validation/test Parquet).")
@@ -55,7 +51,7 @@ FT_SIZES = ("tiny", "small", "base", "large")
 FT_ARCH_FIELDS = ("d_model", "num_blocks", "num_heads", "ffn_mult")
 
 
-class ModelConfig(_Strict):
+class ModelConfig(Strict):
     """A teacher or student architecture.
 
     family "mlp": `raysys.models.mlp.TabularMLP` (categorical embeddings + an MLP of `hidden_dims`);
@@ -110,7 +106,7 @@ class ModelConfig(_Strict):
         return self
 
 
-class ParallelConfig(_Strict):
+class ParallelConfig(Strict):
     """Degrees of data (dp), tensor (tp) and pipeline (pp) parallelism; dp * tp * pp = train.num_workers.
 
     A degree left out is inferred: dp = num_workers / (tp * pp)."""
@@ -120,7 +116,7 @@ class ParallelConfig(_Strict):
     pp: int | None = Field(None, ge=1, description="Pipeline stages (default 1).")
 
 
-class TrainConfig(_Strict):
+class TrainConfig(Strict):
     """Teacher training with Ray Train (TorchTrainer)."""
 
     strategy: Literal["ddp", "zero1", "zero2", "zero3", "pipeline", "tensor"] = Field(
@@ -207,7 +203,7 @@ class TrainConfig(_Strict):
         return self
 
 
-class SliceConfig(_Strict):
+class SliceConfig(Strict):
     """Which slices of the test split the evaluation reports (worst slice flagged on the model card)."""
 
     categorical: list[str] | None = Field(
@@ -223,7 +219,7 @@ class SliceConfig(_Strict):
     min_rows: int = Field(30, ge=1, description="Slices with fewer rows are reported but never flagged worst.")
 
 
-class EvaluationConfig(_Strict):
+class EvaluationConfig(Strict):
     """Offline evaluation of the distilled student (raysys.evaluate)."""
 
     slices: SliceConfig = Field(default_factory=SliceConfig, description="Per-slice metrics.")
@@ -232,7 +228,7 @@ class EvaluationConfig(_Strict):
     latency_repeats: int = Field(200, ge=5, description="Timed calls per latency figure (after warm-up).")
 
 
-class DistillConfig(_Strict):
+class DistillConfig(Strict):
     """Knowledge distillation of a student from the teacher, swept with Ray Tune.
 
     `search: grid` sweeps `temperatures` x `alphas` for the fixed `student`; `search: optuna` (or
@@ -344,7 +340,7 @@ class DistillConfig(_Strict):
         return any(a > 0 for a in self.alphas) if self.search == "grid" else self.alpha_range[1] > 0
 
 
-class PipelineConfig(_Strict):
+class PipelineConfig(Strict):
     """The whole loop: data -> teacher -> distillation -> registry -> serve -> monitor."""
 
     preset: str = Field("custom", description="Name of the preset this config started from.")

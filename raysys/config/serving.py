@@ -5,15 +5,12 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import Field, model_validator
+
+from raysys.config.strict import Strict
 
 
-class _Strict(BaseModel):
-    # forbid unknown keys so a typo in a YAML file is an error, not a silently ignored setting
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class ServeAutoscaling(_Strict):
+class ServeAutoscaling(Strict):
     """Serve autoscaling of the endpoint deployment (Serve's `autoscaling_config`)."""
 
     min_replicas: int = Field(1, ge=0, description="Fewest replicas (0: scale to zero when idle).")
@@ -28,7 +25,7 @@ class ServeAutoscaling(_Strict):
         return self
 
 
-class ServeConfig(_Strict):
+class ServeConfig(Strict):
     """The Ray Serve HTTP endpoint."""
 
     host: str = Field("127.0.0.1", description="Address the Serve HTTP proxy binds.")
@@ -79,7 +76,7 @@ class ServeConfig(_Strict):
                              "at ~0.1 MB/min (benchmarks/soak.py, docs/RELIABILITY.md). None: glibc's default.")
 
 
-class CanaryConfig(_Strict):
+class CanaryConfig(Strict):
     """The metric gate a canary must pass before promotion (`raysys serve canary`, the retrain job): checked
     every `interval_s` on the candidate's figures since the canary began, against the stable version's over
     the same time; `intervals` passing checks promote it, `failure_threshold` failed ones roll it back."""

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from raysys.config.strict import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class SizingConfig(_Strict):
+class SizingConfig(Strict):
     """A preset's batch sizes and epochs suit tables of thousands of rows; on a table of a few hundred, batch 256
     for 6 epochs is a handful of optimizer steps and a model that barely left its initialisation. With `enabled`,
     a training split smaller than `batches_per_epoch` batches gets a smaller batch (a power of two, at least

@@ -2,14 +2,12 @@
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import Field
+
+from raysys.config.strict import Strict
 
 
-class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
-
-
-class TrackingConfig(_Strict):
+class TrackingConfig(Strict):
     """Experiment tracking in MLflow (the optional extra `pip install raysys[mlflow]`); the raysys registry
     stays the source of truth, MLflow gets a copy of the runs, metrics and versions from the driver."""
 
