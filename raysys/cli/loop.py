@@ -45,7 +45,9 @@ def train(preset: Preset = "demo", config: ConfigFile = None, root: Root = None,
           teacher_family: Annotated[str | None, typer.Option(
               "--teacher-family", help="mlp or ft_transformer (teacher.family).")] = None,
           teacher_size: Annotated[str | None, typer.Option(
-              "--teacher-size", help="tiny, small, base or large (teacher.size; implies ft_transformer).")] = None):
+              "--teacher-size", help="tiny, small, base or large (teacher.size; implies ft_transformer).")] = None,
+          gpu: Annotated[bool, typer.Option(
+              "--gpu", help="One GPU per worker, bf16 by default (train.use_gpu; train.mixed_precision).")] = False):
     """Train and register the teacher with Ray Train (e.g. `raysys train --strategy zero3 --workers 4`)."""
     from raysys.workflow import stages
 
@@ -53,7 +55,8 @@ def train(preset: Preset = "demo", config: ConfigFile = None, root: Root = None,
                                  ("--teacher-size", teacher_size, TEACHER_SIZES)):
         if value is not None and value not in allowed:
             raise typer.BadParameter(f"{value!r} is not one of {', '.join(allowed)}", param_hint=flag)
-    overrides = train_overrides(strategy, workers, dp, tp, pp, max_worker_memory_gb, teacher_family, teacher_size)
+    overrides = train_overrides(strategy, workers, dp, tp, pp, max_worker_memory_gb, teacher_family, teacher_size,
+                                gpu=gpu)
     cfg = absolute_config(preset, config, root, overrides)
     setup_logging()
     start_ray(address)

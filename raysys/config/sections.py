@@ -139,13 +139,24 @@ class TrainConfig(Strict):
         "most this many MiB (later epochs shuffle it in memory instead of re-reading it through Ray Data); 0 "
         "streams every epoch.")
     max_worker_memory_gb: float | None = Field(
-        None, gt=0, description="Per-worker budget for params + grads + AdamW state; a configuration whose "
-        "estimate exceeds it is refused before training, naming one that fits.")
+        None, gt=0, description="Per-worker budget for params + grads + AdamW state (GPU memory with use_gpu); a "
+        "configuration whose estimate exceeds it is refused before training, naming one that fits.")
     num_workers: int = Field(2, ge=1, description="Ray Train workers (one torch process each).")
     cpus_per_worker: float = Field(1.0, gt=0, description="Logical CPUs each worker reserves.")
     resources_per_worker: dict[str, float] = Field(
         default_factory=dict, description="Other Ray resources each worker reserves beside its CPUs, e.g. "
         "{'memory': 4e9} or a custom node resource {'trainer_node': 1} that places the ranks on labelled nodes.")
+    use_gpu: bool = Field(
+        False, description="One GPU per worker (Ray Train's use_gpu): each rank's model, batches and optimizer state "
+        "on its CUDA device, collectives on NCCL (CPU-side ones on gloo). The cluster must have GPUs: training is "
+        "refused before any worker starts when it has none.")
+    accelerator_type: str | None = Field(
+        None, description="With use_gpu: the GPU type the workers need (Ray's accelerator_type, e.g. 'A100', "
+        "'H100', 'L4'); None: any.")
+    mixed_precision: Literal["auto", "bf16", "fp32"] = Field(
+        "auto", description="bf16 compute (autocast for ddp/zero1/tensor/pipeline; FSDP2's MixedPrecisionPolicy with "
+        "bf16 params and fp32 gradient reduction for zero2/zero3) or fp32. 'auto': bf16 on GPU, fp32 on CPU. DP-SGD "
+        "always runs in fp32.")
     threads_per_worker: int = Field(1, ge=1, description="torch intra-op threads per worker.")
     worker_niceness: int | None = Field(
         0, ge=-20, le=19, description="Nice value the training workers set on all their threads. Ray starts worker "
@@ -188,6 +199,9 @@ class TrainConfig(Strict):
             raise ValueError(f"train.dp: DP-SGD needs each row's own gradient, so it supports single-process and "
                              f"data-parallel training only (train.strategy: ddp), not {self.strategy!r}, which "
                              "shards or splits the parameters or the batch; set train.strategy: ddp or remove dp")
+        if self.accelerator_type is not None and not self.use_gpu:
+            raise ValueError(f"train.accelerator_type: {self.accelerator_type!r} asks for a GPU type, but "
+                             "train.use_gpu is false; set train.use_gpu: true (raysys train --gpu) or remove it")
         p, n = self.parallel, self.num_workers
         if self.dp is not None and p is not None and ((p.tp or 1) > 1 or (p.pp or 1) > 1):
             raise ValueError("train.dp: DP-SGD runs on plain data parallel only, but train.parallel asks for "

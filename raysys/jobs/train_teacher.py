@@ -33,13 +33,14 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--teacher-family", choices=TEACHER_FAMILIES, default=None, help="teacher.family")
     p.add_argument("--teacher-size", choices=TEACHER_SIZES, default=None,
                    help="teacher.size (ft_transformer; implies --teacher-family ft_transformer)")
+    p.add_argument("--gpu", action="store_true", help="train.use_gpu: one GPU per worker (the cluster must have them)")
     return p.parse_args(argv)
 
 
 def main(argv=None) -> int:
     args = parse_args(argv)
     overrides = train_overrides(args.strategy, args.workers, args.dp, args.tp, args.pp, args.max_worker_memory_gb,
-                                args.teacher_family, args.teacher_size)
+                                args.teacher_family, args.teacher_size, gpu=args.gpu)
     try:
         cfg = job_config(args, overrides)
     except ValueError as e:

@@ -21,6 +21,7 @@ import torch.distributed as dist
 from torch import nn
 
 from raysys.parallel.ddp import dp_size, rank
+from raysys.parallel.precision import fsdp_mp_policy
 
 logger = logging.getLogger(__name__)
 
@@ -52,14 +53,16 @@ def apply_fsdp(model: nn.Module, mesh, cfg=None, *, reshard_after_forward: bool)
     dp_mesh = _dp_mesh(mesh)
     _sync_module_states(model, dp_mesh.get_group())
     units = fsdp_units(model)
+    precision = cfg.option("precision", "fp32") if cfg is not None else "fp32"
+    extra = {"mp_policy": policy} if (policy := fsdp_mp_policy(precision)) is not None else {}
     for unit in units:
-        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+        fully_shard(unit, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, **extra)
     # FSDP2 keeps the root's parameters unsharded after forward anyway (backward needs them at once)
-    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward)
+    fully_shard(model, mesh=dp_mesh, reshard_after_forward=reshard_after_forward, **extra)
     if rank() == 0:
-        logger.info("parallel: %s applied (FSDP2 fully_shard, reshard_after_forward=%s) over %d ranks, "
+        logger.info("parallel: %s applied (FSDP2 fully_shard, reshard_after_forward=%s, %s) over %d ranks, "
                     "%d block units + root", "ZeRO-3" if reshard_after_forward else "ZeRO-2",
-                    reshard_after_forward, dp_mesh.size(), len(units))
+                    reshard_after_forward, precision, dp_mesh.size(), len(units))
     return model
 
 

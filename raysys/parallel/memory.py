@@ -86,6 +86,17 @@ def gather_rank_memory(stats: dict[str, int]) -> list[dict[str, int]]:
     return [dict(zip(MEMORY_KEYS, (int(x) for x in t.tolist()))) for t in out]
 
 
+def gpu_memory_metrics(device: torch.device) -> dict[str, object]:
+    """On CUDA, the peak bytes the caching allocator handed out on each rank's device since the last call
+    (`torch.cuda.max_memory_allocated`, then reset), max over ranks and per rank (collective); {} on CPU."""
+    if device.type != "cuda":
+        return {}
+    peak = torch.cuda.max_memory_allocated(device)
+    torch.cuda.reset_peak_memory_stats(device)
+    per_rank = [int(x["total_bytes"]) for x in gather_rank_memory(dict.fromkeys(MEMORY_KEYS, 0) | {"total_bytes": peak})]
+    return {"gpu_max_allocated_bytes": max(per_rank), "gpu_per_rank_max_allocated_bytes": per_rank}
+
+
 def memory_metrics(per_rank: list[dict[str, int]]) -> dict[str, object]:
     """Flat metrics for a report: the max over ranks of each kind, plus the per-rank lists."""
     out: dict[str, object] = {}

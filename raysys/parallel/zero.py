@@ -95,12 +95,13 @@ class EvenShardedAdamW:
         self.start = min(self.rank * self.shard_size, self.total)
         self.end = min(self.start + self.shard_size, self.total)
         dtype = self.params[0].dtype if self.params else torch.float32
-        self.shard = nn.Parameter(torch.zeros(self.end - self.start, dtype=dtype))
+        device = self.params[0].device if self.params else torch.device("cpu")  # a GPU rank's shard stays on it
+        self.shard = nn.Parameter(torch.zeros(self.end - self.start, dtype=dtype, device=device))
         self.optim = torch.optim.AdamW([self.shard], lr=lr, weight_decay=weight_decay, betas=betas, eps=eps)
         # buffers reused every step: the shard's gradient, and the gathered flat parameters (each rank's
         # slice lands in its own view, no concatenation)
         self._grad = torch.zeros_like(self.shard.data)
-        self._flat = torch.zeros(self.shard_size * self.world, dtype=dtype)
+        self._flat = torch.zeros(self.shard_size * self.world, dtype=dtype, device=device)
         self._slots = list(self._flat.split(self.shard_size))
         self._mine = list(self._overlaps())
         self._pre_hooks: OrderedDict[int, Any] = OrderedDict()  # RemovableHandle needs a weak-referenceable dict
@@ -179,7 +180,7 @@ class EvenShardedAdamW:
             return {"state": {}, "param_groups": groups} if self.rank == to else None
         moments = {}
         for key in ("exp_avg", "exp_avg_sq"):
-            padded = torch.zeros(self.shard_size, dtype=self.shard.dtype)
+            padded = torch.zeros(self.shard_size, dtype=self.shard.dtype, device=self.shard.device)
             padded[: self.end - self.start] = st[key]
             parts = [torch.empty_like(padded) for _ in range(self.world)] if self.rank == to else None
             dist.gather(padded, parts, dst=dist.get_global_rank(self.group, to) if self.group else to,

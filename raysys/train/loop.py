@@ -1,6 +1,7 @@
 """The per-worker teacher training loop run by `ray.train.torch.TorchTrainer` (one process per rank).
 
-Ray Train has already initialised the gloo process group when `train_loop_per_worker` starts. The
+Ray Train has already initialised the process group (gloo; with `train.use_gpu` NCCL for CUDA tensors and gloo
+for CPU ones, each rank on its own GPU) when `train_loop_per_worker` starts. The
 worker re-validates its `WorkerConfig` (plain JSON: nothing pickled crosses from the driver but the
 optional test hooks), builds the `ParallelDims` mesh, applies `train.strategy` with
 `raysys.parallel.parallelize`, builds the matching optimizer (AdamW, or ZeRO-1's partitioned AdamW) with
@@ -24,6 +25,7 @@ and world size wrote it, and training continues at the next epoch. Each epoch re
 
 from __future__ import annotations
 
+import dataclasses
 import logging
 import math
 import tempfile
@@ -40,11 +42,13 @@ from raysys.parallel import (
     ParallelDims,
     build_optimizer,
     has_dtensor_params,
+    is_fsdp,
     parallelize,
     pipeline_runner,
     unwrap,
 )
-from raysys.parallel.memory import gather_rank_memory, memory_metrics, rank_memory
+from raysys.parallel.memory import gather_rank_memory, gpu_memory_metrics, memory_metrics, rank_memory
+from raysys.parallel.precision import autocast, resolve_precision
 from raysys.train.checkpoint import read_meta, restore_checkpoint, save_checkpoint
 from raysys.train.metrics import train_metrics
 from raysys.train.private import PoissonBatches, check_resumable_privacy, private_model, private_settings
@@ -58,6 +62,7 @@ from raysys.train.steps import (
     pad_to_common_count,
     per_worker_batch_size,
     pipeline_eval_sums,
+    to_device,
     to_tensors,
     train_step,
 )
@@ -65,8 +70,6 @@ from raysys.train.worker_config import WorkerConfig, parallel_dims, strategy_con
 
 logger = logging.getLogger(__name__)
 
-# the workers are CPU processes (ScalingConfig(use_gpu=False)) on gloo
-DEVICE_TYPE = "cpu"
 # the smallest validation batch: evaluation holds no gradients, so larger batches only cost memory
 MIN_EVAL_BATCH = 1024
 
@@ -114,6 +117,13 @@ class ParallelModel:
     loss_weight: float
     # forwards run collectives: every rank must run as many (a pipeline's gathered batches are equal already)
     lockstep: bool
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    precision: str = "fp32"  # what the forwards compute in (raysys.parallel.precision)
+    autocast_forward: bool = False  # bf16 by autocast (not by FSDP2's MixedPrecisionPolicy)
+
+    def amp(self):
+        """The context every forward of this rank runs in (bf16 autocast, or nothing)."""
+        return autocast(self.device.type, self.precision if self.autocast_forward else "fp32")
 
     @property
     def runner(self):
@@ -134,18 +144,32 @@ class Progress:
         return float(self.history[-1]["elapsed_s"]) if self.history else 0.0
 
 
-def build_parallel_model(wc: WorkerConfig, world: int) -> ParallelModel:
-    scfg = strategy_config(wc.train)
+def worker_device(train) -> torch.device:
+    """This rank's device: the CUDA device Ray Train gave it with `train.use_gpu` (it also made it current),
+    else the CPU."""
+    if not train.use_gpu:
+        return torch.device("cpu")
+    import ray.train.torch
+
+    return ray.train.torch.get_device()
+
+
+def build_parallel_model(wc: WorkerConfig, world: int, device: torch.device | None = None) -> ParallelModel:
+    device = device if device is not None else torch.device("cpu")
+    precision = resolve_precision(wc.train.mixed_precision, device.type, dp_sgd=wc.train.dp is not None)
+    scfg = dataclasses.replace(strategy_config(wc.train),
+                               options=strategy_config(wc.train).options + (("precision", precision),))
     dims = parallel_dims(wc.train, world)
     if wc.train.dp is not None:  # DP-SGD: plain data parallel through Opacus (the config refuses the rest)
         torch.manual_seed(wc.train.seed)
-        module = build_model(wc.model_spec)
+        module = build_model(wc.model_spec).to(device)
         runner, optimizer = private_model(module, build_optimizer(module, scfg), wc.train, world)
         return ParallelModel(model=runner, optimizer=optimizer, state_module=module, dims=dims,
-                             strategy=scfg.strategy, share_groups=[], loss_weight=1.0, lockstep=False)
-    mesh = dims.build_mesh(DEVICE_TYPE)
+                             strategy=scfg.strategy, share_groups=[], loss_weight=1.0, lockstep=False,
+                             device=device, precision=precision)
+    mesh = dims.build_mesh(device.type)
     torch.manual_seed(wc.train.seed)  # same init on every rank (DDP and FSDP also broadcast rank 0's weights)
-    model = parallelize(build_model(wc.model_spec), dims, scfg, mesh=mesh)
+    model = parallelize(build_model(wc.model_spec).to(device), dims, scfg, mesh=mesh)
     optimizer = build_optimizer(model, scfg, mesh=mesh)
     runner = pipeline_runner(model)
     share_groups = [mesh[d].get_group() for d, on in (("tp", dims.tp_enabled), ("pp", dims.pp_enabled)) if on]
@@ -153,7 +177,9 @@ def build_parallel_model(wc: WorkerConfig, world: int) -> ParallelModel:
         model=model, optimizer=optimizer, state_module=runner.stage_module if runner is not None else model,
         dims=dims, strategy=scfg.strategy, share_groups=share_groups,
         loss_weight=(1.0 / dims.tp) if runner is None or runner.is_last else 0.0,
-        lockstep=world > 1 and runner is None and has_dtensor_params(model))
+        lockstep=world > 1 and runner is None and has_dtensor_params(model),
+        # FSDP2 computes in bf16 by its MixedPrecisionPolicy (raysys.parallel.fsdp); everything else by autocast
+        device=device, precision=precision, autocast_forward=not is_fsdp(unwrap(model)))
 
 
 def restore_progress(pm: ParallelModel, wc: WorkerConfig, checkpoint, rank: int, world: int) -> Progress:
@@ -206,7 +232,8 @@ class TeacherWorker:
             logger.warning("train.batch_size %d is not divisible by %d workers: the global batch is %d",
                            self.train.batch_size, world, self.local_batch * world)
         self.pre = wc.build_preprocessor()
-        self.pm = build_parallel_model(wc, world)
+        self.device = worker_device(self.train)
+        self.pm = build_parallel_model(wc, world, self.device)
         self.progress = restore_progress(self.pm, wc, ray.train.get_checkpoint(), rank, world)
         # AdamW's decay, but only on >= 2-D non-embedding weights (a step pre-hook; the optimizer's own is 0), on
         # the optimizer that steps (DP-SGD's runs no hooks of its own: its inner AdamW does)
@@ -227,6 +254,7 @@ class TeacherWorker:
             train_sums, train_s = self.train_epoch(epoch)
             # after a step, so gradients and optimizer state exist: what each rank really holds
             mem = memory_metrics(gather_rank_memory(rank_memory(unwrap(self.pm.state_module), self.pm.optimizer)))
+            mem.update(gpu_memory_metrics(self.device))  # the CUDA allocator's peak per rank (nothing on CPU)
             val_sums = self.validate()
             metrics = {**self.epoch_metrics(epoch, train_sums, val_sums, train_s), **mem}
             self.progress.history.append(metrics)
@@ -254,15 +282,16 @@ class TeacherWorker:
         batches = (self.poisson.batches(seed) if self.poisson is not None
                    else self.train_shard.batches(self.local_batch, shuffle_seed=seed))
         for batch in batches:
-            x_num, x_cat, y = self._shared(*to_tensors(*self.pre.transform_batch(batch)))
+            x_num, x_cat, y = self._shared(*to_device(to_tensors(*self.pre.transform_batch(batch)), self.device))
             set_lr(pm.optimizer, lr_at(self.progress.global_step, self.wc.total_steps, self.train.lr,
                                        self.train.lr_schedule, self.train.warmup_fraction))
             if pm.runner is not None:
                 if len(y) % pm.runner.num_microbatches:
                     continue  # a last partial batch that does not split into equal microbatches (same on all ranks)
-                loss = pm.runner.train_step(pm.optimizer, x_num, x_cat, y) or 0.0
+                with pm.amp():
+                    loss = pm.runner.train_step(pm.optimizer, x_num, x_cat, y) or 0.0
             else:
-                loss = train_step(pm.model, pm.optimizer, x_num, x_cat, y)
+                loss = train_step(pm.model, pm.optimizer, x_num, x_cat, y, amp=pm.amp)
             loss_sum += loss * len(y) * pm.loss_weight if len(y) else 0.0  # an empty DP-SGD batch's mean is nan
             n_train += len(y) * pm.loss_weight
             self.progress.global_step += 1
@@ -272,14 +301,15 @@ class TeacherWorker:
     def validate(self) -> tuple[float, float, float]:
         """(loss sum, correct, rows) of this rank's validation shard, weighted per replica."""
         pm = self.pm
-        batches = (to_tensors(*self.pre.transform_batch(b))
+        batches = (to_device(to_tensors(*self.pre.transform_batch(b)), self.device)
                    for b in self.val_shard.batches(max(MIN_EVAL_BATCH, self.local_batch)))
         if pm.lockstep:
             batches = pad_to_common_count(list(batches), pm.model)
         for group in pm.share_groups:
             batches = [gather_batch(group, *b) for b in batches]
-        sums = (pipeline_eval_sums(pm.runner, batches) if pm.runner is not None
-                else evaluate_sums(pm.state_module, batches))  # the plain module (DP-SGD's hooks idle under no_grad)
+        with pm.amp():
+            sums = (pipeline_eval_sums(pm.runner, batches) if pm.runner is not None
+                    else evaluate_sums(pm.state_module, batches))  # the plain module (DP-SGD's hooks idle, no_grad)
         return tuple(s * pm.loss_weight for s in sums)
 
     def epoch_metrics(self, epoch: int, train_sums: tuple[float, float], val_sums: tuple[float, float, float],

@@ -5,6 +5,7 @@ Torch and raysys.parallel only, so unit tests and the torchrun benchmark peers r
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterable
 
 import numpy as np
@@ -24,15 +25,24 @@ def to_tensors(x_num: np.ndarray, x_cat: np.ndarray, y: np.ndarray | None = None
     return (*out, torch.from_numpy(np.ascontiguousarray(y, dtype=np.int64)))
 
 
+def to_device(tensors: tuple[torch.Tensor, ...], device: torch.device) -> tuple[torch.Tensor, ...]:
+    """The batch's tensors on `device` (as they are on the CPU; pinned-free copies on CUDA)."""
+    if device.type == "cpu":
+        return tensors
+    return tuple(t.to(device, non_blocking=True) for t in tensors)
+
+
 def train_step(model: nn.Module, optimizer: torch.optim.Optimizer, x_num: torch.Tensor, x_cat: torch.Tensor,
-               y: torch.Tensor) -> float:
-    """One optimizer step on a batch; returns the batch's mean loss.
+               y: torch.Tensor, amp=contextlib.nullcontext) -> float:
+    """One optimizer step on a batch; returns the batch's mean loss. `amp()`: the context of the forward
+    (bf16 autocast under mixed precision, raysys.parallel.precision); the backward runs outside it.
 
     The loss is a mean over this rank's rows, and DDP averages gradients across ranks, so with equal
     shares per rank the update equals a single-process step on the whole global batch.
     """
     model.train()
-    loss = F.cross_entropy(model(x_num, x_cat), y)
+    with amp():
+        loss = F.cross_entropy(model(x_num, x_cat).float(), y)
     optimizer.zero_grad(set_to_none=True)
     loss.backward()
     optimizer.step()
@@ -55,12 +65,14 @@ def pad_to_common_count(batches: list, model: nn.Module) -> list:
         from raysys.parallel.pipeline import example_inputs
 
         x_num, x_cat = example_inputs(unwrap(model))
-        empty = (x_num[:0], x_cat[:0], torch.zeros(0, dtype=torch.int64))
+        device = next(unwrap(model).parameters()).device  # the rank's GPU when it trains on one
+        empty = tuple(t.to(device) for t in (x_num[:0], x_cat[:0], torch.zeros(0, dtype=torch.int64)))
     return batches + [empty] * missing
 
 
 def _add_sums(sums: tuple[float, int, int], logits: torch.Tensor, y: torch.Tensor) -> tuple[float, int, int]:
     loss_sum, correct, n = sums
+    logits = logits.float()  # bf16 under mixed precision: the sums in fp32
     return (loss_sum + float(F.cross_entropy(logits, y, reduction="sum")),
             correct + int((logits.argmax(1) == y).sum()), n + len(y))
 
@@ -106,7 +118,7 @@ def gather_batch(group, *tensors: torch.Tensor) -> tuple[torch.Tensor, ...]:
     top = max(sizes_)
     out = []
     for t in tensors:
-        padded = torch.zeros((top, *t.shape[1:]), dtype=t.dtype)
+        padded = torch.zeros((top, *t.shape[1:]), dtype=t.dtype, device=t.device)
         padded[: t.shape[0]] = t
         parts = [torch.empty_like(padded) for _ in sizes_]
         dist.all_gather(parts, padded, group=group)

@@ -1,8 +1,8 @@
 """Teacher training with Ray Train: `train_teacher(cfg, schema, preprocessor) -> TeacherResult`.
 
 Wiring only: Ray Data reads the Parquet splits, `TorchTrainer` runs `train_loop_per_worker` on
-`cfg.train.num_workers` CPU workers (gloo; the parallel strategy is applied in the loop by
-`raysys.parallel`), and the last reported checkpoint becomes the result.
+`cfg.train.num_workers` workers (CPU processes on gloo, or with `train.use_gpu` one GPU each on NCCL + gloo; the
+parallel strategy is applied in the loop by `raysys.parallel`), and the last reported checkpoint becomes the result.
 
 Re-running a run name (what Ray Train v2 does, and what we chose)
 ------------------------------------------------------------------
@@ -60,6 +60,8 @@ logger = logging.getLogger(__name__)
 # a split is materialized when PARQUET_EXPANSION x its Parquet bytes fit in this fraction of the free
 # object store memory (both splits together then take at most 2 x this fraction)
 MATERIALIZE_FRACTION = 0.2
+# the process group of GPU workers (torch's per-device backends; Ray's TorchConfig passes it through)
+GPU_BACKEND = "cpu:gloo,cuda:nccl"
 PARQUET_EXPANSION = 4.0
 
 
@@ -208,8 +210,8 @@ def _read_split(root: str, split: str):
 def train_teacher(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preprocessor, *,
                   run_name: str = "teacher", resume: bool = False, hooks: LoopHooks | None = None) -> TeacherResult:
     """Train the teacher on `cfg.data.root` with Ray Train: `cfg.train.strategy` over `cfg.train.num_workers`
-    CPU workers, after `check_train_config` (degrees, compositions, the `train.max_worker_memory_gb` budget)
-    has passed on the driver.
+    workers (CPU, or one GPU each with `train.use_gpu`), after `check_train_config` (degrees, compositions, the
+    `train.max_worker_memory_gb` budget) and `check_gpu_request` have passed on the driver.
 
     Starts a local Ray if none is running (or joins `RAY_ADDRESS`). Results and checkpoints go under
     `cfg.run_dir/<run name>`; `resume` is explained in the module docstring. `hooks` (tests:
@@ -221,14 +223,16 @@ def train_teacher(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Prep
     check_train_config(cfg, schema)
     if not ray.is_initialized():
         ray.init()  # RAY_ADDRESS when set, else a local Ray
+    check_gpu_request(cfg.train, ray.cluster_resources())
     storage = storage_path(cfg.run_dir)
     name = choose_run_name(storage, run_name, resume=resume)
     wc = worker_config(cfg, schema, preprocessor, name)
     if resume:
         _check_resumable(storage, name, wc.model_spec, cfg.train)
     trainer = _torch_trainer(cfg, wc, storage, hooks)
-    logger.info("teacher: training %s on %d workers x %g CPUs, %d epochs, run %s/%s", wc.model_spec["family"],
-                cfg.train.num_workers, cfg.train.cpus_per_worker, cfg.train.num_epochs, storage, name)
+    logger.info("teacher: training %s on %d workers x %g CPUs%s, %d epochs, run %s/%s", wc.model_spec["family"],
+                cfg.train.num_workers, cfg.train.cpus_per_worker, " + 1 GPU" if cfg.train.use_gpu else "",
+                cfg.train.num_epochs, storage, name)
     with (report_poll_interval(cfg.train.report_poll_interval_s), keep_sigint_handler(),
           EpochWatcher(storage, name, cfg.train.num_epochs)):
         result = trainer.fit()
@@ -243,12 +247,16 @@ def _torch_trainer(cfg: PipelineConfig, wc: WorkerConfig, storage: str, hooks: L
     if hooks is not None:
         logger.warning("teacher: the workers run with loop hooks %r", hooks)
         loop = functools.partial(train_loop_per_worker, hooks=hooks)
+    tc = cfg.train
     return TorchTrainer(
         loop,
         train_loop_config=wc.model_dump(mode="json"),
-        scaling_config=ScalingConfig(num_workers=cfg.train.num_workers, use_gpu=False,
-                                     resources_per_worker=_worker_resources(cfg.train)),
-        torch_config=TorchConfig(timeout_s=cfg.train.timeout_s),
+        scaling_config=ScalingConfig(num_workers=tc.num_workers, use_gpu=tc.use_gpu,
+                                     accelerator_type=tc.accelerator_type if tc.use_gpu else None,
+                                     resources_per_worker=_worker_resources(tc)),
+        # on GPUs: NCCL for the CUDA tensors (gradients, FSDP2's gathers, pipeline activations), gloo for the few
+        # CPU-side collectives (epoch sums, memory figures, rank nodes); on CPU gloo alone (Ray's default)
+        torch_config=TorchConfig(backend=GPU_BACKEND if tc.use_gpu else None, timeout_s=tc.timeout_s),
         run_config=RunConfig(
             name=wc.run_name,
             storage_path=storage,
@@ -262,8 +270,26 @@ def _torch_trainer(cfg: PipelineConfig, wc: WorkerConfig, storage: str, hooks: L
 
 
 def _worker_resources(tc) -> dict[str, float]:
-    """What each Ray Train worker reserves: `train.cpus_per_worker` CPUs and `train.resources_per_worker`."""
+    """What each Ray Train worker reserves: `train.cpus_per_worker` CPUs and `train.resources_per_worker` (the GPU
+    comes from ScalingConfig(use_gpu=True))."""
     return {"CPU": tc.cpus_per_worker, **tc.resources_per_worker}
+
+
+def check_gpu_request(tc, cluster: dict[str, float]) -> None:
+    """With `train.use_gpu`, a ValueError naming the key when the cluster's resources (`ray.cluster_resources()`)
+    cannot give each worker a GPU (of `train.accelerator_type`): Ray Train would otherwise wait for them forever."""
+    if not tc.use_gpu:
+        return
+    gpus = float(cluster.get("GPU", 0.0))
+    if gpus < tc.num_workers:
+        raise ValueError(
+            f"train.use_gpu: one GPU per worker for {tc.num_workers} workers, but this Ray cluster has {gpus:g} GPU(s); "
+            f"set train.use_gpu: false to train on CPUs, set train.num_workers <= {int(gpus)}, or join a cluster with "
+            f"GPU nodes (on an autoscaling cluster, keep that many GPU workers up: min_workers)")
+    if tc.accelerator_type and not cluster.get(f"accelerator_type:{tc.accelerator_type}"):
+        kinds = sorted(k.split(":", 1)[1] for k in cluster if k.startswith("accelerator_type:"))
+        raise ValueError(f"train.accelerator_type: no {tc.accelerator_type!r} GPUs in this Ray cluster (it has "
+                         f"{kinds or 'none labelled'}); set one of those or remove train.accelerator_type")
 
 
 def _teacher_result(result, name: str) -> TeacherResult:

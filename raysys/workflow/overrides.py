@@ -9,9 +9,11 @@ TEACHER_SIZES = ("tiny", "small", "base", "large")
 
 def train_overrides(strategy: str | None = None, workers: int | None = None, dp: int | None = None,
                     tp: int | None = None, pp: int | None = None, max_worker_memory_gb: float | None = None,
-                    teacher_family: str | None = None, teacher_size: str | None = None) -> dict | None:
+                    teacher_family: str | None = None, teacher_size: str | None = None, *,
+                    gpu: bool = False) -> dict | None:
     """`train:` and `teacher:` config overrides from the flags shared by `raysys train` and the
-    train_teacher job. A `teacher_size` without a family means ft_transformer (the family with sizes)."""
+    train_teacher job. A `teacher_size` without a family means ft_transformer (the family with sizes); `gpu`:
+    train.use_gpu (one GPU per worker)."""
     out: dict = {}
     teacher: dict = {}
     if teacher_family:
@@ -31,6 +33,8 @@ def train_overrides(strategy: str | None = None, workers: int | None = None, dp:
         train["parallel"] = parallel
     if max_worker_memory_gb:
         train["max_worker_memory_gb"] = max_worker_memory_gb
+    if gpu:
+        train["use_gpu"] = True
     if train:
         out["train"] = train
     return out or None

@@ -21,6 +21,21 @@ def _data(cfg):
     return schema, Preprocessor.fit_split(schema, cfg.data.root)
 
 
+def test_use_gpu_on_this_gpu_less_cluster_fails_naming_the_key_before_any_worker(ray_cluster, tiny_cfg):
+    """A config asking for GPUs on a cluster without any: a ValueError naming train.use_gpu and the fix, not a
+    CUDA traceback in a worker nor a fit() that waits forever for GPUs; no run directory is left."""
+    import ray
+
+    cfg = tiny_cfg
+    cfg.train.use_gpu = True
+    schema, pre = _data(cfg)
+    assert not ray.cluster_resources().get("GPU")
+    with pytest.raises(ValueError, match=r"train\.use_gpu: .* this Ray cluster has 0 GPU\(s\); set "
+                                         r"train\.use_gpu: false"):
+        train_teacher(cfg, schema, pre)
+    assert not os.path.exists(os.path.join(cfg.run_dir, "teacher"))  # refused before Ray Train made the run
+
+
 @pytest.mark.timeout(300)
 def test_train_teacher_tiny(ray_cluster, tiny_cfg):
     import signal

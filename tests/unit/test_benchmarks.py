@@ -99,3 +99,19 @@ def test_soak_memory_is_flat_only_when_every_process_is(monkeypatch):
     out = soak.memory_verdict(mem)
     assert out["memory_flat"] is False and out["memory_not_flat"] == ["replica:4"]
     assert soak.memory_verdict({"haproxy:3": {"slope_last_half_mb_per_min": None}})["memory_flat"] is False
+
+
+def test_gpu_check_without_cuda_runs_nothing_and_says_so(monkeypatch, capsys):
+    """benchmarks/gpu_check.py on a machine without CUDA: exit 0, one JSON line with cuda false (no Ray started);
+    the strategies it would run per GPU count."""
+    import json
+
+    import torch
+
+    gc = _load("gpu_check", monkeypatch)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert gc.main([]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["benchmark"] == "gpu_check" and out["cuda"] is False
+    assert gc.plan(0) == [] and [s for s, _ in gc.plan(1)] == ["ddp", "zero1", "zero3"]
+    assert {s for s, w in gc.plan(4) if w == 4} == {"ddp", "zero1", "zero2", "zero3"}

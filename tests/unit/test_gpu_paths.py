@@ -1,0 +1,73 @@
+"""The GPU code paths that run without a GPU (issue: train and serve on GPUs): the config keys and their errors,
+the driver's refusal of `train.use_gpu` on a cluster without GPUs (naming the key, before any worker starts),
+the device a worker picks, the mixed-precision policy per device and strategy, and the CLI/job flag."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from raysys.config import TrainConfig
+from raysys.parallel.precision import autocast, fsdp_mp_policy, resolve_precision
+from raysys.train.loop import worker_device
+from raysys.train.trainer import GPU_BACKEND, check_gpu_request
+from raysys.workflow.overrides import train_overrides
+
+
+def test_use_gpu_on_a_cluster_without_gpus_is_refused_naming_the_key():
+    tc = TrainConfig(use_gpu=True, num_workers=2)
+    with pytest.raises(ValueError, match=r"train\.use_gpu: one GPU per worker for 2 workers, but this Ray cluster "
+                                         r"has 0 GPU\(s\); set train\.use_gpu: false"):
+        check_gpu_request(tc, {"CPU": 4.0, "memory": 1e9})
+    with pytest.raises(ValueError, match=r"train\.num_workers <= 1"):
+        check_gpu_request(tc, {"CPU": 4.0, "GPU": 1.0})
+    check_gpu_request(tc, {"CPU": 4.0, "GPU": 2.0})  # enough
+    check_gpu_request(TrainConfig(num_workers=8), {"CPU": 2.0})  # CPU training asks nothing of the cluster
+    typed = TrainConfig(use_gpu=True, num_workers=1, accelerator_type="H100")
+    with pytest.raises(ValueError, match=r"train\.accelerator_type: no 'H100' GPUs .*\['A100'\]"):
+        check_gpu_request(typed, {"GPU": 1.0, "accelerator_type:A100": 1.0})
+    check_gpu_request(typed, {"GPU": 1.0, "accelerator_type:H100": 1.0})
+
+
+def test_gpu_config_keys_validate_and_name_the_field():
+    with pytest.raises(ValueError, match=r"train\.accelerator_type: 'A100' asks for a GPU type, but train\.use_gpu"):
+        TrainConfig(accelerator_type="A100")
+    with pytest.raises(ValueError, match="mixed_precision"):
+        TrainConfig(mixed_precision="fp16")
+    assert TrainConfig().use_gpu is False and TrainConfig().mixed_precision == "auto"
+    # the flag of `raysys train --gpu` and the train_teacher job
+    assert train_overrides(gpu=True) == {"train": {"use_gpu": True}}
+    assert train_overrides() is None
+    assert GPU_BACKEND == "cpu:gloo,cuda:nccl"  # CPU-side collectives keep gloo beside NCCL
+
+
+def test_a_cpu_worker_trains_on_the_cpu():
+    assert worker_device(TrainConfig()) == torch.device("cpu")
+
+
+def test_precision_is_bf16_on_gpu_fp32_on_cpu_unless_set_and_fp32_under_dp_sgd():
+    assert resolve_precision("auto", "cuda") == "bf16"
+    assert resolve_precision("auto", "cpu") == "fp32"  # the CPU equivalence tests keep their fp32 tolerance
+    assert resolve_precision("bf16", "cpu") == "bf16" and resolve_precision("fp32", "cuda") == "fp32"
+    assert resolve_precision("auto", "cuda", dp_sgd=True) == "fp32"  # Opacus's per-row gradients in fp32
+    with pytest.raises(ValueError, match="train.mixed_precision"):
+        resolve_precision("fp16", "cuda")
+
+
+def test_the_fsdp_policy_computes_in_bf16_and_reduces_in_fp32():
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    policy = fsdp_mp_policy("bf16")
+    assert isinstance(policy, MixedPrecisionPolicy)
+    assert policy.param_dtype == torch.bfloat16 and policy.reduce_dtype == torch.float32
+    assert fsdp_mp_policy("fp32") is None  # FSDP2's default: fp32 throughout
+
+
+def test_autocast_on_cpu_computes_in_bf16_and_fp32_leaves_it_alone():
+    layer = torch.nn.Linear(4, 3)
+    x = torch.randn(2, 4)
+    with autocast("cpu", "bf16"):
+        assert layer(x).dtype == torch.bfloat16
+    with autocast("cpu", "fp32"):
+        assert layer(x).dtype == torch.float32
+    assert layer.weight.dtype == torch.float32
