@@ -9,7 +9,7 @@ import time
 from ray import serve
 
 from raysys.config import PipelineConfig, ServeConfig
-from serve.contract import app_config, deployment_options, parse_app_args, replica_options
+from serve.contract import app_config, check_replica_gpus, deployment_options, parse_app_args, replica_options
 from serve.endpoint import StudentEndpoint
 from serve.ingress import serve_start
 from serve.rollout import ServeAdmin, cluster_dashboard_url, deploy_app
@@ -42,7 +42,10 @@ def deploy(cfg: PipelineConfig, *, blocking: bool = False, model_ref: str | int 
     Serve's HTTP options are fixed when Serve first starts on a cluster: if it is already running on
     another address, that address is kept (with a warning) and returned.
     """
-    serve_start(cfg.serve.host, cfg.serve.port)
+    import ray
+
+    serve_start(cfg.serve.host, cfg.serve.port)  # joins (or starts) Ray
+    check_replica_gpus(cfg.serve, ray.cluster_resources())  # before Serve would leave replicas pending for GPUs
     host, port = _serve_http_address()
     if (host, port) != (cfg.serve.host, cfg.serve.port):
         log.warning("raysys: Serve already runs on %s:%d; serve.host/serve.port (%s:%d) are ignored", host, port,

@@ -182,8 +182,32 @@ def deployment_options(scfg: ServeConfig) -> dict[str, Any]:
         "max_queued_requests": scfg.max_queued_requests,
         "backpressure_config": {"status_code": 503, "retry_after_s": scfg.retry_after_s},
         "logging_config": {"enable_access_log": scfg.access_log},
-        **({"ray_actor_options": {"runtime_env": {"env_vars": env}}} if (env := replica_env(scfg)) else {}),
+        **replica_actor_options(scfg),
     }
+
+
+def replica_actor_options(scfg: ServeConfig) -> dict[str, Any]:
+    """The deployment's ray_actor_options from ServeConfig: its GPUs (serve.num_gpus) and its process environment
+    (`replica_env`); {} when neither is set."""
+    actor: dict[str, Any] = {}
+    if scfg.num_gpus:
+        actor["num_gpus"] = scfg.num_gpus
+    if env := replica_env(scfg):
+        actor["runtime_env"] = {"env_vars": env}
+    return {"ray_actor_options": actor} if actor else {}
+
+
+def check_replica_gpus(scfg: ServeConfig, cluster: dict[str, float]) -> None:
+    """ValueError naming serve.num_gpus when the cluster's resources (`ray.cluster_resources()`) cannot hold every
+    replica's GPUs: Serve would otherwise leave them pending forever."""
+    if not scfg.num_gpus:
+        return
+    replicas = scfg.autoscaling.min_replicas if scfg.autoscaling is not None else scfg.num_replicas
+    need, have = scfg.num_gpus * replicas, float(cluster.get("GPU", 0.0))
+    if need > have:
+        raise ValueError(f"serve.num_gpus: {replicas} replica(s) x {scfg.num_gpus:g} GPU need {need:g} GPUs, but this "
+                         f"Ray cluster has {have:g}; set serve.num_gpus: 0 to score on CPUs (the default; a small "
+                         "student is usually faster there) or join a cluster with GPU nodes")
 
 
 def replica_env(scfg: ServeConfig) -> dict[str, str]:

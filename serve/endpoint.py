@@ -91,6 +91,18 @@ def _set_torch_threads(threads: int | None) -> int:
     return torch.get_num_threads()
 
 
+def replica_device(num_gpus: float) -> torch.device:
+    """Where this replica scores: its CUDA device with serve.num_gpus > 0 (Ray gave it one and made it the only
+    visible one), else the CPU. A RuntimeError naming the key when it was asked for a GPU and sees none."""
+    if not num_gpus:
+        return torch.device("cpu")
+    if not torch.cuda.is_available():
+        raise RuntimeError(f"serve.num_gpus={num_gpus:g}, but this replica sees no CUDA device (torch "
+                           f"{torch.__version__}, CUDA_VISIBLE_DEVICES={os.environ.get('CUDA_VISIBLE_DEVICES')!r}); "
+                           "install a CUDA build of torch on the GPU nodes, or set serve.num_gpus: 0")
+    return torch.device("cuda", 0)
+
+
 @serve.deployment(name=DEPLOYMENT_NAME)
 @serve.ingress()
 class StudentEndpoint:
@@ -119,7 +131,8 @@ class StudentEndpoint:
         self.last_reconfigure_error: str | None = None
         self._request_ids = RequestIds()
         self.batches = self.batched_requests = self.max_requests_per_batch = 0
-        self.versions = Versions(Scorer.from_loaded(self.registry.load(model_name, model_ref)))
+        self.device = replica_device(self.serve_cfg.num_gpus)
+        self.versions = Versions(Scorer.from_loaded(self.registry.load(model_name, model_ref), self.device))
         self._set_batching(self.serve_cfg.max_batch_size, self.serve_cfg.batch_wait_timeout_s)
         self._monitor_name, self._monitor_namespace = monitor_name, monitor_namespace
         self._monitor_synced = False
@@ -257,7 +270,7 @@ class StudentEndpoint:
         for held in (self.scorer, self.candidate):
             if held is not None and held.version == version:
                 return held
-        loaded = Scorer.from_loaded(await asyncio.to_thread(self.registry.load, self.model_name, version))
+        loaded = Scorer.from_loaded(await asyncio.to_thread(self.registry.load, self.model_name, version), self.device)
         if loaded.reference_profile is None and self.monitor is not None:
             log.warning("raysys: %s v%d has no reference profile; the monitor keeps the current one", self.model_name,
                         loaded.version)

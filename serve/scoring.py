@@ -40,14 +40,17 @@ class Scorer:
     lineage: dict[str, Any] = field(default_factory=dict)
     reference_profile: dict[str, Any] | None = None
     failed_batches: int = field(default=0, compare=False)  # batches this version raised on (the log's count)
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))  # where the forward runs
 
     @classmethod
-    def from_loaded(cls, loaded: Any) -> Scorer:
-        """From a `raysys.registry.LoadedModel`, warmed up."""
+    def from_loaded(cls, loaded: Any, device: torch.device | None = None) -> Scorer:
+        """From a `raysys.registry.LoadedModel`, on `device` (the replica's GPU with serve.num_gpus), warmed up."""
+        device = device if device is not None else torch.device("cpu")
         loaded.model.eval()
-        scorer = cls(name=loaded.name, version=int(loaded.version), model=loaded.model, schema=loaded.schema,
-                     preprocessor=loaded.preprocessor, model_spec=dict(loaded.model_spec), metrics=loaded.metrics,
-                     lineage=loaded.lineage, reference_profile=loaded.reference_profile)
+        scorer = cls(name=loaded.name, version=int(loaded.version), model=loaded.model.to(device),
+                     schema=loaded.schema, preprocessor=loaded.preprocessor, model_spec=dict(loaded.model_spec),
+                     metrics=loaded.metrics, lineage=loaded.lineage, reference_profile=loaded.reference_profile,
+                     device=device)
         scorer.warm_up()
         return scorer
 
@@ -73,10 +76,10 @@ class Scorer:
     def predict_proba(self, x_num: np.ndarray, x_cat: np.ndarray) -> np.ndarray:
         """Standardised numeric [n, n_num] + category indices [n, n_cat] -> float64 probabilities [n, C]."""
         with torch.inference_mode():
-            logits = self.model(torch.from_numpy(np.ascontiguousarray(x_num, dtype=np.float32)),
-                                torch.from_numpy(np.ascontiguousarray(x_cat, dtype=np.int64)))
+            logits = self.model(torch.from_numpy(np.ascontiguousarray(x_num, dtype=np.float32)).to(self.device),
+                                torch.from_numpy(np.ascontiguousarray(x_cat, dtype=np.int64)).to(self.device))
             # float64 softmax: rows sum to 1 to ~1e-15 in the JSON the client reads
-            probs = torch.softmax(logits.double(), dim=1).numpy()
+            probs = torch.softmax(logits.double(), dim=1).cpu().numpy()
         if not np.isfinite(probs).all():
             raise RuntimeError(f"model {self.name} v{self.version} produced non-finite probabilities")
         return probs

@@ -69,6 +69,10 @@ class ServeConfig(Strict):
     access_log: bool = Field(
         False, description="Serve's per-request access log line in the replica logs (costs ~3% of throughput; "
                            "the HAProxy ingress and the monitor already count requests, latency and errors).")
+    num_gpus: float = Field(
+        0.0, ge=0, description="GPUs (or a fraction) each replica reserves; > 0 scores on the replica's CUDA device. "
+        "A small tabular student answers faster on a CPU (no host-device copy per batch): measure before choosing. "
+        "Refused before deploying on a cluster without that many GPUs.")
     malloc_arena_max: int | None = Field(
         2, ge=1, description="glibc's MALLOC_ARENA_MAX in each replica's environment (its runtime_env), read when "
                              "the replica's process starts. glibc's default (8 arenas per core) let a replica's RSS "

@@ -71,3 +71,42 @@ def test_autocast_on_cpu_computes_in_bf16_and_fp32_leaves_it_alone():
     with autocast("cpu", "fp32"):
         assert layer(x).dtype == torch.float32
     assert layer.weight.dtype == torch.float32
+
+
+def test_serve_replicas_on_gpus_reserve_them_and_are_refused_without_them():
+    from raysys.config import ServeConfig
+    from serve.contract import check_replica_gpus, deployment_options
+    from serve.endpoint import replica_device
+
+    opts = deployment_options(ServeConfig(num_gpus=0.5))["ray_actor_options"]
+    assert opts["num_gpus"] == 0.5 and opts["runtime_env"] == {"env_vars": {"MALLOC_ARENA_MAX": "2"}}
+    assert "num_gpus" not in deployment_options(ServeConfig())["ray_actor_options"]  # CPU stays the default
+    with pytest.raises(ValueError, match=r"serve\.num_gpus: 2 replica\(s\) x 0.5 GPU need 1 GPUs, but this Ray "
+                                         r"cluster has 0; set serve\.num_gpus: 0"):
+        check_replica_gpus(ServeConfig(num_gpus=0.5), {"CPU": 2.0})
+    check_replica_gpus(ServeConfig(num_gpus=0.5), {"GPU": 1.0})
+    check_replica_gpus(ServeConfig(), {"CPU": 2.0})
+    assert replica_device(0) == torch.device("cpu")
+    if not torch.cuda.is_available():  # a replica asked for a GPU that it cannot see says which key
+        with pytest.raises(RuntimeError, match=r"serve\.num_gpus=1, but this replica sees no CUDA device"):
+            replica_device(1)
+
+
+def test_a_scorer_on_a_device_scores_there_and_answers_numpy():
+    """The Scorer moves its model to the device it is given and hands back CPU numpy probabilities (here the
+    CPU; a GPU replica runs the same code with device cuda)."""
+    import numpy as np
+
+    from serve.scoring import Scorer
+
+    class Numeric(torch.nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = torch.nn.Linear(3, 2)
+
+        def forward(self, x_num, x_cat):
+            return self.lin(x_num)
+
+    scorer = Scorer(name="m", version=1, model=Numeric(), schema=None, preprocessor=None, device=torch.device("cpu"))
+    probs = scorer.predict_proba(np.zeros((4, 3), dtype=np.float32), np.zeros((4, 0), dtype=np.int64))
+    assert probs.shape == (4, 2) and probs.dtype == np.float64 and np.allclose(probs.sum(1), 1.0)
