@@ -277,6 +277,10 @@ class DistillConfig(Strict):
         "ASHAScheduler, which lets a trial go on unless worse than the top of the results already there (the first "
         "trials at a rung always go on: in small sweeps several run the full budget)."
     )
+    gpus_per_trial: float = Field(
+        0.0, ge=0, le=1, description="The GPU share each Tune trial (and each Ray Data actor scoring the soft "
+        "targets) reserves, e.g. 0.25: four share one GPU; > 0 runs them on their CUDA device. 0 (the default): CPU, "
+        "where small students train about as fast. Refused before the sweep on a cluster without GPUs.")
     max_trial_failures: int = Field(
         2, ge=0, description="Times Tune retries a failed trial (a lost node, a killed process); a retried trial "
         "goes on from its latest checkpoint. A trial whose loss diverges fails the same way again."

@@ -73,20 +73,21 @@ class TeacherPredictor:
     """The `map_batches` callable class: one teacher per actor, built once in `__init__`."""
 
     def __init__(self, teacher_ref: Any, schema_json: str, preprocessor: dict[str, Any], hints: bool,
-                 num_threads: int = 1):
+                 num_threads: int = 1, device: str = "cpu"):
         import ray
 
         # the actor reserves one CPU; more intra-op threads would fight the other actors for the cores
         torch.set_num_threads(num_threads)
         self.model: nn.Module = ray.get(teacher_ref) if isinstance(teacher_ref, ray.ObjectRef) else teacher_ref
-        self.model.eval()
+        self.device = torch.device(device)  # "cuda": the GPU share the actor reserved (distill.gpus_per_trial)
+        self.model.eval().to(self.device)
         schema = DatasetSchema.from_json(schema_json)
         self.pre = Preprocessor.from_dict(schema, preprocessor)
         self.hints = hints
 
     def __call__(self, batch: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
         x_num, x_cat = self.pre.transform_batch(batch, with_label=False)
-        xn, xc = torch.from_numpy(x_num), torch.from_numpy(x_cat)
+        xn, xc = torch.from_numpy(x_num).to(self.device), torch.from_numpy(x_cat).to(self.device)
         out = dict(batch)
         if PATH_COLUMN in out:  # <root>/<split>/part-*.parquet -> the split, for the partitioned write
             out[SPLIT_COLUMN] = np.array([Path(p).parent.name for p in out.pop(PATH_COLUMN)], dtype=object)
@@ -94,12 +95,12 @@ class TeacherPredictor:
             if self.hints:
                 with HiddenCapture(self.model) as cap:
                     logits = self.model(xn, xc)
-                hidden = cap.value.float().numpy()
+                hidden = cap.value.float().cpu().numpy()
                 for j in range(hidden.shape[1]):
                     out[f"{HINT_PREFIX}{j}"] = hidden[:, j].copy()
             else:
                 logits = self.model(xn, xc)
-        logits = logits.float().numpy()
+        logits = logits.float().cpu().numpy()
         for j in range(logits.shape[1]):
             out[f"{LOGIT_PREFIX}{j}"] = logits[:, j].copy()
         return out
@@ -127,6 +128,11 @@ class SoftTargets:
                 "transfer": self.meta.get("transfer")}
 
 
+def _actor_resources(gpus: float) -> dict[str, float]:
+    """What each scoring actor reserves: one CPU, and `gpus` of a GPU when > 0."""
+    return {"num_cpus": 1, **({"num_gpus": gpus} if gpus else {})}
+
+
 def _ray_cpus() -> int:
     import ray
 
@@ -136,9 +142,9 @@ def _ray_cpus() -> int:
 def compute_soft_targets(data_root: str | Path, schema: DatasetSchema, preprocessor: Preprocessor,
                          teacher: nn.Module, *, splits: tuple[str, ...] = ("train", "validation"),
                          num_actors: int = 2, hints: bool = False, batch_size: int = 4096,
-                         force: bool = False) -> SoftTargets:
-    """Run the teacher over `splits` with Ray Data (an actor pool of `num_actors`) and store the rows with
-    its logits as Parquet under `<data_root>/soft_targets/<teacher key>/`; reuse them when present.
+                         force: bool = False, gpus: float = 0.0) -> SoftTargets:
+    """Run the teacher over `splits` with Ray Data (`num_actors` actors, each with `gpus` of a GPU when > 0), store
+    the rows with its logits as Parquet under `<data_root>/soft_targets/<teacher key>/`; reuse them when present.
 
     Starts a local Ray when none is connected. The write goes to a temporary directory renamed into
     place, so a crash never leaves a half-written set that a later sweep would trust.
@@ -184,10 +190,9 @@ def compute_soft_targets(data_root: str | Path, schema: DatasetSchema, preproces
                                        override_num_blocks=max(num_actors, len(files)))
             scored = ds.map_batches(
                 TeacherPredictor, batch_size=batch_size, batch_format="numpy",
-                compute=ActorPoolStrategy(size=num_actors), num_cpus=1,
-                fn_constructor_kwargs={"teacher_ref": teacher_ref, "schema_json": schema.to_json(),
-                                       "preprocessor": preprocessor.to_dict(), "hints": hints},
-            )
+                compute=ActorPoolStrategy(size=num_actors), **_actor_resources(gpus),
+                fn_constructor_kwargs={"teacher_ref": teacher_ref, "schema_json": schema.to_json(), "hints": hints,
+                                       "preprocessor": preprocessor.to_dict(), "device": "cuda" if gpus else "cpu"})
             if not one_pipeline:
                 scored.write_parquet(str((tmp / group[0]).resolve()))
                 num_rows[group[0]] = pads.dataset(str(tmp / group[0]), format="parquet").count_rows()
@@ -242,7 +247,7 @@ TRANSFER_PREFIX = "transfer-munge"
 
 def compute_transfer_targets(data_root: str | Path, schema: DatasetSchema, preprocessor: Preprocessor,
                              teacher: nn.Module, num_rows: int, *, seed: int = 0, num_actors: int = 2,
-                             batch_size: int = 4096, force: bool = False) -> tuple[str, float, bool]:
+                             batch_size: int = 4096, force: bool = False, gpus: float = 0.0) -> tuple[str, float, bool]:
     """Unlabeled MUNGE transfer rows (raysys.distill.transfer) scored by the teacher with Ray Data, like
     `compute_soft_targets`, and stored beside them as
     `<data_root>/soft_targets/<teacher key>-transfer-munge-<num_rows>-s<seed>/*.parquet`.
@@ -279,9 +284,10 @@ def compute_transfer_targets(data_root: str | Path, schema: DatasetSchema, prepr
         ds = ray.data.from_arrow(rows).repartition(num_actors)
         ds.map_batches(
             TeacherPredictor, batch_size=batch_size, batch_format="numpy",
-            compute=ActorPoolStrategy(size=num_actors), num_cpus=1,
+            compute=ActorPoolStrategy(size=num_actors), **_actor_resources(gpus),
             fn_constructor_kwargs={"teacher_ref": teacher_ref, "schema_json": schema.to_json(),
-                                   "preprocessor": preprocessor.to_dict(), "hints": False},
+                                   "preprocessor": preprocessor.to_dict(), "hints": False,
+                                   "device": "cuda" if gpus else "cpu"},
         ).write_parquet(str(tmp.resolve()))
         seconds = time.perf_counter() - t0
         (tmp / META_FILE).write_text(json.dumps({"num_rows": num_rows, "seed": seed, "method": "munge",

@@ -92,6 +92,7 @@ class _Settings:
     seed: int
     hint_weight: float
     dp: DPConfig | None = None  # DP-SGD (raysys.trust.dp): Poisson batches, per-row clipping, noise
+    device: str = "cpu"  # where the student trains: "cuda" in a Tune trial given a GPU (distill.gpus_per_trial)
 
 
 def _settings(config: dict[str, Any], data: StudentData) -> _Settings:
@@ -121,8 +122,15 @@ def _settings(config: dict[str, Any], data: StudentData) -> _Settings:
     if dp is not None and alpha > 0 and data.num_transfer:
         raise ValueError("dp: transfer rows are made from the training rows, so DP-SGD's guarantee would not cover "
                          "them; train without transfer rows or remove dp")
+    device = str(config.get("device") or "cpu")
+    if device not in ("cpu", "cuda"):
+        raise ValueError(f"device: 'cpu' or 'cuda', got {device!r}")
+    if device == "cuda" and not torch.cuda.is_available():
+        raise RuntimeError("distill.gpus_per_trial > 0, but this trial sees no CUDA device (torch "
+                           f"{torch.__version__}); install a CUDA build of torch on the GPU nodes, or set "
+                           "distill.gpus_per_trial: 0")
     return _Settings(spec, temperature, alpha, num_epochs, batch_size, lr, float(config.get("weight_decay", 1e-4)),
-                     seed, hint_weight, dp)
+                     seed, hint_weight, dp, device)
 
 
 def _hint_regressor(model: nn.Module, data: StudentData) -> nn.Linear:
@@ -142,10 +150,12 @@ class _StudentRun:
     def __init__(self, s: _Settings, data: StudentData, teacher: nn.Module | None):
         self.s, self.data, self.teacher = s, data, teacher
         torch.manual_seed(s.seed)
-        self.model = build_model(s.spec)
+        self.device = torch.device(s.device)
+        self.model = build_model(s.spec).to(self.device)
         params = list(self.model.parameters())
         self.regressor = _hint_regressor(self.model, data) if s.hint_weight > 0 else None
         if self.regressor is not None:
+            self.regressor = self.regressor.to(self.device)
             params += list(self.regressor.parameters())
         self.opt = torch.optim.AdamW(params, lr=s.lr, weight_decay=s.weight_decay)
         self.runner = self.model  # what runs the batches: the model, under Opacus's hooks with DP-SGD
@@ -157,7 +167,7 @@ class _StudentRun:
                                                      expected_batch_size=self.dp_rate * len(data.y))
         self.hints = _view(data.teacher_hints) if self.regressor is not None else None
         if teacher is not None:
-            teacher.eval()
+            teacher.eval().to(self.device)
         self.rng = np.random.default_rng(s.seed)
         self.x_num, self.x_cat, self.y, self.t_logits = (
             _view(a) for a in (data.x_num, data.x_cat, data.y, data.teacher_logits))
@@ -206,10 +216,12 @@ class _StudentRun:
             yb = torch.cat([yb, torch.full((len(tidx),), IGNORE_INDEX, dtype=yb.dtype)])
             if self.teacher is None:
                 t_batch = torch.cat([t_batch, self.tt_logits[tidx]])
+        # the rows stay in host memory (shared with the other trials); each batch goes to the trial's device
+        xb_num, xb_cat, yb = (t.to(self.device) for t in (xb_num, xb_cat, yb))
         if self.teacher is not None:
             with torch.no_grad():
                 t_batch = self.teacher(xb_num, xb_cat)
-        return xb_num, xb_cat, yb, t_batch
+        return xb_num, xb_cat, yb, t_batch.to(self.device)
 
     def _step(self, idx: torch.Tensor, tidx: torch.Tensor | None) -> tuple[float, float, float]:
         """One optimizer step; returns the (total, soft, hard) loss."""
@@ -220,7 +232,8 @@ class _StudentRun:
                 logits = self.runner(xb_num, xb_cat)
             loss, soft, hard = kd_loss(logits, t_batch, yb, s.temperature, s.alpha, return_components=True)
             # hints exist for the labeled rows only
-            loss = loss + s.hint_weight * hint_loss(cap.value[:len(idx)], self.hints[idx], self.regressor)
+            loss = loss + s.hint_weight * hint_loss(cap.value[:len(idx)], self.hints[idx].to(self.device),
+                                                    self.regressor)
         else:
             logits = self.runner(xb_num, xb_cat)
             loss, soft, hard = kd_loss(logits, t_batch, yb, s.temperature, s.alpha, return_components=True)

@@ -119,7 +119,8 @@ def load_student_data(cfg: PipelineConfig, preprocessor: Preprocessor, teacher_m
     (scored with Ray Data, stored beside the soft targets; `soft_targets.meta["transfer"]` says where).
     """
     targets = compute_soft_targets(cfg.data.root, preprocessor.schema, preprocessor, teacher_model,
-                                   num_actors=cfg.distill.soft_target_actors, hints=hints)
+                                   num_actors=cfg.distill.soft_target_actors, hints=hints,
+                                   gpus=cfg.distill.gpus_per_trial)
     x_num, x_cat, y, t_logits, t_hints = read_soft_targets(targets, "train", preprocessor)
     vx_num, vx_cat, vy, t_val, _ = read_soft_targets(targets, "validation", preprocessor)
     transfer: dict[str, Any] = {}
@@ -128,7 +129,7 @@ def load_student_data(cfg: PipelineConfig, preprocessor: Preprocessor, teacher_m
         num_rows = max(1, round(dc.transfer_multiplier * len(y)))
         path, seconds, reused = compute_transfer_targets(cfg.data.root, preprocessor.schema, preprocessor,
                                                          teacher_model, num_rows, seed=dc.seed,
-                                                         num_actors=dc.soft_target_actors)
+                                                         num_actors=dc.soft_target_actors, gpus=dc.gpus_per_trial)
         tx_num, tx_cat, tx_logits = read_transfer_targets(path, preprocessor)
         transfer = dict(transfer_x_num=tx_num, transfer_x_cat=tx_cat, transfer_logits=tx_logits)
         targets.meta = {**targets.meta, "transfer": {"method": "munge", "num_rows": num_rows, "path": path,

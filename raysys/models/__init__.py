@@ -77,9 +77,12 @@ def num_parameters(model: nn.Module) -> int:
 
 @torch.no_grad()
 def predict_logits(model: nn.Module, x_num, x_cat, batch_size: int = 8192) -> torch.Tensor:
-    """Logits for numpy/tensor inputs, in eval mode, batched to bound memory."""
+    """Logits for numpy/tensor inputs, in eval mode, batched to bound memory; on the model's device, returned on
+    the CPU."""
     model.eval()
+    device = next(model.parameters()).device
     x_num = torch.as_tensor(x_num, dtype=torch.float32)
     x_cat = torch.as_tensor(x_cat, dtype=torch.int64)
-    outs = [model(x_num[i:i + batch_size], x_cat[i:i + batch_size]) for i in range(0, len(x_num), batch_size)]
+    outs = [model(x_num[i:i + batch_size].to(device), x_cat[i:i + batch_size].to(device)).cpu()
+            for i in range(0, len(x_num), batch_size)]
     return torch.cat(outs) if outs else torch.empty(0)

@@ -110,3 +110,57 @@ def test_a_scorer_on_a_device_scores_there_and_answers_numpy():
     scorer = Scorer(name="m", version=1, model=Numeric(), schema=None, preprocessor=None, device=torch.device("cpu"))
     probs = scorer.predict_proba(np.zeros((4, 3), dtype=np.float32), np.zeros((4, 0), dtype=np.int64))
     assert probs.shape == (4, 2) and probs.dtype == np.float64 and np.allclose(probs.sum(1), 1.0)
+
+
+def test_distill_trials_take_a_gpu_share_when_set_and_are_refused_without_gpus():
+    from raysys.config import DistillConfig
+    from raysys.distill.sweep.run import check_trial_gpus, trial_resources
+
+    assert trial_resources(DistillConfig()) == {"cpu": 1}  # CPU trials stay the default
+    assert trial_resources(DistillConfig(gpus_per_trial=0.25)) == {"cpu": 1, "gpu": 0.25}
+    with pytest.raises(ValueError, match=r"distill\.gpus_per_trial: 0.25 of a GPU per trial, but this Ray cluster "
+                                         r"has 0 GPUs; set distill\.gpus_per_trial: 0"):
+        check_trial_gpus(DistillConfig(gpus_per_trial=0.25), {"CPU": 4.0})
+    check_trial_gpus(DistillConfig(gpus_per_trial=0.25), {"GPU": 1.0})
+    with pytest.raises(ValueError, match="gpus_per_trial"):
+        DistillConfig(gpus_per_trial=2)
+
+
+def test_a_student_asked_to_train_on_cuda_without_one_says_which_key():
+    """fit_student's device setting: cpu trains as before; cuda without a CUDA device names the config key."""
+    from raysys.distill.student import _settings
+
+    class Data:
+        num_classes, num_transfer = 4, 0
+
+    config = {"student_spec": {"num_classes": 4}, "temperature": 2.0, "alpha": 0.5, "num_epochs": 1,
+              "batch_size": 8, "lr": 1e-3}
+    assert _settings(config, Data()).device == "cpu"
+    with pytest.raises(ValueError, match="device"):
+        _settings({**config, "device": "tpu"}, Data())
+    if not torch.cuda.is_available():
+        with pytest.raises(RuntimeError, match=r"distill\.gpus_per_trial > 0, but this trial sees no CUDA device"):
+            _settings({**config, "device": "cuda"}, Data())
+
+
+def test_soft_target_actors_take_the_same_gpu_share_and_score_on_their_device():
+    """The Ray Data actors that score the soft targets reserve distill.gpus_per_trial of a GPU when set, and the
+    predictor runs the teacher on the device it is given (the CPU here), handing back numpy logits."""
+    import numpy as np
+
+    from raysys.config import DataConfig, ModelConfig
+    from raysys.data import Preprocessor, SyntheticTask
+    from raysys.distill.soft_targets import LOGIT_PREFIX, TeacherPredictor, _actor_resources
+    from raysys.models import build_model, model_spec
+
+    assert _actor_resources(0.0) == {"num_cpus": 1}
+    assert _actor_resources(0.5) == {"num_cpus": 1, "num_gpus": 0.5}
+    task = SyntheticTask(DataConfig(num_numeric=3, num_categorical=1))
+    schema = task.schema()
+    table = task.sample(16, [0, 1])
+    pre = Preprocessor.fit(schema, table)
+    teacher = build_model(model_spec(schema, ModelConfig(hidden_dims=[8])))
+    pred = TeacherPredictor(teacher, schema.to_json(), pre.to_dict(), hints=False, device="cpu")
+    out = pred({k: np.asarray(v) for k, v in table.to_pydict().items()})
+    logits = np.stack([out[f"{LOGIT_PREFIX}{j}"] for j in range(len(schema.classes))], 1)
+    assert logits.shape == (16, len(schema.classes)) and np.isfinite(logits).all()

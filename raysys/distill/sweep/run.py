@@ -87,6 +87,20 @@ def _log_start(cfg: PipelineConfig, plan: _Plan, data: StudentData, teacher_val_
              dc.scheduler if dc.scheduler == "fifo" else f"asha ({dc.asha_variant})", plan.concurrency)
 
 
+def trial_resources(dc) -> dict[str, float]:
+    """What each trial reserves: one CPU, and `distill.gpus_per_trial` of a GPU when set."""
+    return {"cpu": 1, **({"gpu": dc.gpus_per_trial} if dc.gpus_per_trial else {})}
+
+
+def check_trial_gpus(dc, cluster: dict[str, float]) -> None:
+    """ValueError naming distill.gpus_per_trial when the cluster (`ray.cluster_resources()`) has no GPU for a
+    trial: Tune would otherwise wait for one forever."""
+    if dc.gpus_per_trial and float(cluster.get("GPU", 0.0)) < dc.gpus_per_trial:
+        raise ValueError(f"distill.gpus_per_trial: {dc.gpus_per_trial:g} of a GPU per trial, but this Ray cluster has "
+                         f"{float(cluster.get('GPU', 0.0)):g} GPUs; set distill.gpus_per_trial: 0 (CPU trials) or join "
+                         "a cluster with GPU nodes")
+
+
 def _tune(cfg: PipelineConfig, plan: _Plan, data: StudentData, resume: bool, callbacks: Sequence = ()):
     """Run (or go on with) the trials; Tune's ResultGrid."""
     from ray import tune
@@ -96,8 +110,9 @@ def _tune(cfg: PipelineConfig, plan: _Plan, data: StudentData, resume: bool, cal
              "seed": dc.seed, "hint_weight": dc.hint_weight if plan.hints else 0.0,
              "dp": dc.dp.model_dump() if dc.dp is not None else None,
              # a trial paused at a rung goes on from that epoch's checkpoint when promoted
-             "checkpoint_epochs": list(getattr(plan.scheduler, "rungs", []))}
-    trainable = tune.with_resources(tune.with_parameters(distill_trial, data=data, fixed=fixed), {"cpu": 1})
+             "checkpoint_epochs": list(getattr(plan.scheduler, "rungs", [])),
+             "device": "cuda" if dc.gpus_per_trial else "cpu"}
+    trainable = tune.with_resources(tune.with_parameters(distill_trial, data=data, fixed=fixed), trial_resources(dc))
     if resume:
         # Tune's experiment state (its own pickled files in the run directory) brings back the search, the
         # scheduler and every trial; the trainable, which holds the data, is handed over again
@@ -158,6 +173,7 @@ def run_sweep(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preproce
     t_start = time.perf_counter()
     if not ray.is_initialized():
         ray.init()
+    check_trial_gpus(cfg.distill, ray.cluster_resources())
     if resume:
         _check_resumable(cfg, run_name)
     base_spec = model_spec(schema, cfg.distill.student)
