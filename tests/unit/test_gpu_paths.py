@@ -164,3 +164,33 @@ def test_soft_target_actors_take_the_same_gpu_share_and_score_on_their_device():
     out = pred({k: np.asarray(v) for k, v in table.to_pydict().items()})
     logits = np.stack([out[f"{LOGIT_PREFIX}{j}"] for j in range(len(schema.classes))], 1)
     assert logits.shape == (16, len(schema.classes)) and np.isfinite(logits).all()
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device")
+def test_on_cuda_a_bf16_step_and_a_replica_scorer_run_on_the_device():
+    """On a machine with CUDA: the loop's step under the rank's bf16 autocast trains on the GPU with fp32 weights,
+    and a Scorer on cuda gives the CPU's probabilities (fp32 both; TF32 matmuls allowed for)."""
+    import numpy as np
+
+    from raysys.models import build_model
+    from raysys.train.steps import to_device, train_step
+    from serve.scoring import Scorer
+
+    spec = {"family": "mlp", "num_numeric": 6, "cardinalities": [4, 3], "num_classes": 4, "hidden_dims": [32, 16],
+            "embed_dim": 4, "dropout": 0.0}
+    dev = torch.device("cuda", 0)
+    model = build_model(spec).to(dev)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    g = torch.Generator().manual_seed(0)
+    batch = to_device((torch.randn(64, 6, generator=g), torch.randint(0, 3, (64, 2), generator=g),
+                       torch.randint(0, 4, (64,), generator=g)), dev)
+    losses = [train_step(model, opt, *batch, amp=lambda: autocast("cuda", "bf16")) for _ in range(5)]
+    assert all(np.isfinite(losses)) and losses[-1] < losses[0]
+    assert all(p.dtype == torch.float32 and p.device.type == "cuda" for p in model.parameters())
+    cpu_model = build_model(spec)
+    cpu_model.load_state_dict({k: v.cpu() for k, v in model.state_dict().items()})
+    x_num, x_cat = np.random.default_rng(0).normal(size=(8, 6)).astype(np.float32), np.zeros((8, 2), dtype=np.int64)
+    on_gpu = Scorer(name="m", version=1, model=model.eval(), schema=None, preprocessor=None, device=dev)
+    on_cpu = Scorer(name="m", version=1, model=cpu_model.eval(), schema=None, preprocessor=None)
+    np.testing.assert_allclose(on_gpu.predict_proba(x_num, x_cat), on_cpu.predict_proba(x_num, x_cat), atol=2e-3)
