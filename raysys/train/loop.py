@@ -151,7 +151,9 @@ def worker_device(train) -> torch.device:
         return torch.device("cpu")
     import ray.train.torch
 
-    return ray.train.torch.get_device()
+    device = ray.train.torch.get_device()
+    torch.cuda.set_device(device)  # the current device: NCCL, FSDP2 and the pipeline stages allocate there
+    return device
 
 
 def build_parallel_model(wc: WorkerConfig, world: int, device: torch.device | None = None) -> ParallelModel:
