@@ -70,7 +70,7 @@ class ServeConfig(Strict):
         False, description="Serve's per-request access log line in the replica logs (costs ~3% of throughput; "
                            "the HAProxy ingress and the monitor already count requests, latency and errors).")
     num_gpus: float = Field(
-        0.0, ge=0, description="GPUs (or a fraction) each replica reserves; > 0 scores on the replica's CUDA device. "
+        0.0, ge=0, le=1, description="The GPU (or share of one) each replica reserves; > 0 scores on its CUDA device. "
         "A small tabular student answers faster on a CPU (no host-device copy per batch): measure before choosing. "
         "Refused before deploying on a cluster without that many GPUs.")
     malloc_arena_max: int | None = Field(
