@@ -46,6 +46,8 @@ class Scorer:
     def from_loaded(cls, loaded: Any, device: torch.device | None = None) -> Scorer:
         """From a `raysys.registry.LoadedModel`, on `device` (the replica's GPU with serve.num_gpus), warmed up."""
         device = device if device is not None else torch.device("cpu")
+        if getattr(loaded, "quantization", None):  # dynamic int8 kernels exist on the CPU only
+            device = torch.device("cpu")
         loaded.model.eval()
         scorer = cls(name=loaded.name, version=int(loaded.version), model=loaded.model.to(device),
                      schema=loaded.schema, preprocessor=loaded.preprocessor, model_spec=dict(loaded.model_spec),

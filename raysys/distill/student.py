@@ -198,6 +198,8 @@ class _StudentRun:
         if self.regressor is not None:
             self.regressor.load_state_dict(resume["regressor"])
         torch.set_rng_state(resume["torch_rng"])
+        if self.device.type == "cuda" and resume.get("cuda_rng") is not None:  # dropout and DP noise draw there
+            torch.cuda.set_rng_state(resume["cuda_rng"], self.device)
         return done
 
     def resumable(self, epoch: int) -> dict[str, Any]:
@@ -205,6 +207,7 @@ class _StudentRun:
                 "dp": None if self.s.dp is None else {**self.s.dp.model_dump(), "batch_size": self.s.batch_size},
                 "transfer_rng": self.t_rng.bit_generator.state if self.nt else None,
                 "torch_rng": torch.get_rng_state(),
+                "cuda_rng": torch.cuda.get_rng_state(self.device) if self.device.type == "cuda" else None,
                 "regressor": self.regressor.state_dict() if self.regressor is not None else None}
 
     def _batch(self, idx: torch.Tensor, tidx: torch.Tensor | None):

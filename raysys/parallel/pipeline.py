@@ -234,7 +234,9 @@ class PipelineStageModule(nn.Module):
             (h,) = inputs
         for layer in self.layers():
             h = layer(h)
-        return self.head(h) if self.is_last else h
+        # what crosses to the next stage is fp32 whatever the stage computed in (bf16 autocast): its receive buffers
+        # are sized from fp32 metadata, and NCCL does not check that both ends agree
+        return self.head(h) if self.is_last else h.float()
 
 
 def split_model(model: nn.Module, num_stages: int, stage_index: int) -> PipelineStageModule:
@@ -452,7 +454,8 @@ def build_pipeline(model: nn.Module, pp_mesh: DeviceMesh, *, num_microbatches: i
         raise ValueError(f"train.num_microbatches ({num_microbatches}) must be at least train.parallel.pp ({pp}) "
                          f"for the 1f1b schedule; raise it or use schedule 'gpipe'")
     stages = _split_all(model, pp)
-    metas = _stage_metas(stages, example_inputs(model))
+    device = next(model.parameters()).device  # a GPU rank's model is on its device already
+    metas = _stage_metas(stages, tuple(t.to(device) for t in example_inputs(model)))
     stage_index = pp_mesh.get_local_rank()
     stage_module = stages[stage_index]
     module = dp_wrap(stage_module) if dp_wrap is not None else stage_module

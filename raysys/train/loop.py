@@ -256,8 +256,8 @@ class TeacherWorker:
             train_sums, train_s = self.train_epoch(epoch)
             # after a step, so gradients and optimizer state exist: what each rank really holds
             mem = memory_metrics(gather_rank_memory(rank_memory(unwrap(self.pm.state_module), self.pm.optimizer)))
-            mem.update(gpu_memory_metrics(self.device))  # the CUDA allocator's peak per rank (nothing on CPU)
             val_sums = self.validate()
+            mem.update(gpu_memory_metrics(self.device))  # the CUDA allocator's epoch peak per rank (nothing on CPU)
             metrics = {**self.epoch_metrics(epoch, train_sums, val_sums, train_s), **mem}
             self.progress.history.append(metrics)
             self.log_epoch(metrics)

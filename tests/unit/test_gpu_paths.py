@@ -194,3 +194,35 @@ def test_on_cuda_a_bf16_step_and_a_replica_scorer_run_on_the_device():
     on_gpu = Scorer(name="m", version=1, model=model.eval(), schema=None, preprocessor=None, device=dev)
     on_cpu = Scorer(name="m", version=1, model=cpu_model.eval(), schema=None, preprocessor=None)
     np.testing.assert_allclose(on_gpu.predict_proba(x_num, x_cat), on_cpu.predict_proba(x_num, x_cat), atol=2e-3)
+
+
+def test_review_fixes_pipeline_boundaries_stay_fp32_int8_versions_stay_on_cpu_soft_target_gpus_checked(monkeypatch):
+    """(1) A pipeline stage under bf16 autocast hands the next stage fp32 (its receive buffers are sized from fp32
+    metadata; NCCL would not notice a bf16 send); (2) an int8 version asked onto a GPU scores on the CPU (dynamic
+    int8 kernels are CPU-only); (3) the soft-target actors' GPU shares are checked against the cluster too."""
+    from raysys.config import DistillConfig
+    from raysys.distill.sweep.run import check_trial_gpus
+    from raysys.models import build_model
+    from raysys.parallel.pipeline import _split_all
+    from serve.scoring import Scorer
+
+    spec = {"family": "mlp", "num_numeric": 6, "cardinalities": [4, 3], "num_classes": 4, "hidden_dims": [32, 16, 16],
+            "embed_dim": 4, "dropout": 0.0}
+    first, last = _split_all(build_model(spec), 2)
+    x_num, x_cat = torch.randn(5, 6), torch.zeros(5, 2, dtype=torch.int64)
+    with autocast("cpu", "bf16"):
+        h = first(x_num, x_cat)
+        assert h.dtype == torch.float32
+        assert last(h).dtype == torch.bfloat16  # the last stage's logits: the loss casts them (.float())
+
+    class Int8Version:
+        name, version, schema, preprocessor, quantization = "m", 2, None, None, "dynamic_int8"
+        model_spec, metrics, lineage, reference_profile = {}, {}, {}, None
+        model = torch.nn.Linear(3, 2)
+
+    monkeypatch.setattr(Scorer, "warm_up", lambda self: None)  # a Linear takes no (x_num, x_cat): its device only
+    assert Scorer.from_loaded(Int8Version(), torch.device("cuda")).device == torch.device("cpu")
+    with pytest.raises(ValueError, match=r"2 soft-target actors .* x 0.5 GPU need 1 GPUs, but this Ray cluster has "
+                                         r"0.5; lower distill\.soft_target_actors"):
+        check_trial_gpus(DistillConfig(gpus_per_trial=0.5, soft_target_actors=2), {"GPU": 0.5})
+    check_trial_gpus(DistillConfig(gpus_per_trial=0.5, soft_target_actors=2), {"GPU": 1.0})

@@ -93,12 +93,19 @@ def trial_resources(dc) -> dict[str, float]:
 
 
 def check_trial_gpus(dc, cluster: dict[str, float]) -> None:
-    """ValueError naming distill.gpus_per_trial when the cluster (`ray.cluster_resources()`) has no GPU for a
-    trial: Tune would otherwise wait for one forever."""
-    if dc.gpus_per_trial and float(cluster.get("GPU", 0.0)) < dc.gpus_per_trial:
+    """ValueError naming distill.gpus_per_trial when the cluster (`ray.cluster_resources()`) cannot hold one trial's
+    share, or the soft-target actors' (`distill.soft_target_actors` of them at once): Tune and Ray Data would
+    otherwise wait for GPUs forever."""
+    if not dc.gpus_per_trial:
+        return
+    have = float(cluster.get("GPU", 0.0))
+    if have < dc.gpus_per_trial:
         raise ValueError(f"distill.gpus_per_trial: {dc.gpus_per_trial:g} of a GPU per trial, but this Ray cluster has "
-                         f"{float(cluster.get('GPU', 0.0)):g} GPUs; set distill.gpus_per_trial: 0 (CPU trials) or join "
-                         "a cluster with GPU nodes")
+                         f"{have:g} GPUs; set distill.gpus_per_trial: 0 (CPU trials) or join a cluster with GPU nodes")
+    if have < dc.gpus_per_trial * dc.soft_target_actors:
+        raise ValueError(f"distill.gpus_per_trial: {dc.soft_target_actors} soft-target actors (distill."
+                         f"soft_target_actors) x {dc.gpus_per_trial:g} GPU need {dc.gpus_per_trial * dc.soft_target_actors:g}"
+                         f" GPUs, but this Ray cluster has {have:g}; lower distill.soft_target_actors or gpus_per_trial")
 
 
 def _tune(cfg: PipelineConfig, plan: _Plan, data: StudentData, resume: bool, callbacks: Sequence = ()):
