@@ -80,7 +80,7 @@ def predict_logits(model: nn.Module, x_num, x_cat, batch_size: int = 8192) -> to
     """Logits for numpy/tensor inputs, in eval mode, batched to bound memory; on the model's device, returned on
     the CPU."""
     model.eval()
-    device = next(model.parameters()).device
+    device = next((p.device for p in model.parameters()), torch.device("cpu"))  # a parameter-free model: the CPU
     x_num = torch.as_tensor(x_num, dtype=torch.float32)
     x_cat = torch.as_tensor(x_cat, dtype=torch.int64)
     outs = [model(x_num[i:i + batch_size].to(device), x_cat[i:i + batch_size].to(device)).cpu()
