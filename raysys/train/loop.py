@@ -159,8 +159,8 @@ def worker_device(train) -> torch.device:
 def build_parallel_model(wc: WorkerConfig, world: int, device: torch.device | None = None) -> ParallelModel:
     device = device if device is not None else torch.device("cpu")
     precision = resolve_precision(wc.train.mixed_precision, device.type, dp_sgd=wc.train.dp is not None)
-    scfg = dataclasses.replace(strategy_config(wc.train),
-                               options=strategy_config(wc.train).options + (("precision", precision),))
+    scfg = strategy_config(wc.train)
+    scfg = dataclasses.replace(scfg, options=scfg.options + (("precision", precision),))
     dims = parallel_dims(wc.train, world)
     if wc.train.dp is not None:  # DP-SGD: plain data parallel through Opacus (the config refuses the rest)
         torch.manual_seed(wc.train.seed)
