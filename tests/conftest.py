@@ -71,8 +71,11 @@ def ray_cluster(endpoint_api_key):
     # stops routing to them first); every Serve test deletes its app, so 30 s each adds up
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     # the dashboard carries Serve's REST API, through which raysys deploys and rolls out
+    # one torch thread a process on this 2-core box, inherited by every Ray process (not a job runtime_env: a
+    # job with one starts a fresh worker process for each actor instead of taking one of Ray's prestarted ones)
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
     ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                   dashboard_port=free_port(), runtime_env={"env_vars": {"OMP_NUM_THREADS": "1"}})
+                   dashboard_port=free_port())
     yield ctx
     try:
         from ray import serve

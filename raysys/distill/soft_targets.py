@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from raysys.data import DatasetSchema, Preprocessor
-from raysys.data.dataset import split_files
+from raysys.data.dataset import DRIVER_READ_MAX_BYTES, parquet_bytes, read_blocks, split_files
 from raysys.distill.kd import HiddenCapture, supports_hint
 
 log = logging.getLogger(__name__)
@@ -43,7 +43,7 @@ SOFT_TARGETS_DIR = "soft_targets"
 LOGIT_PREFIX = "_teacher_logit_"
 HINT_PREFIX = "_teacher_hint_"
 META_FILE = "meta.json"
-PATH_COLUMN = "path"  # added by read_parquet(include_paths=True)
+PATH_COLUMN = "path"  # added by read_parquet(include_paths=True), or by read_blocks
 SPLIT_COLUMN = "_split"
 
 
@@ -186,8 +186,7 @@ def compute_soft_targets(data_root: str | Path, schema: DatasetSchema, preproces
         for group in groups:
             files = [f for split in group for f in split_files(root, split)]
             # at least one block per actor, or a small split leaves all but one actor idle
-            ds = ray.data.read_parquet(files, include_paths=one_pipeline,
-                                       override_num_blocks=max(num_actors, len(files)))
+            ds = _rows(files, max(num_actors, len(files)), with_paths=one_pipeline)
             scored = ds.map_batches(
                 TeacherPredictor, batch_size=batch_size, batch_format="numpy",
                 compute=ActorPoolStrategy(size=num_actors), **_actor_resources(gpus),
@@ -218,6 +217,17 @@ def compute_soft_targets(data_root: str | Path, schema: DatasetSchema, preproces
     return SoftTargets(path=str(final), key=key, splits=list(splits), num_rows=num_rows,
                        num_classes=schema.num_classes, hint_width=meta["hint_width"], seconds=seconds,
                        reused=False, num_actors=num_actors, meta=meta)
+
+
+def _rows(files: list[str], blocks: int, *, with_paths: bool):
+    """A Ray Dataset of the files' rows in at least `blocks` blocks (with a PATH_COLUMN when `with_paths`): read
+    here when small (no reader actors to start), else by Ray Data's Parquet reader."""
+    import ray.data
+
+    if parquet_bytes(files) <= DRIVER_READ_MAX_BYTES:
+        return ray.data.from_arrow(read_blocks(files, min_blocks=blocks, path_column=PATH_COLUMN if with_paths
+                                               else None))
+    return ray.data.read_parquet(files, include_paths=with_paths, override_num_blocks=blocks)
 
 
 def read_soft_targets(targets: SoftTargets | str | Path, split: str, preprocessor: Preprocessor

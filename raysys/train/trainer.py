@@ -42,7 +42,7 @@ import torch
 from torch import nn
 
 from raysys.config import PipelineConfig, TrainConfig
-from raysys.data.dataset import Preprocessor, split_files
+from raysys.data.dataset import DRIVER_READ_MAX_BYTES, Preprocessor, parquet_bytes, read_blocks, split_files
 from raysys.data.schema import DatasetSchema
 from raysys.models import build_model, model_spec
 from raysys.parallel import StrategyConfig, check_available, fsdp_units
@@ -185,26 +185,30 @@ def _local_paths(files: list[str]) -> list[str]:
 
 
 def _read_split(root: str, split: str):
-    """A Ray Dataset over one split, materialized in the object store when it fits comfortably.
+    """A Ray Dataset over one split, in the object store when it fits comfortably.
 
-    Streaming Parquet reads start new read tasks every epoch; on small data that overhead is most of
-    the epoch. Larger splits keep streaming so memory stays bounded.
+    Streaming Parquet reads start new read tasks every epoch; on small data that overhead is most of the
+    epoch. A split of up to DRIVER_READ_MAX_BYTES is read here (`read_blocks`: no reader actors to start); a
+    larger one that fits is read and materialized by Ray Data; larger splits keep streaming so memory stays
+    bounded.
     """
     import ray
     import ray.data
 
     files = _local_paths(split_files(root, split))
-    ds = ray.data.read_parquet(files)
-    on_disk = sum(os.path.getsize(f) for f in files if "://" not in f)
+    local = not any("://" in f for f in files)
+    on_disk = parquet_bytes(files) if local else 0
     budget = ray.available_resources().get("object_store_memory", 0.0) * MATERIALIZE_FRACTION
     # Parquet is compressed: assume the in-memory Arrow blocks are a few times larger
-    if on_disk * PARQUET_EXPANSION <= budget:
+    if local and on_disk * PARQUET_EXPANSION <= budget:
         logger.info("teacher: materializing the %s split (%.1f MiB of Parquet) in the object store", split,
                     on_disk / 2**20)
-        return ds.materialize()
+        if on_disk <= DRIVER_READ_MAX_BYTES:
+            return ray.data.from_arrow(read_blocks(files))
+        return ray.data.read_parquet(files).materialize()
     logger.info("teacher: streaming the %s split from Parquet (%.1f MiB, too large to materialize)", split,
                 on_disk / 2**20)
-    return ds
+    return ray.data.read_parquet(files)
 
 
 def train_teacher(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preprocessor, *,

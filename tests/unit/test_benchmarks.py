@@ -61,6 +61,17 @@ def test_real_tables_pure_parts(monkeypatch):
     assert s["median_latency_ratio_hgb_over_student"] == 7.0
     assert s["goals"] == {"median_student_delta_ge_-1pt": True, "no_table_below_-3pt": True,
                           "student_5x_faster_batch1": True}
+    # a small table runs on several seeded splits; its figures are means over them, latency the median
+    assert rt.num_splits(178, None) == rt.SMALL_TABLE_SPLITS > 1 and rt.num_splits(336_776, None) == 1
+    assert rt.num_splits(178, 2) == 2
+    splits = [rt.table_row("wine", {}, 0.96, s_acc, {**peers, "hgb_accuracy": h}, {**lat, "hgb_over_student": r},
+                           1.0, {}, 27) for s_acc, h, r in ((0.9259, 1.0, 8.0), (1.0, 0.9630, 12.0), (0.963, 0.963, 9.0))]
+    wine = rt.combine(splits)
+    assert wine["splits"] == 3 and wine["test_rows"] == 81 and wine["hgb_over_student"] == 9.0
+    assert wine["student_minus_hgb_pts_per_split"] == [-7.41, 3.7, 0.0]
+    assert wine["student_minus_hgb_pts"] == pytest.approx((-7.41 + 3.7 + 0.0) / 3, abs=0.01)
+    assert wine["student_accuracy"] == pytest.approx((0.9259 + 1.0 + 0.963) / 3, abs=1e-4)
+    assert rt.combine(splits[:1])["splits"] == 1
 
 
 def test_serve_load_ratios_pair_rounds_and_pick_the_best_peer(monkeypatch):

@@ -19,7 +19,7 @@ from raysys.data import (
     read_split,
 )
 from raysys.data.byod import import_parquet
-from raysys.data.dataset import ensure_dataset
+from raysys.data.dataset import ensure_dataset, parquet_bytes, read_blocks, split_files
 from raysys.models import build_model, model_spec
 
 SMALL = DataConfig(num_train_rows=3000, num_val_rows=500, num_test_rows=1000, num_shards=2)
@@ -52,6 +52,30 @@ def test_write_and_read_splits(tmp_path):
     assert not read_split(cfg.root, "train").slice(0, 100).equals(read_split(cfg.root, "test").slice(0, 100))
     with pytest.raises(ValueError, match="split"):
         read_split(cfg.root, "holdout")
+
+
+def test_read_blocks_keeps_every_row_in_file_order_with_its_path(tmp_path):
+    """The driver-side read behind small in-memory Ray Datasets: one block per file, the largest halved until
+    there are enough for every scoring actor, rows in file order, each with its file's path when asked."""
+    cfg = SMALL.model_copy(update={"root": str(tmp_path / "d")})
+    ensure_dataset(cfg)
+    files = split_files(cfg.root, "train")
+    whole = read_split(cfg.root, "train")
+    assert parquet_bytes(files) == sum((tmp_path / "d" / "train" / f.rsplit("/", 1)[-1]).stat().st_size for f in files)
+
+    one = read_blocks(files)
+    assert [b.num_rows for b in one] == [pq.ParquetFile(f).metadata.num_rows for f in files]
+    assert pa.concat_tables(one).equals(whole)
+
+    five = read_blocks(files, min_blocks=5, path_column="path")
+    assert len(five) == 5 and sum(b.num_rows for b in five) == whole.num_rows
+    joined = pa.concat_tables(five)
+    assert joined.drop_columns(["path"]).equals(whole)
+    first = pq.ParquetFile(files[0]).metadata.num_rows
+    assert joined.column("path").to_pylist() == [files[0]] * first + [files[1]] * (whole.num_rows - first)
+    # never an empty block, even when more blocks than rows are asked for
+    tiny = read_blocks(files[:1], min_blocks=10**9)
+    assert min(b.num_rows for b in tiny) == 1 and sum(b.num_rows for b in tiny) == first
 
 
 def _fit(model, xn, xc, y, epochs=8):
