@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import math
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -678,3 +679,40 @@ def test_default_concurrency_caps_a_local_cluster_at_the_host_cores():
     # a multi-node (or remote) cluster: its logical CPUs, whatever this host has
     assert default_concurrency(12.0, single_local_node=False, host_cores=2) == 12
     assert default_concurrency(0.0, single_local_node=False, host_cores=2) == 1
+
+
+def test_a_trial_checkpoints_every_epoch_its_selection_would_prefer(monkeypatch, tmp_path):
+    """A trial checkpoints an epoch that beats its best so far on val_accuracy, or ties it with a lower val_loss:
+    the order the sweep picks a trial's best checkpoint by. A tiny validation split (wine's 26 rows) reaches
+    accuracy 1.0 in the first epochs; checkpointing on accuracy alone kept epoch 1 of 75 as the student, 8
+    points below the teacher on test. The best so far survives a restore from the latest checkpoint."""
+    from ray import tune
+
+    from raysys.distill.student import EpochState
+    from raysys.distill.sweep import trial
+
+    reports: list[tuple[int, bool]] = []
+
+    def report(metrics, checkpoint=None):
+        if checkpoint is not None:
+            dest = tmp_path / f"ckpt{metrics['epoch']}"
+            dest.mkdir()
+            for f in ("model.safetensors", "resume.safetensors", "meta.json"):
+                (dest / f).write_bytes(Path(checkpoint.path, f).read_bytes())
+        reports.append((metrics["epoch"], checkpoint is not None))
+
+    monkeypatch.setattr(tune, "report", report)
+    params = {"student_spec": {"family": "mlp"}, "temperature": 2.0, "alpha": 0.5, "lr": 1e-3}
+    weights = {"w": torch.zeros(2)}
+    state = {"epoch": 0, "rng": torch.zeros(1)}
+    rep = trial._Reporter(params, set(), None)
+    epochs = [(0.5, 1.0), (1.0, 0.5), (1.0, 0.3), (1.0, 0.4), (0.9, 0.1), (1.0, 0.2)]
+    for e, (acc, loss) in enumerate(epochs):
+        rep({"epoch": e, "val_accuracy": acc, "val_loss": loss}, EpochState(e, weights, lambda: state))
+    assert reports == [(0, True), (1, True), (2, True), (3, False), (4, False), (5, True)]
+
+    resumed = trial._Reporter(params, set(), trial._restore(tune.Checkpoint.from_directory(str(tmp_path / "ckpt2")))[1])
+    reports.clear()
+    resumed({"epoch": 3, "val_accuracy": 1.0, "val_loss": 0.4}, EpochState(3, weights, lambda: state))
+    resumed({"epoch": 4, "val_accuracy": 1.0, "val_loss": 0.25}, EpochState(4, weights, lambda: state))
+    assert reports == [(3, False), (4, True)]

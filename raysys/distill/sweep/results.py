@@ -19,7 +19,7 @@ from typing import Any
 
 import torch
 
-from raysys.distill.sweep.trial import METRIC, load_weights, trial_spec
+from raysys.distill.sweep.trial import METRIC, epoch_rank, load_weights, trial_spec
 from raysys.models import build_model, num_parameters
 
 log = logging.getLogger(__name__)
@@ -155,7 +155,7 @@ def collect_trials(grid, base_spec: dict[str, Any], val_x_num, val_x_cat, evalua
             row = _trial_row(result, spec, num_epochs)
             ckpts = [(c, m) for c, m in (result.best_checkpoints or []) if METRIC in m]
             if ckpts:
-                c, m = max(ckpts, key=lambda cm: (cm[1][METRIC], -cm[1].get("val_loss", 0.0)))
+                c, m = max(ckpts, key=lambda cm: epoch_rank(cm[1]))
                 row["best_val_accuracy"] = float(m[METRIC])
                 row["best_epoch"] = int(m.get("epoch", 0))
                 model = build_model(spec)
