@@ -71,11 +71,19 @@ def ray_cluster(endpoint_api_key):
     # stops routing to them first); every Serve test deletes its app, so 30 s each adds up
     os.environ.setdefault("RAY_SERVE_DIRECT_INGRESS_MIN_DRAINING_PERIOD_S", "2")
     # the dashboard carries Serve's REST API, through which raysys deploys and rolls out
-    # one torch thread a process on this 2-core box, inherited by every Ray process (not a job runtime_env: a
-    # job with one starts a fresh worker process for each actor instead of taking one of Ray's prestarted ones)
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
-                   dashboard_port=free_port())
+    # one torch thread a Ray process on this 2-core box, inherited from the environment ray.init starts the
+    # cluster with (not a job runtime_env: a job with one starts a fresh worker process for each actor instead of
+    # taking one of Ray's prestarted ones); the tests' own subprocesses (CLI drivers, jobs) keep the default
+    saved = os.environ.get("OMP_NUM_THREADS")
+    os.environ["OMP_NUM_THREADS"] = "1"
+    try:
+        ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
+                       dashboard_port=free_port())
+    finally:
+        if saved is None:
+            os.environ.pop("OMP_NUM_THREADS", None)
+        else:
+            os.environ["OMP_NUM_THREADS"] = saved
     yield ctx
     try:
         from ray import serve
