@@ -220,10 +220,9 @@ def batch1_latency(student, preprocessor, hgb, x_test, repeats: int) -> dict:
 # ----- one table through raysys ----------------------------------------------------------------------------
 
 
-def import_table(name: str, work: Path, seed: int = 0) -> tuple[Path, dict]:
-    """The table as Parquet, imported with the `raysys data import` console script (split `seed`); (dataset
-    dir, facts)."""
-    frame, label = TABLES[name].load()
+def import_table(name: str, frame, label: str, work: Path, seed: int = 0) -> tuple[Path, dict]:
+    """The table (`frame`, loaded once per table) as Parquet, imported with the `raysys data import` console
+    script (split `seed`); (dataset dir, facts)."""
     facts = describe(frame, label)
     work.mkdir(parents=True, exist_ok=True)
     frame.to_parquet(work / f"{name}.parquet", index=False)
@@ -235,13 +234,13 @@ def import_table(name: str, work: Path, seed: int = 0) -> tuple[Path, dict]:
     return work / "data", facts
 
 
-def run_table(name: str, work: Path, preset_name: str, repeats: int, seed: int = 0) -> dict:
+def run_table(name: str, frame, label: str, work: Path, preset_name: str, repeats: int, seed: int = 0) -> dict:
     from raysys.config import preset
     from raysys.data import DatasetSchema
     from raysys.registry import Registry
     from raysys.workflow.stages import absolute, run_pipeline
 
-    root, facts = import_table(name, work, seed)
+    root, facts = import_table(name, frame, label, work, seed)
     cfg = preset(preset_name).with_root(work)
     cfg.data.root, cfg.data.source = str(root), "parquet"
     cfg = absolute(cfg)
@@ -338,8 +337,8 @@ def main() -> None:
         raise SystemExit("--splits: must be >= 1")
     for name in names:
         try:
-            frame, _ = TABLES[name].load()
-            per_split = [run_table(name, tmp / name / f"split{k}", args.preset, repeats, seed=k)
+            frame, label = TABLES[name].load()
+            per_split = [run_table(name, frame, label, tmp / name / f"split{k}", args.preset, repeats, seed=k)
                          for k in range(num_splits(len(frame), args.splits))]
             rows.append(combine(per_split))
         except Exception as e:  # one table's failure is a figure too: report it, go on with the rest

@@ -10,6 +10,7 @@ Helpers the tests share live in `helpers/` (this folder is on sys.path through t
 from __future__ import annotations
 
 import os
+from unittest import mock
 
 import pytest
 from hypothesis import settings
@@ -74,16 +75,9 @@ def ray_cluster(endpoint_api_key):
     # one torch thread a Ray process on this 2-core box, inherited from the environment ray.init starts the
     # cluster with (not a job runtime_env: a job with one starts a fresh worker process for each actor instead of
     # taking one of Ray's prestarted ones); the tests' own subprocesses (CLI drivers, jobs) keep the default
-    saved = os.environ.get("OMP_NUM_THREADS")
-    os.environ["OMP_NUM_THREADS"] = "1"
-    try:
+    with mock.patch.dict(os.environ, {"OMP_NUM_THREADS": "1"}):
         ctx = ray.init(address="local", num_cpus=4, include_dashboard=True, dashboard_host="127.0.0.1",
                        dashboard_port=free_port())
-    finally:
-        if saved is None:
-            os.environ.pop("OMP_NUM_THREADS", None)
-        else:
-            os.environ["OMP_NUM_THREADS"] = saved
     yield ctx
     try:
         from ray import serve
