@@ -225,7 +225,7 @@ def rank_nodes(world: int) -> list[str]:
 class TeacherWorker:
     """One rank's run: its model, data shards and progress, and the steps of an epoch."""
 
-    def __init__(self, wc: WorkerConfig, rank: int, world: int, hooks: LoopHooks):
+    def __init__(self, wc: WorkerConfig, rank: int, world: int, hooks: LoopHooks, tables: dict[str, Any]):
         import ray.train
 
         self.wc, self.train, self.rank, self.world, self.hooks = wc, wc.train, rank, world, hooks
@@ -242,13 +242,21 @@ class TeacherWorker:
         decoupled_weight_decay(unwrap(self.pm.state_module),
                                getattr(self.pm.optimizer, "original_optimizer", self.pm.optimizer),
                                self.train.weight_decay)
-        cache_bytes = self.train.cache_shard_mb * 2**20
-        self.train_shard = ShardCache(ray.train.get_dataset_shard("train"), cache_bytes)
-        self.val_shard = ShardCache(ray.train.get_dataset_shard("validation"), cache_bytes)
+        self.train_shard, self.val_shard = (self._shard(split, tables) for split in ("train", "validation"))
         self.poisson = PoissonBatches(self.train_shard, self.train, world) if self.train.dp is not None else None
         self.elapsed_before, self.run_start = self.progress.elapsed_before, time.perf_counter()
         self.dashboard = train_metrics(rank)
         self.rank_nodes = rank_nodes(world)
+
+    def _shard(self, split: str, tables: dict[str, Any]) -> ShardCache:
+        """This rank's share of `split`: sliced from the whole table in the object store when the driver put it
+        there (small splits), else Ray Train's shard of the Ray Dataset."""
+        import ray
+        import ray.train
+
+        if split in tables:
+            return ShardCache.from_table(ray.get(tables[split]), self.rank, self.world)
+        return ShardCache(ray.train.get_dataset_shard(split), self.train.cache_shard_mb * 2**20)
 
     def run(self) -> None:
         for epoch in range(self.progress.start_epoch, self.train.num_epochs):
@@ -366,8 +374,11 @@ class TeacherWorker:
             ray.train.report(metrics, checkpoint=ckpt, checkpoint_dir_name=f"checkpoint_epoch_{epoch:04d}")
 
 
-def train_loop_per_worker(config: dict[str, Any], hooks: LoopHooks | None = None) -> None:
-    """Ray Train's entry point on every worker; `config` is a `WorkerConfig` dump (`model_dump(mode="json")`)."""
+def train_loop_per_worker(config: dict[str, Any], hooks: LoopHooks | None = None,
+                          tables: dict[str, Any] | None = None) -> None:
+    """Ray Train's entry point on every worker; `config` is a `WorkerConfig` dump (`model_dump(mode="json")`),
+    `tables` the object refs of the splits the driver put in the object store whole (the others are Ray
+    Train's dataset shards)."""
     import ray.train
 
     wc = WorkerConfig.model_validate(config)
@@ -376,4 +387,4 @@ def train_loop_per_worker(config: dict[str, Any], hooks: LoopHooks | None = None
     setup_worker_process(wc.train, rank)
     hooks = hooks if hooks is not None else NoHooks()
     hooks.on_worker_start(rank, world)
-    TeacherWorker(wc, rank, world, hooks).run()
+    TeacherWorker(wc, rank, world, hooks, tables or {}).run()

@@ -1,4 +1,5 @@
-"""`ShardCache`: a worker's shard of a split, streamed from Ray Data once and kept in memory when it fits."""
+"""`ShardCache`: a worker's shard of a split, streamed from Ray Data once and kept in memory when it fits, or
+sliced from a whole in-memory table (`from_table`)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,19 @@ class ShardCache:
         self.shard = shard
         self.max_bytes = max_bytes
         self.cols: dict[str, np.ndarray] | None = None
+
+    @classmethod
+    def from_table(cls, table, rank: int, world: int) -> ShardCache:
+        """Rank `rank`'s share of a whole split held as one Arrow table (raysys.train.trainer hands small splits
+        to the workers this way, through the object store): the same number of rows for every rank, as Ray
+        Data's `streaming_split(equal=True)` gives (the last `num_rows % world` rows go unused), contiguous rows
+        `[rank * share, (rank + 1) * share)`; cached from the start, every epoch is a seeded permutation of it."""
+        share = table.num_rows // world
+        part = table.slice(rank * share, share)
+        cache = cls(None, max_bytes=float("inf"))
+        # the conversion Ray Data's numpy batches use (strings -> object arrays, a nullable number -> NaN)
+        cache.cols = {c: part.column(c).to_numpy(zero_copy_only=False) for c in part.column_names}
+        return cache
 
     @property
     def cached(self) -> bool:
@@ -46,12 +60,16 @@ class ShardCache:
     def load(self, field: str) -> int:
         """Read the whole shard into memory (a no-op once cached); returns its rows. ValueError naming `field`
         when it does not fit in `max_bytes`."""
+        empty = ValueError(f"{field}: this worker's shard of the training split is empty; use fewer workers")
         if self.cols is None and not sum(1 for _ in self.batches(4096)):  # the whole pass: it fills the cache
-            raise ValueError(f"{field}: this worker's shard of the training split is empty; use fewer workers")
+            raise empty
         if self.cols is None:
             raise ValueError(f"{field}: needs this worker's whole shard in memory, but it is over train.cache_shard_mb "
                              f"({self.max_bytes / 2**20:g} MB); raise train.cache_shard_mb or add workers")
-        return len(next(iter(self.cols.values())))
+        rows = len(next(iter(self.cols.values())))
+        if not rows:
+            raise empty
+        return rows
 
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:
         """The cached rows `idx` (after `load`)."""

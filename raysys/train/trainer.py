@@ -1,6 +1,6 @@
 """Teacher training with Ray Train: `train_teacher(cfg, schema, preprocessor) -> TeacherResult`.
 
-Wiring only: Ray Data reads the Parquet splits, `TorchTrainer` runs `train_loop_per_worker` on
+Wiring only: the Parquet splits reach the workers as in-memory tables or Ray Datasets (`_split_inputs`), `TorchTrainer` runs `train_loop_per_worker` on
 `cfg.train.num_workers` workers (CPU processes on gloo, or with `train.use_gpu` one GPU each on NCCL + gloo; the
 parallel strategy is applied in the loop by `raysys.parallel`), and the last reported checkpoint becomes the result.
 
@@ -37,6 +37,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+import pyarrow as pa
 import pyarrow.fs
 import torch
 from torch import nn
@@ -184,31 +185,45 @@ def _local_paths(files: list[str]) -> list[str]:
     return [f if "://" in f else os.path.abspath(f) for f in files]
 
 
-def _read_split(root: str, split: str):
-    """A Ray Dataset over one split, in the object store when it fits comfortably.
+def _split_inputs(cfg: PipelineConfig) -> tuple[dict[str, Any], dict[str, Any]]:
+    """How each split reaches the workers: (Ray Datasets for `TorchTrainer(datasets=)`, object refs of whole
+    Arrow tables for the loop), by size.
 
-    Streaming Parquet reads start new read tasks every epoch; on small data that overhead is most of the
-    epoch. A split of up to DRIVER_READ_MAX_BYTES is read here (`read_blocks`: no reader actors to start); a
-    larger one that fits is read and materialized by Ray Data; larger splits keep streaming so memory stays
-    bounded.
+    - Up to DRIVER_READ_MAX_BYTES of local Parquet, when the object store has room and every worker's share fits
+      `train.cache_shard_mb`: read here (`read_blocks`, milliseconds) and put in the object store as one table;
+      each worker slices its equal share (`ShardCache.from_table`) and shuffles it in memory from the first
+      epoch. No Ray Data on this path: its split coordinators (an actor per split, polled for every block) and
+      Ray 2.60's Parquet reader actors cost seconds of start-up per run, and wake up on the cores the ranks
+      train on.
+    - Larger, when it fits the object store: read and materialized by Ray Data, split by Ray Train.
+    - Larger still: streamed from Parquet every epoch, so memory stays bounded.
     """
     import ray
     import ray.data
 
-    files = _local_paths(split_files(root, split))
-    local = not any("://" in f for f in files)
-    on_disk = parquet_bytes(files) if local else 0
+    datasets: dict[str, Any] = {}
+    tables: dict[str, Any] = {}
     budget = ray.available_resources().get("object_store_memory", 0.0) * MATERIALIZE_FRACTION
-    # Parquet is compressed: assume the in-memory Arrow blocks are a few times larger
-    if local and on_disk * PARQUET_EXPANSION <= budget:
-        logger.info("teacher: materializing the %s split (%.1f MiB of Parquet) in the object store", split,
-                    on_disk / 2**20)
-        if on_disk <= DRIVER_READ_MAX_BYTES:
-            return ray.data.from_arrow(read_blocks(files))
-        return ray.data.read_parquet(files).materialize()
-    logger.info("teacher: streaming the %s split from Parquet (%.1f MiB, too large to materialize)", split,
-                on_disk / 2**20)
-    return ray.data.read_parquet(files)
+    for split in ("train", "validation"):
+        files = _local_paths(split_files(cfg.data.root, split))
+        local = not any("://" in f for f in files)
+        on_disk = parquet_bytes(files) if local else 0
+        # Parquet is compressed: assume the in-memory Arrow blocks are a few times larger
+        in_memory = on_disk * PARQUET_EXPANSION
+        share_fits = in_memory / cfg.train.num_workers <= cfg.train.cache_shard_mb * 2**20
+        if local and on_disk <= DRIVER_READ_MAX_BYTES and in_memory <= budget and share_fits:
+            logger.info("teacher: the %s split (%.1f MiB of Parquet) goes to the workers as one in-memory table",
+                        split, on_disk / 2**20)
+            tables[split] = ray.put(pa.concat_tables(read_blocks(files)))
+        elif local and in_memory <= budget:
+            logger.info("teacher: materializing the %s split (%.1f MiB of Parquet) in the object store", split,
+                        on_disk / 2**20)
+            datasets[split] = ray.data.read_parquet(files).materialize()
+        else:
+            logger.info("teacher: streaming the %s split from Parquet (%.1f MiB, too large to materialize)", split,
+                        on_disk / 2**20)
+            datasets[split] = ray.data.read_parquet(files)
+    return datasets, tables
 
 
 def train_teacher(cfg: PipelineConfig, schema: DatasetSchema, preprocessor: Preprocessor, *,
@@ -247,10 +262,11 @@ def _torch_trainer(cfg: PipelineConfig, wc: WorkerConfig, storage: str, hooks: L
     from ray.train import CheckpointConfig, FailureConfig, LoggingConfig, RunConfig, ScalingConfig
     from ray.train.torch import TorchConfig, TorchTrainer
 
-    loop = train_loop_per_worker
     if hooks is not None:
         logger.warning("teacher: the workers run with loop hooks %r", hooks)
-        loop = functools.partial(train_loop_per_worker, hooks=hooks)
+    datasets, tables = _split_inputs(cfg)
+    # the refs travel inside the train function; the driver owns the tables for as long as fit() runs
+    loop = functools.partial(train_loop_per_worker, hooks=hooks, tables=tables)
     tc = cfg.train
     return TorchTrainer(
         loop,
@@ -269,7 +285,7 @@ def _torch_trainer(cfg: PipelineConfig, wc: WorkerConfig, storage: str, hooks: L
             # Ray Train logs every rank's report at INFO; rank 0 logs one line per epoch itself
             logging_config=LoggingConfig(log_level="WARNING"),
         ),
-        datasets={split: _read_split(cfg.data.root, split) for split in ("train", "validation")},
+        datasets=datasets or None,
     )
 
 

@@ -207,6 +207,28 @@ def test_shard_cache_streams_once_then_shuffles_in_memory():
     assert not ShardCache(_FakeShard(10), max_bytes=0).cached
 
 
+def test_shard_cache_from_a_table_gives_each_rank_an_equal_disjoint_share_with_nulls_as_ray_data_does():
+    import pyarrow as pa
+
+    from raysys.train.shard import ShardCache
+
+    table = pa.table({"a": pa.array([float(i) if i % 7 else None for i in range(103)]),
+                      "c": pa.array([f"k{i % 3}" if i % 5 else None for i in range(103)])})
+    shards = [ShardCache.from_table(table, r, 4) for r in range(4)]
+    rows = [np.concatenate([b["c"] for b in s.batches(8, shuffle_seed=r)]) for r, s in enumerate(shards)]
+    assert [len(r) for r in rows] == [25] * 4 and all(s.cached for s in shards)  # 103 // 4 each, 3 left unused
+    seen = np.concatenate([np.concatenate([b["a"] for b in s.batches(8)]) for s in shards])
+    assert np.array_equal(seen[~np.isnan(seen)], [i for i in range(100) if i % 7])  # disjoint, in order, none twice
+    assert np.isnan(seen[0]) and rows[0].dtype == object and None in rows[0]  # nulls: NaN and None, as Ray Data's
+    for s in shards:  # a new seeded order per epoch over the same rows
+        e1, e2 = (np.concatenate([b["a"] for b in s.batches(8, shuffle_seed=k)]) for k in (1, 2))
+        assert not np.array_equal(e1, e2, equal_nan=True) and np.array_equal(np.sort(e1), np.sort(e2), equal_nan=True)
+    assert ShardCache.from_table(table, 0, 4).load("train.num_workers") == 25
+    empty = ShardCache.from_table(table.slice(0, 3), 1, 4)
+    with pytest.raises(ValueError, match="train.num_workers"):
+        empty.load("train.num_workers")
+
+
 def test_ddp_broadcasts_buffers_only_when_training_can_change_them():
     """DDP's per-forward buffer broadcast is one extra collective per step: skipped for the teachers, whose
     only buffers are constant integer index offsets, kept for anything with float buffers (BatchNorm)."""
