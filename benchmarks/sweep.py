@@ -1,9 +1,11 @@
 """Benchmark: the ASHA + Optuna distillation sweep against full-budget random search, same number of trials.
 
     .venv/bin/python benchmarks/sweep.py [--quick] [--num-samples 48] [--train-rows 150000] [--repeats 5]
+        [--rounds-log rounds.jsonl]
 
-The defaults are a size users sweep at (48 trials on 150k synthetic training rows, 5 rounds: about an hour on a
-2-core box); `--num-samples 12 --train-rows 0 --num-epochs 30 --repeats 10` is the earlier, demo-sized setting.
+The defaults are a size users sweep at (48 trials on 150k synthetic training rows, 5 rounds: about 2.5 hours on
+a 2-core box, nearly all of it the random searches: 48 trials x 15 epochs, ~25 min a round; the tuned sweep ~4 min);
+`--num-samples 12 --train-rows 0 --num-epochs 30 --repeats 10` is the earlier, demo-sized setting.
 
 One teacher (`--teacher`, a candidate of benchmarks/distill.py trained with its recipe there; default the
 ~0.1M-parameter ReLU MLP) and one set of soft targets (computed once before both sweeps, so neither pays for them),
@@ -89,6 +91,20 @@ def wait_for_idle_cluster(timeout_s: float = 60.0) -> None:
                 ray.available_resources().get("CPU", 0), ray.cluster_resources().get("CPU", 0))
 
 
+def logged_rounds(path: Path | None, setup_key: dict) -> dict[int, dict]:
+    """The rounds a `--rounds-log` file holds for this setup, by round number (the last line of a round wins)."""
+    if path is None or not path.exists():
+        return {}
+    out = {}
+    for line in path.read_text().splitlines():
+        if not line.strip():
+            continue
+        rec = json.loads(line)
+        if rec.get("setup") == setup_key:
+            out[int(rec["round"])] = {m: rec[m] for m in ("tuned", "random")}
+    return out
+
+
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--quick", action="store_true", help="smaller data and sweeps (a smoke run)")
@@ -98,6 +114,10 @@ def main(argv=None) -> int:
                    help="synthetic training rows (the demo preset has 20k; 0: the preset's)")
     p.add_argument("--num-epochs", type=int, default=None, help="full budget per trial (default from the preset)")
     p.add_argument("--repeats", type=int, default=5, help="rounds of (tuned, random), order alternating")
+    p.add_argument("--rounds-log", type=Path, default=None,
+                   help="a JSON-lines file each finished round is appended to; rounds already in it (same setup) are "
+                        "not run again and count in the summary, so a long run stopped half-way goes on where it "
+                        "stopped")
     p.add_argument("--grace-period", type=int, default=None, help="ASHA grace period (default from the config: 1)")
     p.add_argument("--reduction-factor", type=int, default=None, help="ASHA reduction factor (default from the config: 3)")
     p.add_argument("--asha-variant", default=None, choices=["promotion", "stopping"],
@@ -142,14 +162,27 @@ def main(argv=None) -> int:
         # round r uses distill.seed + r: its own Optuna and random-search draws, training seeds and MUNGE
         # transfer rows, so the median over rounds is over different draws, not copies of one. The soft
         # targets and each round's transfer rows are computed here, before any sweep is timed.
-        round_cfgs = [cfg.model_copy(update={"distill": cfg.distill.model_copy(
-            update={"seed": cfg.distill.seed + r})}) for r in range(args.repeats)]
-        for c in round_cfgs:
+        setup_key = {"dataset": args.dataset, "teacher": args.teacher, "num_samples": args.num_samples,
+                     "train_rows": cfg.data.num_train_rows if args.dataset == "synthetic" else None,
+                     "num_epochs": cfg.distill.num_epochs, "grace_period": cfg.distill.grace_period,
+                     "reduction_factor": cfg.distill.reduction_factor, "asha_variant": cfg.distill.asha_variant,
+                     "max_concurrent": args.max_concurrent, "quick": args.quick}
+        done = logged_rounds(args.rounds_log, setup_key)
+        todo = [r for r in range(args.repeats) if r not in done]
+        if done:
+            log.info("rounds %s already in %s; running %s", sorted(done), args.rounds_log, todo)
+        round_cfgs = {r: cfg.model_copy(update={"distill": cfg.distill.model_copy(
+            update={"seed": cfg.distill.seed + r})}) for r in todo}
+        for c in round_cfgs.values():
             load_student_data(c, pre, teacher)
-        rounds = []
-        for r, c in enumerate(round_cfgs):
+        for r, c in round_cfgs.items():
             order = ["tuned", "random"] if r % 2 == 0 else ["random", "tuned"]
-            rounds.append({m: one_sweep(c, schema, pre, teacher, test, m, str(r)) for m in order})
+            done[r] = {m: one_sweep(c, schema, pre, teacher, test, m, str(r)) for m in order}
+            if args.rounds_log is not None:
+                with args.rounds_log.open("a") as f:
+                    f.write(json.dumps({"round": r, "setup": setup_key, "at": time.strftime("%Y-%m-%dT%H:%M:%S"),
+                                        **done[r]}) + "\n")
+        rounds = [done[r] for r in sorted(done) if r < args.repeats]
     ray.shutdown()
     ratios = [rd["tuned"]["wall_s"] / rd["random"]["wall_s"] for rd in rounds]
     deltas = [100 * (rd["tuned"]["best_val_accuracy"] - rd["random"]["best_val_accuracy"]) for rd in rounds]

@@ -126,3 +126,20 @@ def test_gpu_check_without_cuda_runs_nothing_and_says_so(monkeypatch, capsys):
     assert out["benchmark"] == "gpu_check" and out["cuda"] is False
     assert gc.plan(0) == [] and [s for s, _ in gc.plan(1)] == ["ddp", "zero1", "zero3"]
     assert {s for s, w in gc.plan(4) if w == 4} == {"ddp", "zero1", "zero2", "zero3"}
+
+
+def test_sweep_rounds_log_gives_back_only_this_setups_rounds_the_last_line_winning(monkeypatch, tmp_path):
+    import json
+
+    sweep = _load("sweep", monkeypatch)
+    key, other = {"num_samples": 48, "train_rows": 150_000}, {"num_samples": 12, "train_rows": 0}
+    log = tmp_path / "rounds.jsonl"
+    assert sweep.logged_rounds(None, key) == {} and sweep.logged_rounds(log, key) == {}
+
+    def line(r, setup, wall):
+        return json.dumps({"round": r, "setup": setup, "tuned": {"wall_s": wall}, "random": {"wall_s": 10 * wall}})
+
+    log.write_text("\n".join([line(0, key, 1.0), line(1, other, 2.0), line(2, key, 3.0), "", line(0, key, 4.0)]) + "\n")
+    got = sweep.logged_rounds(log, key)
+    assert sorted(got) == [0, 2] and got[0]["tuned"]["wall_s"] == 4.0 and got[2]["random"]["wall_s"] == 30.0
+    assert sorted(sweep.logged_rounds(log, other)) == [1]
