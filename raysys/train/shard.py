@@ -60,15 +60,15 @@ class ShardCache:
     def load(self, field: str) -> int:
         """Read the whole shard into memory (a no-op once cached); returns its rows. ValueError naming `field`
         when it does not fit in `max_bytes`."""
-        empty = ValueError(f"{field}: this worker's shard of the training split is empty; use fewer workers")
-        if self.cols is None and not sum(1 for _ in self.batches(4096)):  # the whole pass: it fills the cache
-            raise empty
+        if self.cols is None:  # the whole pass: it fills the cache when the shard fits
+            rows = sum(len(next(iter(b.values()))) for b in self.batches(4096))
+        else:
+            rows = len(next(iter(self.cols.values())))
+        if not rows:
+            raise ValueError(f"{field}: this worker's shard of the training split is empty; use fewer workers")
         if self.cols is None:
             raise ValueError(f"{field}: needs this worker's whole shard in memory, but it is over train.cache_shard_mb "
                              f"({self.max_bytes / 2**20:g} MB); raise train.cache_shard_mb or add workers")
-        rows = len(next(iter(self.cols.values())))
-        if not rows:
-            raise empty
         return rows
 
     def take(self, idx: np.ndarray) -> dict[str, np.ndarray]:

@@ -1,8 +1,9 @@
 """Teacher training with Ray Train: `train_teacher(cfg, schema, preprocessor) -> TeacherResult`.
 
-Wiring only: the Parquet splits reach the workers as in-memory tables or Ray Datasets (`_split_inputs`), `TorchTrainer` runs `train_loop_per_worker` on
-`cfg.train.num_workers` workers (CPU processes on gloo, or with `train.use_gpu` one GPU each on NCCL + gloo; the
-parallel strategy is applied in the loop by `raysys.parallel`), and the last reported checkpoint becomes the result.
+Wiring only: the Parquet splits reach the workers as in-memory tables or Ray Datasets (`_split_inputs`),
+`TorchTrainer` runs `train_loop_per_worker` on `cfg.train.num_workers` workers (CPU processes on gloo, or with
+`train.use_gpu` one GPU each on NCCL + gloo; the parallel strategy is applied in the loop by `raysys.parallel`),
+and the last reported checkpoint becomes the result.
 
 Re-running a run name (what Ray Train v2 does, and what we chose)
 ------------------------------------------------------------------
