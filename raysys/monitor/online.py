@@ -81,7 +81,6 @@ import warnings
 from typing import Any
 
 import numpy as np
-from scipy.signal import lfilter
 from scipy.special import chdtrc
 
 from raysys.monitor.pairs import ALTERNATIVES, pair_increments
@@ -127,6 +126,10 @@ def _cusum(inc: np.ndarray, s0: np.ndarray) -> np.ndarray:
 
 def _ewma(x: np.ndarray, lam: float, z0: np.ndarray) -> np.ndarray:
     """EWMA y_t = (1 - lam) y_{t-1} + lam x_t of every column, from y_0 = z0 ([n, m] -> [n, m])."""
+    # imported here: scipy.signal takes ~1 s to import, which every process importing raysys.monitor (a Serve
+    # replica, the app's build task, the CLI) would pay for a function only the monitor actor calls
+    from scipy.signal import lfilter
+
     xt = np.ascontiguousarray(x.T)  # lfilter is several times faster along the contiguous axis
     return lfilter([lam], [1.0, lam - 1.0], xt, axis=1, zi=((1 - lam) * z0)[:, None])[0].T
 

@@ -17,12 +17,12 @@ with a DDP one (and `ZeroRedundancyOptimizer.load_state_dict` takes that full la
 from __future__ import annotations
 
 import logging
+import sys
 from collections import OrderedDict
 from typing import Any
 
 import torch
 from torch import nn
-from torch.distributed.optim import ZeroRedundancyOptimizer
 
 from raysys.parallel.ddp import apply_ddp, dp_group, dp_size, rank, unwrap
 
@@ -55,6 +55,8 @@ def build_zero1_optimizer(model: nn.Module, mesh, cfg) -> torch.optim.Optimizer 
         opt = EvenShardedAdamW(params, group=dp_group(mesh), **kwargs)
         sizes = [opt.shard_size] * opt.world
     else:
+        from torch.distributed.optim import ZeroRedundancyOptimizer
+
         opt = ZeroRedundancyOptimizer(params, optimizer_class=torch.optim.AdamW, process_group=dp_group(mesh),
                                       **kwargs)
         sizes = [sum(p.numel() for g in part for p in g["params"]) for part in opt._partition_parameters()]
@@ -219,8 +221,17 @@ class EvenShardedAdamW:
         self.optim.load_state_dict({"state": inner, "param_groups": [{**hyper, "params": [0]}]})
 
 
+def _torch_zero_class() -> type | None:
+    """torch's ZeroRedundancyOptimizer when torch.distributed.optim is loaded: imported only where one is built
+    (`build_zero1_optimizer`), since the module pulls in FSDP and DTensor (~1 s of import in every training
+    process, for a strategy most runs do not use); an optimizer of that class cannot exist before."""
+    module = sys.modules.get("torch.distributed.optim")
+    return getattr(module, "ZeroRedundancyOptimizer", None)
+
+
 def is_zero1(optimizer) -> bool:
-    return isinstance(optimizer, (ZeroRedundancyOptimizer, EvenShardedAdamW))
+    torch_zero = _torch_zero_class()
+    return isinstance(optimizer, EvenShardedAdamW) or (torch_zero is not None and isinstance(optimizer, torch_zero))
 
 
 def full_optimizer_state(optimizer) -> dict[str, Any] | None:

@@ -310,8 +310,10 @@ def test_soft_targets_with_ray_data_match_the_teacher_and_are_reused(ray_cluster
 
     cfg = tiny_cfg
     schema, pre, teacher = _teacher(cfg, num_epochs=1)
-    st = compute_soft_targets(cfg.data.root, schema, pre, teacher, num_actors=2, hints=True)
-    assert not st.reused and st.num_rows == {"train": cfg.data.num_train_rows, "validation": cfg.data.num_val_rows}
+    # local_max_macs=0: Ray Data even for these few rows (tests/unit/test_soft_targets_unit.py: in process)
+    st = compute_soft_targets(cfg.data.root, schema, pre, teacher, num_actors=2, hints=True, local_max_macs=0)
+    assert not st.reused and st.num_actors == 2
+    assert st.num_rows == {"train": cfg.data.num_train_rows, "validation": cfg.data.num_val_rows}
     assert Path(st.path).parent == Path(cfg.data.root) / "soft_targets"  # beside the data
     x_num, x_cat, y, logits, hints = read_soft_targets(st, "train", pre)
     assert logits.shape == (cfg.data.num_train_rows, schema.num_classes)
@@ -378,14 +380,16 @@ def test_sweep_asha_optuna_over_size_picks_by_rule(ray_cluster, tiny_cfg, caplog
     assert res.soft_targets["transfer"]["num_rows"] == cfg.data.num_train_rows // 2
 
 
-def test_transfer_rows_scored_with_ray_data_match_the_teacher_and_are_reused(ray_cluster, tiny_cfg):
-    from raysys.distill import load_student_data
+def test_transfer_rows_scored_with_ray_data_match_the_teacher_and_are_reused(ray_cluster, tiny_cfg, monkeypatch):
+    from raysys.distill import load_student_data, teacher_scoring
 
+    monkeypatch.setattr(teacher_scoring, "LOCAL_SCORE_MAX_MACS", 0)  # Ray Data even for these few rows
     cfg = tiny_cfg
     cfg.distill = cfg.distill.model_copy(update=dict(transfer_multiplier=0.25))
     schema, pre, teacher = _teacher(cfg, num_epochs=1)
     data, _, st = load_student_data(cfg, pre, teacher)
     info = st.meta["transfer"]
+    assert st.num_actors >= 1 and json.loads((Path(info["path"]) / "meta.json").read_text())["num_actors"] >= 1
     want = round(0.25 * cfg.data.num_train_rows)
     assert data.num_transfer == info["num_rows"] == want and not info["reused"]
     assert Path(info["path"]).parent == Path(st.path).parent  # beside the soft targets, not inside them

@@ -143,3 +143,13 @@ def test_sweep_rounds_log_gives_back_only_this_setups_rounds_the_last_line_winni
     got = sweep.logged_rounds(log, key)
     assert sorted(got) == [0, 2] and got[0]["tuned"]["wall_s"] == 4.0 and got[2]["random"]["wall_s"] == 30.0
     assert sorted(sweep.logged_rounds(log, other)) == [1]
+
+
+def test_sweep_holdout_splits_hold_their_fraction_of_all_rows(monkeypatch):
+    sweep = _load("sweep", monkeypatch)
+    n = sweep.holdout_rows(150_000, 0.15)
+    assert n == 32_143 and abs(n / (150_000 + 2 * n) - 0.15) < 1e-5
+    assert sweep.holdout_rows(7_000, 0.15) == 1_500
+    for bad in (0.0, 0.5, -0.1):
+        with pytest.raises(ValueError, match="--holdout-fraction"):
+            sweep.holdout_rows(1000, bad)

@@ -150,11 +150,11 @@ def test_soft_target_actors_take_the_same_gpu_share_and_score_on_their_device():
 
     from raysys.config import DataConfig, ModelConfig
     from raysys.data import Preprocessor, SyntheticTask
-    from raysys.distill.soft_targets import LOGIT_PREFIX, TeacherPredictor, _actor_resources
+    from raysys.distill.teacher_scoring import LOGIT_PREFIX, TeacherPredictor, actor_resources
     from raysys.models import build_model, model_spec
 
-    assert _actor_resources(0.0) == {"num_cpus": 1}
-    assert _actor_resources(0.5) == {"num_cpus": 1, "num_gpus": 0.5}
+    assert actor_resources(0.0) == {"num_cpus": 1}
+    assert actor_resources(0.5) == {"num_cpus": 1, "num_gpus": 0.5}
     task = SyntheticTask(DataConfig(num_numeric=3, num_categorical=1))
     schema = task.schema()
     table = task.sample(16, [0, 1])

@@ -221,6 +221,10 @@ def test_ray_free_layers_do_not_import_ray():
     ("raysys.registry", ("ray.tune", "raysys.distill", "raysys.train")),
     ("raysys.models", ("ray", "raysys.parallel")),
     ("raysys.report", ("ray", "torch", "raysys.monitor", "raysys.train", "raysys.distill")),
+    # start-up of every process that runs them (~1 s each): scipy.signal is for the monitor actor's detector
+    # alone; torch's ZeroRedundancyOptimizer (which pulls in FSDP and DTensor) for zero1 whole_params alone
+    ("serve.endpoint", ("scipy.signal", "torch.distributed.optim", "raysys.train", "raysys.distill")),
+    ("raysys.train.loop", ("scipy.signal", "torch.distributed.optim", "torch.distributed.fsdp", "ray.data")),
 ])
 def test_importing_a_layer_does_not_load_the_layers_above(module, must_not_load):
     code = f"import json, sys, {module}; print(json.dumps(sorted(sys.modules)))"
