@@ -98,7 +98,7 @@ def precompute_teacher_logits(teacher_model: nn.Module, x_num, x_cat, *, batch_s
     """The teacher's logits, float32 (n, classes), computed in eval mode in batches, in this process.
 
     The model's train/eval mode is restored afterwards so a caller that keeps training is unaffected.
-    (The sweep uses Ray Data instead: `raysys.distill.soft_targets.compute_soft_targets`.)
+    (The sweep stores them once instead: `raysys.distill.soft_targets.compute_soft_targets`.)
     """
     was_training = teacher_model.training
     try:
@@ -110,13 +110,14 @@ def precompute_teacher_logits(teacher_model: nn.Module, x_num, x_cat, *, batch_s
 
 def load_student_data(cfg: PipelineConfig, preprocessor: Preprocessor, teacher_model: nn.Module, *,
                       hints: bool = False) -> tuple[StudentData, np.ndarray, SoftTargets]:
-    """Train/validation arrays with the teacher's soft targets, computed once with Ray Data and stored as
-    Parquet beside the data (reused when the same teacher's targets are already there).
+    """Train/validation arrays with the teacher's soft targets, computed once (Ray Data, or in this process for a
+    small set: `raysys.distill.teacher_scoring`) and stored as Parquet beside the data (reused when the same
+    teacher's targets are already there).
 
     Returns `(data, teacher_val_logits, soft_targets)`; the validation logits only serve to report the
     teacher's own accuracy (the selection rule compares against it). With `distill.transfer_multiplier`
     > 0 the data also carries that many unlabeled MUNGE rows per training row with the teacher's logits
-    (scored with Ray Data, stored beside the soft targets; `soft_targets.meta["transfer"]` says where).
+    (scored the same way, stored beside the soft targets; `soft_targets.meta["transfer"]` says where).
     """
     targets = compute_soft_targets(cfg.data.root, preprocessor.schema, preprocessor, teacher_model,
                                    num_actors=cfg.distill.soft_target_actors, hints=hints,
