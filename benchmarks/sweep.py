@@ -224,7 +224,8 @@ def main(argv=None) -> int:
                             "depths": cfg.distill.student_depths},
                   "max_concurrent_trials": rounds[0]["tuned"]["max_concurrent_trials"],
                   "logical_cpus": logical_cpus,
-                  "cpus": os.cpu_count(), "repeats": args.repeats, "best_acc": "validation accuracy of the best trial (points)",
+                  "cpus": os.cpu_count(), "repeats": args.repeats,
+                  "best_acc": "validation accuracy of the best trial (points)",
                   "torch": torch.__version__, "ray": ray.__version__, "python": platform.python_version(),
                   "wall_s": round(time.perf_counter() - t_start, 1)},
     }

@@ -34,7 +34,7 @@ import torch
 from torch import nn
 
 from raysys.data import DatasetSchema, Preprocessor
-from raysys.data.dataset import split_files
+from raysys.data.dataset import parquet_rows, split_files
 from raysys.distill.kd import supports_hint
 from raysys.distill.teacher_scoring import (
     HINT_PREFIX,
@@ -126,8 +126,7 @@ def compute_soft_targets(data_root: str | Path, schema: DatasetSchema, preproces
                                meta=meta)
     files = {split: split_files(root, split) for split in splits}
     every_file = [f for fs in files.values() for f in fs]
-    here = score_here(sum(pq.ParquetFile(f).metadata.num_rows for f in every_file), teacher, every_file,
-                      max_macs=local_max_macs)
+    here = score_here(parquet_rows(every_file), teacher, every_file, max_macs=local_max_macs)
     tmp = root / SOFT_TARGETS_DIR / f".tmp-{key}-{uuid.uuid4().hex[:8]}"
     was_training = teacher.training
     t0 = time.perf_counter()

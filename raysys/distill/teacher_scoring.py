@@ -92,12 +92,6 @@ def actor_resources(gpus: float) -> dict[str, float]:
     return {"num_cpus": 1, **({"num_gpus": gpus} if gpus else {})}
 
 
-def _ray_cpus() -> int:
-    import ray
-
-    return max(1, int(ray.cluster_resources().get("CPU", 1)))
-
-
 def score_here(num_rows: int, teacher: nn.Module, files: list[str] = (), *, max_macs: float | None = None) -> bool:
     """Whether scoring `num_rows` rows (from `files`, local Parquet) with `teacher` is small enough to do in
     this process: rows x parameters <= `max_macs` (None: `LOCAL_SCORE_MAX_MACS`) and the files readable here
@@ -133,13 +127,7 @@ def score_splits_with_ray_data(files: dict[str, list[str]], tmp: Path, schema: D
                                num_actors: int, gpus: float) -> tuple[int, dict[str, int]]:
     """Each split's rows with the teacher's columns, scored by a Ray Data actor pool, under `tmp/<split>/`.
     Returns the actors used and the rows per split."""
-    import ray
-    from ray.data import ActorPoolStrategy
-
-    if not ray.is_initialized():
-        ray.init()
-    num_actors = min(num_actors, _ray_cpus())
-    teacher_ref = ray.put(teacher.eval())  # the actors get an eval-mode copy
+    teacher_ref, num_actors = _teacher_on_ray(teacher, num_actors)
     num_rows: dict[str, int] = {}
     names = {f.name for f in schema.features} | {schema.label}
     # all splits in one Ray Data pipeline (one actor pool start, the costly part on a small cluster); rows
@@ -151,11 +139,7 @@ def score_splits_with_ray_data(files: dict[str, list[str]], tmp: Path, schema: D
         group_files = [f for split in group for f in files[split]]
         # at least one block per actor, or a small split leaves all but one actor idle
         ds = _rows(group_files, max(num_actors, len(group_files)), with_paths=one_pipeline)
-        scored = ds.map_batches(
-            TeacherPredictor, batch_size=batch_size, batch_format="numpy",
-            compute=ActorPoolStrategy(size=num_actors), **actor_resources(gpus),
-            fn_constructor_kwargs={"teacher_ref": teacher_ref, "schema_json": schema.to_json(), "hints": hints,
-                                   "preprocessor": preprocessor.to_dict(), "device": "cuda" if gpus else "cpu"})
+        scored = _map_teacher(ds, teacher_ref, schema, preprocessor, hints, batch_size, num_actors, gpus)
         if not one_pipeline:
             scored.write_parquet(str((tmp / group[0]).resolve()))
             num_rows[group[0]] = pads.dataset(str(tmp / group[0]), format="parquet").count_rows()
@@ -167,6 +151,28 @@ def score_splits_with_ray_data(files: dict[str, list[str]], tmp: Path, schema: D
             num_rows[split] = pads.dataset(str(tmp / split), format="parquet").count_rows()
         shutil.rmtree(out)
     return num_actors, num_rows
+
+
+def _teacher_on_ray(teacher: nn.Module, num_actors: int):
+    """(the eval-mode teacher in the object store, the actors to use: at most the cluster's CPUs); starts a local
+    Ray when none is connected."""
+    import ray
+
+    if not ray.is_initialized():
+        ray.init()
+    return ray.put(teacher.eval()), min(num_actors, max(1, int(ray.cluster_resources().get("CPU", 1))))
+
+
+def _map_teacher(ds, teacher_ref, schema: DatasetSchema, preprocessor: Preprocessor, hints: bool, batch_size: int,
+                 num_actors: int, gpus: float):
+    """`ds` with the teacher's columns, by a pool of `num_actors` `TeacherPredictor` actors."""
+    from ray.data import ActorPoolStrategy
+
+    return ds.map_batches(
+        TeacherPredictor, batch_size=batch_size, batch_format="numpy",
+        compute=ActorPoolStrategy(size=num_actors), **actor_resources(gpus),
+        fn_constructor_kwargs={"teacher_ref": teacher_ref, "schema_json": schema.to_json(), "hints": hints,
+                               "preprocessor": preprocessor.to_dict(), "device": "cuda" if gpus else "cpu"})
 
 
 def _rows(files: list[str], blocks: int, *, with_paths: bool):
@@ -183,18 +189,10 @@ def _rows(files: list[str], blocks: int, *, with_paths: bool):
 def score_rows_with_ray_data(rows: pa.Table, tmp: Path, schema: DatasetSchema, preprocessor: Preprocessor,
                              teacher: nn.Module, batch_size: int, num_actors: int, gpus: float) -> int:
     """`rows` with the teacher's logits, scored by a Ray Data actor pool, written under `tmp`; the actors used."""
-    import ray
-    from ray.data import ActorPoolStrategy
+    import ray.data
 
-    if not ray.is_initialized():
-        ray.init()
-    num_actors = min(num_actors, _ray_cpus())
-    teacher_ref = ray.put(teacher.eval())
-    ray.data.from_arrow(rows).repartition(num_actors).map_batches(
-        TeacherPredictor, batch_size=batch_size, batch_format="numpy",
-        compute=ActorPoolStrategy(size=num_actors), **actor_resources(gpus),
-        fn_constructor_kwargs={"teacher_ref": teacher_ref, "schema_json": schema.to_json(),
-                               "preprocessor": preprocessor.to_dict(), "hints": False,
-                               "device": "cuda" if gpus else "cpu"},
-    ).write_parquet(str(tmp.resolve()))
+    teacher_ref, num_actors = _teacher_on_ray(teacher, num_actors)
+    ds = ray.data.from_arrow(rows).repartition(num_actors)
+    _map_teacher(ds, teacher_ref, schema, preprocessor, False, batch_size, num_actors, gpus).write_parquet(
+        str(tmp.resolve()))
     return num_actors

@@ -13,7 +13,7 @@ from typing import Any
 from pydantic import BaseModel, ConfigDict, Field
 
 from raysys.config import PipelineConfig, TrainConfig
-from raysys.data.dataset import Preprocessor, split_files
+from raysys.data.dataset import Preprocessor, parquet_rows, split_files
 from raysys.data.schema import DatasetSchema
 from raysys.models import model_spec
 from raysys.parallel import ParallelDims, StrategyConfig
@@ -59,9 +59,7 @@ def parallel_dims(train: TrainConfig, world: int) -> ParallelDims:
 
 def train_rows(root: str) -> int:
     """Rows of the training split, from the Parquet footers (no data read)."""
-    import pyarrow.parquet as pq
-
-    return sum(pq.ParquetFile(f).metadata.num_rows for f in split_files(root, "train"))
+    return parquet_rows(split_files(root, "train"))
 
 
 def _schedule_rows(cfg: PipelineConfig) -> int:

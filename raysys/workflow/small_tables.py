@@ -48,12 +48,10 @@ class TablePlan:
 
 def split_rows(root: str) -> dict[str, int]:
     """Rows per split, from the Parquet footers (no data read)."""
-    import pyarrow.parquet as pq
-
-    from raysys.data.dataset import split_files
+    from raysys.data.dataset import parquet_rows, split_files
     from raysys.data.synthetic import SPLITS
 
-    return {s: sum(pq.ParquetFile(f).metadata.num_rows for f in split_files(root, s)) for s in SPLITS}
+    return {s: parquet_rows(split_files(root, s)) for s in SPLITS}
 
 
 def plan_for_table(cfg: PipelineConfig, rows: dict[str, int], *, has_slices: bool = True) -> TablePlan:
